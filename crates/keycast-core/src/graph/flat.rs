@@ -1,0 +1,371 @@
+//! Caronni et al.'s centralized flat key management (section 3.3).
+//!
+//! The table holds the TEK and two KEKs per bit of an `id_bits`-bit member ID; a member with
+//! ID x holds KEK(i, bit i of x) for every i. A leave replaces the TEK, sends it wrapped under
+//! every KEK the leavers lack, and replaces each KEK they held, wrapped under a function of
+//! the old KEK and the new TEK: 2 * id_bits wraps for one leaver, whatever the group size.
+//!
+//! Several leavers in one batch are removed by over-specifying the range: every KEK any of
+//! them held is tainted, so no coalition of them can obtain the new TEK. The price is that any
+//! remaining member whose KEKs are all tainted is excluded too; the plan reports them in
+//! `excluded` and they must rejoin. With k random leavers a member survives if its ID differs
+//! from the union of their bits somewhere; once k approaches id_bits the union tends to cover
+//! both values of every bit and most of the group is excluded, so large batches of leaves
+//! belong in a tree.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use super::{
+    validate_batch, BatchCounter, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
+    Position, RekeyPlan, Scheme, Welcome,
+};
+use crate::key::{Key, KeyId, KeyRef};
+use crate::keygen::{BatchSeed, KeyGen};
+use crate::wrap::{flat_replacement_wrapping_key, next_revision, Wrap, Wrapper};
+
+/// How members get their flat IDs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FlatIds {
+    /// The lowest free ID.
+    Sequential,
+    /// The member id itself, e.g. an IPv4 address and port packed into 48 bits (Caronni).
+    FromMemberId,
+}
+
+const TEK_ID: KeyId = KeyId(0);
+const INDIVIDUAL_BASE: u32 = 1 << 30;
+/// Most individual key slots (and so members) a flat table tracks.
+const MAX_SLOTS: u64 = 1 << 30;
+
+pub fn flat_kek_id(bit: u8, value: u8) -> KeyId {
+    KeyId(1 + 2 * bit as u32 + value as u32)
+}
+
+struct Slot {
+    key: Key,
+    version: u32,
+    revision: u32,
+}
+
+impl Slot {
+    fn key_ref(&self, id: KeyId) -> KeyRef {
+        KeyRef::new(id, self.version, self.revision)
+    }
+}
+
+struct FlatMember {
+    id: u64,
+    slot: u32,
+    individual: Slot,
+}
+
+pub struct Flat {
+    id_bits: u8,
+    ids: FlatIds,
+    policy: JoinPolicy,
+    tek: Slot,
+    keks: Vec<[Slot; 2]>,
+    members: HashMap<MemberId, FlatMember>,
+    by_id: HashMap<u64, MemberId>,
+    free_ids: BinaryHeap<Reverse<u64>>,
+    next_id: u64,
+    free_slots: BinaryHeap<Reverse<u32>>,
+    slots: u32,
+    batches: BatchCounter,
+}
+
+fn bit(id: u64, i: u8) -> usize {
+    ((id >> i) & 1) as usize
+}
+
+impl Flat {
+    pub fn new(id_bits: u8, ids: FlatIds, policy: JoinPolicy, seed: &BatchSeed) -> Result<Self, GraphError> {
+        if !(1..=64).contains(&id_bits) {
+            return Err(GraphError::Config("flat ID bits must be between 1 and 64"));
+        }
+        let mut keys = KeyGen::new(seed, super::CREATION_STREAM);
+        let mut fresh = || Slot { key: keys.next_key(), version: 1, revision: 0 };
+        let tek = fresh();
+        let keks = (0..id_bits).map(|_| [fresh(), fresh()]).collect();
+        Ok(Flat {
+            id_bits,
+            ids,
+            policy,
+            tek,
+            keks,
+            members: HashMap::new(),
+            by_id: HashMap::new(),
+            free_ids: BinaryHeap::new(),
+            next_id: 0,
+            free_slots: BinaryHeap::new(),
+            slots: 0,
+            batches: BatchCounter::new(),
+        })
+    }
+
+    fn capacity(&self) -> u64 {
+        (1u64.checked_shl(self.id_bits as u32).unwrap_or(0).wrapping_sub(1)).min(MAX_SLOTS - 1) + 1
+    }
+
+    fn kek_ref(&self, i: u8, b: usize) -> KeyRef {
+        self.keks[i as usize][b].key_ref(flat_kek_id(i, b as u8))
+    }
+
+    /// KEKs held by any leaver: `tainted[i][b]`.
+    fn tainted(&self, leaves: &[MemberId]) -> Vec<[bool; 2]> {
+        let mut tainted = vec![[false; 2]; self.id_bits as usize];
+        for m in leaves {
+            let id = self.members[m].id;
+            for i in 0..self.id_bits {
+                tainted[i as usize][bit(id, i)] = true;
+            }
+        }
+        tainted
+    }
+
+    /// Remaining members all of whose KEKs are tainted: indistinguishable from the leavers.
+    fn collateral(&self, leaves: &[MemberId], tainted: &[[bool; 2]]) -> Vec<MemberId> {
+        if leaves.is_empty() {
+            return Vec::new();
+        }
+        let mut out: Vec<MemberId> = self
+            .members
+            .iter()
+            .filter(|(m, fm)| !leaves.contains(m) && (0..self.id_bits).all(|i| tainted[i as usize][bit(fm.id, i)]))
+            .map(|(m, _)| *m)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The flat ID each joiner will get, checked before anything changes.
+    fn plan_ids(&self, joins: &[MemberId], freed: &[MemberId]) -> Result<Vec<u64>, GraphError> {
+        let freed_ids: Vec<u64> = freed.iter().map(|m| self.members[m].id).collect();
+        let taken = |id: u64| self.by_id.contains_key(&id) && !freed_ids.contains(&id);
+        match self.ids {
+            FlatIds::FromMemberId => joins
+                .iter()
+                .map(|&m| {
+                    if self.id_bits < 64 && m.0 >> self.id_bits != 0 {
+                        Err(GraphError::FlatIdTooWide { member: m, id: m.0, id_bits: self.id_bits })
+                    } else if taken(m.0) {
+                        Err(GraphError::FlatIdTaken { member: m, id: m.0 })
+                    } else {
+                        Ok(m.0)
+                    }
+                })
+                .collect(),
+            FlatIds::Sequential => {
+                let mut free: Vec<u64> = self.free_ids.iter().map(|Reverse(id)| *id).chain(freed_ids).collect();
+                free.sort_unstable();
+                let fresh = (self.next_id..).take(joins.len().saturating_sub(free.len()));
+                let ids: Vec<u64> = free.into_iter().chain(fresh).take(joins.len()).collect();
+                match ids.last() {
+                    Some(&last) if last >= self.capacity() => Err(GraphError::Full(self.capacity())),
+                    _ => Ok(ids),
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, member: MemberId) {
+        let fm = self.members.remove(&member).expect("validated member");
+        self.by_id.remove(&fm.id);
+        if self.ids == FlatIds::Sequential {
+            self.free_ids.push(Reverse(fm.id));
+        }
+        self.free_slots.push(Reverse(fm.slot));
+    }
+
+    fn add(&mut self, member: MemberId, id: u64, version: u32, keys: &mut KeyGen) -> Welcome {
+        if self.ids == FlatIds::Sequential {
+            if self.free_ids.peek() == Some(&Reverse(id)) {
+                self.free_ids.pop();
+            } else {
+                self.next_id = id + 1;
+            }
+        }
+        let slot = match self.free_slots.pop() {
+            Some(Reverse(slot)) => slot,
+            None => {
+                self.slots += 1;
+                self.slots - 1
+            }
+        };
+        let individual = Slot { key: keys.next_key(), version, revision: 0 };
+        let welcome = Welcome {
+            member,
+            position: Position::Flat { id, id_bits: self.id_bits },
+            individual: individual.key_ref(KeyId(INDIVIDUAL_BASE + slot)),
+            individual_key: individual.key.clone(),
+        };
+        self.members.insert(member, FlatMember { id, slot, individual });
+        self.by_id.insert(id, member);
+        welcome
+    }
+
+    /// New TEK for every untainted KEK; each tainted KEK replaced under f(old KEK, new TEK).
+    fn rekey_leave(&mut self, version: u32, tainted: &[[bool; 2]], keys: &mut KeyGen, plan: &mut RekeyPlan) {
+        let tek_ref = KeyRef::new(TEK_ID, version, 0);
+        let tek = keys.next_key();
+        for i in 0..self.id_bits {
+            for b in 0..2 {
+                if !tainted[i as usize][b] {
+                    let kek = &self.keks[i as usize][b];
+                    plan.wraps.push(Wrap::seal(&kek.key, Wrapper::Key(self.kek_ref(i, b)), tek_ref, &tek));
+                }
+            }
+        }
+        for i in 0..self.id_bits {
+            for b in 0..2 {
+                if tainted[i as usize][b] {
+                    let old_ref = self.kek_ref(i, b);
+                    let new_ref = KeyRef::new(old_ref.id, version, 0);
+                    let new_kek = keys.next_key();
+                    let wrapping = flat_replacement_wrapping_key(&self.keks[i as usize][b].key, old_ref, &tek, tek_ref);
+                    let under = Wrapper::KekAndTek { kek: old_ref, tek: tek_ref };
+                    plan.wraps.push(Wrap::seal(&wrapping, under, new_ref, &new_kek));
+                    plan.replaced.push(new_ref);
+                    self.keks[i as usize][b] = Slot { key: new_kek, version: new_ref.version, revision: 0 };
+                }
+            }
+        }
+        plan.replaced.push(tek_ref);
+        self.tek = Slot { key: tek, version: tek_ref.version, revision: 0 };
+    }
+
+    /// Moves a key a joiner will receive past every value it may have protected before.
+    fn refresh_for_joiner(
+        policy: JoinPolicy,
+        version: u32,
+        slot: &mut Slot,
+        id: KeyId,
+        keys: &mut KeyGen,
+        plan: &mut RekeyPlan,
+    ) -> Result<(), GraphError> {
+        let old_ref = slot.key_ref(id);
+        match policy {
+            JoinPolicy::Revision => {
+                let (new_ref, key) = next_revision(&slot.key, old_ref).ok_or(GraphError::VersionOverflow)?;
+                plan.revised.push(new_ref);
+                *slot = Slot { key, version: new_ref.version, revision: new_ref.revision };
+            }
+            JoinPolicy::NewVersion => {
+                let new_ref = KeyRef::new(id, version, 0);
+                let key = keys.next_key();
+                plan.wraps.push(Wrap::seal(&slot.key, Wrapper::Key(old_ref), new_ref, &key));
+                plan.replaced.push(new_ref);
+                *slot = Slot { key, version: new_ref.version, revision: 0 };
+            }
+        }
+        Ok(())
+    }
+
+    fn rekey_join(&mut self, version: u32, ids: &[u64], tek_fresh: bool, fresh_keks: &[[bool; 2]], keys: &mut KeyGen, plan: &mut RekeyPlan) -> Result<(), GraphError> {
+        if !tek_fresh {
+            Self::refresh_for_joiner(self.policy, version, &mut self.tek, TEK_ID, keys, plan)?;
+        }
+        let mut needed = vec![[false; 2]; self.id_bits as usize];
+        for &id in ids {
+            for i in 0..self.id_bits {
+                needed[i as usize][bit(id, i)] = true;
+            }
+        }
+        for i in 0..self.id_bits {
+            for b in 0..2 {
+                if needed[i as usize][b] && !fresh_keks[i as usize][b] {
+                    let slot = &mut self.keks[i as usize][b];
+                    Self::refresh_for_joiner(self.policy, version, slot, flat_kek_id(i, b as u8), keys, plan)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wrap_for_joiner(&self, welcome: &Welcome, plan_wraps: &mut Vec<Wrap>) {
+        let Position::Flat { id, .. } = welcome.position else { unreachable!("flat welcome") };
+        let under = Wrapper::Key(welcome.individual);
+        plan_wraps.push(Wrap::seal(&welcome.individual_key, under, self.tek.key_ref(TEK_ID), &self.tek.key));
+        for i in 0..self.id_bits {
+            let b = bit(id, i);
+            plan_wraps.push(Wrap::seal(&welcome.individual_key, under, self.kek_ref(i, b), &self.keks[i as usize][b].key));
+        }
+    }
+}
+
+impl KeyGraph for Flat {
+    fn config(&self) -> GraphConfig {
+        GraphConfig { scheme: Scheme::Flat { id_bits: self.id_bits, ids: self.ids }, join_policy: self.policy }
+    }
+
+    fn apply(&mut self, batch: &Batch, seed: &BatchSeed) -> Result<RekeyPlan, GraphError> {
+        validate_batch(batch, |m| self.members.contains_key(&m))?;
+        let tainted = self.tainted(&batch.leaves);
+        let excluded = self.collateral(&batch.leaves, &tainted);
+        let removed: Vec<MemberId> = batch.leaves.iter().chain(&excluded).copied().collect();
+        let ids = self.plan_ids(&batch.joins, &removed)?;
+
+        if batch.is_empty() {
+            return Ok(RekeyPlan { group_key: self.group_key().0, ..RekeyPlan::default() });
+        }
+        let version = self.batches.next_version()?;
+        let mut keys = KeyGen::new(seed, 0);
+        let mut plan = RekeyPlan { departed: batch.leaves.clone(), excluded, ..RekeyPlan::default() };
+        for &m in &removed {
+            self.remove(m);
+        }
+        if !batch.leaves.is_empty() {
+            self.rekey_leave(version, &tainted, &mut keys, &mut plan);
+        }
+        if !batch.joins.is_empty() {
+            let fresh_keks = if batch.leaves.is_empty() { vec![[false; 2]; self.id_bits as usize] } else { tainted };
+            self.rekey_join(version, &ids, !batch.leaves.is_empty(), &fresh_keks, &mut keys, &mut plan)?;
+            for (&member, &id) in batch.joins.iter().zip(&ids) {
+                let welcome = self.add(member, id, version, &mut keys);
+                self.wrap_for_joiner(&welcome, &mut plan.wraps);
+                plan.welcomes.push(welcome);
+            }
+        }
+        plan.group_key = self.tek.key_ref(TEK_ID);
+        Ok(plan)
+    }
+
+    fn group_key(&self) -> (KeyRef, &Key) {
+        (self.tek.key_ref(TEK_ID), &self.tek.key)
+    }
+
+    fn contains(&self, member: MemberId) -> bool {
+        self.members.contains_key(&member)
+    }
+
+    fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)> {
+        let fm = self.members.get(&member)?;
+        let mut keys = vec![
+            (fm.individual.key_ref(KeyId(INDIVIDUAL_BASE + fm.slot)), fm.individual.key.clone()),
+            (self.tek.key_ref(TEK_ID), self.tek.key.clone()),
+        ];
+        for i in 0..self.id_bits {
+            let b = bit(fm.id, i);
+            keys.push((self.kek_ref(i, b), self.keks[i as usize][b].key.clone()));
+        }
+        Some((Position::Flat { id: fm.id, id_bits: self.id_bits }, keys))
+    }
+
+    fn stats(&self) -> GraphStats {
+        GraphStats {
+            members: self.members.len(),
+            stored_keys: 1 + 2 * self.id_bits as usize + self.members.len(),
+            height: self.id_bits as u32,
+        }
+    }
+}
+
+/// True if `id` names a key that the member at flat ID `member_id` must hold.
+pub fn flat_member_needs(id: KeyId, member_id: u64, id_bits: u8, individual: KeyId) -> bool {
+    if id == TEK_ID || id == individual {
+        return true;
+    }
+    let k = id.0.wrapping_sub(1);
+    id.0 >= 1 && k < 2 * id_bits as u32 && bit(member_id, (k / 2) as u8) == (k % 2) as usize
+}

@@ -1,0 +1,122 @@
+//! The member's side of a key graph: the keys on its path, updated from rekey messages.
+
+use crate::graph::flat::flat_member_needs;
+use crate::graph::tree::{ancestor, tree_key_position};
+use crate::graph::{Position, Welcome};
+use crate::key::{Key, KeyId, KeyRef};
+use crate::keyring::KeyRing;
+use crate::strategy::RekeyMessage;
+use crate::wrap::UnwrapError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemberError {
+    #[error("no rekey message given")]
+    NoMessages,
+    #[error("rekey messages disagree on the group key ({0} and {1})")]
+    InconsistentMessages(KeyRef, KeyRef),
+    /// The member lacks a key it must hold after this rekey: a message is missing or the
+    /// member was removed. Resync over the unicast channel.
+    #[error("missing key {0}: a rekey message is missing or this member was removed")]
+    MissingKey(KeyRef),
+    #[error(transparent)]
+    Unwrap(#[from] UnwrapError),
+}
+
+/// What one rekey changed for this member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberUpdate {
+    pub group_key: KeyRef,
+    /// Wraps this member opened.
+    pub unwraps: usize,
+}
+
+/// The keys one member holds.
+#[derive(Clone, Debug)]
+pub struct MemberKeys {
+    position: Position,
+    individual: KeyId,
+    group_key: Option<KeyRef>,
+    ring: KeyRing,
+}
+
+impl MemberKeys {
+    /// A joiner's state: only its individual key until it processes the rekey of its batch.
+    pub fn from_welcome(welcome: &Welcome) -> Self {
+        let mut ring = KeyRing::new();
+        ring.insert(welcome.individual, welcome.individual_key.clone());
+        MemberKeys { position: welcome.position, individual: welcome.individual.id, group_key: None, ring }
+    }
+
+    /// A full state handed over the unicast channel (resync), as from `KeyGraph::member_keys`
+    /// (individual key first).
+    pub fn from_snapshot(position: Position, keys: Vec<(KeyRef, Key)>, group_key: KeyRef) -> Self {
+        let individual = keys.first().map(|(r, _)| r.id).unwrap_or(KeyId(0));
+        let mut ring = KeyRing::new();
+        for (r, k) in keys {
+            ring.insert(r, k);
+        }
+        MemberKeys { position, individual, group_key: Some(group_key), ring }
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// The group key this member holds, if it has processed a rekey naming it.
+    pub fn group_key(&self) -> Option<(KeyRef, Key)> {
+        let group_key = self.group_key?;
+        Some((group_key, self.ring.get(group_key)?))
+    }
+
+    /// The ref and key for `key_ref` if held (audits and tests).
+    pub fn key(&self, key_ref: KeyRef) -> Option<Key> {
+        self.ring.get(key_ref)
+    }
+
+    pub fn refs(&self) -> Vec<KeyRef> {
+        let mut refs: Vec<KeyRef> = self.ring.refs().collect();
+        refs.sort();
+        refs
+    }
+
+    /// True if key `id` is on this member's path in a graph whose group key is `group_key`.
+    fn needs(&self, id: KeyId, group_key: KeyRef) -> bool {
+        match self.position {
+            Position::Tree { leaf, degree } => {
+                let (height, position) = tree_key_position(id);
+                let (top, _) = tree_key_position(group_key.id);
+                height <= top && ancestor(leaf, degree, height) == position
+            }
+            Position::Flat { id: member_id, id_bits } => flat_member_needs(id, member_id, id_bits, self.individual),
+        }
+    }
+
+    /// Applies the messages of one rekey; the state changes only if the member ends with
+    /// every key it must hold.
+    pub fn apply(&mut self, messages: &[RekeyMessage<'_>]) -> Result<MemberUpdate, MemberError> {
+        let group_key = messages.first().ok_or(MemberError::NoMessages)?.group_key;
+        if let Some(m) = messages.iter().find(|m| m.group_key != group_key) {
+            return Err(MemberError::InconsistentMessages(group_key, m.group_key));
+        }
+        let wraps = messages.iter().flat_map(|m| m.wraps.iter().copied());
+        let mut ring = self.ring.clone();
+        let unwraps = ring.absorb_where(wraps.clone(), |r| self.needs(r.id, group_key))?;
+
+        let revised = messages[0].revised;
+        let newest = ring.newest(revised);
+        let mentioned = wraps.map(|w| w.key).chain([group_key]).filter(|r| self.needs(r.id, group_key));
+        for wanted in mentioned {
+            match newest.get(&wanted.id) {
+                Some(held) if (held.version, held.revision) >= (wanted.version, wanted.revision) => {}
+                _ => return Err(MemberError::MissingKey(wanted)),
+            }
+        }
+        ring.retain_exactly(newest.into_values().filter(|r| self.needs(r.id, group_key)));
+        if !ring.holds(group_key) {
+            return Err(MemberError::MissingKey(group_key));
+        }
+        self.ring = ring;
+        self.group_key = Some(group_key);
+        Ok(MemberUpdate { group_key, unwraps })
+    }
+}
