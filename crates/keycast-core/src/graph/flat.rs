@@ -16,6 +16,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
+use rayon::prelude::*;
+
 use super::{
     validate_batch, BatchCounter, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
     Position, RekeyPlan, Scheme, Welcome,
@@ -125,16 +127,26 @@ impl Flat {
     }
 
     /// Remaining members all of whose KEKs are tainted: indistinguishable from the leavers.
+    /// Their IDs fix every bit where only one value is tainted, so when that set of IDs is
+    /// smaller than the group it is enumerated instead of scanning every member.
     fn collateral(&self, leaves: &[MemberId], tainted: &[[bool; 2]]) -> Vec<MemberId> {
         if leaves.is_empty() {
             return Vec::new();
         }
-        let mut out: Vec<MemberId> = self
-            .members
-            .iter()
-            .filter(|(m, fm)| !leaves.contains(m) && (0..self.id_bits).all(|i| tainted[i as usize][bit(fm.id, i)]))
-            .map(|(m, _)| *m)
-            .collect();
+        let covered = |id: u64| (0..self.id_bits).all(|i| tainted[i as usize][bit(id, i)]);
+        let free_bits: Vec<u8> = (0..self.id_bits).filter(|&i| tainted[i as usize] == [true, true]).collect();
+        let mut out: Vec<MemberId> = if free_bits.len() < 63 && (1u64 << free_bits.len()) < self.members.len() as u64 {
+            let fixed: u64 = (0..self.id_bits)
+                .filter(|&i| tainted[i as usize] == [false, true])
+                .fold(0, |acc, i| acc | (1u64 << i));
+            (0..1u64 << free_bits.len())
+                .map(|combo| free_bits.iter().enumerate().fold(fixed, |id, (j, &i)| id | (((combo >> j) & 1) << i)))
+                .filter_map(|id| self.by_id.get(&id).copied())
+                .filter(|m| !leaves.contains(m))
+                .collect()
+        } else {
+            self.members.iter().filter(|(m, fm)| !leaves.contains(m) && covered(fm.id)).map(|(m, _)| *m).collect()
+        };
         out.sort_unstable();
         out
     }
@@ -283,14 +295,17 @@ impl Flat {
         Ok(())
     }
 
-    fn wrap_for_joiner(&self, welcome: &Welcome, plan_wraps: &mut Vec<Wrap>) {
+    /// The TEK and the joiner's KEKs, under its individual key.
+    fn wraps_for_joiner(&self, welcome: &Welcome) -> Vec<Wrap> {
         let Position::Flat { id, .. } = welcome.position else { unreachable!("flat welcome") };
         let under = Wrapper::Key(welcome.individual);
-        plan_wraps.push(Wrap::seal(&welcome.individual_key, under, self.tek.key_ref(TEK_ID), &self.tek.key));
+        let mut wraps = Vec::with_capacity(1 + self.id_bits as usize);
+        wraps.push(Wrap::seal(&welcome.individual_key, under, self.tek.key_ref(TEK_ID), &self.tek.key));
         for i in 0..self.id_bits {
             let b = bit(id, i);
-            plan_wraps.push(Wrap::seal(&welcome.individual_key, under, self.kek_ref(i, b), &self.keks[i as usize][b].key));
+            wraps.push(Wrap::seal(&welcome.individual_key, under, self.kek_ref(i, b), &self.keks[i as usize][b].key));
         }
+        wraps
     }
 }
 
@@ -323,9 +338,10 @@ impl KeyGraph for Flat {
             self.rekey_join(version, &ids, !batch.leaves.is_empty(), &fresh_keks, &mut keys, &mut plan)?;
             for (&member, &id) in batch.joins.iter().zip(&ids) {
                 let welcome = self.add(member, id, version, &mut keys);
-                self.wrap_for_joiner(&welcome, &mut plan.wraps);
                 plan.welcomes.push(welcome);
             }
+            let wraps: Vec<Vec<Wrap>> = plan.welcomes.par_iter().map(|w| self.wraps_for_joiner(w)).collect();
+            plan.wraps.extend(wraps.into_iter().flatten());
         }
         plan.group_key = self.tek.key_ref(TEK_ID);
         Ok(plan)

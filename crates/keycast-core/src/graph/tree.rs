@@ -146,14 +146,6 @@ impl Tree {
         KeyRef::new(tree_key_id(height, position), node.version, node.revision)
     }
 
-    /// Adds `delta` members to every ancestor of leaf `position` (leaf excluded).
-    fn count_members(&mut self, position: u32, delta: i64) {
-        for height in 1..self.levels.len() {
-            let node = &mut self.levels[height][ancestor(position, self.degree, height as u32) as usize];
-            node.members = (node.members as i64 + delta) as u32;
-        }
-    }
-
     fn remove_leaf(&mut self, member: MemberId) -> u32 {
         let position = self.leaf_of.remove(&member).expect("validated member");
         self.leaf_member[position as usize] = None;
@@ -161,7 +153,6 @@ impl Tree {
         leaf.members = 0;
         leaf.key.zeroize();
         self.free_leaves.push(Reverse(position));
-        self.count_members(position, -1);
         position
     }
 
@@ -197,7 +188,6 @@ impl Tree {
         let individual_key = self.levels[0][position as usize].key.clone();
         self.leaf_member[position as usize] = Some(member);
         self.leaf_of.insert(member, position);
-        self.count_members(position, 1);
         Welcome { member, position: Position::Tree { leaf: position, degree: self.degree }, individual, individual_key }
     }
 
@@ -298,34 +288,47 @@ impl Tree {
         out.wraps.push(Wrap::seal(&child.key, Wrapper::Key(self.node_ref(height, position)), key_ref, key));
     }
 
-    /// Rekeys every touched node of one level, on all cores when the level is large.
-    fn rekey_level(&self, height: u32, version: u32, touched: &[Touch], below: &[Touch], force_root: bool, seed: &BatchSeed) -> LevelOutput {
-        let stream = |chunk: usize| ((height as u64) << 40) | chunk as u64;
-        let run = |chunk: usize, nodes: &[Touch]| {
-            let mut keys = KeyGen::new(seed, stream(chunk));
-            let mut out = LevelOutput::default();
-            for touch in nodes {
-                self.rekey_node(height, version, touch, below, force_root, &mut keys, &mut out);
-            }
-            out
-        };
+    /// Rekeys every touched node of one level into `out`, on all cores when the level is large.
+    #[allow(clippy::too_many_arguments)]
+    fn rekey_level(
+        &self,
+        height: u32,
+        version: u32,
+        touched: &[Touch],
+        below: &[Touch],
+        force_root: bool,
+        seed: &BatchSeed,
+        keys: &mut KeyGen,
+        out: &mut LevelOutput,
+    ) {
         if touched.len() < PARALLEL_THRESHOLD {
-            return run(0, touched);
+            for touch in touched {
+                self.rekey_node(height, version, touch, below, force_root, keys, out);
+            }
+            return;
         }
-        let parts: Vec<LevelOutput> =
-            touched.par_chunks(CHUNK).enumerate().map(|(chunk, nodes)| run(chunk, nodes)).collect();
-        let mut merged = LevelOutput::default();
+        let parts: Vec<LevelOutput> = touched
+            .par_chunks(CHUNK)
+            .enumerate()
+            .map(|(chunk, nodes)| {
+                let mut keys = KeyGen::new(seed, ((height as u64) << 40) | (chunk as u64 + 1));
+                let mut part = LevelOutput::default();
+                for touch in nodes {
+                    self.rekey_node(height, version, touch, below, force_root, &mut keys, &mut part);
+                }
+                part
+            })
+            .collect();
         for part in parts {
-            merged.updates.extend(part.updates);
-            merged.wraps.extend(part.wraps);
-            merged.replaced.extend(part.replaced);
-            merged.revised.extend(part.revised);
+            out.updates.extend(part.updates);
+            out.wraps.extend(part.wraps);
+            out.replaced.extend(part.replaced);
+            out.revised.extend(part.revised);
         }
-        merged
     }
 
-    fn apply_updates(&mut self, height: u32, updates: Vec<NodeUpdate>) {
-        for update in updates {
+    fn apply_updates(&mut self, height: u32, updates: &mut Vec<NodeUpdate>) {
+        for update in updates.drain(..) {
             let node = &mut self.levels[height as usize][update.position as usize];
             node.key = update.key;
             node.version = update.version;
@@ -353,53 +356,63 @@ impl KeyGraph for Tree {
         }
         let version = self.batches.next_version()?;
 
+        // Leaves first; counts above the leaves are settled from the touched lists below.
         let mut leaf_touches = Vec::with_capacity(batch.joins.len() + batch.leaves.len());
         for &member in &batch.leaves {
             leaf_touches.push(Touch { position: self.remove_leaf(member), leaves: 1, ..Touch::default() });
         }
-        let mut individual_keys = KeyGen::new(seed, 0);
+        let mut keys = KeyGen::new(seed, 0);
         let mut welcomes = Vec::with_capacity(batch.joins.len());
         for &member in &batch.joins {
-            let welcome = self.add_leaf(member, version, &mut individual_keys);
+            let welcome = self.add_leaf(member, version, &mut keys);
             if let Position::Tree { leaf, .. } = welcome.position {
                 leaf_touches.push(Touch { position: leaf, joins: 1, ..Touch::default() });
             }
             welcomes.push(welcome);
         }
-        let force_root = self.shrink();
-
         leaf_touches.sort_unstable_by_key(|t| t.position);
-        let mut below = merge_same_position(leaf_touches);
-        below.retain(|t| (t.position as usize) < self.levels[0].len());
+        let mut touched = vec![merge_same_position(leaf_touches)];
+        for level in 1..=self.height() as usize {
+            let parents = self.touched_parents(&touched[level - 1]);
+            for t in &parents {
+                let node = &mut self.levels[level][t.position as usize];
+                node.members = node.members + t.joins - t.leaves;
+            }
+            touched.push(parents);
+        }
+        let force_root = self.shrink();
+        touched.truncate(self.levels.len());
+        for (level, list) in touched.iter_mut().enumerate() {
+            // Sorted by position, so this drops a suffix and keeps child ranges valid.
+            let len = self.levels[level].len() as u32;
+            list.retain(|t| t.position < len);
+        }
 
         let mut plan = RekeyPlan { welcomes, departed: batch.leaves.clone(), ..RekeyPlan::default() };
+        let mut out = LevelOutput::default();
         let height = self.height();
         for level in 1..=height {
-            let mut touched = self.touched_parents(&below);
-            let level_len = self.levels[level as usize].len() as u32;
-            touched.retain(|t| t.position < level_len);
-            if level == height && force_root && touched.is_empty() {
-                touched.push(Touch { position: 0, children: (0, 0), ..Touch::default() });
+            let list = &mut touched[level as usize];
+            if level == height && force_root && list.is_empty() {
+                list.push(Touch { position: 0, children: (0, 0), ..Touch::default() });
             }
             // Subtrees emptied by this batch keep no key.
-            for t in &touched {
+            let mut live = Vec::with_capacity(list.len());
+            for t in list.iter() {
                 let node = &mut self.levels[level as usize][t.position as usize];
-                if node.members == 0 {
+                if node.members == 0 && level < height {
                     node.key.zeroize();
+                } else {
+                    live.push(*t);
                 }
             }
-            let live: Vec<Touch> = touched
-                .iter()
-                .copied()
-                .filter(|t| self.levels[level as usize][t.position as usize].members > 0 || level == height)
-                .collect();
-            let output = self.rekey_level(level, version, &live, &below, force_root && level == height, seed);
-            self.apply_updates(level, output.updates);
-            plan.wraps.extend(output.wraps);
-            plan.replaced.extend(output.replaced);
-            plan.revised.extend(output.revised);
-            below = touched;
+            let force = force_root && level == height;
+            self.rekey_level(level, version, &live, &touched[level as usize - 1], force, seed, &mut keys, &mut out);
+            self.apply_updates(level, &mut out.updates);
         }
+        plan.wraps = out.wraps;
+        plan.replaced = out.replaced;
+        plan.revised = out.revised;
         plan.group_key = self.node_ref(height, 0);
         Ok(plan)
     }
