@@ -4,6 +4,7 @@
 //! - `leave/single 2^20 d4`: one leave from 2^20 members, degree 4 (39 wraps);
 //! - `leave/10% of 2^20 d4`: 104,857 random leavers in one batch, on every core;
 //! - `member/*`: a member processing the messages it needs (user-oriented) of each rekey.
+//!
 //! Leavers rejoin between iterations (untimed) so every iteration starts from a full group.
 
 use std::hint::black_box;

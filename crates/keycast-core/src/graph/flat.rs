@@ -218,6 +218,7 @@ impl Flat {
     }
 
     /// New TEK for every untainted KEK; each tainted KEK replaced under f(old KEK, new TEK).
+    #[allow(clippy::needless_range_loop)] // `b` is both an index and the bit value
     fn rekey_leave(&mut self, version: u32, tainted: &[[bool; 2]], keys: &mut KeyGen, plan: &mut RekeyPlan) {
         let tek_ref = KeyRef::new(TEK_ID, version, 0);
         let tek = keys.next_key();
