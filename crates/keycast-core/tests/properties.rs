@@ -225,7 +225,7 @@ fn run(config: GraphConfig, initial: usize, steps: &[Step], seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2500, ..ProptestConfig::default() })]
 
     #[test]
     fn small_groups_keep_every_invariant(config in config(), initial in 0usize..64, steps in steps(12, 12), seed: u64) {
