@@ -23,28 +23,22 @@ fn bench(c: &mut Criterion) {
         let payload = Key::from_bytes([9; 32]);
         b.iter_batched(|| Key::from_bytes(keys[next()]), |k| black_box(Wrap::seal(&k, Wrapper::Key(kek), KeyRef::new(KeyId(2), 3, 0), &payload)), BatchSize::SmallInput)
     });
-    for (name, alg) in [("aws-lc-rs AES-256-GCM", &aws_lc_rs::aead::AES_256_GCM), ("aws-lc-rs ChaCha20-Poly1305", &aws_lc_rs::aead::CHACHA20_POLY1305)] {
-        group.bench_function(name, |b| {
-            use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
-            b.iter(|| {
-                let key = LessSafeKey::new(UnboundKey::new(alg, &keys[next()]).unwrap());
-                let mut buf = [9u8; 32];
-                let tag = key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(NONCE), Aad::from(&AAD), &mut buf).unwrap();
-                black_box((buf, tag))
-            })
-        });
+    // aws-lc-rs keeps ring's AEAD API, so one body measures both.
+    macro_rules! ring_api {
+        ($krate:ident, $($name:literal => $alg:ident),+) => {$(
+            group.bench_function($name, |b| {
+                use $krate::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+                b.iter(|| {
+                    let key = LessSafeKey::new(UnboundKey::new(&$krate::aead::$alg, &keys[next()]).unwrap());
+                    let mut buf = [9u8; 32];
+                    let tag = key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(NONCE), Aad::from(&AAD), &mut buf).unwrap();
+                    black_box((buf, tag))
+                })
+            });
+        )+};
     }
-    for (name, alg) in [("ring AES-256-GCM", &ring::aead::AES_256_GCM), ("ring ChaCha20-Poly1305", &ring::aead::CHACHA20_POLY1305)] {
-        group.bench_function(name, |b| {
-            use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
-            b.iter(|| {
-                let key = LessSafeKey::new(UnboundKey::new(alg, &keys[next()]).unwrap());
-                let mut buf = [9u8; 32];
-                let tag = key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(NONCE), Aad::from(&AAD), &mut buf).unwrap();
-                black_box((buf, tag))
-            })
-        });
-    }
+    ring_api!(aws_lc_rs, "aws-lc-rs AES-256-GCM" => AES_256_GCM, "aws-lc-rs ChaCha20-Poly1305" => CHACHA20_POLY1305);
+    ring_api!(ring, "ring AES-256-GCM" => AES_256_GCM, "ring ChaCha20-Poly1305" => CHACHA20_POLY1305);
     group.bench_function("RustCrypto aes-gcm Aes256Gcm", |b| {
         use aes_gcm::aead::{AeadInPlace, KeyInit};
         b.iter(|| {
