@@ -42,6 +42,13 @@ impl KeyRing {
         }
     }
 
+    /// Adds every key of `other` (for pooling what several members know).
+    pub fn extend(&mut self, other: &KeyRing) {
+        for (&(id, version), (revision, key)) in &other.keys {
+            self.insert(KeyRef::new(id, version, *revision), key.clone());
+        }
+    }
+
     /// True if this ring holds or can derive `key_ref`.
     pub fn holds(&self, key_ref: KeyRef) -> bool {
         matches!(self.keys.get(&(key_ref.id, key_ref.version)), Some((r, _)) if *r <= key_ref.revision)

@@ -68,6 +68,11 @@ impl MemberKeys {
         Some((group_key, self.ring.get(group_key)?))
     }
 
+    /// Every key this member holds (audits: what it takes with it when it leaves).
+    pub fn keyring(&self) -> &KeyRing {
+        &self.ring
+    }
+
     /// The ref and key for `key_ref` if held (audits and tests).
     pub fn key(&self, key_ref: KeyRef) -> Option<Key> {
         self.ring.get(key_ref)

@@ -71,10 +71,7 @@ impl World {
         }
         let ring = self.cohorts.last_mut().expect("cohort");
         for m in departed {
-            let state = self.members.remove(m).expect("current member");
-            for r in state.refs() {
-                ring.insert(r, state.key(r).expect("held"));
-            }
+            ring.extend(self.members.remove(m).expect("current member").keyring());
         }
     }
 

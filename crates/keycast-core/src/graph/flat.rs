@@ -14,7 +14,7 @@
 //! belong in a tree.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use rayon::prelude::*;
 
@@ -133,6 +133,7 @@ impl Flat {
         if leaves.is_empty() {
             return Vec::new();
         }
+        let leaving: HashSet<MemberId> = leaves.iter().copied().collect();
         let covered = |id: u64| (0..self.id_bits).all(|i| tainted[i as usize][bit(id, i)]);
         let free_bits: Vec<u8> = (0..self.id_bits).filter(|&i| tainted[i as usize] == [true, true]).collect();
         let mut out: Vec<MemberId> = if free_bits.len() < 63 && (1u64 << free_bits.len()) < self.members.len() as u64 {
@@ -142,10 +143,10 @@ impl Flat {
             (0..1u64 << free_bits.len())
                 .map(|combo| free_bits.iter().enumerate().fold(fixed, |id, (j, &i)| id | (((combo >> j) & 1) << i)))
                 .filter_map(|id| self.by_id.get(&id).copied())
-                .filter(|m| !leaves.contains(m))
+                .filter(|m| !leaving.contains(m))
                 .collect()
         } else {
-            self.members.iter().filter(|(m, fm)| !leaves.contains(m) && covered(fm.id)).map(|(m, _)| *m).collect()
+            self.members.iter().filter(|(m, fm)| covered(fm.id) && !leaving.contains(m)).map(|(m, _)| *m).collect()
         };
         out.sort_unstable();
         out
@@ -153,7 +154,7 @@ impl Flat {
 
     /// The flat ID each joiner will get, checked before anything changes.
     fn plan_ids(&self, joins: &[MemberId], freed: &[MemberId]) -> Result<Vec<u64>, GraphError> {
-        let freed_ids: Vec<u64> = freed.iter().map(|m| self.members[m].id).collect();
+        let freed_ids: HashSet<u64> = freed.iter().map(|m| self.members[m].id).collect();
         let taken = |id: u64| self.by_id.contains_key(&id) && !freed_ids.contains(&id);
         match self.ids {
             FlatIds::FromMemberId => joins
