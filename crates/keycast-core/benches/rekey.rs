@@ -12,32 +12,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use keycast_core::key::Key;
-use keycast_core::{
-    new_graph, package, Batch, BatchSeed, GraphConfig, JoinPolicy, KeyGraph, KeyId, KeyRef, MemberId, MemberKeys,
-    Strategy, Wrap, Wrapper,
-};
+use keycast_core::{package, Batch, BatchSeed, KeyGraph, KeyId, KeyRef, MemberId, MemberKeys, Strategy, Wrap, Wrapper};
 use rand_chacha::ChaCha8Rng;
-use rand_core::{Rng, SeedableRng};
+use rand_core::SeedableRng;
 
-const N: u64 = 1 << 20;
-const DEGREE: u32 = 4;
-
-fn full_group() -> Box<dyn KeyGraph> {
-    let config = GraphConfig { scheme: keycast_core::Scheme::Tree { degree: DEGREE }, join_policy: JoinPolicy::NewVersion };
-    let mut graph = new_graph(config, &BatchSeed::from_u64(1)).unwrap();
-    graph.apply(&Batch { joins: (0..N).map(MemberId).collect(), leaves: vec![] }, &BatchSeed::from_u64(2)).unwrap();
-    graph
-}
-
-fn random_leavers(count: usize, rng: &mut ChaCha8Rng) -> Vec<MemberId> {
-    let mut chosen = std::collections::HashSet::with_capacity(count);
-    while chosen.len() < count {
-        chosen.insert(MemberId(rng.next_u64() % N));
-    }
-    let mut leavers: Vec<MemberId> = chosen.into_iter().collect();
-    leavers.sort();
-    leavers
-}
+mod common;
+use common::{full_group, random_leavers, N};
 
 /// Times `leaves` batches; the same members rejoin after each, untimed.
 fn time_leaves(graph: &mut dyn KeyGraph, leavers: &[MemberId], iters: u64, seed: &mut BatchSeed) -> Duration {

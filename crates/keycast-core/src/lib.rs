@@ -12,6 +12,7 @@ pub mod keygen;
 pub mod keyring;
 pub mod member;
 pub mod strategy;
+pub mod wire;
 pub mod wrap;
 
 pub use graph::{

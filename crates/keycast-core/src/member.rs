@@ -6,7 +6,7 @@ use crate::graph::{Position, Welcome};
 use crate::key::{Key, KeyId, KeyRef};
 use crate::keyring::KeyRing;
 use crate::strategy::RekeyMessage;
-use crate::wrap::UnwrapError;
+use crate::wrap::{UnwrapError, Wrap, Wrapper};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MemberError {
@@ -107,8 +107,14 @@ impl MemberKeys {
         let mut ring = self.ring.clone();
         let unwraps = ring.absorb_where(wraps.clone(), |r| self.needs(r.id, group_key))?;
 
-        let revised = messages[0].revised;
-        let newest = ring.newest(revised);
+        // A revision reaches members only as a ref some message names (the group key, a
+        // wrapped key or a wrapper); each member derives it from the revision it holds.
+        let named: Vec<KeyRef> = messages
+            .iter()
+            .flat_map(|m| m.wraps.iter().flat_map(|w| named_refs(w)))
+            .chain([group_key])
+            .collect();
+        let newest = ring.newest(&named);
         let mentioned = wraps.map(|w| w.key).chain([group_key]).filter(|r| self.needs(r.id, group_key));
         for wanted in mentioned {
             match newest.get(&wanted.id) {
@@ -124,4 +130,13 @@ impl MemberKeys {
         self.group_key = Some(group_key);
         Ok(MemberUpdate { group_key, unwraps })
     }
+}
+
+/// The refs a wrap names: the key it delivers and the key(s) it is sealed under.
+fn named_refs(wrap: &Wrap) -> impl Iterator<Item = KeyRef> {
+    let (a, b) = match wrap.under {
+        Wrapper::Key(r) => (r, None),
+        Wrapper::KekAndTek { kek, tek } => (kek, Some(tek)),
+    };
+    [wrap.key, a].into_iter().chain(b)
 }

@@ -2,6 +2,9 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use crate::graph::RekeyPlan;
 use crate::key::KeyRef;
 use crate::wrap::{Wrap, Wrapper};
@@ -35,25 +38,23 @@ impl core::str::FromStr for Strategy {
 #[derive(Clone, Debug)]
 pub struct RekeyMessage<'a> {
     pub group_key: KeyRef,
-    pub revised: &'a [KeyRef],
     pub wraps: Vec<&'a Wrap>,
 }
 
-/// Version and type bytes, group key ref, and the two counts.
-const HEADER_LEN: usize = 2 + KeyRef::ENCODED_LEN + 4 + 4;
+/// Version and type bytes, group key ref, and the wrap count.
+const HEADER_LEN: usize = 2 + KeyRef::ENCODED_LEN + 4;
 
 impl RekeyMessage<'_> {
     /// Bytes of this message on the wire, before packetisation and signatures.
     pub fn encoded_len(&self) -> usize {
         HEADER_LEN
-            + self.revised.len() * KeyRef::ENCODED_LEN
             + self.wraps.iter().map(|w| w.encoded_len()).sum::<usize>()
     }
 }
 
 /// Splits `plan` into messages according to `strategy`.
 pub fn package<'a>(plan: &'a RekeyPlan, strategy: Strategy) -> Vec<RekeyMessage<'a>> {
-    let message = |wraps: Vec<&'a Wrap>| RekeyMessage { group_key: plan.group_key, revised: &plan.revised, wraps };
+    let message = |wraps: Vec<&'a Wrap>| RekeyMessage { group_key: plan.group_key, wraps };
     match strategy {
         Strategy::GroupOriented => vec![message(plan.wraps.iter().collect())],
         Strategy::KeyOriented => {
@@ -77,46 +78,56 @@ pub fn package<'a>(plan: &'a RekeyPlan, strategy: Strategy) -> Vec<RekeyMessage<
 }
 
 fn user_oriented(plan: &RekeyPlan) -> Vec<Vec<&Wrap>> {
-    // Wraps that open once a given new key is known (for flat replacements, the new TEK).
-    let mut follows: HashMap<KeyRef, Vec<&Wrap>> = HashMap::new();
-    let new_keys: std::collections::HashSet<KeyRef> = plan.wraps.iter().map(|w| w.key).collect();
-    let mut entries = Vec::new();
-    let revised: std::collections::HashSet<KeyRef> = plan.revised.iter().copied().collect();
-    for w in &plan.wraps {
-        match w.under {
-            Wrapper::Key(r) if new_keys.contains(&r) => {
-                follows.entry(r).or_default().push(w);
-                // Existing members derive a revised key themselves: for them this is an entry.
-                if revised.contains(&r) {
-                    entries.push(w);
-                }
-            }
-            Wrapper::KekAndTek { tek, .. } => follows.entry(tek).or_default().push(w),
-            Wrapper::Key(_) => entries.push(w),
-        }
-    }
-    let mut messages: Vec<Vec<&Wrap>> = entries
-        .into_iter()
-        .map(|entry| {
-            let mut wraps = vec![entry];
-            let mut next = 0;
-            while next < wraps.len() {
-                if let Some(more) = follows.get(&wraps[next].key) {
-                    for &w in more {
-                        if !wraps.iter().any(|x| std::ptr::eq(*x, w)) {
-                            wraps.push(w);
-                        }
-                    }
-                }
-                next += 1;
-            }
-            wraps
-        })
-        .collect();
+    let mut messages: Vec<Vec<&Wrap>> =
+        entry_chains(plan).into_iter().map(|chain| chain.into_iter().map(|i| &plan.wraps[i]).collect()).collect();
     if messages.is_empty() {
         messages.push(Vec::new());
     }
     messages
+}
+
+/// For each entry point of a rekey (a wrap under a key its receivers already hold), the
+/// indices in `plan.wraps` of that wrap and of every wrap that follows from it: everything one
+/// set of members needs, bottom-up.
+pub(crate) fn entry_chains(plan: &RekeyPlan) -> Vec<Vec<usize>> {
+    let wraps = &plan.wraps;
+    // Refs are the controller's own, not attacker input: a fast non-keyed hash is safe here.
+    let new_keys: FxHashSet<KeyRef> = wraps.iter().map(|w| w.key).collect();
+    let revised: FxHashSet<KeyRef> = plan.revised.iter().copied().collect();
+    // Wraps that open once a given new key is known (for flat replacements, the new TEK).
+    let mut sealed_under: FxHashMap<KeyRef, Vec<usize>> = FxHashMap::default();
+    let mut entries = Vec::new();
+    for (i, w) in wraps.iter().enumerate() {
+        match w.under {
+            Wrapper::Key(r) if new_keys.contains(&r) => {
+                sealed_under.entry(r).or_default().push(i);
+                // Existing members derive a revised key themselves: for them this is an entry.
+                if revised.contains(&r) {
+                    entries.push(i);
+                }
+            }
+            Wrapper::KekAndTek { tek, .. } => sealed_under.entry(tek).or_default().push(i),
+            Wrapper::Key(_) => entries.push(i),
+        }
+    }
+    let follows: Vec<&[usize]> =
+        wraps.iter().map(|w| sealed_under.get(&w.key).map(Vec::as_slice).unwrap_or_default()).collect();
+    entries
+        .into_par_iter()
+        .map(|entry| {
+            let mut chain = vec![entry];
+            let mut next = 0;
+            while next < chain.len() {
+                for &i in follows[chain[next]] {
+                    if !chain.contains(&i) {
+                        chain.push(i);
+                    }
+                }
+                next += 1;
+            }
+            chain
+        })
+        .collect()
 }
 
 /// Messages, wraps and bytes of a packaged rekey.

@@ -5,6 +5,8 @@ use std::time::Instant;
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use keycast_core::strategy::{package, package_size};
+use keycast_core::wire::rekey::{RekeyContext, DEFAULT_BLOCK_BITS};
+use keycast_core::wire::{encode_rekey, GroupId, PacketConfig, Signer, DEFAULT_MTU};
 use keycast_core::{
     new_graph, Batch, BatchSeed, FlatIds, GraphConfig, JoinPolicy, KeyGraph, MemberId, Scheme, Strategy,
 };
@@ -74,9 +76,27 @@ pub struct RekeyArgs {
     /// Bits of a flat member ID (flat scheme only); default: enough for every member.
     #[arg(long = "id-bits")]
     id_bits: Option<u8>,
+    /// Largest packet on the wire, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = mtu_in_range)]
+    mtu: usize,
+    /// How wraps are spread over packets: user (each member's entries in one packet) or
+    /// compact (each wrap once).
+    #[arg(long = "packet-placement", default_value = "user")]
+    packet_placement: keycast_core::wire::Placement,
+    /// Packets are signed in blocks of 2^BITS (one signature per block).
+    #[arg(long = "block-bits", default_value_t = DEFAULT_BLOCK_BITS, value_parser = clap::value_parser!(u8).range(0..=10))]
+    block_bits: u8,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+fn mtu_in_range(text: &str) -> Result<usize, String> {
+    let mtu: usize = text.parse().map_err(|e| format!("{e}"))?;
+    if !(300..=keycast_core::wire::MAX_MESSAGE_LEN).contains(&mtu) {
+        return Err(format!("{mtu} is not between 300 and {}", keycast_core::wire::MAX_MESSAGE_LEN));
+    }
+    Ok(mtu)
 }
 
 pub fn run(command: SimCommand) -> Result<(), String> {
@@ -162,6 +182,15 @@ fn rekey(args: &RekeyArgs) -> Result<(), String> {
         StrategyArg::User => Strategy::UserOriented,
     };
     let size = package_size(&package(&plan, strategy));
+    let mut signer_seed = [0u8; 32];
+    ChaCha8Rng::seed_from_u64(args.seed ^ 0x5167).fill_bytes(&mut signer_seed);
+    let signer = Signer::from_seed(&signer_seed);
+    let context = RekeyContext { group: GroupId(args.seed), epoch: 1, seq: 1, activation: 2 };
+    let packet_config = PacketConfig { mtu: args.mtu, block_bits: args.block_bits, placement: args.packet_placement };
+    let start = Instant::now();
+    let wire = encode_rekey(&plan, context, packet_config, &signer).map_err(|e| e.to_string())?;
+    let encode_micros = start.elapsed().as_micros();
+    let wire_stats = wire.stats;
     let stats = graph.stats();
     let report = serde_json::json!({
         "scheme": format!("{:?}", config.scheme),
@@ -175,8 +204,13 @@ fn rekey(args: &RekeyArgs) -> Result<(), String> {
         "wraps": plan.wraps.len(),
         "messages": size.messages,
         "message_wraps": size.wraps,
-        "bytes": size.bytes,
+        "packets": wire_stats.packets,
+        "bytes": wire_stats.bytes,
+        "auth_bytes": wire_stats.auth_bytes,
+        "signatures": wire_stats.signatures,
+        "packet_entries": wire_stats.entries,
         "micros": micros as u64,
+        "encode_micros": encode_micros as u64,
     });
     if args.json {
         println!("{report}");
@@ -187,8 +221,15 @@ fn rekey(args: &RekeyArgs) -> Result<(), String> {
         println!("changed keys   {} ({} replaced, {} revised)", plan.changed_keys(), plan.replaced.len(), plan.revised.len());
         println!("wraps          {}", plan.wraps.len());
         println!("messages       {} ({:?}, {} wraps in all)", size.messages, strategy, size.wraps);
-        println!("bytes          {} (before packetisation and signatures)", size.bytes);
-        println!("time           {micros} us to plan the rekey");
+        println!(
+            "on the wire    {} packets, {} bytes ({} wraps placed, {} signatures, {:.1}% authentication)",
+            wire_stats.packets,
+            wire_stats.bytes,
+            wire_stats.entries,
+            wire_stats.signatures,
+            100.0 * wire_stats.auth_bytes as f64 / wire_stats.bytes as f64
+        );
+        println!("time           {micros} us to plan the rekey, {encode_micros} us to packetise and sign it");
     }
     Ok(())
 }

@@ -1,0 +1,194 @@
+//! Authentication of multicast messages: Ed25519 signatures (aws-lc-rs, the provider used
+//! everywhere else) over a hash tree of packets (Wong, Gouda and Lam section 4, one signature
+//! for many messages, generalised to a Merkle tree).
+//!
+//! Nodes are SHA-256 truncated to 16 bytes. The signer is the trusted controller, so a forger
+//! needs a second preimage of a node, not a collision: 2^128 work, the level SPHINCS+-128
+//! relies on for its trees. Full 32-byte nodes would double the bytes every path costs.
+
+use aws_lc_rs::digest::{Context, SHA256};
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+
+/// Bytes of an Ed25519 signature and public key.
+pub const SIGNATURE_LEN: usize = 64;
+pub const PUBLIC_KEY_LEN: usize = 32;
+/// Bytes of a hash-tree node.
+pub const NODE_LEN: usize = 16;
+
+pub type Node = [u8; NODE_LEN];
+pub type Signature = [u8; SIGNATURE_LEN];
+
+const LEAF_PREFIX: u8 = 0;
+const INNER_PREFIX: u8 = 1;
+/// Domain of a signed rekey root; the heartbeat has its own.
+pub(crate) const REKEY_ROOT_DOMAIN: &[u8] = b"keycast/v1 rekey root";
+pub(crate) const HEARTBEAT_DOMAIN: &[u8] = b"keycast/v1 heartbeat";
+
+/// The controller's signing key. Its seed stays inside aws-lc; Debug shows only the public key.
+pub struct Signer {
+    pair: Ed25519KeyPair,
+}
+
+impl core::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Signer({:?})", self.verifying_key())
+    }
+}
+
+impl Signer {
+    /// A signing key from a 32-byte seed (RFC 8032 private key).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed).expect("any 32 bytes are an Ed25519 seed");
+        Signer { pair }
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        let mut bytes = [0u8; PUBLIC_KEY_LEN];
+        bytes.copy_from_slice(self.pair.public_key().as_ref());
+        VerifyingKey(bytes)
+    }
+
+    pub(crate) fn sign(&self, domain: &[u8], message: &[u8]) -> Signature {
+        let mut input = Vec::with_capacity(domain.len() + message.len());
+        input.extend_from_slice(domain);
+        input.extend_from_slice(message);
+        let mut out = [0u8; SIGNATURE_LEN];
+        out.copy_from_slice(self.pair.sign(&input).as_ref());
+        out
+    }
+}
+
+/// The controller's public key, as members learn it at join time.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VerifyingKey(pub [u8; PUBLIC_KEY_LEN]);
+
+impl core::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "VerifyingKey(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+impl VerifyingKey {
+    pub(crate) fn verify(&self, domain: &[u8], message: &[u8], signature: &Signature) -> bool {
+        let mut input = Vec::with_capacity(domain.len() + message.len());
+        input.extend_from_slice(domain);
+        input.extend_from_slice(message);
+        UnparsedPublicKey::new(&ED25519, &self.0).verify(&input, signature).is_ok()
+    }
+}
+
+/// Hash of one packet body.
+pub(crate) fn leaf_hash(body: &[u8]) -> Node {
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(&[LEAF_PREFIX]);
+    ctx.update(body);
+    truncate(ctx.finish().as_ref())
+}
+
+fn inner_hash(left: &Node, right: &Node) -> Node {
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(&[INNER_PREFIX]);
+    ctx.update(left);
+    ctx.update(right);
+    truncate(ctx.finish().as_ref())
+}
+
+fn truncate(digest: &[u8]) -> Node {
+    let mut node = [0u8; NODE_LEN];
+    node.copy_from_slice(&digest[..NODE_LEN]);
+    node
+}
+
+/// A hash tree over `leaves`, built level by level: nodes are paired left to right and an odd
+/// last node moves up unchanged (the same tree as RFC 9162's). Returns the root and each
+/// leaf's path (sibling nodes, bottom-up).
+pub(crate) fn tree(leaves: &[Node]) -> (Node, Vec<Vec<Node>>) {
+    assert!(!leaves.is_empty(), "a tree has at least one leaf");
+    let mut paths = vec![Vec::new(); leaves.len()];
+    let mut level: Vec<Node> = leaves.to_vec();
+    let mut span = 1; // leaves under each node of `level`
+    while level.len() > 1 {
+        for i in 0..level.len() {
+            if let Some(sibling) = level.get(i ^ 1) {
+                let under = i * span..((i + 1) * span).min(leaves.len());
+                for path in &mut paths[under] {
+                    path.push(*sibling);
+                }
+            }
+        }
+        level = level.chunks(2).map(|pair| if pair.len() == 2 { inner_hash(&pair[0], &pair[1]) } else { pair[0] }).collect();
+        span *= 2;
+    }
+    (level[0], paths)
+}
+
+/// Number of path nodes for leaf `index` of a tree of `size` leaves.
+pub fn path_len(mut index: usize, mut size: usize) -> usize {
+    let mut len = 0;
+    while size > 1 {
+        if index ^ 1 < size {
+            len += 1;
+        }
+        index >>= 1;
+        size = size.div_ceil(2);
+    }
+    len
+}
+
+/// The root implied by a leaf, its place and its path; `None` if the path has the wrong
+/// length for that place.
+pub(crate) fn root_from_path(leaf: Node, mut index: usize, mut size: usize, path: &[Node]) -> Option<Node> {
+    if index >= size || path.len() != path_len(index, size) {
+        return None;
+    }
+    let mut node = leaf;
+    let mut siblings = path.iter();
+    while size > 1 {
+        if index ^ 1 < size {
+            let sibling = siblings.next()?;
+            node = if index & 1 == 1 { inner_hash(sibling, &node) } else { inner_hash(&node, sibling) };
+        }
+        index >>= 1;
+        size = size.div_ceil(2);
+    }
+    Some(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaves(n: usize) -> Vec<Node> {
+        (0..n).map(|i| leaf_hash(&(i as u64).to_be_bytes())).collect()
+    }
+
+    #[test]
+    fn every_path_leads_to_the_root_and_no_other_place_does() {
+        for size in 1..=70 {
+            let leaves = leaves(size);
+            let (root, paths) = tree(&leaves);
+            for (i, path) in paths.iter().enumerate() {
+                assert_eq!(path.len(), path_len(i, size));
+                assert_eq!(root_from_path(leaves[i], i, size, path), Some(root), "size {size} leaf {i}");
+                if size > 1 {
+                    let other = (i + 1) % size;
+                    assert_ne!(root_from_path(leaves[i], other, size, path), Some(root));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn signatures_bind_domain_and_key() {
+        let signer = Signer::from_seed(&[7; 32]);
+        let sig = signer.sign(REKEY_ROOT_DOMAIN, b"root");
+        assert!(signer.verifying_key().verify(REKEY_ROOT_DOMAIN, b"root", &sig));
+        assert!(!signer.verifying_key().verify(HEARTBEAT_DOMAIN, b"root", &sig));
+        assert!(!Signer::from_seed(&[8; 32]).verifying_key().verify(REKEY_ROOT_DOMAIN, b"root", &sig));
+        assert!(!format!("{signer:?}").contains("0707"));
+    }
+}

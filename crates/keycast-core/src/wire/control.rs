@@ -1,0 +1,386 @@
+//! Messages of the unicast channels (join, leave, refresh, repair, resync; TLS protects them)
+//! and application data (sealed under a group key; relayed by intermediaries).
+
+use crate::graph::{MemberId, Position};
+use crate::key::{Key, KeyRef};
+
+use super::auth::PUBLIC_KEY_LEN;
+use super::codec::{Reader, Writer};
+use super::heartbeat::PendingKey;
+use super::{open, start, DecodeError, GroupId, MessageType, VerifyingKey};
+
+/// Most packet indices one NAK may list.
+pub const MAX_NAK_INDICES: usize = 512;
+/// Most keys a resync answer may carry (a 64-bit flat table needs 65, a deep tree fewer).
+pub const MAX_RESYNC_KEYS: usize = 128;
+/// Most bytes of a refusal's text.
+pub const MAX_REFUSAL_TEXT: usize = 256;
+/// Most bytes of sealed application data in one message.
+pub const MAX_DATA_LEN: usize = 65_000;
+/// Most intermediaries a data message may cross.
+pub const MAX_HOPS: u8 = 16;
+/// Bytes of a data message's nonce.
+pub const DATA_NONCE_LEN: usize = 16;
+
+/// A member asks to join `group`; its identity is its TLS client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JoinRequest {
+    pub group: GroupId,
+}
+
+impl JoinRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::JoinRequest, 10);
+        out.put_u64(self.group.0);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = open(bytes, MessageType::JoinRequest)?;
+        let group = r.group()?;
+        r.finish()?;
+        Ok(JoinRequest { group })
+    }
+}
+
+/// What an admitted member receives: its place, its individual key, the controller's
+/// signing key, and the rekey that will carry its path keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinAccepted {
+    pub group: GroupId,
+    pub member: MemberId,
+    pub position: Position,
+    pub individual: KeyRef,
+    pub individual_key: Key,
+    pub signer: VerifyingKey,
+    /// Sequence number of the rekey that delivers this member's path keys.
+    pub rekey_seq: u64,
+}
+
+/// Why a join was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RefusalReason {
+    NotInAcl = 1,
+    UnknownGroup = 2,
+    AlreadyMember = 3,
+    GroupFull = 4,
+    Unavailable = 5,
+}
+
+impl RefusalReason {
+    fn from_byte(byte: u8) -> Option<Self> {
+        use RefusalReason::*;
+        [NotInAcl, UnknownGroup, AlreadyMember, GroupFull, Unavailable].into_iter().find(|r| *r as u8 == byte)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinAnswer {
+    Accepted(JoinAccepted),
+    Refused { reason: RefusalReason, detail: String },
+}
+
+impl JoinAnswer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::JoinAnswer, 128);
+        match self {
+            JoinAnswer::Accepted(a) => {
+                out.put_u8(0);
+                out.put_u64(a.group.0);
+                out.put_u64(a.member.0);
+                out.put_position(a.position);
+                out.put_ref(a.individual);
+                out.extend_from_slice(a.individual_key.as_bytes());
+                out.extend_from_slice(&a.signer.0);
+                out.put_u64(a.rekey_seq);
+            }
+            JoinAnswer::Refused { reason, detail } => {
+                out.put_u8(1);
+                out.put_u8(*reason as u8);
+                let text = truncate_utf8(detail, MAX_REFUSAL_TEXT);
+                out.put_u16(text.len() as u16);
+                out.extend_from_slice(text.as_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = open(bytes, MessageType::JoinAnswer)?;
+        let answer = match r.u8("answer kind")? {
+            0 => JoinAnswer::Accepted(JoinAccepted {
+                group: r.group()?,
+                member: r.member()?,
+                position: r.member_position()?,
+                individual: r.key_ref("individual key ref")?,
+                individual_key: r.key("individual key")?,
+                signer: VerifyingKey(r.array::<PUBLIC_KEY_LEN>("signer")?),
+                rekey_seq: r.u64("rekey seq")?,
+            }),
+            1 => {
+                let code = r.u8("refusal reason")?;
+                let reason =
+                    RefusalReason::from_byte(code).ok_or(DecodeError::BadValue { field: "refusal reason", value: code.into() })?;
+                let len = r.count(2, MAX_REFUSAL_TEXT, 1, "refusal text")?;
+                let detail = core::str::from_utf8(r.take(len, "refusal text")?).map_err(|_| DecodeError::BadText)?;
+                JoinAnswer::Refused { reason, detail: detail.to_owned() }
+            }
+            kind => return Err(DecodeError::BadValue { field: "answer kind", value: kind.into() }),
+        };
+        r.finish()?;
+        Ok(answer)
+    }
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A member leaves (its TLS identity must match `member`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leave {
+    pub group: GroupId,
+    pub member: MemberId,
+}
+
+impl Leave {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::Leave, 18);
+        out.put_u64(self.group.0);
+        out.put_u64(self.member.0);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = open(bytes, MessageType::Leave)?;
+        let leave = Leave { group: r.group()?, member: r.member()? };
+        r.finish()?;
+        Ok(leave)
+    }
+}
+
+/// Soft-state liveness: a member that stops refreshing is removed like a leave. Carries the
+/// last rekey the member applied, so the controller sees members that fell behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refresh {
+    pub group: GroupId,
+    pub member: MemberId,
+    pub rekey_seq: u64,
+}
+
+impl Refresh {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_member_seq(MessageType::Refresh, self.group, self.member, self.rekey_seq)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let (group, member, rekey_seq) = decode_member_seq(bytes, MessageType::Refresh)?;
+        Ok(Refresh { group, member, rekey_seq })
+    }
+}
+
+/// A member lost its place (gap, restart): asks for its current keys over TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncRequest {
+    pub group: GroupId,
+    pub member: MemberId,
+    /// The last rekey the member applied.
+    pub rekey_seq: u64,
+}
+
+impl ResyncRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_member_seq(MessageType::ResyncRequest, self.group, self.member, self.rekey_seq)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let (group, member, rekey_seq) = decode_member_seq(bytes, MessageType::ResyncRequest)?;
+        Ok(ResyncRequest { group, member, rekey_seq })
+    }
+}
+
+fn encode_member_seq(kind: MessageType, group: GroupId, member: MemberId, seq: u64) -> Vec<u8> {
+    let mut out = start(kind, 26);
+    out.put_u64(group.0);
+    out.put_u64(member.0);
+    out.put_u64(seq);
+    out
+}
+
+fn decode_member_seq(bytes: &[u8], kind: MessageType) -> Result<(GroupId, MemberId, u64), DecodeError> {
+    let mut r = open(bytes, kind)?;
+    let fields = (r.group()?, r.member()?, r.u64("rekey seq")?);
+    r.finish()?;
+    Ok(fields)
+}
+
+/// Packets of rekey `seq` that a member did not receive. The controller repairs them;
+/// a NAK only costs retransmission, so it needs no signature (the driver rate-limits them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nak {
+    pub group: GroupId,
+    pub member: MemberId,
+    pub seq: u64,
+    /// Strictly ascending packet indices.
+    pub missing: Vec<u32>,
+}
+
+impl Nak {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::Nak, 28 + 4 * self.missing.len());
+        out.put_u64(self.group.0);
+        out.put_u64(self.member.0);
+        out.put_u64(self.seq);
+        // A longer list is cut: the rest is asked for once these are repaired.
+        let missing = &self.missing[..self.missing.len().min(MAX_NAK_INDICES)];
+        out.put_u16(missing.len() as u16);
+        for &i in missing {
+            out.put_u32(i);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = open(bytes, MessageType::Nak)?;
+        let (group, member, seq) = (r.group()?, r.member()?, r.u64("rekey seq")?);
+        let count = r.count(2, MAX_NAK_INDICES, 4, "missing packets")?;
+        let mut missing = Vec::with_capacity(count);
+        for _ in 0..count {
+            let index = r.u32("packet index")?;
+            if missing.last().is_some_and(|&last| last >= index) {
+                return Err(DecodeError::NotAscending("missing packet indices"));
+            }
+            missing.push(index);
+        }
+        r.finish()?;
+        Ok(Nak { group, member, seq, missing })
+    }
+}
+
+/// Everything a member needs to continue: sent over TLS after a gap it cannot repair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResyncAnswer {
+    pub group: GroupId,
+    pub member: MemberId,
+    pub position: Position,
+    pub epoch: u64,
+    /// The last rekey these keys reflect; the member continues from the next.
+    pub rekey_seq: u64,
+    /// The group key in force, and the next one if it is not active yet.
+    pub active: KeyRef,
+    pub pending: Option<PendingKey>,
+    /// Individual key first, then the path keys.
+    pub keys: Vec<(KeyRef, Key)>,
+}
+
+impl ResyncAnswer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::ResyncAnswer, 96 + 44 * self.keys.len());
+        out.put_u64(self.group.0);
+        out.put_u64(self.member.0);
+        out.put_position(self.position);
+        out.put_u64(self.epoch);
+        out.put_u64(self.rekey_seq);
+        out.put_ref(self.active);
+        PendingKey::put(&mut out, self.pending);
+        out.put_u8(self.keys.len() as u8);
+        for (r, k) in &self.keys {
+            out.put_ref(*r);
+            out.extend_from_slice(k.as_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = open(bytes, MessageType::ResyncAnswer)?;
+        let (group, member, position) = (r.group()?, r.member()?, r.member_position()?);
+        let (epoch, rekey_seq) = (r.u64("epoch")?, r.u64("rekey seq")?);
+        let active = r.key_ref("active key")?;
+        let pending = PendingKey::read(&mut r)?;
+        let count = r.count(1, MAX_RESYNC_KEYS, KeyRef::ENCODED_LEN + 32, "keys")?;
+        let mut keys = Vec::with_capacity(count);
+        for _ in 0..count {
+            keys.push((r.key_ref("key ref")?, r.key("key")?));
+        }
+        r.finish()?;
+        Ok(ResyncAnswer { group, member, position, epoch, rekey_seq, active, pending, keys })
+    }
+}
+
+/// Application data sealed under a key derived from group key `key` and `nonce`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Data {
+    pub group: GroupId,
+    pub key: KeyRef,
+    pub nonce: [u8; DATA_NONCE_LEN],
+    pub ciphertext: Vec<u8>,
+}
+
+impl Data {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::Data, 42 + self.ciphertext.len());
+        self.put_body(&mut out);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = open(bytes, MessageType::Data)?;
+        let data = Data::read_body(&mut r)?;
+        r.finish()?;
+        Ok(data)
+    }
+
+    fn put_body(&self, out: &mut Vec<u8>) {
+        out.put_u64(self.group.0);
+        out.put_ref(self.key);
+        out.extend_from_slice(&self.nonce);
+        out.put_u32(self.ciphertext.len() as u32);
+        out.extend_from_slice(&self.ciphertext);
+    }
+
+    fn read_body(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let group = r.group()?;
+        let key = r.key_ref("data key")?;
+        let nonce = r.array("nonce")?;
+        let len = r.count(4, MAX_DATA_LEN, 1, "ciphertext")?;
+        let ciphertext = r.take(len, "ciphertext")?.to_vec();
+        Ok(Data { group, key, nonce, ciphertext })
+    }
+}
+
+/// Data an intermediary relays into its subgroup (Iolus): re-sealed under the subgroup's key,
+/// with the group it came from and the number of intermediaries it crossed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayedData {
+    pub origin: GroupId,
+    pub hops: u8,
+    pub data: Data,
+}
+
+impl RelayedData {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::RelayedData, 51 + self.data.ciphertext.len());
+        out.put_u64(self.origin.0);
+        out.put_u8(self.hops);
+        self.data.put_body(&mut out);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = open(bytes, MessageType::RelayedData)?;
+        let origin = r.group()?;
+        let hops = r.u8("hops")?;
+        if hops == 0 || hops > MAX_HOPS {
+            return Err(DecodeError::BadValue { field: "hops", value: hops.into() });
+        }
+        let data = Data::read_body(&mut r)?;
+        r.finish()?;
+        Ok(RelayedData { origin, hops, data })
+    }
+}

@@ -1,0 +1,170 @@
+//! The wire format, version 1 (specified in `docs/wire.md`).
+//!
+//! Every message starts with a version byte and a type byte. Encoding is canonical: a value
+//! has exactly one encoding (big-endian integers, no optional padding, counts that must match
+//! the bytes that follow, flags that are exactly 0 or 1), so signatures cover well-defined
+//! bytes. Decoding checks every length before allocating and returns a [`DecodeError`] for
+//! anything else.
+
+pub(crate) mod codec;
+
+pub mod auth;
+pub mod control;
+pub mod guard;
+pub mod heartbeat;
+pub mod rekey;
+
+pub use auth::{Signer, VerifyingKey};
+pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
+pub use guard::{Reject, RekeyAssembly, ReplayGuard};
+pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
+pub use rekey::{encode_rekey, EncodedRekey, PacketConfig, Placement, RekeyHeader, RekeyPacket, RekeyWireStats};
+
+/// The version byte this implementation writes and reads.
+pub const WIRE_VERSION: u8 = 1;
+/// Default payload size of one multicast packet (fits a 1280-byte IPv6 minimum MTU).
+pub const DEFAULT_MTU: usize = 1200;
+/// Largest message any decoder accepts (the largest UDP payload).
+pub const MAX_MESSAGE_LEN: usize = 65_507;
+
+/// A group's identity, the same for its controller and every member.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct GroupId(pub u64);
+
+/// The second byte of every message.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum MessageType {
+    Rekey = 1,
+    Heartbeat = 2,
+    JoinRequest = 3,
+    JoinAnswer = 4,
+    Leave = 5,
+    Refresh = 6,
+    Nak = 7,
+    ResyncRequest = 8,
+    ResyncAnswer = 9,
+    Data = 10,
+    RelayedData = 11,
+}
+
+impl MessageType {
+    fn from_byte(byte: u8) -> Option<Self> {
+        use MessageType::*;
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData]
+            .into_iter()
+            .find(|t| *t as u8 == byte)
+    }
+}
+
+/// Why bytes are not a valid message. Receivers drop the message and count the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {0} bytes is longer than any message ({MAX_MESSAGE_LEN})")]
+    Oversized(usize),
+    #[error("wire version {0} is not supported (this is version {WIRE_VERSION})")]
+    UnknownVersion(u8),
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("expected a {expected:?} message, got {got:?}")]
+    WrongType { expected: MessageType, got: MessageType },
+    #[error("truncated at {field}: {needed} bytes needed, {available} left")]
+    Truncated { field: &'static str, needed: usize, available: usize },
+    #[error("{0} bytes after the end of the message")]
+    TrailingBytes(usize),
+    #[error("{field} is {len}, more than the limit of {max}")]
+    TooLong { field: &'static str, len: usize, max: usize },
+    #[error("{field} has the invalid value {value}")]
+    BadValue { field: &'static str, value: u64 },
+    #[error("{0} are not in strictly ascending order")]
+    NotAscending(&'static str),
+    #[error("text is not UTF-8")]
+    BadText,
+}
+
+/// Reads the version and type bytes.
+pub(crate) fn read_header(reader: &mut codec::Reader<'_>) -> Result<MessageType, DecodeError> {
+    let version = reader.u8("version")?;
+    if version != WIRE_VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let byte = reader.u8("type")?;
+    MessageType::from_byte(byte).ok_or(DecodeError::UnknownType(byte))
+}
+
+/// Starts a message of type `kind` in a new buffer.
+pub(crate) fn start(kind: MessageType, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    out.push(WIRE_VERSION);
+    out.push(kind as u8);
+    out
+}
+
+/// Opens a message that must be of type `expected` and returns its reader past the header.
+pub(crate) fn open(bytes: &[u8], expected: MessageType) -> Result<codec::Reader<'_>, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return Err(DecodeError::Oversized(bytes.len()));
+    }
+    let mut reader = codec::Reader::new(bytes);
+    let got = read_header(&mut reader)?;
+    if got != expected {
+        return Err(DecodeError::WrongType { expected, got });
+    }
+    Ok(reader)
+}
+
+/// Any message, as read off a socket whose traffic mixes types.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Rekey(RekeyPacket),
+    Heartbeat(SignedHeartbeat),
+    JoinRequest(JoinRequest),
+    JoinAnswer(JoinAnswer),
+    Leave(Leave),
+    Refresh(Refresh),
+    Nak(Nak),
+    ResyncRequest(ResyncRequest),
+    ResyncAnswer(ResyncAnswer),
+    Data(Data),
+    RelayedData(RelayedData),
+}
+
+impl Message {
+    /// Decodes one message of any type. Signatures are not checked here: see
+    /// [`RekeyPacket::verify`] and [`SignedHeartbeat::verify`].
+    pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(DecodeError::Oversized(bytes.len()));
+        }
+        let kind = read_header(&mut codec::Reader::new(bytes))?;
+        Ok(match kind {
+            MessageType::Rekey => Message::Rekey(RekeyPacket::decode(bytes)?),
+            MessageType::Heartbeat => Message::Heartbeat(SignedHeartbeat::decode(bytes)?),
+            MessageType::JoinRequest => Message::JoinRequest(JoinRequest::decode(bytes)?),
+            MessageType::JoinAnswer => Message::JoinAnswer(JoinAnswer::decode(bytes)?),
+            MessageType::Leave => Message::Leave(Leave::decode(bytes)?),
+            MessageType::Refresh => Message::Refresh(Refresh::decode(bytes)?),
+            MessageType::Nak => Message::Nak(Nak::decode(bytes)?),
+            MessageType::ResyncRequest => Message::ResyncRequest(ResyncRequest::decode(bytes)?),
+            MessageType::ResyncAnswer => Message::ResyncAnswer(ResyncAnswer::decode(bytes)?),
+            MessageType::Data => Message::Data(Data::decode(bytes)?),
+            MessageType::RelayedData => Message::RelayedData(RelayedData::decode(bytes)?),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Message::Rekey(m) => m.encode(),
+            Message::Heartbeat(m) => m.encode(),
+            Message::JoinRequest(m) => m.encode(),
+            Message::JoinAnswer(m) => m.encode(),
+            Message::Leave(m) => m.encode(),
+            Message::Refresh(m) => m.encode(),
+            Message::Nak(m) => m.encode(),
+            Message::ResyncRequest(m) => m.encode(),
+            Message::ResyncAnswer(m) => m.encode(),
+            Message::Data(m) => m.encode(),
+            Message::RelayedData(m) => m.encode(),
+        }
+    }
+}

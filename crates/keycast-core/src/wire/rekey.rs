@@ -1,0 +1,350 @@
+//! Rekey packets: a rekey plan split into packets of at most one MTU, placed so that each
+//! member finds all its entries in as few packets as possible, and authenticated in blocks:
+//! one signature over the hash-tree root of each block of 2^block_bits packets, and in every
+//! packet that signature and the packet's path, so a member verifies its packet alone.
+
+use rayon::prelude::*;
+
+use crate::graph::RekeyPlan;
+use crate::key::KeyRef;
+use crate::strategy::{entry_chains, RekeyMessage};
+use crate::wrap::Wrap;
+
+use super::auth::{self, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
+use super::codec::{Writer, MIN_WRAP_LEN};
+use super::guard::Reject;
+use super::{open, start, DecodeError, GroupId, MessageType, VerifyingKey, DEFAULT_MTU};
+
+/// Bytes before the entries: version, type, group, epoch, seq, activation, group key ref,
+/// index, count, block bits, entry count.
+pub const HEADER_LEN: usize = 2 + 8 + 8 + 8 + 8 + KeyRef::ENCODED_LEN + 4 + 4 + 1 + 2;
+/// Largest signing block: 2^10 packets.
+pub const MAX_BLOCK_BITS: u8 = 10;
+/// Default signing block: 64 packets, a 6-node path (96 bytes) per packet.
+pub const DEFAULT_BLOCK_BITS: u8 = 6;
+/// Largest entry (a flat replacement: wrapped ref, kind, two refs, sealed key).
+const MAX_WRAP_LEN: usize = MIN_WRAP_LEN + KeyRef::ENCODED_LEN;
+
+/// The fields every packet of one rekey shares, and this packet's place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RekeyHeader {
+    pub group: GroupId,
+    /// The epoch whose changes this rekey carries.
+    pub epoch: u64,
+    /// Rekey sequence number (1, 2, ... per group).
+    pub seq: u64,
+    /// The epoch in which the new group key comes into force.
+    pub activation: u64,
+    pub group_key: KeyRef,
+    pub index: u32,
+    pub count: u32,
+    /// Packets are signed in blocks of 2^block_bits consecutive indices.
+    pub block_bits: u8,
+}
+
+impl RekeyHeader {
+    /// First index and size of this packet's signing block.
+    pub fn block(&self) -> (u32, u32) {
+        let size = 1u32 << self.block_bits;
+        let first = self.index & !(size - 1);
+        (first, size.min(self.count - first))
+    }
+
+    /// True if `other` belongs to the same rekey (only index differs).
+    pub fn same_rekey(&self, other: &RekeyHeader) -> bool {
+        RekeyHeader { index: other.index, ..*self } == *other
+    }
+}
+
+/// One packet of a rekey.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RekeyPacket {
+    pub header: RekeyHeader,
+    pub wraps: Vec<Wrap>,
+    pub signature: Signature,
+    /// Sibling nodes from this packet's leaf to its block's root.
+    pub path: Vec<Node>,
+}
+
+impl RekeyPacket {
+    fn put_body(header: &RekeyHeader, wraps: &[&Wrap], out: &mut Vec<u8>) {
+        out.put_u64(header.group.0);
+        out.put_u64(header.epoch);
+        out.put_u64(header.seq);
+        out.put_u64(header.activation);
+        out.put_ref(header.group_key);
+        out.put_u32(header.index);
+        out.put_u32(header.count);
+        out.put_u8(header.block_bits);
+        out.put_u16(wraps.len() as u16);
+        for w in wraps {
+            out.put_wrap(w);
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = start(MessageType::Rekey, DEFAULT_MTU);
+        RekeyPacket::put_body(&self.header, &self.wraps.iter().collect::<Vec<_>>(), &mut out);
+        out.extend_from_slice(&self.signature);
+        for node in &self.path {
+            out.extend_from_slice(node);
+        }
+        out
+    }
+
+    /// Decodes without checking the signature; see [`RekeyPacket::verify`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Ok(RekeyPacket::decode_parts(bytes)?.0)
+    }
+
+    /// The packet and the length of its signed body.
+    fn decode_parts(bytes: &[u8]) -> Result<(Self, usize), DecodeError> {
+        let mut r = open(bytes, MessageType::Rekey)?;
+        let header = RekeyHeader {
+            group: r.group()?,
+            epoch: r.u64("epoch")?,
+            seq: r.u64("rekey seq")?,
+            activation: r.u64("activation epoch")?,
+            group_key: r.key_ref("group key")?,
+            index: r.u32("packet index")?,
+            count: r.u32("packet count")?,
+            block_bits: r.u8("block bits")?,
+        };
+        if header.count == 0 || header.index >= header.count {
+            return Err(DecodeError::BadValue { field: "packet index", value: header.index.into() });
+        }
+        if header.block_bits > MAX_BLOCK_BITS {
+            return Err(DecodeError::BadValue { field: "block bits", value: header.block_bits.into() });
+        }
+        let count = r.count(2, u16::MAX as usize, MIN_WRAP_LEN, "entries")?;
+        let mut wraps = Vec::with_capacity(count);
+        for _ in 0..count {
+            wraps.push(r.wrap()?);
+        }
+        let body_len = r.offset();
+        let signature = r.array::<SIGNATURE_LEN>("signature")?;
+        let (first, size) = header.block();
+        let nodes = auth::path_len((header.index - first) as usize, size as usize);
+        if r.remaining() != nodes * NODE_LEN {
+            return Err(DecodeError::BadValue { field: "path length", value: r.remaining() as u64 });
+        }
+        let path = (0..nodes).map(|_| r.array::<NODE_LEN>("path node")).collect::<Result<_, _>>()?;
+        r.finish()?;
+        Ok((RekeyPacket { header, wraps, signature, path }, body_len))
+    }
+
+    /// Decodes `bytes` and checks that its path leads to a root `signer` signed.
+    pub fn verify(bytes: &[u8], signer: &VerifyingKey) -> Result<Self, Reject> {
+        let (packet, body_len) = RekeyPacket::decode_parts(bytes)?;
+        let (first, size) = packet.header.block();
+        let leaf = auth::leaf_hash(&bytes[..body_len]);
+        let root = auth::root_from_path(leaf, (packet.header.index - first) as usize, size as usize, &packet.path)
+            .ok_or(Reject::BadSignature)?;
+        if !signer.verify(REKEY_ROOT_DOMAIN, &root, &packet.signature) {
+            return Err(Reject::BadSignature);
+        }
+        Ok(packet)
+    }
+
+    /// This packet's entries as a rekey message for [`crate::MemberKeys::apply`].
+    pub fn message(&self) -> RekeyMessage<'_> {
+        RekeyMessage { group_key: self.header.group_key, wraps: self.wraps.iter().collect() }
+    }
+}
+
+/// How wraps are spread over packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// Zhang, Lam, Lee and Yang's user-oriented key assignment: each member's entry and every
+    /// wrap above it go into one packet, repeating upper wraps in each packet that needs them.
+    #[default]
+    UserOriented,
+    /// Each wrap once, in the same subtree order: fewest bytes, but a member may need the
+    /// packets holding its upper wraps too.
+    Compact,
+}
+
+impl core::str::FromStr for Placement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "user" | "user-oriented" => Ok(Placement::UserOriented),
+            "compact" => Ok(Placement::Compact),
+            other => Err(format!("unknown placement {other:?} (expected user or compact)")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketConfig {
+    /// Most bytes of one packet.
+    pub mtu: usize,
+    pub block_bits: u8,
+    pub placement: Placement,
+}
+
+impl Default for PacketConfig {
+    fn default() -> Self {
+        PacketConfig { mtu: DEFAULT_MTU, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PacketiseError {
+    #[error("an MTU of {mtu} bytes cannot hold one entry with its header and signature ({needed} bytes)")]
+    MtuTooSmall { mtu: usize, needed: usize },
+    #[error("block bits must be at most {MAX_BLOCK_BITS}, not {0}")]
+    BlockBits(u8),
+    #[error("a rekey of {0} packets is more than a packet index can number")]
+    TooManyPackets(usize),
+}
+
+/// Which rekey these packets carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RekeyContext {
+    pub group: GroupId,
+    pub epoch: u64,
+    pub seq: u64,
+    pub activation: u64,
+}
+
+/// Sizes of an encoded rekey.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RekeyWireStats {
+    pub packets: usize,
+    pub bytes: usize,
+    /// Signature and path bytes.
+    pub auth_bytes: usize,
+    pub signatures: usize,
+    /// Wraps placed, counting repeats.
+    pub entries: usize,
+}
+
+pub struct EncodedRekey {
+    pub packets: Vec<Vec<u8>>,
+    pub stats: RekeyWireStats,
+}
+
+/// Splits `plan` into signed packets.
+pub fn encode_rekey(
+    plan: &RekeyPlan,
+    context: RekeyContext,
+    config: PacketConfig,
+    signer: &Signer,
+) -> Result<EncodedRekey, PacketiseError> {
+    if config.block_bits > MAX_BLOCK_BITS {
+        return Err(PacketiseError::BlockBits(config.block_bits));
+    }
+    let auth_len = SIGNATURE_LEN + config.block_bits as usize * NODE_LEN;
+    let needed = HEADER_LEN + auth_len + MAX_WRAP_LEN;
+    if config.mtu < needed {
+        return Err(PacketiseError::MtuTooSmall { mtu: config.mtu, needed });
+    }
+    let contents = place(plan, config.placement, config.mtu - HEADER_LEN - auth_len);
+    let count = u32::try_from(contents.len()).map_err(|_| PacketiseError::TooManyPackets(contents.len()))?;
+    let header = |index: u32| RekeyHeader {
+        group: context.group,
+        epoch: context.epoch,
+        seq: context.seq,
+        activation: context.activation,
+        group_key: plan.group_key,
+        index,
+        count,
+        block_bits: config.block_bits,
+    };
+    let mut packets: Vec<Vec<u8>> = contents
+        .par_iter()
+        .enumerate()
+        .map(|(i, content)| {
+            let mut out = start(MessageType::Rekey, config.mtu);
+            let wraps: Vec<&Wrap> = content.iter().map(|&w| &plan.wraps[w]).collect();
+            RekeyPacket::put_body(&header(i as u32), &wraps, &mut out);
+            out
+        })
+        .collect();
+    packets.par_chunks_mut(1 << config.block_bits).for_each(|block| sign_block(block, signer));
+    let bytes: usize = packets.iter().map(Vec::len).sum();
+    let unsigned: usize = contents
+        .iter()
+        .map(|c| HEADER_LEN + c.iter().map(|&w| plan.wraps[w].encoded_len()).sum::<usize>())
+        .sum();
+    let stats = RekeyWireStats {
+        packets: packets.len(),
+        bytes,
+        auth_bytes: bytes - unsigned,
+        signatures: packets.len().div_ceil(1 << config.block_bits),
+        entries: contents.iter().map(Vec::len).sum(),
+    };
+    Ok(EncodedRekey { packets, stats })
+}
+
+/// Appends the block's signature and each packet's path.
+fn sign_block(block: &mut [Vec<u8>], signer: &Signer) {
+    let leaves: Vec<Node> = block.iter().map(|body| auth::leaf_hash(body)).collect();
+    let (root, paths) = auth::tree(&leaves);
+    let signature = signer.sign(REKEY_ROOT_DOMAIN, &root);
+    for (packet, path) in block.iter_mut().zip(paths) {
+        packet.extend_from_slice(&signature);
+        for node in path {
+            packet.extend_from_slice(&node);
+        }
+    }
+}
+
+/// Wrap indices per packet, each packet's entries at most `capacity` bytes.
+fn place(plan: &RekeyPlan, placement: Placement, capacity: usize) -> Vec<Vec<usize>> {
+    let mut chains = entry_chains(plan);
+    // Subtree order: chains that share upper wraps sit together (top-down comparison of up to
+    // 16 levels; ties keep the plan's bottom-up, left-to-right order).
+    chains.par_sort_by_cached_key(|chain| {
+        let mut key = [0u32; 16];
+        for (slot, &i) in key.iter_mut().zip(chain.iter().rev()) {
+            *slot = plan.wraps[i].key.id.0;
+        }
+        key
+    });
+    let len = |i: usize| plan.wraps[i].encoded_len();
+    let mut packets: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut used = 0;
+    // For each wrap, the last packet it went into.
+    let mut placed_in = vec![usize::MAX; plan.wraps.len()];
+    for chain in chains {
+        let absent = |placed_in: &[usize], packet: usize, i: usize| match placement {
+            Placement::UserOriented => placed_in[i] != packet,
+            Placement::Compact => placed_in[i] == usize::MAX,
+        };
+        let mut fresh: Vec<usize> = chain.iter().copied().filter(|&i| absent(&placed_in, packets.len(), i)).collect();
+        let mut need: usize = fresh.iter().map(|&i| len(i)).sum();
+        if used + need > capacity {
+            if !current.is_empty() {
+                packets.push(std::mem::take(&mut current));
+                used = 0;
+            }
+            fresh = chain.iter().copied().filter(|&i| absent(&placed_in, packets.len(), i)).collect();
+            need = fresh.iter().map(|&i| len(i)).sum();
+        }
+        if need <= capacity - used {
+            for i in fresh {
+                placed_in[i] = packets.len();
+                current.push(i);
+            }
+            used += need;
+            continue;
+        }
+        // A chain longer than a packet (a wide flat table): spread it over several.
+        for i in fresh {
+            if used + len(i) > capacity {
+                packets.push(std::mem::take(&mut current));
+                used = 0;
+            }
+            placed_in[i] = packets.len();
+            current.push(i);
+            used += len(i);
+        }
+    }
+    if !current.is_empty() || packets.is_empty() {
+        packets.push(current);
+    }
+    packets
+}

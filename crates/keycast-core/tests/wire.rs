@@ -1,0 +1,439 @@
+//! The wire format: round trips of every message, rekey packets a member verifies and uses
+//! alone, and rejection of tampered, replayed, stale, misdirected and forged messages.
+
+use std::collections::BTreeMap;
+
+use keycast_core::wire::auth::{path_len, Node, NODE_LEN};
+use keycast_core::wire::guard::Offer;
+use keycast_core::wire::rekey::{PacketiseError, RekeyContext};
+use keycast_core::wire::*;
+use keycast_core::{
+    new_graph, Batch, BatchSeed, FlatIds, GraphConfig, JoinPolicy, Key, KeyGraph, KeyId, KeyRef, MemberId, MemberKeys,
+    Position, RekeyPlan, Scheme, Wrap, Wrapper,
+};
+use proptest::prelude::*;
+
+// ---- round trips ----------------------------------------------------------------------
+
+fn key_ref() -> impl Strategy<Value = KeyRef> {
+    (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(i, v, r)| KeyRef::new(KeyId(i), v, r))
+}
+
+fn wrap() -> impl Strategy<Value = Wrap> {
+    let under = prop_oneof![
+        key_ref().prop_map(Wrapper::Key),
+        (key_ref(), key_ref()).prop_map(|(kek, tek)| Wrapper::KekAndTek { kek, tek })
+    ];
+    (key_ref(), under, prop::array::uniform32(any::<u8>()), prop::array::uniform16(any::<u8>())).prop_map(
+        |(key, under, a, b)| {
+            let mut sealed = [0u8; 48];
+            sealed[..32].copy_from_slice(&a);
+            sealed[32..].copy_from_slice(&b);
+            Wrap { key, under, sealed }
+        },
+    )
+}
+
+fn position() -> impl Strategy<Value = Position> {
+    prop_oneof![
+        (any::<u32>(), 2u32..).prop_map(|(leaf, degree)| Position::Tree { leaf, degree }),
+        (1u8..=64, any::<u64>()).prop_map(|(id_bits, id)| Position::Flat {
+            id: if id_bits == 64 { id } else { id & ((1u64 << id_bits) - 1) },
+            id_bits
+        }),
+    ]
+}
+
+fn key() -> impl Strategy<Value = Key> {
+    prop::array::uniform32(any::<u8>()).prop_map(Key::from_bytes)
+}
+
+fn pending() -> impl Strategy<Value = Option<PendingKey>> {
+    prop::option::of((key_ref(), any::<u64>()).prop_map(|(key, activation)| PendingKey { key, activation }))
+}
+
+fn signature() -> impl Strategy<Value = [u8; 64]> {
+    (prop::array::uniform32(any::<u8>()), prop::array::uniform32(any::<u8>())).prop_map(|(a, b)| {
+        let mut s = [0u8; 64];
+        s[..32].copy_from_slice(&a);
+        s[32..].copy_from_slice(&b);
+        s
+    })
+}
+
+fn rekey_packet() -> impl Strategy<Value = RekeyPacket> {
+    (any::<[u64; 4]>(), key_ref(), 1u32..5000, 0u8..=10, prop::collection::vec(wrap(), 0..14), signature())
+        .prop_flat_map(|(fields, group_key, count, block_bits, wraps, signature)| {
+            (0..count).prop_flat_map(move |index| {
+                let header = RekeyHeader {
+                    group: GroupId(fields[0]),
+                    epoch: fields[1],
+                    seq: fields[2],
+                    activation: fields[3],
+                    group_key,
+                    index,
+                    count,
+                    block_bits,
+                };
+                let (first, size) = header.block();
+                let nodes = path_len((index - first) as usize, size as usize);
+                let wraps = wraps.clone();
+                prop::collection::vec(prop::array::uniform16(any::<u8>()), nodes)
+                    .prop_map(move |path: Vec<Node>| RekeyPacket { header, wraps: wraps.clone(), signature, path })
+            })
+        })
+}
+
+fn heartbeat() -> impl Strategy<Value = SignedHeartbeat> {
+    (any::<[u64; 6]>(), key_ref(), pending(), signature()).prop_map(|(f, active, pending, signature)| SignedHeartbeat {
+        heartbeat: Heartbeat {
+            group: GroupId(f[0]),
+            epoch: f[1],
+            seq: f[2],
+            rekey_seq: f[3],
+            active,
+            pending,
+            group_size: f[4],
+            sent_ms: f[5],
+        },
+        signature,
+    })
+}
+
+fn data() -> impl Strategy<Value = Data> {
+    (any::<u64>(), key_ref(), prop::array::uniform16(any::<u8>()), prop::collection::vec(any::<u8>(), 0..300))
+        .prop_map(|(g, key, nonce, ciphertext)| Data { group: GroupId(g), key, nonce, ciphertext })
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let reason = prop_oneof![
+        Just(RefusalReason::NotInAcl),
+        Just(RefusalReason::UnknownGroup),
+        Just(RefusalReason::AlreadyMember),
+        Just(RefusalReason::GroupFull),
+        Just(RefusalReason::Unavailable),
+    ];
+    prop_oneof![
+        rekey_packet().prop_map(Message::Rekey),
+        heartbeat().prop_map(Message::Heartbeat),
+        any::<u64>().prop_map(|g| Message::JoinRequest(JoinRequest { group: GroupId(g) })),
+        (any::<[u64; 3]>(), position(), key_ref(), key(), prop::array::uniform32(any::<u8>())).prop_map(
+            |(f, position, individual, individual_key, signer)| Message::JoinAnswer(JoinAnswer::Accepted(JoinAccepted {
+                group: GroupId(f[0]),
+                member: MemberId(f[1]),
+                position,
+                individual,
+                individual_key,
+                signer: VerifyingKey(signer),
+                rekey_seq: f[2],
+            }))
+        ),
+        (reason, "\\PC{0,60}").prop_map(|(reason, detail)| Message::JoinAnswer(JoinAnswer::Refused { reason, detail })),
+        any::<[u64; 2]>().prop_map(|f| Message::Leave(Leave { group: GroupId(f[0]), member: MemberId(f[1]) })),
+        any::<[u64; 3]>().prop_map(|f| Message::Refresh(Refresh { group: GroupId(f[0]), member: MemberId(f[1]), rekey_seq: f[2] })),
+        (any::<[u64; 3]>(), prop::collection::btree_set(any::<u32>(), 0..100)).prop_map(|(f, missing)| Message::Nak(Nak {
+            group: GroupId(f[0]),
+            member: MemberId(f[1]),
+            seq: f[2],
+            missing: missing.into_iter().collect()
+        })),
+        any::<[u64; 3]>()
+            .prop_map(|f| Message::ResyncRequest(ResyncRequest { group: GroupId(f[0]), member: MemberId(f[1]), rekey_seq: f[2] })),
+        (any::<[u64; 4]>(), position(), key_ref(), pending(), prop::collection::vec((key_ref(), key()), 0..30)).prop_map(
+            |(f, position, active, pending, keys)| Message::ResyncAnswer(ResyncAnswer {
+                group: GroupId(f[0]),
+                member: MemberId(f[1]),
+                position,
+                epoch: f[2],
+                rekey_seq: f[3],
+                active,
+                pending,
+                keys
+            })
+        ),
+        data().prop_map(Message::Data),
+        (any::<u64>(), 1u8..=16, data()).prop_map(|(o, hops, data)| Message::RelayedData(RelayedData {
+            origin: GroupId(o),
+            hops,
+            data
+        })),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Every message decodes to itself, re-encodes to the same bytes, and any proper prefix
+    /// or any extra byte is refused.
+    #[test]
+    fn every_message_round_trips(message in message()) {
+        let bytes = message.encode();
+        let decoded = Message::decode(&bytes).expect("decodes");
+        prop_assert_eq!(&decoded, &message);
+        prop_assert_eq!(decoded.encode(), bytes.clone());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        prop_assert!(Message::decode(&longer).is_err());
+        let cut = bytes.len() / 2;
+        prop_assert!(Message::decode(&bytes[..cut]).is_err());
+    }
+
+    /// Arbitrary bytes, or a valid message with one byte changed, never make a decoder panic.
+    #[test]
+    fn decoding_garbage_is_an_error_not_a_panic(
+        message in message(),
+        noise in prop::collection::vec(any::<u8>(), 0..200),
+        at in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let _ = Message::decode(&noise);
+        let mut bytes = message.encode();
+        let i = at.index(bytes.len());
+        bytes[i] = byte;
+        if let Ok(decoded) = Message::decode(&bytes) {
+            prop_assert_eq!(decoded.encode(), bytes, "a decoded message has one encoding");
+        }
+    }
+}
+
+#[test]
+fn each_malformation_has_its_own_error() {
+    let leave = Leave { group: GroupId(1), member: MemberId(2) }.encode();
+    assert_eq!(Message::decode(&[]), Err(DecodeError::Truncated { field: "version", needed: 1, available: 0 }));
+    let mut v2 = leave.clone();
+    v2[0] = 2;
+    assert_eq!(Message::decode(&v2), Err(DecodeError::UnknownVersion(2)));
+    let mut unknown = leave.clone();
+    unknown[1] = 99;
+    assert_eq!(Message::decode(&unknown), Err(DecodeError::UnknownType(99)));
+    let mut trailing = leave.clone();
+    trailing.extend_from_slice(&[0, 0]);
+    assert_eq!(Message::decode(&trailing), Err(DecodeError::TrailingBytes(2)));
+    assert!(matches!(Message::decode(&leave[..10]), Err(DecodeError::Truncated { field: "member", .. })));
+    assert!(matches!(Refresh::decode(&leave), Err(DecodeError::WrongType { .. })));
+    assert_eq!(Message::decode(&vec![1; MAX_MESSAGE_LEN + 1]), Err(DecodeError::Oversized(MAX_MESSAGE_LEN + 1)));
+
+    let nak = Nak { group: GroupId(1), member: MemberId(2), seq: 3, missing: vec![5, 4] }.encode();
+    assert_eq!(Message::decode(&nak), Err(DecodeError::NotAscending("missing packet indices")));
+    let mut huge = Nak { group: GroupId(1), member: MemberId(2), seq: 3, missing: vec![] }.encode();
+    let at = huge.len() - 2;
+    huge[at..].copy_from_slice(&u16::MAX.to_be_bytes());
+    assert!(matches!(Message::decode(&huge), Err(DecodeError::TooLong { field: "missing packets", .. })));
+
+    let refused = JoinAnswer::Refused { reason: RefusalReason::NotInAcl, detail: "é".into() }.encode();
+    let mut bad_text = refused.clone();
+    *bad_text.last_mut().unwrap() = 0xff;
+    assert_eq!(Message::decode(&bad_text), Err(DecodeError::BadText));
+    let mut bad_reason = refused;
+    bad_reason[3] = 77;
+    assert_eq!(Message::decode(&bad_reason), Err(DecodeError::BadValue { field: "refusal reason", value: 77 }));
+}
+
+// ---- rekeys on the wire ---------------------------------------------------------------
+
+struct Group {
+    graph: Box<dyn KeyGraph>,
+    members: BTreeMap<MemberId, MemberKeys>,
+}
+
+/// A populated group whose members hold their keys.
+fn group(scheme: Scheme, n: u64) -> Group {
+    let seed = BatchSeed::from_u64(n);
+    let mut graph = new_graph(GraphConfig { scheme, join_policy: JoinPolicy::NewVersion }, &seed).unwrap();
+    graph.apply(&Batch { joins: (0..n).map(MemberId).collect(), leaves: vec![] }, &seed.next()).unwrap();
+    let group_key = graph.group_key().0;
+    let members = (0..n)
+        .map(MemberId)
+        .map(|m| {
+            let (position, keys) = graph.member_keys(m).unwrap();
+            (m, MemberKeys::from_snapshot(position, keys, group_key))
+        })
+        .collect();
+    Group { graph, members }
+}
+
+/// Every tenth member leaves.
+fn tenth_leaves(g: &mut Group) -> RekeyPlan {
+    let leaves: Vec<MemberId> = g.members.keys().copied().filter(|m| m.0 % 10 == 3).collect();
+    for m in &leaves {
+        g.members.remove(m);
+    }
+    let plan = g.graph.apply(&Batch { joins: vec![], leaves }, &BatchSeed::from_u64(99)).unwrap();
+    for m in &plan.excluded {
+        g.members.remove(m);
+    }
+    plan
+}
+
+fn context(seq: u64) -> RekeyContext {
+    RekeyContext { group: GroupId(7), epoch: 3, seq, activation: 4 }
+}
+
+fn signer() -> Signer {
+    Signer::from_seed(&[42; 32])
+}
+
+fn opens_any(member: &MemberKeys, packet: &RekeyPacket) -> bool {
+    packet.wraps.iter().any(|w| member.keyring().wrapping_key(&w.under).is_some())
+}
+
+#[test]
+fn each_tree_member_needs_only_the_one_packet_holding_its_entry() {
+    for scheme in [Scheme::Tree { degree: 4 }, Scheme::Tree { degree: 2 }, Scheme::Star] {
+        let mut g = group(scheme, 4096);
+        let plan = tenth_leaves(&mut g);
+        let rekey = encode_rekey(&plan, context(1), PacketConfig::default(), &signer()).unwrap();
+        assert!(rekey.packets.iter().all(|p| p.len() <= DEFAULT_MTU));
+        let key = signer().verifying_key();
+        let packets: Vec<RekeyPacket> = rekey.packets.iter().map(|p| RekeyPacket::verify(p, &key).unwrap()).collect();
+        let (_, group_key) = g.graph.group_key();
+        for (id, member) in &mut g.members {
+            let mine = packets.iter().find(|p| opens_any(member, p)).unwrap_or_else(|| panic!("{id:?} has no packet"));
+            member.apply(&[mine.message()]).unwrap_or_else(|e| panic!("{scheme:?} {id:?}: {e}"));
+            assert!(member.group_key().unwrap().1 == *group_key);
+        }
+    }
+}
+
+#[test]
+fn compact_placement_sends_each_wrap_once_and_still_serves_everyone() {
+    for (scheme, n) in [(Scheme::Tree { degree: 4 }, 2048), (Scheme::Flat { id_bits: 16, ids: FlatIds::Sequential }, 40)] {
+        let mut g = group(scheme, n);
+        let plan = tenth_leaves(&mut g);
+        let compact = PacketConfig { placement: Placement::Compact, ..PacketConfig::default() };
+        let small = encode_rekey(&plan, context(1), compact, &signer()).unwrap();
+        let user = encode_rekey(&plan, context(1), PacketConfig::default(), &signer()).unwrap();
+        assert_eq!(small.stats.entries, plan.wraps.len());
+        assert!(small.stats.bytes <= user.stats.bytes);
+        let key = signer().verifying_key();
+        let packets: Vec<RekeyPacket> = small.packets.iter().map(|p| RekeyPacket::verify(p, &key).unwrap()).collect();
+        let messages: Vec<_> = packets.iter().map(RekeyPacket::message).collect();
+        let (_, group_key) = g.graph.group_key();
+        for member in g.members.values_mut() {
+            member.apply(&messages).unwrap();
+            assert!(member.group_key().unwrap().1 == *group_key);
+        }
+    }
+}
+
+#[test]
+fn signing_is_per_block_and_authentication_is_a_small_share_of_the_bytes() {
+    let mut g = group(Scheme::Tree { degree: 4 }, 16384);
+    let plan = tenth_leaves(&mut g);
+    let rekey = encode_rekey(&plan, context(1), PacketConfig::default(), &signer()).unwrap();
+    let s = rekey.stats;
+    assert_eq!(s.signatures, s.packets.div_ceil(64));
+    assert!(s.auth_bytes * 100 < s.bytes * 15, "{s:?}");
+    let one = encode_rekey(&plan, context(1), PacketConfig { block_bits: 10, ..Default::default() }, &signer()).unwrap();
+    assert_eq!(one.stats.signatures, one.stats.packets.div_ceil(1024));
+    let tiny = PacketConfig { mtu: 200, ..Default::default() };
+    assert!(matches!(encode_rekey(&plan, context(1), tiny, &signer()), Err(PacketiseError::MtuTooSmall { .. })));
+}
+
+#[test]
+fn an_empty_rekey_is_one_signed_packet() {
+    let mut g = group(Scheme::Tree { degree: 4 }, 16);
+    let plan = g.graph.apply(&Batch::default(), &BatchSeed::from_u64(5)).unwrap();
+    let rekey = encode_rekey(&plan, context(1), PacketConfig::default(), &signer()).unwrap();
+    assert_eq!(rekey.packets.len(), 1);
+    RekeyPacket::verify(&rekey.packets[0], &signer().verifying_key()).unwrap();
+}
+
+fn sample_packets() -> Vec<Vec<u8>> {
+    let mut g = group(Scheme::Tree { degree: 4 }, 1024);
+    let plan = tenth_leaves(&mut g);
+    encode_rekey(&plan, context(5), PacketConfig::default(), &signer()).unwrap().packets
+}
+
+#[test]
+fn changing_any_byte_of_a_packet_is_detected() {
+    let packets = sample_packets();
+    let key = signer().verifying_key();
+    for packet in [&packets[0], &packets[packets.len() / 2], packets.last().unwrap()] {
+        for i in 0..packet.len() {
+            let mut bad = packet.clone();
+            bad[i] ^= 0x01;
+            let result = RekeyPacket::verify(&bad, &key);
+            assert!(result.is_err(), "byte {i} of {} changed unnoticed", packet.len());
+        }
+    }
+    // A wrap re-sealed under the right key but not signed still fails the hash path.
+    let mut decoded = RekeyPacket::decode(&packets[1]).unwrap();
+    decoded.wraps.swap(0, 1);
+    assert_eq!(RekeyPacket::verify(&decoded.encode(), &key).unwrap_err(), Reject::BadSignature);
+    // A path node swapped between two packets of one block fails too.
+    let mut other = RekeyPacket::decode(&packets[2]).unwrap();
+    other.path[0] = [0; NODE_LEN];
+    assert_eq!(RekeyPacket::verify(&other.encode(), &key).unwrap_err(), Reject::BadSignature);
+}
+
+#[test]
+fn a_packet_signed_by_another_key_is_rejected() {
+    let packets = sample_packets();
+    let stranger = Signer::from_seed(&[1; 32]).verifying_key();
+    assert_eq!(RekeyPacket::verify(&packets[0], &stranger).unwrap_err(), Reject::BadSignature);
+}
+
+#[test]
+fn replays_stale_epochs_and_other_groups_are_rejected_with_their_reason() {
+    let key = signer().verifying_key();
+    let packet = RekeyPacket::verify(&sample_packets()[0], &key).unwrap();
+    let mut guard = ReplayGuard::new(GroupId(7), 3, 4);
+    guard.check_rekey(&packet.header).unwrap();
+    guard.rekey_applied(&packet.header);
+    assert_eq!(guard.check_rekey(&packet.header), Err(Reject::Replay { kind: "rekey", seq: 5, last: 5 }));
+    let later_epoch = ReplayGuard::new(GroupId(7), 4, 0);
+    assert_eq!(later_epoch.check_rekey(&packet.header), Err(Reject::StaleEpoch { current: 4, got: 3 }));
+    let elsewhere = ReplayGuard::new(GroupId(8), 0, 0);
+    assert_eq!(elsewhere.check_rekey(&packet.header), Err(Reject::WrongGroup { expected: GroupId(8), got: GroupId(7) }));
+}
+
+#[test]
+fn heartbeats_verify_and_replays_are_refused() {
+    let beat = Heartbeat {
+        group: GroupId(7),
+        epoch: 3,
+        seq: 10,
+        rekey_seq: 5,
+        active: KeyRef::new(KeyId(1), 2, 0),
+        pending: Some(PendingKey { key: KeyRef::new(KeyId(1), 3, 0), activation: 4 }),
+        group_size: 1000,
+        sent_ms: 1_790_000_000_000,
+    };
+    let bytes = beat.sign(&signer()).encode();
+    let key = signer().verifying_key();
+    assert_eq!(SignedHeartbeat::verify(&bytes, &key).unwrap(), beat);
+    for i in 0..bytes.len() {
+        let mut bad = bytes.clone();
+        bad[i] ^= 0x80;
+        assert!(SignedHeartbeat::verify(&bad, &key).is_err(), "byte {i}");
+    }
+    assert_eq!(SignedHeartbeat::verify(&bytes, &Signer::from_seed(&[2; 32]).verifying_key()), Err(Reject::BadSignature));
+    let mut guard = ReplayGuard::new(GroupId(7), 3, 5);
+    guard.accept_heartbeat(&beat).unwrap();
+    assert_eq!(guard.accept_heartbeat(&beat), Err(Reject::Replay { kind: "heartbeat", seq: 10, last: 10 }));
+    let old = Heartbeat { seq: 11, epoch: 2, ..beat };
+    assert_eq!(guard.accept_heartbeat(&old), Err(Reject::StaleEpoch { current: 3, got: 2 }));
+}
+
+#[test]
+fn assembly_collects_one_rekey_and_names_what_is_missing() {
+    let key = signer().verifying_key();
+    let packets: Vec<RekeyPacket> = sample_packets().iter().map(|p| RekeyPacket::verify(p, &key).unwrap()).collect();
+    let n = packets.len() as u32;
+    assert!(n >= 4, "{n} packets");
+    let mut assembly = RekeyAssembly::new(packets[0].clone());
+    assert_eq!(assembly.offer(packets[0].clone()), Ok(Offer::Duplicate));
+    assembly.offer(packets[2].clone()).unwrap();
+    let mut missing = vec![1];
+    missing.extend(3..n);
+    assert_eq!(assembly.missing(usize::MAX), missing);
+    let mut forged = packets[1].clone();
+    forged.header.group_key = KeyRef::new(KeyId(0), 0, 0);
+    assert!(matches!(assembly.offer(forged), Err(Reject::Inconsistent { .. })));
+    for p in &packets[1..] {
+        assembly.offer(p.clone()).unwrap();
+    }
+    assert!(assembly.is_complete());
+    assert_eq!(assembly.messages().len(), packets.len());
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of every fuzz target from the committed test vectors.
+
+Run from fuzz/: python3 seed_corpus.py (then RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET).
+"""
+import json
+import pathlib
+
+here = pathlib.Path(__file__).parent
+vectors = json.loads((here / "../crates/keycast-core/tests/vectors/wire-v1.json").read_text())["vectors"]
+
+
+def write(target, name, data):
+    folder = here / "corpus" / target
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+
+
+packets = []
+for i, v in enumerate(vectors):
+    data = bytes.fromhex(v["hex"])
+    write("decode_message", f"vector-{i:02}", data)
+    if v["decoded"] and "rekey" in v["decoded"]:
+        write("verify_rekey_packet", f"vector-{i:02}", data)
+        if v["verify"] == "ok":
+            packets.append(data)
+    if v["decoded"] and "heartbeat" in v["decoded"]:
+        write("verify_heartbeat", f"vector-{i:02}", data)
+framed = b"".join(len(p).to_bytes(2, "big") + p for p in packets)
+write("reassemble_rekey", "all-packets", framed)
+write("reassemble_rekey", "reversed", b"".join(len(p).to_bytes(2, "big") + p for p in reversed(packets)))
+print("seed corpus written under", here / "corpus")
