@@ -11,6 +11,7 @@ pub mod key;
 pub mod keygen;
 pub mod keyring;
 pub mod member;
+pub mod protocol;
 pub mod strategy;
 pub mod wire;
 pub mod wrap;

@@ -49,6 +49,22 @@ pub enum MessageType {
 }
 
 impl MessageType {
+    pub fn of(message: &Message) -> MessageType {
+        match message {
+            Message::Rekey(_) => MessageType::Rekey,
+            Message::Heartbeat(_) => MessageType::Heartbeat,
+            Message::JoinRequest(_) => MessageType::JoinRequest,
+            Message::JoinAnswer(_) => MessageType::JoinAnswer,
+            Message::Leave(_) => MessageType::Leave,
+            Message::Refresh(_) => MessageType::Refresh,
+            Message::Nak(_) => MessageType::Nak,
+            Message::ResyncRequest(_) => MessageType::ResyncRequest,
+            Message::ResyncAnswer(_) => MessageType::ResyncAnswer,
+            Message::Data(_) => MessageType::Data,
+            Message::RelayedData(_) => MessageType::RelayedData,
+        }
+    }
+
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
         [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData]

@@ -1,0 +1,536 @@
+//! The controller's protocol state machine (sans-IO). Inputs: requests with the time they
+//! arrived, clock ticks, and entropy; outputs: records to persist, datagrams to multicast and
+//! answers to send. The driver writes every `Output::Persist` before it sends what follows.
+//!
+//! Epochs (Mukkamalla 3.2): joins, leaves, expiries and evictions queue up during an epoch and
+//! become one rekey at the start of the next, whose group key takes effect `activation_delay`
+//! epochs later. An epoch with no change sends no rekey. Evictions can instead rekey at once,
+//! active at once (GSM 3.5). Liveness is soft state (Iolus 6.3): a member that does not
+//! refresh within `refresh_timeout_ms` is removed like a leave.
+//!
+//! Persistence is a log of records; [`Controller::restore`] replays it. Key graphs are
+//! deterministic for a batch and its seed, so replay rebuilds the same keys.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::graph::{new_graph, Batch, GraphConfig, GraphError, KeyGraph, MemberId, RekeyPlan};
+use crate::key::{Key, KeyRef};
+use crate::keygen::BatchSeed;
+use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
+use crate::wire::heartbeat::{Heartbeat, PendingKey};
+use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, RekeyContext};
+use crate::wire::{GroupId, Signer, VerifyingKey};
+
+/// Policy fixed for a group's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupPolicy {
+    pub group: GroupId,
+    pub graph: GraphConfig,
+    pub epoch_ms: u64,
+    /// Epochs between a rekey and its group key taking effect (default 1).
+    pub activation_delay: u64,
+    pub heartbeat_ms: u64,
+    /// A member silent this long is removed (soft state).
+    pub refresh_timeout_ms: u64,
+    /// Rekey at once when a member is evicted, and activate the new key at once.
+    pub immediate_eviction: bool,
+    pub packets: PacketConfig,
+}
+
+/// An admitted member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub identity: String,
+    pub last_seen_ms: u64,
+    /// The rekey that admitted it: it may hold group keys from this one on.
+    pub joined_seq: u64,
+}
+
+/// A change waiting for the end of the epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Join { member: MemberId, identity: String },
+    Leave { member: MemberId },
+    Evict { member: MemberId },
+}
+
+/// What the driver must make durable, in order, before sending anything after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// The group's creation: the entropy of its first keys and of the signing key.
+    Genesis { created_ms: u64, graph_seed: [u8; 32], signing_seed: [u8; 32] },
+    /// A leave or eviction that was accepted and will be applied.
+    Requested(Request),
+    /// One applied batch: replaying it with the same seed rebuilds the same keys.
+    Batch { seq: u64, epoch: u64, activation: u64, joins: Vec<(MemberId, String)>, leaves: Vec<MemberId>, seed: [u8; 32] },
+    /// Heartbeat sequence numbers up to this one may be used (reserved in blocks).
+    HeartbeatsReserved(u64),
+}
+
+/// Why a member left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departure {
+    Left,
+    Expired,
+    Evicted,
+}
+
+/// The outcome of an accepted join request.
+#[derive(Debug)]
+pub enum JoinStatus {
+    /// Answered when the epoch's batch is applied.
+    Queued(MemberId),
+    /// Already a member: the acceptance and its current keys, to send at once.
+    Admitted(Box<(JoinAnswer, ResyncAnswer)>),
+}
+
+/// A connection the driver holds open for an answer.
+pub type ConnId = u64;
+
+#[derive(Debug)]
+pub enum Output {
+    Persist(Record),
+    Multicast(Vec<u8>),
+    /// Answer to a join: acceptance and the member's full keys (after its batch), or refusal.
+    JoinAnswer { conn: ConnId, answer: JoinAnswer, keys: Option<ResyncAnswer> },
+    Departed { member: MemberId, identity: String, why: Departure },
+    /// A batch was applied: its seq, the wraps and the packets it took.
+    Rekeyed { seq: u64, epoch: u64, wraps: usize, packets: usize, bytes: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    #[error(transparent)]
+    Packets(#[from] PacketiseError),
+    #[error("the persisted log is not a history of this group: {0}")]
+    BadLog(&'static str),
+}
+
+/// A refused request, with a reason for the log and the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason:?}: {detail}")]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    pub detail: String,
+}
+
+fn refuse(reason: RefusalReason, detail: impl Into<String>) -> Refusal {
+    Refusal { reason, detail: detail.into() }
+}
+
+const HEARTBEAT_BLOCK: u64 = 1024;
+
+pub struct Controller {
+    policy: GroupPolicy,
+    acl: BTreeSet<String>,
+    graph: Box<dyn KeyGraph>,
+    signer: Signer,
+    created_ms: u64,
+    members: BTreeMap<MemberId, MemberRecord>,
+    by_identity: BTreeMap<String, MemberId>,
+    next_member: u64,
+    /// The epoch of the last batch applied (rekeys never go back in epoch).
+    epoch: u64,
+    rekey_seq: u64,
+    /// Group keys by rekey seq, with their activation epoch.
+    group_keys: BTreeMap<u64, (KeyRef, u64, Key)>,
+    heartbeat_seq: u64,
+    heartbeats_reserved: u64,
+    next_heartbeat_ms: u64,
+    pending: Vec<Request>,
+    waiting_joins: BTreeMap<MemberId, ConnId>,
+    /// The packets of the last rekey, for retransmission after a restart.
+    last_rekey: Vec<Vec<u8>>,
+}
+
+impl Controller {
+    /// A new group. Returns the controller and the genesis record to persist first.
+    pub fn create(
+        policy: GroupPolicy,
+        acl: BTreeSet<String>,
+        now_ms: u64,
+        graph_seed: [u8; 32],
+        signing_seed: [u8; 32],
+    ) -> Result<(Controller, Output), ControllerError> {
+        let genesis = Record::Genesis { created_ms: now_ms, graph_seed, signing_seed };
+        let controller = Controller::restore(policy, acl, std::slice::from_ref(&genesis), now_ms)?;
+        Ok((controller, Output::Persist(genesis)))
+    }
+
+    /// Rebuilds the controller from its persisted log. Members count as seen at `now_ms`, so a
+    /// restart does not expire them before they can refresh.
+    pub fn restore(
+        policy: GroupPolicy,
+        acl: BTreeSet<String>,
+        log: &[Record],
+        now_ms: u64,
+    ) -> Result<Controller, ControllerError> {
+        let Some(Record::Genesis { created_ms, graph_seed, signing_seed }) = log.first() else {
+            return Err(ControllerError::BadLog("it does not start with the group's genesis"));
+        };
+        let graph = new_graph(policy.graph, &BatchSeed::from_bytes(*graph_seed))?;
+        let mut c = Controller {
+            policy,
+            acl,
+            group_keys: BTreeMap::from([(0, (graph.group_key().0, 0, graph.group_key().1.clone()))]),
+            graph,
+            signer: Signer::from_seed(signing_seed),
+            created_ms: *created_ms,
+            members: BTreeMap::new(),
+            by_identity: BTreeMap::new(),
+            next_member: 1,
+            epoch: 0,
+            rekey_seq: 0,
+            heartbeat_seq: 0,
+            heartbeats_reserved: 0,
+            next_heartbeat_ms: *created_ms,
+            pending: Vec::new(),
+            waiting_joins: BTreeMap::new(),
+            last_rekey: Vec::new(),
+        };
+        let mut last_batch = None;
+        for record in &log[1..] {
+            match record {
+                Record::Genesis { .. } => return Err(ControllerError::BadLog("two genesis records")),
+                Record::Requested(request) => c.pending.push(request.clone()),
+                Record::Batch { seq, epoch, activation, joins, leaves, seed } => {
+                    if *seq != c.rekey_seq + 1 {
+                        return Err(ControllerError::BadLog("rekey sequence numbers are not consecutive"));
+                    }
+                    let plan = c.apply_batch(*seq, *epoch, *activation, joins, leaves, seed, *created_ms)?;
+                    last_batch = Some((plan, *seq, *epoch, *activation));
+                }
+                Record::HeartbeatsReserved(upto) => c.heartbeats_reserved = c.heartbeats_reserved.max(*upto),
+            }
+        }
+        // Heartbeats resume past everything that may have been sent before the restart.
+        c.heartbeat_seq = c.heartbeats_reserved;
+        c.next_heartbeat_ms = now_ms;
+        for record in c.members.values_mut() {
+            record.last_seen_ms = now_ms;
+        }
+        if let Some((plan, seq, epoch, activation)) = last_batch {
+            c.last_rekey = c.encode(&plan, seq, epoch, activation)?.0;
+        }
+        Ok(c)
+    }
+
+    pub fn policy(&self) -> &GroupPolicy {
+        &self.policy
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.signer.verifying_key()
+    }
+
+    pub fn members(&self) -> &BTreeMap<MemberId, MemberRecord> {
+        &self.members
+    }
+
+    pub fn rekey_seq(&self) -> u64 {
+        self.rekey_seq
+    }
+
+    /// The epoch the clock says it is.
+    pub fn epoch_at(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.created_ms) / self.policy.epoch_ms.max(1) + 1
+    }
+
+    /// The group key in force in `epoch`: the newest rekey's whose activation has come.
+    pub fn active_key(&self, epoch: u64) -> KeyRef {
+        self.active_entry(epoch).1 .0
+    }
+
+    /// The rekey seq and entry of the group key in force in `epoch`.
+    fn active_entry(&self, epoch: u64) -> (u64, &(KeyRef, u64, Key)) {
+        let (seq, entry) = self.group_keys.iter().rev().find(|(_, (_, a, _))| *a <= epoch).expect("the first key is active");
+        (*seq, entry)
+    }
+
+    fn pending_key(&self, epoch: u64) -> Option<PendingKey> {
+        let (_, &(key, activation, _)) = self.group_keys.last_key_value()?;
+        (activation > epoch).then_some(PendingKey { key, activation })
+    }
+
+    /// The packets of the last rekey (sent again after a restart: members that had them
+    /// drop them as replays, members that missed them catch up).
+    pub fn last_rekey(&self) -> &[Vec<u8>] {
+        &self.last_rekey
+    }
+
+    fn member_of(&self, identity: &str, member: MemberId) -> Result<(), Refusal> {
+        match self.members.get(&member) {
+            Some(record) if record.identity == identity => Ok(()),
+            Some(_) => Err(refuse(RefusalReason::NotInAcl, format!("{identity} is not member {}", member.0))),
+            None => Err(refuse(RefusalReason::UnknownGroup, format!("member {} is not in the group", member.0))),
+        }
+    }
+
+    /// A join request from the TLS identity `identity` on connection `conn`. A new member is
+    /// answered when the epoch's batch is applied (`JoinStatus::Queued`). An identity that is
+    /// already a member (its answer was lost, say in a controller crash) gets its keys at once.
+    pub fn join(&mut self, conn: ConnId, identity: &str, group: GroupId, now_ms: u64) -> Result<JoinStatus, Refusal> {
+        if group != self.policy.group {
+            return Err(refuse(RefusalReason::UnknownGroup, format!("no group {}", group.0)));
+        }
+        if !self.acl.contains(identity) {
+            return Err(refuse(RefusalReason::NotInAcl, format!("{identity} is not in the ACL")));
+        }
+        if let Some(&member) = self.by_identity.get(identity) {
+            let keys = self.resync(identity, member, now_ms)?;
+            return Ok(JoinStatus::Admitted(Box::new((self.acceptance(&keys), keys))));
+        }
+        let queued = self.pending.iter().find_map(|r| match r {
+            Request::Join { member, identity: i } if i == identity => Some(*member),
+            _ => None,
+        });
+        let member = queued.unwrap_or_else(|| {
+            let member = MemberId(self.next_member);
+            self.next_member += 1;
+            self.pending.push(Request::Join { member, identity: identity.to_owned() });
+            member
+        });
+        // A repeated request replaces the connection the answer goes to.
+        self.waiting_joins.insert(member, conn);
+        Ok(JoinStatus::Queued(member))
+    }
+
+    fn acceptance(&self, keys: &ResyncAnswer) -> JoinAnswer {
+        JoinAnswer::Accepted(JoinAccepted {
+            group: self.policy.group,
+            member: keys.member,
+            position: keys.position,
+            individual: keys.keys[0].0,
+            individual_key: keys.keys[0].1.clone(),
+            signer: self.signer.verifying_key(),
+            rekey_seq: keys.rekey_seq,
+        })
+    }
+
+    /// The driver lost the connection of a waiting joiner: drop its join.
+    pub fn join_abandoned(&mut self, conn: ConnId) {
+        let gone: Vec<MemberId> = self.waiting_joins.iter().filter(|(_, c)| **c == conn).map(|(m, _)| *m).collect();
+        for m in gone {
+            self.waiting_joins.remove(&m);
+            self.pending.retain(|r| !matches!(r, Request::Join { member, .. } if *member == m));
+        }
+    }
+
+    /// A member asks to leave; applied with the epoch's batch.
+    pub fn leave(&mut self, identity: &str, member: MemberId) -> Result<Vec<Output>, Refusal> {
+        self.member_of(identity, member)?;
+        Ok(self.request(Request::Leave { member }))
+    }
+
+    fn request(&mut self, request: Request) -> Vec<Output> {
+        if self.pending.contains(&request) {
+            return Vec::new();
+        }
+        self.pending.push(request.clone());
+        vec![Output::Persist(Record::Requested(request))]
+    }
+
+    /// Soft-state refresh.
+    pub fn refresh(&mut self, identity: &str, member: MemberId, now_ms: u64) -> Result<(), Refusal> {
+        self.member_of(identity, member)?;
+        if let Some(record) = self.members.get_mut(&member) {
+            record.last_seen_ms = now_ms;
+        }
+        Ok(())
+    }
+
+    /// Everything `member` needs to continue after a gap.
+    pub fn resync(&mut self, identity: &str, member: MemberId, now_ms: u64) -> Result<ResyncAnswer, Refusal> {
+        self.member_of(identity, member)?;
+        if self.pending.iter().any(|r| matches!(r, Request::Evict { member: m } if *m == member)) {
+            return Err(refuse(RefusalReason::UnknownGroup, "this member is being evicted"));
+        }
+        if let Some(record) = self.members.get_mut(&member) {
+            record.last_seen_ms = now_ms;
+        }
+        let epoch = self.epoch_at(now_ms);
+        let mut answer = self.snapshot(member, epoch);
+        // Until the newest key activates, traffic is sealed under the active one: a member
+        // admitted before that key was made gets it too (never a later joiner).
+        let (active_seq, (active_ref, _, active_key)) = self.active_entry(epoch);
+        if answer.pending.is_some() && self.members[&member].joined_seq <= active_seq {
+            answer.keys.push((*active_ref, active_key.clone()));
+        }
+        Ok(answer)
+    }
+
+    fn snapshot(&self, member: MemberId, epoch: u64) -> ResyncAnswer {
+        let (position, keys) = self.graph.member_keys(member).expect("a member has keys");
+        ResyncAnswer {
+            group: self.policy.group,
+            member,
+            position,
+            epoch,
+            rekey_seq: self.rekey_seq,
+            active: self.active_key(epoch),
+            pending: self.pending_key(epoch),
+            keys,
+        }
+    }
+
+    /// Removes `member` on an administrator's order.
+    pub fn evict(&mut self, member: MemberId, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
+        if !self.members.contains_key(&member) {
+            return Ok(Vec::new());
+        }
+        let mut out = self.request(Request::Evict { member });
+        if self.policy.immediate_eviction {
+            out.extend(self.close_epoch(now_ms, entropy, true)?);
+        }
+        Ok(out)
+    }
+
+    /// Advances time: expires silent members, closes the epoch when it is over, and sends a
+    /// heartbeat when one is due.
+    pub fn tick(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
+        let mut out = Vec::new();
+        let deadline = now_ms.saturating_sub(self.policy.refresh_timeout_ms);
+        let silent: Vec<MemberId> = self
+            .members
+            .iter()
+            .filter(|(m, r)| r.last_seen_ms < deadline && !self.pending.iter().any(|p| p.member() == **m))
+            .map(|(m, _)| *m)
+            .collect();
+        for member in silent {
+            out.extend(self.request(Request::Leave { member }));
+        }
+        if self.epoch_at(now_ms) > self.epoch {
+            out.extend(self.close_epoch(now_ms, entropy, false)?);
+        }
+        if now_ms >= self.next_heartbeat_ms {
+            out.extend(self.heartbeat(now_ms));
+        }
+        Ok(out)
+    }
+
+    fn heartbeat(&mut self, now_ms: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.heartbeat_seq >= self.heartbeats_reserved {
+            self.heartbeats_reserved = self.heartbeat_seq + HEARTBEAT_BLOCK;
+            out.push(Output::Persist(Record::HeartbeatsReserved(self.heartbeats_reserved)));
+        }
+        self.heartbeat_seq += 1;
+        self.next_heartbeat_ms = now_ms + self.policy.heartbeat_ms;
+        let epoch = self.epoch_at(now_ms);
+        let beat = Heartbeat {
+            group: self.policy.group,
+            epoch,
+            seq: self.heartbeat_seq,
+            rekey_seq: self.rekey_seq,
+            active: self.active_key(epoch),
+            pending: self.pending_key(epoch),
+            group_size: self.members.len() as u64,
+            sent_ms: now_ms,
+        };
+        out.push(Output::Multicast(beat.sign(&self.signer).encode()));
+        out
+    }
+
+    /// Applies the pending requests as one batch and sends its rekey.
+    fn close_epoch(&mut self, now_ms: u64, entropy: [u8; 32], immediate: bool) -> Result<Vec<Output>, ControllerError> {
+        let epoch = self.epoch_at(now_ms).max(self.epoch);
+        self.epoch = epoch;
+        let requests = std::mem::take(&mut self.pending);
+        let mut joins = Vec::new();
+        let mut leaves = BTreeSet::new();
+        let mut departures = Vec::new();
+        for request in requests {
+            match request {
+                Request::Join { member, identity } => joins.push((member, identity)),
+                Request::Leave { member } | Request::Evict { member } if !self.members.contains_key(&member) => {}
+                Request::Leave { member } => {
+                    if leaves.insert(member) {
+                        let expired = self.members[&member].last_seen_ms < now_ms.saturating_sub(self.policy.refresh_timeout_ms);
+                        departures.push((member, if expired { Departure::Expired } else { Departure::Left }));
+                    }
+                }
+                Request::Evict { member } => {
+                    leaves.insert(member);
+                    departures.retain(|(m, _)| *m != member);
+                    departures.push((member, Departure::Evicted));
+                }
+            }
+        }
+        // A joiner that leaves in the same epoch never joins.
+        joins.retain(|(m, _)| !leaves.contains(m));
+        if joins.is_empty() && leaves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seq = self.rekey_seq + 1;
+        let activation = if immediate { epoch } else { epoch + self.policy.activation_delay };
+        let leaves: Vec<MemberId> = leaves.into_iter().collect();
+        let record = Record::Batch { seq, epoch, activation, joins: joins.clone(), leaves: leaves.clone(), seed: entropy };
+        let departed: Vec<(MemberId, String, Departure)> =
+            departures.into_iter().map(|(m, why)| (m, self.members[&m].identity.clone(), why)).collect();
+        let plan = self.apply_batch(seq, epoch, activation, &joins, &leaves, &entropy, now_ms)?;
+        let (packets, bytes) = self.encode(&plan, seq, epoch, activation)?;
+        let mut out = vec![Output::Persist(record)];
+        out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes });
+        out.extend(packets.iter().cloned().map(Output::Multicast));
+        self.last_rekey = packets;
+        for (member, identity, why) in departed {
+            out.push(Output::Departed { member, identity, why });
+        }
+        for (member, _) in &joins {
+            if let Some(conn) = self.waiting_joins.remove(member) {
+                let keys = self.snapshot(*member, epoch);
+                out.push(Output::JoinAnswer { conn, answer: self.acceptance(&keys), keys: Some(keys) });
+            }
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_batch(
+        &mut self,
+        seq: u64,
+        epoch: u64,
+        activation: u64,
+        joins: &[(MemberId, String)],
+        leaves: &[MemberId],
+        seed: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<RekeyPlan, ControllerError> {
+        let batch = Batch { joins: joins.iter().map(|(m, _)| *m).collect(), leaves: leaves.to_vec() };
+        let plan = self.graph.apply(&batch, &BatchSeed::from_bytes(*seed))?;
+        for m in leaves.iter().chain(&plan.excluded) {
+            if let Some(record) = self.members.remove(m) {
+                self.by_identity.remove(&record.identity);
+            }
+        }
+        for (m, identity) in joins {
+            self.members.insert(*m, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: seq });
+            self.by_identity.insert(identity.clone(), *m);
+            self.next_member = self.next_member.max(m.0 + 1);
+        }
+        self.pending.retain(|r| !leaves.contains(&r.member()) && !joins.iter().any(|(m, _)| *m == r.member()));
+        self.rekey_seq = seq;
+        self.epoch = self.epoch.max(epoch);
+        self.group_keys.insert(seq, (plan.group_key, activation, self.graph.group_key().1.clone()));
+        // Keys superseded by a newer active key are never used again.
+        let active_seq = self.active_entry(epoch).0;
+        self.group_keys.retain(|s, _| *s >= active_seq);
+        Ok(plan)
+    }
+
+    fn encode(&self, plan: &RekeyPlan, seq: u64, epoch: u64, activation: u64) -> Result<(Vec<Vec<u8>>, usize), ControllerError> {
+        let context = RekeyContext { group: self.policy.group, epoch, seq, activation };
+        let rekey = encode_rekey(plan, context, self.policy.packets, &self.signer)?;
+        Ok((rekey.packets, rekey.stats.bytes))
+    }
+}
+
+impl Request {
+    fn member(&self) -> MemberId {
+        match self {
+            Request::Join { member, .. } | Request::Leave { member } | Request::Evict { member } => *member,
+        }
+    }
+}

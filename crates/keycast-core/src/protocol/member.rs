@@ -1,0 +1,273 @@
+//! The member's protocol state machine (sans-IO): applies verified rekeys and heartbeats,
+//! switches group keys at their activation epoch, notices what it missed, and seals and opens
+//! application data. The driver feeds it datagrams, resync answers and the time.
+
+use std::collections::BTreeMap;
+
+use crate::graph::MemberId;
+use crate::key::{Key, KeyRef};
+use crate::member::MemberKeys;
+use crate::wire::control::{Data, JoinAccepted, ResyncAnswer, DATA_NONCE_LEN};
+use crate::wire::guard::{Reject, ReplayGuard};
+use crate::wire::heartbeat::SignedHeartbeat;
+use crate::wire::rekey::RekeyPacket;
+use crate::wire::{DecodeError, GroupId, Message, VerifyingKey};
+
+use super::traffic::{self, TrafficError};
+
+/// What the application hears from its member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// Admitted, holding the keys of rekey `rekey_seq`.
+    Joined { member: MemberId, rekey_seq: u64 },
+    /// A rekey was applied; `group_key` takes effect in epoch `activation`.
+    Rekeyed { seq: u64, group_key: KeyRef, activation: u64 },
+    /// A new group key is in force.
+    KeyActivated { group_key: KeyRef, epoch: u64 },
+    /// A rekey is missing; the driver should resync over TLS.
+    OutOfSync { reason: String },
+    /// Caught up from the controller's answer.
+    Resynced { rekey_seq: u64 },
+    /// The controller refused a resync: this member is no longer in the group.
+    Evicted,
+    /// No heartbeat for three intervals.
+    ControllerLost,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemberInputError {
+    #[error(transparent)]
+    Rejected(#[from] Reject),
+    #[error("not a multicast message: {0:?}")]
+    Unexpected(crate::wire::MessageType),
+}
+
+/// Rekeys a member keeps trying after its own packet fails (a chain split over packets).
+const LATE_PACKETS: usize = 64;
+
+#[derive(Debug)]
+pub struct MemberSession {
+    group: GroupId,
+    member: MemberId,
+    signer: VerifyingKey,
+    keys: MemberKeys,
+    guard: ReplayGuard,
+    /// Group keys by rekey seq: ref, key, activation epoch.
+    group_keys: BTreeMap<u64, (KeyRef, Key, u64)>,
+    epoch: u64,
+    active: Option<KeyRef>,
+    /// Packets of the next rekey that did not yet give this member its keys.
+    waiting: Vec<RekeyPacket>,
+    heartbeat_ms: u64,
+    last_heartbeat_ms: u64,
+    out_of_sync: bool,
+    controller_lost: bool,
+    /// Heartbeats seen naming a rekey this member has not applied.
+    heartbeats_behind: u32,
+}
+
+impl MemberSession {
+    /// A member admitted with `accepted`, holding the keys in `keys`.
+    pub fn join(accepted: &JoinAccepted, keys: ResyncAnswer, heartbeat_ms: u64, now_ms: u64) -> (Self, Vec<MemberEvent>) {
+        let guard = ReplayGuard::new(keys.group, keys.epoch, keys.rekey_seq);
+        let mut session = MemberSession {
+            group: accepted.group,
+            member: accepted.member,
+            signer: accepted.signer,
+            keys: MemberKeys::from_snapshot(keys.position, Vec::new(), keys.active),
+            guard,
+            group_keys: BTreeMap::new(),
+            epoch: 0,
+            active: None,
+            waiting: Vec::new(),
+            heartbeat_ms,
+            last_heartbeat_ms: now_ms,
+            out_of_sync: false,
+            controller_lost: false,
+            heartbeats_behind: 0,
+        };
+        let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
+        events.extend(session.resynced(keys));
+        events.retain(|e| !matches!(e, MemberEvent::Resynced { .. }));
+        (session, events)
+    }
+
+    pub fn member(&self) -> MemberId {
+        self.member
+    }
+
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    pub fn rekey_seq(&self) -> u64 {
+        self.guard.rekey_seq()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn needs_resync(&self) -> bool {
+        self.out_of_sync
+    }
+
+    /// The group key in force, for sealing.
+    pub fn active_key(&self) -> Option<(KeyRef, Key)> {
+        let active = self.active?;
+        self.group_keys.values().find(|(r, _, _)| *r == active).map(|(r, k, _)| (*r, k.clone()))
+    }
+
+    /// Installs the controller's full answer after a gap.
+    pub fn resynced(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
+        self.keys = MemberKeys::from_snapshot(answer.position, answer.keys, answer.active);
+        self.guard = ReplayGuard::new(answer.group, answer.epoch, answer.rekey_seq);
+        self.group_keys.clear();
+        for (seq, (r, activation)) in [(0, (answer.active, 0))]
+            .into_iter()
+            .chain(answer.pending.map(|p| (answer.rekey_seq, (p.key, p.activation))))
+        {
+            if let Some(key) = self.keys.key(r) {
+                self.group_keys.insert(seq, (r, key, activation));
+            }
+        }
+        self.waiting.clear();
+        self.out_of_sync = false;
+        self.heartbeats_behind = 0;
+        self.epoch = 0;
+        let mut events = vec![MemberEvent::Resynced { rekey_seq: answer.rekey_seq }];
+        events.extend(self.advance_epoch(answer.epoch));
+        events
+    }
+
+    /// A datagram from the multicast channel.
+    pub fn receive(&mut self, bytes: &[u8], now_ms: u64) -> Result<Vec<MemberEvent>, MemberInputError> {
+        match Message::decode(bytes).map_err(Reject::from)? {
+            Message::Heartbeat(_) => {
+                let beat = SignedHeartbeat::verify(bytes, &self.signer)?;
+                self.guard.accept_heartbeat(&beat)?;
+                self.last_heartbeat_ms = now_ms;
+                self.controller_lost = false;
+                let mut events = self.advance_epoch(beat.epoch);
+                // One heartbeat ahead may race its rekey's packets; a second means they are lost.
+                if beat.rekey_seq > self.guard.rekey_seq() {
+                    self.heartbeats_behind += 1;
+                    if self.heartbeats_behind >= 2 {
+                        let reason = format!("heartbeat names rekey {} but this member has {}", beat.rekey_seq, self.guard.rekey_seq());
+                        events.extend(self.lost(reason));
+                    }
+                }
+                Ok(events)
+            }
+            Message::Rekey(_) => {
+                let packet = RekeyPacket::verify(bytes, &self.signer)?;
+                self.rekey_packet(packet)
+            }
+            other => Err(MemberInputError::Unexpected(message_type(&other))),
+        }
+    }
+
+    fn lost(&mut self, reason: String) -> Vec<MemberEvent> {
+        if self.out_of_sync {
+            return Vec::new();
+        }
+        self.out_of_sync = true;
+        vec![MemberEvent::OutOfSync { reason }]
+    }
+
+    fn opens_any(&self, packet: &RekeyPacket) -> bool {
+        packet.wraps.iter().any(|w| self.keys.keyring().wrapping_key(&w.under).is_some())
+    }
+
+    fn rekey_packet(&mut self, packet: RekeyPacket) -> Result<Vec<MemberEvent>, MemberInputError> {
+        let header = packet.header;
+        let applied = self.guard.rekey_seq();
+        if header.seq == applied && header.group == self.group {
+            // A later packet of the rekey already applied may hold the rest of a long chain.
+            if self.opens_any(&packet) {
+                let _ = self.keys.apply(&[packet.message()]);
+            }
+            return Ok(Vec::new());
+        }
+        self.guard.check_rekey(&header)?;
+        if header.seq > applied + 1 {
+            return Ok(self.lost(format!("rekey {} arrived, this member has {applied}", header.seq)));
+        }
+        if !self.opens_any(&packet) && !packet.wraps.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.waiting.len() < LATE_PACKETS {
+            self.waiting.push(packet);
+        }
+        let messages: Vec<_> = self.waiting.iter().map(RekeyPacket::message).collect();
+        match self.keys.apply(&messages) {
+            Ok(update) => {
+                self.waiting.clear();
+                self.heartbeats_behind = 0;
+                self.guard.rekey_applied(&header);
+                let key = self.keys.key(update.group_key).expect("apply holds the group key");
+                self.group_keys.insert(header.seq, (update.group_key, key, header.activation));
+                let mut events = vec![MemberEvent::Rekeyed { seq: header.seq, group_key: update.group_key, activation: header.activation }];
+                events.extend(self.switch_keys());
+                Ok(events)
+            }
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    fn advance_epoch(&mut self, epoch: u64) -> Vec<MemberEvent> {
+        self.epoch = self.epoch.max(epoch);
+        self.switch_keys()
+    }
+
+    /// Makes the newest key whose activation has come the active one.
+    fn switch_keys(&mut self) -> Vec<MemberEvent> {
+        let Some((&seq, &(key, _, _))) = self.group_keys.iter().rev().find(|(_, (_, _, a))| *a <= self.epoch) else {
+            return Vec::new();
+        };
+        if self.active == Some(key) {
+            return Vec::new();
+        }
+        // Keep the previous active key for a grace window (data sealed just before the
+        // switch); drop older keys and pending keys this one supersedes.
+        let previous = self.active.and_then(|r| self.group_keys.iter().find(|(_, (k, _, _))| *k == r).map(|(s, _)| *s));
+        self.group_keys.retain(|s, _| *s >= seq || Some(*s) == previous);
+        self.active = Some(key);
+        vec![MemberEvent::KeyActivated { group_key: key, epoch: self.epoch }]
+    }
+
+    /// Advances time: reports a controller that went silent.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<MemberEvent> {
+        if !self.controller_lost && now_ms.saturating_sub(self.last_heartbeat_ms) > 3 * self.heartbeat_ms {
+            self.controller_lost = true;
+            return vec![MemberEvent::ControllerLost];
+        }
+        Vec::new()
+    }
+
+    /// Seals application data under the active key; `nonce` must be fresh random bytes.
+    pub fn seal(&self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
+        let (key_ref, key) = self.active_key().ok_or(TrafficError::UnknownKey(KeyRef::default()))?;
+        traffic::seal(self.group, key_ref, &key, nonce, plaintext)
+    }
+
+    /// Opens data sealed under the active key, the one before it, or the next one.
+    pub fn open(&self, data: &Data) -> Result<Vec<u8>, TrafficError> {
+        if data.group != self.group {
+            return Err(TrafficError::WrongGroup(data.group));
+        }
+        let (_, key, _) =
+            self.group_keys.values().find(|(r, _, _)| *r == data.key).ok_or(TrafficError::UnknownKey(data.key))?;
+        traffic::open(data, key)
+    }
+}
+
+fn message_type(message: &Message) -> crate::wire::MessageType {
+    crate::wire::MessageType::of(message)
+}
+
+impl From<DecodeError> for MemberInputError {
+    fn from(e: DecodeError) -> Self {
+        MemberInputError::Rejected(Reject::Decode(e))
+    }
+}

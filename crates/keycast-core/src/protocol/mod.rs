@@ -1,0 +1,10 @@
+//! Protocol state machines (sans-IO): the controller and the member. They take requests,
+//! datagrams and the time as inputs and return what to persist, send and report; drivers do
+//! the I/O.
+
+pub mod controller;
+pub mod member;
+pub mod traffic;
+
+pub use controller::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, Output, Record, Refusal, Request};
+pub use member::{MemberEvent, MemberInputError, MemberSession};

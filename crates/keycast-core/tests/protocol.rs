@@ -1,0 +1,308 @@
+//! The controller and member state machines over random histories, deterministically: joins,
+//! leaves, evictions, expiries, lost datagrams, and a controller that crashes after any prefix
+//! of its outputs and restarts from what it had persisted. After every step each member that
+//! the controller counts ends with the controller's active group key, and an evicted member
+//! cannot open data sealed after its eviction.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use keycast_core::protocol::{Controller, GroupPolicy, JoinStatus, MemberSession, Output, Record};
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::{GroupId, JoinAnswer};
+use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Step {
+    Join,
+    Leave(usize),
+    Evict(usize),
+    /// Time passes (ms); datagrams are lost with probability `loss` in 0..4 quarters.
+    Wait { ms: u64, loss: u8 },
+    /// The controller dies after delivering `after` of its next outputs, then restarts.
+    Crash { after: usize },
+    Silence(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => Just(Step::Join),
+        2 => any::<usize>().prop_map(Step::Leave),
+        1 => any::<usize>().prop_map(Step::Evict),
+        4 => (1u64..400, 0u8..3).prop_map(|(ms, loss)| Step::Wait { ms, loss }),
+        2 => (0usize..12).prop_map(|after| Step::Crash { after }),
+        1 => any::<usize>().prop_map(Step::Silence),
+    ]
+}
+
+fn policy(scheme: Scheme, immediate_eviction: bool) -> GroupPolicy {
+    GroupPolicy {
+        group: GroupId(9),
+        graph: GraphConfig { scheme, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: 100,
+        activation_delay: 1,
+        heartbeat_ms: 30,
+        refresh_timeout_ms: 1_000,
+        immediate_eviction,
+        packets: PacketConfig { mtu: 600, ..PacketConfig::default() },
+    }
+}
+
+struct Member {
+    identity: String,
+    session: MemberSession,
+    /// Refreshes stop when the application goes silent.
+    silent: bool,
+}
+
+struct World {
+    policy: GroupPolicy,
+    acl: BTreeSet<String>,
+    controller: Controller,
+    log: Vec<Record>,
+    now: u64,
+    entropy: u64,
+    members: BTreeMap<MemberId, Member>,
+    evicted: Vec<MemberSession>,
+    /// Joins waiting for their epoch, by connection.
+    joining: BTreeMap<u64, String>,
+    next_identity: usize,
+    next_conn: u64,
+    rng: u64,
+}
+
+impl World {
+    fn new(policy: GroupPolicy, seed: u64) -> Self {
+        let acl: BTreeSet<String> = (0..200).map(|i| format!("m{i}")).collect();
+        let (controller, genesis) = Controller::create(policy, acl.clone(), 1_000, [seed as u8; 32], [7; 32]).unwrap();
+        let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
+        World {
+            policy,
+            acl,
+            controller,
+            log: vec![genesis],
+            now: 1_000,
+            entropy: seed,
+            members: BTreeMap::new(),
+            evicted: Vec::new(),
+            joining: BTreeMap::new(),
+            next_identity: 0,
+            next_conn: 0,
+            rng: seed | 1,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn entropy(&mut self) -> [u8; 32] {
+        self.entropy += 1;
+        let mut e = [0u8; 32];
+        e[..8].copy_from_slice(&self.entropy.to_be_bytes());
+        e
+    }
+
+    /// Carries out outputs; with `crash_after`, stops after that many and restarts.
+    fn deliver(&mut self, outputs: Vec<Output>, loss: u8, crash_after: Option<usize>) {
+        let cut = crash_after.unwrap_or(usize::MAX);
+        for (i, output) in outputs.into_iter().enumerate() {
+            if i >= cut {
+                return self.restart();
+            }
+            match output {
+                Output::Persist(r) => self.log.push(r),
+                Output::Multicast(bytes) => self.multicast(&bytes, loss),
+                Output::JoinAnswer { conn, answer, keys } => {
+                    let identity = self.joining.remove(&conn).expect("a waiting joiner");
+                    let JoinAnswer::Accepted(accepted) = answer else { panic!("refused after acceptance") };
+                    let (session, _) = MemberSession::join(&accepted, keys.unwrap(), self.policy.heartbeat_ms, self.now);
+                    self.members.insert(accepted.member, Member { identity, session, silent: false });
+                }
+                Output::Departed { member, .. } => {
+                    if let Some(m) = self.members.remove(&member) {
+                        self.evicted.push(m.session);
+                    }
+                }
+                Output::Rekeyed { .. } => {}
+            }
+        }
+        if crash_after.is_some() {
+            self.restart();
+        }
+    }
+
+    fn multicast(&mut self, bytes: &[u8], loss: u8) {
+        let now = self.now;
+        let ids: Vec<MemberId> = self.members.keys().copied().collect();
+        for id in ids {
+            if (self.random() % 4) < loss as u64 {
+                continue;
+            }
+            let _ = self.members.get_mut(&id).unwrap().session.receive(bytes, now);
+        }
+        for s in &mut self.evicted {
+            let _ = s.receive(bytes, now);
+        }
+    }
+
+    fn restart(&mut self) {
+        self.controller = Controller::restore(self.policy, self.acl.clone(), &self.log, self.now).unwrap();
+        // Joins in flight died with the connections; their applications try again.
+        let retry: Vec<String> = std::mem::take(&mut self.joining).into_values().collect();
+        for identity in retry {
+            self.join(identity);
+        }
+        for packet in self.controller.last_rekey().to_vec() {
+            self.multicast(&packet, 0);
+        }
+    }
+
+    fn join(&mut self, identity: String) {
+        self.next_conn += 1;
+        match self.controller.join(self.next_conn, &identity, self.policy.group, self.now) {
+            Ok(JoinStatus::Queued(_)) => {
+                self.joining.retain(|_, waiting| *waiting != identity);
+                self.joining.insert(self.next_conn, identity);
+            }
+            Ok(JoinStatus::Admitted(answer)) => {
+                let (JoinAnswer::Accepted(accepted), keys) = *answer else { panic!("admitted means accepted") };
+                if !self.members.contains_key(&accepted.member) {
+                    let (session, _) = MemberSession::join(&accepted, keys, self.policy.heartbeat_ms, self.now);
+                    self.members.insert(accepted.member, Member { identity, session, silent: false });
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn pick(&self, i: usize) -> Option<MemberId> {
+        let ids: Vec<MemberId> = self.members.keys().copied().collect();
+        (!ids.is_empty()).then(|| ids[i % ids.len()])
+    }
+
+    fn run(&mut self, step: Step) {
+        match step {
+            Step::Join => {
+                let identity = format!("m{}", self.next_identity % 200);
+                self.next_identity += 1;
+                self.join(identity);
+            }
+            Step::Leave(i) => {
+                if let Some(m) = self.pick(i) {
+                    // The application leaves once the controller acknowledges (persists) it.
+                    let gone = self.members.remove(&m).unwrap();
+                    let outputs = self.controller.leave(&gone.identity, m).unwrap();
+                    self.evicted.push(gone.session);
+                    self.deliver(outputs, 0, None);
+                }
+            }
+            Step::Evict(i) => {
+                if let Some(m) = self.pick(i) {
+                    let e = self.entropy();
+                    let outputs = self.controller.evict(m, self.now, e).unwrap();
+                    self.deliver(outputs, 0, None);
+                }
+            }
+            Step::Wait { ms, loss } => self.advance(ms, loss, None),
+            Step::Crash { after } => self.advance(self.policy.epoch_ms, 0, Some(after)),
+            Step::Silence(i) => {
+                if let Some(m) = self.pick(i) {
+                    self.members.get_mut(&m).unwrap().silent = true;
+                }
+            }
+        }
+    }
+
+    fn advance(&mut self, ms: u64, loss: u8, crash_after: Option<usize>) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now = (self.now + 10).min(end);
+            self.refresh_and_resync();
+            let e = self.entropy();
+            let outputs = self.controller.tick(self.now, e).unwrap();
+            let crash = if outputs.is_empty() { None } else { crash_after };
+            self.deliver(outputs, loss, crash);
+        }
+    }
+
+    /// What member drivers do: refresh (unless silent) and resync when out of sync.
+    fn refresh_and_resync(&mut self) {
+        let now = self.now;
+        let ids: Vec<MemberId> = self.members.keys().copied().collect();
+        for id in ids {
+            let m = self.members.get_mut(&id).unwrap();
+            if !m.silent {
+                let _ = self.controller.refresh(&m.identity, id, now);
+            }
+            if m.session.needs_resync() {
+                match self.controller.resync(&m.identity, id, now) {
+                    Ok(answer) => {
+                        m.session.resynced(answer);
+                    }
+                    Err(_) => {
+                        let gone = self.members.remove(&id).unwrap();
+                        self.evicted.push(gone.session);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a quiet stretch without loss, everyone holds the controller's active key and no
+    /// removed member can read new traffic.
+    fn check(&mut self) {
+        self.advance(2 * self.policy.epoch_ms + 2 * self.policy.heartbeat_ms, 0, None);
+        let counted: BTreeSet<MemberId> = self.controller.members().keys().copied().collect();
+        let ours: BTreeSet<MemberId> = self.members.keys().copied().collect();
+        assert_eq!(counted, ours, "the controller and the members disagree on who is in the group");
+        let epoch = self.controller.epoch_at(self.now);
+        let active = self.controller.active_key(epoch);
+        let mut sealed = None;
+        for (id, m) in &self.members {
+            let held = m.session.active_key().map(|(r, _)| r);
+            assert_eq!(held, Some(active), "member {id:?} is not at the active key");
+            sealed.get_or_insert_with(|| m.session.seal(b"tick", [3; 16]).unwrap());
+        }
+        if let Some(data) = sealed {
+            for m in self.members.values() {
+                assert_eq!(m.session.open(&data).unwrap(), b"tick");
+            }
+            for gone in &self.evicted {
+                // A removal takes effect at its batch's activation (immediately for evictions).
+                let removed_by = self.log.iter().find_map(|r| match r {
+                    Record::Batch { activation, leaves, .. } if leaves.contains(&gone.member()) => Some(*activation),
+                    _ => None,
+                });
+                if removed_by.is_some_and(|activation| activation <= epoch) {
+                    assert!(gone.open(&data).is_err(), "removed member {:?} opened traffic sealed under {active:?}", gone.member());
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn members_follow_the_controller_through_loss_and_crashes(
+        steps in prop::collection::vec(step(), 1..40),
+        seed in any::<u64>(),
+        tree in any::<bool>(),
+        immediate in any::<bool>(),
+    ) {
+        let scheme = if tree { Scheme::Tree { degree: 3 } } else { Scheme::Star };
+        let mut world = World::new(policy(scheme, immediate), seed);
+        for (i, step) in steps.into_iter().enumerate() {
+            world.run(step);
+            if i % 8 == 7 {
+                world.check();
+            }
+        }
+        world.check();
+    }
+}

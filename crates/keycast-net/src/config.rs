@@ -1,0 +1,214 @@
+//! Configuration files (TOML). Relative paths are relative to the file's folder.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use keycast_core::wire::rekey::{PacketConfig, Placement, DEFAULT_BLOCK_BITS};
+use keycast_core::wire::{GroupId, DEFAULT_MTU};
+use keycast_core::{protocol::GroupPolicy, GraphConfig, JoinPolicy, Scheme};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The multicast channel: group address and port, the interface to send and join on, TTL.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MulticastConfig {
+    pub address: SocketAddrV4,
+    #[serde(default = "loopback")]
+    pub interface: Ipv4Addr,
+    #[serde(default = "one")]
+    pub ttl: u32,
+}
+
+fn loopback() -> Ipv4Addr {
+    Ipv4Addr::LOCALHOST
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Certificate, key and the CA that signs every peer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn resolve(&mut self, base: &Path) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub group: u64,
+    /// TLS address for joins, resyncs and administration.
+    pub listen: SocketAddr,
+    pub multicast: MulticastConfig,
+    pub tls: TlsFiles,
+    /// The controller's log (redb).
+    pub database: PathBuf,
+    /// Identities (certificate common names) that may join.
+    pub acl: Vec<String>,
+    /// Identities that may use `keycast admin`.
+    pub admins: Vec<String>,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Prometheus text endpoint, e.g. "127.0.0.1:9464"; off when absent.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub epoch_ms: u64,
+    pub activation_delay: u64,
+    pub heartbeat_ms: u64,
+    pub refresh_timeout_ms: u64,
+    /// "tree", "star" or "flat".
+    pub scheme: String,
+    pub degree: u32,
+    pub flat_id_bits: u8,
+    /// "version" (new key versions for joiners) or "revision" (one-way revisions).
+    pub join_policy: String,
+    pub immediate_eviction: bool,
+    pub mtu: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            epoch_ms: 1000,
+            activation_delay: 1,
+            heartbeat_ms: 500,
+            refresh_timeout_ms: 10_000,
+            scheme: "tree".into(),
+            degree: 4,
+            flat_id_bits: 20,
+            join_policy: "version".into(),
+            immediate_eviction: true,
+            mtu: DEFAULT_MTU,
+        }
+    }
+}
+
+impl PolicyConfig {
+    pub fn group_policy(&self, group: u64) -> Result<GroupPolicy, ConfigError> {
+        let scheme = match self.scheme.as_str() {
+            "tree" if self.degree >= 2 => Scheme::Tree { degree: self.degree },
+            "star" => Scheme::Star,
+            "flat" if (1..=27).contains(&self.flat_id_bits) => {
+                Scheme::Flat { id_bits: self.flat_id_bits, ids: keycast_core::FlatIds::Sequential }
+            }
+            other => return Err(ConfigError::Invalid(format!("scheme {other:?} (degree {}, flat id bits {}) is not valid", self.degree, self.flat_id_bits))),
+        };
+        let join_policy = match self.join_policy.as_str() {
+            "version" => JoinPolicy::NewVersion,
+            "revision" => JoinPolicy::Revision,
+            other => return Err(ConfigError::Invalid(format!("join policy {other:?}: expected version or revision"))),
+        };
+        if self.epoch_ms == 0 || self.heartbeat_ms == 0 {
+            return Err(ConfigError::Invalid("epoch_ms and heartbeat_ms must be positive".into()));
+        }
+        Ok(GroupPolicy {
+            group: GroupId(group),
+            graph: GraphConfig { scheme, join_policy },
+            epoch_ms: self.epoch_ms,
+            activation_delay: self.activation_delay,
+            heartbeat_ms: self.heartbeat_ms,
+            refresh_timeout_ms: self.refresh_timeout_ms,
+            immediate_eviction: self.immediate_eviction,
+            packets: PacketConfig { mtu: self.mtu, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::UserOriented },
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    pub group: u64,
+    /// The controller's TLS address, and the name its certificate carries.
+    pub server: SocketAddr,
+    #[serde(default = "localhost")]
+    pub server_name: String,
+    pub multicast: MulticastConfig,
+    pub tls: TlsFiles,
+    /// How often to refresh (soft state); the controller's timeout must be several times this.
+    #[serde(default = "refresh_ms")]
+    pub refresh_ms: u64,
+    #[serde(default = "heartbeat_ms")]
+    pub heartbeat_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub server: SocketAddr,
+    #[serde(default = "localhost")]
+    pub server_name: String,
+    pub tls: TlsFiles,
+}
+
+fn localhost() -> String {
+    "localhost".into()
+}
+
+fn refresh_ms() -> u64 {
+    2000
+}
+
+fn heartbeat_ms() -> u64 {
+    500
+}
+
+fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<(T, PathBuf), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let value = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+    Ok((value, path.parent().unwrap_or(Path::new(".")).to_path_buf()))
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (mut c, base): (ServerConfig, _) = read(path)?;
+        c.tls.resolve(&base);
+        if c.database.is_relative() {
+            c.database = base.join(&c.database);
+        }
+        Ok(c)
+    }
+}
+
+impl MemberConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (mut c, base): (MemberConfig, _) = read(path)?;
+        c.tls.resolve(&base);
+        Ok(c)
+    }
+}
+
+impl AdminConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (mut c, base): (AdminConfig, _) = read(path)?;
+        c.tls.resolve(&base);
+        Ok(c)
+    }
+}

@@ -1,0 +1,27 @@
+//! keycast-net: the drivers of DESIGN.md. They move bytes and time in and out of the sans-IO
+//! state machines of `keycast_core::protocol`: TLS 1.3 (rustls, client certificates required)
+//! for joins, resyncs and administration; UDP multicast (socket2) for rekeys, heartbeats and
+//! data; redb for the controller's log. The member library ([`client::MemberClient`]) is what
+//! applications link: `getkey`, `seal`, `open`, and an event stream.
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod multicast;
+pub mod local;
+pub mod pki;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+/// Milliseconds since the Unix epoch: the drivers' only clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// 32 bytes from the operating system's generator.
+pub fn entropy() -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator");
+    bytes
+}

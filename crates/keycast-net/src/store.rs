@@ -1,0 +1,183 @@
+//! The controller's log in redb: one record per key, written in one transaction per batch of
+//! outputs, before any datagram that follows them is sent. Records hold key material (seeds):
+//! the file is created readable by its owner only.
+
+use std::path::Path;
+
+use keycast_core::protocol::{Record, Request};
+use keycast_core::MemberId;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde_json::{json, Value};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(String),
+    #[error("record {0} is corrupt")]
+    Corrupt(u64),
+}
+
+fn failed<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+pub struct Store {
+    db: Database,
+    next: u64,
+}
+
+impl Store {
+    /// Opens (or creates) the log and returns its records in order.
+    pub fn open(path: &Path) -> Result<(Store, Vec<Record>), StoreError> {
+        if !path.exists() {
+            create_private(path).map_err(failed)?;
+        }
+        let db = Database::create(path).map_err(failed)?;
+        let txn = db.begin_write().map_err(failed)?;
+        let mut records = Vec::new();
+        {
+            let table = txn.open_table(LOG).map_err(failed)?;
+            for entry in table.iter().map_err(failed)? {
+                let (k, v) = entry.map_err(failed)?;
+                records.push(decode(v.value()).ok_or(StoreError::Corrupt(k.value()))?);
+            }
+        }
+        txn.commit().map_err(failed)?;
+        let next = records.len() as u64;
+        Ok((Store { db, next }, records))
+    }
+
+    /// Appends `records` durably, all or none.
+    pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(failed)?;
+        {
+            let mut table = txn.open_table(LOG).map_err(failed)?;
+            for (i, r) in records.iter().enumerate() {
+                table.insert(self.next + i as u64, encode(r).as_slice()).map_err(failed)?;
+            }
+        }
+        txn.commit().map_err(failed)?;
+        self.next += records.len() as u64;
+        Ok(())
+    }
+}
+
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map(drop)
+}
+
+fn encode(record: &Record) -> Vec<u8> {
+    let value = match record {
+        Record::Genesis { created_ms, graph_seed, signing_seed } => {
+            json!({"genesis": {"created_ms": created_ms, "graph_seed": hex(graph_seed), "signing_seed": hex(signing_seed)}})
+        }
+        Record::Requested(Request::Leave { member }) => json!({"leave": member.0}),
+        Record::Requested(Request::Evict { member }) => json!({"evict": member.0}),
+        Record::Requested(Request::Join { member, identity }) => json!({"join": {"member": member.0, "identity": identity}}),
+        Record::Batch { seq, epoch, activation, joins, leaves, seed } => json!({"batch": {
+            "seq": seq, "epoch": epoch, "activation": activation,
+            "joins": joins.iter().map(|(m, i)| json!([m.0, i])).collect::<Vec<_>>(),
+            "leaves": leaves.iter().map(|m| m.0).collect::<Vec<_>>(),
+            "seed": hex(seed),
+        }}),
+        Record::HeartbeatsReserved(n) => json!({"heartbeats": n}),
+    };
+    serde_json::to_vec(&value).expect("JSON of plain values")
+}
+
+fn decode(bytes: &[u8]) -> Option<Record> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let u = |v: &Value| v.as_u64();
+    if let Some(g) = v.get("genesis") {
+        return Some(Record::Genesis {
+            created_ms: u(&g["created_ms"])?,
+            graph_seed: unhex(&g["graph_seed"])?,
+            signing_seed: unhex(&g["signing_seed"])?,
+        });
+    }
+    if let Some(m) = v.get("leave") {
+        return Some(Record::Requested(Request::Leave { member: MemberId(u(m)?) }));
+    }
+    if let Some(m) = v.get("evict") {
+        return Some(Record::Requested(Request::Evict { member: MemberId(u(m)?) }));
+    }
+    if let Some(j) = v.get("join") {
+        let identity = j["identity"].as_str()?.to_owned();
+        return Some(Record::Requested(Request::Join { member: MemberId(u(&j["member"])?), identity }));
+    }
+    if let Some(b) = v.get("batch") {
+        let joins = b["joins"]
+            .as_array()?
+            .iter()
+            .map(|p| Some((MemberId(u(&p[0])?), p[1].as_str()?.to_owned())))
+            .collect::<Option<Vec<_>>>()?;
+        let leaves = b["leaves"].as_array()?.iter().map(|m| u(m).map(MemberId)).collect::<Option<Vec<_>>>()?;
+        return Some(Record::Batch {
+            seq: u(&b["seq"])?,
+            epoch: u(&b["epoch"])?,
+            activation: u(&b["activation"])?,
+            joins,
+            leaves,
+            seed: unhex(&b["seed"])?,
+        });
+    }
+    v.get("heartbeats").and_then(u).map(Record::HeartbeatsReserved)
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(v: &Value) -> Option<[u8; 32]> {
+    let s = v.as_str()?;
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_reopen_in_order() {
+        let dir = std::env::temp_dir().join(format!("keycast-store-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let records = vec![
+            Record::Genesis { created_ms: 5, graph_seed: [1; 32], signing_seed: [2; 32] },
+            Record::Requested(Request::Leave { member: MemberId(3) }),
+            Record::Batch {
+                seq: 1,
+                epoch: 2,
+                activation: 3,
+                joins: vec![(MemberId(4), "member-4".into())],
+                leaves: vec![MemberId(3)],
+                seed: [9; 32],
+            },
+            Record::HeartbeatsReserved(1024),
+        ];
+        {
+            let (mut store, old) = Store::open(&dir).unwrap();
+            assert!(old.is_empty());
+            store.append(&records[..2]).unwrap();
+            store.append(&records[2..]).unwrap();
+        }
+        let (_, read) = Store::open(&dir).unwrap();
+        assert_eq!(read, records);
+        std::fs::remove_file(&dir).unwrap();
+    }
+}

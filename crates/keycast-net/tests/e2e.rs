@@ -1,0 +1,205 @@
+//! The networked system end to end, over real sockets on loopback: TLS 1.3 joins with client
+//! certificates, multicast rekeys and heartbeats, a controller killed and restarted from its
+//! log, and hostile input on both channels.
+
+use std::time::Duration;
+
+use keycast_core::protocol::GroupPolicy;
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::GroupId;
+use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
+use keycast_net::client::{ClientError, ClientEvent, MemberClient};
+use keycast_net::local::{Events, LocalGroup};
+use keycast_net::pki::Authority;
+use keycast_net::tls::client_config;
+use tokio::time::{sleep, timeout, Instant};
+
+fn policy() -> GroupPolicy {
+    GroupPolicy {
+        group: GroupId(42),
+        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: 150,
+        activation_delay: 1,
+        heartbeat_ms: 40,
+        refresh_timeout_ms: 5_000,
+        immediate_eviction: true,
+        packets: PacketConfig::default(),
+    }
+}
+
+async fn group(acl: usize) -> (LocalGroup, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (LocalGroup::start(policy(), acl, dir.path().to_path_buf()).await.unwrap(), dir)
+}
+
+/// Joins concurrently, as members of one epoch would.
+async fn join_all(group: &LocalGroup, names: impl IntoIterator<Item = String>) -> Vec<(MemberClient, Events)> {
+    let handles: Vec<_> = names
+        .into_iter()
+        .map(|n| {
+            let setup = group.member_setup(&n).unwrap();
+            tokio::spawn(async move { MemberClient::join(setup).await.unwrap() })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+fn active(member: &MemberClient) -> Option<KeyRef> {
+    member.getkey().map(|(r, _)| r)
+}
+
+/// Waits until every member has the same active key and has applied `seq` rekeys.
+async fn until_in_sync(members: &[&MemberClient], seq: u64, within: Duration) -> KeyRef {
+    until_active(members, seq, None, within).await
+}
+
+/// As `until_in_sync`, and the active key is no longer `old` (activation came).
+async fn until_active(members: &[&MemberClient], seq: u64, old: Option<KeyRef>, within: Duration) -> KeyRef {
+    let deadline = Instant::now() + within;
+    loop {
+        let keys: Vec<_> = members.iter().map(|m| (active(m), m.rekey_seq())).collect();
+        if keys.iter().all(|k| k.0.is_some() && k == &keys[0] && k.1 >= seq && k.0 != old) {
+            return keys[0].0.unwrap();
+        }
+        assert!(Instant::now() < deadline, "members never agreed: {keys:?} (want rekey {seq})");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Data sealed by `from` and opened by every member of `to`.
+fn everyone_reads(from: &MemberClient, to: &[&MemberClient]) -> bool {
+    let message = from.seal(b"market data tick").unwrap();
+    to.iter().all(|m| m.open(&message).ok().as_deref() == Some(&b"market data tick"[..]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_share_traffic_and_a_leave_rekeys_them() {
+    let (group, _dir) = group(8).await;
+    let mut members = join_all(&group, (1..=6).map(|i| format!("member-{i}"))).await;
+    let seq = group.server().stats().rekeys;
+    let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+    let before = until_in_sync(&refs, seq, Duration::from_secs(5)).await;
+    assert!(everyone_reads(refs[0], &refs));
+
+    // Multicast data reaches the others through the group address.
+    refs[1].send(b"hello group").await.unwrap();
+    let (_, events) = &mut members[2];
+    let got = timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(ClientEvent::Data(d)) = events.recv().await {
+                return d;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, b"hello group");
+
+    let (leaver, _) = members.remove(5);
+    let leaver_key = leaver.getkey().unwrap();
+    leaver.leave().await.unwrap();
+    let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+    let after = until_active(&refs, seq + 1, Some(before), Duration::from_secs(5)).await;
+    assert_ne!(after, leaver_key.0);
+    assert!(everyone_reads(refs[0], &refs));
+    assert_eq!(group.server().members().await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_member_cannot_open_traffic_sealed_after_the_eviction() {
+    let (group, _dir) = group(4).await;
+    let members = join_all(&group, (1..=4).map(|i| format!("member-{i}"))).await;
+    let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+    let seq = group.server().stats().rekeys;
+    until_in_sync(&refs, seq, Duration::from_secs(5)).await;
+    let evicted = refs[3];
+    let old = evicted.seal(b"before").unwrap();
+    assert!(group.server().evict(evicted.member()).await);
+    let stay = &refs[..3];
+    until_in_sync(stay, seq + 1, Duration::from_secs(5)).await;
+    let fresh = stay[0].seal(b"after the eviction").unwrap();
+    assert!(evicted.open(&fresh).is_err(), "the evicted member opened new traffic");
+    assert!(stay.iter().all(|m| m.open(&fresh).is_ok()));
+    // Traffic from before stays readable to those who held the key (grace window).
+    assert!(stay[0].open(&old).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_at_any_point_restarts_and_members_stay_in_sync() {
+    let (mut group, _dir) = group(40).await;
+    let mut members = join_all(&group, (1..=8).map(|i| format!("member-{i}"))).await;
+    for round in 0..8u64 {
+        // Churn, then a crash at a different point of the epoch each round.
+        let joiner = format!("member-{}", 9 + round);
+        let join = {
+            let setup = group.member_setup(&joiner).unwrap();
+            tokio::spawn(async move { MemberClient::join(setup).await })
+        };
+        if round % 2 == 1 {
+            let (leaver, _) = members.remove(0);
+            let _ = leaver.leave().await;
+        }
+        sleep(Duration::from_millis(20 + (round * 37) % 150)).await;
+        group.kill_server().await;
+        sleep(Duration::from_millis(30)).await;
+        group.start_server().await.unwrap();
+        // A joiner whose connection died with the controller tries again, as an app would.
+        let joined = match join.await.unwrap() {
+            Ok(m) => m,
+            Err(_) => group.join(&joiner).await.unwrap(),
+        };
+        members.push(joined);
+        let seq = group.server().stats().rekeys;
+        let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+        until_in_sync(&refs, seq, Duration::from_secs(10)).await;
+        assert!(everyone_reads(refs[0], &refs), "round {round}");
+    }
+    // Nobody rejoined: the first members are the same clients, with their first member ids.
+    let ids: Vec<u64> = members.iter().map(|(m, _)| m.member().0).collect();
+    let rows = group.server().members().await;
+    assert_eq!(rows.len(), members.len());
+    assert!(ids.iter().all(|id| rows.iter().any(|r| r.member == *id)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_members() {
+    let (group, _dir) = group(3).await;
+    let members = join_all(&group, (1..=2).map(|i| format!("member-{i}"))).await;
+    let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+    let seq = group.server().stats().rekeys;
+    until_in_sync(&refs, seq, Duration::from_secs(5)).await;
+
+    // Not in the ACL.
+    match group.join("mallory").await {
+        Err(keycast_net::local::LocalError::Client(ClientError::Refused(reason, _))) => assert_eq!(reason, "not in the ACL"),
+        other => panic!("mallory joined: {:?}", other.map(|_| ())),
+    }
+    // A certificate from another CA.
+    let rogue = Authority::new("rogue CA").unwrap().issue("member-3", false).unwrap();
+    let mut setup = group.member_setup("member-3").unwrap();
+    setup.tls = client_config(&rogue).unwrap();
+    assert!(MemberClient::join(setup).await.is_err());
+    // Garbage on the TLS port.
+    let mut tcp = tokio::net::TcpStream::connect(group.server().addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage").await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = timeout(Duration::from_secs(6), tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)).await.unwrap();
+    assert!(matches!(closed, Ok(_) | Err(_)));
+    // Garbage and forged rekeys on the multicast port.
+    let socket = keycast_net::multicast::sender(&group.multicast).unwrap();
+    for i in 0..200u32 {
+        let mut junk = vec![1u8, (i % 12) as u8];
+        junk.extend(i.to_be_bytes().repeat(i as usize % 40));
+        socket.send_to(&junk, group.multicast.address).await.unwrap();
+    }
+    // The group still works: a member joins, everyone follows the rekey and reads traffic.
+    let (third, _events) = group.join("member-3").await.unwrap();
+    let mut all = refs.clone();
+    all.push(&third);
+    until_in_sync(&all, seq + 1, Duration::from_secs(5)).await;
+    assert!(everyone_reads(&third, &all));
+}
