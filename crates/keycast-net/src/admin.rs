@@ -32,6 +32,8 @@ pub struct Stats {
     pub rekey_bytes: u64,
     pub joins: u64,
     pub mean_join_latency_ms: f64,
+    /// The group key in force, as "id v version r revision".
+    pub active_key: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

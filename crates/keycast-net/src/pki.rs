@@ -7,6 +7,8 @@ use rcgen::{
 };
 use zeroize::Zeroizing;
 
+pub use rcgen::Error as RcgenError;
+
 /// PEM texts of one party: the CA certificate, its own certificate and private key.
 #[derive(Clone)]
 pub struct Credentials {

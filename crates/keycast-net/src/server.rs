@@ -189,6 +189,7 @@ impl ControllerTask {
         stats.members = self.controller.members().len();
         stats.epoch = self.controller.epoch_at(now_ms());
         stats.rekeys = self.controller.rekey_seq();
+        stats.active_key = self.controller.active_key(stats.epoch).to_string();
     }
 
     async fn handle(&mut self, command: Command, conn: u64) -> Result<(), String> {

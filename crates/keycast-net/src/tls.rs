@@ -6,6 +6,8 @@ use std::sync::Arc;
 use keycast_core::wire::MAX_MESSAGE_LEN;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+pub use rustls::pki_types::ServerName;
+pub use tokio_rustls::TlsConnector;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -1,27 +1,34 @@
-//! `keycast demo`: a controller and its members in one process, under churn.
-//!
-//! Until the networked system exists, the rekeys travel in memory: every member applies the
-//! same group-oriented messages a multicast would carry, and an evicted member is watched to
-//! show it cannot derive any group key made after its eviction.
+//! `keycast demo`: a controller and its members in one process, over real sockets on
+//! loopback: TLS 1.3 joins with client certificates, rekeys and heartbeats over UDP multicast
+//! (interface 127.0.0.1, TTL 1), a few epochs of random joins and leaves and one eviction.
+//! The evicted member keeps its client and tries to open every message sealed after its
+//! eviction; the summary says whether it ever could (it must not).
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use keycast_core::strategy::{package, package_size};
-use keycast_core::{
-    Batch, BatchSeed, GraphConfig, RekeyPlan, JoinPolicy, KeyGraph, KeyRing, MemberId, MemberKeys, Scheme, Strategy,
-};
+use indicatif::{ProgressBar, ProgressStyle};
+use keycast_core::protocol::GroupPolicy;
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::GroupId;
+use keycast_core::{GraphConfig, JoinPolicy, Scheme};
+use keycast_net::client::MemberClient;
+use keycast_net::local::{Events, LocalGroup};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
 #[derive(Args)]
 pub struct DemoArgs {
     /// Members at the start.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(2..=100_000))]
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(2..=2000))]
     members: u64,
     /// Epochs of churn after the group is built.
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(2..=100))]
     epochs: u32,
+    /// Epoch length in milliseconds.
+    #[arg(long = "epoch-ms", default_value_t = 400, value_parser = clap::value_parser!(u64).range(50..=10_000))]
+    epoch_ms: u64,
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Print one JSON object instead of text.
@@ -29,119 +36,171 @@ pub struct DemoArgs {
     json: bool,
 }
 
+type Member = (String, MemberClient, Events);
+
 struct Demo {
-    graph: Box<dyn KeyGraph>,
-    members: BTreeMap<MemberId, MemberKeys>,
-    next_member: u64,
-    seed: BatchSeed,
-    rekey_bytes: usize,
+    group: LocalGroup,
+    members: BTreeMap<u64, Member>,
+    next_identity: u64,
+    rng: ChaCha8Rng,
     joins: usize,
     leaves: usize,
 }
 
 impl Demo {
-    /// Runs one epoch's batch and delivers its rekey to every member.
-    fn epoch(&mut self, joins: usize, leaves: Vec<MemberId>) -> Result<(RekeyPlan, usize), String> {
-        let joins: Vec<MemberId> = (self.next_member..self.next_member + joins as u64).map(MemberId).collect();
-        self.next_member += joins.len() as u64;
-        self.joins += joins.len();
-        self.leaves += leaves.len();
-        for m in &leaves {
-            self.members.remove(m);
+    /// Joins `count` new members concurrently (they are admitted with the epoch's rekey).
+    async fn join(&mut self, count: u64) -> Result<(), String> {
+        let mut handles = Vec::new();
+        for _ in 0..count {
+            self.next_identity += 1;
+            let name = format!("member-{}", self.next_identity);
+            let setup = self.group.member_setup(&name).map_err(|e| e.to_string())?;
+            handles.push(tokio::spawn(async move { MemberClient::join(setup).await.map(|(c, e)| (name, c, e)) }));
         }
-        self.seed = self.seed.next();
-        let plan = self.graph.apply(&Batch { joins, leaves }, &self.seed).map_err(|e| e.to_string())?;
-        for welcome in &plan.welcomes {
-            self.members.insert(welcome.member, MemberKeys::from_welcome(welcome));
+        for h in handles {
+            let (name, client, events) = h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            self.members.insert(client.member().0, (name, client, events));
+            self.joins += 1;
         }
-        let messages = package(&plan, Strategy::GroupOriented);
-        let bytes = package_size(&messages).bytes;
-        self.rekey_bytes += bytes;
-        for state in self.members.values_mut() {
-            // A member that cannot follow would resync over the unicast channel; here it
-            // keeps its old keys and shows as out of sync in the report.
-            let _ = state.apply(&messages);
-        }
-        Ok((plan, bytes))
+        Ok(())
     }
 
-    fn in_sync(&self) -> usize {
-        let (group_ref, group_key) = self.graph.group_key();
-        self.members
-            .values()
-            .filter(|m| m.group_key().is_some_and(|(r, k)| r == group_ref && k == *group_key))
-            .count()
+    fn pick(&mut self) -> u64 {
+        let ids: Vec<u64> = self.members.keys().copied().collect();
+        ids[(self.rng.next_u64() % ids.len() as u64) as usize]
+    }
+
+    async fn leave(&mut self, count: u64) -> Result<(), String> {
+        for _ in 0..count.min(self.members.len() as u64 - 2) {
+            let id = self.pick();
+            let (_, client, _) = self.members.remove(&id).expect("picked from the map");
+            client.leave().await.map_err(|e| e.to_string())?;
+            self.leaves += 1;
+        }
+        Ok(())
+    }
+
+    /// Members holding the controller's active key, after waiting up to `within` for them.
+    async fn in_sync(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let stats = self.group.server().stats();
+            let count = self
+                .members
+                .values()
+                .filter(|(_, c, _)| c.getkey().is_some_and(|(r, _)| r.to_string() == stats.active_key) && c.rekey_seq() == stats.rekeys)
+                .count();
+            if count == self.members.len() || Instant::now() > deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 }
 
+#[derive(serde::Serialize)]
+struct Summary {
+    members: usize,
+    epochs: u32,
+    members_in_sync: usize,
+    evicted_can_decrypt: bool,
+    evicted_member: u64,
+    messages_tried_by_evicted: usize,
+    rekey_bytes: u64,
+    rekeys: u64,
+    joins: usize,
+    leaves: usize,
+    mean_join_latency_ms: f64,
+    seconds: f64,
+}
+
 pub fn run(args: &DemoArgs) -> Result<(), String> {
-    let config = GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion };
-    let mut seed = BatchSeed::from_u64(args.seed);
-    let graph = keycast_core::new_graph(config, &seed).map_err(|e| e.to_string())?;
-    seed = seed.next();
-    let mut demo = Demo { graph, members: BTreeMap::new(), next_member: 0, seed, rekey_bytes: 0, joins: 0, leaves: 0 };
-    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
-    let say = |line: String| if !args.json { println!("{line}") };
-
-    let (plan, bytes) = demo.epoch(args.members as usize, vec![])?;
-    say(format!("epoch 0: {} members joined; rekey of {} wraps, {bytes} bytes", args.members, plan.wraps.len()));
-
-    let evict_at = args.epochs.div_ceil(2);
-    let mut evicted: Option<(MemberId, KeyRing)> = None;
-    let mut evicted_can_decrypt = false;
-    for epoch in 1..=args.epochs {
-        let current: Vec<MemberId> = demo.members.keys().copied().collect();
-        let churn = (current.len() / 20).max(1);
-        let mut leaves: Vec<MemberId> = Vec::new();
-        for _ in 0..rng.next_u64() as usize % (churn + 1) {
-            let m = current[rng.next_u64() as usize % current.len()];
-            if !leaves.contains(&m) {
-                leaves.push(m);
-            }
-        }
-        let mut eviction = String::new();
-        if epoch == evict_at {
-            let victim = *current.iter().find(|m| !leaves.contains(m)).ok_or("no member to evict")?;
-            evicted = Some((victim, demo.members[&victim].keyring().clone()));
-            leaves.push(victim);
-            eviction = format!(", evicted {victim:?}");
-        }
-        let joins = rng.next_u64() as usize % (churn + 1);
-        let n_leaves = leaves.len();
-        let (plan, bytes) = demo.epoch(joins, leaves)?;
-        // The evicted member hears every rekey after its eviction and tries every wrap.
-        if let Some((_, ring)) = evicted.as_mut() {
-            ring.absorb(&plan.wraps).map_err(|e| e.to_string())?;
-            evicted_can_decrypt |= ring.holds(plan.group_key);
-        }
-        let wraps = plan.wraps.len();
-        say(format!(
-            "epoch {epoch}: +{joins} -{n_leaves}{eviction}; rekey of {wraps} wraps, {bytes} bytes; {}/{} members in sync",
-            demo.in_sync(),
-            demo.members.len()
-        ));
-    }
-    let summary = serde_json::json!({
-        "members": demo.members.len(),
-        "epochs": args.epochs,
-        "joins": demo.joins,
-        "leaves": demo.leaves,
-        "members_in_sync": demo.in_sync(),
-        "evicted": evicted.as_ref().map(|(m, _)| m.0),
-        "evicted_can_decrypt": evicted_can_decrypt,
-        "rekey_bytes": demo.rekey_bytes,
-    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let summary = runtime.block_on(demo(args))?;
     if args.json {
-        println!("{summary}");
+        println!("{}", serde_json::to_string(&summary).expect("plain values"));
     } else {
         println!(
-            "summary: {} members, {} epochs, {} in sync, evicted member can decrypt: {}, {} rekey bytes",
-            demo.members.len(),
-            args.epochs,
-            demo.in_sync(),
-            evicted_can_decrypt,
-            demo.rekey_bytes
+            "{} members after {} epochs ({} joins, {} leaves, 1 eviction); {} rekeys, {} bytes on the wire",
+            summary.members, summary.epochs, summary.joins, summary.leaves, summary.rekeys, summary.rekey_bytes
         );
+        println!("members at the controller's active key: {}/{}", summary.members_in_sync, summary.members);
+        println!(
+            "evicted member {} opened {} of {} messages sealed after its eviction",
+            summary.evicted_member,
+            if summary.evicted_can_decrypt { "some" } else { "none" },
+            summary.messages_tried_by_evicted
+        );
+        println!("mean join latency {:.0} ms (joins wait for their epoch); {:.1} s in all", summary.mean_join_latency_ms, summary.seconds);
     }
     Ok(())
+}
+
+async fn demo(args: &DemoArgs) -> Result<Summary, String> {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let policy = GroupPolicy {
+        group: GroupId(1),
+        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: args.epoch_ms,
+        activation_delay: 1,
+        heartbeat_ms: (args.epoch_ms / 4).max(20),
+        refresh_timeout_ms: 20 * args.epoch_ms,
+        immediate_eviction: true,
+        packets: PacketConfig::default(),
+    };
+    let acl = (args.members + 10 * args.epochs as u64) as usize;
+    let group = LocalGroup::start(policy, acl, dir.path().to_path_buf()).await.map_err(|e| e.to_string())?;
+    let mut demo = Demo { group, members: BTreeMap::new(), next_identity: 0, rng: ChaCha8Rng::seed_from_u64(args.seed), joins: 0, leaves: 0 };
+    let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(args.epochs as u64 + 1) };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
+    bar.set_message(format!("{} members joining over TLS 1.3", args.members));
+    demo.join(args.members).await?;
+    let settle = Duration::from_millis(10 * args.epoch_ms);
+    demo.in_sync(settle).await;
+    bar.inc(1);
+
+    let evict_at = args.epochs / 2;
+    let mut evicted: Option<(u64, MemberClient)> = None;
+    let (mut tried, mut opened) = (0, 0);
+    for epoch in 1..=args.epochs {
+        let (joins, leaves) = (1 + demo.rng.next_u64() % 8, 1 + demo.rng.next_u64() % 8);
+        demo.leave(leaves).await?;
+        if epoch == evict_at {
+            let id = demo.pick();
+            let (_, client, _) = demo.members.remove(&id).expect("picked");
+            demo.group.server().evict(keycast_core::MemberId(id)).await;
+            evicted = Some((id, client));
+        }
+        demo.join(joins).await?;
+        let synced = demo.in_sync(settle).await;
+        if let Some((_, spy)) = &evicted {
+            // Every member seals one message; the evicted member tries them all.
+            for (_, client, _) in demo.members.values() {
+                let message = client.seal(format!("epoch {epoch}").as_bytes()).map_err(|e| e.to_string())?;
+                tried += 1;
+                opened += usize::from(spy.open(&message).is_ok());
+            }
+        }
+        let stats = demo.group.server().stats();
+        bar.set_message(format!("epoch {epoch}: {} members, {synced} in sync, {} rekey bytes so far", demo.members.len(), stats.rekey_bytes));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let members_in_sync = demo.in_sync(settle).await;
+    let stats = demo.group.server().stats();
+    Ok(Summary {
+        members: demo.members.len(),
+        epochs: args.epochs,
+        members_in_sync,
+        evicted_can_decrypt: opened > 0,
+        evicted_member: evicted.as_ref().map_or(0, |(id, _)| *id),
+        messages_tried_by_evicted: tried,
+        rekey_bytes: stats.rekey_bytes,
+        rekeys: stats.rekeys,
+        joins: demo.joins,
+        leaves: demo.leaves,
+        mean_join_latency_ms: stats.mean_join_latency_ms,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

@@ -1,6 +1,7 @@
 //! `keycast`: scalable group key management for secure multicast.
 
 mod demo;
+mod net;
 mod sim;
 
 use clap::{Parser, Subcommand};
@@ -14,8 +15,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a group under churn in this process and report what happened.
+    /// Run a controller and 200 members on loopback under churn and report what happened.
     Demo(demo::DemoArgs),
+    /// Create a CA, certificates for a controller, members and an admin, and commented configs.
+    Init(net::InitArgs),
+    /// Run a group's controller.
+    Server(net::ConfigArg),
+    /// Join a group as a member, print its events, optionally send a test stream.
+    Member(net::MemberArgs),
+    /// Administer a running controller: list, evict, stats.
+    Admin(net::AdminArgs),
     /// Simulations that reproduce the papers' measurements.
     #[command(subcommand)]
     Sim(sim::SimCommand),
@@ -25,6 +34,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Init(args) => net::init(&args),
+        Command::Server(args) => net::server(&args),
+        Command::Member(args) => net::member(&args),
+        Command::Admin(args) => net::admin(&args),
         Command::Sim(command) => sim::run(command),
     };
     if let Err(error) = result {

@@ -247,7 +247,7 @@ impl MemberSession {
 
     /// Seals application data under the active key; `nonce` must be fresh random bytes.
     pub fn seal(&self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
-        let (key_ref, key) = self.active_key().ok_or(TrafficError::UnknownKey(KeyRef::default()))?;
+        let (key_ref, key) = self.active_key().ok_or(TrafficError::NoActiveKey)?;
         traffic::seal(self.group, key_ref, &key, nonce, plaintext)
     }
 

@@ -24,6 +24,8 @@ pub enum TrafficError {
     UnknownKey(KeyRef),
     #[error("data failed authentication")]
     Forged,
+    #[error("no group key is in force yet (a joiner waits for its activation epoch)")]
+    NoActiveKey,
 }
 
 fn message_key(group: GroupId, key_ref: KeyRef, key: &Key, nonce: &[u8; DATA_NONCE_LEN]) -> LessSafeKey {

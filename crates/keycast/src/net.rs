@@ -1,0 +1,243 @@
+//! `keycast init`, `server`, `member` and `admin`: the networked system from config files.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use keycast_core::wire::GroupId;
+use keycast_net::admin::{self, AdminRequest, AdminResponse};
+use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
+use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
+use keycast_net::pki::{Authority, Credentials};
+use keycast_net::server::{Server, ServerSetup};
+use keycast_net::tls::{client_config, read_frame, server_config, write_frame};
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Folder to create (must not hold a keycast setup already).
+    dir: PathBuf,
+    /// Member identities to issue certificates for (member-1 .. member-N).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    members: u32,
+    #[arg(long, default_value_t = 1)]
+    group: u64,
+    /// TLS port of the controller; the multicast channel uses the next port.
+    #[arg(long, default_value_t = 7400)]
+    port: u16,
+}
+
+#[derive(Args)]
+pub struct ConfigArg {
+    #[arg(long)]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+pub struct MemberArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Send this many test messages to the group, one per interval.
+    #[arg(long, default_value_t = 0)]
+    send: u32,
+    #[arg(long = "interval-ms", default_value_t = 1000)]
+    interval_ms: u64,
+    /// Leave the group and stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long = "for-secs")]
+    for_secs: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct AdminArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// The group's members.
+    List,
+    /// Remove a member at once (its keys are replaced immediately).
+    Evict { member: u64 },
+    /// Members, epoch, rekeys, bytes, joins.
+    Stats,
+}
+
+fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, if private { 0o600 } else { 0o644 });
+    let mut file = options.open(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn write_credentials(dir: &Path, name: &str, c: &Credentials) -> Result<(), String> {
+    write(&dir.join(format!("{name}.pem")), &c.cert_pem, false)?;
+    write(&dir.join(format!("{name}.key")), &c.key_pem, true)
+}
+
+fn addresses(port: u16) -> String {
+    format!("server = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n")
+}
+
+fn multicast(port: u16) -> String {
+    format!(
+        "[multicast]\n# Group address and port. The interface is where datagrams leave and where members join;\n# TTL 1 keeps them on this host's link. Change both only for a real network.\naddress = \"239.255.42.1:{}\"\ninterface = \"127.0.0.1\"\nttl = 1\n",
+        port + 1
+    )
+}
+
+pub fn init(args: &InitArgs) -> Result<(), String> {
+    if args.dir.join("server.toml").exists() {
+        return Err(format!("{} already holds a keycast setup", args.dir.display()));
+    }
+    std::fs::create_dir_all(&args.dir).map_err(|e| format!("cannot create {}: {e}", args.dir.display()))?;
+    let pki = |e: rcgen_error::Error| e.to_string();
+    let ca = Authority::new("keycast CA").map_err(pki)?;
+    write(&args.dir.join("ca.pem"), &ca.ca_pem(), false)?;
+    write_credentials(&args.dir, "controller", &ca.issue("keycast-controller", true).map_err(pki)?)?;
+    write_credentials(&args.dir, "admin", &ca.issue("admin", false).map_err(pki)?)?;
+    let names: Vec<String> = (1..=args.members).map(|i| format!("member-{i}")).collect();
+    args.port.checked_add(1).ok_or("--port must leave room for the multicast port")?;
+    let (addresses, multicast) = (addresses(args.port), multicast(args.port));
+    for name in &names {
+        write_credentials(&args.dir, name, &ca.issue(name, false).map_err(pki)?)?;
+        let config = format!(
+            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n",
+            group = args.group
+        );
+        write(&args.dir.join(format!("{name}.toml")), &config, false)?;
+    }
+    let acl = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    let server = format!(
+        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Keep it private: it holds key seeds.\ndatabase = \"controller.redb\"\n# Certificate common names that may join, and that may administer.\nacl = [{acl}]\nadmins = [\"admin\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\nmtu = 1200\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
+        group = args.group,
+        port = args.port
+    );
+    write(&args.dir.join("server.toml"), &server, false)?;
+    let admin = format!("# `keycast admin --config admin.toml list|evict ID|stats`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
+    write(&args.dir.join("admin.toml"), &admin, false)?;
+    println!("created {}: ca.pem, server.toml, admin.toml and {} member configs", args.dir.display(), names.len());
+    println!("next: keycast server --config {}/server.toml", args.dir.display());
+    Ok(())
+}
+
+mod rcgen_error {
+    pub use keycast_net::pki::RcgenError as Error;
+}
+
+pub fn logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYCAST_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())
+}
+
+pub fn server(args: &ConfigArg) -> Result<(), String> {
+    logging();
+    let config = ServerConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
+    let setup = ServerSetup {
+        policy: config.policy.group_policy(config.group).map_err(|e| e.to_string())?,
+        acl: config.acl.iter().cloned().collect(),
+        admins: config.admins.iter().cloned().collect::<BTreeSet<_>>(),
+        listen: config.listen,
+        multicast: config.multicast.clone(),
+        tls: server_config(&credentials).map_err(|e| e.to_string())?,
+        database: config.database.clone(),
+        metrics: config.metrics,
+    };
+    runtime()?.block_on(async {
+        let server = Server::start(setup).await.map_err(|e| e.to_string())?;
+        tracing::info!(addr = %server.addr, "serving; Ctrl-C stops");
+        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+        tracing::info!("stopping");
+        Ok(())
+    })
+}
+
+pub fn member(args: &MemberArgs) -> Result<(), String> {
+    logging();
+    let config = MemberConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
+    let setup = MemberSetup {
+        group: GroupId(config.group),
+        server: config.server,
+        server_name: config.server_name.clone(),
+        multicast: config.multicast.clone(),
+        tls: client_config(&credentials).map_err(|e| e.to_string())?,
+        refresh_ms: config.refresh_ms,
+        heartbeat_ms: config.heartbeat_ms,
+    };
+    runtime()?.block_on(async {
+        let (client, mut events) = MemberClient::join(setup).await.map_err(|e| e.to_string())?;
+        println!("joined as member {}", client.member().0);
+        let stop = tokio::time::sleep(Duration::from_secs(args.for_secs.unwrap_or(u64::MAX / 4)));
+        tokio::pin!(stop);
+        let mut ticker = tokio::time::interval(Duration::from_millis(args.interval_ms.max(10)));
+        let mut sent = 0;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(ClientEvent::Data(bytes)) => println!("data: {}", String::from_utf8_lossy(&bytes)),
+                    Some(ClientEvent::Unreadable(why)) => println!("unreadable data: {why}"),
+                    Some(ClientEvent::Member(e)) => println!("event: {e:?}"),
+                    None => break,
+                },
+                _ = ticker.tick(), if sent < args.send && client.getkey().is_some() => {
+                    sent += 1;
+                    let text = format!("test message {sent} from member {}", client.member().0);
+                    if let Err(e) = client.send(text.as_bytes()).await {
+                        println!("send failed: {e}");
+                    }
+                }
+                _ = &mut stop => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        client.leave().await.map_err(|e| e.to_string())?;
+        println!("left the group");
+        Ok(())
+    })
+}
+
+pub fn admin(args: &AdminArgs) -> Result<(), String> {
+    let config = AdminConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
+    let tls = client_config(&credentials).map_err(|e| e.to_string())?;
+    let request = match args.command {
+        AdminCommand::List => AdminRequest::List,
+        AdminCommand::Evict { member } => AdminRequest::Evict { member },
+        AdminCommand::Stats => AdminRequest::Stats,
+    };
+    let response: AdminResponse = runtime()?.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(config.server).await.map_err(|e| format!("cannot reach {}: {e}", config.server))?;
+        let name = rustls_name(&config.server_name)?;
+        let mut stream = keycast_net::tls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        write_frame(&mut stream, &admin::encode(&request)).await.map_err(|e| e.to_string())?;
+        let frame = read_frame(&mut stream).await.map_err(|e| format!("no answer (is this identity an admin?): {e}"))?;
+        admin::decode(&frame)
+    })?;
+    match response {
+        AdminResponse::Members(rows) => {
+            println!("{:>8}  {:<24}  last seen (ms since epoch)", "member", "identity");
+            for r in rows {
+                println!("{:>8}  {:<24}  {}", r.member, r.identity, r.last_seen_ms);
+            }
+        }
+        AdminResponse::Evicted { member, found: true } => println!("member {member} evicted; its keys are replaced now"),
+        AdminResponse::Evicted { member, found: false } => return Err(format!("no member {member}")),
+        AdminResponse::Stats(s) => println!("{}", serde_json::to_string_pretty(&s).expect("plain values")),
+        AdminResponse::Error(e) => return Err(e),
+    }
+    Ok(())
+}
+
+fn rustls_name(name: &str) -> Result<keycast_net::tls::ServerName<'static>, String> {
+    keycast_net::tls::ServerName::try_from(name.to_owned()).map_err(|e| format!("server name {name:?}: {e}"))
+}
