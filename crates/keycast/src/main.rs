@@ -1,6 +1,9 @@
 //! `keycast`: scalable group key management for secure multicast.
 
+mod bench;
 mod demo;
+mod figures;
+mod measure;
 mod sim;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +22,8 @@ enum Command {
     /// Simulations that reproduce the papers' measurements.
     #[command(subcommand)]
     Sim(sim::SimCommand),
+    /// Rekey costs against the crypto floor (and against MLS with the mls-peer feature).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -26,6 +31,7 @@ fn main() {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Sim(command) => sim::run(command),
+        Command::Bench(args) => bench::run(&args),
     };
     if let Err(error) = result {
         eprintln!("keycast: {error}");
