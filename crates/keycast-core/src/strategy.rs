@@ -112,23 +112,30 @@ pub(crate) fn entry_chains(plan: &RekeyPlan) -> Vec<Vec<usize>> {
     }
     let follows: Vec<&[usize]> =
         wraps.iter().map(|w| sealed_under.get(&w.key).map(Vec::as_slice).unwrap_or_default()).collect();
-    entries
-        .into_par_iter()
-        .map(|entry| {
-            let mut chain = vec![entry];
-            let mut next = 0;
-            while next < chain.len() {
-                for &i in follows[chain[next]] {
-                    if !chain.contains(&i) {
-                        chain.push(i);
-                    }
+    let chain = |entry: usize| {
+        let mut chain = vec![entry];
+        let mut next = 0;
+        while next < chain.len() {
+            for &i in follows[chain[next]] {
+                if !chain.contains(&i) {
+                    chain.push(i);
                 }
-                next += 1;
             }
-            chain
-        })
-        .collect()
+            next += 1;
+        }
+        chain
+    };
+    // Handing a few chains to the thread pool costs more than building them here.
+    if entries.len() < PARALLEL_MIN {
+        entries.into_iter().map(chain).collect()
+    } else {
+        entries.into_par_iter().map(chain).collect()
+    }
 }
+
+/// Fewer items than this are processed on the calling thread: waking the pool from outside
+/// costs tens of microseconds, more than a single leave's whole rekey.
+pub(crate) const PARALLEL_MIN: usize = 256;
 
 /// Messages, wraps and bytes of a packaged rekey.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

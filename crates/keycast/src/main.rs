@@ -1,6 +1,9 @@
 //! `keycast`: scalable group key management for secure multicast.
 
+mod bench;
 mod demo;
+mod figures;
+mod measure;
 mod net;
 mod sim;
 
@@ -28,6 +31,8 @@ enum Command {
     /// Simulations that reproduce the papers' measurements.
     #[command(subcommand)]
     Sim(sim::SimCommand),
+    /// Rekey costs against the crypto floor (and against MLS with the mls-peer feature).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -39,6 +44,7 @@ fn main() {
         Command::Member(args) => net::member(&args),
         Command::Admin(args) => net::admin(&args),
         Command::Sim(command) => sim::run(command),
+        Command::Bench(args) => bench::run(&args),
     };
     if let Err(error) = result {
         eprintln!("keycast: {error}");

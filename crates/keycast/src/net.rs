@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use keycast_core::protocol::MemberEvent;
 use keycast_core::wire::GroupId;
 use keycast_net::admin::{self, AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
@@ -186,6 +187,10 @@ pub fn member(args: &MemberArgs) -> Result<(), String> {
                 event = events.recv() => match event {
                     Some(ClientEvent::Data(bytes)) => println!("data: {}", String::from_utf8_lossy(&bytes)),
                     Some(ClientEvent::Unreadable(why)) => println!("unreadable data: {why}"),
+                    Some(ClientEvent::Member(MemberEvent::Evicted)) => {
+                        println!("event: Evicted (the controller removed this member)");
+                        return Ok(());
+                    }
                     Some(ClientEvent::Member(e)) => println!("event: {e:?}"),
                     None => break,
                 },

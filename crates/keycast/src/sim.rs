@@ -17,6 +17,8 @@ use rand_core::{Rng, SeedableRng};
 pub enum SimCommand {
     /// Build a group of N members, apply one batch of joins and leaves, report its rekey.
     Rekey(RekeyArgs),
+    /// Reproduce the papers' figures: CSV, SVG and PNG per figure, and figures.md.
+    Figures(crate::figures::FiguresArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -102,6 +104,7 @@ fn mtu_in_range(text: &str) -> Result<usize, String> {
 pub fn run(command: SimCommand) -> Result<(), String> {
     match command {
         SimCommand::Rekey(args) => rekey(&args),
+        SimCommand::Figures(args) => crate::figures::run(&args),
     }
 }
 

@@ -68,7 +68,7 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     );
     std::thread::sleep(std::time::Duration::from_millis(500));
     let listener = Command::new(bin)
-        .args(["member", "--config", "member-2.toml", "--for-secs", "6"])
+        .args(["member", "--config", "member-2.toml", "--for-secs", "30"])
         .current_dir(dir.path())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -112,4 +112,97 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Rows of one series of a figure's CSV (`series,x,y`), as (x, y).
+fn csv_series(dir: &std::path::Path, stem: &str, series: &str) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(dir.join(format!("{stem}.csv"))).expect("csv written");
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let (name, rest) = line.rsplit_once(',').and_then(|(head, y)| head.rsplit_once(',').map(|(n, x)| (n, (x, y))))?;
+            (name.trim_matches('"') == series).then(|| (rest.0.parse().unwrap(), rest.1.parse().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn sim_figures_quick_writes_every_figure_with_the_papers_shapes() {
+    let dir = std::env::temp_dir().join(format!("keycast-figures-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_keycast"))
+        .args(["sim", "figures", "--quick", "--quiet", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let page = std::fs::read_to_string(dir.join("figures.md")).unwrap();
+    let stems: Vec<&str> = page.lines().filter_map(|l| l.strip_prefix("- Data: [`")?.split('.').next()).collect();
+    assert_eq!(stems.len(), 16, "one entry per figure: {stems:?}");
+    for stem in &stems {
+        for ext in ["csv", "svg", "png"] {
+            let bytes = std::fs::read(dir.join(format!("{stem}.{ext}"))).unwrap_or_else(|_| panic!("{stem}.{ext}"));
+            assert!(bytes.len() > 200, "{stem}.{ext} is nearly empty");
+        }
+        assert!(page.contains(&format!("]({stem}.svg)")), "figures.md shows {stem}");
+    }
+    assert!(std::fs::read(dir.join("fig1a_wong_time_vs_size.png")).unwrap().starts_with(b"\x89PNG"));
+    assert!(!page.contains("NaN"), "every measured line has numbers");
+
+    // Figure 1: a leave costs d·h - 1 wraps, so it grows with log n, not with n.
+    let leave = csv_series(&dir, "fig1c_wong_wraps_vs_size", "leave");
+    assert_eq!(leave.first().unwrap().0, 32.0);
+    assert_eq!(leave.last().unwrap().0, 1024.0);
+    assert!(leave.windows(2).all(|w| w[1].1 >= w[0].1), "{leave:?}");
+    assert_eq!(leave.last().unwrap().1, 19.0, "4·5 - 1 wraps at n = 4^5");
+    assert!(leave.last().unwrap().1 / leave[0].1 < 2.5, "32x the members, about 2x the wraps");
+
+    // Figure 2: the fewest wraps per request (mean of join and leave) is at degree 4.
+    let average = csv_series(&dir, "fig2c_wong_wraps_vs_degree", "average");
+    assert_eq!(average.len(), 15);
+    let best = average.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(best.0, 4.0, "{average:?}");
+
+    // Figure 3: random leavers never cost more than evenly spread ones; the closed form (exact
+    // for a full tree, see sizes.rs) is within 5% of evenly spread leavers at n = 2000.
+    let random = csv_series(&dir, "fig3a_mk_entries", "d = 2, random leavers (mean of runs)");
+    let even = csv_series(&dir, "fig3a_mk_entries", "d = 2, evenly spread leavers (measured)");
+    let closed = csv_series(&dir, "fig3a_mk_entries", "d = 2, worst-case closed form (5.1)");
+    assert!(!even.is_empty() && even.len() == closed.len());
+    for ((k, e), (_, c)) in even.iter().zip(&closed) {
+        let r = random.iter().find(|p| p.0 == *k).unwrap().1;
+        assert!(r <= *e + 1e-9 && (e - c).abs() <= 0.05 * c, "k = {k}: random {r}, even {e}, closed form {c}");
+    }
+    assert!(random.last().unwrap().1 < random.iter().map(|p| p.1).fold(0.0, f64::max) / 4.0, "nearly everyone leaving prunes the tree");
+
+    // Figure 5: flat costs 2·I = 40 entries and 2·I + 1 shared keys whatever n; a tree grows.
+    let flat = csv_series(&dir, "fig5a_caronni_entries_per_leave", "flat (20-bit IDs)");
+    assert!(flat.iter().all(|p| p.1 == 40.0), "{flat:?}");
+    let storage = csv_series(&dir, "fig5c_caronni_storage", "flat (20-bit IDs), shared keys");
+    assert!(storage.iter().all(|p| p.1 == 41.0), "{storage:?}");
+    let tree = csv_series(&dir, "fig5c_caronni_storage", "tree d = 4, shared keys");
+    assert!(tree.last().unwrap().1 > 10.0 * tree[0].1);
+
+    // Figure 6: when nearly everyone leaves, a star needs fewer wraps than any tree.
+    let star = csv_series(&dir, "fig6_batch_wraps_by_scheme", "star");
+    let d2 = csv_series(&dir, "fig6_batch_wraps_by_scheme", "d = 2");
+    assert!(star.last().unwrap().1 < d2.last().unwrap().1 && star[0].1 > d2[0].1);
+
+    // Figure 7: batching per interval needs fewer wraps per request than rekeying each one.
+    let single = csv_series(&dir, "fig7b_gsm_wraps_per_request", "star, 30 members, rekey per request");
+    let batched = csv_series(&dir, "fig7b_gsm_wraps_per_request", "star, 30 members, batched per 20 s interval");
+    assert!(single.iter().zip(&batched).all(|(s, b)| b.1 < s.1), "{single:?} {batched:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_quick_json_has_every_figure() {
+    let report = keycast(&["bench", "--quick", "--json"]);
+    for key in ["leave_us", "leave_floor_ratio", "batch_ms", "batch_floor_ratio", "member_us", "wrap_ns", "sign_us"] {
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {report}");
+    }
+    assert_eq!(report["leave_wraps"], 4 * 7 - 1, "one leave from 2^14 members at d = 4");
+    assert_eq!(report["batch_leavers"], (1 << 14) / 10);
+    let ratio = report["mls_ratio"].as_object().expect("mls_ratio keyed by n");
+    assert!(ratio.contains_key("100") && ratio.contains_key("1000"), "{report}");
+    assert!(report["keycast_remove_us"]["1000"].as_f64().is_some());
 }

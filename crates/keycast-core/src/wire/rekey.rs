@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::graph::RekeyPlan;
 use crate::key::KeyRef;
-use crate::strategy::{entry_chains, RekeyMessage};
+use crate::strategy::{entry_chains, RekeyMessage, PARALLEL_MIN};
 use crate::wrap::Wrap;
 
 use super::auth::{self, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
@@ -252,17 +252,24 @@ pub fn encode_rekey(
         count,
         block_bits: config.block_bits,
     };
-    let mut packets: Vec<Vec<u8>> = contents
-        .par_iter()
-        .enumerate()
-        .map(|(i, content)| {
-            let mut out = start(MessageType::Rekey, config.mtu);
-            let wraps: Vec<&Wrap> = content.iter().map(|&w| &plan.wraps[w]).collect();
-            RekeyPacket::put_body(&header(i as u32), &wraps, &mut out);
-            out
-        })
-        .collect();
-    packets.par_chunks_mut(1 << config.block_bits).for_each(|block| sign_block(block, signer));
+    let body = |(i, content): (usize, &Vec<usize>)| {
+        let mut out = start(MessageType::Rekey, config.mtu);
+        let wraps: Vec<&Wrap> = content.iter().map(|&w| &plan.wraps[w]).collect();
+        RekeyPacket::put_body(&header(i as u32), &wraps, &mut out);
+        out
+    };
+    let block = 1 << config.block_bits;
+    // Small rekeys (a single leave) stay on this thread: waking the pool costs more.
+    let mut packets: Vec<Vec<u8>> = if contents.len() <= block {
+        contents.iter().enumerate().map(body).collect()
+    } else {
+        contents.par_iter().enumerate().map(body).collect()
+    };
+    if packets.len() <= block {
+        packets.chunks_mut(block).for_each(|b| sign_block(b, signer));
+    } else {
+        packets.par_chunks_mut(block).for_each(|b| sign_block(b, signer));
+    }
     let bytes: usize = packets.iter().map(Vec::len).sum();
     let unsigned: usize = contents
         .iter()
@@ -296,13 +303,18 @@ fn place(plan: &RekeyPlan, placement: Placement, capacity: usize) -> Vec<Vec<usi
     let mut chains = entry_chains(plan);
     // Subtree order: chains that share upper wraps sit together (top-down comparison of up to
     // 16 levels; ties keep the plan's bottom-up, left-to-right order).
-    chains.par_sort_by_cached_key(|chain| {
+    let order = |chain: &Vec<usize>| {
         let mut key = [0u32; 16];
         for (slot, &i) in key.iter_mut().zip(chain.iter().rev()) {
             *slot = plan.wraps[i].key.id.0;
         }
         key
-    });
+    };
+    if chains.len() < PARALLEL_MIN {
+        chains.sort_by_cached_key(order);
+    } else {
+        chains.par_sort_by_cached_key(order);
+    }
     let len = |i: usize| plan.wraps[i].encoded_len();
     let mut packets: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
