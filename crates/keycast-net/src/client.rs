@@ -9,7 +9,7 @@ use std::time::Duration;
 use keycast_core::protocol::traffic::TrafficError;
 use keycast_core::protocol::{MemberEvent, MemberSession};
 use keycast_core::wire::{
-    Data, GroupId, JoinAnswer, JoinRequest, Leave, Message, Refresh, ResyncAnswer, ResyncRequest, MAX_MESSAGE_LEN,
+    Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, Message, Refresh, ResyncAnswer, ResyncRequest, MAX_MESSAGE_LEN,
 };
 use keycast_core::{Key, KeyRef, MemberId};
 use rustls::pki_types::ServerName;
@@ -79,6 +79,27 @@ fn refusal_or(frame: &[u8], expected: &str) -> ClientError {
     }
 }
 
+/// One join over TLS without following the group afterwards (load tests): the acceptance
+/// and the keys.
+pub async fn join_once(setup: &MemberSetup) -> Result<(JoinAccepted, ResyncAnswer), ClientError> {
+    let frames = request(setup, &JoinRequest { group: setup.group }.encode()).await?;
+    let accepted = match JoinAnswer::decode(&frames[0]) {
+        Ok(JoinAnswer::Accepted(a)) => a,
+        _ => return Err(refusal_or(&frames[0], "a join answer")),
+    };
+    let keys = frames.get(1).and_then(|f| ResyncAnswer::decode(f).ok()).ok_or(ClientError::Protocol("no keys after the join answer".into()))?;
+    Ok((accepted, keys))
+}
+
+/// A TLS 1.3 handshake with client certificate and nothing more (the floor of a join).
+pub async fn handshake_only(setup: &MemberSetup) -> Result<(), ClientError> {
+    let tcp = TcpStream::connect(setup.server).await?;
+    let name = ServerName::try_from(setup.server_name.clone()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut tls = TlsConnector::from(setup.tls.clone()).connect(name, tcp).await?;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    Ok(())
+}
+
 pub struct MemberClient {
     setup: MemberSetup,
     session: Arc<Mutex<MemberSession>>,
@@ -97,12 +118,7 @@ impl MemberClient {
     pub async fn join(setup: MemberSetup) -> Result<(MemberClient, mpsc::UnboundedReceiver<ClientEvent>), ClientError> {
         // Listen before asking, so no rekey after the join is missed.
         let receiver = multicast::receiver(&setup.multicast)?;
-        let frames = request(&setup, &JoinRequest { group: setup.group }.encode()).await?;
-        let accepted = match JoinAnswer::decode(&frames[0]) {
-            Ok(JoinAnswer::Accepted(a)) => a,
-            _ => return Err(refusal_or(&frames[0], "a join answer")),
-        };
-        let keys = frames.get(1).and_then(|f| ResyncAnswer::decode(f).ok()).ok_or(ClientError::Protocol("no keys after the join answer".into()))?;
+        let (accepted, keys) = join_once(&setup).await?;
         let (session, events) = MemberSession::join(&accepted, keys, setup.heartbeat_ms, now_ms());
         let session = Arc::new(Mutex::new(session));
         let (tx, rx) = mpsc::unbounded_channel();

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "mls-peer")]
 mod mls;
+mod net;
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -25,6 +26,10 @@ pub struct BenchArgs {
     /// Small groups and few repetitions, for tests (not a measurement).
     #[arg(long, hide = true)]
     quick: bool,
+    /// Measure the networked system on loopback instead: joins per second over TLS 1.3, and
+    /// eviction-to-rekey latency in a group of 100,000.
+    #[arg(long)]
+    net: bool,
 }
 
 const DEGREE: u32 = 4;
@@ -113,6 +118,9 @@ fn time_member(graph: &mut dyn KeyGraph, leavers: &[MemberId], reps: usize) -> D
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
+    if args.net {
+        return net::run(args.json, args.quick);
+    }
     let sizes = if args.quick {
         Sizes { big_log2: 14, leave_reps: 21, batch_reps: 2, peer_sizes: &[100, 1000] }
     } else {
