@@ -44,6 +44,7 @@ fn policy(scheme: Scheme, immediate_eviction: bool) -> GroupPolicy {
         heartbeat_ms: 30,
         refresh_timeout_ms: 1_000,
         immediate_eviction,
+        membership_deltas: true,
         packets: PacketConfig { mtu: 600, ..PacketConfig::default() },
     }
 }

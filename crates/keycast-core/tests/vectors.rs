@@ -86,6 +86,12 @@ fn describe(message: &Message) -> Value {
         }}),
         Message::Data(d) => json!({"data": data(d)}),
         Message::RelayedData(r) => json!({"relayed_data": {"origin": r.origin.0, "hops": r.hops, "data": data(&r.data)}}),
+        Message::MembershipDelta(d) => json!({"membership_delta": {
+            "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
+            "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
+            "left": d.delta.left.iter().map(|m| m.0).collect::<Vec<_>>(),
+            "signature": hex::encode(d.signature),
+        }}),
     }
 }
 
@@ -94,6 +100,7 @@ fn verification(bytes: &[u8], signer: &VerifyingKey) -> String {
     let result = match Message::decode(bytes) {
         Ok(Message::Rekey(_)) => RekeyPacket::verify(bytes, signer).map(|_| ()),
         Ok(Message::Heartbeat(_)) => SignedHeartbeat::verify(bytes, signer).map(|_| ()),
+        Ok(Message::MembershipDelta(_)) => SignedDelta::verify(bytes, signer).map(|_| ()),
         Ok(_) => return "unsigned".into(),
         Err(e) => Err(Reject::Decode(e)),
     };
@@ -147,6 +154,9 @@ fn generate() -> Value {
         sent_ms: 1_795_000_000_000,
     };
     vectors.push(message_vector("heartbeat", beat.sign(&signer).encode(), &public));
+    for part in MembershipDelta::split(group, 3, vec![], vec![MemberId(5)]) {
+        vectors.push(message_vector("membership delta of rekey 3", part.sign(&signer).encode(), &public));
+    }
     let (pos, keys) = graph.member_keys(MemberId(9)).unwrap();
     let individual = keys[0].0;
     let unsigned: Vec<(&str, Message)> = vec![

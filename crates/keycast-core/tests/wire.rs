@@ -152,6 +152,18 @@ fn message() -> impl Strategy<Value = Message> {
             })
         ),
         data().prop_map(Message::Data),
+        (any::<[u64; 2]>(), prop::collection::btree_set(any::<u64>(), 0..60), prop::collection::btree_set(any::<u64>(), 0..60), signature())
+            .prop_map(|(f, joined, left, signature)| Message::MembershipDelta(SignedDelta {
+                delta: MembershipDelta {
+                    group: GroupId(f[0]),
+                    seq: f[1],
+                    part: 0,
+                    parts: 1,
+                    joined: joined.into_iter().map(MemberId).collect(),
+                    left: left.into_iter().map(MemberId).collect(),
+                },
+                signature,
+            })),
         (any::<u64>(), 1u8..=16, data()).prop_map(|(o, hops, data)| Message::RelayedData(RelayedData {
             origin: GroupId(o),
             hops,

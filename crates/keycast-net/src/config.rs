@@ -91,6 +91,8 @@ pub struct PolicyConfig {
     /// "version" (new key versions for joiners) or "revision" (one-way revisions).
     pub join_policy: String,
     pub immediate_eviction: bool,
+    /// Multicast who joined and left after each rekey (conferencing groups).
+    pub membership_deltas: bool,
     pub mtu: usize,
 }
 
@@ -106,6 +108,7 @@ impl Default for PolicyConfig {
             flat_id_bits: 20,
             join_policy: "version".into(),
             immediate_eviction: true,
+            membership_deltas: false,
             mtu: DEFAULT_MTU,
         }
     }
@@ -137,6 +140,7 @@ impl PolicyConfig {
             heartbeat_ms: self.heartbeat_ms,
             refresh_timeout_ms: self.refresh_timeout_ms,
             immediate_eviction: self.immediate_eviction,
+            membership_deltas: self.membership_deltas,
             packets: PacketConfig { mtu: self.mtu, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::UserOriented },
         })
     }

@@ -32,6 +32,8 @@ pub struct LocalGroup {
     pub multicast: MulticastConfig,
     pub database: PathBuf,
     pub server: Option<Server>,
+    /// Prometheus endpoint of the controller at its next start (off by default).
+    pub metrics: Option<SocketAddr>,
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
 }
@@ -58,6 +60,7 @@ impl LocalGroup {
             multicast,
             database: folder.join("controller.redb"),
             server: None,
+            metrics: None,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             tls,
         };
@@ -75,7 +78,7 @@ impl LocalGroup {
             multicast: self.multicast.clone(),
             tls: self.tls.clone(),
             database: self.database.clone(),
-            metrics: None,
+            metrics: self.metrics,
         };
         let server = Server::start(setup).await?;
         self.listen = server.addr;

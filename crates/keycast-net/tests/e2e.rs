@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keycast_core::protocol::GroupPolicy;
+use keycast_core::protocol::{GroupPolicy, MemberEvent};
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
@@ -23,6 +23,7 @@ fn policy() -> GroupPolicy {
         heartbeat_ms: 40,
         refresh_timeout_ms: 5_000,
         immediate_eviction: true,
+        membership_deltas: true,
         packets: PacketConfig::default(),
     }
 }
@@ -101,7 +102,21 @@ async fn members_join_share_traffic_and_a_leave_rekeys_them() {
 
     let (leaver, _) = members.remove(5);
     let leaver_key = leaver.getkey().unwrap();
+    let leaver_id = leaver.member();
     leaver.leave().await.unwrap();
+    // Membership deltas are on in this group: the others hear who left.
+    let (_, events) = &mut members[0];
+    let heard = timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(ClientEvent::Member(MemberEvent::MembershipChanged { left, .. })) = events.recv().await {
+                if left.contains(&leaver_id) {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(heard.is_ok(), "no membership delta named the leaver");
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     let after = until_active(&refs, seq + 1, Some(before), Duration::from_secs(5)).await;
     assert_ne!(after, leaver_key.0);
@@ -167,7 +182,7 @@ async fn a_controller_killed_at_any_point_restarts_and_members_stay_in_sync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_members() {
-    let (group, _dir) = group(3).await;
+    let (mut group, _dir) = group(3).await;
     let members = join_all(&group, (1..=2).map(|i| format!("member-{i}"))).await;
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     let seq = group.server().stats().rekeys;
@@ -202,4 +217,16 @@ async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_m
     all.push(&third);
     until_in_sync(&all, seq + 1, Duration::from_secs(5)).await;
     assert!(everyone_reads(&third, &all));
+
+    // The metrics endpoint is off by default; turned on, it reports the group.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    group.metrics = Some(([127, 0, 0, 1], port).into());
+    group.kill_server().await;
+    group.start_server().await.unwrap();
+    sleep(Duration::from_millis(100)).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut page = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut page).await.unwrap();
+    assert!(page.contains("keycast_members 3"), "{page}");
 }

@@ -147,6 +147,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         heartbeat_ms: (args.epoch_ms / 4).max(20),
         refresh_timeout_ms: 20 * args.epoch_ms,
         immediate_eviction: true,
+        membership_deltas: false,
         packets: PacketConfig::default(),
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;

@@ -19,7 +19,7 @@ use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, RekeyContext};
-use crate::wire::{GroupId, Signer, VerifyingKey};
+use crate::wire::{GroupId, MembershipDelta, Signer, VerifyingKey};
 
 /// Policy fixed for a group's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct GroupPolicy {
     pub refresh_timeout_ms: u64,
     /// Rekey at once when a member is evicted, and activate the new key at once.
     pub immediate_eviction: bool,
+    /// After each rekey, multicast who joined and left (conferencing groups, Mukkamalla 4.3).
+    pub membership_deltas: bool,
     pub packets: PacketConfig,
 }
 
@@ -474,6 +476,13 @@ impl Controller {
         let mut out = vec![Output::Persist(record)];
         out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes });
         out.extend(packets.iter().cloned().map(Output::Multicast));
+        if self.policy.membership_deltas {
+            let joined = joins.iter().map(|(m, _)| *m).collect();
+            let left = leaves.iter().chain(&plan.excluded).copied().collect();
+            for part in MembershipDelta::split(self.policy.group, seq, joined, left) {
+                out.push(Output::Multicast(part.sign(&self.signer).encode()));
+            }
+        }
         self.last_rekey = packets;
         for (member, identity, why) in departed {
             out.push(Output::Departed { member, identity, why });

@@ -11,7 +11,7 @@ use crate::wire::control::{Data, JoinAccepted, ResyncAnswer, DATA_NONCE_LEN};
 use crate::wire::guard::{Reject, ReplayGuard};
 use crate::wire::heartbeat::SignedHeartbeat;
 use crate::wire::rekey::RekeyPacket;
-use crate::wire::{DecodeError, GroupId, Message, VerifyingKey};
+use crate::wire::{DecodeError, GroupId, Message, SignedDelta, VerifyingKey};
 
 use super::traffic::{self, TrafficError};
 
@@ -32,6 +32,8 @@ pub enum MemberEvent {
     Evicted,
     /// No heartbeat for three intervals.
     ControllerLost,
+    /// Who joined and left with rekey `seq` (groups with membership deltas on).
+    MembershipChanged { seq: u64, joined: Vec<MemberId>, left: Vec<MemberId> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +66,8 @@ pub struct MemberSession {
     controller_lost: bool,
     /// Heartbeats seen naming a rekey this member has not applied.
     heartbeats_behind: u32,
+    /// Membership delta parts already reported, as (rekey seq, part), for recent rekeys.
+    deltas_seen: std::collections::BTreeSet<(u64, u16)>,
 }
 
 impl MemberSession {
@@ -85,6 +89,7 @@ impl MemberSession {
             out_of_sync: false,
             controller_lost: false,
             heartbeats_behind: 0,
+            deltas_seen: Default::default(),
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.resynced(keys));
@@ -162,6 +167,20 @@ impl MemberSession {
             Message::Rekey(_) => {
                 let packet = RekeyPacket::verify(bytes, &self.signer)?;
                 self.rekey_packet(packet)
+            }
+            Message::MembershipDelta(_) => {
+                let delta = SignedDelta::verify(bytes, &self.signer)?;
+                if delta.group != self.group {
+                    return Err(Reject::WrongGroup { expected: self.group, got: delta.group }.into());
+                }
+                let key = (delta.seq, delta.part);
+                if self.deltas_seen.contains(&key) || delta.seq + 16 < self.guard.rekey_seq() {
+                    return Err(Reject::Replay { kind: "membership delta", seq: delta.seq, last: self.guard.rekey_seq() }.into());
+                }
+                self.deltas_seen.insert(key);
+                let floor = self.guard.rekey_seq().saturating_sub(16);
+                self.deltas_seen.retain(|(seq, _)| *seq >= floor);
+                Ok(vec![MemberEvent::MembershipChanged { seq: delta.seq, joined: delta.joined, left: delta.left }])
             }
             other => Err(MemberInputError::Unexpected(message_type(&other))),
         }

@@ -13,11 +13,13 @@ pub mod control;
 pub mod guard;
 pub mod heartbeat;
 pub mod rekey;
+pub mod roster;
 
 pub use auth::{Signer, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
+pub use roster::{MembershipDelta, SignedDelta};
 pub use rekey::{encode_rekey, EncodedRekey, PacketConfig, Placement, RekeyHeader, RekeyPacket, RekeyWireStats};
 
 /// The version byte this implementation writes and reads.
@@ -46,6 +48,7 @@ pub enum MessageType {
     ResyncAnswer = 9,
     Data = 10,
     RelayedData = 11,
+    MembershipDelta = 12,
 }
 
 impl MessageType {
@@ -62,12 +65,13 @@ impl MessageType {
             Message::ResyncAnswer(_) => MessageType::ResyncAnswer,
             Message::Data(_) => MessageType::Data,
             Message::RelayedData(_) => MessageType::RelayedData,
+            Message::MembershipDelta(_) => MessageType::MembershipDelta,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -143,6 +147,7 @@ pub enum Message {
     ResyncAnswer(ResyncAnswer),
     Data(Data),
     RelayedData(RelayedData),
+    MembershipDelta(SignedDelta),
 }
 
 impl Message {
@@ -165,6 +170,7 @@ impl Message {
             MessageType::ResyncAnswer => Message::ResyncAnswer(ResyncAnswer::decode(bytes)?),
             MessageType::Data => Message::Data(Data::decode(bytes)?),
             MessageType::RelayedData => Message::RelayedData(RelayedData::decode(bytes)?),
+            MessageType::MembershipDelta => Message::MembershipDelta(SignedDelta::decode(bytes)?),
         })
     }
 
@@ -181,6 +187,7 @@ impl Message {
             Message::ResyncAnswer(m) => m.encode(),
             Message::Data(m) => m.encode(),
             Message::RelayedData(m) => m.encode(),
+            Message::MembershipDelta(m) => m.encode(),
         }
     }
 }

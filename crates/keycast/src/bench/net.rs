@@ -25,6 +25,7 @@ fn policy(epoch_ms: u64) -> GroupPolicy {
         heartbeat_ms: 1000,
         refresh_timeout_ms: 3_600_000,
         immediate_eviction: true,
+        membership_deltas: false,
         packets: PacketConfig::default(),
     }
 }
