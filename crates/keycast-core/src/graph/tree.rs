@@ -12,7 +12,9 @@
 //! members derive it and only joiners get wraps.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap;
 
 use rayon::prelude::*;
 use zeroize::Zeroize;
@@ -102,7 +104,8 @@ pub struct Tree {
     policy: JoinPolicy,
     levels: Vec<Vec<Node>>,
     leaf_member: Vec<Option<MemberId>>,
-    leaf_of: HashMap<MemberId, u32>,
+    /// Member ids are assigned by the controller, never chosen by a peer: a fast unkeyed hash is safe.
+    leaf_of: FxHashMap<MemberId, u32>,
     free_leaves: BinaryHeap<Reverse<u32>>,
     batches: BatchCounter,
 }
@@ -127,7 +130,7 @@ impl Tree {
             policy,
             levels: vec![Vec::new(), vec![root]],
             leaf_member: Vec::new(),
-            leaf_of: HashMap::new(),
+            leaf_of: FxHashMap::default(),
             free_leaves: BinaryHeap::new(),
             batches: BatchCounter::new(),
         }
