@@ -49,6 +49,8 @@ fn policy(scheme: Scheme, immediate_eviction: bool) -> GroupPolicy {
     }
 }
 
+const CREATED_MS: u64 = 1_000;
+
 struct Member {
     identity: String,
     session: MemberSession,
@@ -75,14 +77,14 @@ struct World {
 impl World {
     fn new(policy: GroupPolicy, seed: u64) -> Self {
         let acl: BTreeSet<String> = (0..200).map(|i| format!("m{i}")).collect();
-        let (controller, genesis) = Controller::create(policy, acl.clone(), 1_000, [seed as u8; 32], [7; 32]).unwrap();
+        let (controller, genesis) = Controller::create(policy, acl.clone(), CREATED_MS, [seed as u8; 32], [7; 32]).unwrap();
         let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
         World {
             policy,
             acl,
             controller,
             log: vec![genesis],
-            now: 1_000,
+            now: CREATED_MS,
             entropy: seed,
             members: BTreeMap::new(),
             evicted: Vec::new(),
@@ -258,6 +260,10 @@ impl World {
     /// removed member can read new traffic.
     fn check(&mut self) {
         self.advance(2 * self.policy.epoch_ms + 2 * self.policy.heartbeat_ms, 0, None);
+        // Members learn a new epoch from its first heartbeat: check once one has gone out.
+        while (self.now - CREATED_MS) % self.policy.epoch_ms <= self.policy.heartbeat_ms + 10 {
+            self.advance(10, 0, None);
+        }
         let counted: BTreeSet<MemberId> = self.controller.members().keys().copied().collect();
         let ours: BTreeSet<MemberId> = self.members.keys().copied().collect();
         assert_eq!(counted, ours, "the controller and the members disagree on who is in the group");

@@ -311,15 +311,6 @@ impl Controller {
         })
     }
 
-    /// The driver lost the connection of a waiting joiner: drop its join.
-    pub fn join_abandoned(&mut self, conn: ConnId) {
-        let gone: Vec<MemberId> = self.waiting_joins.iter().filter(|(_, c)| **c == conn).map(|(m, _)| *m).collect();
-        for m in gone {
-            self.waiting_joins.remove(&m);
-            self.pending.retain(|r| !matches!(r, Request::Join { member, .. } if *member == m));
-        }
-    }
-
     /// A member asks to leave; applied with the epoch's batch.
     pub fn leave(&mut self, identity: &str, member: MemberId) -> Result<Vec<Output>, Refusal> {
         self.member_of(identity, member)?;
