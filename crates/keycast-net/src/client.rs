@@ -9,7 +9,7 @@ use std::time::Duration;
 use keycast_core::protocol::traffic::TrafficError;
 use keycast_core::protocol::{MemberEvent, MemberSession};
 use keycast_core::wire::{
-    Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, Message, Refresh, ResyncAnswer, ResyncRequest, MAX_MESSAGE_LEN,
+    message_type, Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, MessageType, Refresh, ResyncAnswer, ResyncRequest, MAX_MESSAGE_LEN,
 };
 use keycast_core::{Key, KeyRef, MemberId};
 use rustls::pki_types::ServerName;
@@ -216,12 +216,17 @@ async fn follow(setup: MemberSetup, session: Arc<Mutex<MemberSession>>, socket: 
 /// Handles one datagram; false once the application stopped listening.
 fn receive(session: &Mutex<MemberSession>, bytes: &[u8], events: &mpsc::UnboundedSender<ClientEvent>) -> bool {
     let mut session = session.lock().expect("session lock");
-    let sent = match Message::decode(bytes) {
-        Ok(Message::Data(data)) => match session.open(&data) {
+    // Dispatch on the type byte: each message is decoded once, by its own decoder.
+    let decoded = message_type(bytes).and_then(|kind| match kind {
+        MessageType::Data => Data::decode(bytes).map(Some),
+        _ => Ok(None),
+    });
+    let sent = match decoded {
+        Ok(Some(data)) => match session.open(&data) {
             Ok(plain) => events.send(ClientEvent::Data(plain)),
             Err(e) => events.send(ClientEvent::Unreadable(e.to_string())),
         },
-        Ok(_) => match session.receive(bytes, now_ms()) {
+        Ok(None) => match session.receive(bytes, now_ms()) {
             Ok(list) => list.into_iter().try_for_each(|e| events.send(ClientEvent::Member(e))),
             Err(e) => {
                 tracing::debug!(reason = %e, "multicast message dropped");

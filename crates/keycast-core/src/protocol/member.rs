@@ -11,7 +11,7 @@ use crate::wire::control::{Data, JoinAccepted, ResyncAnswer, DATA_NONCE_LEN};
 use crate::wire::guard::{Reject, ReplayGuard};
 use crate::wire::heartbeat::SignedHeartbeat;
 use crate::wire::rekey::RekeyPacket;
-use crate::wire::{DecodeError, GroupId, Message, SignedDelta, VerifyingKey};
+use crate::wire::{message_type, GroupId, MessageType, SignedDelta, VerifyingKey};
 
 use super::traffic::{self, TrafficError};
 
@@ -41,7 +41,7 @@ pub enum MemberInputError {
     #[error(transparent)]
     Rejected(#[from] Reject),
     #[error("not a multicast message: {0:?}")]
-    Unexpected(crate::wire::MessageType),
+    Unexpected(MessageType),
 }
 
 /// Rekeys a member keeps trying after its own packet fails (a chain split over packets).
@@ -147,8 +147,8 @@ impl MemberSession {
 
     /// A datagram from the multicast channel.
     pub fn receive(&mut self, bytes: &[u8], now_ms: u64) -> Result<Vec<MemberEvent>, MemberInputError> {
-        match Message::decode(bytes).map_err(Reject::from)? {
-            Message::Heartbeat(_) => {
+        match message_type(bytes).map_err(Reject::from)? {
+            MessageType::Heartbeat => {
                 let beat = SignedHeartbeat::verify(bytes, &self.signer)?;
                 self.guard.accept_heartbeat(&beat)?;
                 self.last_heartbeat_ms = now_ms;
@@ -164,11 +164,11 @@ impl MemberSession {
                 }
                 Ok(events)
             }
-            Message::Rekey(_) => {
+            MessageType::Rekey => {
                 let packet = RekeyPacket::verify(bytes, &self.signer)?;
                 self.rekey_packet(packet)
             }
-            Message::MembershipDelta(_) => {
+            MessageType::MembershipDelta => {
                 let delta = SignedDelta::verify(bytes, &self.signer)?;
                 if delta.group != self.group {
                     return Err(Reject::WrongGroup { expected: self.group, got: delta.group }.into());
@@ -182,7 +182,7 @@ impl MemberSession {
                 self.deltas_seen.retain(|(seq, _)| *seq >= floor);
                 Ok(vec![MemberEvent::MembershipChanged { seq: delta.seq, joined: delta.joined, left: delta.left }])
             }
-            other => Err(MemberInputError::Unexpected(message_type(&other))),
+            other => Err(MemberInputError::Unexpected(other)),
         }
     }
 
@@ -281,12 +281,3 @@ impl MemberSession {
     }
 }
 
-fn message_type(message: &Message) -> crate::wire::MessageType {
-    crate::wire::MessageType::of(message)
-}
-
-impl From<DecodeError> for MemberInputError {
-    fn from(e: DecodeError) -> Self {
-        MemberInputError::Rejected(Reject::Decode(e))
-    }
-}

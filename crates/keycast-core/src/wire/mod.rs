@@ -112,6 +112,15 @@ pub(crate) fn read_header(reader: &mut codec::Reader<'_>) -> Result<MessageType,
     MessageType::from_byte(byte).ok_or(DecodeError::UnknownType(byte))
 }
 
+/// The type of a message, from its first two bytes only: receivers dispatch on it and then
+/// decode (and verify) once with the decoder of that type.
+pub fn message_type(bytes: &[u8]) -> Result<MessageType, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return Err(DecodeError::Oversized(bytes.len()));
+    }
+    read_header(&mut codec::Reader::new(bytes))
+}
+
 /// Starts a message of type `kind` in a new buffer.
 pub(crate) fn start(kind: MessageType, capacity: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(capacity);
@@ -154,11 +163,7 @@ impl Message {
     /// Decodes one message of any type. Signatures are not checked here: see
     /// [`RekeyPacket::verify`] and [`SignedHeartbeat::verify`].
     pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
-        if bytes.len() > MAX_MESSAGE_LEN {
-            return Err(DecodeError::Oversized(bytes.len()));
-        }
-        let kind = read_header(&mut codec::Reader::new(bytes))?;
-        Ok(match kind {
+        Ok(match message_type(bytes)? {
             MessageType::Rekey => Message::Rekey(RekeyPacket::decode(bytes)?),
             MessageType::Heartbeat => Message::Heartbeat(SignedHeartbeat::decode(bytes)?),
             MessageType::JoinRequest => Message::JoinRequest(JoinRequest::decode(bytes)?),
