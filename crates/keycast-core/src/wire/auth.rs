@@ -9,6 +9,8 @@
 use aws_lc_rs::digest::{Context, SHA256};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
+use super::guard::Reject;
+
 /// Bytes of an Ed25519 signature and public key.
 pub const SIGNATURE_LEN: usize = 64;
 pub const PUBLIC_KEY_LEN: usize = 32;
@@ -78,6 +80,15 @@ impl VerifyingKey {
         input.extend_from_slice(domain);
         input.extend_from_slice(message);
         UnparsedPublicKey::new(&ED25519, &self.0).verify(&input, signature).is_ok()
+    }
+
+    /// Checks a message whose last 64 bytes are `signature` over `domain` and the rest (a
+    /// heartbeat or membership delta that has already decoded).
+    pub(crate) fn verify_signed_message(&self, domain: &[u8], bytes: &[u8], signature: &Signature) -> Result<(), Reject> {
+        match self.verify(domain, &bytes[..bytes.len() - SIGNATURE_LEN], signature) {
+            true => Ok(()),
+            false => Err(Reject::BadSignature),
+        }
     }
 }
 

@@ -105,10 +105,7 @@ impl SignedHeartbeat {
     /// Decodes `bytes` and checks the signature.
     pub fn verify(bytes: &[u8], signer: &VerifyingKey) -> Result<Heartbeat, Reject> {
         let signed = SignedHeartbeat::decode(bytes)?;
-        let body = &bytes[..bytes.len() - SIGNATURE_LEN];
-        if !signer.verify(HEARTBEAT_DOMAIN, body, &signed.signature) {
-            return Err(Reject::BadSignature);
-        }
+        signer.verify_signed_message(HEARTBEAT_DOMAIN, bytes, &signed.signature)?;
         Ok(signed.heartbeat)
     }
 }

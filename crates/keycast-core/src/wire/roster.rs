@@ -117,9 +117,7 @@ impl SignedDelta {
 
     pub fn verify(bytes: &[u8], signer: &VerifyingKey) -> Result<MembershipDelta, Reject> {
         let signed = SignedDelta::decode(bytes)?;
-        if !signer.verify(DELTA_DOMAIN, &bytes[..bytes.len() - SIGNATURE_LEN], &signed.signature) {
-            return Err(Reject::BadSignature);
-        }
+        signer.verify_signed_message(DELTA_DOMAIN, bytes, &signed.signature)?;
         Ok(signed.delta)
     }
 }
