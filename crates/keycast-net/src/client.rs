@@ -19,7 +19,6 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use crate::config::MulticastConfig;
-use crate::server::describe_refusal;
 use crate::tls::{read_frame, write_frame};
 use crate::{entropy, multicast, now_ms};
 
@@ -74,7 +73,7 @@ async fn request(setup: &MemberSetup, message: &[u8]) -> Result<Vec<Vec<u8>>, Cl
 
 fn refusal_or(frame: &[u8], expected: &str) -> ClientError {
     match JoinAnswer::decode(frame) {
-        Ok(JoinAnswer::Refused { reason, detail }) => ClientError::Refused(describe_refusal(reason), detail),
+        Ok(JoinAnswer::Refused { reason, detail }) => ClientError::Refused(reason.describe(), detail),
         _ => ClientError::Protocol(format!("expected {expected}")),
     }
 }

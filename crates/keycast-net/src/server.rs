@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, Output, Refusal};
-use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey};
+use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, VerifyingKey};
 use keycast_core::MemberId;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
@@ -372,16 +372,5 @@ async fn serve_metrics(addr: SocketAddr, stats: Arc<Mutex<Stats>>) {
             let response = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len());
             let _ = tcp.write_all(response.as_bytes()).await;
         });
-    }
-}
-
-/// Answers a refusal reason for the log of a member.
-pub fn describe_refusal(reason: RefusalReason) -> &'static str {
-    match reason {
-        RefusalReason::NotInAcl => "not in the ACL",
-        RefusalReason::UnknownGroup => "unknown group or member",
-        RefusalReason::AlreadyMember => "already a member",
-        RefusalReason::GroupFull => "group full",
-        RefusalReason::Unavailable => "controller unavailable",
     }
 }

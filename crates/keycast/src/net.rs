@@ -10,7 +10,7 @@ use keycast_core::wire::GroupId;
 use keycast_net::admin::{self, AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
-use keycast_net::pki::{Authority, Credentials};
+use keycast_net::pki::{Authority, Credentials, RcgenError};
 use keycast_net::server::{Server, ServerSetup};
 use keycast_net::tls::{client_config, read_frame, server_config, write_frame};
 
@@ -96,7 +96,7 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
         return Err(format!("{} already holds a keycast setup", args.dir.display()));
     }
     std::fs::create_dir_all(&args.dir).map_err(|e| format!("cannot create {}: {e}", args.dir.display()))?;
-    let pki = |e: rcgen_error::Error| e.to_string();
+    let pki = |e: RcgenError| e.to_string();
     let ca = Authority::new("keycast CA").map_err(pki)?;
     write(&args.dir.join("ca.pem"), &ca.ca_pem(), false)?;
     write_credentials(&args.dir, "controller", &ca.issue("keycast-controller", true).map_err(pki)?)?;
@@ -124,10 +124,6 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     println!("created {}: ca.pem, server.toml, admin.toml and {} member configs", args.dir.display(), names.len());
     println!("next: keycast server --config {}/server.toml", args.dir.display());
     Ok(())
-}
-
-mod rcgen_error {
-    pub use keycast_net::pki::RcgenError as Error;
 }
 
 pub fn logging() {

@@ -73,6 +73,17 @@ impl RefusalReason {
         use RefusalReason::*;
         [NotInAcl, UnknownGroup, AlreadyMember, GroupFull, Unavailable].into_iter().find(|r| *r as u8 == byte)
     }
+
+    /// The reason in words, for logs and users.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RefusalReason::NotInAcl => "not in the ACL",
+            RefusalReason::UnknownGroup => "unknown group or member",
+            RefusalReason::AlreadyMember => "already a member",
+            RefusalReason::GroupFull => "group full",
+            RefusalReason::Unavailable => "controller unavailable",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
