@@ -92,8 +92,7 @@ impl MemberSession {
             deltas_seen: Default::default(),
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
-        events.extend(session.resynced(keys));
-        events.retain(|e| !matches!(e, MemberEvent::Resynced { .. }));
+        events.extend(session.install(keys));
         (session, events)
     }
 
@@ -125,6 +124,13 @@ impl MemberSession {
 
     /// Installs the controller's full answer after a gap.
     pub fn resynced(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
+        let mut events = vec![MemberEvent::Resynced { rekey_seq: answer.rekey_seq }];
+        events.extend(self.install(answer));
+        events
+    }
+
+    /// Takes the keys, sequence and epoch of `answer` as this member's whole state.
+    fn install(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
         self.keys = MemberKeys::from_snapshot(answer.position, answer.keys, answer.active);
         self.guard = ReplayGuard::new(answer.group, answer.epoch, answer.rekey_seq);
         self.group_keys.clear();
@@ -140,9 +146,7 @@ impl MemberSession {
         self.out_of_sync = false;
         self.heartbeats_behind = 0;
         self.epoch = 0;
-        let mut events = vec![MemberEvent::Resynced { rekey_seq: answer.rekey_seq }];
-        events.extend(self.advance_epoch(answer.epoch));
-        events
+        self.advance_epoch(answer.epoch)
     }
 
     /// A datagram from the multicast channel.
