@@ -134,19 +134,11 @@ fn decode(bytes: &[u8]) -> Option<Record> {
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 fn unhex(v: &Value) -> Option<[u8; 32]> {
-    let s = v.as_str()?;
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    hex::decode(v.as_str()?).ok()?.try_into().ok()
 }
 
 #[cfg(test)]
