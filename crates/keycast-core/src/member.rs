@@ -96,6 +96,19 @@ impl MemberKeys {
         }
     }
 
+    /// True if `message` holds an entry for this member: a wrap sealed under a key on its
+    /// path that it holds, or that the message itself does not deliver (under tiered or
+    /// compact placement that key arrives in another packet of the same rekey).
+    pub fn has_entry(&self, message: &RekeyMessage<'_>) -> bool {
+        let delivered_elsewhere = |r: KeyRef| {
+            self.needs(r.id, message.group_key) && !message.wraps.iter().any(|d| d.key == r)
+        };
+        message.wraps.iter().any(|w| match w.under {
+            Wrapper::Key(r) => self.ring.holds(r) || delivered_elsewhere(r),
+            Wrapper::KekAndTek { kek, tek } => self.ring.holds(kek) && (self.ring.holds(tek) || delivered_elsewhere(tek)),
+        })
+    }
+
     /// Applies the messages of one rekey; the state changes only if the member ends with
     /// every key it must hold.
     pub fn apply(&mut self, messages: &[RekeyMessage<'_>]) -> Result<MemberUpdate, MemberError> {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use keycast_core::protocol::{Controller, GroupPolicy, JoinStatus, MemberSession, Output, Record};
-use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::rekey::{PacketConfig, Placement};
 use keycast_core::wire::{GroupId, JoinAnswer};
 use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
 use proptest::prelude::*;
@@ -35,7 +35,7 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn policy(scheme: Scheme, immediate_eviction: bool) -> GroupPolicy {
+fn policy(scheme: Scheme, immediate_eviction: bool, placement: Placement) -> GroupPolicy {
     GroupPolicy {
         group: GroupId(9),
         graph: GraphConfig { scheme, join_policy: JoinPolicy::NewVersion },
@@ -45,7 +45,7 @@ fn policy(scheme: Scheme, immediate_eviction: bool) -> GroupPolicy {
         refresh_timeout_ms: 1_000,
         immediate_eviction,
         membership_deltas: true,
-        packets: PacketConfig { mtu: 600, ..PacketConfig::default() },
+        packets: PacketConfig { mtu: 600, placement, ..PacketConfig::default() },
     }
 }
 
@@ -72,6 +72,8 @@ struct World {
     next_identity: usize,
     next_conn: u64,
     rng: u64,
+    /// Resyncs answered so far.
+    resyncs: usize,
 }
 
 impl World {
@@ -92,6 +94,7 @@ impl World {
             next_identity: 0,
             next_conn: 0,
             rng: seed | 1,
+            resyncs: 0,
         }
     }
 
@@ -112,13 +115,19 @@ impl World {
     /// Carries out outputs; with `crash_after`, stops after that many and restarts.
     fn deliver(&mut self, outputs: Vec<Output>, loss: u8, crash_after: Option<usize>) {
         let cut = crash_after.unwrap_or(usize::MAX);
+        // Consecutive datagrams may arrive in either order (a member may see the upper tier of
+        // a rekey before the lower one).
+        let mut datagrams: Vec<Vec<u8>> = Vec::new();
         for (i, output) in outputs.into_iter().enumerate() {
+            if !matches!(output, Output::Multicast(_)) || i >= cut {
+                self.flush(&mut datagrams, loss);
+            }
             if i >= cut {
                 return self.restart();
             }
             match output {
                 Output::Persist(r) => self.log.push(r),
-                Output::Multicast(bytes) => self.multicast(&bytes, loss),
+                Output::Multicast(bytes) => datagrams.push(bytes),
                 Output::JoinAnswer { conn, answer, keys } => {
                     let identity = self.joining.remove(&conn).expect("a waiting joiner");
                     let JoinAnswer::Accepted(accepted) = answer else { panic!("refused after acceptance") };
@@ -133,8 +142,18 @@ impl World {
                 Output::Rekeyed { .. } => {}
             }
         }
+        self.flush(&mut datagrams, loss);
         if crash_after.is_some() {
             self.restart();
+        }
+    }
+
+    fn flush(&mut self, datagrams: &mut Vec<Vec<u8>>, loss: u8) {
+        if self.random() % 2 == 0 {
+            datagrams.reverse();
+        }
+        for bytes in datagrams.drain(..) {
+            self.multicast(&bytes, loss);
         }
     }
 
@@ -246,6 +265,7 @@ impl World {
                 match self.controller.resync(&m.identity, id, now) {
                     Ok(answer) => {
                         m.session.resynced(answer);
+                        self.resyncs += 1;
                     }
                     Err(_) => {
                         let gone = self.members.remove(&id).unwrap();
@@ -302,9 +322,10 @@ proptest! {
         seed in any::<u64>(),
         tree in any::<bool>(),
         immediate in any::<bool>(),
+        placement in prop_oneof![Just(Placement::Auto), Just(Placement::UserOriented), Just(Placement::Tiered)],
     ) {
         let scheme = if tree { Scheme::Tree { degree: 3 } } else { Scheme::Star };
-        let mut world = World::new(policy(scheme, immediate), seed);
+        let mut world = World::new(policy(scheme, immediate, placement), seed);
         for (i, step) in steps.into_iter().enumerate() {
             world.run(step);
             if i % 8 == 7 {
@@ -312,5 +333,24 @@ proptest! {
             }
         }
         world.check();
+    }
+
+    /// Without loss or crashes, multicast alone keeps everyone in sync, whatever the placement a
+    /// live group may use
+    /// and the order in which a rekey's packets arrive: no member ever needs a resync.
+    #[test]
+    fn without_loss_no_member_needs_a_resync(
+        steps in prop::collection::vec(step().prop_filter("lossless, no crash", |s| !matches!(s, Step::Crash { .. } | Step::Wait { loss: 1.., .. })), 1..40),
+        seed in any::<u64>(),
+        tree in any::<bool>(),
+        placement in prop_oneof![Just(Placement::Auto), Just(Placement::UserOriented), Just(Placement::Tiered)],
+    ) {
+        let scheme = if tree { Scheme::Tree { degree: 3 } } else { Scheme::Star };
+        let mut world = World::new(policy(scheme, false, placement), seed);
+        for step in steps {
+            world.run(step);
+        }
+        world.check();
+        prop_assert_eq!(world.resyncs, 0);
     }
 }

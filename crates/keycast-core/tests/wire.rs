@@ -285,26 +285,58 @@ fn signer() -> Signer {
     Signer::from_seed(&[42; 32])
 }
 
-fn opens_any(member: &MemberKeys, packet: &RekeyPacket) -> bool {
-    packet.wraps.iter().any(|w| member.keyring().wrapping_key(&w.under).is_some())
-}
-
-#[test]
-fn each_tree_member_needs_only_the_one_packet_holding_its_entry() {
+/// Every member finds its entries in at most `most` packets (those it picks out by
+/// `has_entry`) and gets the new group key from those alone, in either order. Returns the
+/// most packets any member needed, per scheme.
+fn each_member_needs_at_most(placement: Placement, most: usize) -> Vec<usize> {
+    let mut most_needed = Vec::new();
     for scheme in [Scheme::Tree { degree: 4 }, Scheme::Tree { degree: 2 }, Scheme::Star] {
         let mut g = group(scheme, 4096);
         let plan = tenth_leaves(&mut g);
-        let rekey = encode_rekey(&plan, context(1), PacketConfig::default(), &signer()).unwrap();
+        let config = PacketConfig { placement, ..PacketConfig::default() };
+        let rekey = encode_rekey(&plan, context(1), config, &signer()).unwrap();
         assert!(rekey.packets.iter().all(|p| p.len() <= DEFAULT_MTU));
         let key = signer().verifying_key();
         let packets: Vec<RekeyPacket> = rekey.packets.iter().map(|p| RekeyPacket::verify(p, &key).unwrap()).collect();
         let (_, group_key) = g.graph.group_key();
+        let mut needed = 0;
         for (id, member) in &mut g.members {
-            let mine = packets.iter().find(|p| opens_any(member, p)).unwrap_or_else(|| panic!("{id:?} has no packet"));
-            member.apply(&[mine.message()]).unwrap_or_else(|e| panic!("{scheme:?} {id:?}: {e}"));
+            let mut mine: Vec<_> = packets.iter().filter(|p| member.has_entry(&p.message())).map(RekeyPacket::message).collect();
+            assert!((1..=most).contains(&mine.len()), "{scheme:?} {id:?} needs {} packets", mine.len());
+            needed = needed.max(mine.len());
+            mine.reverse();
+            member.apply(&mine).unwrap_or_else(|e| panic!("{scheme:?} {id:?}: {e}"));
             assert!(member.group_key().unwrap().1 == *group_key);
         }
+        most_needed.push(needed);
     }
+    most_needed
+}
+
+#[test]
+fn under_user_oriented_placement_each_member_needs_only_the_one_packet_holding_its_entry() {
+    assert_eq!(each_member_needs_at_most(Placement::UserOriented, 1), [1, 1, 1]);
+}
+
+#[test]
+fn under_tiered_placement_each_tree_member_needs_at_most_two_packets() {
+    // A star has one level: nothing to cut.
+    assert_eq!(each_member_needs_at_most(Placement::Tiered, 2), [2, 2, 1]);
+}
+
+#[test]
+fn auto_placement_is_user_oriented_for_one_block_and_tiered_beyond() {
+    let mut g = group(Scheme::Tree { degree: 4 }, 4096);
+    let one = g.graph.apply(&Batch { joins: vec![], leaves: vec![MemberId(5)] }, &BatchSeed::from_u64(3)).unwrap();
+    let plan = tenth_leaves(&mut g);
+    for (plan, placement) in [(&one, Placement::UserOriented), (&plan, Placement::Tiered)] {
+        let auto = encode_rekey(plan, context(1), PacketConfig::default(), &signer()).unwrap();
+        let chosen = encode_rekey(plan, context(1), PacketConfig { placement, ..PacketConfig::default() }, &signer()).unwrap();
+        assert_eq!(auto.packets, chosen.packets);
+    }
+    let user = PacketConfig { placement: Placement::UserOriented, ..PacketConfig::default() };
+    let (tiered, user) = (encode_rekey(&plan, context(1), PacketConfig::default(), &signer()).unwrap(), encode_rekey(&plan, context(1), user, &signer()).unwrap());
+    assert!(user.stats.packets > 64 && tiered.stats.bytes < user.stats.bytes, "{:?} {:?}", tiered.stats, user.stats);
 }
 
 #[test]

@@ -141,7 +141,7 @@ impl PolicyConfig {
             refresh_timeout_ms: self.refresh_timeout_ms,
             immediate_eviction: self.immediate_eviction,
             membership_deltas: self.membership_deltas,
-            packets: PacketConfig { mtu: self.mtu, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::UserOriented },
+            packets: PacketConfig { mtu: self.mtu, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::default() },
         })
     }
 }

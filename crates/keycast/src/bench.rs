@@ -1,9 +1,6 @@
-//! `keycast bench`: the rekey costs that matter, each beside its floor (what the wraps and
-//! signatures alone cost with the chosen primitives, measured in the same run), and beside
-//! the peer (MLS, with the `mls-peer` feature).
-
 #[cfg(feature = "mls-peer")]
 mod mls;
+mod floor;
 mod net;
 
 use std::hint::black_box;
@@ -11,12 +8,12 @@ use std::time::Duration;
 
 use clap::Args;
 use indicatif::ProgressBar;
-use keycast_core::key::Key;
-use keycast_core::wire::{encode_rekey, GroupId, Heartbeat, PacketConfig, RekeyPacket};
-use keycast_core::{Batch, BatchSeed, GraphConfig, JoinPolicy, KeyGraph, KeyId, KeyRef, MemberId, MemberKeys, Scheme, Wrap, Wrapper};
+use keycast_core::wire::{encode_rekey, PacketConfig, Placement, RekeyPacket};
+use keycast_core::{Batch, BatchSeed, GraphConfig, JoinPolicy, KeyGraph, MemberId, MemberKeys, Scheme};
 use serde_json::{json, Map, Value};
 
-use crate::measure::{full_group, leave_and_rejoin, median, micros, random_leavers, rekey, sim_signer, Cost, Finish, CONTEXT};
+use crate::measure::{full_group, micros, random_leavers, rekey, sim_signer, Cost, Finish, CONTEXT};
+use floor::Floor;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -41,80 +38,79 @@ struct Sizes {
     peer_sizes: &'static [u64],
 }
 
-/// The floor: one wrap and one signature.
-struct Floor {
-    wrap_ns: f64,
-    sign_us: f64,
-}
-
-impl Floor {
-    fn measure(reps: usize) -> Floor {
-        let (kek, payload) = (Key::from_bytes([4; 32]), Key::from_bytes([3; 32]));
-        let under = Wrapper::Key(KeyRef::new(KeyId(1), 1, 0));
-        const WRAPS: u32 = 2000;
-        let wraps = crate::measure::median_time(reps, || {
-            for i in 0..WRAPS {
-                black_box(Wrap::seal(&kek, under, KeyRef::new(KeyId(2), i + 2, 0), &payload));
-            }
-        });
-        let signer = sim_signer();
-        let beat = Heartbeat { group: GroupId(1), epoch: 1, seq: 1, rekey_seq: 1, active: KeyRef::new(KeyId(0), 1, 0), pending: None, group_size: 1, sent_ms: 0 };
-        const SIGNS: u32 = 200;
-        let signs = crate::measure::median_time(reps, || {
-            for _ in 0..SIGNS {
-                black_box(beat.sign(&signer));
-            }
-        });
-        Floor { wrap_ns: wraps.as_secs_f64() * 1e9 / WRAPS as f64, sign_us: micros(signs) / SIGNS as f64 }
-    }
-
-    /// µs the wraps and signatures of `cost` take on one core.
-    fn of(&self, cost: &Cost) -> f64 {
-        cost.wraps as f64 * self.wrap_ns / 1e3 + cost.signatures as f64 * self.sign_us
-    }
-}
-
 fn big_group(n: u64, quiet: bool) -> Result<Box<dyn KeyGraph>, String> {
     let config = GraphConfig { scheme: Scheme::Tree { degree: DEGREE }, join_policy: JoinPolicy::NewVersion };
     crate::sim::build_group(config, n, &mut BatchSeed::from_u64(1), quiet)
 }
 
-/// Median of `reps` batches of `leavers` leaving (each rejoining, untimed).
-fn time_batch(graph: &mut dyn KeyGraph, leavers: &[MemberId], reps: usize, seed: &mut BatchSeed) -> Cost {
-    let signer = sim_signer();
-    let costs = (0..reps)
-        .map(|_| {
-            *seed = seed.next();
-            let cost = rekey(graph, &Batch { joins: vec![], leaves: leavers.to_vec() }, seed, Finish::Wire, &signer);
-            *seed = seed.next();
-            graph.apply(&Batch { joins: leavers.to_vec(), leaves: vec![] }, seed).expect("rejoin");
-            cost
-        })
-        .collect();
-    median(costs)
+/// A rekey's median cost beside the median of its floors.
+struct Measured {
+    cost: Cost,
+    floor: Duration,
 }
 
-/// A member verifying its packet of the batch and unwrapping its new keys.
-fn time_member(graph: &mut dyn KeyGraph, leavers: &[MemberId], reps: usize) -> Duration {
+impl Measured {
+    fn ratio(&self) -> f64 {
+        self.cost.time.as_secs_f64() / self.floor.as_secs_f64()
+    }
+}
+
+/// `reps` times: `leavers` leave (timed, with the rekey packetised and signed as `placement`
+/// says), then the floor of that rekey is timed (on every core if `parallel`), then the
+/// leavers rejoin (untimed).
+fn leave_against_floor(
+    graph: &mut dyn KeyGraph,
+    leavers: &[MemberId],
+    reps: usize,
+    placement: Placement,
+    parallel: bool,
+    seed: &mut BatchSeed,
+    floor: &Floor,
+) -> Measured {
+    let signer = sim_signer();
+    let mut costs = Vec::with_capacity(reps);
+    let mut floors = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        *seed = seed.next();
+        let cost = rekey(graph, &Batch { joins: vec![], leaves: leavers.to_vec() }, seed, Finish::Wire(placement), &signer);
+        floors.push(if parallel { floor.time_parallel(cost.wraps, cost.signatures) } else { floor.time(cost.wraps, cost.signatures) });
+        costs.push(cost);
+        *seed = seed.next();
+        graph.apply(&Batch { joins: leavers.to_vec(), leaves: vec![] }, seed).expect("rejoin");
+    }
+    floors.sort();
+    Measured { cost: crate::measure::median(costs), floor: floors[reps / 2] }
+}
+
+/// A member verifying its packets of the batch and unwrapping its new keys.
+/// Returns the median time and how many packets the member needed.
+fn time_member(graph: &mut dyn KeyGraph, leavers: &[MemberId], reps: usize) -> (Duration, usize) {
     let stay = (0..).map(MemberId).find(|m| leavers.binary_search(m).is_err()).expect("a member stays");
     let (position, keys) = graph.member_keys(stay).expect("member");
     let before = MemberKeys::from_snapshot(position, keys, graph.group_key().0);
     let plan = graph.apply(&Batch { joins: vec![], leaves: leavers.to_vec() }, &BatchSeed::from_u64(77)).expect("leave");
     let signer = sim_signer();
     let rekey = encode_rekey(&plan, CONTEXT, PacketConfig::default(), &signer).expect("encode");
-    let mine = rekey
+    // Tiered placement (the default at this size) puts a member's entries in at most two packets.
+    let mine: Vec<&Vec<u8>> = rekey
         .packets
         .iter()
-        .find(|bytes| RekeyPacket::decode(bytes).is_ok_and(|p| p.wraps.iter().any(|w| before.keyring().wrapping_key(&w.under).is_some())))
-        .expect("a packet for the member");
+        .filter(|bytes| RekeyPacket::decode(bytes).is_ok_and(|p| before.has_entry(&p.message())))
+        .collect();
+    assert!((1..=2).contains(&mine.len()), "a member's entries are in one or two packets");
     let key = signer.verifying_key();
     let time = crate::measure::median_time(reps, || {
-        let packet = RekeyPacket::verify(mine, &key).expect("valid packet");
+        let packets: Vec<RekeyPacket> = mine.iter().map(|bytes| RekeyPacket::verify(bytes, &key).expect("valid packet")).collect();
+        let messages: Vec<_> = packets.iter().map(RekeyPacket::message).collect();
         let mut member = before.clone();
-        black_box(member.apply(&[packet.message()]).expect("member catches up"));
+        black_box(member.apply(&messages).expect("member catches up"));
     });
     graph.apply(&Batch { joins: leavers.to_vec(), leaves: vec![] }, &BatchSeed::from_u64(78)).expect("rejoin");
-    time
+    (time, mine.len())
+}
+
+fn mb(bytes: usize) -> f64 {
+    bytes as f64 / 1e6
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
@@ -122,7 +118,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         return net::run(args.json, args.quick);
     }
     let sizes = if args.quick {
-        Sizes { big_log2: 14, leave_reps: 21, batch_reps: 2, peer_sizes: &[100, 1000] }
+        Sizes { big_log2: 14, leave_reps: 21, batch_reps: 3, peer_sizes: &[100, 1000] }
     } else {
         Sizes { big_log2: 20, leave_reps: 401, batch_reps: 7, peer_sizes: &[100, 1000, 10_000] }
     };
@@ -132,39 +128,51 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             println!("{line}");
         }
     };
-    let floor = Floor::measure(if args.quick { 5 } else { 51 });
-    let cores = rayon::current_num_threads() as f64;
-    say(format!("floor            one wrap (AES-256-GCM, aws-lc-rs) {:.0} ns; one Ed25519 signature {:.1} us; {cores} threads", floor.wrap_ns, floor.sign_us));
+    let floor = Floor::new();
+    let (wrap_ns, sign_us) = floor.unit_costs(if args.quick { 5 } else { 51 });
+    let cores = rayon::current_num_threads();
+    say(format!("floor            one wrap (AES-256-GCM, aws-lc-rs) {wrap_ns:.0} ns; one Ed25519 signature {sign_us:.1} us; {cores} threads"));
+    say("                 (each floor below is those wraps and signatures alone, timed between the rekeys it is compared with)".into());
     let n = 1u64 << sizes.big_log2;
     let mut graph = big_group(n, quiet)?;
     let mut seed = BatchSeed::from_u64(5);
-    let (leave, _) = leave_and_rejoin(graph.as_mut(), MemberId(n / 3), sizes.leave_reps, Finish::Wire, &mut seed);
-    let leave_floor = floor.of(&leave);
-    let leave_us = micros(leave.time);
+    let auto = Placement::Auto;
+    let leave = leave_against_floor(graph.as_mut(), &[MemberId(n / 3)], sizes.leave_reps, auto, false, &mut seed, &floor);
     say(format!(
-        "single leave     n = 2^{}, d = {DEGREE}: {leave_us:.1} us for {} wraps + {} signature, packetised ({} bytes); floor {leave_floor:.1} us; ratio {:.2}",
-        sizes.big_log2, leave.wraps, leave.signatures, leave.bytes, leave_us / leave_floor
+        "single leave     n = 2^{}, d = {DEGREE}: {:.1} us for {} wraps + {} signature, user-oriented in {} packets ({} bytes); floor {:.1} us; ratio {:.2}",
+        sizes.big_log2, micros(leave.cost.time), leave.cost.wraps, leave.cost.signatures, leave.cost.packets, leave.cost.bytes, micros(leave.floor), leave.ratio()
     ));
     let leavers = random_leavers(n, n / 10, 4);
-    let batch = time_batch(graph.as_mut(), &leavers, sizes.batch_reps, &mut seed);
-    let batch_floor = floor.of(&batch) / cores;
-    let batch_us = micros(batch.time);
+    let batch = leave_against_floor(graph.as_mut(), &leavers, sizes.batch_reps, auto, true, &mut seed, &floor);
     say(format!(
-        "10% batch        {} random leavers of 2^{}: {:.1} ms for {} wraps + {} signatures ({} bytes); floor on {cores} cores {:.1} ms; ratio {:.2}",
-        leavers.len(), sizes.big_log2, batch_us / 1e3, batch.wraps, batch.signatures, batch.bytes, batch_floor / 1e3, batch_us / batch_floor
+        "10% batch        {} random leavers of 2^{}: {:.1} ms for {} wraps + {} signatures, tiered in {} packets ({:.1} MB); floor on {cores} cores {:.1} ms; ratio {:.2}",
+        leavers.len(), sizes.big_log2, micros(batch.cost.time) / 1e3, batch.cost.wraps, batch.cost.signatures, batch.cost.packets, mb(batch.cost.bytes), micros(batch.floor) / 1e3, batch.ratio()
     ));
+    let mut placements = Map::new();
+    for (name, placement) in [("user-oriented", Placement::UserOriented), ("compact", Placement::Compact)] {
+        let other = leave_against_floor(graph.as_mut(), &leavers, sizes.batch_reps.min(3), placement, true, &mut seed, &floor);
+        say(format!(
+            "  {name:<14} the same batch {}: {:.1} ms, {} packets ({:.1} MB), {} signatures; ratio {:.2}",
+            if placement == Placement::Compact { "with each wrap once" } else { "with one packet per member" },
+            micros(other.cost.time) / 1e3, other.cost.packets, mb(other.cost.bytes), other.cost.signatures, other.ratio()
+        ));
+        placements.insert(name.into(), json!({ "ms": micros(other.cost.time) / 1e3, "bytes": other.cost.bytes, "packets": other.cost.packets, "floor_ratio": other.ratio() }));
+    }
     let member = time_member(graph.as_mut(), &leavers, if args.quick { 51 } else { 2001 });
-    say(format!("member           verify its packet of that batch and unwrap its keys: {:.1} us", micros(member)));
+    say(format!("member           verify its packets of that batch ({}) and unwrap its keys: {:.1} us", member.1, micros(member.0)));
     drop(graph);
     let peer = peer(&sizes, &floor, args.quick, quiet, &say)?;
     if args.json {
         let report = json!({
             "n": n, "degree": DEGREE, "threads": cores,
-            "wrap_ns": floor.wrap_ns, "sign_us": floor.sign_us,
-            "leave_us": leave_us, "leave_wraps": leave.wraps, "leave_floor_us": leave_floor, "leave_floor_ratio": leave_us / leave_floor,
-            "batch_leavers": leavers.len(), "batch_ms": batch_us / 1e3, "batch_wraps": batch.wraps, "batch_signatures": batch.signatures,
-            "batch_bytes": batch.bytes, "batch_floor_ms": batch_floor / 1e3, "batch_floor_ratio": batch_us / batch_floor,
-            "member_us": micros(member),
+            "wrap_ns": wrap_ns, "sign_us": sign_us,
+            "leave_us": micros(leave.cost.time), "leave_wraps": leave.cost.wraps, "leave_packets": leave.cost.packets,
+            "leave_floor_us": micros(leave.floor), "leave_floor_ratio": leave.ratio(),
+            "batch_leavers": leavers.len(), "batch_ms": micros(batch.cost.time) / 1e3, "batch_wraps": batch.cost.wraps,
+            "batch_signatures": batch.cost.signatures, "batch_packets": batch.cost.packets, "batch_bytes": batch.cost.bytes,
+            "batch_floor_ms": micros(batch.floor) / 1e3, "batch_floor_ratio": batch.ratio(),
+            "batch_other_placements": placements,
+            "member_us": micros(member.0), "member_packets": member.1,
             "keycast_remove_us": peer.keycast, "mls_remove_us": peer.mls, "mls_setup_s": peer.setup, "mls_ratio": peer.ratio,
             "mls_peer": peer.note,
         });
@@ -188,10 +196,13 @@ fn peer(sizes: &Sizes, floor: &Floor, quick: bool, quiet: bool, say: &dyn Fn(Str
     bar.enable_steady_tick(Duration::from_millis(200));
     for &n in sizes.peer_sizes {
         let mut graph = full_group(Scheme::Tree { degree: DEGREE }, n, n);
-        let (leave, _) = leave_and_rejoin(graph.as_mut(), MemberId(n * 2 / 3), sizes.leave_reps, Finish::Wire, &mut BatchSeed::from_u64(n));
-        let keycast_us = micros(leave.time);
+        let leave = leave_against_floor(graph.as_mut(), &[MemberId(n * 2 / 3)], sizes.leave_reps, Placement::Auto, false, &mut BatchSeed::from_u64(n), floor);
+        let keycast_us = micros(leave.cost.time);
         out.keycast.insert(n.to_string(), json!(keycast_us));
-        let line = format!("remove one       n = {n}: keycast {keycast_us:.1} us ({} wraps, {} signature, floor {:.1} us)", leave.wraps, leave.signatures, floor.of(&leave));
+        let line = format!(
+            "remove one       n = {n}: keycast {keycast_us:.1} us ({} wraps, {} signature, floor {:.1} us)",
+            leave.cost.wraps, leave.cost.signatures, micros(leave.floor)
+        );
         match mls_remove(n, quick, &bar)? {
             Some((setup, mls_us, detail)) => {
                 bar.suspend(|| say(format!("{line}; mls-rs {mls_us:.1} us ({detail}; setup {setup:.1} s); ratio {:.0}x", mls_us / keycast_us)));

@@ -48,11 +48,9 @@ pub enum Finish {
     Package(Strategy),
     /// Plan, package, then packetise and sign (one Ed25519 signature per block of packets).
     Signed(Strategy),
-    /// Plan, then packetise and sign (what a keycast controller sends).
-    Wire,
-    /// As `Wire`, but each wrap placed once (compact placement) rather than once per packet
-    /// that needs it.
-    WireCompact,
+    /// Plan, then packetise with this placement and sign (what a keycast controller sends,
+    /// with `Placement::Auto`).
+    Wire(Placement),
 }
 
 /// What one rekey cost.
@@ -63,28 +61,30 @@ pub struct Cost {
     /// Bytes on the wire (signed packets) or, unsigned, of the packaged messages.
     pub bytes: usize,
     pub signatures: usize,
+    /// Packets on the wire (0 unless packetised).
+    pub packets: usize,
 }
 
 /// Applies `batch` and finishes its rekey as asked, timing all of it.
 pub fn rekey(graph: &mut dyn KeyGraph, batch: &Batch, seed: &BatchSeed, finish: Finish, signer: &Signer) -> Cost {
     let start = Instant::now();
     let plan = graph.apply(batch, seed).expect("valid batch");
-    let (bytes, signatures) = match finish {
-        Finish::Package(strategy) => (package_size(&package(&plan, strategy)).bytes, 0),
+    let (bytes, signatures, packets) = match finish {
+        Finish::Package(strategy) => (package_size(&package(&plan, strategy)).bytes, 0, 0),
         Finish::Signed(strategy) => {
             std::hint::black_box(package(&plan, strategy));
-            wire(&plan, PacketConfig::default(), signer)
+            wire(&plan, Placement::default(), signer)
         }
-        Finish::Wire => wire(&plan, PacketConfig::default(), signer),
-        Finish::WireCompact => wire(&plan, PacketConfig { placement: Placement::Compact, ..PacketConfig::default() }, signer),
+        Finish::Wire(placement) => wire(&plan, placement, signer),
     };
     let time = start.elapsed();
-    Cost { time, wraps: plan.wraps.len(), bytes, signatures }
+    Cost { time, wraps: plan.wraps.len(), bytes, signatures, packets }
 }
 
-fn wire(plan: &keycast_core::RekeyPlan, config: PacketConfig, signer: &Signer) -> (usize, usize) {
-    let encoded = encode_rekey(plan, CONTEXT, config, signer).expect("valid packet config");
-    (encoded.stats.bytes, encoded.stats.signatures)
+fn wire(plan: &keycast_core::RekeyPlan, placement: Placement, signer: &Signer) -> (usize, usize, usize) {
+    let config = PacketConfig { placement, ..PacketConfig::default() };
+    let stats = encode_rekey(plan, CONTEXT, config, signer).expect("valid packet config").stats;
+    (stats.bytes, stats.signatures, stats.packets)
 }
 
 /// Times `reps` leaves of `member` (each followed by its rejoin, timed separately) and

@@ -81,9 +81,10 @@ pub struct RekeyArgs {
     /// Largest packet on the wire, in bytes.
     #[arg(long, default_value_t = DEFAULT_MTU, value_parser = mtu_in_range)]
     mtu: usize,
-    /// How wraps are spread over packets: user (each member's entries in one packet) or
+    /// How wraps are spread over packets: auto (user up to one signing block, tiered above),
+    /// user (each member's entries in one packet), tiered (at most two packets per member) or
     /// compact (each wrap once).
-    #[arg(long = "packet-placement", default_value = "user")]
+    #[arg(long = "packet-placement", default_value = "auto")]
     packet_placement: keycast_core::wire::Placement,
     /// Packets are signed in blocks of 2^BITS (one signature per block).
     #[arg(long = "block-bits", default_value_t = DEFAULT_BLOCK_BITS, value_parser = clap::value_parser!(u8).range(0..=10))]

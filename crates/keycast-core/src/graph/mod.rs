@@ -9,7 +9,7 @@ pub(crate) mod tree;
 
 pub use flat::FlatIds;
 
-use rustc_hash::FxHashSet;
+use rayon::prelude::*;
 
 use crate::key::{Key, KeyRef};
 use crate::keygen::BatchSeed;
@@ -166,22 +166,34 @@ pub fn new_graph(config: GraphConfig, seed: &BatchSeed) -> Result<Box<dyn KeyGra
 }
 
 /// Rejects batches that name a member twice, join a member twice or remove a stranger.
-fn validate_batch(batch: &Batch, contains: impl Fn(MemberId) -> bool) -> Result<(), GraphError> {
-    // Member ids are the controller's own: a fast unkeyed hash is safe.
-    let mut seen = FxHashSet::with_capacity_and_hasher(batch.joins.len() + batch.leaves.len(), Default::default());
-    for &m in batch.joins.iter().chain(&batch.leaves) {
-        if !seen.insert(m) {
-            return Err(GraphError::DuplicateInBatch(m));
-        }
+fn validate_batch(batch: &Batch, contains: impl Fn(MemberId) -> bool + Sync) -> Result<(), GraphError> {
+    let named = || batch.joins.iter().chain(&batch.leaves).copied();
+    let total = batch.joins.len() + batch.leaves.len();
+    let duplicate = if total <= 16 {
+        // A single join or leave: pairwise, without allocating.
+        named().enumerate().find(|&(i, m)| named().take(i).any(|earlier| earlier == m)).map(|(_, m)| m)
+    } else {
+        let mut sorted: Vec<MemberId> = named().collect();
+        sorted.par_sort_unstable();
+        sorted.windows(2).find(|pair| pair[0] == pair[1]).map(|pair| pair[0])
+    };
+    if let Some(m) = duplicate {
+        return Err(GraphError::DuplicateInBatch(m));
     }
-    if let Some(&m) = batch.joins.iter().find(|&&m| contains(m)) {
+    // Membership lookups are cache misses: large batches make them on every core.
+    let joiner = batch.joins.par_iter().with_min_len(PARALLEL_LOOKUPS).find_first(|&&m| contains(m));
+    if let Some(&m) = joiner {
         return Err(GraphError::AlreadyMember(m));
     }
-    if let Some(&m) = batch.leaves.iter().find(|&&m| !contains(m)) {
+    let stranger = batch.leaves.par_iter().with_min_len(PARALLEL_LOOKUPS).find_first(|&&m| !contains(m));
+    if let Some(&m) = stranger {
         return Err(GraphError::NotMember(m));
     }
     Ok(())
 }
+
+/// Fewer lookups than this are made on the calling thread.
+const PARALLEL_LOOKUPS: usize = 4096;
 
 /// Key stream used when a graph is created, apart from every stream a batch uses.
 const CREATION_STREAM: u64 = u64::MAX - 1;

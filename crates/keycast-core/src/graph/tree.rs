@@ -82,21 +82,42 @@ struct Touch {
     children: (u32, u32),
 }
 
-/// What a changed node becomes, computed in parallel and applied afterwards.
-struct NodeUpdate {
-    position: u32,
-    key: Key,
-    version: u32,
-    revision: u32,
+/// Touched nodes of every level in one list: level h is `nodes[ranges[h].0..ranges[h].1]`.
+struct Levels {
+    nodes: Vec<Touch>,
+    ranges: Vec<(usize, usize)>,
 }
 
-#[derive(Default)]
-struct LevelOutput {
-    updates: Vec<NodeUpdate>,
-    wraps: Vec<Wrap>,
-    replaced: Vec<KeyRef>,
-    revised: Vec<KeyRef>,
+impl Levels {
+    fn with_capacity(nodes: usize, levels: usize) -> Self {
+        Levels { nodes: Vec::with_capacity(nodes), ranges: Vec::with_capacity(levels) }
+    }
+
+    fn push_level(&mut self, level: Vec<Touch>) {
+        let first = self.nodes.len();
+        self.nodes.extend(level);
+        self.ranges.push((first, self.nodes.len()));
+    }
+
+    fn level(&self, h: usize) -> &[Touch] {
+        &self.nodes[self.ranges[h].0..self.ranges[h].1]
+    }
 }
+
+/// What a changed node becomes, decided (and its new key drawn) before any wrap is sealed.
+struct NodePlan {
+    position: u32,
+    new_ref: KeyRef,
+    key: Key,
+    /// Only joiners below it: existing members keep its key (or derive its revision).
+    join_only: bool,
+}
+
+/// The wrap of a node's new key under its own previous version (Wong's join).
+const OWN_PREVIOUS: u32 = u32::MAX;
+
+/// One wrap to seal at a level: (index of the node's plan, child position or OWN_PREVIOUS).
+type WrapJob = (u32, u32);
 
 pub struct Tree {
     degree: u32,
@@ -149,14 +170,28 @@ impl Tree {
         KeyRef::new(tree_key_id(height, position), node.version, node.revision)
     }
 
-    fn remove_leaf(&mut self, member: MemberId) -> u32 {
-        let position = self.leaf_of.remove(&member).expect("validated member");
-        self.leaf_member[position as usize] = None;
-        let leaf = &mut self.levels[0][position as usize];
-        leaf.members = 0;
-        leaf.key.zeroize();
-        self.free_leaves.push(Reverse(position));
-        position
+    /// Empties the leaves of `leavers` (validated members) and returns their positions, sorted.
+    fn remove_leaves(&mut self, leavers: &[MemberId]) -> Vec<u32> {
+        let leaf_of = &self.leaf_of;
+        let position = |m: &MemberId| *leaf_of.get(m).expect("validated member");
+        // Large batches look their leaves up on every core (each lookup is a cache miss).
+        let mut positions: Vec<u32> = if leavers.len() < PARALLEL_THRESHOLD {
+            leavers.iter().map(position).collect()
+        } else {
+            leavers.par_iter().map(position).collect()
+        };
+        for member in leavers {
+            self.leaf_of.remove(member);
+        }
+        positions.sort_unstable();
+        for &p in &positions {
+            self.leaf_member[p as usize] = None;
+            let leaf = &mut self.levels[0][p as usize];
+            leaf.members = 0;
+            leaf.key.zeroize();
+        }
+        self.free_leaves.extend(positions.iter().map(|&p| Reverse(p)));
+        positions
     }
 
     /// Takes the leftmost free leaf (keeping the tree compact and shallow), growing if full.
@@ -217,126 +252,137 @@ impl Tree {
         shrunk
     }
 
-    /// The touched nodes of the level above `below`, each with the range of its touched children.
-    fn touched_parents(&self, below: &[Touch]) -> Vec<Touch> {
-        let mut parents: Vec<Touch> = Vec::new();
-        for (i, child) in below.iter().enumerate() {
+    /// Appends the touched nodes of the level above `below` (a range of `nodes`), each with
+    /// the range of its touched children relative to `below`'s start.
+    fn push_touched_parents(&self, nodes: &mut Vec<Touch>, below: (usize, usize)) {
+        let first = nodes.len();
+        for i in below.0..below.1 {
+            let child = nodes[i];
             let position = child.position / self.degree;
-            match parents.last_mut() {
-                Some(last) if last.position == position => {
-                    last.leaves += child.leaves;
-                    last.joins += child.joins;
-                    last.children.1 = i as u32 + 1;
-                }
-                _ => parents.push(Touch {
-                    position,
-                    leaves: child.leaves,
-                    joins: child.joins,
-                    children: (i as u32, i as u32 + 1),
-                }),
+            let index = (i - below.0) as u32;
+            if nodes.len() > first && nodes[nodes.len() - 1].position == position {
+                let last = nodes.last_mut().expect("a parent");
+                last.leaves += child.leaves;
+                last.joins += child.joins;
+                last.children.1 = index + 1;
+            } else {
+                nodes.push(Touch { position, leaves: child.leaves, joins: child.joins, children: (index, index + 1) });
             }
         }
-        parents
     }
 
-    /// New key and wraps for one touched node at `height` (its children are already rekeyed).
-    #[allow(clippy::too_many_arguments)]
-    fn rekey_node(&self, height: u32, version: u32, touch: &Touch, below: &[Touch], force: bool, keys: &mut KeyGen, out: &mut LevelOutput) {
+    /// Decides what one touched node at `height` becomes and draws its new key.
+    fn plan_node(&self, height: u32, version: u32, touch: &Touch, force: bool, keys: &mut KeyGen) -> NodePlan {
         let node = &self.levels[height as usize][touch.position as usize];
         let members_before = node.members + touch.leaves - touch.joins;
         let had_key = node.version > 0 && members_before > 0;
         let old_ref = self.node_ref(height, touch.position);
         let join_only = touch.leaves == 0 && !force && had_key;
-
-        let (new_ref, new_key) = if join_only && self.policy == JoinPolicy::Revision {
-            let (r, k) = next_revision(&node.key, old_ref).expect("revision space");
-            out.revised.push(r);
-            (r, k)
+        let (new_ref, key) = if join_only && self.policy == JoinPolicy::Revision {
+            next_revision(&node.key, old_ref).expect("revision space")
         } else {
-            let r = KeyRef::new(old_ref.id, version, 0);
-            out.replaced.push(r);
-            (r, keys.next_key())
+            (KeyRef::new(old_ref.id, version, 0), keys.next_key())
         };
+        NodePlan { position: touch.position, new_ref, key, join_only }
+    }
 
+    /// The wraps node `index` (planned as `plan`) needs: under each child that still has
+    /// members, or after joins alone only under the joiners' changed children (and, for a
+    /// new version, under its own previous version).
+    fn wrap_jobs(&self, height: u32, index: u32, touch: &Touch, plan: &NodePlan, below: &[Touch], jobs: &mut Vec<WrapJob>) {
         let children = &self.levels[height as usize - 1];
-        if join_only {
+        if plan.join_only {
             if self.policy == JoinPolicy::NewVersion {
-                out.wraps.push(Wrap::seal(&node.key, Wrapper::Key(old_ref), new_ref, &new_key));
+                jobs.push((index, OWN_PREVIOUS));
             }
-            // Only joiners need more: wrap under each changed child on their paths.
-            for child in &below[touch.children.0 as usize..touch.children.1 as usize] {
-                if children[child.position as usize].members > 0 {
-                    self.wrap_under_child(height - 1, child.position, new_ref, &new_key, out);
-                }
-            }
+            let changed = &below[touch.children.0 as usize..touch.children.1 as usize];
+            jobs.extend(changed.iter().filter(|c| children[c.position as usize].members > 0).map(|c| (index, c.position)));
         } else {
             let first = touch.position as u64 * self.degree as u64;
             let last = (first + self.degree as u64).min(children.len() as u64);
-            for position in first as u32..last as u32 {
-                if children[position as usize].members > 0 {
-                    self.wrap_under_child(height - 1, position, new_ref, &new_key, out);
-                }
-            }
+            jobs.extend((first as u32..last as u32).filter(|&p| children[p as usize].members > 0).map(|p| (index, p)));
         }
-        out.updates.push(NodeUpdate {
-            position: touch.position,
-            key: new_key,
-            version: new_ref.version,
-            revision: new_ref.revision,
-        });
     }
 
-    fn wrap_under_child(&self, height: u32, position: u32, key_ref: KeyRef, key: &Key, out: &mut LevelOutput) {
-        let child = &self.levels[height as usize][position as usize];
-        out.wraps.push(Wrap::seal(&child.key, Wrapper::Key(self.node_ref(height, position)), key_ref, key));
+    fn seal(&self, height: u32, plan: &NodePlan, under: u32) -> Wrap {
+        let (height, position) = if under == OWN_PREVIOUS { (height, plan.position) } else { (height - 1, under) };
+        let wrapping = &self.levels[height as usize][position as usize];
+        Wrap::seal(&wrapping.key, Wrapper::Key(self.node_ref(height, position)), plan.new_ref, &plan.key)
     }
 
-    /// Rekeys every touched node of one level into `out`, on all cores when the level is large.
+    /// Plans every live touched node of one level and appends its wraps to `wraps`, on all
+    /// cores when the level is large. Keys come from `keys` for small levels and from one
+    /// stream per chunk of nodes otherwise, so a batch's keys depend only on its seed.
     #[allow(clippy::too_many_arguments)]
     fn rekey_level(
         &self,
         height: u32,
         version: u32,
-        touched: &[Touch],
+        live: &[Touch],
         below: &[Touch],
-        force_root: bool,
+        force: bool,
         seed: &BatchSeed,
         keys: &mut KeyGen,
-        out: &mut LevelOutput,
+        wraps: &mut Vec<Wrap>,
+        (plans, jobs): &mut (Vec<NodePlan>, Vec<WrapJob>),
     ) {
-        if touched.len() < PARALLEL_THRESHOLD {
-            for touch in touched {
-                self.rekey_node(height, version, touch, below, force_root, keys, out);
+        let plan_nodes = |nodes: &[Touch], first: usize, keys: &mut KeyGen, plans: &mut Vec<NodePlan>, jobs: &mut Vec<WrapJob>| {
+            for (i, touch) in nodes.iter().enumerate() {
+                let plan = self.plan_node(height, version, touch, force, keys);
+                self.wrap_jobs(height, (first + i) as u32, touch, &plan, below, jobs);
+                plans.push(plan);
             }
-            return;
+        };
+        plans.clear();
+        jobs.clear();
+        if live.len() < PARALLEL_THRESHOLD {
+            plan_nodes(live, 0, keys, plans, jobs);
+        } else {
+            let parts: Vec<(Vec<NodePlan>, Vec<WrapJob>)> = live
+                .par_chunks(CHUNK)
+                .enumerate()
+                .map(|(chunk, nodes)| {
+                    let mut keys = KeyGen::new(seed, ((height as u64) << 40) | (chunk as u64 + 1));
+                    let mut part = (Vec::with_capacity(nodes.len()), Vec::with_capacity(nodes.len() * (self.degree.min(8) as usize + 1)));
+                    plan_nodes(nodes, chunk * CHUNK, &mut keys, &mut part.0, &mut part.1);
+                    part
+                })
+                .collect();
+            for (p, j) in parts {
+                plans.extend(p);
+                jobs.extend(j);
+            }
         }
-        let parts: Vec<LevelOutput> = touched
-            .par_chunks(CHUNK)
-            .enumerate()
-            .map(|(chunk, nodes)| {
-                let mut keys = KeyGen::new(seed, ((height as u64) << 40) | (chunk as u64 + 1));
-                let mut part = LevelOutput::default();
-                for touch in nodes {
-                    self.rekey_node(height, version, touch, below, force_root, &mut keys, &mut part);
-                }
-                part
-            })
-            .collect();
-        for part in parts {
-            out.updates.extend(part.updates);
-            out.wraps.extend(part.wraps);
-            out.replaced.extend(part.replaced);
-            out.revised.extend(part.revised);
+        let plans = &*plans;
+        let seal = |&(node, under): &WrapJob| self.seal(height, &plans[node as usize], under);
+        // Sealed straight into the plan's list: no per-chunk lists to copy.
+        if jobs.len() < PARALLEL_THRESHOLD {
+            wraps.extend(jobs.iter().map(seal));
+        } else {
+            wraps.par_extend(jobs.par_iter().map(seal));
         }
     }
 
-    fn apply_updates(&mut self, height: u32, updates: &mut Vec<NodeUpdate>) {
-        for update in updates.drain(..) {
+    /// Installs the new keys of one level and records their refs in `plan`.
+    fn install(&mut self, height: u32, plans: &mut Vec<NodePlan>, plan: &mut RekeyPlan) {
+        for update in plans.drain(..) {
             let node = &mut self.levels[height as usize][update.position as usize];
             node.key = update.key;
-            node.version = update.version;
-            node.revision = update.revision;
+            node.version = update.new_ref.version;
+            node.revision = update.new_ref.revision;
+            if update.new_ref.revision > 0 {
+                plan.revised.push(update.new_ref);
+            } else {
+                plan.replaced.push(update.new_ref);
+            }
         }
+    }
+
+    /// Most wraps a batch can seal at each level: at most one per child with members, plus
+    /// one per node for a join's own previous version.
+    fn wrap_bound(&self, height: u32, live: usize) -> usize {
+        let children = self.levels[height as usize - 1].len();
+        (live * (self.degree as usize).saturating_add(1)).min(children + live)
     }
 }
 
@@ -361,9 +407,8 @@ impl KeyGraph for Tree {
 
         // Leaves first; counts above the leaves are settled from the touched lists below.
         let mut leaf_touches = Vec::with_capacity(batch.joins.len() + batch.leaves.len());
-        for &member in &batch.leaves {
-            leaf_touches.push(Touch { position: self.remove_leaf(member), leaves: 1, ..Touch::default() });
-        }
+        let removed = self.remove_leaves(&batch.leaves);
+        leaf_touches.extend(removed.into_iter().map(|position| Touch { position, leaves: 1, ..Touch::default() }));
         let mut keys = KeyGen::new(seed, 0);
         let mut welcomes = Vec::with_capacity(batch.joins.len());
         for &member in &batch.joins {
@@ -374,48 +419,67 @@ impl KeyGraph for Tree {
             welcomes.push(welcome);
         }
         leaf_touches.sort_unstable_by_key(|t| t.position);
-        let mut touched = vec![merge_same_position(leaf_touches)];
+        // A leaver's slot taken by a joiner in the same batch is one touch.
+        leaf_touches.dedup_by(|later, kept| {
+            let same = later.position == kept.position;
+            if same {
+                kept.leaves += later.leaves;
+                kept.joins += later.joins;
+            }
+            same
+        });
+        // Every level's touched nodes in one list (they shrink geometrically going up).
+        let mut touched = Levels::with_capacity(2 * leaf_touches.len() + self.levels.len(), self.levels.len() + 1);
+        touched.push_level(leaf_touches);
         for level in 1..=self.height() as usize {
-            let parents = self.touched_parents(&touched[level - 1]);
-            for t in &parents {
+            let below = touched.ranges[level - 1];
+            let first = touched.nodes.len();
+            self.push_touched_parents(&mut touched.nodes, below);
+            for t in &touched.nodes[first..] {
                 let node = &mut self.levels[level][t.position as usize];
                 node.members = node.members + t.joins - t.leaves;
             }
-            touched.push(parents);
+            touched.ranges.push((first, touched.nodes.len()));
         }
         let force_root = self.shrink();
-        touched.truncate(self.levels.len());
-        for (level, list) in touched.iter_mut().enumerate() {
+        touched.ranges.truncate(self.levels.len());
+        for level in 0..touched.ranges.len() {
             // Sorted by position, so this drops a suffix and keeps child ranges valid.
             let len = self.levels[level].len() as u32;
-            list.retain(|t| t.position < len);
+            let kept = touched.level(level).partition_point(|t| t.position < len);
+            touched.ranges[level].1 = touched.ranges[level].0 + kept;
         }
 
         let mut plan = RekeyPlan { welcomes, departed: batch.leaves.clone(), ..RekeyPlan::default() };
-        let mut out = LevelOutput::default();
         let height = self.height();
+        let mut live = Levels::with_capacity(touched.nodes.len() + 1, height as usize + 1);
+        live.ranges.push((0, 0));
         for level in 1..=height {
-            let list = &mut touched[level as usize];
-            if level == height && force_root && list.is_empty() {
-                list.push(Touch { position: 0, children: (0, 0), ..Touch::default() });
-            }
-            // Subtrees emptied by this batch keep no key.
-            let mut live = Vec::with_capacity(list.len());
-            for t in list.iter() {
+            let first = live.nodes.len();
+            for i in touched.ranges[level as usize].0..touched.ranges[level as usize].1 {
+                let t = touched.nodes[i];
                 let node = &mut self.levels[level as usize][t.position as usize];
+                // Subtrees emptied by this batch keep no key.
                 if node.members == 0 && level < height {
                     node.key.zeroize();
                 } else {
-                    live.push(*t);
+                    live.nodes.push(t);
                 }
             }
-            let force = force_root && level == height;
-            self.rekey_level(level, version, &live, &touched[level as usize - 1], force, seed, &mut keys, &mut out);
-            self.apply_updates(level, &mut out.updates);
+            if level == height && force_root && live.nodes.len() == first {
+                live.nodes.push(Touch { position: 0, children: (0, 0), ..Touch::default() });
+            }
+            live.ranges.push((first, live.nodes.len()));
         }
-        plan.wraps = out.wraps;
-        plan.replaced = out.replaced;
-        plan.revised = out.revised;
+        plan.wraps.reserve((1..=height).map(|level| self.wrap_bound(level, live.level(level as usize).len())).sum());
+        plan.replaced.reserve(live.nodes.len());
+        let mut scratch = (Vec::new(), Vec::new());
+        for level in 1..=height {
+            let force = force_root && level == height;
+            let (nodes, below) = (live.level(level as usize), touched.level(level as usize - 1));
+            self.rekey_level(level, version, nodes, below, force, seed, &mut keys, &mut plan.wraps, &mut scratch);
+            self.install(level, &mut scratch.0, &mut plan);
+        }
         plan.group_key = self.node_ref(height, 0);
         Ok(plan)
     }
@@ -444,19 +508,4 @@ impl KeyGraph for Tree {
         let stored_keys = self.levels.iter().flatten().filter(|n| n.members > 0).count().max(1);
         GraphStats { members: self.leaf_of.len(), stored_keys, height: self.height() }
     }
-}
-
-/// Merges touches of one leaf (a leaver's slot taken by a joiner in the same batch).
-fn merge_same_position(sorted: Vec<Touch>) -> Vec<Touch> {
-    let mut merged: Vec<Touch> = Vec::with_capacity(sorted.len());
-    for t in sorted {
-        match merged.last_mut() {
-            Some(last) if last.position == t.position => {
-                last.leaves += t.leaves;
-                last.joins += t.joins;
-            }
-            _ => merged.push(t),
-        }
-    }
-    merged
 }

@@ -18,7 +18,7 @@ use crate::key::{Key, KeyRef};
 use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
-use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, RekeyContext};
+use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
 use crate::wire::{GroupId, MembershipDelta, Signer, VerifyingKey};
 
 /// Policy fixed for a group's life.
@@ -108,6 +108,8 @@ pub enum ControllerError {
     Packets(#[from] PacketiseError),
     #[error("the persisted log is not a history of this group: {0}")]
     BadLog(&'static str),
+    #[error("compact placement is for measurements: a live group's members find their packets only under user-oriented or tiered placement")]
+    CompactPlacement,
 }
 
 /// A refused request, with a reason for the log and the peer.
@@ -172,6 +174,11 @@ impl Controller {
         let Some(Record::Genesis { created_ms, graph_seed, signing_seed }) = log.first() else {
             return Err(ControllerError::BadLog("it does not start with the group's genesis"));
         };
+        // A compact packet may hold a member's upper wrap beside another subtree's copy of the
+        // key it is sealed under, so a member cannot tell it from a packet it does not need.
+        if policy.packets.placement == Placement::Compact {
+            return Err(ControllerError::CompactPlacement);
+        }
         let graph = new_graph(policy.graph, &BatchSeed::from_bytes(*graph_seed))?;
         let mut c = Controller {
             policy,

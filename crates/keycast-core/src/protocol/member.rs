@@ -198,8 +198,8 @@ impl MemberSession {
         vec![MemberEvent::OutOfSync { reason }]
     }
 
-    fn opens_any(&self, packet: &RekeyPacket) -> bool {
-        packet.wraps.iter().any(|w| self.keys.keyring().wrapping_key(&w.under).is_some())
+    fn has_entry(&self, packet: &RekeyPacket) -> bool {
+        self.keys.has_entry(&packet.message())
     }
 
     fn rekey_packet(&mut self, packet: RekeyPacket) -> Result<Vec<MemberEvent>, MemberInputError> {
@@ -207,7 +207,7 @@ impl MemberSession {
         let applied = self.guard.rekey_seq();
         if header.seq == applied && header.group == self.group {
             // A later packet of the rekey already applied may hold the rest of a long chain.
-            if self.opens_any(&packet) {
+            if self.has_entry(&packet) {
                 let _ = self.keys.apply(&[packet.message()]);
             }
             return Ok(Vec::new());
@@ -216,7 +216,7 @@ impl MemberSession {
         if header.seq > applied + 1 {
             return Ok(self.lost(format!("rekey {} arrived, this member has {applied}", header.seq)));
         }
-        if !self.opens_any(&packet) && !packet.wraps.is_empty() {
+        if !self.has_entry(&packet) && !packet.wraps.is_empty() {
             return Ok(Vec::new());
         }
         if self.waiting.len() < LATE_PACKETS {

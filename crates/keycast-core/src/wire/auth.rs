@@ -51,11 +51,19 @@ impl Signer {
     }
 
     pub(crate) fn sign(&self, domain: &[u8], message: &[u8]) -> Signature {
-        let mut input = Vec::with_capacity(domain.len() + message.len());
-        input.extend_from_slice(domain);
-        input.extend_from_slice(message);
+        // A rekey root (the common case) is signed from the stack.
+        let (mut stack, heap);
+        let input: &[u8] = if domain.len() + message.len() <= 64 {
+            stack = [0u8; 64];
+            stack[..domain.len()].copy_from_slice(domain);
+            stack[domain.len()..domain.len() + message.len()].copy_from_slice(message);
+            &stack[..domain.len() + message.len()]
+        } else {
+            heap = [domain, message].concat();
+            &heap
+        };
         let mut out = [0u8; SIGNATURE_LEN];
-        out.copy_from_slice(self.pair.sign(&input).as_ref());
+        out.copy_from_slice(self.pair.sign(input).as_ref());
         out
     }
 }
@@ -114,27 +122,53 @@ fn truncate(digest: &[u8]) -> Node {
     node
 }
 
-/// A hash tree over `leaves`, built level by level: nodes are paired left to right and an odd
-/// last node moves up unchanged (the same tree as RFC 9162's). Returns the root and each
-/// leaf's path (sibling nodes, bottom-up).
-pub(crate) fn tree(leaves: &[Node]) -> (Node, Vec<Vec<Node>>) {
-    assert!(!leaves.is_empty(), "a tree has at least one leaf");
-    let mut paths = vec![Vec::new(); leaves.len()];
-    let mut level: Vec<Node> = leaves.to_vec();
-    let mut span = 1; // leaves under each node of `level`
-    while level.len() > 1 {
-        for i in 0..level.len() {
-            if let Some(sibling) = level.get(i ^ 1) {
-                let under = i * span..((i + 1) * span).min(leaves.len());
-                for path in &mut paths[under] {
-                    path.push(*sibling);
+/// A hash tree over some leaves, built level by level: nodes are paired left to right and an
+/// odd last node moves up unchanged (the same tree as RFC 9162's). Every level is kept,
+/// bottom-up, in one list whose last node is the root.
+pub(crate) struct HashTree {
+    nodes: Vec<Node>,
+    leaves: usize,
+}
+
+impl HashTree {
+    pub(crate) fn new(leaves: Vec<Node>) -> Self {
+        assert!(!leaves.is_empty(), "a tree has at least one leaf");
+        let count = leaves.len();
+        let mut nodes = leaves;
+        nodes.reserve(count);
+        let (mut start, mut len) = (0, count);
+        while len > 1 {
+            for i in (0..len).step_by(2) {
+                let node = if i + 1 < len { inner_hash(&nodes[start + i], &nodes[start + i + 1]) } else { nodes[start + i] };
+                nodes.push(node);
+            }
+            start += len;
+            len = len.div_ceil(2);
+        }
+        HashTree { nodes, leaves: count }
+    }
+
+    pub(crate) fn root(&self) -> Node {
+        *self.nodes.last().expect("a root")
+    }
+
+    /// The sibling nodes from leaf `index` up to the root.
+    pub(crate) fn path(&self, mut index: usize) -> impl Iterator<Item = &Node> {
+        let (mut start, mut len) = (0, self.leaves);
+        std::iter::from_fn(move || {
+            while len > 1 {
+                let (sibling, level) = (index ^ 1, start);
+                let present = sibling < len;
+                start += len;
+                len = len.div_ceil(2);
+                index >>= 1;
+                if present {
+                    return Some(&self.nodes[level + sibling]);
                 }
             }
-        }
-        level = level.chunks(2).map(|pair| if pair.len() == 2 { inner_hash(&pair[0], &pair[1]) } else { pair[0] }).collect();
-        span *= 2;
+            None
+        })
     }
-    (level[0], paths)
 }
 
 /// Number of path nodes for leaf `index` of a tree of `size` leaves.
@@ -181,7 +215,9 @@ mod tests {
     fn every_path_leads_to_the_root_and_no_other_place_does() {
         for size in 1..=70 {
             let leaves = leaves(size);
-            let (root, paths) = tree(&leaves);
+            let tree = HashTree::new(leaves.clone());
+            let root = tree.root();
+            let paths: Vec<Vec<Node>> = (0..size).map(|i| tree.path(i).copied().collect()).collect();
             for (i, path) in paths.iter().enumerate() {
                 assert_eq!(path.len(), path_len(i, size));
                 assert_eq!(root_from_path(leaves[i], i, size, path), Some(root), "size {size} leaf {i}");

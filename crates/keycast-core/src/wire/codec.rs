@@ -180,11 +180,13 @@ impl Writer for Vec<u8> {
         self.extend_from_slice(&r.to_bytes());
     }
     fn put_wrap(&mut self, w: &Wrap) {
-        self.put_ref(w.key);
-        let mut under = [0u8; 1 + 2 * KeyRef::ENCODED_LEN];
-        let len = w.under.write_to(&mut under);
-        self.extend_from_slice(&under[..len]);
-        self.extend_from_slice(&w.sealed);
+        // One copy per wrap: rekeys place hundreds of thousands of them.
+        const R: usize = KeyRef::ENCODED_LEN;
+        let mut bytes = [0u8; R + 1 + 2 * R + SEALED_LEN];
+        bytes[..R].copy_from_slice(&w.key.to_bytes());
+        let len = R + w.under.write_to(&mut bytes[R..]);
+        bytes[len..len + SEALED_LEN].copy_from_slice(&w.sealed);
+        self.extend_from_slice(&bytes[..len + SEALED_LEN]);
     }
     fn put_position(&mut self, p: Position) {
         match p {

@@ -7,6 +7,7 @@
 //! anything else.
 
 pub(crate) mod codec;
+mod placement;
 
 pub mod auth;
 pub mod control;

@@ -7,12 +7,14 @@ use rayon::prelude::*;
 
 use crate::graph::RekeyPlan;
 use crate::key::KeyRef;
-use crate::strategy::{entry_chains, RekeyMessage, PARALLEL_MIN};
+use crate::strategy::RekeyMessage;
 use crate::wrap::Wrap;
 
-use super::auth::{self, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
+use super::auth::{self, HashTree, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
 use super::codec::{Writer, MIN_WRAP_LEN};
 use super::guard::Reject;
+use super::placement::{place, Layout};
+pub use super::placement::Placement;
 use super::{open, start, DecodeError, GroupId, MessageType, VerifyingKey, DEFAULT_MTU};
 
 /// Bytes before the entries: version, type, group, epoch, seq, activation, group key ref,
@@ -67,7 +69,7 @@ pub struct RekeyPacket {
 }
 
 impl RekeyPacket {
-    fn put_body(header: &RekeyHeader, wraps: &[&Wrap], out: &mut Vec<u8>) {
+    fn put_body<'w>(header: &RekeyHeader, wraps: impl ExactSizeIterator<Item = &'w Wrap>, out: &mut Vec<u8>) {
         out.put_u64(header.group.0);
         out.put_u64(header.epoch);
         out.put_u64(header.seq);
@@ -84,7 +86,7 @@ impl RekeyPacket {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = start(MessageType::Rekey, DEFAULT_MTU);
-        RekeyPacket::put_body(&self.header, &self.wraps.iter().collect::<Vec<_>>(), &mut out);
+        RekeyPacket::put_body(&self.header, self.wraps.iter(), &mut out);
         out.extend_from_slice(&self.signature);
         for node in &self.path {
             out.extend_from_slice(node);
@@ -149,29 +151,6 @@ impl RekeyPacket {
     /// This packet's entries as a rekey message for [`crate::MemberKeys::apply`].
     pub fn message(&self) -> RekeyMessage<'_> {
         RekeyMessage { group_key: self.header.group_key, wraps: self.wraps.iter().collect() }
-    }
-}
-
-/// How wraps are spread over packets.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Placement {
-    /// Zhang, Lam, Lee and Yang's user-oriented key assignment: each member's entry and every
-    /// wrap above it go into one packet, repeating upper wraps in each packet that needs them.
-    #[default]
-    UserOriented,
-    /// Each wrap once, in the same subtree order: fewest bytes, but a member may need the
-    /// packets holding its upper wraps too.
-    Compact,
-}
-
-impl core::str::FromStr for Placement {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "user" | "user-oriented" => Ok(Placement::UserOriented),
-            "compact" => Ok(Placement::Compact),
-            other => Err(format!("unknown placement {other:?} (expected user or compact)")),
-        }
     }
 }
 
@@ -240,123 +219,68 @@ pub fn encode_rekey(
     if config.mtu < needed {
         return Err(PacketiseError::MtuTooSmall { mtu: config.mtu, needed });
     }
-    let contents = place(plan, config.placement, config.mtu - HEADER_LEN - auth_len);
-    let count = u32::try_from(contents.len()).map_err(|_| PacketiseError::TooManyPackets(contents.len()))?;
-    let header = |index: u32| RekeyHeader {
+    let block = 1usize << config.block_bits;
+    let layout = place(plan, config.placement, config.mtu - HEADER_LEN - auth_len, block);
+    let count = u32::try_from(layout.len()).map_err(|_| PacketiseError::TooManyPackets(layout.len()))?;
+    let header = RekeyHeader {
         group: context.group,
         epoch: context.epoch,
         seq: context.seq,
         activation: context.activation,
         group_key: plan.group_key,
-        index,
+        index: 0,
         count,
         block_bits: config.block_bits,
     };
-    let body = |(i, content): (usize, &Vec<usize>)| {
-        let mut out = start(MessageType::Rekey, config.mtu);
-        let wraps: Vec<&Wrap> = content.iter().map(|&w| &plan.wraps[w]).collect();
-        RekeyPacket::put_body(&header(i as u32), &wraps, &mut out);
-        out
-    };
-    let block = 1 << config.block_bits;
+    let blocks = layout.len().div_ceil(block);
+    let encode = |b: usize| BlockEncoder { plan, layout: &layout, header, signer }.encode(b * block..((b + 1) * block).min(layout.len()));
     // Small rekeys (a single leave) stay on this thread: waking the pool costs more.
-    let mut packets: Vec<Vec<u8>> = if contents.len() <= block {
-        contents.iter().enumerate().map(body).collect()
+    let (packets, unsigned) = if blocks <= 1 {
+        encode(0)
     } else {
-        contents.par_iter().enumerate().map(body).collect()
+        let parts: Vec<(Vec<Vec<u8>>, usize)> = (0..blocks).into_par_iter().map(encode).collect();
+        let unsigned = parts.iter().map(|(_, bodies)| bodies).sum();
+        (parts.into_iter().flat_map(|(packets, _)| packets).collect(), unsigned)
     };
-    if packets.len() <= block {
-        packets.chunks_mut(block).for_each(|b| sign_block(b, signer));
-    } else {
-        packets.par_chunks_mut(block).for_each(|b| sign_block(b, signer));
-    }
     let bytes: usize = packets.iter().map(Vec::len).sum();
-    let unsigned: usize = contents
-        .iter()
-        .map(|c| HEADER_LEN + c.iter().map(|&w| plan.wraps[w].encoded_len()).sum::<usize>())
-        .sum();
-    let stats = RekeyWireStats {
-        packets: packets.len(),
-        bytes,
-        auth_bytes: bytes - unsigned,
-        signatures: packets.len().div_ceil(1 << config.block_bits),
-        entries: contents.iter().map(Vec::len).sum(),
-    };
+    let stats = RekeyWireStats { packets: packets.len(), bytes, auth_bytes: bytes - unsigned, signatures: blocks, entries: layout.entries() };
     Ok(EncodedRekey { packets, stats })
 }
 
-/// Appends the block's signature and each packet's path.
-fn sign_block(block: &mut [Vec<u8>], signer: &Signer) {
-    let leaves: Vec<Node> = block.iter().map(|body| auth::leaf_hash(body)).collect();
-    let (root, paths) = auth::tree(&leaves);
-    let signature = signer.sign(REKEY_ROOT_DOMAIN, &root);
-    for (packet, path) in block.iter_mut().zip(paths) {
-        packet.extend_from_slice(&signature);
-        for node in path {
-            packet.extend_from_slice(&node);
+/// Encodes, hashes and signs one block of packets.
+struct BlockEncoder<'a> {
+    plan: &'a RekeyPlan,
+    layout: &'a Layout,
+    header: RekeyHeader,
+    signer: &'a Signer,
+}
+
+impl BlockEncoder<'_> {
+    /// The block's packets and the bytes of their bodies.
+    fn encode(&self, range: core::ops::Range<usize>) -> (Vec<Vec<u8>>, usize) {
+        let size = range.len();
+        let mut packets = Vec::with_capacity(size);
+        let mut leaves = Vec::with_capacity(size);
+        let mut bodies = 0;
+        for (offset, p) in range.clone().enumerate() {
+            let content = self.layout.packet(p);
+            let body_len = HEADER_LEN + content.iter().map(|&w| self.plan.wraps[w as usize].encoded_len()).sum::<usize>();
+            let mut out = start(MessageType::Rekey, body_len + SIGNATURE_LEN + auth::path_len(offset, size) * NODE_LEN);
+            let header = RekeyHeader { index: p as u32, ..self.header };
+            RekeyPacket::put_body(&header, content.iter().map(|&w| &self.plan.wraps[w as usize]), &mut out);
+            debug_assert_eq!(out.len(), body_len);
+            leaves.push(auth::leaf_hash(&out));
+            bodies += body_len;
+            packets.push(out);
         }
+        let tree = HashTree::new(leaves);
+        let signature = self.signer.sign(REKEY_ROOT_DOMAIN, &tree.root());
+        for (i, packet) in packets.iter_mut().enumerate() {
+            packet.extend_from_slice(&signature);
+            tree.path(i).for_each(|node| packet.extend_from_slice(node));
+        }
+        (packets, bodies)
     }
 }
 
-/// Wrap indices per packet, each packet's entries at most `capacity` bytes.
-fn place(plan: &RekeyPlan, placement: Placement, capacity: usize) -> Vec<Vec<usize>> {
-    let mut chains = entry_chains(plan);
-    // Subtree order: chains that share upper wraps sit together (top-down comparison of up to
-    // 16 levels; ties keep the plan's bottom-up, left-to-right order).
-    let order = |chain: &Vec<usize>| {
-        let mut key = [0u32; 16];
-        for (slot, &i) in key.iter_mut().zip(chain.iter().rev()) {
-            *slot = plan.wraps[i].key.id.0;
-        }
-        key
-    };
-    if chains.len() < PARALLEL_MIN {
-        chains.sort_by_cached_key(order);
-    } else {
-        chains.par_sort_by_cached_key(order);
-    }
-    let len = |i: usize| plan.wraps[i].encoded_len();
-    let mut packets: Vec<Vec<usize>> = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    let mut used = 0;
-    // For each wrap, the last packet it went into.
-    let mut placed_in = vec![usize::MAX; plan.wraps.len()];
-    for chain in chains {
-        let absent = |placed_in: &[usize], packet: usize, i: usize| match placement {
-            Placement::UserOriented => placed_in[i] != packet,
-            Placement::Compact => placed_in[i] == usize::MAX,
-        };
-        let mut fresh: Vec<usize> = chain.iter().copied().filter(|&i| absent(&placed_in, packets.len(), i)).collect();
-        let mut need: usize = fresh.iter().map(|&i| len(i)).sum();
-        if used + need > capacity {
-            if !current.is_empty() {
-                packets.push(std::mem::take(&mut current));
-                used = 0;
-            }
-            fresh = chain.iter().copied().filter(|&i| absent(&placed_in, packets.len(), i)).collect();
-            need = fresh.iter().map(|&i| len(i)).sum();
-        }
-        if need <= capacity - used {
-            for i in fresh {
-                placed_in[i] = packets.len();
-                current.push(i);
-            }
-            used += need;
-            continue;
-        }
-        // A chain longer than a packet (a wide flat table): spread it over several.
-        for i in fresh {
-            if used + len(i) > capacity {
-                packets.push(std::mem::take(&mut current));
-                used = 0;
-            }
-            placed_in[i] = packets.len();
-            current.push(i);
-            used += len(i);
-        }
-    }
-    if !current.is_empty() || packets.is_empty() {
-        packets.push(current);
-    }
-    packets
-}
+

@@ -1,6 +1,7 @@
 //! Batch rekeying: Mukkamalla and Katz's figures 7 to 11 (many leavers in one epoch), wraps
 //! by scheme against batch size, and the GSM paper's rekey-per-request against per-interval.
 
+use keycast_core::wire::Placement;
 use keycast_core::{Batch, BatchSeed, KeyGraph, MemberId, Scheme, Strategy};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -70,7 +71,7 @@ fn mk_sweep(scale: Scale, progress: &Progress) -> Sweep {
         .map(|&(d, k)| {
             let scheme = Scheme::Tree { degree: MK_DEGREES[d] };
             let costs: Vec<Cost> = (0..scale.runs as u64)
-                .map(|run| leave_batch(scheme, MK_GROUP, random_leavers(MK_GROUP, ks[k], run * 7919 + ks[k]), Finish::Wire))
+                .map(|run| leave_batch(scheme, MK_GROUP, random_leavers(MK_GROUP, ks[k], run * 7919 + ks[k]), Finish::Wire(Placement::Auto)))
                 .collect();
             progress.tick();
             let of = |f: fn(&Cost) -> f64| mean(&costs.iter().map(f).collect::<Vec<_>>());
@@ -220,7 +221,7 @@ fn per_request(scheme: Scheme, n: u64, count: usize, intervals: usize, batched: 
         };
         for batch in batches {
             seed = seed.next();
-            let cost = rekey(graph.as_mut(), &batch, &seed, Finish::Wire, &signer);
+            let cost = rekey(graph.as_mut(), &batch, &seed, Finish::Wire(Placement::Auto), &signer);
             time += micros(cost.time);
             wraps += cost.wraps as f64;
         }

@@ -1,6 +1,7 @@
 //! Caronni et al. 3.3: the flat table against a tree, rekey size per leave and controller
 //! storage against group size.
 
+use keycast_core::wire::Placement;
 use keycast_core::{Batch, BatchSeed, Scheme};
 use rayon::prelude::*;
 
@@ -26,7 +27,7 @@ fn measure(n: u64) -> Point {
         let (mut entries, mut bytes) = (0.0, 0.0);
         for (i, leaver) in random_leavers(n, LEAVES, n).into_iter().enumerate() {
             let seed = BatchSeed::from_u64(100 + 2 * i as u64);
-            let cost = rekey(graph.as_mut(), &Batch { joins: vec![], leaves: vec![leaver] }, &seed, Finish::WireCompact, &sim_signer());
+            let cost = rekey(graph.as_mut(), &Batch { joins: vec![], leaves: vec![leaver] }, &seed, Finish::Wire(Placement::Compact), &sim_signer());
             entries += cost.wraps as f64;
             bytes += cost.bytes as f64;
             let seed = BatchSeed::from_u64(101 + 2 * i as u64);

@@ -1,0 +1,377 @@
+//! Which wraps go into which rekey packet.
+//!
+//! Every placement visits the wraps in subtree order, so that members who share upper keys
+//! share packets. A member's *chain* is its entry (a wrap under a key it already holds) and
+//! every wrap that follows from it up to the group key.
+//!
+//! - User-oriented (Zhang, Lam, Lee and Yang): each chain whole in one packet, so a member
+//!   needs exactly one packet; upper wraps are repeated in every packet that needs them.
+//! - Tiered: each tree chain is cut halfway up. The lower halves are placed user-oriented,
+//!   then the upper halves (each placed once per subtree at the cut), so a member needs at
+//!   most two packets. At 10% of 2^20 leaving this is half the bytes of user-oriented.
+//! - Compact: each wrap once, for measurements. A member cannot tell a compact packet holding
+//!   its upper wrap from one it does not need, so a live group's controller refuses it.
+//!
+//! Tree plans (each new key sealed under by at most one wrap) are walked as a forest in one
+//! pass without sorting; other plans (flat tables) fall back to sorting their chains.
+
+use rayon::prelude::*;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::graph::RekeyPlan;
+use crate::key::KeyRef;
+use crate::strategy::{entry_chains, PARALLEL_MIN};
+use crate::wrap::Wrapper;
+
+/// How wraps are spread over packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// User-oriented while the rekey fits in one signing block, tiered above: one packet
+    /// per member for the small rekeys of single joins and leaves, half the bytes for large
+    /// batches.
+    #[default]
+    Auto,
+    /// Zhang, Lam, Lee and Yang's user-oriented key assignment: each member's entry and every
+    /// wrap above it go into one packet, repeating upper wraps in each packet that needs them.
+    UserOriented,
+    /// Tree chains cut halfway up, each half placed user-oriented: at most two packets per
+    /// member (plans that are not trees are placed user-oriented).
+    Tiered,
+    /// Each wrap once, in the same subtree order: fewest bytes, for measurements. A member may
+    /// need several packets and cannot tell them from others, so controllers refuse it.
+    Compact,
+}
+
+impl core::str::FromStr for Placement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Placement::Auto),
+            "user" | "user-oriented" => Ok(Placement::UserOriented),
+            "tiered" => Ok(Placement::Tiered),
+            "compact" => Ok(Placement::Compact),
+            other => Err(format!("unknown placement {other:?} (expected auto, user, tiered or compact)")),
+        }
+    }
+}
+
+/// Wrap indices per packet, as one list cut into packets.
+pub(crate) struct Layout {
+    wraps: Vec<u32>,
+    /// Packet p holds `wraps[ends[p - 1]..ends[p]]`.
+    ends: Vec<u32>,
+}
+
+impl Layout {
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub(crate) fn packet(&self, p: usize) -> &[u32] {
+        let start = if p == 0 { 0 } else { self.ends[p - 1] as usize };
+        &self.wraps[start..self.ends[p] as usize]
+    }
+
+    pub(crate) fn entries(&self) -> usize {
+        self.wraps.len()
+    }
+}
+
+/// Wrap indices per packet, each packet's entries at most `capacity` bytes. `Auto` switches
+/// to tiered once user-oriented would take more than `block` packets.
+pub(crate) fn place(plan: &RekeyPlan, placement: Placement, capacity: usize, block: usize) -> Layout {
+    let Some(forest) = Forest::of(plan) else {
+        let mode = if placement == Placement::Compact { Mode::Compact } else { Mode::UserOriented };
+        return place_sorted_chains(plan, mode, capacity);
+    };
+    match placement {
+        Placement::UserOriented => forest.place_whole(plan, Mode::UserOriented, capacity, usize::MAX).expect("no limit"),
+        Placement::Compact => forest.place_whole(plan, Mode::Compact, capacity, usize::MAX).expect("no limit"),
+        Placement::Tiered => forest.place_tiered(plan, capacity),
+        Placement::Auto => forest
+            .place_whole(plan, Mode::UserOriented, capacity, block)
+            .unwrap_or_else(|| forest.place_tiered(plan, capacity)),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A wrap is repeated in every packet whose chains need it.
+    UserOriented,
+    /// A wrap is placed once.
+    Compact,
+}
+
+/// Greedy packing of chains into packets, in the order given.
+struct Packer<'a> {
+    plan: &'a RekeyPlan,
+    mode: Mode,
+    capacity: usize,
+    /// Stops (returns None) beyond this many packets.
+    limit: usize,
+    /// For each wrap, 1 + the last packet it went into (0: not placed).
+    placed_in: Vec<u32>,
+    layout: Layout,
+    used: usize,
+    fresh: Vec<u32>,
+}
+
+impl<'a> Packer<'a> {
+    fn new(plan: &'a RekeyPlan, mode: Mode, capacity: usize, limit: usize) -> Self {
+        Packer {
+            plan,
+            mode,
+            capacity,
+            limit,
+            placed_in: vec![0; plan.wraps.len()],
+            layout: Layout { wraps: Vec::with_capacity(2 * plan.wraps.len()), ends: Vec::with_capacity(plan.wraps.len() / 8 + 1) },
+            used: 0,
+            fresh: Vec::with_capacity(32),
+        }
+    }
+
+    fn len(&self, i: u32) -> usize {
+        self.plan.wraps[i as usize].encoded_len()
+    }
+
+    /// The number (1-based) of the packet being filled.
+    fn current(&self) -> u32 {
+        self.layout.ends.len() as u32 + 1
+    }
+
+    fn absent(&self, i: u32) -> bool {
+        match self.mode {
+            Mode::UserOriented => self.placed_in[i as usize] != self.current(),
+            Mode::Compact => self.placed_in[i as usize] == 0,
+        }
+    }
+
+    /// Collects the wraps of `chain` not yet where they must be; returns their bytes.
+    fn collect_fresh(&mut self, chain: impl Iterator<Item = u32>) -> usize {
+        self.fresh.clear();
+        let mut need = 0;
+        for i in chain {
+            if self.absent(i) {
+                self.fresh.push(i);
+                need += self.len(i);
+            }
+        }
+        need
+    }
+
+    fn close_packet(&mut self) -> Option<()> {
+        self.layout.ends.push(self.layout.wraps.len() as u32);
+        self.used = 0;
+        (self.layout.ends.len() <= self.limit).then_some(())
+    }
+
+    fn current_is_empty(&self) -> bool {
+        self.layout.wraps.len() as u32 == self.layout.ends.last().copied().unwrap_or(0)
+    }
+
+    fn push(&mut self, i: u32) {
+        self.placed_in[i as usize] = self.current();
+        self.layout.wraps.push(i);
+        self.used += self.len(i);
+    }
+
+    /// Places one chain, given bottom-up; None once past the packet limit.
+    fn chain(&mut self, chain: impl Iterator<Item = u32> + Clone) -> Option<()> {
+        let mut need = self.collect_fresh(chain.clone());
+        if self.used + need > self.capacity && !self.current_is_empty() {
+            self.close_packet()?;
+            need = self.collect_fresh(chain);
+        }
+        let fresh = std::mem::take(&mut self.fresh);
+        if need <= self.capacity - self.used {
+            fresh.iter().for_each(|&i| self.push(i));
+        } else {
+            // A chain longer than a packet (a wide flat table): spread it over several.
+            for &i in &fresh {
+                if self.used + self.len(i) > self.capacity {
+                    self.close_packet()?;
+                }
+                self.push(i);
+            }
+        }
+        self.fresh = fresh;
+        Some(())
+    }
+
+    fn finish(mut self) -> Option<Layout> {
+        if !self.current_is_empty() || self.layout.ends.is_empty() {
+            self.close_packet()?;
+        }
+        Some(self.layout)
+    }
+}
+
+/// Chains from the generic builder, sorted into subtree order (top-down comparison of up to
+/// 16 levels; ties keep the plan's bottom-up, left-to-right order).
+fn place_sorted_chains(plan: &RekeyPlan, mode: Mode, capacity: usize) -> Layout {
+    let mut chains = entry_chains(plan);
+    let order = |chain: &Vec<usize>| {
+        let mut key = [0u32; 16];
+        for (slot, &i) in key.iter_mut().zip(chain.iter().rev()) {
+            *slot = plan.wraps[i].key.id.0;
+        }
+        key
+    };
+    if chains.len() < PARALLEL_MIN {
+        chains.sort_by_cached_key(order);
+    } else {
+        chains.par_sort_by_cached_key(order);
+    }
+    let mut packer = Packer::new(plan, mode, capacity, usize::MAX);
+    for chain in &chains {
+        packer.chain(chain.iter().map(|&i| i as u32)).expect("no limit");
+    }
+    packer.finish().expect("no limit")
+}
+
+const NONE: u32 = u32::MAX;
+
+/// A tree plan as a forest: each wrap points down to the wraps that deliver the key it is
+/// sealed under. Visiting it depth-first from the group key gives subtree order directly.
+struct Forest {
+    /// Wraps of one key are contiguous in a plan: run r is wraps `starts[r]..starts[r + 1]`.
+    starts: Vec<u32>,
+    /// For each wrap: the run delivering the key it is sealed under if that key is new, and
+    /// whether it is an entry (sealed under a key its receivers hold or derive).
+    below: Vec<(u32, bool)>,
+    /// Runs that no wrap is sealed under (the group key's), in key order.
+    tops: Vec<u32>,
+}
+
+/// What the walk is doing at a wrap.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Visit {
+    /// The wrap is an entry: `path` (top-down) is one member set's whole chain.
+    Entry,
+    /// Going down to the wraps that deliver the key this wrap is sealed under.
+    Descend,
+}
+
+impl Forest {
+    /// None unless every new key's wraps are contiguous and each new key has at most one
+    /// wrap sealed under it.
+    fn of(plan: &RekeyPlan) -> Option<Forest> {
+        let wraps = &plan.wraps;
+        let mut starts: Vec<u32> = Vec::with_capacity(wraps.len() + 1);
+        // Refs are the controller's own, not attacker input: a fast unkeyed hash is safe.
+        let mut run_of: FxHashMap<KeyRef, u32> = FxHashMap::default();
+        run_of.reserve(wraps.len() / 2);
+        for (i, w) in wraps.iter().enumerate() {
+            if i == 0 || wraps[i - 1].key != w.key {
+                if run_of.insert(w.key, starts.len() as u32).is_some() {
+                    return None;
+                }
+                starts.push(i as u32);
+            }
+        }
+        starts.push(wraps.len() as u32);
+        let revised: FxHashSet<KeyRef> = plan.revised.iter().copied().collect();
+        let runs = starts.len() - 1;
+        let mut sealed_under = vec![false; runs];
+        let mut below = Vec::with_capacity(wraps.len());
+        for w in wraps {
+            let Wrapper::Key(under) = w.under else { return None };
+            below.push(match run_of.get(&under) {
+                Some(&run) => {
+                    if std::mem::replace(&mut sealed_under[run as usize], true) {
+                        return None;
+                    }
+                    // Existing members derive a revised key themselves: for them this is an entry.
+                    (run, revised.contains(&under))
+                }
+                None => (NONE, true),
+            });
+        }
+        let mut tops: Vec<u32> = (0..runs as u32).filter(|&r| !sealed_under[r as usize]).collect();
+        tops.sort_by_key(|&r| wraps[starts[r as usize] as usize].key.id);
+        Some(Forest { starts, below, tops })
+    }
+
+    /// Wraps in the longest chain.
+    fn depth(&self) -> usize {
+        let mut depth = 0;
+        self.walk(&mut |visit, path| {
+            if visit == Visit::Entry {
+                depth = depth.max(path.len());
+            }
+        });
+        depth
+    }
+
+    fn is_entry(&self, i: u32) -> bool {
+        self.below[i as usize].1
+    }
+
+    /// Depth-first from the tops: at each key its entries first, then its subtrees, in plan
+    /// (left-to-right) order; the same order as sorting chains top-down.
+    fn walk(&self, visit: &mut dyn FnMut(Visit, &[u32])) {
+        let mut path = Vec::with_capacity(32);
+        for &top in &self.tops {
+            self.walk_run(top, &mut path, visit);
+        }
+    }
+
+    fn walk_run(&self, run: u32, path: &mut Vec<u32>, visit: &mut dyn FnMut(Visit, &[u32])) {
+        let wraps = self.starts[run as usize]..self.starts[run as usize + 1];
+        for i in wraps.clone().filter(|&i| self.is_entry(i)) {
+            path.push(i);
+            visit(Visit::Entry, path);
+            path.pop();
+        }
+        for i in wraps.filter(|&i| self.below[i as usize].0 != NONE) {
+            path.push(i);
+            visit(Visit::Descend, path);
+            self.walk_run(self.below[i as usize].0, path, visit);
+            path.pop();
+        }
+    }
+
+    /// Whole chains per packet; None if that takes more than `limit` packets.
+    fn place_whole(&self, plan: &RekeyPlan, mode: Mode, capacity: usize, limit: usize) -> Option<Layout> {
+        let mut packer = Packer::new(plan, mode, capacity, limit);
+        let mut over = false;
+        self.walk(&mut |visit, path| {
+            if visit == Visit::Entry && !over {
+                over = packer.chain(path.iter().rev().copied()).is_none();
+            }
+        });
+        if over {
+            return None;
+        }
+        packer.finish()
+    }
+
+    /// Chains cut at half the tree's depth: upper halves (each once per subtree at the cut)
+    /// then lower halves, each set placed user-oriented.
+    fn place_tiered(&self, plan: &RekeyPlan, capacity: usize) -> Layout {
+        let cut = self.depth() / 2;
+        let mut upper = Packer::new(plan, Mode::UserOriented, capacity, usize::MAX);
+        let mut lower = Packer::new(plan, Mode::UserOriented, capacity, usize::MAX);
+        self.walk(&mut |visit, path| {
+            let at_cut = path.len() == cut && !self.is_entry(*path.last().expect("path"));
+            match visit {
+                Visit::Entry if path.len() <= cut => upper.chain(path.iter().rev().copied()),
+                Visit::Entry => lower.chain(path[cut..].iter().rev().copied()),
+                Visit::Descend if at_cut => upper.chain(path.iter().rev().copied()),
+                Visit::Descend => Some(()),
+            }
+            .expect("no limit");
+        });
+        let (mut upper, lower) = (upper.finish().expect("no limit"), lower.finish().expect("no limit"));
+        match (upper.entries(), lower.entries()) {
+            (_, 0) => upper,
+            (0, _) => lower,
+            _ => {
+                let offset = upper.wraps.len() as u32;
+                upper.wraps.extend_from_slice(&lower.wraps);
+                upper.ends.extend(lower.ends.iter().map(|e| e + offset));
+                upper
+            }
+        }
+    }
+}
