@@ -69,22 +69,26 @@ pub struct Cost {
 pub fn rekey(graph: &mut dyn KeyGraph, batch: &Batch, seed: &BatchSeed, finish: Finish, signer: &Signer) -> Cost {
     let start = Instant::now();
     let plan = graph.apply(batch, seed).expect("valid batch");
-    let (bytes, signatures, packets) = match finish {
-        Finish::Package(strategy) => (package_size(&package(&plan, strategy)).bytes, 0, 0),
+    let wire = |placement| {
+        let config = PacketConfig { placement, ..PacketConfig::default() };
+        encode_rekey(&plan, CONTEXT, config, signer).expect("valid packet config")
+    };
+    let (bytes, signatures, packets, encoded) = match finish {
+        Finish::Package(strategy) => (package_size(&package(&plan, strategy)).bytes, 0, 0, None),
         Finish::Signed(strategy) => {
             std::hint::black_box(package(&plan, strategy));
-            wire(&plan, Placement::default(), signer)
+            let encoded = wire(Placement::default());
+            (encoded.stats.bytes, encoded.stats.signatures, encoded.stats.packets, Some(encoded))
         }
-        Finish::Wire(placement) => wire(&plan, placement, signer),
+        Finish::Wire(placement) => {
+            let encoded = wire(placement);
+            (encoded.stats.bytes, encoded.stats.signatures, encoded.stats.packets, Some(encoded))
+        }
     };
     let time = start.elapsed();
+    // A controller keeps the packets until the next rekey: freeing them is not this rekey's work.
+    drop(encoded);
     Cost { time, wraps: plan.wraps.len(), bytes, signatures, packets }
-}
-
-fn wire(plan: &keycast_core::RekeyPlan, placement: Placement, signer: &Signer) -> (usize, usize, usize) {
-    let config = PacketConfig { placement, ..PacketConfig::default() };
-    let stats = encode_rekey(plan, CONTEXT, config, signer).expect("valid packet config").stats;
-    (stats.bytes, stats.signatures, stats.packets)
 }
 
 /// Times `reps` leaves of `member` (each followed by its rejoin, timed separately) and

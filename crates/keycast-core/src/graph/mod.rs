@@ -167,6 +167,16 @@ pub fn new_graph(config: GraphConfig, seed: &BatchSeed) -> Result<Box<dyn KeyGra
 
 /// Rejects batches that name a member twice, join a member twice or remove a stranger.
 fn validate_batch(batch: &Batch, contains: impl Fn(MemberId) -> bool + Sync) -> Result<(), GraphError> {
+    validate_joins(batch, &contains)?;
+    let stranger = batch.leaves.par_iter().with_min_len(PARALLEL_LOOKUPS).find_first(|&&m| !contains(m));
+    if let Some(&m) = stranger {
+        return Err(GraphError::NotMember(m));
+    }
+    Ok(())
+}
+
+/// [`validate_batch`] but for the leavers' membership, for a caller that looks them up anyway.
+fn validate_joins(batch: &Batch, contains: impl Fn(MemberId) -> bool + Sync) -> Result<(), GraphError> {
     let named = || batch.joins.iter().chain(&batch.leaves).copied();
     let total = batch.joins.len() + batch.leaves.len();
     let duplicate = if total <= 16 {
@@ -185,15 +195,11 @@ fn validate_batch(batch: &Batch, contains: impl Fn(MemberId) -> bool + Sync) -> 
     if let Some(&m) = joiner {
         return Err(GraphError::AlreadyMember(m));
     }
-    let stranger = batch.leaves.par_iter().with_min_len(PARALLEL_LOOKUPS).find_first(|&&m| !contains(m));
-    if let Some(&m) = stranger {
-        return Err(GraphError::NotMember(m));
-    }
     Ok(())
 }
 
 /// Fewer lookups than this are made on the calling thread.
-const PARALLEL_LOOKUPS: usize = 4096;
+pub(crate) const PARALLEL_LOOKUPS: usize = 4096;
 
 /// Key stream used when a graph is created, apart from every stream a batch uses.
 const CREATION_STREAM: u64 = u64::MAX - 1;

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use zeroize::Zeroize;
 
 use super::{
-    validate_batch, BatchCounter, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
+    validate_joins, BatchCounter, PARALLEL_LOOKUPS, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
     Position, RekeyPlan, Scheme, Welcome,
 };
 use crate::key::{Key, KeyId, KeyRef};
@@ -170,16 +170,15 @@ impl Tree {
         KeyRef::new(tree_key_id(height, position), node.version, node.revision)
     }
 
-    /// Empties the leaves of `leavers` (validated members) and returns their positions, sorted.
-    fn remove_leaves(&mut self, leavers: &[MemberId]) -> Vec<u32> {
-        let leaf_of = &self.leaf_of;
-        let position = |m: &MemberId| *leaf_of.get(m).expect("validated member");
-        // Large batches look their leaves up on every core (each lookup is a cache miss).
-        let mut positions: Vec<u32> = if leavers.len() < PARALLEL_THRESHOLD {
-            leavers.iter().map(position).collect()
-        } else {
-            leavers.par_iter().map(position).collect()
-        };
+    /// The leaves of `leavers`, in order, or the first that is not a member. Large batches look
+    /// them up on every core (each lookup is a cache miss).
+    fn leaves_of(&self, leavers: &[MemberId]) -> Result<Vec<u32>, GraphError> {
+        let position = |&m: &MemberId| self.leaf_of.get(&m).copied().ok_or(GraphError::NotMember(m));
+        leavers.par_iter().with_min_len(PARALLEL_LOOKUPS).map(position).collect()
+    }
+
+    /// Empties the leaves of `leavers` (at `positions`) and returns the positions, sorted.
+    fn remove_leaves(&mut self, leavers: &[MemberId], mut positions: Vec<u32>) -> Vec<u32> {
         for member in leavers {
             self.leaf_of.remove(member);
         }
@@ -393,7 +392,8 @@ impl KeyGraph for Tree {
     }
 
     fn apply(&mut self, batch: &Batch, seed: &BatchSeed) -> Result<RekeyPlan, GraphError> {
-        validate_batch(batch, |m| self.leaf_of.contains_key(&m))?;
+        validate_joins(batch, |m| self.leaf_of.contains_key(&m))?;
+        let positions = self.leaves_of(&batch.leaves)?;
         let after = self.leaf_of.len() as u64 + batch.joins.len() as u64 - batch.leaves.len() as u64;
         let slots = self.levels[0].len() as u64 + batch.joins.len().saturating_sub(self.free_leaves.len() + batch.leaves.len()) as u64;
         if after > MAX_LEAVES || slots > MAX_LEAVES {
@@ -407,7 +407,7 @@ impl KeyGraph for Tree {
 
         // Leaves first; counts above the leaves are settled from the touched lists below.
         let mut leaf_touches = Vec::with_capacity(batch.joins.len() + batch.leaves.len());
-        let removed = self.remove_leaves(&batch.leaves);
+        let removed = self.remove_leaves(&batch.leaves, positions);
         leaf_touches.extend(removed.into_iter().map(|position| Touch { position, leaves: 1, ..Touch::default() }));
         let mut keys = KeyGen::new(seed, 0);
         let mut welcomes = Vec::with_capacity(batch.joins.len());
