@@ -135,7 +135,7 @@ pub fn mukkamalla(scale: Scale, progress: &Progress) -> Vec<Figure> {
     let mut fig_bytes = figure("fig3c_mk_bytes", "3c. Rekey bytes on the wire vs members leaving (n = 2000, signed packets)", "members leaving", "bytes", bytes);
     fig_bytes.paper = "Mukkamalla and Katz 5.2: 5% of 2000 leaving gives rekeys of about 20 KB (24-byte DES entries, one RSA signature).".into();
     fig_bytes.measured = format!(
-        "100 leavers: {:.1} / {:.1} / {:.1} KB for d = 2/3/4 (≈ 60-byte AES-GCM entries repeated per packet so a member needs one packet, 64-byte signature and hash path per packet).",
+        "100 leavers: {:.1} / {:.1} / {:.1} KB for d = 2/3/4 (73-byte AES-GCM entries; the default placement repeats upper entries so that a member needs one packet up to 64 packets, about 77 KB, and at most two, tiered, beyond: the dip there is the switch; 64-byte signature and hash path per packet).",
         at(&fig_bytes.series[0], 100) / 1e3, at(&fig_bytes.series[1], 100) / 1e3, at(&fig_bytes.series[2], 100) / 1e3
     );
     let times = sweep_series(&sweep, |m| m.2, MK_GROUP);
