@@ -97,8 +97,8 @@ impl MemberKeys {
     }
 
     /// True if `message` holds an entry for this member: a wrap sealed under a key on its
-    /// path that it holds, or that the message itself does not deliver (under tiered or
-    /// compact placement that key arrives in another packet of the same rekey).
+    /// path that it holds, or that the message itself does not deliver (under tiered
+    /// placement that key arrives in the member's other packet of the same rekey).
     pub fn has_entry(&self, message: &RekeyMessage<'_>) -> bool {
         let delivered_elsewhere = |r: KeyRef| {
             self.needs(r.id, message.group_key) && !message.wraps.iter().any(|d| d.key == r)

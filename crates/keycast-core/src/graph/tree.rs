@@ -83,14 +83,14 @@ struct Touch {
 }
 
 /// Touched nodes of every level in one list: level h is `nodes[ranges[h].0..ranges[h].1]`.
-struct Levels {
+struct TouchedLevels {
     nodes: Vec<Touch>,
     ranges: Vec<(usize, usize)>,
 }
 
-impl Levels {
+impl TouchedLevels {
     fn with_capacity(nodes: usize, levels: usize) -> Self {
-        Levels { nodes: Vec::with_capacity(nodes), ranges: Vec::with_capacity(levels) }
+        TouchedLevels { nodes: Vec::with_capacity(nodes), ranges: Vec::with_capacity(levels) }
     }
 
     fn push_level(&mut self, level: Vec<Touch>) {
@@ -170,8 +170,8 @@ impl Tree {
         KeyRef::new(tree_key_id(height, position), node.version, node.revision)
     }
 
-    /// The leaves of `leavers`, in order, or the first that is not a member. Large batches look
-    /// them up on every core (each lookup is a cache miss).
+    /// The leaves of `leavers`, in order, or an error naming one that is not a member. Large
+    /// batches look them up on every core (each lookup is a cache miss).
     fn leaves_of(&self, leavers: &[MemberId]) -> Result<Vec<u32>, GraphError> {
         let position = |&m: &MemberId| self.leaf_of.get(&m).copied().ok_or(GraphError::NotMember(m));
         leavers.par_iter().with_min_len(PARALLEL_LOOKUPS).map(position).collect()
@@ -429,7 +429,7 @@ impl KeyGraph for Tree {
             same
         });
         // Every level's touched nodes in one list (they shrink geometrically going up).
-        let mut touched = Levels::with_capacity(2 * leaf_touches.len() + self.levels.len(), self.levels.len() + 1);
+        let mut touched = TouchedLevels::with_capacity(2 * leaf_touches.len() + self.levels.len(), self.levels.len() + 1);
         touched.push_level(leaf_touches);
         for level in 1..=self.height() as usize {
             let below = touched.ranges[level - 1];
@@ -452,7 +452,7 @@ impl KeyGraph for Tree {
 
         let mut plan = RekeyPlan { welcomes, departed: batch.leaves.clone(), ..RekeyPlan::default() };
         let height = self.height();
-        let mut live = Levels::with_capacity(touched.nodes.len() + 1, height as usize + 1);
+        let mut live = TouchedLevels::with_capacity(touched.nodes.len() + 1, height as usize + 1);
         live.ranges.push((0, 0));
         for level in 1..=height {
             let first = live.nodes.len();
