@@ -43,15 +43,21 @@ fn big_group(n: u64, quiet: bool) -> Result<Box<dyn KeyGraph>, String> {
     crate::sim::build_group(config, n, &mut BatchSeed::from_u64(1), quiet)
 }
 
-/// A rekey's median cost beside the median of its floors.
+/// A rekey's median cost beside the median of its floors and of hashing its packets alone.
 struct Measured {
     cost: Cost,
     floor: Duration,
+    hashing: Duration,
 }
 
 impl Measured {
     fn ratio(&self) -> f64 {
         self.cost.time.as_secs_f64() / self.floor.as_secs_f64()
+    }
+
+    /// Hashing the packets alone, as a share of the floor.
+    fn hashing_share(&self) -> f64 {
+        self.hashing.as_secs_f64() / self.floor.as_secs_f64()
     }
 }
 
@@ -70,16 +76,19 @@ fn leave_against_floor(
     let signer = sim_signer();
     let mut costs = Vec::with_capacity(reps);
     let mut floors = Vec::with_capacity(reps);
+    let mut hashing = Vec::with_capacity(reps);
     for _ in 0..reps {
         *seed = seed.next();
         let cost = rekey(graph, &Batch { joins: vec![], leaves: leavers.to_vec() }, seed, Finish::Wire(placement), &signer);
         floors.push(if parallel { floor.time_parallel(cost.wraps, cost.signatures) } else { floor.time(cost.wraps, cost.signatures) });
+        hashing.push(floor.hashing(cost.bytes - cost.auth_bytes, cost.packets, parallel));
         costs.push(cost);
         *seed = seed.next();
         graph.apply(&Batch { joins: leavers.to_vec(), leaves: vec![] }, seed).expect("rejoin");
     }
     floors.sort();
-    Measured { cost: crate::measure::median(costs), floor: floors[reps / 2] }
+    hashing.sort();
+    Measured { cost: crate::measure::median(costs), floor: floors[reps / 2], hashing: hashing[reps / 2] }
 }
 
 /// A member verifying its packets of the batch and unwrapping its new keys.
@@ -142,11 +151,19 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         "single leave     n = 2^{}, d = {DEGREE}: {:.1} us for {} wraps + {} signature, user-oriented in {} packets ({} bytes); floor {:.1} us; ratio {:.2}",
         sizes.big_log2, micros(leave.cost.time), leave.cost.wraps, leave.cost.signatures, leave.cost.packets, leave.cost.bytes, micros(leave.floor), leave.ratio()
     ));
+    say(format!(
+        "                 hashing those packets for their hash tree, alone: {:.1} us ({:.2} of the floor)",
+        micros(leave.hashing), leave.hashing_share()
+    ));
     let leavers = random_leavers(n, n / 10, 4);
     let batch = leave_against_floor(graph.as_mut(), &leavers, sizes.batch_reps, auto, true, &mut seed, &floor);
     say(format!(
         "10% batch        {} random leavers of 2^{}: {:.1} ms for {} wraps + {} signatures, tiered in {} packets ({:.1} MB); floor on {cores} cores {:.1} ms; ratio {:.2}",
         leavers.len(), sizes.big_log2, micros(batch.cost.time) / 1e3, batch.cost.wraps, batch.cost.signatures, batch.cost.packets, mb(batch.cost.bytes), micros(batch.floor) / 1e3, batch.ratio()
+    ));
+    say(format!(
+        "                 hashing those packets for their hash trees, alone, on {cores} cores: {:.1} ms ({:.2} of the floor)",
+        micros(batch.hashing) / 1e3, batch.hashing_share()
     ));
     let mut placements = Map::new();
     for (name, placement) in [("user-oriented", Placement::UserOriented), ("compact", Placement::Compact)] {
@@ -167,10 +184,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             "n": n, "degree": DEGREE, "threads": cores,
             "wrap_ns": wrap_ns, "sign_us": sign_us,
             "leave_us": micros(leave.cost.time), "leave_wraps": leave.cost.wraps, "leave_packets": leave.cost.packets,
-            "leave_floor_us": micros(leave.floor), "leave_floor_ratio": leave.ratio(),
+            "leave_floor_us": micros(leave.floor), "leave_floor_ratio": leave.ratio(), "leave_hashing_us": micros(leave.hashing),
             "batch_leavers": leavers.len(), "batch_ms": micros(batch.cost.time) / 1e3, "batch_wraps": batch.cost.wraps,
             "batch_signatures": batch.cost.signatures, "batch_packets": batch.cost.packets, "batch_bytes": batch.cost.bytes,
-            "batch_floor_ms": micros(batch.floor) / 1e3, "batch_floor_ratio": batch.ratio(),
+            "batch_floor_ms": micros(batch.floor) / 1e3, "batch_floor_ratio": batch.ratio(), "batch_hashing_ms": micros(batch.hashing) / 1e3,
             "batch_other_placements": placements,
             "member_us": micros(member.0), "member_packets": member.1,
             "keycast_remove_us": peer.keycast, "mls_remove_us": peer.mls, "mls_setup_s": peer.setup, "mls_ratio": peer.ratio,

@@ -63,6 +63,8 @@ pub struct Cost {
     pub signatures: usize,
     /// Packets on the wire (0 unless packetised).
     pub packets: usize,
+    /// Signature and path bytes among `bytes` (0 unless packetised).
+    pub auth_bytes: usize,
 }
 
 /// Applies `batch` and finishes its rekey as asked, timing all of it.
@@ -73,22 +75,23 @@ pub fn rekey(graph: &mut dyn KeyGraph, batch: &Batch, seed: &BatchSeed, finish: 
         let config = PacketConfig { placement, ..PacketConfig::default() };
         encode_rekey(&plan, CONTEXT, config, signer).expect("valid packet config")
     };
-    let (bytes, signatures, packets, encoded) = match finish {
-        Finish::Package(strategy) => (package_size(&package(&plan, strategy)).bytes, 0, 0, None),
+    let (bytes, encoded) = match finish {
+        Finish::Package(strategy) => (package_size(&package(&plan, strategy)).bytes, None),
         Finish::Signed(strategy) => {
             std::hint::black_box(package(&plan, strategy));
             let encoded = wire(Placement::default());
-            (encoded.stats.bytes, encoded.stats.signatures, encoded.stats.packets, Some(encoded))
+            (encoded.stats.bytes, Some(encoded))
         }
         Finish::Wire(placement) => {
             let encoded = wire(placement);
-            (encoded.stats.bytes, encoded.stats.signatures, encoded.stats.packets, Some(encoded))
+            (encoded.stats.bytes, Some(encoded))
         }
     };
     let time = start.elapsed();
+    let stats = encoded.as_ref().map(|e| e.stats).unwrap_or_default();
     // A controller keeps the packets until the next rekey: freeing them is not this rekey's work.
     drop(encoded);
-    Cost { time, wraps: plan.wraps.len(), bytes, signatures, packets }
+    Cost { time, wraps: plan.wraps.len(), bytes, signatures: stats.signatures, packets: stats.packets, auth_bytes: stats.auth_bytes }
 }
 
 /// Times `reps` leaves of `member` (each followed by its rejoin, timed separately) and

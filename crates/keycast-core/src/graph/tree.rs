@@ -62,13 +62,41 @@ struct Node {
     /// 0 while the slot has never held a key.
     version: u32,
     revision: u32,
-    /// Members in this subtree.
-    members: u32,
 }
 
 impl Node {
     fn empty() -> Self {
-        Node { key: Key::empty(), version: 0, revision: 0, members: 0 }
+        Node { key: Key::empty(), version: 0, revision: 0 }
+    }
+}
+
+/// One level of the tree: its nodes, and apart from them their member counts, so that finding
+/// which children of a changed node still have members reads 4 bytes a child, not 44 (at 2^20
+/// members the counts of a level fit in cache; the nodes do not).
+#[derive(Default)]
+struct Level {
+    nodes: Vec<Node>,
+    /// Members in each node's subtree.
+    members: Vec<u32>,
+}
+
+impl Level {
+    fn single(node: Node, members: u32) -> Self {
+        Level { nodes: vec![node], members: vec![members] }
+    }
+
+    fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn push_empty(&mut self) {
+        self.nodes.push(Node::empty());
+        self.members.push(0);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.nodes.truncate(len);
+        self.members.truncate(len);
     }
 }
 
@@ -123,7 +151,7 @@ pub struct Tree {
     degree: u32,
     star: bool,
     policy: JoinPolicy,
-    levels: Vec<Vec<Node>>,
+    levels: Vec<Level>,
     leaf_member: Vec<Option<MemberId>>,
     /// Member ids are assigned by the controller, never chosen by a peer: a fast unkeyed hash is safe.
     leaf_of: FxHashMap<MemberId, u32>,
@@ -144,12 +172,12 @@ impl Tree {
     }
 
     fn build(degree: u32, star: bool, policy: JoinPolicy, seed: &BatchSeed) -> Self {
-        let root = Node { key: KeyGen::new(seed, super::CREATION_STREAM).next_key(), version: 1, revision: 0, members: 0 };
+        let root = Node { key: KeyGen::new(seed, super::CREATION_STREAM).next_key(), version: 1, revision: 0 };
         Tree {
             degree,
             star,
             policy,
-            levels: vec![Vec::new(), vec![root]],
+            levels: vec![Level::default(), Level::single(root, 0)],
             leaf_member: Vec::new(),
             leaf_of: FxHashMap::default(),
             free_leaves: BinaryHeap::new(),
@@ -166,7 +194,7 @@ impl Tree {
     }
 
     fn node_ref(&self, height: u32, position: u32) -> KeyRef {
-        let node = &self.levels[height as usize][position as usize];
+        let node = &self.levels[height as usize].nodes[position as usize];
         KeyRef::new(tree_key_id(height, position), node.version, node.revision)
     }
 
@@ -185,9 +213,8 @@ impl Tree {
         positions.sort_unstable();
         for &p in &positions {
             self.leaf_member[p as usize] = None;
-            let leaf = &mut self.levels[0][p as usize];
-            leaf.members = 0;
-            leaf.key.zeroize();
+            self.levels[0].members[p as usize] = 0;
+            self.levels[0].nodes[p as usize].key.zeroize();
         }
         self.free_leaves.extend(positions.iter().map(|&p| Reverse(p)));
         positions
@@ -201,13 +228,13 @@ impl Tree {
         let position = self.levels[0].len() as u32;
         if position as u64 >= self.capacity() {
             // The old root becomes child 0 of a new root; no existing key is renumbered.
-            let members = self.levels.last().expect("root")[0].members;
-            self.levels.push(vec![Node { members, ..Node::empty() }]);
+            let members = self.levels.last().expect("root").members[0];
+            self.levels.push(Level::single(Node::empty(), members));
         }
         for height in 0..self.levels.len() {
             let at = ancestor(position, self.degree, height as u32) as usize;
             while self.levels[height].len() <= at {
-                self.levels[height].push(Node::empty());
+                self.levels[height].push_empty();
             }
         }
         self.leaf_member.push(None);
@@ -216,13 +243,13 @@ impl Tree {
 
     fn add_leaf(&mut self, member: MemberId, version: u32, keys: &mut KeyGen) -> Welcome {
         let position = self.take_leaf();
-        let leaf = &mut self.levels[0][position as usize];
+        let leaf = &mut self.levels[0].nodes[position as usize];
         leaf.version = version;
         leaf.revision = 0;
         leaf.key = keys.next_key();
-        leaf.members = 1;
+        let individual_key = leaf.key.clone();
+        self.levels[0].members[position as usize] = 1;
         let individual = self.node_ref(0, position);
-        let individual_key = self.levels[0][position as usize].key.clone();
         self.leaf_member[position as usize] = Some(member);
         self.leaf_of.insert(member, position);
         Welcome { member, position: Position::Tree { leaf: position, degree: self.degree }, individual, individual_key }
@@ -233,7 +260,7 @@ impl Tree {
         let mut shrunk = false;
         while !self.star && self.levels.len() > 2 {
             let top = self.levels.len() - 1;
-            if self.levels[top - 1][0].members != self.levels[top][0].members {
+            if self.levels[top - 1].members[0] != self.levels[top].members[0] {
                 break;
             }
             self.levels.pop();
@@ -272,8 +299,9 @@ impl Tree {
 
     /// Decides what one touched node at `height` becomes and draws its new key.
     fn plan_node(&self, height: u32, version: u32, touch: &Touch, force: bool, keys: &mut KeyGen) -> NodePlan {
-        let node = &self.levels[height as usize][touch.position as usize];
-        let members_before = node.members + touch.leaves - touch.joins;
+        let level = &self.levels[height as usize];
+        let node = &level.nodes[touch.position as usize];
+        let members_before = level.members[touch.position as usize] + touch.leaves - touch.joins;
         let had_key = node.version > 0 && members_before > 0;
         let old_ref = self.node_ref(height, touch.position);
         let join_only = touch.leaves == 0 && !force && had_key;
@@ -289,23 +317,23 @@ impl Tree {
     /// members, or after joins alone only under the joiners' changed children (and, for a
     /// new version, under its own previous version).
     fn wrap_jobs(&self, height: u32, index: u32, touch: &Touch, plan: &NodePlan, below: &[Touch], jobs: &mut Vec<WrapJob>) {
-        let children = &self.levels[height as usize - 1];
+        let children = &self.levels[height as usize - 1].members;
         if plan.join_only {
             if self.policy == JoinPolicy::NewVersion {
                 jobs.push((index, OWN_PREVIOUS));
             }
             let changed = &below[touch.children.0 as usize..touch.children.1 as usize];
-            jobs.extend(changed.iter().filter(|c| children[c.position as usize].members > 0).map(|c| (index, c.position)));
+            jobs.extend(changed.iter().filter(|c| children[c.position as usize] > 0).map(|c| (index, c.position)));
         } else {
             let first = touch.position as u64 * self.degree as u64;
             let last = (first + self.degree as u64).min(children.len() as u64);
-            jobs.extend((first as u32..last as u32).filter(|&p| children[p as usize].members > 0).map(|p| (index, p)));
+            jobs.extend((first as u32..last as u32).filter(|&p| children[p as usize] > 0).map(|p| (index, p)));
         }
     }
 
     fn seal(&self, height: u32, plan: &NodePlan, under: u32) -> Wrap {
         let (height, position) = if under == OWN_PREVIOUS { (height, plan.position) } else { (height - 1, under) };
-        let wrapping = &self.levels[height as usize][position as usize];
+        let wrapping = &self.levels[height as usize].nodes[position as usize];
         Wrap::seal(&wrapping.key, Wrapper::Key(self.node_ref(height, position)), plan.new_ref, &plan.key)
     }
 
@@ -365,7 +393,7 @@ impl Tree {
     /// Installs the new keys of one level and records their refs in `plan`.
     fn install(&mut self, height: u32, plans: &mut Vec<NodePlan>, plan: &mut RekeyPlan) {
         for update in plans.drain(..) {
-            let node = &mut self.levels[height as usize][update.position as usize];
+            let node = &mut self.levels[height as usize].nodes[update.position as usize];
             node.key = update.key;
             node.version = update.new_ref.version;
             node.revision = update.new_ref.revision;
@@ -436,8 +464,8 @@ impl KeyGraph for Tree {
             let first = touched.nodes.len();
             self.push_touched_parents(&mut touched.nodes, below);
             for t in &touched.nodes[first..] {
-                let node = &mut self.levels[level][t.position as usize];
-                node.members = node.members + t.joins - t.leaves;
+                let members = &mut self.levels[level].members[t.position as usize];
+                *members = *members + t.joins - t.leaves;
             }
             touched.ranges.push((first, touched.nodes.len()));
         }
@@ -458,10 +486,10 @@ impl KeyGraph for Tree {
             let first = live.nodes.len();
             for i in touched.ranges[level as usize].0..touched.ranges[level as usize].1 {
                 let t = touched.nodes[i];
-                let node = &mut self.levels[level as usize][t.position as usize];
+                let at = &mut self.levels[level as usize];
                 // Subtrees emptied by this batch keep no key.
-                if node.members == 0 && level < height {
-                    node.key.zeroize();
+                if at.members[t.position as usize] == 0 && level < height {
+                    at.nodes[t.position as usize].key.zeroize();
                 } else {
                     live.nodes.push(t);
                 }
@@ -486,7 +514,7 @@ impl KeyGraph for Tree {
 
     fn group_key(&self) -> (KeyRef, &Key) {
         let height = self.height();
-        (self.node_ref(height, 0), &self.levels[height as usize][0].key)
+        (self.node_ref(height, 0), &self.levels[height as usize].nodes[0].key)
     }
 
     fn contains(&self, member: MemberId) -> bool {
@@ -498,14 +526,14 @@ impl KeyGraph for Tree {
         let keys = (0..=self.height())
             .map(|height| {
                 let position = ancestor(leaf, self.degree, height);
-                (self.node_ref(height, position), self.levels[height as usize][position as usize].key.clone())
+                (self.node_ref(height, position), self.levels[height as usize].nodes[position as usize].key.clone())
             })
             .collect();
         Some((Position::Tree { leaf, degree: self.degree }, keys))
     }
 
     fn stats(&self) -> GraphStats {
-        let stored_keys = self.levels.iter().flatten().filter(|n| n.members > 0).count().max(1);
+        let stored_keys = self.levels.iter().flat_map(|level| &level.members).filter(|&&m| m > 0).count().max(1);
         GraphStats { members: self.leaf_of.len(), stored_keys, height: self.height() }
     }
 }

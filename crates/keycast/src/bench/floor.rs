@@ -1,4 +1,5 @@
-//! The floor: what the wraps and signatures of a rekey cost alone, with the chosen primitives.
+//! The floor: what the wraps and signatures of a rekey cost alone, with the chosen primitives;
+//! and, beside it, what hashing its packets for their hash trees costs alone.
 //!
 //! Each floor is timed right after the rekey it is compared with, with the same counts, so
 //! both see the same machine (a shared VM's speed drifts by tens of percent within a minute).
@@ -7,6 +8,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use keycast_core::key::Key;
+use keycast_core::wire::auth::leaf_hash;
 use keycast_core::wire::{GroupId, Heartbeat, Signer};
 use keycast_core::{KeyId, KeyRef, Wrap, Wrapper};
 use rayon::prelude::*;
@@ -72,6 +74,23 @@ impl Floor {
         (0..signatures).into_par_iter().for_each(|_| {
             black_box(self.heartbeat.sign(&self.signer));
         });
+        start.elapsed()
+    }
+
+    /// Time to hash `bytes` of packet bodies, `packets` bodies of equal size, as the encoder
+    /// does for its hash trees; on every core if `parallel`.
+    pub fn hashing(&self, bytes: usize, packets: usize, parallel: bool) -> Duration {
+        let body = vec![0x5a; bytes.div_ceil(packets.max(1))];
+        let start = Instant::now();
+        if parallel {
+            (0..packets).into_par_iter().for_each(|_| {
+                black_box(leaf_hash(black_box(&body)));
+            });
+        } else {
+            for _ in 0..packets {
+                black_box(leaf_hash(black_box(&body)));
+            }
+        }
         start.elapsed()
     }
 
