@@ -26,6 +26,8 @@ use crate::key::KeyRef;
 use crate::strategy::{entry_chains, PARALLEL_MIN};
 use crate::wrap::{Wrap, Wrapper};
 
+use super::codec::MIN_WRAP_LEN;
+
 /// How wraps are spread over packets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Placement {
@@ -105,6 +107,8 @@ pub(crate) fn place(plan: &RekeyPlan, placement: Placement, capacity: usize, blo
         Placement::UserOriented => forest.place_whole(plan, Mode::UserOriented, capacity, usize::MAX).expect("no limit"),
         Placement::Compact => forest.place_whole(plan, Mode::Compact, capacity, usize::MAX).expect("no limit"),
         Placement::Tiered => forest.place_tiered(plan, capacity),
+        // More wraps than a block of packets can hold even once each: straight to tiered.
+        Placement::Auto if plan.wraps.len() > block * (capacity / MIN_WRAP_LEN) => forest.place_tiered(plan, capacity),
         Placement::Auto => forest
             .place_whole(plan, Mode::UserOriented, capacity, block)
             .unwrap_or_else(|| forest.place_tiered(plan, capacity)),
