@@ -415,8 +415,9 @@ impl Forest {
         self.below[i as usize].1
     }
 
-    /// Depth-first from the tops: at each key its entries first, then its subtrees, in plan
-    /// (left-to-right) order; the same order as sorting chains top-down.
+    /// Depth-first from the tops: at each key its subtrees first, then its own entries, in plan
+    /// (left-to-right) order. Deep chains first repeat fewer upper wraps: a single leave at
+    /// 2^20 (d = 4) packs 58 entries into its 5 packets instead of 63 with entries first.
     fn walk(&self, visit: &mut dyn FnMut(Visit, &[u32])) {
         self.walk_down_to(usize::MAX, visit);
     }
@@ -431,17 +432,17 @@ impl Forest {
 
     fn walk_run(&self, run: u32, depth: usize, path: &mut Vec<u32>, visit: &mut dyn FnMut(Visit, &[u32])) {
         let wraps = self.starts[run as usize]..self.starts[run as usize + 1];
-        for i in wraps.clone().filter(|&i| self.is_entry(i)) {
-            path.push(i);
-            visit(Visit::Entry, path);
-            path.pop();
-        }
-        for i in wraps.filter(|&i| self.below[i as usize].0 != NONE) {
+        for i in wraps.clone().filter(|&i| self.below[i as usize].0 != NONE) {
             path.push(i);
             visit(Visit::Descend, path);
             if path.len() < depth {
                 self.walk_run(self.below[i as usize].0, depth, path, visit);
             }
+            path.pop();
+        }
+        for i in wraps.filter(|&i| self.is_entry(i)) {
+            path.push(i);
+            visit(Visit::Entry, path);
             path.pop();
         }
     }
