@@ -121,10 +121,14 @@ impl TouchedLevels {
         TouchedLevels { nodes: Vec::with_capacity(nodes), ranges: Vec::with_capacity(levels) }
     }
 
-    fn push_level(&mut self, level: Vec<Touch>) {
-        let first = self.nodes.len();
-        self.nodes.extend(level);
-        self.ranges.push((first, self.nodes.len()));
+    /// Starts from the leaves' touches (sorted, one per leaf), with room for the levels above,
+    /// which shrink geometrically.
+    fn from_leaves(mut leaves: Vec<Touch>, levels: usize) -> Self {
+        let count = leaves.len();
+        leaves.reserve(count + levels);
+        let mut ranges = Vec::with_capacity(levels + 1);
+        ranges.push((0, count));
+        TouchedLevels { nodes: leaves, ranges }
     }
 
     fn level(&self, h: usize) -> &[Touch] {
@@ -457,8 +461,7 @@ impl KeyGraph for Tree {
             same
         });
         // Every level's touched nodes in one list (they shrink geometrically going up).
-        let mut touched = TouchedLevels::with_capacity(2 * leaf_touches.len() + self.levels.len(), self.levels.len() + 1);
-        touched.push_level(leaf_touches);
+        let mut touched = TouchedLevels::from_leaves(leaf_touches, self.levels.len());
         for level in 1..=self.height() as usize {
             let below = touched.ranges[level - 1];
             let first = touched.nodes.len();
