@@ -263,3 +263,34 @@ fn members_unwrap_about_d_over_d_minus_one_per_leave() {
         assert!((mean - expected).abs() < 0.05 * expected, "d={degree}: mean {mean}, expected about {expected}");
     }
 }
+
+/// A batch large enough to empty its leavers' leaves on every core (over 512 leavers, spread
+/// over more than one 16,384-leaf chunk): no wrap is sealed under a leaver's key, the tree
+/// forgets exactly the leavers, and joiners refill exactly their leaves.
+#[test]
+fn a_large_batch_shuts_out_every_leaver_and_frees_exactly_their_leaves() {
+    let n = 40_000u64;
+    let config = GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion };
+    let mut graph = new_graph(config, &BatchSeed::from_u64(1)).unwrap();
+    graph.apply(&Batch { joins: (0..n).map(MemberId).collect(), leaves: vec![] }, &BatchSeed::from_u64(2)).unwrap();
+    let before = graph.stats();
+    let leavers: Vec<MemberId> = (0..n).filter(|i| i % 13 == 5).map(MemberId).collect();
+    let leaf = |keys: Vec<(KeyRef, keycast_core::Key)>| keys[0].0;
+    let leaver_leaves: Vec<KeyRef> = leavers.iter().map(|&m| leaf(graph.member_keys(m).unwrap().1)).collect();
+    let plan = graph.apply(&Batch { joins: vec![], leaves: leavers.clone() }, &BatchSeed::from_u64(3)).unwrap();
+    for w in &plan.wraps {
+        if let keycast_core::Wrapper::Key(under) = w.under {
+            assert!(leaver_leaves.binary_search(&under).is_err(), "{} sealed under a leaver's key {under}", w.key);
+        }
+    }
+    assert!(leavers.iter().all(|&m| !graph.contains(m)));
+    assert_eq!(graph.stats().members, (n as usize) - leavers.len());
+    assert_eq!(graph.stats().stored_keys, before.stored_keys - leavers.len());
+    let joiners: Vec<MemberId> = (n..n + leavers.len() as u64).map(MemberId).collect();
+    let plan = graph.apply(&Batch { joins: joiners, leaves: vec![] }, &BatchSeed::from_u64(4)).unwrap();
+    let mut refilled: Vec<_> = plan.welcomes.iter().map(|w| w.individual.id).collect();
+    refilled.sort();
+    let freed: Vec<_> = leaver_leaves.iter().map(|r| r.id).collect();
+    assert_eq!(refilled, freed);
+    assert_eq!((graph.stats().members, graph.stats().height), (n as usize, before.height));
+}

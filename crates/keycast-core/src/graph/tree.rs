@@ -39,6 +39,8 @@ pub const MAX_TREE_DEGREE: u32 = 1 << 16;
 /// Levels with fewer changed nodes than this are rekeyed on the calling thread.
 const PARALLEL_THRESHOLD: usize = 512;
 const CHUNK: usize = 256;
+/// Leaves per task when a large batch empties its leavers' leaves.
+const LEAF_CHUNK: usize = 16 * 1024;
 
 pub fn tree_key_id(height: u32, position: u32) -> KeyId {
     KeyId((height << POSITION_BITS) | position)
@@ -156,7 +158,6 @@ pub struct Tree {
     star: bool,
     policy: JoinPolicy,
     levels: Vec<Level>,
-    leaf_member: Vec<Option<MemberId>>,
     /// Member ids are assigned by the controller, never chosen by a peer: a fast unkeyed hash is safe.
     leaf_of: FxHashMap<MemberId, u32>,
     free_leaves: BinaryHeap<Reverse<u32>>,
@@ -182,7 +183,6 @@ impl Tree {
             star,
             policy,
             levels: vec![Level::default(), Level::single(root, 0)],
-            leaf_member: Vec::new(),
             leaf_of: FxHashMap::default(),
             free_leaves: BinaryHeap::new(),
             batches: BatchCounter::new(),
@@ -215,10 +215,27 @@ impl Tree {
             self.leaf_of.remove(member);
         }
         positions.sort_unstable();
-        for &p in &positions {
-            self.leaf_member[p as usize] = None;
-            self.levels[0].members[p as usize] = 0;
-            self.levels[0].nodes[p as usize].key.zeroize();
+        let leaves = &mut self.levels[0];
+        let empty = |(node, members): (&mut Node, &mut u32)| {
+            node.key.zeroize();
+            *members = 0;
+        };
+        if positions.len() < PARALLEL_THRESHOLD {
+            for &p in &positions {
+                empty((&mut leaves.nodes[p as usize], &mut leaves.members[p as usize]));
+            }
+        } else {
+            // Sorted positions split along fixed chunks of the level, each emptied on its own core.
+            let chunks = leaves.nodes.par_chunks_mut(LEAF_CHUNK).zip(leaves.members.par_chunks_mut(LEAF_CHUNK));
+            chunks.enumerate().for_each(|(c, (nodes, members))| {
+                let first = (c * LEAF_CHUNK) as u32;
+                let start = positions.partition_point(|&p| p < first);
+                let end = positions.partition_point(|&p| p < first + LEAF_CHUNK as u32);
+                for &p in &positions[start..end] {
+                    let i = (p - first) as usize;
+                    empty((&mut nodes[i], &mut members[i]));
+                }
+            });
         }
         self.free_leaves.extend(positions.iter().map(|&p| Reverse(p)));
         positions
@@ -241,7 +258,6 @@ impl Tree {
                 self.levels[height].push_empty();
             }
         }
-        self.leaf_member.push(None);
         position
     }
 
@@ -254,7 +270,6 @@ impl Tree {
         let individual_key = leaf.key.clone();
         self.levels[0].members[position as usize] = 1;
         let individual = self.node_ref(0, position);
-        self.leaf_member[position as usize] = Some(member);
         self.leaf_of.insert(member, position);
         Welcome { member, position: Position::Tree { leaf: position, degree: self.degree }, individual, individual_key }
     }
@@ -276,7 +291,6 @@ impl Tree {
                 let keep = (capacity / (self.degree as u64).pow(height as u32)).max(1) as usize;
                 level.truncate(keep);
             }
-            self.leaf_member.truncate(capacity as usize);
             self.free_leaves.retain(|Reverse(p)| (*p as u64) < capacity);
         }
         shrunk

@@ -125,7 +125,8 @@ enum Mode {
 
 /// Greedy packing of chains into packets, in the order given.
 struct Packer<'a> {
-    plan: &'a RekeyPlan,
+    /// Bytes of each wrap's entry.
+    lens: &'a [u8],
     mode: Mode,
     capacity: usize,
     /// Stops (returns None) beyond this many packets.
@@ -143,11 +144,16 @@ fn unplaced(plan: &RekeyPlan) -> Vec<AtomicU32> {
     (0..plan.wraps.len()).map(|_| AtomicU32::new(0)).collect()
 }
 
+/// Bytes of a wrap's entry: at most 86, so one byte each keeps the packers' reads in cache.
+fn entry_len(wrap: &Wrap) -> u8 {
+    wrap.encoded_len() as u8
+}
+
 impl<'a> Packer<'a> {
     /// A packer expecting about `entries` entries.
-    fn new(plan: &'a RekeyPlan, mode: Mode, capacity: usize, limit: usize, placed_in: &'a [AtomicU32], entries: usize) -> Self {
+    fn new(lens: &'a [u8], mode: Mode, capacity: usize, limit: usize, placed_in: &'a [AtomicU32], entries: usize) -> Self {
         Packer {
-            plan,
+            lens,
             mode,
             capacity,
             limit,
@@ -159,7 +165,7 @@ impl<'a> Packer<'a> {
     }
 
     fn len(&self, i: u32) -> usize {
-        self.plan.wraps[i as usize].encoded_len()
+        self.lens[i as usize] as usize
     }
 
     /// The number (1-based) of the packet being filled.
@@ -251,7 +257,8 @@ fn place_sorted_chains(plan: &RekeyPlan, mode: Mode, capacity: usize) -> Layout 
         chains.par_sort_by_cached_key(order);
     }
     let placed_in = unplaced(plan);
-    let mut packer = Packer::new(plan, mode, capacity, usize::MAX, &placed_in, 2 * plan.wraps.len());
+    let lens: Vec<u8> = plan.wraps.iter().map(entry_len).collect();
+    let mut packer = Packer::new(&lens, mode, capacity, usize::MAX, &placed_in, 2 * plan.wraps.len());
     for chain in &chains {
         packer.chain(chain.iter().map(|&i| i as u32)).expect("no limit");
     }
@@ -316,8 +323,16 @@ struct Forest {
     /// For each wrap: the run delivering the key it is sealed under if that key is new, and
     /// whether it is an entry (sealed under a key its receivers hold or derive).
     below: Vec<(u32, bool)>,
+    /// Bytes of each wrap's entry.
+    lens: Vec<u8>,
     /// Runs that no wrap is sealed under (the group key's), in key order.
     tops: Vec<u32>,
+}
+
+/// [`Forest::below`] and [`Forest::lens`] of some wraps.
+struct Links {
+    below: Vec<(u32, bool)>,
+    lens: Vec<u8>,
 }
 
 /// What the walk is doing at a wrap.
@@ -334,12 +349,13 @@ impl Forest {
     /// wrap sealed under it.
     fn of(plan: &RekeyPlan) -> Option<Forest> {
         let wraps = &plan.wraps;
-        let mut starts: Vec<u32> = Vec::with_capacity(wraps.len() + 1);
-        for (i, w) in wraps.iter().enumerate() {
-            if i == 0 || wraps[i - 1].key != w.key {
-                starts.push(i as u32);
-            }
-        }
+        // Each pass over a large plan's wraps reads tens of MB: they are spread over every core.
+        let run_start = |i: usize| (i == 0 || wraps[i - 1].key != wraps[i].key).then_some(i as u32);
+        let mut starts: Vec<u32> = if wraps.len() < PARALLEL_LINKS {
+            (0..wraps.len()).filter_map(run_start).collect()
+        } else {
+            (0..wraps.len()).into_par_iter().with_min_len(PARALLEL_LINKS).filter_map(run_start).collect()
+        };
         starts.push(wraps.len() as u32);
         let runs = starts.len() - 1;
         let keys: Vec<KeyRef> = starts[..runs].iter().map(|&i| wraps[i as usize].key).collect();
@@ -354,19 +370,22 @@ impl Forest {
             }),
             Wrapper::KekAndTek { .. } => None,
         };
-        let link_all = |chunk: &[Wrap]| -> Option<Vec<(u32, bool)>> {
+        let link_all = |chunk: &[Wrap]| -> Option<Links> {
             let mut hint = 0;
-            chunk.iter().map(|w| link(&mut hint, &w.under)).collect()
+            let below = chunk.iter().map(|w| link(&mut hint, &w.under)).collect::<Option<_>>()?;
+            Some(Links { below, lens: chunk.iter().map(entry_len).collect() })
         };
-        let below: Vec<(u32, bool)> = if wraps.len() < PARALLEL_LINKS {
+        let Links { below, lens } = if wraps.len() < PARALLEL_LINKS {
             link_all(wraps)?
         } else {
-            let parts: Vec<Option<Vec<(u32, bool)>>> = wraps.par_chunks(PARALLEL_LINKS).map(link_all).collect();
-            let mut below = Vec::with_capacity(wraps.len());
+            let parts: Vec<Option<Links>> = wraps.par_chunks(PARALLEL_LINKS).map(link_all).collect();
+            let mut all = Links { below: Vec::with_capacity(wraps.len()), lens: Vec::with_capacity(wraps.len()) };
             for part in parts {
-                below.extend(part?);
+                let part = part?;
+                all.below.extend(part.below);
+                all.lens.extend(part.lens);
             }
-            below
+            all
         };
         let mut sealed_under = vec![false; runs];
         for &(run, _) in &below {
@@ -376,7 +395,7 @@ impl Forest {
         }
         let mut tops: Vec<u32> = (0..runs as u32).filter(|&r| !sealed_under[r as usize]).collect();
         tops.sort_by_key(|&r| wraps[starts[r as usize] as usize].key.id);
-        Some(Forest { starts, below, tops })
+        Some(Forest { starts, below, lens, tops })
     }
 
     /// How many wraps sit at each depth (0: the wraps delivering the group key); its length
@@ -395,13 +414,13 @@ impl Forest {
     /// placement repeats most) within 1/16 of the wraps, and both halves of a chain within a
     /// packet where the tree allows. Short lower chains repeat little: at 10% of 2^20 (d = 4)
     /// this cuts 3 levels above the leaves, 53 MB against 62 MB when cutting halfway.
-    fn tier_cut(&self, plan: &RekeyPlan, capacity: usize) -> usize {
+    fn tier_cut(&self, capacity: usize) -> usize {
         let counts = self.wraps_per_depth();
         if counts.len() < 2 {
             return 0;
         }
         let total: usize = counts.iter().sum();
-        let fits = capacity / plan.wraps.iter().map(Wrap::encoded_len).max().unwrap_or(1);
+        let fits = capacity / self.lens.iter().copied().max().unwrap_or(1).max(1) as usize;
         let (mut upper, mut cut) = (0, 0);
         while cut + 1 < counts.len() && cut < fits && (upper + counts[cut]) * 16 <= total {
             upper += counts[cut];
@@ -450,7 +469,7 @@ impl Forest {
     /// Whole chains per packet; None if that takes more than `limit` packets.
     fn place_whole(&self, plan: &RekeyPlan, mode: Mode, capacity: usize, limit: usize) -> Option<Layout> {
         let placed_in = unplaced(plan);
-        let mut packer = Packer::new(plan, mode, capacity, limit, &placed_in, 2 * plan.wraps.len());
+        let mut packer = Packer::new(&self.lens, mode, capacity, limit, &placed_in, 2 * plan.wraps.len());
         let mut over = false;
         self.walk(&mut |visit, path| {
             if visit == Visit::Entry && !over {
@@ -468,13 +487,13 @@ impl Forest {
     /// subtrees at the cut, on every core; the groups are fixed in size, so the packets do not
     /// depend on the machine.
     fn place_tiered(&self, plan: &RekeyPlan, capacity: usize) -> Layout {
-        let cut = self.tier_cut(plan, capacity);
+        let cut = self.tier_cut(capacity);
         if cut == 0 {
             // One level (a star): nothing to cut.
             return self.place_whole(plan, Mode::UserOriented, capacity, usize::MAX).expect("no limit");
         }
         let placed_in = unplaced(plan);
-        let mut upper = Packer::new(plan, Mode::UserOriented, capacity, usize::MAX, &placed_in, plan.wraps.len() / 8);
+        let mut upper = Packer::new(&self.lens, Mode::UserOriented, capacity, usize::MAX, &placed_in, plan.wraps.len() / 8);
         // The runs just below the cut, each the root of a lower subtree, in subtree order.
         let mut subtrees = Vec::new();
         self.walk_down_to(cut, &mut |visit, path| {
@@ -491,7 +510,7 @@ impl Forest {
             placed.expect("no limit");
         });
         let pack_lower = |runs: &[u32]| {
-            let mut lower = Packer::new(plan, Mode::UserOriented, capacity, usize::MAX, &placed_in, 64);
+            let mut lower = Packer::new(&self.lens, Mode::UserOriented, capacity, usize::MAX, &placed_in, 64);
             let mut path = Vec::with_capacity(32);
             for &run in runs {
                 self.walk_run(run, usize::MAX, &mut path, &mut |visit, path| {
