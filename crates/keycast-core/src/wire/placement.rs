@@ -144,7 +144,7 @@ fn unplaced(plan: &RekeyPlan) -> Vec<AtomicU32> {
     (0..plan.wraps.len()).map(|_| AtomicU32::new(0)).collect()
 }
 
-/// Bytes of a wrap's entry: at most 86, so one byte each keeps the packers' reads in cache.
+/// Bytes of a wrap's entry: at most 85 (a flat replacement), so one byte each keeps the packers' reads in cache.
 fn entry_len(wrap: &Wrap) -> u8 {
     wrap.encoded_len() as u8
 }
