@@ -39,8 +39,8 @@ pub const MAX_TREE_DEGREE: u32 = 1 << 16;
 /// Levels with fewer changed nodes than this are rekeyed on the calling thread.
 const PARALLEL_THRESHOLD: usize = 512;
 const CHUNK: usize = 256;
-/// Leaves per task when a large batch empties its leavers' leaves.
-const LEAF_CHUNK: usize = 16 * 1024;
+/// Slots per task when a large batch updates a level on every core.
+const SLOT_CHUNK: usize = 16 * 1024;
 
 pub fn tree_key_id(height: u32, position: u32) -> KeyId {
     KeyId((height << POSITION_BITS) | position)
@@ -147,6 +147,31 @@ struct NodePlan {
     join_only: bool,
 }
 
+/// Calls `f(slot, item)` for each of `items`, whose slot positions ascend. Long lists run on
+/// every core: each task takes one fixed chunk of `slots` and the items that fall in it.
+fn update_sorted<T: Send, I: Sync>(
+    slots: &mut [T],
+    items: &[I],
+    position: impl Fn(&I) -> usize + Sync,
+    f: impl Fn(&mut T, &I) + Sync,
+) {
+    if items.len() < PARALLEL_THRESHOLD {
+        for item in items {
+            f(&mut slots[position(item)], item);
+        }
+        return;
+    }
+    debug_assert!(items.windows(2).all(|pair| position(&pair[0]) < position(&pair[1])), "positions ascend");
+    slots.par_chunks_mut(SLOT_CHUNK).enumerate().for_each(|(c, chunk)| {
+        let first = c * SLOT_CHUNK;
+        let start = items.partition_point(|i| position(i) < first);
+        let end = start + items[start..].partition_point(|i| position(i) < first + SLOT_CHUNK);
+        for item in &items[start..end] {
+            f(&mut chunk[position(item) - first], item);
+        }
+    });
+}
+
 /// The wrap of a node's new key under its own previous version (Wong's join).
 const OWN_PREVIOUS: u32 = u32::MAX;
 
@@ -210,34 +235,27 @@ impl Tree {
     }
 
     /// Empties the leaves of `leavers` (at `positions`) and returns the positions, sorted.
+    /// Large batches forget the leavers' ids on one core while their leaves are emptied.
     fn remove_leaves(&mut self, leavers: &[MemberId], mut positions: Vec<u32>) -> Vec<u32> {
-        for member in leavers {
-            self.leaf_of.remove(member);
-        }
-        positions.sort_unstable();
-        let leaves = &mut self.levels[0];
-        let empty = |(node, members): (&mut Node, &mut u32)| {
-            node.key.zeroize();
-            *members = 0;
-        };
-        if positions.len() < PARALLEL_THRESHOLD {
-            for &p in &positions {
-                empty((&mut leaves.nodes[p as usize], &mut leaves.members[p as usize]));
+        let Tree { leaf_of, levels, free_leaves, .. } = self;
+        let mut forget = || {
+            for member in leavers {
+                leaf_of.remove(member);
             }
+        };
+        let mut empty = || {
+            positions.sort_unstable();
+            let leaves = &mut levels[0];
+            update_sorted(&mut leaves.nodes, &positions, |&p| p as usize, |node, _| node.key.zeroize());
+            update_sorted(&mut leaves.members, &positions, |&p| p as usize, |members, _| *members = 0);
+            free_leaves.extend(positions.iter().map(|&p| Reverse(p)));
+        };
+        if leavers.len() < PARALLEL_LOOKUPS {
+            forget();
+            empty();
         } else {
-            // Sorted positions split along fixed chunks of the level, each emptied on its own core.
-            let chunks = leaves.nodes.par_chunks_mut(LEAF_CHUNK).zip(leaves.members.par_chunks_mut(LEAF_CHUNK));
-            chunks.enumerate().for_each(|(c, (nodes, members))| {
-                let first = (c * LEAF_CHUNK) as u32;
-                let start = positions.partition_point(|&p| p < first);
-                let end = positions.partition_point(|&p| p < first + LEAF_CHUNK as u32);
-                for &p in &positions[start..end] {
-                    let i = (p - first) as usize;
-                    empty((&mut nodes[i], &mut members[i]));
-                }
-            });
+            rayon::join(forget, empty);
         }
-        self.free_leaves.extend(positions.iter().map(|&p| Reverse(p)));
         positions
     }
 
@@ -410,17 +428,20 @@ impl Tree {
 
     /// Installs the new keys of one level and records their refs in `plan`.
     fn install(&mut self, height: u32, plans: &mut Vec<NodePlan>, plan: &mut RekeyPlan) {
-        for update in plans.drain(..) {
-            let node = &mut self.levels[height as usize].nodes[update.position as usize];
-            node.key = update.key;
+        update_sorted(&mut self.levels[height as usize].nodes, plans, |update| update.position as usize, |node, update| {
+            node.key = update.key.clone();
             node.version = update.new_ref.version;
             node.revision = update.new_ref.revision;
+        });
+        for update in plans.iter() {
             if update.new_ref.revision > 0 {
                 plan.revised.push(update.new_ref);
             } else {
                 plan.replaced.push(update.new_ref);
             }
         }
+        // Dropping the plans zeroizes their copies of the keys.
+        plans.clear();
     }
 
     /// Most wraps a batch can seal at each level: at most one per child with members, plus
