@@ -12,7 +12,7 @@ use keycast_core::wire::{encode_rekey, PacketConfig, Placement, RekeyPacket};
 use keycast_core::{Batch, BatchSeed, GraphConfig, JoinPolicy, KeyGraph, MemberId, MemberKeys, Scheme};
 use serde_json::{json, Map, Value};
 
-use crate::measure::{full_group, micros, random_leavers, rekey, sim_signer, Cost, Finish, CONTEXT};
+use crate::measure::{full_group, micros, middle, random_leavers, rekey, sim_signer, Cost, Finish, CONTEXT};
 use floor::Floor;
 
 #[derive(Args)]
@@ -86,9 +86,7 @@ fn leave_against_floor(
         *seed = seed.next();
         graph.apply(&Batch { joins: leavers.to_vec(), leaves: vec![] }, seed).expect("rejoin");
     }
-    floors.sort();
-    hashing.sort();
-    Measured { cost: crate::measure::median(costs), floor: floors[reps / 2], hashing: hashing[reps / 2] }
+    Measured { cost: crate::measure::median(costs), floor: middle(floors), hashing: middle(hashing) }
 }
 
 /// A member verifying its packets of the batch and unwrapping its new keys.

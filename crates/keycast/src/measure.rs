@@ -117,13 +117,19 @@ pub fn median(mut costs: Vec<Cost>) -> Cost {
 
 /// Median of `reps` timings of `f`.
 pub fn median_time(reps: usize, mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..reps)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
+    middle(
+        (0..reps)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed()
+            })
+            .collect(),
+    )
+}
+
+/// The median of some timings (the upper one of an even count).
+pub fn middle(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
 }

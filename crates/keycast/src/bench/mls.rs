@@ -115,8 +115,7 @@ pub fn remove_one(n: u64, reps: usize, bar: &ProgressBar) -> Result<MlsRemove, S
         commit_bytes = commit.commit_message.to_bytes().map_err(err)?.len();
         group.clear_pending_commit();
     }
-    times.sort();
-    Ok(MlsRemove { setup, remove: times[times.len() / 2], committers: owners.len(), commit_bytes })
+    Ok(MlsRemove { setup, remove: crate::measure::middle(times), committers: owners.len(), commit_bytes })
 }
 
 #[cfg(test)]
