@@ -1,8 +1,15 @@
 //! Administration over the authenticated TLS channel: `keycast admin list|evict|stats`.
 //! Requests and answers are JSON in a frame whose first two bytes are the wire version and
-//! type 0x80; only identities listed as admins are served.
+//! type 0x80; only certificates whose fingerprints are listed as admins are served.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keycast_core::wire::JoinAnswer;
 use serde::{Deserialize, Serialize};
+
+use crate::tls::{read_frame, write_frame, ServerName, TlsConnector};
 
 pub const ADMIN_TYPE: u8 = 0x80;
 /// Largest admin request accepted.
@@ -24,6 +31,7 @@ pub struct MemberRow {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Stats {
     pub group: u64,
     pub members: usize,
@@ -34,6 +42,14 @@ pub struct Stats {
     pub mean_join_latency_ms: f64,
     /// The group key in force, as "id v version r revision".
     pub active_key: String,
+    /// TLS connections open now.
+    pub connections_open: u64,
+    /// Connections closed at once because a cap (total, per address, per identity) was reached.
+    pub connections_over_cap: u64,
+    /// Requests answered "unavailable" because the controller's answer did not come in time.
+    pub answers_timed_out: u64,
+    /// Errors of the controller while handling a request or a tick (it went on).
+    pub controller_errors: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -62,4 +78,27 @@ pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, String> {
 
 pub fn is_admin_frame(frame: &[u8]) -> bool {
     frame.len() >= 2 && frame[1] == ADMIN_TYPE
+}
+
+/// Time allowed for a whole admin request: connect, handshake, request and answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends one admin request to the controller at `server` and returns its answer.
+pub async fn request(server: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>, request: &AdminRequest) -> Result<AdminResponse, String> {
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| format!("server name {server_name:?}: {e}"))?;
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(server).await.map_err(|e| format!("cannot reach the controller at {server}: {e}; is `keycast server` running?"))?;
+        let mut stream = TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {server}: {e}; check the CA and certificate in the admin config"))?;
+        write_frame(&mut stream, &encode(request)).await.map_err(|e| format!("cannot send to {server}: {e}"))?;
+        let frame = read_frame(&mut stream).await.map_err(|e| format!("{server} closed without an answer: {e}"))?;
+        // The controller refuses a request it will not serve with a join refusal frame.
+        match (decode(&frame), JoinAnswer::decode(&frame)) {
+            (Ok(response), _) => Ok(response),
+            (Err(_), Ok(JoinAnswer::Refused { reason, detail })) => Err(format!("{server} refused: {} ({detail})", reason.describe())),
+            (Err(error), _) => Err(format!("{server}: {error}")),
+        }
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {server} within {} s; the controller may be overloaded, try again", REQUEST_TIMEOUT.as_secs()))?
 }

@@ -1,6 +1,5 @@
 //! `keycast init`, `server`, `member` and `admin`: the networked system from config files.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
 use keycast_net::pki::{Authority, Credentials, RcgenError};
 use keycast_net::server::{Server, ServerSetup};
-use keycast_net::tls::{client_config, read_frame, server_config, write_frame};
+use keycast_net::tls::{client_config, server_config};
 
 #[derive(Args)]
 pub struct InitArgs {
@@ -100,7 +99,9 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     let ca = Authority::new("keycast CA").map_err(pki)?;
     write(&args.dir.join("ca.pem"), &ca.ca_pem(), false)?;
     write_credentials(&args.dir, "controller", &ca.issue("keycast-controller", true).map_err(pki)?)?;
-    write_credentials(&args.dir, "admin", &ca.issue("admin", false).map_err(pki)?)?;
+    let admin = ca.issue("admin", false).map_err(pki)?;
+    write_credentials(&args.dir, "admin", &admin)?;
+    let admin_fingerprint = admin.fingerprint()?;
     let names: Vec<String> = (1..=args.members).map(|i| format!("member-{i}")).collect();
     args.port.checked_add(1).ok_or("--port must leave room for the multicast port")?;
     let (addresses, multicast) = (addresses(args.port), multicast(args.port));
@@ -114,7 +115,7 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     }
     let acl = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
     let server = format!(
-        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Keep it private: it holds key seeds.\ndatabase = \"controller.redb\"\n# Certificate common names that may join, and that may administer.\nacl = [{acl}]\nadmins = [\"admin\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
+        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Keep it private: it holds key seeds.\ndatabase = \"controller.redb\"\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
         group = args.group,
         port = args.port
     );
@@ -139,10 +140,13 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
     logging();
     let config = ServerConfig::load(&args.config).map_err(|e| e.to_string())?;
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
+    let policy = config.policy.group_policy(config.group).map_err(|e| e.to_string())?;
     let setup = ServerSetup {
-        policy: config.policy.group_policy(config.group).map_err(|e| e.to_string())?,
+        policy,
         acl: config.acl.iter().cloned().collect(),
-        admins: config.admins.iter().cloned().collect::<BTreeSet<_>>(),
+        admins: config.admin_fingerprints().map_err(|e| e.to_string())?,
+        identity_from_common_name: config.identity_from_common_name,
+        limits: config.connections.limits(&policy).map_err(|e| e.to_string())?,
         listen: config.listen,
         multicast: config.multicast.clone(),
         tls: server_config(&credentials).map_err(|e| e.to_string())?,
@@ -150,11 +154,16 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
         metrics: config.metrics,
     };
     runtime()?.block_on(async {
-        let server = Server::start(setup).await.map_err(|e| e.to_string())?;
+        let server = Server::start(setup).await.map_err(|e| format!("{}: {e}", config.database.display()))?;
         tracing::info!(addr = %server.addr, "serving; Ctrl-C stops");
-        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
-        tracing::info!("stopping");
-        Ok(())
+        tokio::select! {
+            reason = server.stopped() => Err(format!("the controller stopped: {reason}")),
+            signal = tokio::signal::ctrl_c() => {
+                signal.map_err(|e| e.to_string())?;
+                tracing::info!("stopping");
+                Ok(())
+            }
+        }
     })
 }
 
@@ -216,14 +225,7 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
         AdminCommand::Evict { member } => AdminRequest::Evict { member },
         AdminCommand::Stats => AdminRequest::Stats,
     };
-    let response: AdminResponse = runtime()?.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(config.server).await.map_err(|e| format!("cannot reach {}: {e}", config.server))?;
-        let name = rustls_name(&config.server_name)?;
-        let mut stream = keycast_net::tls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-        write_frame(&mut stream, &admin::encode(&request)).await.map_err(|e| e.to_string())?;
-        let frame = read_frame(&mut stream).await.map_err(|e| format!("no answer (is this identity an admin?): {e}"))?;
-        admin::decode(&frame)
-    })?;
+    let response = runtime()?.block_on(admin::request(config.server, &config.server_name, tls, &request))?;
     match response {
         AdminResponse::Members(rows) => {
             println!("{:>8}  {:<24}  last seen (ms since epoch)", "member", "identity");
@@ -237,8 +239,4 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
         AdminResponse::Error(e) => return Err(e),
     }
     Ok(())
-}
-
-fn rustls_name(name: &str) -> Result<keycast_net::tls::ServerName<'static>, String> {
-    keycast_net::tls::ServerName::try_from(name.to_owned()).map_err(|e| format!("server name {name:?}: {e}"))
 }
