@@ -729,6 +729,10 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, frame: &[
 
 /// Sends `command` to the controller and waits, within the answer deadline, for its answer.
 async fn ask<T>(context: &Listener, command: Command, answer: oneshot::Receiver<T>) -> Result<T, &'static str> {
+    let late = match command {
+        Command::Join { .. } => "timed out waiting for the epoch's rekey; try again",
+        _ => "timed out waiting for the controller; try again",
+    };
     const STOPPED: &str = "the controller has stopped; try again later";
     let asked = async {
         context.commands.send(command).await.map_err(|_| STOPPED)?;
@@ -738,7 +742,7 @@ async fn ask<T>(context: &Listener, command: Command, answer: oneshot::Receiver<
         Ok(result) => result,
         Err(_) => {
             context.shared.connections.answers_timed_out.fetch_add(1, Ordering::Relaxed);
-            Err("timed out waiting for the epoch's rekey; try again")
+            Err(late)
         }
     }
 }

@@ -171,9 +171,11 @@ async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
     let (second, _second_events) = group.join("member-2").await.unwrap();
 
     // The third join cannot fit: it is refused, however the core reports it.
-    match group.join("member-3").await {
-        Err(LocalError::Client(ClientError::Refused(..))) => {}
-        other => panic!("a join to a full group was not refused: {:?}", other.map(|(m, _)| m.member())),
+    let bound = group.limits.answer_timeout + Duration::from_secs(5);
+    match timeout(bound, group.join("member-3")).await {
+        Ok(Err(LocalError::Client(ClientError::Refused(..)))) => {}
+        Err(_) => panic!("a join to a full group got no answer within {bound:?}"),
+        Ok(other) => panic!("a join to a full group was not refused: {:?}", other.map(|(m, _)| m.member())),
     }
     // The controller goes on: it serves the admin, applies a leave and admits the third.
     assert_eq!(admin_stats(&group).await.members, 2);
