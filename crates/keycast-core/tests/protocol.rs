@@ -259,10 +259,10 @@ impl World {
         for id in ids {
             let m = self.members.get_mut(&id).unwrap();
             if !m.silent {
-                let _ = self.controller.refresh(&m.identity, id, now);
+                let _ = self.controller.refresh(&m.identity, id, m.session.rekey_seq(), now);
             }
             if m.session.needs_resync() {
-                match self.controller.resync(&m.identity, id, now) {
+                match self.controller.resync(&m.identity, id, m.session.rekey_seq(), now) {
                     Ok(answer) => {
                         m.session.resynced(answer);
                         self.resyncs += 1;

@@ -370,6 +370,10 @@ impl KeyGraph for Flat {
         Some((Position::Flat { id: fm.id, id_bits: self.id_bits }, keys))
     }
 
+    fn max_members(&self) -> u64 {
+        self.capacity()
+    }
+
     fn stats(&self) -> GraphStats {
         GraphStats {
             members: self.members.len(),

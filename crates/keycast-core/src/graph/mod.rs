@@ -154,6 +154,9 @@ pub trait KeyGraph: Send + Sync {
     fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)>;
 
     fn stats(&self) -> GraphStats;
+
+    /// Most members this graph can hold.
+    fn max_members(&self) -> u64;
 }
 
 /// Builds an empty group.

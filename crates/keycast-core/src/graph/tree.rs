@@ -570,6 +570,10 @@ impl KeyGraph for Tree {
         Some((Position::Tree { leaf, degree: self.degree }, keys))
     }
 
+    fn max_members(&self) -> u64 {
+        MAX_LEAVES
+    }
+
     fn stats(&self) -> GraphStats {
         let stored_keys = self.levels.iter().flat_map(|level| &level.members).filter(|&&m| m > 0).count().max(1);
         GraphStats { members: self.leaf_of.len(), stored_keys, height: self.height() }

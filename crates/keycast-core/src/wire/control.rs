@@ -66,22 +66,28 @@ pub enum RefusalReason {
     AlreadyMember = 3,
     GroupFull = 4,
     Unavailable = 5,
+    /// The identity was evicted and stays out until an administrator re-admits it.
+    Revoked = 6,
+    /// The member id is not (or no longer) in the group: it left, expired or was removed.
+    NotMember = 7,
 }
 
 impl RefusalReason {
     fn from_byte(byte: u8) -> Option<Self> {
         use RefusalReason::*;
-        [NotInAcl, UnknownGroup, AlreadyMember, GroupFull, Unavailable].into_iter().find(|r| *r as u8 == byte)
+        [NotInAcl, UnknownGroup, AlreadyMember, GroupFull, Unavailable, Revoked, NotMember].into_iter().find(|r| *r as u8 == byte)
     }
 
     /// The reason in words, for logs and users.
     pub fn describe(self) -> &'static str {
         match self {
             RefusalReason::NotInAcl => "not in the ACL",
-            RefusalReason::UnknownGroup => "unknown group or member",
+            RefusalReason::UnknownGroup => "unknown group",
             RefusalReason::AlreadyMember => "already a member",
             RefusalReason::GroupFull => "group full",
             RefusalReason::Unavailable => "controller unavailable",
+            RefusalReason::Revoked => "evicted (revoked until an administrator re-admits it)",
+            RefusalReason::NotMember => "not a member (left, expired or removed)",
         }
     }
 }
