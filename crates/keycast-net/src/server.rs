@@ -299,11 +299,18 @@ impl ControllerTask {
         }
     }
 
-    /// Logs an error of the core and goes on: no request may stop the controller.
+    /// Logs an error of the core and goes on: no request may stop the controller. A failed
+    /// batch drops its requests, so the joins waiting for it are refused now, not at their
+    /// deadline.
     fn controller_failed(&mut self, doing: &str, error: &ControllerError) {
         self.shared.update(|s| s.controller_errors += 1);
         if let Some(suppressed) = self.error_log.ready() {
             tracing::error!(%error, suppressed, "controller error while {doing}; it goes on");
+        }
+        let refusal = refusal_frame(RefusalReason::Unavailable, format!("the controller failed while {doing} ({error}); try again"));
+        self.join_conns.clear();
+        for waiting in std::mem::take(&mut self.joins).into_values().flatten() {
+            let _ = waiting.reply.send(vec![refusal.clone()]);
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keycast_core::protocol::GroupPolicy;
 use keycast_core::wire::rekey::PacketConfig;
-use keycast_core::wire::GroupId;
+use keycast_core::wire::{message_type, GroupId, MessageType};
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 use keycast_net::admin::{AdminRequest, AdminResponse, Stats};
 use keycast_net::client::{join_once, ClientError};
@@ -87,6 +87,27 @@ async fn fifty_joins_from_one_identity_are_all_answered_or_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_waits_no_longer_than_the_answer_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = policy(tree());
+    slow.epoch_ms = 4_000;
+    let mut group = LocalGroup::prepare(slow, 2, dir.path().to_path_buf()).unwrap();
+    group.limits.answer_timeout = Duration::from_millis(500);
+    group.start_server().await.unwrap();
+    let bound = Duration::from_millis(2_500);
+    match timeout(bound, join_once(&group.member_setup("member-1").unwrap())).await {
+        Ok(Err(ClientError::Refused(reason, detail))) => {
+            assert_eq!(reason, "controller unavailable");
+            assert!(detail.contains("timed out waiting for the epoch's rekey"), "{detail}");
+        }
+        Err(_) => panic!("a join waited for its four-second epoch past a 500 ms answer deadline"),
+        Ok(other) => panic!("a join was answered before its epoch ended: {:?}", other.map(|(a, _)| a.member)),
+    }
+    assert_eq!(group.server().stats().answers_timed_out, 1);
+    until_no_connection_is_open(&group, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_from_an_outsider_are_closed_and_the_admin_is_served_meanwhile() {
     let dir = tempfile::tempdir().unwrap();
     let mut group = LocalGroup::prepare(policy(tree()), 2, dir.path().to_path_buf()).unwrap();
@@ -107,8 +128,8 @@ async fn idle_connections_from_an_outsider_are_closed_and_the_admin_is_served_me
         .map(|(mut tcp, since)| {
             tokio::spawn(async move {
                 let mut buf = [0u8; 16];
-                let _ = timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.expect("the server never closed an idle connection");
-                since.elapsed()
+                // Some(lifetime) once the server closed it; None if it was still open after 10 s.
+                timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.ok().map(|_| since.elapsed())
             })
         })
         .collect();
@@ -120,7 +141,7 @@ async fn idle_connections_from_an_outsider_are_closed_and_the_admin_is_served_me
 
     let mut lifetimes = Vec::new();
     for wait in waits {
-        lifetimes.push(wait.await.unwrap());
+        lifetimes.push(wait.await.unwrap().expect("the server never closed an idle connection"));
     }
     let at_once = lifetimes.iter().filter(|t| **t < group.limits.handshake_timeout / 2).count();
     assert_eq!(at_once, 100 - per_address, "connections over the per-address cap must be closed at once: {lifetimes:?}");
@@ -160,7 +181,7 @@ async fn a_certificate_without_san_is_refused_unless_common_name_fallback_is_on(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
+async fn a_full_group_refuses_a_join_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     // One-bit flat IDs: room for two members.
     let flat = Scheme::Flat { id_bits: 1, ids: keycast_core::FlatIds::Sequential };
@@ -170,7 +191,6 @@ async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
     let (first, _first_events) = group.join("member-1").await.unwrap();
     let (second, _second_events) = group.join("member-2").await.unwrap();
 
-    // The third join cannot fit: it is refused, however the core reports it.
     let bound = group.limits.answer_timeout + Duration::from_secs(5);
     match timeout(bound, group.join("member-3")).await {
         Ok(Err(LocalError::Client(ClientError::Refused(..)))) => {}
@@ -189,9 +209,52 @@ async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
     let seq = group.server().stats().rekeys;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !(first.rekey_seq() >= seq && third.rekey_seq() >= seq && first.getkey().map(|k| k.0) == third.getkey().map(|k| k.0)) {
-        assert!(Instant::now() < deadline, "the members never shared a key after the error");
+        assert!(Instant::now() < deadline, "the members never shared a key after the refusal");
         sleep(Duration::from_millis(20)).await;
     }
-    let message = first.seal(b"after the error").unwrap();
-    assert_eq!(third.open(&message).unwrap(), b"after the error");
+    let message = first.seal(b"after the refusal").unwrap();
+    assert_eq!(third.open(&message).unwrap(), b"after the refusal");
+}
+
+/// Heartbeats heard on the group's channel within `within` (at most 1,000 datagrams read).
+async fn heartbeats_heard(group: &LocalGroup, within: Duration) -> usize {
+    let socket = keycast_net::multicast::receiver(&group.multicast).unwrap();
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 65_536];
+    let mut heard = 0;
+    for _ in 0..1_000 {
+        match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+            Ok(Ok((len, _))) => heard += usize::from(message_type(&buf[..len]) == Ok(MessageType::Heartbeat)),
+            _ => break,
+        }
+    }
+    heard
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    // No rekey entry fits a 100-byte MTU: the core fails to close the epoch of the first join.
+    let mut policy = policy(tree());
+    policy.packets.mtu = 100;
+    let mut group = LocalGroup::prepare(policy, 3, dir.path().to_path_buf()).unwrap();
+    group.limits.answer_timeout = Duration::from_secs(2);
+    group.start_server().await.unwrap();
+    let bound = group.limits.answer_timeout + Duration::from_secs(5);
+    match timeout(bound, group.join("member-1")).await {
+        Ok(Err(LocalError::Client(ClientError::Refused(_, detail)))) => assert!(detail.contains("failed"), "{detail}"),
+        Err(_) => panic!("a join whose rekey failed got no answer within {bound:?}"),
+        Ok(other) => panic!("a join whose rekey cannot be sent was not refused: {:?}", other.map(|(m, _)| m.member())),
+    }
+    let stats = admin_stats(&group).await;
+    assert!(stats.controller_errors >= 1, "the core never failed: {stats:?}");
+    // The controller goes on: heartbeats, and answers to later requests.
+    let heard = heartbeats_heard(&group, Duration::from_millis(policy.heartbeat_ms * 10)).await;
+    assert!(heard >= 2, "{heard} heartbeats in ten intervals after the error");
+    match timeout(bound, group.join("mallory")).await {
+        Ok(Err(LocalError::Client(ClientError::Refused(reason, _)))) => assert_eq!(reason, "not in the ACL"),
+        Err(_) => panic!("a later request got no answer within {bound:?}"),
+        Ok(other) => panic!("mallory joined: {:?}", other.map(|(m, _)| m.member())),
+    }
+    admin_stats(&group).await;
 }
