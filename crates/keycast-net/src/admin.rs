@@ -19,8 +19,31 @@ pub const MAX_ADMIN_REQUEST: usize = 1024;
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum AdminRequest {
     List,
+    /// Removes a member at once and revokes its identity (until `Readmit`).
     Evict { member: u64 },
+    /// Revokes an identity, evicting its member if it has one.
+    Revoke { identity: String },
+    /// Lets a revoked identity join again.
+    Readmit { identity: String },
+    AclAdd { identity: String },
+    /// Takes an identity out of the ACL; its member, if any, is removed at once.
+    AclRemove { identity: String },
+    /// The ACL in force and the revoked identities.
+    AclList,
     Stats,
+}
+
+impl AdminRequest {
+    /// The identity this request names, if any (checked before the controller sees it).
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            AdminRequest::Revoke { identity }
+            | AdminRequest::Readmit { identity }
+            | AdminRequest::AclAdd { identity }
+            | AdminRequest::AclRemove { identity } => Some(identity),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -28,6 +51,9 @@ pub struct MemberRow {
     pub member: u64,
     pub identity: String,
     pub last_seen_ms: u64,
+    /// Milliseconds since the controller last heard from it (by the controller's clock).
+    #[serde(default)]
+    pub idle_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -57,6 +83,13 @@ pub struct Stats {
 pub enum AdminResponse {
     Members(Vec<MemberRow>),
     Evicted { member: u64, found: bool },
+    /// `member`: the member removed with the identity, if it had one.
+    Revoked { identity: String, member: Option<u64> },
+    /// `changed`: false if the identity was not revoked.
+    Readmitted { identity: String, changed: bool },
+    /// `changed`: false if the ACL already was so; `evicted`: the member removed with it.
+    AclChanged { identity: String, added: bool, changed: bool, evicted: Option<u64> },
+    Acl { acl: Vec<String>, revoked: Vec<String> },
     Stats(Stats),
     Error(String),
 }

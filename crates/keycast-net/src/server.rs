@@ -380,28 +380,65 @@ impl ControllerTask {
     }
 
     async fn admin(&mut self, request: AdminRequest) -> Result<AdminResponse, StoreError> {
-        Ok(match request {
-            AdminRequest::List => AdminResponse::Members(
-                self.controller
+        let now = now_ms();
+        let order = format!("{request:?}");
+        if let Some(identity) = request.identity() {
+            if let Err(error) = crate::tls::check_identity(identity) {
+                return Ok(AdminResponse::Error(format!("{identity:?}: {error}")));
+            }
+        }
+        let controller = &mut self.controller;
+        let (outputs, response) = match request {
+            AdminRequest::List => {
+                let rows = controller
                     .members()
                     .iter()
-                    .map(|(m, r)| MemberRow { member: m.0, identity: r.identity.clone(), last_seen_ms: r.last_seen_ms })
-                    .collect(),
-            ),
-            AdminRequest::Evict { member } => {
-                let found = self.controller.members().contains_key(&MemberId(member));
-                match self.controller.evict(MemberId(member), now_ms(), entropy()) {
-                    Ok(outputs) => self.deliver(outputs).await?,
-                    Err(error) => {
-                        self.controller_failed("evicting", &error);
-                        return Ok(AdminResponse::Error(format!("the eviction of member {member} failed: {error}; the controller goes on")));
-                    }
-                }
-                tracing::info!(member, found, "eviction ordered");
-                AdminResponse::Evicted { member, found }
+                    .map(|(m, r)| MemberRow { member: m.0, identity: r.identity.clone(), last_seen_ms: r.last_seen_ms, idle_ms: now.saturating_sub(r.last_seen_ms) })
+                    .collect();
+                return Ok(AdminResponse::Members(rows));
             }
-            AdminRequest::Stats => AdminResponse::Stats(self.shared.snapshot()),
-        })
+            AdminRequest::AclList => {
+                return Ok(AdminResponse::Acl { acl: controller.acl().iter().cloned().collect(), revoked: controller.revoked().iter().cloned().collect() })
+            }
+            AdminRequest::Stats => return Ok(AdminResponse::Stats(self.shared.snapshot())),
+            AdminRequest::Evict { member } => {
+                let found = controller.members().contains_key(&MemberId(member));
+                (controller.evict(MemberId(member), now, entropy()), AdminResponse::Evicted { member, found })
+            }
+            AdminRequest::Revoke { identity } => {
+                let member = controller.member_by_identity(&identity).map(|m| m.0);
+                let outputs = controller.revoke(&identity, now, entropy());
+                (outputs, AdminResponse::Revoked { identity, member })
+            }
+            AdminRequest::Readmit { identity } => {
+                let outputs = controller.readmit(&identity);
+                let changed = !outputs.is_empty();
+                (Ok(outputs), AdminResponse::Readmitted { identity, changed })
+            }
+            AdminRequest::AclAdd { identity } => {
+                let outputs = controller.acl_add(&identity);
+                let changed = !outputs.is_empty();
+                (Ok(outputs), AdminResponse::AclChanged { identity, added: true, changed, evicted: None })
+            }
+            AdminRequest::AclRemove { identity } => {
+                let changed = controller.acl().contains(&identity);
+                let evicted = controller.member_by_identity(&identity).map(|m| m.0);
+                let outputs = controller.acl_remove(&identity, now, entropy());
+                (outputs, AdminResponse::AclChanged { identity, added: false, changed, evicted })
+            }
+        };
+        match outputs {
+            Ok(outputs) => self.deliver(outputs).await?,
+            Err(error) => {
+                self.controller_failed("serving an admin request", &error);
+                return Ok(AdminResponse::Error(format!("{order} failed: {error}; the controller goes on")));
+            }
+        }
+        match &response {
+            AdminResponse::Evicted { .. } | AdminResponse::Revoked { .. } => tracing::info!(order, ?response, "eviction ordered"),
+            _ => tracing::info!(order, ?response, "admin order carried out"),
+        }
+        Ok(response)
     }
 
     /// Carries out outputs in order; records are made durable before anything after them.

@@ -81,7 +81,7 @@ pub enum IdentityError {
     Unparsable,
     #[error("the client certificate names no identity: it has no URI or DNS subject alternative name{0}")]
     NoIdentity(&'static str),
-    #[error("the client certificate's identity is empty, longer than {MAX_IDENTITY_LEN} bytes or holds control characters")]
+    #[error("the identity is empty, longer than {MAX_IDENTITY_LEN} bytes or holds control characters")]
     BadIdentity,
 }
 
@@ -112,10 +112,16 @@ pub fn peer_identity(cert_der: &[u8], common_name_fallback: bool) -> Result<Stri
             .to_owned(),
         None => return Err(IdentityError::NoIdentity(" (the common name is used only with identity_from_common_name = true)")),
     };
+    check_identity(&identity)?;
+    Ok(identity)
+}
+
+/// An identity is 1 to 255 bytes without control characters (it appears in logs and tables).
+pub fn check_identity(identity: &str) -> Result<(), IdentityError> {
     if identity.is_empty() || identity.len() > MAX_IDENTITY_LEN || identity.chars().any(char::is_control) {
         return Err(IdentityError::BadIdentity);
     }
-    Ok(identity)
+    Ok(())
 }
 
 /// The verified peer's first certificate.

@@ -258,3 +258,56 @@ async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
     }
     admin_stats(&group).await;
 }
+
+async fn order(group: &LocalGroup, request: AdminRequest) -> AdminResponse {
+    let answer = group.admin_request(&group.admin, &request).await;
+    answer.unwrap_or_else(|e| panic!("{request:?}: {e}"))
+}
+
+async fn refused_join(group: &LocalGroup, identity: &str) -> String {
+    match group.join(identity).await {
+        Err(LocalError::Client(ClientError::Refused(reason, detail))) => format!("{reason}: {detail}"),
+        other => panic!("{identity} was not refused: {:?}", other.map(|(m, _)| m.member())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_orders_revoke_readmit_and_change_the_acl() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = LocalGroup::start(policy(tree()), 2, dir.path().to_path_buf()).await.unwrap();
+    let (_first, _first_events) = group.join("member-1").await.unwrap();
+    let (second, _second_events) = group.join("member-2").await.unwrap();
+    let identities = |rows: Vec<keycast_net::admin::MemberRow>| rows.into_iter().map(|r| r.identity).collect::<Vec<_>>();
+
+    // Evicting by identity removes the member at once and keeps the identity out.
+    let revoked = order(&group, AdminRequest::Revoke { identity: "member-2".into() }).await;
+    assert_eq!(revoked, AdminResponse::Revoked { identity: "member-2".into(), member: Some(second.member().0) });
+    assert_eq!(identities(group.server().members().await), ["member-1"]);
+    assert!(refused_join(&group, "member-2").await.contains("re-admits"));
+    match order(&group, AdminRequest::AclList).await {
+        AdminResponse::Acl { acl, revoked } => {
+            assert_eq!(acl, ["member-1", "member-2"]);
+            assert_eq!(revoked, ["member-2"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(order(&group, AdminRequest::Readmit { identity: "member-2".into() }).await, AdminResponse::Readmitted { identity: "member-2".into(), changed: true });
+    let (_again, _again_events) = group.join("member-2").await.unwrap();
+
+    // The ACL changes at run time: a new identity joins, and leaves the group with its entry.
+    assert!(refused_join(&group, "guest").await.contains("not in the ACL"));
+    order(&group, AdminRequest::AclAdd { identity: "guest".into() }).await;
+    let (guest, _guest_events) = group.join("guest").await.unwrap();
+    let removed = order(&group, AdminRequest::AclRemove { identity: "guest".into() }).await;
+    assert_eq!(removed, AdminResponse::AclChanged { identity: "guest".into(), added: false, changed: true, evicted: Some(guest.member().0) });
+    assert!(!identities(group.server().members().await).contains(&"guest".to_string()));
+    assert!(refused_join(&group, "guest").await.contains("not in the ACL"));
+
+    // Identities from the admin are bounded like those of certificates.
+    let long = AdminRequest::AclAdd { identity: "x".repeat(300) };
+    assert!(matches!(order(&group, long).await, AdminResponse::Error(e) if e.contains("longer than 255 bytes")));
+    match order(&group, AdminRequest::List).await {
+        AdminResponse::Members(rows) => assert!(rows.iter().all(|r| r.idle_ms < 60_000), "{rows:?}"),
+        other => panic!("{other:?}"),
+    }
+}

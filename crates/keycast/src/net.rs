@@ -57,12 +57,42 @@ pub struct AdminArgs {
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
-    /// The group's members.
+    /// The group's members: id, identity, and how long ago the controller last heard from each.
     List,
-    /// Remove a member at once (its keys are replaced immediately).
-    Evict { member: u64 },
-    /// Members, epoch, rekeys, bytes, joins.
+    /// Remove a member at once (its keys are replaced immediately) and revoke its identity
+    /// until `readmit`. TARGET is a member id (a number) or an identity.
+    Evict { target: String },
+    /// Let a revoked identity join again.
+    Readmit { identity: String },
+    /// The ACL: add, remove (removes its member at once) or list (with revoked identities).
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Members, epoch, rekeys, bytes, joins, connections.
     Stats,
+}
+
+#[derive(Subcommand)]
+pub enum AclCommand {
+    Add { identity: String },
+    Remove { identity: String },
+    List,
+}
+
+impl AdminCommand {
+    fn request(&self) -> AdminRequest {
+        match self {
+            AdminCommand::List => AdminRequest::List,
+            AdminCommand::Evict { target } => match target.parse() {
+                Ok(member) => AdminRequest::Evict { member },
+                Err(_) => AdminRequest::Revoke { identity: target.clone() },
+            },
+            AdminCommand::Readmit { identity } => AdminRequest::Readmit { identity: identity.clone() },
+            AdminCommand::Acl(AclCommand::Add { identity }) => AdminRequest::AclAdd { identity: identity.clone() },
+            AdminCommand::Acl(AclCommand::Remove { identity }) => AdminRequest::AclRemove { identity: identity.clone() },
+            AdminCommand::Acl(AclCommand::List) => AdminRequest::AclList,
+            AdminCommand::Stats => AdminRequest::Stats,
+        }
+    }
 }
 
 fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
@@ -120,7 +150,7 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
         port = args.port
     );
     write(&args.dir.join("server.toml"), &server, false)?;
-    let admin = format!("# `keycast admin --config admin.toml list|evict ID|stats`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
+    let admin = format!("# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
     write(&args.dir.join("admin.toml"), &admin, false)?;
     println!("created {}: ca.pem, server.toml, admin.toml and {} member configs", args.dir.display(), names.len());
     println!("next: keycast server --config {}/server.toml", args.dir.display());
@@ -220,23 +250,43 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
     let config = AdminConfig::load(&args.config).map_err(|e| e.to_string())?;
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
     let tls = client_config(&credentials).map_err(|e| e.to_string())?;
-    let request = match args.command {
-        AdminCommand::List => AdminRequest::List,
-        AdminCommand::Evict { member } => AdminRequest::Evict { member },
-        AdminCommand::Stats => AdminRequest::Stats,
-    };
+    let request = args.command.request();
     let response = runtime()?.block_on(admin::request(config.server, &config.server_name, tls, &request))?;
-    match response {
-        AdminResponse::Members(rows) => {
-            println!("{:>8}  {:<24}  last seen (ms since epoch)", "member", "identity");
-            for r in rows {
-                println!("{:>8}  {:<24}  {}", r.member, r.identity, r.last_seen_ms);
-            }
-        }
-        AdminResponse::Evicted { member, found: true } => println!("member {member} evicted; its keys are replaced now"),
-        AdminResponse::Evicted { member, found: false } => return Err(format!("no member {member}")),
-        AdminResponse::Stats(s) => println!("{}", serde_json::to_string_pretty(&s).expect("plain values")),
-        AdminResponse::Error(e) => return Err(e),
-    }
+    println!("{}", describe(response)?);
     Ok(())
+}
+
+/// The controller's answer for the operator; an error answer becomes the command's error.
+fn describe(response: AdminResponse) -> Result<String, String> {
+    Ok(match response {
+        AdminResponse::Members(rows) => {
+            let mut table = format!("{:>8}  {:<24}  last seen", "member", "identity");
+            for r in rows {
+                table += &format!("\n{:>8}  {:<24}  {:.1} s ago", r.member, r.identity, r.idle_ms as f64 / 1000.0);
+            }
+            table
+        }
+        AdminResponse::Evicted { member, found: true } => format!("member {member} evicted; its keys are replaced now and its identity is revoked (`readmit` undoes that)"),
+        AdminResponse::Evicted { member, found: false } => return Err(format!("no member {member}; `keycast admin list` shows the members")),
+        AdminResponse::Revoked { identity, member: Some(member) } => {
+            format!("{identity} (member {member}) evicted; its keys are replaced now and the identity is revoked (`readmit` undoes that)")
+        }
+        AdminResponse::Revoked { identity, member: None } => format!("{identity} is revoked: it had no member; its joins are refused until `readmit`"),
+        AdminResponse::Readmitted { identity, changed: true } => format!("{identity} may join again"),
+        AdminResponse::Readmitted { identity, changed: false } => format!("{identity} was not revoked; nothing changed"),
+        AdminResponse::AclChanged { identity, added: true, changed, .. } => {
+            format!("{identity} {} the ACL", if changed { "added to" } else { "was already in" })
+        }
+        AdminResponse::AclChanged { identity, added: false, changed: false, .. } => format!("{identity} was not in the ACL; nothing changed"),
+        AdminResponse::AclChanged { identity, added: false, evicted, .. } => match evicted {
+            Some(member) => format!("{identity} removed from the ACL; its member {member} was removed and its keys are replaced now"),
+            None => format!("{identity} removed from the ACL"),
+        },
+        AdminResponse::Acl { acl, revoked } => {
+            let list = |names: &[String]| if names.is_empty() { "(none)".to_string() } else { names.join("\n  ") };
+            format!("ACL ({}):\n  {}\nrevoked ({}):\n  {}", acl.len(), list(&acl), revoked.len(), list(&revoked))
+        }
+        AdminResponse::Stats(s) => serde_json::to_string_pretty(&s).expect("plain values"),
+        AdminResponse::Error(e) => return Err(e),
+    })
 }
