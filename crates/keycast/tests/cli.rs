@@ -56,6 +56,14 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let init = run(&["init", ".", "--members", "2", "--port", &port.to_string()]);
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     assert!(!run(&["init", "."]).status.success(), "init must not overwrite a setup");
+    // Administrators are named by certificate fingerprint; a name is refused with the reason.
+    let server_toml = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
+    assert!(server_toml.contains("admins = [\"sha256:"), "{server_toml}");
+    let by_name = server_toml.replacen("admins = [", "admins = [\"admin\"]\n# ", 1);
+    std::fs::write(dir.path().join("by-name.toml"), by_name).unwrap();
+    let refused = run(&["server", "--config", "by-name.toml"]);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("not a certificate fingerprint"), "{why}");
 
     let mut server = KillOnDrop(
         Command::new(bin)
@@ -88,12 +96,17 @@ fn init_server_member_and_admin_work_together_on_loopback() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(listed.contains("member-2") && !listed.contains("member-1"), "{listed}");
+    assert!(listed.contains(" s ago"), "{listed}");
     let stats: serde_json::Value = serde_json::from_slice(&run(&["admin", "--config", "admin.toml", "stats"]).stdout).unwrap();
     assert_eq!(stats["members"], 1);
     assert!(stats["rekey_bytes"].as_u64().unwrap() > 0);
     let id = listed.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_string();
     let evict = run(&["admin", "--config", "admin.toml", "evict", &id]);
     assert!(String::from_utf8_lossy(&evict.stdout).contains("evicted"));
+    let acl = String::from_utf8_lossy(&run(&["admin", "--config", "admin.toml", "acl", "list"]).stdout).to_string();
+    assert!(acl.contains("revoked (1):\n  member-2"), "{acl}");
+    let readmit = run(&["admin", "--config", "admin.toml", "readmit", "member-2"]);
+    assert!(String::from_utf8_lossy(&readmit.stdout).contains("member-2 may join again"), "{readmit:?}");
 
     let heard = String::from_utf8_lossy(&listener.wait_with_output().unwrap().stdout).to_string();
     assert!(heard.contains("data: test message"), "member-2 heard no data: {heard}");
@@ -206,3 +219,4 @@ fn bench_quick_json_has_every_figure() {
     assert!(ratio.contains_key("100") && ratio.contains_key("1000"), "{report}");
     assert!(report["keycast_remove_us"]["1000"].as_f64().is_some());
 }
+
