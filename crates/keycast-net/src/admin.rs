@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keycast_core::wire::JoinAnswer;
 use serde::{Deserialize, Serialize};
 
 use crate::tls::{read_frame, write_frame, ServerName, TlsConnector};
@@ -124,12 +123,7 @@ pub async fn request(server: SocketAddr, server_name: &str, tls: Arc<rustls::Cli
         let mut stream = TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {server}: {e}; check the CA and certificate in the admin config"))?;
         write_frame(&mut stream, &encode(request)).await.map_err(|e| format!("cannot send to {server}: {e}"))?;
         let frame = read_frame(&mut stream).await.map_err(|e| format!("{server} closed without an answer: {e}"))?;
-        // The controller refuses a request it will not serve with a join refusal frame.
-        match (decode(&frame), JoinAnswer::decode(&frame)) {
-            (Ok(response), _) => Ok(response),
-            (Err(_), Ok(JoinAnswer::Refused { reason, detail })) => Err(format!("{server} refused: {} ({detail})", reason.describe())),
-            (Err(error), _) => Err(format!("{server}: {error}")),
-        }
+        decode(&frame).map_err(|error| format!("{server}: {error}"))
     };
     tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await

@@ -660,10 +660,9 @@ struct Listener {
 }
 
 impl Listener {
-    fn is_admin(&self, certificate: &[u8]) -> bool {
-        let fingerprint = Fingerprint::of_der(certificate);
+    fn is_admin(&self, fingerprint: &Fingerprint) -> bool {
         // Every entry is compared, so the time does not tell which one matched.
-        self.admins.iter().fold(false, |found, admin| admin.matches(&fingerprint) | found)
+        self.admins.iter().fold(false, |found, admin| admin.matches(fingerprint) | found)
     }
 }
 
@@ -678,7 +677,8 @@ async fn accept_loop(listener: TcpListener, context: Arc<Listener>) {
         tokio::spawn(async move {
             let _slot = slot;
             if let Err(reason) = serve_connection(tcp, &context).await {
-                tracing::warn!(%peer, %reason, "connection refused");
+                // Debug: anyone can open connections, and none may flood the log.
+                tracing::debug!(%peer, %reason, "connection refused");
             }
         });
     })
@@ -694,39 +694,41 @@ async fn serve_connection(tcp: TcpStream, context: &Listener) -> Result<(), Stri
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
     let certificate = peer_certificate(tls.get_ref().1).map_err(|e| e.to_string())?;
-    let admin = context.is_admin(certificate);
-    let identity = peer_identity(certificate, context.identity_from_common_name);
     let fingerprint = Fingerprint::of_der(certificate);
+    let identity = peer_identity(certificate, context.identity_from_common_name);
     let frame = tokio::time::timeout(limits.request_timeout, read_frame(&mut tls))
         .await
         .map_err(|_| format!("{fingerprint}: no request in time"))?
         .map_err(|e| format!("{fingerprint}: {e}"))?;
-    let is_admin_frame = admin::is_admin_frame(&frame);
     // Refusals come after the request is read: closing with unread data would reset the
     // connection and lose the refusal.
+    let admin_request = admin::is_admin_frame(&frame);
     let identity = match identity {
         Ok(identity) => identity,
         Err(error) => {
             let detail = format!("certificate {fingerprint}: {error}");
-            answer_refusal(&mut tls, limits, is_admin_frame, RefusalReason::NotInAcl, detail.clone()).await;
+            match admin_request {
+                true => refuse_admin(&mut tls, limits, detail.clone()).await,
+                false => refuse_join(&mut tls, limits, RefusalReason::NotInAcl, detail.clone()).await,
+            }
             return Err(detail);
         }
     };
-    let over_cap = format!("{identity} already has {} connections open, the most allowed; wait for their answers and try again", limits.max_per_identity);
-    if is_admin_frame {
-        let Some(_identity_slot) = context.shared.connections.claim(&identity, limits) else {
-            answer_refusal(&mut tls, limits, true, RefusalReason::Unavailable, over_cap.clone()).await;
-            return Err(over_cap);
-        };
-        if !admin {
-            let detail = format!("{identity} (certificate {fingerprint}) is not an administrator: its fingerprint is not in the controller's `admins`");
-            answer_refusal(&mut tls, limits, true, RefusalReason::NotInAcl, detail.clone()).await;
-            return Err(detail);
-        }
-        return serve_admin(tls, context, &identity, &frame).await;
+    match admin_request {
+        true => serve_admin(tls, context, &identity, &fingerprint, &frame).await,
+        false => serve_member(tls, context, &identity, &frame).await,
     }
-    let message = Message::decode(&frame).map_err(|e| format!("{identity}: {e}"))?;
+}
+
+fn over_identity_cap(identity: &str, limits: &Limits) -> String {
+    format!("{identity} already has {} connections open, the most allowed; wait for their answers and try again", limits.max_per_identity)
+}
+
+async fn serve_member(mut tls: Tls, context: &Listener, identity: &str, frame: &[u8]) -> Result<(), String> {
+    let limits = &context.limits;
+    let message = Message::decode(frame).map_err(|e| format!("{identity}: {e}"))?;
     let (reply, answer) = oneshot::channel();
+    let identity = identity.to_owned();
     let command = match message {
         Message::JoinRequest(r) => Command::Join { identity: identity.clone(), group: r.group, reply },
         Message::Leave(l) => Command::Leave { identity: identity.clone(), member: l.member, reply },
@@ -738,16 +740,17 @@ async fn serve_connection(tcp: TcpStream, context: &Listener) -> Result<(), Stri
     // eviction, so those connections are closed instead and the member retries.
     let is_join = matches!(command, Command::Join { .. });
     let Some(_identity_slot) = context.shared.connections.claim(&identity, limits) else {
+        let detail = over_identity_cap(&identity, limits);
         if is_join {
-            answer_refusal(&mut tls, limits, false, RefusalReason::Unavailable, over_cap.clone()).await;
+            refuse_join(&mut tls, limits, RefusalReason::Unavailable, detail.clone()).await;
         }
-        return Err(over_cap);
+        return Err(detail);
     };
     let frames = match ask(context, command, answer).await {
         Ok(frames) => frames,
         Err(detail) => {
             if is_join {
-                answer_refusal(&mut tls, limits, false, RefusalReason::Unavailable, detail.to_string()).await;
+                refuse_join(&mut tls, limits, RefusalReason::Unavailable, detail.to_string()).await;
             }
             return Err(format!("{identity}: {detail}"));
         }
@@ -755,11 +758,23 @@ async fn serve_connection(tcp: TcpStream, context: &Listener) -> Result<(), Stri
     write_frames(&mut tls, limits, &frames).await.map_err(|e| format!("{identity}: {e}"))
 }
 
-async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, frame: &[u8]) -> Result<(), String> {
+async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerprint: &Fingerprint, frame: &[u8]) -> Result<(), String> {
+    let limits = &context.limits;
+    let Some(_identity_slot) = context.shared.connections.claim(identity, limits) else {
+        let detail = over_identity_cap(identity, limits);
+        refuse_admin(&mut tls, limits, detail.clone()).await;
+        return Err(detail);
+    };
+    // Checked before the request is parsed: others never reach the JSON decoder.
+    if !context.is_admin(fingerprint) {
+        let detail = format!("{identity} (certificate {fingerprint}) is not an administrator: its fingerprint is not in the controller's `admins`");
+        refuse_admin(&mut tls, limits, detail.clone()).await;
+        return Err(detail);
+    }
     let request: AdminRequest = match admin::decode(frame) {
         Ok(request) => request,
         Err(error) => {
-            answer_refusal(&mut tls, &context.limits, true, RefusalReason::UnknownGroup, error.clone()).await;
+            refuse_admin(&mut tls, limits, error.clone()).await;
             return Err(format!("{identity}: {error}"));
         }
     };
@@ -768,7 +783,7 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, frame: &[
         Ok(response) => response,
         Err(detail) => AdminResponse::Error(detail.into()),
     };
-    write_frames(&mut tls, &context.limits, &[admin::encode(&response)]).await.map_err(|e| format!("{identity}: {e}"))
+    write_frames(&mut tls, limits, &[admin::encode(&response)]).await.map_err(|e| format!("{identity}: {e}"))
 }
 
 /// Sends `command` to the controller and waits, within the answer deadline, for its answer.
@@ -791,10 +806,12 @@ async fn ask<T>(context: &Listener, command: Command, answer: oneshot::Receiver<
     }
 }
 
-/// Answers a refused request in the form its client reads: an admin error or a join refusal.
-async fn answer_refusal(tls: &mut Tls, limits: &Limits, admin_request: bool, reason: RefusalReason, detail: String) {
-    let frame = if admin_request { admin::encode(&AdminResponse::Error(detail)) } else { refusal_frame(reason, detail) };
-    let _ = write_frames(tls, limits, &[frame]).await;
+async fn refuse_join(tls: &mut Tls, limits: &Limits, reason: RefusalReason, detail: String) {
+    let _ = write_frames(tls, limits, &[refusal_frame(reason, detail)]).await;
+}
+
+async fn refuse_admin(tls: &mut Tls, limits: &Limits, detail: String) {
+    let _ = write_frames(tls, limits, &[admin::encode(&AdminResponse::Error(detail))]).await;
 }
 
 /// Writes the answer and closes, within the request deadline (a peer that stops reading
