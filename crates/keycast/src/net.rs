@@ -184,7 +184,9 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
         metrics: config.metrics,
     };
     runtime()?.block_on(async {
-        let server = Server::start(setup).await.map_err(|e| format!("{}: {e}", config.database.display()))?;
+        let server = Server::start(setup).await.map_err(|e| {
+            format!("cannot start the controller (log {}, TLS on {}): {e}; check that the log is writable and the address free", config.database.display(), config.listen)
+        })?;
         tracing::info!(addr = %server.addr, "serving; Ctrl-C stops");
         tokio::select! {
             reason = server.stopped() => Err(format!("the controller stopped: {reason}")),
