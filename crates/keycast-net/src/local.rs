@@ -69,9 +69,12 @@ impl LocalGroup {
         let group_ip = Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8);
         let multicast = MulticastConfig { address: SocketAddrV4::new(group_ip, port), interface: Ipv4Addr::LOCALHOST, ttl: 1 };
         let acl = (1..=acl_size).map(|i| format!("member-{i}")).collect();
+        // Every member of a local group connects from 127.0.0.1: only the total caps them.
+        let mut limits = Limits::for_policy(&policy);
+        limits.max_per_address = limits.max_connections;
         Ok(LocalGroup {
             authority,
-            limits: Limits::for_policy(&policy),
+            limits,
             policy,
             acl,
             multicast,
