@@ -276,3 +276,24 @@ impl AdminConfig {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_default_from_the_epoch_and_refuse_zero() {
+        let policy = PolicyConfig { epoch_ms: 4000, ..PolicyConfig::default() }.group_policy(1).unwrap();
+        let defaults = ConnectionsConfig::default().limits(&policy).unwrap();
+        assert_eq!(defaults.answer_timeout, Duration::from_secs(12));
+        assert_eq!((defaults.max_connections, defaults.max_per_address, defaults.max_per_identity), (1024, 64, 4));
+        let set: ConnectionsConfig = toml::from_str("answer_timeout_ms = 700\nmax_per_identity = 2").unwrap();
+        let limits = set.limits(&policy).unwrap();
+        assert_eq!((limits.answer_timeout, limits.max_per_identity), (Duration::from_millis(700), 2));
+        for zero in ["max_connections = 0", "handshake_timeout_ms = 0"] {
+            let config: ConnectionsConfig = toml::from_str(zero).unwrap();
+            assert!(config.limits(&policy).is_err(), "{zero} was accepted");
+        }
+        assert!(toml::from_str::<ConnectionsConfig>("max_conections = 5").is_err(), "a misspelt setting was ignored");
+    }
+}

@@ -136,3 +136,21 @@ impl Credentials {
         Fingerprint::of_pem(&self.cert_pem)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_is_read_back_only_in_its_own_form() {
+        let admin = Authority::new("test CA").unwrap().issue("admin", false).unwrap();
+        let fingerprint = admin.fingerprint().unwrap();
+        assert_eq!(Fingerprint::parse(&fingerprint.to_string()), Ok(fingerprint));
+        let hex_only = fingerprint.to_string().replace("sha256:", "");
+        for bad in ["admin", hex_only.as_str(), "sha256:00", "sha1:0000000000000000000000000000000000000000", "sha256:zz"] {
+            assert!(Fingerprint::parse(bad).is_err(), "{bad} was taken for a fingerprint");
+        }
+        let other = Authority::new("test CA").unwrap().issue("admin", false).unwrap().fingerprint().unwrap();
+        assert!(fingerprint.matches(&fingerprint) && !fingerprint.matches(&other));
+    }
+}
