@@ -20,6 +20,7 @@ use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
 use crate::wire::{GroupId, MembershipDelta, Signer, VerifyingKey};
+use crate::wrap::{key_check, CHECK_LEN};
 
 /// Policy fixed for a group's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -636,13 +637,21 @@ impl Controller {
         }
         self.next_heartbeat_ms = now_ms + self.policy.heartbeat_ms;
         let epoch = self.epoch_at(now_ms);
+        let (_, (active, _, active_key)) = self.active_entry(epoch);
+        let pending = self.pending_key(epoch);
+        let pending_check = match (pending, self.group_keys.last_key_value()) {
+            (Some(p), Some((_, (_, _, key)))) => key_check(key, p.key),
+            _ => [0; CHECK_LEN],
+        };
         let beat = Heartbeat {
             group: self.policy.group,
             epoch,
             seq: self.heartbeat_seq,
             rekey_seq: self.rekey_seq,
-            active: self.active_key(epoch),
-            pending: self.pending_key(epoch),
+            active: *active,
+            active_check: key_check(active_key, *active),
+            pending,
+            pending_check,
             group_size: self.members.len() as u64,
             sent_ms: now_ms,
         };
