@@ -300,6 +300,14 @@ impl Controller {
         for record in c.members.values_mut() {
             record.last_seen_ms = now_ms;
         }
+        // A revoked identity is never left a member (a log whose eviction batch was lost).
+        let revoked_members: Vec<MemberId> =
+            c.members.iter().filter(|(_, r)| c.revoked.contains(&r.identity)).map(|(m, _)| *m).collect();
+        for member in revoked_members {
+            if !c.pending.contains(&Request::Evict { member }) {
+                c.pending.push(Request::Evict { member });
+            }
+        }
         if let Some((plan, seq, epoch, activation)) = last_batch {
             c.last_rekey = c.encode(&plan, seq, epoch, activation)?.0;
         }
