@@ -290,3 +290,48 @@ fn members_of_a_lost_history_raise_a_contradiction_and_move_the_controller_past_
     h.run(100);
     assert!(h.log.iter().any(|r| matches!(r, Record::SeqFloor(s) if *s == ahead)), "the floor is persisted");
 }
+
+/// A member that lost an eviction's rekey packets must not go on sealing under the key the
+/// eviction replaced (the evicted member holds it): from the first heartbeat that names the new
+/// key in force, it refuses to seal until it has the new key.
+#[test]
+fn a_member_that_missed_an_evictions_rekey_refuses_to_seal_under_the_replaced_key() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    let mut sessions = Vec::new();
+    for identity in ["a", "b"] {
+        let Ok(JoinStatus::Queued(_)) = h.join(identity) else { panic!() };
+        let conn = h.conn;
+        h.run(200);
+        let JoinAnswer::Accepted(accepted) = h.answers.iter().find(|(c, _)| *c == conn).unwrap().1.clone() else { panic!() };
+        let keys = h.controller.resync(identity, accepted.member, 0, h.now).unwrap();
+        sessions.push(MemberSession::join(&accepted, keys, h.policy.heartbeat_ms, h.now).0);
+    }
+    // Both follow a heartbeat of the active key, then b is evicted; a loses the rekey packets.
+    h.run(100);
+    let mut a = sessions.remove(0);
+    let b = sessions.remove(0).member();
+    let e = h.entropy();
+    let outputs = h.controller.evict(b, h.now, e).unwrap();
+    assert!(outputs.iter().any(|o| matches!(o, Output::Rekeyed { .. })));
+    let held = a.active_key().unwrap().0;
+    let mut heartbeat = None;
+    for _ in 0..10 {
+        h.now += 10;
+        let e = h.entropy();
+        for output in h.controller.tick(h.now, e).unwrap() {
+            if let Output::Multicast(bytes) = output {
+                if bytes[1] == keycast_core::wire::MessageType::Heartbeat as u8 {
+                    heartbeat.get_or_insert(bytes);
+                }
+            }
+        }
+    }
+    a.receive(&heartbeat.expect("a heartbeat"), h.now).unwrap();
+    match a.seal(b"after the eviction", [1; 16]) {
+        Err(keycast_core::protocol::traffic::TrafficError::StaleKey { held: k, .. }) => assert_eq!(k, held),
+        other => panic!("sealed under the replaced key: {other:?}"),
+    }
+    let answer = h.controller.resync("a", a.member(), a.rekey_seq(), h.now).unwrap();
+    a.resynced(answer);
+    assert!(a.seal(b"after the resync", [2; 16]).is_ok());
+}

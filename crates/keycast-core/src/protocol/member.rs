@@ -73,6 +73,9 @@ pub struct MemberSession {
     heartbeats_behind: u32,
     /// Membership delta parts already reported, as (rekey seq, part), for recent rekeys.
     deltas_seen: std::collections::BTreeSet<(u64, u16)>,
+    /// The key in force by the controller's latest heartbeat: sealing under any other would
+    /// use a key the controller has replaced (perhaps to shut out an evicted member).
+    announced_active: Option<KeyRef>,
     /// Sequence number of the next data message this member seals.
     next_data_seq: u64,
     replays: ReplayWindow,
@@ -102,6 +105,7 @@ impl MemberSession {
             controller_lost: false,
             heartbeats_behind: 0,
             deltas_seen: Default::default(),
+            announced_active: None,
             next_data_seq: now_ms << DATA_SEQ_TIME_SHIFT,
             replays: ReplayWindow::default(),
         };
@@ -146,6 +150,7 @@ impl MemberSession {
     /// Takes the keys, sequence and epoch of `answer` as this member's whole state.
     fn install(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
         self.keys = MemberKeys::from_snapshot(answer.position, answer.keys, answer.active);
+        self.announced_active = Some(answer.active);
         self.guard = ReplayGuard::new(answer.group, answer.epoch, answer.rekey_seq);
         self.group_keys.clear();
         for (seq, (r, activation)) in [(0, (answer.active, 0))]
@@ -171,6 +176,7 @@ impl MemberSession {
                 self.guard.accept_heartbeat(&beat)?;
                 self.last_heartbeat_ms = now_ms;
                 self.controller_lost = false;
+                self.announced_active = Some(beat.active);
                 let mut events = self.advance_epoch(beat.epoch);
                 if let Some(reason) = self.contradiction(&beat) {
                     // Reported once; the driver resyncs and the answer replaces this state.
@@ -318,8 +324,13 @@ impl MemberSession {
 
     /// Seals application data under the active key as this member's next message; `nonce` must
     /// be fresh random bytes.
+    /// Fails closed while the controller announces another key in force than the one this
+    /// member holds (its rekey was lost): the old key may be known to an evicted member.
     pub fn seal(&mut self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
         let (key_ref, key) = self.active_key().ok_or(TrafficError::NoActiveKey)?;
+        if let Some(announced) = self.announced_active.filter(|a| *a != key_ref) {
+            return Err(TrafficError::StaleKey { held: key_ref, announced });
+        }
         let data = traffic::seal((self.group, self.member, self.next_data_seq), key_ref, &key, nonce, plaintext)?;
         self.next_data_seq += 1;
         Ok(data)
