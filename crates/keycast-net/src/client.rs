@@ -128,8 +128,8 @@ impl MemberClient {
         Ok((MemberClient { sender: multicast::sender(&setup.multicast)?, setup, session, task }, rx))
     }
 
-    fn with<T>(&self, f: impl FnOnce(&MemberSession) -> T) -> T {
-        f(&self.session.lock().expect("session lock"))
+    fn with<T>(&self, f: impl FnOnce(&mut MemberSession) -> T) -> T {
+        f(&mut self.session.lock().expect("session lock"))
     }
 
     pub fn member(&self) -> MemberId {
