@@ -870,6 +870,98 @@ fn metrics_text(s: &Stats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::AtomicBool;
+
+    use keycast_core::wire::rekey::PacketConfig;
+    use keycast_core::{GraphConfig, JoinPolicy, Scheme};
+    use redb::backends::InMemoryBackend;
+
+    /// A disk in memory that refuses every write once `broken` is set.
+    #[derive(Debug)]
+    struct FailingDisk {
+        memory: InMemoryBackend,
+        broken: Arc<AtomicBool>,
+    }
+
+    impl FailingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            match self.broken.load(Ordering::Relaxed) {
+                true => Err(std::io::Error::other("disk unplugged")),
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FailingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.memory.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            self.memory.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.memory.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+            self.check()?;
+            self.memory.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.memory.write(offset, data)
+        }
+    }
+
+    async fn join(commands: &mpsc::Sender<Command>, identity: &str) -> Option<Frames> {
+        let (reply, answer) = oneshot::channel();
+        commands.send(Command::Join { identity: identity.into(), group: GroupId(7), reply }).await.ok()?;
+        tokio::time::timeout(Duration::from_secs(5), answer).await.expect("an answer or a stop in time").ok()
+    }
+
+    #[tokio::test]
+    async fn only_a_log_failure_stops_the_controller_and_its_reason_names_the_log() {
+        let policy = GroupPolicy {
+            group: GroupId(7),
+            graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+            epoch_ms: 50,
+            activation_delay: 1,
+            heartbeat_ms: 20,
+            refresh_timeout_ms: 10_000,
+            immediate_eviction: true,
+            membership_deltas: false,
+            packets: PacketConfig::default(),
+        };
+        let acl = BTreeSet::from(["member-1".to_string(), "member-2".to_string()]);
+        let (controller, _genesis) = Controller::create(policy, acl, now_ms(), entropy(), entropy()).unwrap();
+        let broken = Arc::new(AtomicBool::new(false));
+        let store = Store::with_backend(FailingDisk { memory: InMemoryBackend::new(), broken: broken.clone() });
+        let port = multicast::free_port().unwrap();
+        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8), port);
+        let socket = multicast::sender(&MulticastConfig { address: group, interface: Ipv4Addr::LOCALHOST, ttl: 1 }).unwrap();
+        let task = ControllerTask {
+            controller,
+            store,
+            database: PathBuf::from("/srv/keycast/controller.redb"),
+            socket,
+            group,
+            shared: Arc::new(Shared::default()),
+            joins: HashMap::new(),
+            join_conns: HashMap::new(),
+            error_log: LogLimiter::default(),
+        };
+        let (commands, rx) = mpsc::channel(8);
+        let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));
+
+        let admitted = join(&commands, "member-1").await.expect("admitted while the log works");
+        assert!(matches!(JoinAnswer::decode(&admitted[0]), Ok(JoinAnswer::Accepted(_))));
+        broken.store(true, Ordering::Relaxed);
+        // The next batch cannot be recorded: nothing is sent for it and the controller stops.
+        assert_eq!(join(&commands, "member-2").await, None, "a batch the log refused was answered");
+        let reason = tokio::time::timeout(Duration::from_secs(5), run).await.expect("the controller stopped").unwrap();
+        assert!(reason.contains("cannot write the controller's log /srv/keycast/controller.redb") && reason.contains("disk unplugged"), "{reason}");
+    }
 
     #[test]
     fn accept_backoff_doubles_to_one_second_and_resets_on_success() {

@@ -54,6 +54,13 @@ impl Store {
         Ok((Store { db, next }, records))
     }
 
+    /// A log over any redb backend: tests use one whose writes fail on demand.
+    #[cfg(test)]
+    pub(crate) fn with_backend(backend: impl redb::StorageBackend) -> Store {
+        let db = redb::Builder::new().create_with_backend(backend).expect("a database on the test backend");
+        Store { db, next: 0 }
+    }
+
     /// Appends `records` durably, all or none.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
         if records.is_empty() {
