@@ -62,6 +62,8 @@ fn policy(scheme: Scheme, immediate_eviction: bool, placement: Placement) -> Gro
 }
 
 const CREATED_MS: u64 = 1_000;
+/// Snapshots every few batches, so that histories restart from snapshots too.
+const SNAPSHOT_EVERY: u64 = 3;
 
 struct Member {
     identity: String,
@@ -74,7 +76,13 @@ struct World {
     policy: GroupPolicy,
     acl: BTreeSet<String>,
     controller: Controller,
+    /// The persisted log, compacted at each snapshot as the driver's store does.
     log: Vec<Record>,
+    /// Records dropped by snapshots so far (a record's place in the whole history is this plus
+    /// its index in `log`).
+    compacted: usize,
+    /// Every member removed by a persisted batch: (place in the history, member, activation).
+    removals: Vec<(usize, MemberId, u64)>,
     now: u64,
     entropy: u64,
     members: BTreeMap<MemberId, Member>,
@@ -101,13 +109,16 @@ struct World {
 impl World {
     fn new(policy: GroupPolicy, seed: u64) -> Self {
         let acl: BTreeSet<String> = (0..200).map(|i| format!("m{i}")).collect();
-        let (controller, genesis) = Controller::create(policy, acl.clone(), CREATED_MS, [seed as u8; 32], [7; 32]).unwrap();
+        let (mut controller, genesis) = Controller::create(policy, acl.clone(), CREATED_MS, [seed as u8; 32], [7; 32]).unwrap();
+        controller.set_snapshot_interval(SNAPSHOT_EVERY);
         let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
         World {
             policy,
             acl,
             controller,
             log: vec![genesis],
+            compacted: 0,
+            removals: Vec::new(),
             now: CREATED_MS,
             entropy: seed,
             members: BTreeMap::new(),
@@ -153,7 +164,7 @@ impl World {
                 return self.restart();
             }
             match output {
-                Output::Persist(r) => self.log.push(r),
+                Output::Persist(r) => self.persist(r),
                 Output::Multicast(bytes) => datagrams.push(bytes),
                 Output::JoinAnswer { conn, answer, keys } => {
                     let identity = self.joining.remove(&conn).expect("a waiting joiner");
@@ -204,6 +215,22 @@ impl World {
         }
     }
 
+    /// Persists as the driver's store does: a snapshot replaces the log before it.
+    fn persist(&mut self, record: Record) {
+        match &record {
+            Record::Batch { leaves, activation, .. } => {
+                let place = self.compacted + self.log.len();
+                self.removals.extend(leaves.iter().map(|m| (place, *m, *activation)));
+            }
+            Record::Snapshot(_) => {
+                self.compacted += self.log.len();
+                self.log.clear();
+            }
+            _ => {}
+        }
+        self.log.push(record);
+    }
+
     /// No wrapping key seals two different plaintexts under one nonce: the same (wrapper,
     /// nonce) always carries the same wrapped ref and ciphertext (a replay of the same wrap).
     fn audit_nonces(&mut self, bytes: &[u8]) {
@@ -221,6 +248,7 @@ impl World {
         changed.epoch_ms += 1;
         assert!(matches!(Controller::restore(changed, self.acl.clone(), &self.log, self.now), Err(ControllerError::PolicyChanged { .. })));
         self.controller = Controller::restore(self.policy, self.acl.clone(), &self.log, self.now).unwrap();
+        self.controller.set_snapshot_interval(SNAPSHOT_EVERY);
         // Joins in flight died with the connections; their applications try again.
         let retry: Vec<String> = std::mem::take(&mut self.joining).into_values().collect();
         for identity in retry {
@@ -314,6 +342,8 @@ impl World {
     fn rollback(&mut self, keep: usize) {
         let keep = 1 + keep % self.log.len();
         self.log.truncate(keep);
+        let cutoff = self.compacted + keep;
+        self.removals.retain(|(place, _, _)| *place < cutoff);
         self.restart();
         self.revoked = self.controller.revoked().clone();
         let counted: BTreeSet<MemberId> = self.controller.members().keys().copied().collect();
@@ -392,10 +422,7 @@ impl World {
             }
             for gone in &mut self.evicted {
                 // A removal takes effect at its batch's activation (immediately for evictions).
-                let removed_by = self.log.iter().find_map(|r| match r {
-                    Record::Batch { activation, leaves, .. } if leaves.contains(&gone.member()) => Some(*activation),
-                    _ => None,
-                });
+                let removed_by = self.removals.iter().find(|(_, m, _)| *m == gone.member()).map(|(_, _, activation)| *activation);
                 if removed_by.is_some_and(|activation| activation <= epoch) {
                     assert!(gone.open(&data).is_err(), "removed member {:?} opened traffic sealed under {active:?}", gone.member());
                 }

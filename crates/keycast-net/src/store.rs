@@ -54,20 +54,31 @@ impl Store {
         Ok((Store { db, next }, records))
     }
 
-    /// Appends `records` durably, all or none.
+    /// Appends `records` durably, all or none. A snapshot replaces every record before it, in
+    /// the same transaction: a crash leaves either the old log or the snapshot and what follows.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(failed)?;
+        let mut compacted = false;
         {
             let mut table = txn.open_table(LOG).map_err(failed)?;
             for (i, r) in records.iter().enumerate() {
-                table.insert(self.next + i as u64, encode(r).as_slice()).map_err(failed)?;
+                let key = self.next + i as u64;
+                table.insert(key, encode(r).as_slice()).map_err(failed)?;
+                if matches!(r, Record::Snapshot(_)) {
+                    table.retain_in(..key, |_, _| false).map_err(failed)?;
+                    compacted = true;
+                }
             }
         }
         txn.commit().map_err(failed)?;
         self.next += records.len() as u64;
+        if compacted {
+            // Freed pages may still hold the dropped records (old seeds): rewrite the file.
+            self.db.compact().map_err(failed)?;
+        }
         Ok(())
     }
 }
@@ -80,7 +91,17 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     options.open(path).map(drop)
 }
 
-fn encode(record: &Record) -> Vec<u8> {
+/// First byte of a snapshot's value (JSON records start with `{`).
+const SNAPSHOT_TAG: u8 = 1;
+
+fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
+    if let Record::Snapshot(snapshot) = record {
+        let body = snapshot.encode();
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(1 + body.len()));
+        out.push(SNAPSHOT_TAG);
+        out.extend_from_slice(&body);
+        return out;
+    }
     let value = match record {
         Record::Genesis { created_ms, graph_seed, signing_seed, fixed } => {
             let mut genesis = json!({"created_ms": created_ms, "graph_seed": hex(graph_seed), "signing_seed": hex(signing_seed)});
@@ -103,11 +124,15 @@ fn encode(record: &Record) -> Vec<u8> {
         Record::AclAdded(identity) => json!({"acl_added": identity}),
         Record::AclRemoved(identity) => json!({"acl_removed": identity}),
         Record::SeqFloor(n) => json!({"seq_floor": n}),
+        Record::Snapshot(_) => unreachable!("encoded above"),
     };
-    serde_json::to_vec(&value).expect("JSON of plain values")
+    zeroize::Zeroizing::new(serde_json::to_vec(&value).expect("JSON of plain values"))
 }
 
 fn decode(bytes: &[u8]) -> Option<Record> {
+    if let Some(body) = bytes.strip_prefix(&[SNAPSHOT_TAG]) {
+        return keycast_core::protocol::Snapshot::decode(body).ok().map(|s| Record::Snapshot(Box::new(s)));
+    }
     let v: Value = serde_json::from_slice(bytes).ok()?;
     let u = |v: &Value| v.as_u64();
     if let Some(g) = v.get("genesis") {
