@@ -93,3 +93,35 @@ fn after_100_epochs_the_database_holds_no_key_of_the_early_epochs_and_restores_t
         assert_eq!(restored.resync(identity, *member, 0, now).unwrap(), live, "{identity}");
     }
 }
+
+#[test]
+fn a_sealed_database_opens_only_with_its_key_and_holds_no_seed_in_the_clear() {
+    use keycast_net::store::{DatabaseKey, StoreError};
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key_file) = (dir.path().join("controller.redb"), dir.path().join("controller.key"));
+    DatabaseKey::create_file(&key_file).unwrap();
+    assert!(DatabaseKey::create_file(&key_file).is_err(), "a key file is never overwritten");
+    let (mut store, _) = Store::open_sealed(&path, Some(DatabaseKey::load(&key_file).unwrap())).unwrap();
+    let acl: BTreeSet<String> = (0..20).map(|i| format!("m{i}")).collect();
+    let (graph_seed, signing_seed) = (entropy(1 << 40), entropy(1 << 41));
+    let (mut controller, genesis) = Controller::create(policy(), acl.clone(), 1_000, graph_seed, signing_seed).unwrap();
+    controller.set_snapshot_interval(4);
+    persist(&mut store, vec![genesis]);
+    let mut now = 1_000;
+    for epoch in 0..10u64 {
+        let _ = controller.join(epoch, &format!("m{epoch}"), policy().group, now);
+        now += policy().epoch_ms;
+        persist(&mut store, controller.tick(now, entropy(epoch)).unwrap());
+    }
+    drop(store);
+    let file = std::fs::read(&path).unwrap();
+    for secret in [signing_seed, entropy(9)] {
+        assert!(!contains(&file, &secret) && !contains(&file, hex::encode(secret).as_bytes()), "a seed in the clear");
+    }
+    assert!(matches!(Store::open(&path), Err(StoreError::Sealed)));
+    assert!(matches!(Store::open_sealed(&path, Some(DatabaseKey::from_bytes(&[7; 32]))), Err(StoreError::WrongKey(_))));
+    let (_, log) = Store::open_sealed(&path, Some(DatabaseKey::load(&key_file).unwrap())).unwrap();
+    let restored = Controller::restore(policy(), acl, &log, now).unwrap();
+    assert_eq!(restored.active_key(restored.epoch_at(now)), controller.active_key(controller.epoch_at(now)));
+    assert_eq!(restored.members().len(), 10);
+}
