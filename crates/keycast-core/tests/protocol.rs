@@ -2,7 +2,7 @@
 //! leaves, evictions, expiries, lost datagrams (0 to 75%), a controller that crashes after any
 //! prefix of its outputs and restarts from what it had persisted, a controller restarted from
 //! an older copy of its log (any earlier point), a restart under a changed configuration, and
-//! departed identities that try to rejoin. After every step each member that the controller
+//! departed identities that try to rejoin, and signing-key rotations. After every step each member that the controller
 //! counts ends with the controller's active group key, an evicted member cannot open data
 //! sealed after its eviction nor join again, and no wrapping key ever seals two different
 //! plaintexts under one nonce (checked over every wrap multicast).
@@ -32,6 +32,8 @@ enum Step {
     Rollback { keep: usize },
     /// A departed identity asks to join again.
     Rejoin(usize),
+    /// The controller rotates its signing key.
+    RotateSigner,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -44,6 +46,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::Silence),
         1 => any::<usize>().prop_map(|keep| Step::Rollback { keep }),
         1 => any::<usize>().prop_map(Step::Rejoin),
+        1 => Just(Step::RotateSigner),
     ]
 }
 
@@ -319,6 +322,11 @@ impl World {
                 }
             }
             Step::Rollback { keep } => self.rollback(keep),
+            Step::RotateSigner => {
+                let seed = self.entropy();
+                let outputs = self.controller.rotate_signing_key(seed);
+                self.deliver(outputs, 0, None);
+            }
             Step::Rejoin(i) => {
                 if self.departed.is_empty() {
                     return;
@@ -375,6 +383,7 @@ impl World {
         let ids: Vec<MemberId> = self.members.keys().copied().collect();
         for id in ids {
             let m = self.members.get_mut(&id).unwrap();
+            m.session.tick(now);
             if !m.silent {
                 let _ = self.controller.refresh(&m.identity, id, m.session.rekey_seq(), now);
             }

@@ -107,7 +107,7 @@ impl DatabaseKey {
 
 /// Records that hold secrets (seeds, keys): sealed when the store has a key.
 fn is_secret(record: &Record) -> bool {
-    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_))
+    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. })
 }
 
 fn failed<E: std::fmt::Display>(e: E) -> StoreError {
@@ -232,6 +232,7 @@ fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
         Record::AclRemoved(identity) => json!({"acl_removed": identity}),
         Record::SeqFloor(n) => json!({"seq_floor": n}),
         Record::Snapshot(_) => unreachable!("encoded above"),
+        Record::SigningKey { change, seed } => json!({"signing_key": {"change": change, "seed": hex(seed)}}),
     };
     zeroize::Zeroizing::new(serde_json::to_vec(&value).expect("JSON of plain values"))
 }
@@ -291,6 +292,9 @@ fn decode(bytes: &[u8]) -> Option<Record> {
     }
     if let Some(identity) = text("acl_removed") {
         return Some(Record::AclRemoved(identity));
+    }
+    if let Some(k) = v.get("signing_key") {
+        return Some(Record::SigningKey { change: u(&k["change"])?, seed: unhex(&k["seed"])? });
     }
     if let Some(floor) = v.get("seq_floor").and_then(u) {
         return Some(Record::SeqFloor(floor));
@@ -388,6 +392,7 @@ mod tests {
             Record::AclAdded("member-9".into()),
             Record::AclRemoved("member-9".into()),
             Record::SeqFloor(12),
+            Record::SigningKey { change: 2, seed: [4; 32] },
         ];
         {
             let (mut store, old) = Store::open(&dir).unwrap();

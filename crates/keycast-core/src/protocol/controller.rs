@@ -19,7 +19,7 @@ use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
-use crate::wire::{GroupId, MembershipDelta, Signer, VerifyingKey};
+use crate::wire::{GroupId, MembershipDelta, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
 use zeroize::Zeroizing;
@@ -111,6 +111,8 @@ pub enum Record {
     SeqFloor(u64),
     /// The whole state: the log before it is no longer needed, and the driver drops it.
     Snapshot(Box<Snapshot>),
+    /// A new signing key (rotation number `change`): everything after is signed by it.
+    SigningKey { change: u64, seed: [u8; 32] },
 }
 
 /// Seeds are secrets: Debug names the record and its public fields only.
@@ -131,6 +133,7 @@ impl core::fmt::Debug for Record {
             Record::AclRemoved(i) => write!(f, "AclRemoved({i:?})"),
             Record::SeqFloor(n) => write!(f, "SeqFloor({n})"),
             Record::Snapshot(s) => write!(f, "{s:?}"),
+            Record::SigningKey { change, .. } => write!(f, "SigningKey {{ change: {change}, seed: <redacted> }}"),
         }
     }
 }
@@ -205,6 +208,9 @@ fn revoked(identity: &str) -> Refusal {
     refuse(RefusalReason::Revoked, format!("{identity} was evicted; it stays out until an administrator re-admits it (keycast admin readmit {identity})"))
 }
 
+/// Heartbeats that repeat a signing-key announcement.
+const SIGNER_ANNOUNCEMENTS: u32 = 16;
+
 /// Batches between snapshots by default.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 64;
 
@@ -221,6 +227,10 @@ pub struct Controller {
     signer: Signer,
     /// Kept for snapshots (the key pair does not give its seed back).
     signing_seed: Zeroizing<[u8; 32]>,
+    /// Signing-key rotations so far, and the latest announcement with the heartbeats it is
+    /// still repeated with.
+    signer_changes: u64,
+    announcement: Option<(Vec<u8>, u32)>,
     /// Run-time changes to the configured ACL, net.
     acl_added: BTreeSet<String>,
     acl_removed: BTreeSet<String>,
@@ -309,6 +319,7 @@ impl Controller {
                 Record::AclAdded(identity) => c.note_acl_change(identity, true),
                 Record::AclRemoved(identity) => c.note_acl_change(identity, false),
                 Record::SeqFloor(floor) => c.rekey_seq = c.rekey_seq.max(*floor),
+                Record::SigningKey { change, seed } => c.install_signer(*change, seed),
             }
         }
         c.next_heartbeat_ms = now_ms;
@@ -347,6 +358,8 @@ impl Controller {
             graph,
             signer: Signer::from_seed(signing_seed),
             signing_seed: Zeroizing::new(*signing_seed),
+            signer_changes: 0,
+            announcement: None,
             acl_added: BTreeSet::new(),
             acl_removed: BTreeSet::new(),
             batches_since_snapshot: 0,
@@ -385,6 +398,7 @@ impl Controller {
         (c.next_member, c.epoch, c.rekey_seq) = (s.next_member, s.epoch, s.rekey_seq);
         c.pending = s.pending.clone();
         c.last_rekey = s.last_rekey.clone();
+        c.signer_changes = s.signer_changes;
         if c.group_keys.is_empty() || c.members.keys().any(|m| !c.graph.contains(*m)) {
             return Err(ControllerError::BadLog("the snapshot's members and keys disagree"));
         }
@@ -396,6 +410,7 @@ impl Controller {
         Snapshot {
             created_ms: self.created_ms,
             signing_seed: self.signing_seed.clone(),
+            signer_changes: self.signer_changes,
             fixed: self.policy.fixed(),
             next_member: self.next_member,
             epoch: self.epoch,
@@ -409,6 +424,23 @@ impl Controller {
             last_rekey: self.last_rekey.clone(),
             graph: self.graph.export(),
         }
+    }
+
+    /// Replaces the signing key with the one of `seed`: the announcement, signed by the current
+    /// key, goes out now and with the next heartbeats; members follow it without rejoining.
+    pub fn rotate_signing_key(&mut self, seed: [u8; 32]) -> Vec<Output> {
+        let change = self.signer_changes + 1;
+        let next = Signer::from_seed(&seed).verifying_key();
+        let announcement = SignerChange { group: self.policy.group, change, next }.sign(&self.signer).encode();
+        self.install_signer(change, &seed);
+        self.announcement = Some((announcement.clone(), SIGNER_ANNOUNCEMENTS));
+        vec![Output::Persist(Record::SigningKey { change, seed }), Output::Multicast(announcement)]
+    }
+
+    fn install_signer(&mut self, change: u64, seed: &[u8; 32]) {
+        self.signer = Signer::from_seed(seed);
+        self.signing_seed = Zeroizing::new(*seed);
+        self.signer_changes = change;
     }
 
     /// Makes a snapshot every `batches` batches (default [`DEFAULT_SNAPSHOT_EVERY`]).
@@ -618,6 +650,7 @@ impl Controller {
             active: self.active_key(epoch),
             pending: self.pending_key(epoch),
             keys,
+            signer: self.signer.verifying_key(),
         }
     }
 
@@ -764,6 +797,14 @@ impl Controller {
             group_size: self.members.len() as u64,
             sent_ms: now_ms,
         };
+        // A member that lost the announcement of a new signing key hears it again here.
+        if let Some((announcement, left)) = &mut self.announcement {
+            out.push(Output::Multicast(announcement.clone()));
+            *left -= 1;
+            if *left == 0 {
+                self.announcement = None;
+            }
+        }
         out.push(Output::Multicast(beat.sign(&self.signer).encode()));
         out
     }

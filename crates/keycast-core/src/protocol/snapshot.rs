@@ -26,6 +26,7 @@ const MAX_ITEMS: usize = 1 << 28;
 pub struct Snapshot {
     pub(crate) created_ms: u64,
     pub(crate) signing_seed: Zeroizing<[u8; 32]>,
+    pub(crate) signer_changes: u64,
     pub(crate) fixed: FixedPolicy,
     pub(crate) next_member: u64,
     pub(crate) epoch: u64,
@@ -127,6 +128,7 @@ impl Snapshot {
         out.put_u8(SNAPSHOT_FORMAT);
         out.put_u64(self.created_ms);
         out.extend_from_slice(&self.signing_seed[..]);
+        out.put_u64(self.signer_changes);
         put_fixed(&mut out, &self.fixed);
         out.put_u64(self.next_member);
         out.put_u64(self.epoch);
@@ -175,6 +177,7 @@ impl Snapshot {
         }
         let created_ms = r.u64("created at")?;
         let signing_seed = Zeroizing::new(r.array::<32>("signing seed")?);
+        let signer_changes = r.u64("signer changes")?;
         let fixed = read_fixed(&mut r)?;
         let (next_member, epoch, rekey_seq) = (r.u64("next member")?, r.u64("epoch")?, r.u64("rekey seq")?);
         let count = r.count(4, MAX_ITEMS, 18, "members")?;
@@ -213,6 +216,7 @@ impl Snapshot {
         Ok(Snapshot {
             created_ms,
             signing_seed,
+            signer_changes,
             fixed,
             next_member,
             epoch,
