@@ -60,9 +60,12 @@ fn mk_sweep(scale: Scale, progress: &Progress) -> Sweep {
     let mut ks: Vec<u64> = (1..10).chain((10..200).step_by(10)).chain((200..=1950).step_by(50)).collect();
     ks.push(1990);
     let mut ks = thin(ks, scale.thin);
-    // The papers quote 100 leavers (5%): always measure it.
-    if let Err(at) = ks.binary_search(&100) {
-        ks.insert(at, 100);
+    // The papers quote 100 leavers (5%); k = 2 is where the closed form is furthest from
+    // evenly spread leavers at this n. Always measure both.
+    for k in [2, 100] {
+        if let Err(at) = ks.binary_search(&k) {
+            ks.insert(at, k);
+        }
     }
     let jobs: Vec<(usize, usize)> = (0..MK_DEGREES.len()).flat_map(|d| (0..ks.len()).map(move |k| (d, k))).collect();
     progress.stage("Mukkamalla and Katz: leavers per epoch", jobs.len());
