@@ -294,24 +294,25 @@ fn with_authentication_of(packet: &[u8], donor: &[u8]) -> Vec<u8> {
     RekeyPacket { signature: d.signature, path: d.path, ..p }.encode()
 }
 
-/// Forgeries of the rekey `real` (its packets in index order) that a member must refuse.
-fn forgeries(real: &[Vec<u8>], epoch: u64, policy: &GroupPolicy) -> Vec<(&'static str, Vec<Vec<u8>>)> {
-    let packets: Vec<RekeyPacket> = real.iter().map(|p| RekeyPacket::decode(p).unwrap()).collect();
+/// Forgeries made from `previous`, the packets (in index order) of a rekey before the last one
+/// applied (`applied`), that a member must refuse.
+fn forgeries(previous: &[Vec<u8>], applied: u64, epoch: u64, policy: &GroupPolicy) -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let packets: Vec<RekeyPacket> = previous.iter().map(|p| RekeyPacket::decode(p).unwrap()).collect();
     let header = packets[0].header;
-    // The same wraps as the next rekey of this group, in the current epoch, signed by a stranger.
+    // Its wraps as the next rekey of this group, in the current epoch, signed by a stranger.
     let plan = keycast_core::RekeyPlan { group_key: header.group_key, wraps: packets.iter().flat_map(|p| p.wraps.clone()).collect(), ..Default::default() };
-    let context = RekeyContext { group: header.group, epoch, seq: header.seq + 1, activation: epoch + 1 };
+    let context = RekeyContext { group: header.group, epoch, seq: applied + 1, activation: epoch + 1 };
     let stranger = encode_rekey(&plan, context, policy.packets, &Signer::from_seed(&[7; 32])).unwrap().packets;
     // One entry's sealed key changed (its last byte, inside the first wrap).
-    let mut changed_entry = real[0].clone();
+    let mut changed_entry = previous[0].clone();
     changed_entry[rekey::HEADER_LEN + packets[0].wraps[0].encoded_len() - 1] ^= 1;
     // Packet 0's body with the signature and path of packet 2, which is in the next block.
-    assert!(real.len() >= 4, "the rekey spans two full blocks of two ({} packets)", real.len());
-    let other_block = with_authentication_of(&real[0], &real[2]);
+    assert!(previous.len() >= 4, "the rekey spans two full blocks of two ({} packets)", previous.len());
+    let other_block = with_authentication_of(&previous[0], &previous[2]);
     vec![
         ("signed by another key", stranger),
         ("one entry changed", vec![changed_entry]),
-        ("the previous rekey re-sent", real.to_vec()),
+        ("the previous rekey re-sent", previous.to_vec()),
         ("a hash path of another block", vec![other_block]),
     ]
 }
@@ -327,21 +328,23 @@ async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
     until_in_sync(&refs, seq, Duration::from_secs(5)).await;
     let signer = group.server().verifying_key;
 
-    // Hear a real rekey of four packets: member-5 evicted, four members left.
+    // Hear two real rekeys: member-5 evicted (four packets, one per member left), then member-4.
     let listener = keycast_net::multicast::receiver(&group.multicast).unwrap();
-    let evicted = members.pop().unwrap().0;
-    assert!(group.server().evict(evicted.member()).await);
     let mut heard = Heard::default();
-    capture_rekey(&listener, &mut heard, seq + 1, &signer).await;
-    let real: Vec<Vec<u8>> = heard.rekeys[&(seq + 1)].values().cloned().collect();
+    for rekey in [seq + 1, seq + 2] {
+        let evicted = members.pop().unwrap().0;
+        assert!(group.server().evict(evicted.member()).await);
+        capture_rekey(&listener, &mut heard, rekey, &signer).await;
+    }
+    let previous: Vec<Vec<u8>> = heard.rekeys[&(seq + 1)].values().cloned().collect();
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
-    let key = until_in_sync(&refs, seq + 1, Duration::from_secs(5)).await;
+    let key = until_in_sync(&refs, seq + 2, Duration::from_secs(5)).await;
     for (_, events) in &mut members {
         while events.try_recv().is_ok() {}
     }
 
     let socket = keycast_net::multicast::sender(&group.multicast).unwrap();
-    for (name, packets) in forgeries(&real, heard.epoch, &policy) {
+    for (name, packets) in forgeries(&previous, seq + 2, heard.epoch, &policy) {
         for _ in 0..3 {
             for packet in &packets {
                 socket.send_to(packet, group.multicast.address).await.unwrap();
@@ -349,7 +352,7 @@ async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
         }
         sleep(Duration::from_millis(150)).await;
         for (member, events) in &mut members {
-            assert_eq!((member.rekey_seq(), member.getkey().map(|k| k.0)), (seq + 1, Some(key)), "{name}: a member moved");
+            assert_eq!((member.rekey_seq(), member.getkey().map(|k| k.0)), (seq + 2, Some(key)), "{name}: a member moved");
             while let Ok(event) = events.try_recv() {
                 assert!(
                     !matches!(event, ClientEvent::Member(MemberEvent::Rekeyed { .. } | MemberEvent::OutOfSync { .. } | MemberEvent::Resynced { .. })),
@@ -363,6 +366,6 @@ async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
     let (joiner, _events) = group.join("member-6").await.unwrap();
     let mut all: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     all.push(&joiner);
-    until_in_sync(&all, seq + 2, Duration::from_secs(5)).await;
+    until_in_sync(&all, seq + 3, Duration::from_secs(5)).await;
     assert!(everyone_reads(&joiner, &all));
 }
