@@ -294,23 +294,31 @@ fn with_authentication_of(packet: &[u8], donor: &[u8]) -> Vec<u8> {
     RekeyPacket { signature: d.signature, path: d.path, ..p }.encode()
 }
 
-/// Forgeries made from `previous`, the packets (in index order) of a rekey before the last one
-/// applied (`applied`), that a member must refuse.
-fn forgeries(previous: &[Vec<u8>], applied: u64, epoch: u64, policy: &GroupPolicy) -> Vec<(&'static str, Vec<Vec<u8>>)> {
-    let packets: Vec<RekeyPacket> = previous.iter().map(|p| RekeyPacket::decode(p).unwrap()).collect();
-    let header = packets[0].header;
-    // Its wraps as the next rekey of this group, in the current epoch, signed by a stranger.
-    let plan = keycast_core::RekeyPlan { group_key: header.group_key, wraps: packets.iter().flat_map(|p| p.wraps.clone()).collect(), ..Default::default() };
-    let context = RekeyContext { group: header.group, epoch, seq: applied + 1, activation: epoch + 1 };
-    let stranger = encode_rekey(&plan, context, policy.packets, &Signer::from_seed(&[7; 32])).unwrap().packets;
+/// Forgeries that a member must refuse, made from `previous` and `last`, the packets (in index
+/// order) of the last two rekeys it applied.
+fn forgeries(previous: &[Vec<u8>], last: &[Vec<u8>], epoch: u64, policy: &GroupPolicy) -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let decode = |packets: &[Vec<u8>]| -> Vec<RekeyPacket> { packets.iter().map(|p| RekeyPacket::decode(p).unwrap()).collect() };
+    let (previous_packets, last_packets) = (decode(previous), decode(last));
+    let header = last_packets[0].header;
+    // The last rekey's wraps (which a member can open) as the next rekey of this group, in the
+    // current epoch, and an empty next rekey, each signed by a stranger.
+    let stranger = Signer::from_seed(&[7; 32]);
+    let context = RekeyContext { group: header.group, epoch, seq: header.seq + 1, activation: epoch + 1 };
+    let resigned = |wraps: Vec<keycast_core::Wrap>| {
+        let plan = keycast_core::RekeyPlan { group_key: header.group_key, wraps, ..Default::default() };
+        encode_rekey(&plan, context, policy.packets, &stranger).unwrap().packets
+    };
+    let stranger_rekey = resigned(last_packets.iter().flat_map(|p| p.wraps.clone()).collect());
+    let stranger_empty = resigned(Vec::new());
     // One entry's sealed key changed (its last byte, inside the first wrap).
     let mut changed_entry = previous[0].clone();
-    changed_entry[rekey::HEADER_LEN + packets[0].wraps[0].encoded_len() - 1] ^= 1;
+    changed_entry[rekey::HEADER_LEN + previous_packets[0].wraps[0].encoded_len() - 1] ^= 1;
     // Packet 0's body with the signature and path of packet 2, which is in the next block.
     assert!(previous.len() >= 4, "the rekey spans two full blocks of two ({} packets)", previous.len());
     let other_block = with_authentication_of(&previous[0], &previous[2]);
     vec![
-        ("signed by another key", stranger),
+        ("signed by another key", stranger_rekey),
+        ("an empty rekey signed by another key", stranger_empty),
         ("one entry changed", vec![changed_entry]),
         ("the previous rekey re-sent", previous.to_vec()),
         ("a hash path of another block", vec![other_block]),
@@ -336,7 +344,7 @@ async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
         assert!(group.server().evict(evicted.member()).await);
         capture_rekey(&listener, &mut heard, rekey, &signer).await;
     }
-    let previous: Vec<Vec<u8>> = heard.rekeys[&(seq + 1)].values().cloned().collect();
+    let [previous, last] = [seq + 1, seq + 2].map(|rekey| heard.rekeys[&rekey].values().cloned().collect::<Vec<Vec<u8>>>());
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     let key = until_in_sync(&refs, seq + 2, Duration::from_secs(5)).await;
     for (_, events) in &mut members {
@@ -344,7 +352,7 @@ async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
     }
 
     let socket = keycast_net::multicast::sender(&group.multicast).unwrap();
-    for (name, packets) in forgeries(&previous, seq + 2, heard.epoch, &policy) {
+    for (name, packets) in forgeries(&previous, &last, heard.epoch, &policy) {
         for _ in 0..3 {
             for packet in &packets {
                 socket.send_to(packet, group.multicast.address).await.unwrap();
