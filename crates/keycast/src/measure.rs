@@ -14,12 +14,21 @@ use keycast_core::{new_graph, Batch, BatchSeed, GraphConfig, JoinPolicy, KeyGrap
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
-/// A group of members 0..n, built in one batch (no progress bar: for groups up to ~10^6).
+/// Most members joined in one batch while building a group: a batch's plan holds every
+/// joiner's wraps (21 each in a 20-bit flat table, about 1.8 GB for 2^20 joiners at once).
+const BUILD_BATCH: u64 = 1 << 17;
+
+/// A group of members 0..n, built in batches of at most `BUILD_BATCH` joiners (no progress
+/// bar: for groups up to ~10^6).
 pub fn full_group(scheme: Scheme, n: u64, seed: u64) -> Box<dyn KeyGraph> {
     let config = GraphConfig { scheme, join_policy: JoinPolicy::NewVersion };
     let mut graph = new_graph(config, &BatchSeed::from_u64(seed)).expect("valid scheme");
-    let joins = (0..n).map(MemberId).collect();
-    graph.apply(&Batch { joins, leaves: vec![] }, &BatchSeed::from_u64(seed ^ 0x6a09)).expect("fresh members");
+    let mut batch_seed = BatchSeed::from_u64(seed ^ 0x6a09);
+    for first in (0..n).step_by(BUILD_BATCH as usize) {
+        let joins = (first..(first + BUILD_BATCH).min(n)).map(MemberId).collect();
+        graph.apply(&Batch { joins, leaves: vec![] }, &batch_seed).expect("fresh members");
+        batch_seed = batch_seed.next();
+    }
     graph
 }
 
