@@ -212,6 +212,12 @@ fn sim_figures_quick_writes_every_figure_with_the_papers_shapes() {
         // Evenly over members is not quite the worst case here (see closed_form_gap_bound).
         assert!(r <= e + spread, "k = {k}: random {r} above evenly spread {e} by more than {spread}");
     }
+    // The page's numbers come from the data: the peaks it names are the CSV's.
+    let peak = random.iter().copied().fold((0.0, 0.0), |best, p| if p.1 > best.1 { p } else { best });
+    assert!(page.contains(&format!("peak {:.0} at {} leavers", peak.1, peak.0)), "figure 3a's peak {peak:?} is not on the page");
+    let bytes = csv_series(&dir, "fig3c_mk_bytes", "d = 2, random leavers (mean of runs)");
+    let byte_peak = bytes.iter().copied().fold((0.0, 0.0), |best, p| if p.1 > best.1 { p } else { best });
+    assert!(page.contains(&format!("d = 2 peaks at {:.1} KB at {} leavers", byte_peak.1 / 1e3, byte_peak.0)), "figure 3c's peak {byte_peak:?} is not on the page");
     assert!(random.last().unwrap().1 < random.iter().map(|p| p.1).fold(0.0, f64::max) / 4.0, "nearly everyone leaving prunes the tree");
 
     // Figure 5: flat costs 2·I = 40 entries and 2·I + 1 shared keys whatever n; a tree grows.
