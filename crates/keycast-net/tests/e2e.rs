@@ -346,7 +346,13 @@ async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
     }
     let [previous, last] = [seq + 1, seq + 2].map(|rekey| heard.rekeys[&rekey].values().cloned().collect::<Vec<Vec<u8>>>());
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
-    let key = until_in_sync(&refs, seq + 2, Duration::from_secs(5)).await;
+    // Wait for the last rekey's key to come into force, so nothing real changes from here on.
+    let key = RekeyPacket::decode(&last[0]).unwrap().header.group_key;
+    let mut in_force = until_in_sync(&refs, seq + 2, Duration::from_secs(5)).await;
+    if in_force != key {
+        in_force = until_active(&refs, seq + 2, Some(in_force), Duration::from_secs(5)).await;
+    }
+    assert_eq!(in_force, key, "the last rekey's group key is in force");
     for (_, events) in &mut members {
         while events.try_recv().is_ok() {}
     }
