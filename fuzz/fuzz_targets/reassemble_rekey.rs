@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 /// The committed test vectors (the one place that names the file).
-const VECTORS_JSON: &str = include_str!("../../crates/keycast-core/tests/vectors/wire-v1.json");
+const VECTORS_JSON: &str = include_str!("../../crates/keycast-core/tests/vectors/wire-v2.json");
 
 /// The vectors' member before the rekey, and the group key the rekey gives it.
 struct Fixture {
