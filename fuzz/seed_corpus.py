@@ -7,7 +7,7 @@ import json
 import pathlib
 
 here = pathlib.Path(__file__).parent
-vectors = json.loads((here / "../crates/keycast-core/tests/vectors/wire-v1.json").read_text())["vectors"]
+vectors = json.loads((here / "../crates/keycast-core/tests/vectors/wire-v2.json").read_text())["vectors"]
 
 
 def write(target, name, data):

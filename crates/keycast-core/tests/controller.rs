@@ -286,7 +286,7 @@ fn members_of_a_lost_history_raise_a_contradiction_and_move_the_controller_past_
     assert!(session.needs_resync());
     let answer = h.controller.resync("a", accepted.member, session.rekey_seq(), h.now).unwrap();
     assert_eq!(answer.rekey_seq, ahead, "the controller continues above the seq the member reported");
-    session.resynced(answer);
+    session.resynced(answer, h.now);
     h.run(100);
     assert!(h.log.iter().any(|r| matches!(r, Record::SeqFloor(s) if *s == ahead)), "the floor is persisted");
 }
@@ -332,7 +332,7 @@ fn a_member_that_missed_an_evictions_rekey_refuses_to_seal_under_the_replaced_ke
         other => panic!("sealed under the replaced key: {other:?}"),
     }
     let answer = h.controller.resync("a", a.member(), a.rekey_seq(), h.now).unwrap();
-    a.resynced(answer);
+    a.resynced(answer, h.now);
     assert!(a.seal(b"after the resync", [2; 16]).is_ok());
 }
 
@@ -381,7 +381,7 @@ fn the_signing_key_rotates_and_members_follow_without_rejoining() {
     assert!(b.receive(&beats[0], h.now).is_err(), "b still holds the old signing key");
     assert_ne!(h.controller.verifying_key(), old);
     let answer = h.controller.resync("b", b.member(), b.rekey_seq(), h.now).unwrap();
-    b.resynced(answer);
+    b.resynced(answer, h.now);
     let later = h.controller.tick(h.now + 100, [3; 32]).unwrap();
     let beat = later.iter().find_map(|o| match o {
         Output::Multicast(bytes) if bytes[1] == keycast_core::wire::MessageType::Heartbeat as u8 => Some(bytes.clone()),

@@ -390,7 +390,7 @@ impl World {
             if m.session.needs_resync() {
                 match self.controller.resync(&m.identity, id, m.session.rekey_seq(), now) {
                     Ok(answer) => {
-                        m.session.resynced(answer);
+                        m.session.resynced(answer, now);
                         self.resyncs += 1;
                     }
                     Err(_) => {
@@ -481,5 +481,6 @@ proptest! {
         prop_assert_eq!(world.resyncs, 0);
     }
 }
+
 
 

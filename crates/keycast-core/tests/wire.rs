@@ -186,19 +186,21 @@ fn message() -> impl Strategy<Value = Message> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
-    /// Every message decodes to itself, re-encodes to the same bytes, and any proper prefix
-    /// or any extra byte is refused.
+    /// Every message decodes to itself, re-encodes to the same bytes, and every proper prefix
+    /// and every extension (a zero, an 0xff, and a random tail of 1 to 16 bytes) is refused.
     #[test]
-    fn every_message_round_trips(message in message()) {
+    fn every_message_round_trips(message in message(), tail in prop::collection::vec(any::<u8>(), 1..=16)) {
         let bytes = message.encode();
         let decoded = Message::decode(&bytes).expect("decodes");
         prop_assert_eq!(&decoded, &message);
         prop_assert_eq!(decoded.encode(), bytes.clone());
-        let mut longer = bytes.clone();
-        longer.push(0);
-        prop_assert!(Message::decode(&longer).is_err());
-        let cut = bytes.len() / 2;
-        prop_assert!(Message::decode(&bytes[..cut]).is_err());
+        for cut in 0..bytes.len() {
+            prop_assert!(Message::decode(&bytes[..cut]).is_err(), "the first {} of {} bytes decoded", cut, bytes.len());
+        }
+        for extra in [&[0u8][..], &[0xff], &tail] {
+            let longer = [&bytes[..], extra].concat();
+            prop_assert!(Message::decode(&longer).is_err(), "{} extra bytes {:02x?} decoded", extra.len(), extra);
+        }
     }
 
     /// Arbitrary bytes, or a valid message with one byte changed, never make a decoder panic.

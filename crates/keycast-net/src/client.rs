@@ -256,7 +256,7 @@ async fn resync(setup: &MemberSetup, session: &Mutex<MemberSession>, events: &mp
     };
     match ResyncAnswer::decode(&frames[0]) {
         Ok(answer) => {
-            let list = session.lock().expect("session lock").resynced(answer);
+            let list = session.lock().expect("session lock").resynced(answer, now_ms());
             list.into_iter().all(|e| events.send(ClientEvent::Member(e)).is_ok())
         }
         Err(_) => {

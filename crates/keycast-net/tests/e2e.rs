@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use keycast_core::protocol::{GroupPolicy, MemberEvent};
-use keycast_core::wire::rekey::PacketConfig;
-use keycast_core::wire::GroupId;
+use keycast_core::wire::rekey::{self, PacketConfig, RekeyContext};
+use keycast_core::wire::{encode_rekey, GroupId, Placement, RekeyPacket, SignedHeartbeat, Signer, VerifyingKey};
 use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
 use keycast_net::client::{ClientError, ClientEvent, MemberClient};
 use keycast_net::local::{Events, LocalGroup};
@@ -180,6 +180,25 @@ async fn a_controller_killed_at_any_point_restarts_and_members_stay_in_sync() {
     assert!(ids.iter().all(|id| rows.iter().any(|r| r.member == *id)));
 }
 
+/// Everything the controller sends back on a TCP connection to its TLS port that starts with
+/// `bytes`, until it closes (a reset counts as closing).
+async fn reply_to(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut reply = Vec::new();
+    match timeout(Duration::from_secs(12), tcp.read_to_end(&mut reply)).await.expect("the controller closes the connection") {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    reply
+}
+
+/// One TLS record (RFC 8446 5.1) of type alert holding a fatal alert (level 2).
+fn is_fatal_tls_alert(record: &[u8]) -> bool {
+    matches!(record, [21, 3, 1..=4, 0, 2, 2, _])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_members() {
     let (mut group, _dir) = group(3).await;
@@ -198,19 +217,22 @@ async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_m
     let mut setup = group.member_setup("member-3").unwrap();
     setup.tls = client_config(&rogue).unwrap();
     assert!(MemberClient::join(setup).await.is_err());
-    // Garbage on the TLS port.
-    let mut tcp = tokio::net::TcpStream::connect(group.server().addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage").await.unwrap();
-    let mut buf = [0u8; 64];
-    let closed = timeout(Duration::from_secs(6), tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)).await.unwrap();
-    assert!(matches!(closed, Ok(_) | Err(_)));
-    // Garbage and forged rekeys on the multicast port.
+    // Garbage on the TLS port: the controller answers with at most a fatal TLS alert, then closes.
+    for garbage in [&b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage"[..], &[0x16, 3, 1, 0, 4, 1, 0, 0, 0], &[0u8; 300]] {
+        let reply = reply_to(group.server().addr, garbage).await;
+        assert!(reply.is_empty() || is_fatal_tls_alert(&reply), "the controller answered {garbage:02x?} with {reply:02x?}");
+    }
+    // Junk on the multicast port.
     let socket = keycast_net::multicast::sender(&group.multicast).unwrap();
     for i in 0..200u32 {
         let mut junk = vec![1u8, (i % 12) as u8];
         junk.extend(i.to_be_bytes().repeat(i as usize % 40));
         socket.send_to(&junk, group.multicast.address).await.unwrap();
     }
+    sleep(Duration::from_millis(200)).await;
+    // Nothing moved: the members are at the same rekey with the same key.
+    assert_eq!(until_in_sync(&refs, seq, Duration::from_secs(1)).await, active(refs[0]).unwrap());
+    assert!(refs.iter().all(|m| m.rekey_seq() == seq), "a member moved past rekey {seq} on garbage");
     // The group still works: a member joins, everyone follows the rekey and reads traffic.
     let (third, _events) = group.join("member-3").await.unwrap();
     let mut all = refs.clone();
@@ -229,4 +251,135 @@ async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_m
     let mut page = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut page).await.unwrap();
     assert!(page.contains("keycast_members 3"), "{page}");
+}
+
+/// A group whose rekeys are several small packets in signing blocks of two, so that a rekey
+/// spans more than one block: degree 8 keeps every chain one wrap long, and a 250-byte packet
+/// holds one wrap.
+fn small_packet_policy() -> GroupPolicy {
+    let packets = PacketConfig { mtu: 250, block_bits: 1, placement: Placement::UserOriented };
+    GroupPolicy { graph: GraphConfig { scheme: Scheme::Tree { degree: 8 }, ..policy().graph }, packets, ..policy() }
+}
+
+/// What a listener on the group address heard: rekey packets by seq, and the latest epoch.
+#[derive(Default)]
+struct Heard {
+    rekeys: std::collections::BTreeMap<u64, std::collections::BTreeMap<u32, Vec<u8>>>,
+    epoch: u64,
+}
+
+/// Listens on the group address until every packet of rekey `seq` and a later heartbeat arrived.
+async fn capture_rekey(listener: &tokio::net::UdpSocket, heard: &mut Heard, seq: u64, signer: &VerifyingKey) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let complete = heard.rekeys.get(&seq).is_some_and(|p| p.len() as u32 == RekeyPacket::decode(&p[&0]).unwrap().header.count);
+        if complete && heard.epoch > 0 {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (len, _) = timeout(left, listener.recv_from(&mut buf)).await.expect("rekey heard on the group address").unwrap();
+        let bytes = &buf[..len];
+        if let Ok(packet) = RekeyPacket::verify(bytes, signer) {
+            heard.rekeys.entry(packet.header.seq).or_default().insert(packet.header.index, bytes.to_vec());
+        } else if let Ok(heartbeat) = SignedHeartbeat::verify(bytes, signer) {
+            heard.epoch = heard.epoch.max(heartbeat.epoch);
+        }
+    }
+}
+
+/// The signature and path of `donor` on the body of `packet` (both of one rekey).
+fn with_authentication_of(packet: &[u8], donor: &[u8]) -> Vec<u8> {
+    let (p, d) = (RekeyPacket::decode(packet).unwrap(), RekeyPacket::decode(donor).unwrap());
+    RekeyPacket { signature: d.signature, path: d.path, ..p }.encode()
+}
+
+/// Forgeries that a member must refuse, made from `previous` and `last`, the packets (in index
+/// order) of the last two rekeys it applied.
+fn forgeries(previous: &[Vec<u8>], last: &[Vec<u8>], epoch: u64, policy: &GroupPolicy) -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let decode = |packets: &[Vec<u8>]| -> Vec<RekeyPacket> { packets.iter().map(|p| RekeyPacket::decode(p).unwrap()).collect() };
+    let (previous_packets, last_packets) = (decode(previous), decode(last));
+    let header = last_packets[0].header;
+    // The last rekey's wraps (which a member can open) as the next rekey of this group, in the
+    // current epoch, and an empty next rekey, each signed by a stranger.
+    let stranger = Signer::from_seed(&[7; 32]);
+    let context = RekeyContext { group: header.group, epoch, seq: header.seq + 1, activation: epoch + 1 };
+    let resigned = |wraps: Vec<keycast_core::Wrap>| {
+        let plan = keycast_core::RekeyPlan { group_key: header.group_key, wraps, ..Default::default() };
+        encode_rekey(&plan, context, policy.packets, &stranger).unwrap().packets
+    };
+    let stranger_rekey = resigned(last_packets.iter().flat_map(|p| p.wraps.clone()).collect());
+    let stranger_empty = resigned(Vec::new());
+    // One entry's sealed key changed (its last byte, inside the first wrap).
+    let mut changed_entry = previous[0].clone();
+    changed_entry[rekey::HEADER_LEN + previous_packets[0].wraps[0].encoded_len() - 1] ^= 1;
+    // Packet 0's body with the signature and path of packet 2, which is in the next block.
+    assert!(previous.len() >= 4, "the rekey spans two full blocks of two ({} packets)", previous.len());
+    let other_block = with_authentication_of(&previous[0], &previous[2]);
+    vec![
+        ("signed by another key", stranger_rekey),
+        ("an empty rekey signed by another key", stranger_empty),
+        ("one entry changed", vec![changed_entry]),
+        ("the previous rekey re-sent", previous.to_vec()),
+        ("a hash path of another block", vec![other_block]),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = small_packet_policy();
+    let group = LocalGroup::start(policy, 6, dir.path().to_path_buf()).await.unwrap();
+    let mut members = join_all(&group, (1..=5).map(|i| format!("member-{i}"))).await;
+    let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+    let seq = group.server().stats().rekeys;
+    until_in_sync(&refs, seq, Duration::from_secs(5)).await;
+    let signer = group.server().verifying_key;
+
+    // Hear two real rekeys: member-5 evicted (four packets, one per member left), then member-4.
+    let listener = keycast_net::multicast::receiver(&group.multicast).unwrap();
+    let mut heard = Heard::default();
+    for rekey in [seq + 1, seq + 2] {
+        let evicted = members.pop().unwrap().0;
+        assert!(group.server().evict(evicted.member()).await);
+        capture_rekey(&listener, &mut heard, rekey, &signer).await;
+    }
+    let [previous, last] = [seq + 1, seq + 2].map(|rekey| heard.rekeys[&rekey].values().cloned().collect::<Vec<Vec<u8>>>());
+    let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+    // Wait for the last rekey's key to come into force, so nothing real changes from here on.
+    let key = RekeyPacket::decode(&last[0]).unwrap().header.group_key;
+    let mut in_force = until_in_sync(&refs, seq + 2, Duration::from_secs(5)).await;
+    if in_force != key {
+        in_force = until_active(&refs, seq + 2, Some(in_force), Duration::from_secs(5)).await;
+    }
+    assert_eq!(in_force, key, "the last rekey's group key is in force");
+    for (_, events) in &mut members {
+        while events.try_recv().is_ok() {}
+    }
+
+    let socket = keycast_net::multicast::sender(&group.multicast).unwrap();
+    for (name, packets) in forgeries(&previous, &last, heard.epoch, &policy) {
+        for _ in 0..3 {
+            for packet in &packets {
+                socket.send_to(packet, group.multicast.address).await.unwrap();
+            }
+        }
+        sleep(Duration::from_millis(150)).await;
+        for (member, events) in &mut members {
+            assert_eq!((member.rekey_seq(), member.getkey().map(|k| k.0)), (seq + 2, Some(key)), "{name}: a member moved");
+            while let Ok(event) = events.try_recv() {
+                assert!(
+                    !matches!(event, ClientEvent::Member(MemberEvent::Rekeyed { .. } | MemberEvent::OutOfSync { .. } | MemberEvent::Resynced { .. })),
+                    "{name}: {event:?}"
+                );
+            }
+        }
+    }
+
+    // The next real rekey (a join) reaches every member and they read each other.
+    let (joiner, _events) = group.join("member-6").await.unwrap();
+    let mut all: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
+    all.push(&joiner);
+    until_in_sync(&all, seq + 3, Duration::from_secs(5)).await;
+    assert!(everyone_reads(&joiner, &all));
 }

@@ -115,6 +115,16 @@ pub fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len() as f64
 }
 
+/// "V WHAT at every n" when every value is V, else their range, so the sentence follows the data.
+pub fn at_every_n(values: &[f64], what: &str) -> String {
+    let (min, max) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if min == max {
+        format!("{min:.0} {what} at every n")
+    } else {
+        format!("{min:.0} to {max:.0} {what} (not constant in n)")
+    }
+}
+
 /// `y` at `x` in a series (exact match).
 pub fn y_at(series: &Series, x: f64) -> f64 {
     series.points.iter().find(|p| p.0 == x).map(|p| p.1).unwrap_or(f64::NAN)

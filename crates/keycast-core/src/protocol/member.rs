@@ -145,8 +145,11 @@ impl MemberSession {
         self.group_keys.values().find(|(r, _, _)| *r == active).map(|(r, k, _)| (*r, k.clone()))
     }
 
-    /// Installs the controller's full answer after a gap.
-    pub fn resynced(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
+    /// Installs the controller's full answer after a gap; the answer counts as hearing from
+    /// the controller at `now_ms`.
+    pub fn resynced(&mut self, answer: ResyncAnswer, now_ms: u64) -> Vec<MemberEvent> {
+        self.last_heartbeat_ms = now_ms;
+        self.controller_lost = false;
         let mut events = vec![MemberEvent::Resynced { rekey_seq: answer.rekey_seq }];
         events.extend(self.install(answer));
         events

@@ -49,24 +49,36 @@ pub fn closed_form(d: f64, n: f64, k: f64) -> f64 {
     d / (d - 1.0) * (d * d.powf(b) - 1.0) + d * k * (n.ln() / d.ln() - b - 2.0) + k * (d - 1.0)
 }
 
-/// Mean entries, bytes and µs of random batches, per degree and batch size.
+/// Means over random batches of one degree and batch size.
+#[derive(Clone, Copy)]
+struct Means {
+    entries: f64,
+    bytes: f64,
+    micros: f64,
+    packets: f64,
+}
+
+/// Mean costs of random batches, per degree and batch size.
 struct Sweep {
     ks: Vec<u64>,
-    /// [degree index][k index]: (entries, bytes, µs)
-    means: Vec<Vec<(f64, f64, f64)>>,
+    /// [degree index][k index]
+    means: Vec<Vec<Means>>,
 }
 
 fn mk_sweep(scale: Scale, progress: &Progress) -> Sweep {
     let mut ks: Vec<u64> = (1..10).chain((10..200).step_by(10)).chain((200..=1950).step_by(50)).collect();
     ks.push(1990);
     let mut ks = thin(ks, scale.thin);
-    // The papers quote 100 leavers (5%): always measure it.
-    if let Err(at) = ks.binary_search(&100) {
-        ks.insert(at, 100);
+    // The papers quote 100 leavers (5%); k = 2 is where the closed form is furthest from
+    // evenly spread leavers at this n. Always measure both.
+    for k in [2, 100] {
+        if let Err(at) = ks.binary_search(&k) {
+            ks.insert(at, k);
+        }
     }
     let jobs: Vec<(usize, usize)> = (0..MK_DEGREES.len()).flat_map(|d| (0..ks.len()).map(move |k| (d, k))).collect();
     progress.stage("Mukkamalla and Katz: leavers per epoch", jobs.len());
-    let results: Vec<(f64, f64, f64)> = jobs
+    let results: Vec<Means> = jobs
         .par_iter()
         .map(|&(d, k)| {
             let scheme = Scheme::Tree { degree: MK_DEGREES[d] };
@@ -75,14 +87,14 @@ fn mk_sweep(scale: Scale, progress: &Progress) -> Sweep {
                 .collect();
             progress.tick();
             let of = |f: fn(&Cost) -> f64| mean(&costs.iter().map(f).collect::<Vec<_>>());
-            (of(|c| c.wraps as f64), of(|c| c.bytes as f64), of(|c| micros(c.time)))
+            Means { entries: of(|c| c.wraps as f64), bytes: of(|c| c.bytes as f64), micros: of(|c| micros(c.time)), packets: of(|c| c.packets as f64) }
         })
         .collect();
     let means = results.chunks(ks.len()).map(<[_]>::to_vec).collect();
     Sweep { ks, means }
 }
 
-fn sweep_series(sweep: &Sweep, pick: fn(&(f64, f64, f64)) -> f64, up_to: u64) -> Vec<Series> {
+fn sweep_series(sweep: &Sweep, pick: fn(&Means) -> f64, up_to: u64) -> Vec<Series> {
     MK_DEGREES
         .iter()
         .zip(&sweep.means)
@@ -113,17 +125,19 @@ fn worst_case(ks: &[u64], up_to: u64) -> Vec<Series> {
 pub fn mukkamalla(scale: Scale, progress: &Progress) -> Vec<Figure> {
     let sweep = mk_sweep(scale, progress);
     let tenth = MK_GROUP / 10;
-    let mut entries = sweep_series(&sweep, |m| m.0, MK_GROUP);
+    let mut entries = sweep_series(&sweep, |m| m.entries, MK_GROUP);
     entries.extend(worst_case(&sweep.ks, MK_GROUP));
-    let mut zoom = sweep_series(&sweep, |m| m.0, tenth);
+    let mut zoom = sweep_series(&sweep, |m| m.entries, tenth);
     zoom.extend(worst_case(&sweep.ks, tenth));
     let at = |series: &Series, k: u64| y_at(series, k as f64);
     let mut fig_entries = figure("fig3a_mk_entries", "3a. Rekey entries vs members leaving in one epoch (n = 2000)", "members leaving", "entries (wraps)", entries);
     let peak = fig_entries.series[0].points.iter().max_by(|a, b| a.1.total_cmp(&b.1)).copied().unwrap_or_default();
     fig_entries.paper = "Mukkamalla and Katz figs. 7 and 9: almost linear while under ~5% leave, then slower growth, then smaller as whole subtrees empty; random leavers stay below the evenly spread worst case.".into();
     fig_entries.measured = format!(
-        "d = 2: {:.0} entries for 100 leavers, peak {:.0} at {} leavers, then falling; the closed form tracks keycast's evenly spread leavers within a few percent (exact when n is a power of d).",
-        at(&fig_entries.series[0], 100), peak.1, peak.0
+        "d = 2: {:.0} entries for 100 leavers, peak {:.0} at {} leavers, {}; {}; {}.",
+        at(&fig_entries.series[0], 100), peak.1, peak.0, after_peak(&fig_entries.series[0], peak),
+        random_against_even(&fig_entries.series[0], &fig_entries.series[4]),
+        closed_form_gap(&fig_entries.series[4], &fig_entries.series[3])
     );
     let mut fig_zoom = figure("fig3b_mk_entries_10pct", "3b. Rekey entries, up to 10% leaving (n = 2000)", "members leaving", "entries (wraps)", zoom);
     fig_zoom.paper = "Mukkamalla and Katz figs. 8 and 10: the same up to 10% of the group; nearly linear.".into();
@@ -131,21 +145,63 @@ pub fn mukkamalla(scale: Scale, progress: &Progress) -> Vec<Figure> {
         "d = 2/3/4 at 100 leavers: {:.0} / {:.0} / {:.0} entries (worst case d = 2: {:.0}).",
         at(&fig_zoom.series[0], 100), at(&fig_zoom.series[1], 100), at(&fig_zoom.series[2], 100), at(&fig_zoom.series[3], 100)
     );
-    let bytes = sweep_series(&sweep, |m| m.1, MK_GROUP);
+    let bytes = sweep_series(&sweep, |m| m.bytes, MK_GROUP);
     let mut fig_bytes = figure("fig3c_mk_bytes", "3c. Rekey bytes on the wire vs members leaving (n = 2000, signed packets)", "members leaving", "bytes", bytes);
     fig_bytes.paper = "Mukkamalla and Katz 5.2: 5% of 2000 leaving gives rekeys of about 20 KB (24-byte DES entries, one RSA signature).".into();
     fig_bytes.measured = format!(
-        "100 leavers: {:.1} / {:.1} / {:.1} KB for d = 2/3/4 (73-byte AES-GCM entries; the default placement repeats upper entries so that a member needs one packet up to 64 packets, about 77 KB, and at most two, tiered, beyond: the dip there is the switch; 64-byte signature and hash path per packet).",
-        at(&fig_bytes.series[0], 100) / 1e3, at(&fig_bytes.series[1], 100) / 1e3, at(&fig_bytes.series[2], 100) / 1e3
+        "100 leavers: {:.1} / {:.1} / {:.1} KB for d = 2/3/4 (73-byte AES-GCM entries, 64-byte signature and hash path per packet); {}.",
+        at(&fig_bytes.series[0], 100) / 1e3, at(&fig_bytes.series[1], 100) / 1e3, at(&fig_bytes.series[2], 100) / 1e3,
+        placement_switch(&sweep)
     );
-    let times = sweep_series(&sweep, |m| m.2, MK_GROUP);
+    let times = sweep_series(&sweep, |m| m.micros, MK_GROUP);
     let mut fig_time = figure("fig4_mk_time", "4. Controller time to build the rekey vs members leaving (n = 2000; plan, packetise, sign)", "members leaving", "µs per rekey (mean of runs)", times);
     fig_time.paper = "Mukkamalla and Katz fig. 11: roughly linear in the number leaving for small numbers; under 100 ms for 100 of 2000 (Pentium 200, RSA-512).".into();
     fig_time.measured = format!(
-        "100 leavers: {:.0} / {:.0} / {:.0} µs for d = 2/3/4 (points measured two at a time on two cores: expect noise).",
-        at(&fig_time.series[0], 100), at(&fig_time.series[1], 100), at(&fig_time.series[2], 100)
+        "100 leavers: {:.0} / {:.0} / {:.0} µs for d = 2/3/4 (points measured {threads} at a time on {threads} threads: expect noise).",
+        at(&fig_time.series[0], 100), at(&fig_time.series[1], 100), at(&fig_time.series[2], 100), threads = rayon::current_num_threads()
     );
     vec![fig_entries, fig_zoom, fig_bytes, fig_time]
+}
+
+/// What the series does after its peak.
+fn after_peak(series: &Series, peak: (f64, f64)) -> String {
+    let last = series.points.last().copied().unwrap_or(peak);
+    if last.1 < peak.1 {
+        format!("then falling to {:.0} at {} leavers", last.1, last.0)
+    } else {
+        "not falling after it".into()
+    }
+}
+
+/// How often random leavers (mean of draws) cost more than evenly spread ones.
+fn random_against_even(random: &Series, even: &Series) -> String {
+    let compared: Vec<(f64, f64)> = even.points.iter().map(|&(k, e)| (y_at(random, k), e)).collect();
+    let above = compared.iter().filter(|(r, e)| r > e).count();
+    format!("random leavers cost more than evenly spread ones at {above} of the {} batch sizes compared", compared.len())
+}
+
+/// The largest relative gap between evenly spread leavers and the closed form.
+fn closed_form_gap(even: &Series, closed: &Series) -> String {
+    let gaps = even.points.iter().zip(&closed.points).map(|(&(k, e), &(_, c))| (k, (e - c).abs() / c));
+    let (k, gap) = gaps.max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or_default();
+    let exact = if (MK_GROUP as f64).log2().fract() == 0.0 { "a full tree" } else { "not a full tree, so the form is not exact here" };
+    format!("evenly spread leavers are within {:.1}% of the closed form (largest gap at k = {k}; n = {MK_GROUP} is {exact})", 100.0 * gap)
+}
+
+/// Where d = 2's bytes first fall while its entries rise: auto placement leaving one packet
+/// per member (up to 64 packets) for tiered placement.
+fn placement_switch(sweep: &Sweep) -> String {
+    let (ks, means) = (&sweep.ks, &sweep.means[0]);
+    let peak = means.iter().zip(ks).max_by(|a, b| a.0.bytes.total_cmp(&b.0.bytes)).map(|(m, k)| (m.bytes, *k)).unwrap_or_default();
+    let peak_text = format!("d = 2 peaks at {:.1} KB at {} leavers", peak.0 / 1e3, peak.1);
+    let dip = (1..means.len()).find(|&i| means[i].bytes < means[i - 1].bytes && means[i].entries > means[i - 1].entries);
+    match dip {
+        Some(i) => format!(
+            "{peak_text}; from {} to {} leavers its bytes fall from {:.1} to {:.1} KB while its entries rise, as its mean packets go from {:.0} to {:.0} and placement from one packet per member (up to 64 packets) to tiered",
+            ks[i - 1], ks[i], means[i - 1].bytes / 1e3, means[i].bytes / 1e3, means[i - 1].packets, means[i].packets
+        ),
+        None => format!("{peak_text}; its bytes never fall while its entries rise"),
+    }
 }
 
 /// Figure 6: wraps against batch size for n = 4096, degrees 2, 4, 16 and a star.
@@ -172,17 +228,16 @@ pub fn wraps_by_scheme(scale: Scale, progress: &Progress) -> Figure {
         .zip(wraps.chunks(ks.len()))
         .map(|((name, _), w)| Series::new(*name, ks.iter().zip(w).map(|(k, w)| (*k as f64, w.max(0.5))).collect()))
         .collect();
-    let star_wins = ks.iter().enumerate().find(|(i, _)| {
-        let star = series[3].points[*i].1;
-        series[..3].iter().all(|s| star < s.points[*i].1)
-    });
+    let star_fewest = |i: usize| series[..3].iter().all(|s| series[3].points[i].1 < s.points[i].1);
+    // The first batch size from which the star needs the fewest wraps at every larger one.
+    let star_wins = (0..ks.len()).rev().take_while(|&i| star_fewest(i)).last().map(|i| ks[i]);
     let mut fig = figure("fig6_batch_wraps_by_scheme", "6. Wraps vs members leaving in one batch (n = 4096)", "members leaving (k)", "wraps (mean of random draws)", series);
     fig.log_x = true;
     fig.log_y = true;
     fig.paper = "Batch rekeying (Mukkamalla and Katz 5.1; Wong's star): a tree costs about d·k·log_d(n/k), a star n - k; for large batches the star wins.".into();
     fig.measured = match star_wins {
-        Some((_, k)) => format!("the star needs the fewest wraps from k = {k} of {N} leaving; single leave: d = 2/4/16/star = {:.0}/{:.0}/{:.0}/{:.0} wraps.", fig.series[0].points[0].1, fig.series[1].points[0].1, fig.series[2].points[0].1, fig.series[3].points[0].1),
-        None => "the star never needed the fewest wraps in this sweep.".into(),
+        Some(k) => format!("the star needs the fewest wraps from k = {k} of {N} leaving on; single leave: d = 2/4/16/star = {:.0}/{:.0}/{:.0}/{:.0} wraps.", fig.series[0].points[0].1, fig.series[1].points[0].1, fig.series[2].points[0].1, fig.series[3].points[0].1),
+        None => "the star does not need the fewest wraps at the largest batch of this sweep.".into(),
     };
     fig
 }

@@ -5,17 +5,20 @@ use keycast_core::wire::Placement;
 use keycast_core::{Batch, BatchSeed, Scheme};
 use rayon::prelude::*;
 
-use super::{Figure, Progress, Scale, Series};
+use super::{at_every_n, Figure, Progress, Scale, Series};
 use crate::measure::{flat, full_group, random_leavers, rekey, sim_signer, Finish};
 
 /// ID bits of the flat table: room for 2^20 members, the largest group measured.
 const ID_BITS: u8 = 20;
 const LEAVES: u64 = 3;
 
+/// One scheme at one n: (wire entries per leave, bytes per leave, shared keys, all keys).
+type Values = (f64, f64, f64, f64);
+
 struct Point {
     n: f64,
-    /// Per scheme (flat, tree): (wire entries per leave, bytes per leave, shared keys, all keys).
-    values: [(f64, f64, f64, f64); 2],
+    /// Per scheme (flat, tree).
+    values: [Values; 2],
 }
 
 fn measure(n: u64) -> Point {
@@ -39,7 +42,7 @@ fn measure(n: u64) -> Point {
     Point { n: n as f64, values }
 }
 
-fn series(points: &[Point], pick: fn(&(f64, f64, f64, f64)) -> f64) -> Vec<Series> {
+fn series(points: &[Point], pick: fn(&Values) -> f64) -> Vec<Series> {
     ["flat (20-bit IDs)", "tree d = 4"]
         .iter()
         .enumerate()
@@ -75,15 +78,16 @@ pub fn flat_vs_tree(scale: Scale, progress: &Progress) -> Vec<Figure> {
         .collect();
     points.sort_by(|a, b| a.n.total_cmp(&b.n));
     let (first, last) = (&points[0], &points[points.len() - 1]);
+    let flat = |pick: fn(&Values) -> f64| points.iter().map(|p| pick(&p.values[0])).collect::<Vec<f64>>();
     let mut entries = figure("fig5a_caronni_entries_per_leave", "5a. Rekey entries per leave vs group size: flat table vs tree", "entries per leave", series(&points, |v| v.0));
     entries.paper = "Caronni et al. 3.3: a flat leave costs 2·I entries (I ID bits) whatever the group size; a tree leave d·log_d n.".into();
     entries.measured = format!(
-        "flat {:.0} entries at every n; tree {:.0} at n = {} to {:.0} at n = {}.",
-        first.values[0].0, first.values[1].0, first.n, last.values[1].0, last.n
+        "flat {}; tree {:.0} at n = {} to {:.0} at n = {}.",
+        at_every_n(&flat(|v| v.0), "entries"), first.values[1].0, first.n, last.values[1].0, last.n
     );
     let mut bytes = figure("fig5b_caronni_bytes_per_leave", "5b. Rekey bytes per leave vs group size (signed packets, each wrap once)", "bytes per leave", series(&points, |v| v.1));
     bytes.paper = "Caronni et al. 3.3: flat messages are constant in n.".into();
-    bytes.measured = format!("flat {:.0} bytes at every n; tree {:.0} to {:.0} bytes.", first.values[0].1, first.values[1].1, last.values[1].1);
+    bytes.measured = format!("flat {}; tree {:.0} to {:.0} bytes.", at_every_n(&flat(|v| v.1), "bytes"), first.values[1].1, last.values[1].1);
     let mut storage = figure("fig5c_caronni_storage", "5c. Controller storage vs group size: shared keys (and all keys)", "keys stored by the controller", {
         let mut s = series(&points, |v| v.2);
         s.iter_mut().for_each(|s| s.name.push_str(", shared keys"));
@@ -95,8 +99,8 @@ pub fn flat_vs_tree(scale: Scale, progress: &Progress) -> Vec<Figure> {
     });
     storage.paper = "Caronni et al. 3.3: the flat table holds 2·I + 1 shared keys whatever n; a tree about n/(d-1) internal keys (both also keep one individual key per member).".into();
     storage.measured = format!(
-        "flat {:.0} shared keys at every n; tree {:.0} at n = {} to {:.0} at n = {}.",
-        first.values[0].2, first.values[1].2, first.n, last.values[1].2, last.n
+        "flat {}; tree {:.0} at n = {} to {:.0} at n = {}.",
+        at_every_n(&flat(|v| v.2), "shared keys"), first.values[1].2, first.n, last.values[1].2, last.n
     );
     vec![entries, bytes, storage]
 }

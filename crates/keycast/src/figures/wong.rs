@@ -110,17 +110,17 @@ pub fn by_size(scale: Scale, progress: &Progress) -> Vec<Figure> {
         time_series(&points, false, false),
     );
     unsigned.paper = "Wong et al. fig. 10 (left): time per request grows linearly with log n for all three strategies; group-oriented is cheapest.".into();
-    unsigned.measured = format!("{}; grows linearly in log n, group-oriented cheapest.", growth(0));
+    unsigned.measured = format!("{}; {}; {}.", growth(0), log_n_growth(first, last), cheapest_strategy(&points));
     let mut signed = figure(
         "fig1b_wong_time_vs_size_signed",
-        "1b. Controller time per join / leave vs group size (d = 4, packetised and signed)",
+        "1b. Controller time per join / leave vs group size (d = 4, each strategy's messages signed)",
         "group size n",
         "µs per request (median)",
         true,
         time_series(&points, true, false),
     );
     signed.paper = "Wong et al. fig. 10 (right): with MD5 + RSA-512 signing, one signature per request dominates (about 10x the unsigned time), still log n growth.".into();
-    signed.measured = format!("{}; one Ed25519 signature per rekey adds a constant.", growth(1));
+    signed.measured = format!("{}; {}.", growth(1), signing_cost(&points, "n"));
     let mut wraps = figure(
         "fig1c_wong_wraps_vs_size",
         "1c. Wraps per join / leave vs group size (d = 4)",
@@ -130,8 +130,51 @@ pub fn by_size(scale: Scale, progress: &Progress) -> Vec<Figure> {
         wrap_series(&points),
     );
     wraps.paper = "Wong et al. table 3: a leave costs d(h-1) encryptions, a join 2(h-1); both O(log n).".into();
-    wraps.measured = format!("leave {:.0} wraps at n = {} to {:.0} at n = {} (d·h - 1); join {:.0} to {:.0}.", first.leave_wraps, first.x, last.leave_wraps, last.x, first.join_wraps, last.join_wraps);
+    wraps.measured = format!(
+        "leave {:.0} wraps at n = {} to {:.0} at n = {} ({}); join {:.0} to {:.0}.",
+        first.leave_wraps, first.x, last.leave_wraps, last.x, full_tree_leaves(&points), first.join_wraps, last.join_wraps
+    );
     vec![unsigned, signed, wraps]
+}
+
+/// How leave time grew against members and wraps, and whether that is log n growth: within
+/// twice the growth of the wraps (which are d·h - 1) it follows log n, not n.
+fn log_n_growth(first: &Point, last: &Point) -> String {
+    let (members, time, wraps) = (last.x / first.x, last.micros[0][0].0 / first.micros[0][0].0, last.leave_wraps / first.leave_wraps);
+    let trend = if time <= 2.0 * wraps { "it grows with its wraps, as log n" } else { "it grows faster than its wraps (log n)" };
+    format!("{members:.0}x the members took {time:.1}x the time for {wraps:.1}x the wraps: {trend}")
+}
+
+/// At how many points each strategy is cheapest (unsigned join plus leave).
+fn cheapest_strategy(points: &[Point]) -> String {
+    let total = |p: &Point, i: usize| p.micros[0][i].0 + p.micros[0][i].1;
+    let wins = |i: usize| points.iter().filter(|p| (0..STRATEGIES.len()).all(|j| total(p, i) <= total(p, j))).count();
+    let counts: Vec<String> = STRATEGIES.iter().enumerate().map(|(i, (_, name))| format!("{name}-oriented at {}", wins(i))).collect();
+    format!("cheapest strategy (join plus leave) at each of the {} sizes: {}", points.len(), counts.join(", "))
+}
+
+/// What signing adds to a leave, per strategy, at the first and last point (`x` names the axis).
+fn signing_cost(points: &[Point], x: &str) -> String {
+    let (first, last) = (&points[0], &points[points.len() - 1]);
+    let added = |p: &Point, i: usize| p.micros[1][i].0 - p.micros[0][i].0;
+    let parts: Vec<String> = STRATEGIES
+        .iter()
+        .enumerate()
+        .map(|(i, (_, name))| format!("{name}-oriented {:.1} µs at {x} = {} and {:.1} µs at {x} = {}", added(first, i), first.x, added(last, i), last.x))
+        .collect();
+    let (low, high) = (added(first, 0).min(added(last, 0)), added(first, 0).max(added(last, 0)));
+    let trend = if high <= 2.0 * low { "about constant for one message" } else { "not constant even for one message" };
+    format!("signing adds to a leave: {} ({trend})", parts.join("; "))
+}
+
+/// Whether every full tree (n = 4^h) measured pays d·h - 1 wraps per leave.
+fn full_tree_leaves(points: &[Point]) -> String {
+    let full: Vec<&Point> = points.iter().filter(|p| (p.x as u64).trailing_zeros() % 2 == 0).collect();
+    let height = |p: &Point| f64::from((p.x as u64).trailing_zeros() / 2);
+    match full.iter().find(|p| p.leave_wraps != 4.0 * height(p) - 1.0) {
+        None => format!("d·h - 1 at each of the {} full trees, n = 4^h", full.len()),
+        Some(p) => format!("not d·h - 1 at n = {}: {:.0} wraps", p.x, p.leave_wraps),
+    }
 }
 
 /// The x (degree) with the least y.
@@ -155,7 +198,7 @@ pub fn by_degree(scale: Scale, progress: &Progress) -> Vec<Figure> {
     );
     let mut signed = figure(
         "fig2b_wong_time_vs_degree_signed",
-        &title("b. Average controller time per request vs tree degree (signed),"),
+        &title("b. Average controller time per request vs tree degree (each strategy's messages signed),"),
         "tree degree d",
         "µs per request (mean of join and leave)",
         false,
@@ -175,7 +218,7 @@ pub fn by_degree(scale: Scale, progress: &Progress) -> Vec<Figure> {
     unsigned.paper = "Wong et al. fig. 11: the optimal key tree degree is around four (their analysis of a full balanced tree gives the same).".into();
     unsigned.measured = format!("fastest degree (group-oriented): d = {best_time}.");
     signed.paper = "Wong et al. fig. 11 (right): signing adds an order of magnitude; the optimum stays near 4.".into();
-    signed.measured = format!("fastest degree (group-oriented, signed): d = {best_signed}; the signature is a constant on top.");
+    signed.measured = format!("fastest degree (group-oriented, signed): d = {best_signed}; {}.", signing_cost(&points, "d"));
     wraps.paper = "Wong et al. 4: a leave costs about d·log_d n encryptions and a join about 2·log_d n; the average server cost is least at d = 4.".into();
     wraps.measured = format!("fewest wraps per request (mean of join and leave): d = {best_wraps}.");
     vec![unsigned, signed, wraps]
