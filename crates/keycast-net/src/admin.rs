@@ -1,8 +1,14 @@
 //! Administration over the authenticated TLS channel: `keycast admin list|evict|stats`.
 //! Requests and answers are JSON in a frame whose first two bytes are the wire version and
-//! type 0x80; only identities listed as admins are served.
+//! type 0x80; only certificates whose fingerprints are listed as admins are served.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::tls::{read_frame, write_frame, ServerName, TlsConnector};
 
 pub const ADMIN_TYPE: u8 = 0x80;
 /// Largest admin request accepted.
@@ -12,8 +18,31 @@ pub const MAX_ADMIN_REQUEST: usize = 1024;
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum AdminRequest {
     List,
+    /// Removes a member at once and revokes its identity (until `Readmit`).
     Evict { member: u64 },
+    /// Revokes an identity, evicting its member if it has one.
+    Revoke { identity: String },
+    /// Lets a revoked identity join again.
+    Readmit { identity: String },
+    AclAdd { identity: String },
+    /// Takes an identity out of the ACL; its member, if any, is removed at once.
+    AclRemove { identity: String },
+    /// The ACL in force and the revoked identities.
+    AclList,
     Stats,
+}
+
+impl AdminRequest {
+    /// The identity this request names, if any (checked before the controller sees it).
+    pub fn identity(&self) -> Option<&str> {
+        match self {
+            AdminRequest::Revoke { identity }
+            | AdminRequest::Readmit { identity }
+            | AdminRequest::AclAdd { identity }
+            | AdminRequest::AclRemove { identity } => Some(identity),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -21,9 +50,13 @@ pub struct MemberRow {
     pub member: u64,
     pub identity: String,
     pub last_seen_ms: u64,
+    /// Milliseconds since the controller last heard from it (by the controller's clock).
+    #[serde(default)]
+    pub idle_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Stats {
     pub group: u64,
     pub members: usize,
@@ -34,6 +67,14 @@ pub struct Stats {
     pub mean_join_latency_ms: f64,
     /// The group key in force, as "id v version r revision".
     pub active_key: String,
+    /// TLS connections open now.
+    pub connections_open: u64,
+    /// Connections closed at once because a cap (total, per address, per identity) was reached.
+    pub connections_over_cap: u64,
+    /// Requests answered "unavailable" because the controller's answer did not come in time.
+    pub answers_timed_out: u64,
+    /// Errors of the controller while handling a request or a tick (it went on).
+    pub controller_errors: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -41,6 +82,13 @@ pub struct Stats {
 pub enum AdminResponse {
     Members(Vec<MemberRow>),
     Evicted { member: u64, found: bool },
+    /// `member`: the member removed with the identity, if it had one.
+    Revoked { identity: String, member: Option<u64> },
+    /// `changed`: false if the identity was not revoked.
+    Readmitted { identity: String, changed: bool },
+    /// `changed`: false if the ACL already was so; `evicted`: the member removed with it.
+    AclChanged { identity: String, added: bool, changed: bool, evicted: Option<u64> },
+    Acl { acl: Vec<String>, revoked: Vec<String> },
     Stats(Stats),
     Error(String),
 }
@@ -62,4 +110,22 @@ pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, String> {
 
 pub fn is_admin_frame(frame: &[u8]) -> bool {
     frame.len() >= 2 && frame[1] == ADMIN_TYPE
+}
+
+/// Time allowed for a whole admin request: connect, handshake, request and answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends one admin request to the controller at `server` and returns its answer.
+pub async fn request(server: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>, request: &AdminRequest) -> Result<AdminResponse, String> {
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| format!("server name {server_name:?}: {e}"))?;
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(server).await.map_err(|e| format!("cannot reach the controller at {server}: {e}; is `keycast server` running?"))?;
+        let mut stream = TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {server}: {e}; check the CA and certificate in the admin config"))?;
+        write_frame(&mut stream, &encode(request)).await.map_err(|e| format!("cannot send to {server}: {e}"))?;
+        let frame = read_frame(&mut stream).await.map_err(|e| format!("{server} closed without an answer: {e}"))?;
+        decode(&frame).map_err(|error| format!("{server}: {error}"))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {server} within {} s; the controller may be overloaded, try again", REQUEST_TIMEOUT.as_secs()))?
 }

@@ -2,11 +2,15 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use keycast_core::wire::rekey::{PacketConfig, Placement, DEFAULT_BLOCK_BITS};
 use keycast_core::wire::{GroupId, DEFAULT_MTU};
 use keycast_core::{protocol::GroupPolicy, GraphConfig, JoinPolicy, Scheme};
 use serde::{Deserialize, Serialize};
+
+use crate::pki::Fingerprint;
+use crate::server::Limits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -66,15 +70,56 @@ pub struct ServerConfig {
     pub tls: TlsFiles,
     /// The controller's log (redb).
     pub database: PathBuf,
-    /// Identities (certificate common names) that may join.
+    /// Identities that may join: a certificate's first URI, else DNS, subject alternative name.
     pub acl: Vec<String>,
-    /// Identities that may use `keycast admin`.
+    /// SHA-256 fingerprints ("sha256:<hex>") of the certificates that may use `keycast admin`.
     pub admins: Vec<String>,
+    /// Fall back to the subject's common name for certificates without a URI or DNS SAN.
+    #[serde(default)]
+    pub identity_from_common_name: bool,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
     /// Prometheus text endpoint, e.g. "127.0.0.1:9464"; off when absent.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+}
+
+/// Deadlines and caps of the TLS listener; absent entries take `Limits::for_policy`'s defaults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    pub handshake_timeout_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    /// How long a request may wait for the controller's answer (a join: its epoch's rekey).
+    pub answer_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_per_address: Option<usize>,
+    pub max_per_identity: Option<usize>,
+}
+
+impl ConnectionsConfig {
+    pub fn limits(&self, policy: &GroupPolicy) -> Result<Limits, ConfigError> {
+        let defaults = Limits::for_policy(policy);
+        let ms = |value: Option<u64>, default: Duration, name: &str| match value {
+            Some(0) => Err(ConfigError::Invalid(format!("[connections] {name} must be positive"))),
+            Some(ms) => Ok(Duration::from_millis(ms)),
+            None => Ok(default),
+        };
+        let cap = |value: Option<usize>, default: usize, name: &str| match value {
+            Some(0) => Err(ConfigError::Invalid(format!("[connections] {name} must be at least 1"))),
+            other => Ok(other.unwrap_or(default)),
+        };
+        Ok(Limits {
+            handshake_timeout: ms(self.handshake_timeout_ms, defaults.handshake_timeout, "handshake_timeout_ms")?,
+            request_timeout: ms(self.request_timeout_ms, defaults.request_timeout, "request_timeout_ms")?,
+            answer_timeout: ms(self.answer_timeout_ms, defaults.answer_timeout, "answer_timeout_ms")?,
+            max_connections: cap(self.max_connections, defaults.max_connections, "max_connections")?,
+            max_per_address: cap(self.max_per_address, defaults.max_per_address, "max_per_address")?,
+            max_per_identity: cap(self.max_per_identity, defaults.max_per_identity, "max_per_identity")?,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -197,7 +242,22 @@ impl ServerConfig {
         if c.database.is_relative() {
             c.database = base.join(&c.database);
         }
+        c.admin_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         Ok(c)
+    }
+
+    /// `admins`, parsed; an entry that is not a fingerprint (an identity, say) is an error.
+    pub fn admin_fingerprints(&self) -> Result<Vec<Fingerprint>, ConfigError> {
+        self.admins
+            .iter()
+            .map(|entry| {
+                Fingerprint::parse(entry).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "admins: {e}. Admins are named by certificate fingerprint, e.g. `openssl x509 -in admin.pem -outform der | sha256sum` prefixed with \"sha256:\""
+                    ))
+                })
+            })
+            .collect()
     }
 }
 
@@ -214,5 +274,26 @@ impl AdminConfig {
         let (mut c, base): (AdminConfig, _) = read(path)?;
         c.tls.resolve(&base);
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_default_from_the_epoch_and_refuse_zero() {
+        let policy = PolicyConfig { epoch_ms: 4000, ..PolicyConfig::default() }.group_policy(1).unwrap();
+        let defaults = ConnectionsConfig::default().limits(&policy).unwrap();
+        assert_eq!(defaults.answer_timeout, Duration::from_secs(12));
+        assert_eq!((defaults.max_connections, defaults.max_per_address, defaults.max_per_identity), (1024, 64, 4));
+        let set: ConnectionsConfig = toml::from_str("answer_timeout_ms = 700\nmax_per_identity = 2").unwrap();
+        let limits = set.limits(&policy).unwrap();
+        assert_eq!((limits.answer_timeout, limits.max_per_identity), (Duration::from_millis(700), 2));
+        for zero in ["max_connections = 0", "handshake_timeout_ms = 0"] {
+            let config: ConnectionsConfig = toml::from_str(zero).unwrap();
+            assert!(config.limits(&policy).is_err(), "{zero} was accepted");
+        }
+        assert!(toml::from_str::<ConnectionsConfig>("max_conections = 5").is_err(), "a misspelt setting was ignored");
     }
 }

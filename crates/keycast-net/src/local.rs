@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use keycast_core::protocol::GroupPolicy;
 
+use crate::admin::{AdminRequest, AdminResponse};
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use crate::config::MulticastConfig;
-use crate::pki::Authority;
-use crate::server::{Server, ServerError, ServerSetup};
+use crate::pki::{Authority, Credentials};
+use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::tls::{client_config, server_config};
 use crate::multicast::free_port;
 
@@ -34,6 +35,13 @@ pub struct LocalGroup {
     pub server: Option<Server>,
     /// Prometheus endpoint of the controller at its next start (off by default).
     pub metrics: Option<SocketAddr>,
+    /// Deadlines and caps of the controller at its next start.
+    pub limits: Limits,
+    /// Whether the controller at its next start takes identities from common names.
+    pub identity_from_common_name: bool,
+    /// The administrator's certificate (identity "admin"); its fingerprint is the controller's
+    /// only admin entry.
+    pub admin: Credentials,
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
 }
@@ -42,30 +50,42 @@ pub type Events = tokio::sync::mpsc::UnboundedReceiver<ClientEvent>;
 
 impl LocalGroup {
     /// A controller for `policy` on loopback that admits `member-1` .. `member-<acl_size>` and
-    /// `admin` as administrator; its log lives in `folder`.
+    /// the `admin` credentials as administrator; its log lives in `folder`.
     pub async fn start(policy: GroupPolicy, acl_size: usize, folder: PathBuf) -> Result<LocalGroup, LocalError> {
+        let mut group = LocalGroup::prepare(policy, acl_size, folder)?;
+        group.start_server().await?;
+        Ok(group)
+    }
+
+    /// As `start`, without starting the controller: change `limits` and the rest first.
+    pub fn prepare(policy: GroupPolicy, acl_size: usize, folder: PathBuf) -> Result<LocalGroup, LocalError> {
         let pki = |e: rcgen::Error| LocalError::Pki(e.to_string());
         let authority = Authority::new("keycast local CA").map_err(pki)?;
         let credentials = authority.issue("keycast-controller", true).map_err(pki)?;
+        let admin = authority.issue("admin", false).map_err(pki)?;
         let tls = server_config(&credentials).map_err(|e| LocalError::Pki(e.to_string()))?;
         let port = free_port().map_err(ServerError::from)?;
         // A group address per run, so concurrent runs on one host do not hear each other.
         let group_ip = Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8);
         let multicast = MulticastConfig { address: SocketAddrV4::new(group_ip, port), interface: Ipv4Addr::LOCALHOST, ttl: 1 };
         let acl = (1..=acl_size).map(|i| format!("member-{i}")).collect();
-        let mut group = LocalGroup {
+        // Every member of a local group connects from 127.0.0.1: only the total caps them.
+        let mut limits = Limits::for_policy(&policy);
+        limits.max_per_address = limits.max_connections;
+        Ok(LocalGroup {
             authority,
+            limits,
             policy,
             acl,
             multicast,
             database: folder.join("controller.redb"),
             server: None,
             metrics: None,
+            identity_from_common_name: false,
+            admin,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             tls,
-        };
-        group.start_server().await?;
-        Ok(group)
+        })
     }
 
     /// Starts (or restarts, from the same log and address) the controller.
@@ -73,7 +93,9 @@ impl LocalGroup {
         let setup = ServerSetup {
             policy: self.policy,
             acl: self.acl.clone(),
-            admins: BTreeSet::from(["admin".to_string()]),
+            admins: vec![self.admin.fingerprint().map_err(LocalError::Pki)?],
+            identity_from_common_name: self.identity_from_common_name,
+            limits: self.limits,
             listen: self.listen,
             multicast: self.multicast.clone(),
             tls: self.tls.clone(),
@@ -96,15 +118,25 @@ impl LocalGroup {
         self.server.as_ref().expect("the controller is running")
     }
 
+    /// The controller's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+    }
+
     /// Connection settings for `identity`, with a fresh certificate from this group's CA.
     pub fn member_setup(&self, identity: &str) -> Result<MemberSetup, LocalError> {
         let credentials = self.authority.issue(identity, false).map_err(|e| LocalError::Pki(e.to_string()))?;
+        self.setup_with(&credentials)
+    }
+
+    /// Connection settings that present `credentials` (any certificate of any CA).
+    pub fn setup_with(&self, credentials: &Credentials) -> Result<MemberSetup, LocalError> {
         Ok(MemberSetup {
             group: self.policy.group,
             server: self.listen,
             server_name: "localhost".into(),
             multicast: self.multicast.clone(),
-            tls: client_config(&credentials).map_err(|e| LocalError::Pki(e.to_string()))?,
+            tls: client_config(credentials).map_err(|e| LocalError::Pki(e.to_string()))?,
             refresh_ms: (self.policy.refresh_timeout_ms / 4).max(50),
             heartbeat_ms: self.policy.heartbeat_ms,
         })
@@ -112,5 +144,14 @@ impl LocalGroup {
 
     pub async fn join(&self, identity: &str) -> Result<(MemberClient, Events), LocalError> {
         Ok(MemberClient::join(self.member_setup(identity)?).await?)
+    }
+}
+
+impl LocalGroup {
+    /// One admin request over TLS with `credentials` (the group's `admin` ones, or others to
+    /// check that they are refused).
+    pub async fn admin_request(&self, credentials: &Credentials, request: &AdminRequest) -> Result<AdminResponse, String> {
+        let tls = client_config(credentials).map_err(|e| e.to_string())?;
+        crate::admin::request(self.listen, "localhost", tls, request).await
     }
 }

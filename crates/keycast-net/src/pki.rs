@@ -50,6 +50,18 @@ impl Authority {
         self.cert.pem()
     }
 
+    /// A client certificate that names `common_name` in its subject only, with no subject
+    /// alternative name, as older tools issue them (the controller ignores the CN unless its
+    /// config enables `identity_from_common_name`).
+    pub fn issue_common_name_only(&self, common_name: &str) -> Result<Credentials, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Credentials { ca_pem: self.ca_pem(), cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+    }
+
     /// A certificate for `common_name`: the controller's (`server`: valid for localhost and
     /// 127.0.0.1) or a client's (member or administrator; the name is its identity).
     pub fn issue(&self, common_name: &str, server: bool) -> Result<Credentials, rcgen::Error> {
@@ -68,5 +80,77 @@ impl Authority {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Credentials { ca_pem: self.ca_pem(), cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+    }
+}
+
+/// The SHA-256 fingerprint of a DER certificate: what `admins` in server.toml lists.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+const FINGERPRINT_PREFIX: &str = "sha256:";
+
+impl Fingerprint {
+    pub fn of_der(der: &[u8]) -> Fingerprint {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+        Fingerprint(digest.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+    }
+
+    /// The fingerprint of the first certificate of a PEM text.
+    pub fn of_pem(pem: &str) -> Result<Fingerprint, String> {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| format!("no certificate in the PEM text: {e}"))?;
+        Ok(Fingerprint::of_der(der.as_ref()))
+    }
+
+    /// Parses "sha256:<64 hex digits>" (the only form accepted).
+    pub fn parse(text: &str) -> Result<Fingerprint, String> {
+        let hex_digits = text.strip_prefix(FINGERPRINT_PREFIX).ok_or_else(|| {
+            format!("{text:?} is not a certificate fingerprint: expected \"sha256:\" and 64 hex digits (`keycast init` writes the admin's)")
+        })?;
+        let bytes = hex::decode(hex_digits).map_err(|e| format!("{text:?}: bad hex ({e})"))?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|_| format!("{text:?}: a SHA-256 fingerprint has 64 hex digits"))?;
+        Ok(Fingerprint(bytes))
+    }
+
+    /// Compares in constant time (no early exit on the first differing byte).
+    pub fn matches(&self, other: &Fingerprint) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
+    }
+}
+
+impl core::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{FINGERPRINT_PREFIX}{}", hex::encode(self.0))
+    }
+}
+
+impl core::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl Credentials {
+    /// The fingerprint of this party's certificate.
+    pub fn fingerprint(&self) -> Result<Fingerprint, String> {
+        Fingerprint::of_pem(&self.cert_pem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_is_read_back_only_in_its_own_form() {
+        let admin = Authority::new("test CA").unwrap().issue("admin", false).unwrap();
+        let fingerprint = admin.fingerprint().unwrap();
+        assert_eq!(Fingerprint::parse(&fingerprint.to_string()), Ok(fingerprint));
+        let hex_only = fingerprint.to_string().replace("sha256:", "");
+        for bad in ["admin", hex_only.as_str(), "sha256:00", "sha1:0000000000000000000000000000000000000000", "sha256:zz"] {
+            assert!(Fingerprint::parse(bad).is_err(), "{bad} was taken for a fingerprint");
+        }
+        let other = Authority::new("test CA").unwrap().issue("admin", false).unwrap().fingerprint().unwrap();
+        assert!(fingerprint.matches(&fingerprint) && !fingerprint.matches(&other));
     }
 }

@@ -3,32 +3,72 @@
 //! `Controller` and processes its outputs in order, persisting before it sends.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, Output, Refusal};
-use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, VerifyingKey};
+use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey};
 use keycast_core::MemberId;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, AdminRequest, AdminResponse, MemberRow, Stats};
 use crate::config::MulticastConfig;
+use crate::pki::Fingerprint;
 use crate::store::{Store, StoreError};
-use crate::tls::{peer_identity, read_frame, write_frame};
+use crate::tls::{peer_certificate, peer_identity, read_frame, write_frame};
 use crate::{entropy, multicast, now_ms};
 
-/// Time allowed for a handshake and for the one request of a connection.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection the controller holds open for an answer (the core's `ConnId`).
+type ConnId = u64;
+
+/// Deadlines and caps of the TLS listener. Every connection is answered or closed within
+/// handshake + request + answer + request deadlines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Time allowed for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for reading the connection's one request, and for writing its answer.
+    pub request_timeout: Duration,
+    /// Time allowed for the controller's answer (a join waits for its epoch's rekey).
+    pub answer_timeout: Duration,
+    /// Connections open at once, in total, from one IP address, and per identity.
+    pub max_connections: usize,
+    pub max_per_address: usize,
+    pub max_per_identity: usize,
+}
+
+impl Limits {
+    /// The defaults: 5 s for the handshake and the request, max(3 epochs, 5 s) for the answer,
+    /// 1024 connections, 64 per address, 4 per identity.
+    pub fn for_policy(policy: &GroupPolicy) -> Limits {
+        Limits {
+            handshake_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            answer_timeout: Duration::from_millis(policy.epoch_ms.saturating_mul(3).max(5_000)),
+            max_connections: 1024,
+            max_per_address: 64,
+            max_per_identity: 4,
+        }
+    }
+}
 
 pub struct ServerSetup {
     pub policy: GroupPolicy,
     pub acl: BTreeSet<String>,
-    pub admins: BTreeSet<String>,
+    /// Fingerprints of the certificates that may administer (never an identity: any member
+    /// certificate can carry any name its CA agreed to).
+    pub admins: Vec<Fingerprint>,
+    /// Take the identity from the subject's common name when a certificate has no URI or DNS
+    /// subject alternative name.
+    pub identity_from_common_name: bool,
+    pub limits: Limits,
     pub listen: SocketAddr,
     pub multicast: MulticastConfig,
     pub tls: Arc<rustls::ServerConfig>,
@@ -61,7 +101,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub verifying_key: VerifyingKey,
     commands: mpsc::Sender<Command>,
-    stats: Arc<Mutex<Stats>>,
+    shared: Arc<Shared>,
+    stopped: watch::Receiver<Option<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -70,6 +111,25 @@ impl Drop for Server {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+/// What the controller task, the connections and the metrics endpoint share.
+#[derive(Default)]
+struct Shared {
+    stats: Mutex<Stats>,
+    connections: Arc<Connections>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> Stats {
+        let mut stats = self.stats.lock().expect("stats lock").clone();
+        self.connections.fill(&mut stats);
+        stats
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Stats)) {
+        change(&mut self.stats.lock().expect("stats lock"));
     }
 }
 
@@ -96,18 +156,41 @@ impl Server {
             socket.send_to(packet, setup.multicast.address).await?;
         }
         let verifying_key = controller.verifying_key();
-        let stats = Arc::new(Mutex::new(Stats { group: setup.policy.group.0, ..Stats::default() }));
+        let shared = Arc::new(Shared::default());
+        shared.update(|s| s.group = setup.policy.group.0);
         let (commands, rx) = mpsc::channel(1024);
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
-        let driver = ControllerTask { controller, store, socket, group: setup.multicast.address, stats: stats.clone(), joins: HashMap::new() };
-        let mut tasks = vec![tokio::spawn(driver.run(rx, Duration::from_millis(tick)))];
-        let acceptor = TlsAcceptor::from(setup.tls.clone());
-        tasks.push(tokio::spawn(accept_loop(listener, acceptor, commands.clone(), Arc::new(setup.admins))));
+        let driver = ControllerTask {
+            controller,
+            store,
+            database: setup.database.clone(),
+            socket,
+            group: setup.multicast.address,
+            shared: shared.clone(),
+            joins: HashMap::new(),
+            join_conns: HashMap::new(),
+            error_log: LogLimiter::default(),
+        };
+        let (stop, stopped) = watch::channel(None);
+        let mut tasks = vec![tokio::spawn(async move {
+            let reason = driver.run(rx, Duration::from_millis(tick)).await;
+            tracing::error!(%reason, "controller stopped");
+            let _ = stop.send(Some(reason));
+        })];
+        let listener_context = Arc::new(Listener {
+            acceptor: TlsAcceptor::from(setup.tls.clone()),
+            commands: commands.clone(),
+            admins: setup.admins,
+            identity_from_common_name: setup.identity_from_common_name,
+            limits: setup.limits,
+            shared: shared.clone(),
+        });
+        tasks.push(tokio::spawn(accept_loop(listener, listener_context)));
         if let Some(metrics) = setup.metrics {
-            tasks.push(tokio::spawn(serve_metrics(metrics, stats.clone())));
+            tasks.push(tokio::spawn(serve_metrics(metrics, shared.clone())));
         }
         tracing::info!(%addr, group = setup.policy.group.0, "controller listening");
-        Ok(Server { addr, verifying_key, commands, stats, tasks })
+        Ok(Server { addr, verifying_key, commands, shared, stopped, tasks })
     }
 
     /// Stops every task at once, as a crash would, and waits until they are gone (so the
@@ -122,83 +205,143 @@ impl Server {
         }
     }
 
+    /// Resolves when the controller task has ended (only a failure of its log ends it), with
+    /// the reason for the operator.
+    pub async fn stopped(&self) -> String {
+        let mut stopped = self.stopped.clone();
+        let reason = match stopped.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the controller task ended".into(),
+        };
+        reason
+    }
+
     pub fn stats(&self) -> Stats {
-        self.stats.lock().expect("stats lock").clone()
+        self.shared.snapshot()
     }
 
     /// Evicts `member` (as `keycast admin evict` does).
     pub async fn evict(&self, member: MemberId) -> bool {
-        let (reply, answer) = oneshot::channel();
-        let _ = self.commands.send(Command::Admin { request: AdminRequest::Evict { member: member.0 }, reply }).await;
-        matches!(answer.await, Ok(AdminResponse::Evicted { found: true, .. }))
+        matches!(self.admin(AdminRequest::Evict { member: member.0 }).await, Some(AdminResponse::Evicted { found: true, .. }))
     }
 
     /// The controller's members, by id and identity.
     pub async fn members(&self) -> Vec<MemberRow> {
-        let (reply, answer) = oneshot::channel();
-        let _ = self.commands.send(Command::Admin { request: AdminRequest::List, reply }).await;
-        match answer.await {
-            Ok(AdminResponse::Members(rows)) => rows,
+        match self.admin(AdminRequest::List).await {
+            Some(AdminResponse::Members(rows)) => rows,
             _ => Vec::new(),
         }
     }
+
+    async fn admin(&self, request: AdminRequest) -> Option<AdminResponse> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Admin { request, reply }).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+/// A join waiting for its epoch's rekey.
+struct WaitingJoin {
+    reply: oneshot::Sender<Frames>,
+    since: Instant,
 }
 
 struct ControllerTask {
     controller: Controller,
     store: Store,
+    database: PathBuf,
     socket: UdpSocket,
     group: SocketAddrV4,
-    stats: Arc<Mutex<Stats>>,
-    /// Joins waiting for the end of the epoch: reply and arrival time.
-    joins: HashMap<u64, (oneshot::Sender<Frames>, Instant)>,
+    shared: Arc<Shared>,
+    /// Every connection waiting for a member's join answer (one identity may hold several:
+    /// the core answers only the newest, the driver answers them all).
+    joins: HashMap<MemberId, Vec<WaitingJoin>>,
+    /// The member each join connection waits for.
+    join_conns: HashMap<ConnId, MemberId>,
+    error_log: LogLimiter,
 }
 
 impl ControllerTask {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, tick: Duration) {
+    /// Runs until the log fails (or the server is dropped); returns why it stopped.
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, tick: Duration) -> String {
         let mut interval = tokio::time::interval(tick);
-        let mut next_conn = 0u64;
+        let mut next_conn: ConnId = 0;
         loop {
-            let result = tokio::select! {
+            let step = tokio::select! {
                 command = commands.recv() => match command {
-                    None => return,
+                    None => return "the server was dropped".into(),
                     Some(command) => {
                         next_conn += 1;
                         self.handle(command, next_conn).await
                     }
                 },
-                _ = interval.tick() => {
-                    let outputs = self.controller.tick(now_ms(), entropy());
-                    match outputs {
-                        Ok(outputs) => self.deliver(outputs).await,
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
+                _ = interval.tick() => self.tick().await,
             };
-            if let Err(reason) = result {
+            if let Err(error) = step {
                 // A controller that cannot persist must not send anything more.
-                tracing::error!(%reason, "controller stopped");
-                return;
+                return format!(
+                    "cannot write the controller's log {}: {error}; nothing more was sent. Fix the disk (space, permissions), then restart: the controller resumes from the log",
+                    self.database.display()
+                );
             }
             self.publish_stats();
         }
     }
 
-    fn publish_stats(&self) {
-        let mut stats = self.stats.lock().expect("stats lock");
-        stats.members = self.controller.members().len();
-        stats.epoch = self.controller.epoch_at(now_ms());
-        stats.rekeys = self.controller.rekey_seq();
-        stats.active_key = self.controller.active_key(stats.epoch).to_string();
+    async fn tick(&mut self) -> Result<(), StoreError> {
+        self.forget_abandoned_joins();
+        match self.controller.tick(now_ms(), entropy()) {
+            Ok(outputs) => self.deliver(outputs).await,
+            Err(error) => {
+                self.controller_failed("closing the epoch", &error);
+                Ok(())
+            }
+        }
     }
 
-    async fn handle(&mut self, command: Command, conn: u64) -> Result<(), String> {
+    /// Logs an error of the core and goes on: no request may stop the controller. A failed
+    /// batch drops its requests, so the joins waiting for it are refused now, not at their
+    /// deadline.
+    fn controller_failed(&mut self, doing: &str, error: &ControllerError) {
+        self.shared.update(|s| s.controller_errors += 1);
+        if let Some(suppressed) = self.error_log.ready() {
+            tracing::error!(%error, suppressed, "controller error while {doing}; it goes on");
+        }
+        let refusal = refusal_frame(RefusalReason::Unavailable, format!("the controller failed while {doing} ({error}); try again"));
+        self.join_conns.clear();
+        for waiting in std::mem::take(&mut self.joins).into_values().flatten() {
+            let _ = waiting.reply.send(vec![refusal.clone()]);
+        }
+    }
+
+    /// Drops the waiting joins whose connection has given up (its answer deadline passed).
+    fn forget_abandoned_joins(&mut self) {
+        self.joins.retain(|_, waiting| {
+            waiting.retain(|w| !w.reply.is_closed());
+            !waiting.is_empty()
+        });
+        let joins = &self.joins;
+        self.join_conns.retain(|_, member| joins.contains_key(member));
+    }
+
+    fn publish_stats(&self) {
+        let now = now_ms();
+        self.shared.update(|stats| {
+            stats.members = self.controller.members().len();
+            stats.epoch = self.controller.epoch_at(now);
+            stats.rekeys = self.controller.rekey_seq();
+            stats.active_key = self.controller.active_key(stats.epoch).to_string();
+        });
+    }
+
+    async fn handle(&mut self, command: Command, conn: ConnId) -> Result<(), StoreError> {
         let now = now_ms();
         match command {
             Command::Join { identity, group, reply } => match self.controller.join(conn, &identity, group, now) {
                 Ok(JoinStatus::Queued(member)) => {
                     tracing::info!(%identity, member = member.0, "join accepted, waiting for the epoch's rekey");
-                    self.joins.insert(conn, (reply, Instant::now()));
+                    self.joins.entry(member).or_default().push(WaitingJoin { reply, since: Instant::now() });
+                    self.join_conns.insert(conn, member);
                 }
                 Ok(JoinStatus::Admitted(answer)) => {
                     tracing::info!(%identity, "already a member: keys sent again");
@@ -236,35 +379,77 @@ impl ControllerTask {
         Ok(())
     }
 
-    async fn admin(&mut self, request: AdminRequest) -> Result<AdminResponse, String> {
-        Ok(match request {
-            AdminRequest::List => AdminResponse::Members(
-                self.controller
+    async fn admin(&mut self, request: AdminRequest) -> Result<AdminResponse, StoreError> {
+        let now = now_ms();
+        let order = format!("{request:?}");
+        if let Some(identity) = request.identity() {
+            if let Err(error) = crate::tls::check_identity(identity) {
+                return Ok(AdminResponse::Error(format!("{identity:?}: {error}")));
+            }
+        }
+        let controller = &mut self.controller;
+        let (outputs, response) = match request {
+            AdminRequest::List => {
+                let rows = controller
                     .members()
                     .iter()
-                    .map(|(m, r)| MemberRow { member: m.0, identity: r.identity.clone(), last_seen_ms: r.last_seen_ms })
-                    .collect(),
-            ),
-            AdminRequest::Evict { member } => {
-                let found = self.controller.members().contains_key(&MemberId(member));
-                let outputs = self.controller.evict(MemberId(member), now_ms(), entropy()).map_err(|e| e.to_string())?;
-                self.deliver(outputs).await?;
-                tracing::info!(member, found, "eviction ordered");
-                AdminResponse::Evicted { member, found }
+                    .map(|(m, r)| MemberRow { member: m.0, identity: r.identity.clone(), last_seen_ms: r.last_seen_ms, idle_ms: now.saturating_sub(r.last_seen_ms) })
+                    .collect();
+                return Ok(AdminResponse::Members(rows));
             }
-            AdminRequest::Stats => AdminResponse::Stats(self.stats.lock().expect("stats lock").clone()),
-        })
+            AdminRequest::AclList => {
+                return Ok(AdminResponse::Acl { acl: controller.acl().iter().cloned().collect(), revoked: controller.revoked().iter().cloned().collect() })
+            }
+            AdminRequest::Stats => return Ok(AdminResponse::Stats(self.shared.snapshot())),
+            AdminRequest::Evict { member } => {
+                let found = controller.members().contains_key(&MemberId(member));
+                (controller.evict(MemberId(member), now, entropy()), AdminResponse::Evicted { member, found })
+            }
+            AdminRequest::Revoke { identity } => {
+                let member = controller.member_by_identity(&identity).map(|m| m.0);
+                let outputs = controller.revoke(&identity, now, entropy());
+                (outputs, AdminResponse::Revoked { identity, member })
+            }
+            AdminRequest::Readmit { identity } => {
+                let outputs = controller.readmit(&identity);
+                let changed = !outputs.is_empty();
+                (Ok(outputs), AdminResponse::Readmitted { identity, changed })
+            }
+            AdminRequest::AclAdd { identity } => {
+                let outputs = controller.acl_add(&identity);
+                let changed = !outputs.is_empty();
+                (Ok(outputs), AdminResponse::AclChanged { identity, added: true, changed, evicted: None })
+            }
+            AdminRequest::AclRemove { identity } => {
+                let changed = controller.acl().contains(&identity);
+                let evicted = controller.member_by_identity(&identity).map(|m| m.0);
+                let outputs = controller.acl_remove(&identity, now, entropy());
+                (outputs, AdminResponse::AclChanged { identity, added: false, changed, evicted })
+            }
+        };
+        match outputs {
+            Ok(outputs) => self.deliver(outputs).await?,
+            Err(error) => {
+                self.controller_failed("serving an admin request", &error);
+                return Ok(AdminResponse::Error(format!("{order} failed: {error}; the controller goes on")));
+            }
+        }
+        match &response {
+            AdminResponse::Evicted { .. } | AdminResponse::Revoked { .. } => tracing::info!(order, ?response, "eviction ordered"),
+            _ => tracing::info!(order, ?response, "admin order carried out"),
+        }
+        Ok(response)
     }
 
     /// Carries out outputs in order; records are made durable before anything after them.
-    async fn deliver(&mut self, outputs: Vec<Output>) -> Result<(), String> {
+    async fn deliver(&mut self, outputs: Vec<Output>) -> Result<(), StoreError> {
         let mut records = Vec::new();
         for output in outputs {
             if let Output::Persist(record) = output {
                 records.push(record);
                 continue;
             }
-            self.store.append(&std::mem::take(&mut records)).map_err(|e| e.to_string())?;
+            self.store.append(&std::mem::take(&mut records))?;
             match output {
                 Output::Persist(_) => unreachable!("handled above"),
                 Output::Multicast(bytes) => {
@@ -272,67 +457,278 @@ impl ControllerTask {
                         tracing::warn!(error = %e, "multicast send failed");
                     }
                 }
-                Output::JoinAnswer { conn, answer, keys } => {
-                    if let Some((reply, since)) = self.joins.remove(&conn) {
-                        let mut frames = vec![answer.encode()];
-                        frames.extend(keys.map(|k| k.encode()));
-                        let mut stats = self.stats.lock().expect("stats lock");
-                        let latency = since.elapsed().as_secs_f64() * 1000.0;
-                        stats.mean_join_latency_ms = (stats.mean_join_latency_ms * stats.joins as f64 + latency) / (stats.joins + 1) as f64;
-                        stats.joins += 1;
-                        let _ = reply.send(frames);
-                    }
-                }
+                Output::JoinAnswer { conn, answer, keys } => self.answer_join(conn, answer, keys.map(|k| k.encode())),
                 Output::Departed { member, identity, why } => tracing::info!(member = member.0, %identity, ?why, "member removed"),
                 Output::Rekeyed { seq, epoch, wraps, packets, bytes } => {
                     tracing::info!(seq, epoch, wraps, packets, bytes, "rekey sent");
-                    self.stats.lock().expect("stats lock").rekey_bytes += bytes as u64;
+                    self.shared.update(|s| s.rekey_bytes += bytes as u64);
                 }
             }
         }
-        self.store.append(&records).map_err(|e| e.to_string())
+        self.store.append(&records)
+    }
+
+    /// Sends a join's answer to every connection waiting for that member.
+    fn answer_join(&mut self, conn: ConnId, answer: JoinAnswer, keys: Option<Vec<u8>>) {
+        let member = match (&answer, self.join_conns.get(&conn)) {
+            (_, Some(member)) => *member,
+            (JoinAnswer::Accepted(accepted), None) => accepted.member,
+            (JoinAnswer::Refused { .. }, None) => return,
+        };
+        let Some(waiting) = self.joins.remove(&member) else { return };
+        self.join_conns.retain(|_, m| *m != member);
+        let mut frames = vec![answer.encode()];
+        frames.extend(keys);
+        if let Some(first) = waiting.iter().map(|w| w.since).min() {
+            let latency = first.elapsed().as_secs_f64() * 1000.0;
+            self.shared.update(|stats| {
+                stats.mean_join_latency_ms = (stats.mean_join_latency_ms * stats.joins as f64 + latency) / (stats.joins + 1) as f64;
+                stats.joins += 1;
+            });
+        }
+        for w in waiting {
+            let _ = w.reply.send(frames.clone());
+        }
     }
 }
 
 fn refuse(identity: &str, refusal: Refusal, reply: oneshot::Sender<Frames>) {
     tracing::warn!(%identity, reason = %refusal, "request refused");
-    let _ = reply.send(vec![JoinAnswer::Refused { reason: refusal.reason, detail: refusal.detail }.encode()]);
+    let _ = reply.send(vec![refusal_frame(refusal.reason, refusal.detail)]);
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, commands: mpsc::Sender<Command>, admins: Arc<BTreeSet<String>>) {
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else { continue };
-        let (acceptor, commands, admins) = (acceptor.clone(), commands.clone(), admins.clone());
-        tokio::spawn(async move {
-            if let Err(reason) = serve_connection(tcp, acceptor, commands, &admins).await {
-                tracing::warn!(%peer, %reason, "connection refused");
-            }
-        });
+fn refusal_frame(reason: RefusalReason, detail: String) -> Vec<u8> {
+    JoinAnswer::Refused { reason, detail }.encode()
+}
+
+/// Counts open connections by source address and identity, against the caps.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<OpenConnections>,
+    over_cap: AtomicU64,
+    answers_timed_out: AtomicU64,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+    by_identity: HashMap<String, usize>,
+}
+
+impl Connections {
+    fn fill(&self, stats: &mut Stats) {
+        stats.connections_open = self.open.lock().expect("connections lock").total as u64;
+        stats.connections_over_cap = self.over_cap.load(Ordering::Relaxed);
+        stats.answers_timed_out = self.answers_timed_out.load(Ordering::Relaxed);
+    }
+
+    /// A slot for a new connection from `address`, or None over the total or address cap.
+    fn admit(self: &Arc<Self>, address: IpAddr, limits: &Limits) -> Option<AddressSlot> {
+        let mut open = self.open.lock().expect("connections lock");
+        let from_address = open.by_address.get(&address).copied().unwrap_or(0);
+        if open.total >= limits.max_connections || from_address >= limits.max_per_address {
+            self.over_cap.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        open.total += 1;
+        *open.by_address.entry(address).or_default() += 1;
+        Some(AddressSlot { connections: self.clone(), address })
+    }
+
+    /// A slot for one more connection of `identity`, or None over its cap.
+    fn claim(self: &Arc<Self>, identity: &str, limits: &Limits) -> Option<IdentitySlot> {
+        let mut open = self.open.lock().expect("connections lock");
+        let count = open.by_identity.entry(identity.to_owned()).or_default();
+        if *count >= limits.max_per_identity {
+            self.over_cap.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *count += 1;
+        Some(IdentitySlot { connections: self.clone(), identity: identity.to_owned() })
     }
 }
 
-async fn serve_connection(tcp: TcpStream, acceptor: TlsAcceptor, commands: mpsc::Sender<Command>, admins: &BTreeSet<String>) -> Result<(), String> {
-    let mut tls = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp))
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(count) = counts.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
+/// One open connection from an address; released when dropped.
+struct AddressSlot {
+    connections: Arc<Connections>,
+    address: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock().expect("connections lock");
+        open.total -= 1;
+        release(&mut open.by_address, &self.address);
+    }
+}
+
+/// One open connection of an identity; released when dropped.
+struct IdentitySlot {
+    connections: Arc<Connections>,
+    identity: String,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        release(&mut self.connections.open.lock().expect("connections lock").by_identity, &self.identity);
+    }
+}
+
+/// Doubles the pause after each failed accept (out of descriptors, say) from 5 ms to 1 s, so
+/// a failing listener neither spins nor starves the runtime; a success resets it.
+struct AcceptBackoff {
+    next: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MOST: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        AcceptBackoff { next: Self::FIRST }
+    }
+
+    fn failed(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(Self::MOST);
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Lets a repeated log line through at most once a second, counting the ones it held back.
+#[derive(Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// Some(lines held back since the last one) when a line may be logged now.
+    fn ready(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// Accepts with a backoff on errors; `serve` gets each accepted stream.
+async fn accept_with_backoff(listener: &TcpListener, what: &str, mut serve: impl FnMut(TcpStream, SocketAddr)) -> ! {
+    let mut backoff = AcceptBackoff::new();
+    let mut log = LogLimiter::default();
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                backoff.succeeded();
+                serve(tcp, peer);
+            }
+            Err(error) => {
+                let pause = backoff.failed();
+                if let Some(suppressed) = log.ready() {
+                    tracing::warn!(%error, what, pause_ms = pause.as_millis() as u64, suppressed, "accept failed (out of file descriptors? raise `ulimit -n` or lower the connection caps); pausing");
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// What each connection of the TLS listener needs.
+struct Listener {
+    acceptor: TlsAcceptor,
+    commands: mpsc::Sender<Command>,
+    admins: Vec<Fingerprint>,
+    identity_from_common_name: bool,
+    limits: Limits,
+    shared: Arc<Shared>,
+}
+
+impl Listener {
+    fn is_admin(&self, fingerprint: &Fingerprint) -> bool {
+        // Every entry is compared, so the time does not tell which one matched.
+        self.admins.iter().fold(false, |found, admin| admin.matches(fingerprint) | found)
+    }
+}
+
+async fn accept_loop(listener: TcpListener, context: Arc<Listener>) {
+    accept_with_backoff(&listener, "TLS listener", |tcp, peer| {
+        // Over a cap, the connection is closed at once, before any handshake work.
+        let Some(slot) = context.shared.connections.admit(peer.ip(), &context.limits) else {
+            tracing::debug!(%peer, "connection closed at once: too many connections (in total or from this address)");
+            return;
+        };
+        let context = context.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(reason) = serve_connection(tcp, &context).await {
+                // Debug: anyone can open connections, and none may flood the log.
+                tracing::debug!(%peer, %reason, "connection refused");
+            }
+        });
+    })
+    .await
+}
+
+type Tls = TlsStream<TcpStream>;
+
+async fn serve_connection(tcp: TcpStream, context: &Listener) -> Result<(), String> {
+    let limits = &context.limits;
+    let mut tls = tokio::time::timeout(limits.handshake_timeout, context.acceptor.accept(tcp))
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let identity = peer_identity(tls.get_ref().1).ok_or("client certificate has no common name")?;
-    let frame = tokio::time::timeout(IO_TIMEOUT, read_frame(&mut tls))
+    let certificate = peer_certificate(tls.get_ref().1).map_err(|e| e.to_string())?;
+    let fingerprint = Fingerprint::of_der(certificate);
+    let identity = peer_identity(certificate, context.identity_from_common_name);
+    let frame = tokio::time::timeout(limits.request_timeout, read_frame(&mut tls))
         .await
-        .map_err(|_| format!("{identity}: no request in time"))?
-        .map_err(|e| format!("{identity}: {e}"))?;
-    if admin::is_admin_frame(&frame) {
-        if !admins.contains(&identity) {
-            return Err(format!("{identity} is not an administrator"));
+        .map_err(|_| format!("{fingerprint}: no request in time"))?
+        .map_err(|e| format!("{fingerprint}: {e}"))?;
+    // Refusals come after the request is read: closing with unread data would reset the
+    // connection and lose the refusal.
+    let admin_request = admin::is_admin_frame(&frame);
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(error) => {
+            let detail = format!("certificate {fingerprint}: {error}");
+            match admin_request {
+                true => refuse_admin(&mut tls, limits, detail.clone()).await,
+                false => refuse_join(&mut tls, limits, RefusalReason::NotInAcl, detail.clone()).await,
+            }
+            return Err(detail);
         }
-        let request: AdminRequest = admin::decode(&frame).map_err(|e| format!("{identity}: {e}"))?;
-        let (reply, answer) = oneshot::channel();
-        commands.send(Command::Admin { request, reply }).await.map_err(|_| "controller stopped")?;
-        let response = answer.await.map_err(|_| "controller stopped")?;
-        return write_frame(&mut tls, &admin::encode(&response)).await.map_err(|e| e.to_string());
+    };
+    match admin_request {
+        true => serve_admin(tls, context, &identity, &fingerprint, &frame).await,
+        false => serve_member(tls, context, &identity, &frame).await,
     }
-    let message = Message::decode(&frame).map_err(|e| format!("{identity}: {e}"))?;
+}
+
+fn over_identity_cap(identity: &str, limits: &Limits) -> String {
+    format!("{identity} already has {} connections open, the most allowed; wait for their answers and try again", limits.max_per_identity)
+}
+
+async fn serve_member(mut tls: Tls, context: &Listener, identity: &str, frame: &[u8]) -> Result<(), String> {
+    let limits = &context.limits;
+    let message = Message::decode(frame).map_err(|e| format!("{identity}: {e}"))?;
     let (reply, answer) = oneshot::channel();
+    let identity = identity.to_owned();
     let command = match message {
         Message::JoinRequest(r) => Command::Join { identity: identity.clone(), group: r.group, reply },
         Message::Leave(l) => Command::Leave { identity: identity.clone(), member: l.member, reply },
@@ -340,37 +736,239 @@ async fn serve_connection(tcp: TcpStream, acceptor: TlsAcceptor, commands: mpsc:
         Message::ResyncRequest(r) => Command::Resync { identity: identity.clone(), member: r.member, rekey_seq: r.rekey_seq, reply },
         other => return Err(format!("{identity}: unexpected {:?} on the TLS channel", MessageType::of(&other))),
     };
-    commands.send(command).await.map_err(|_| "controller stopped")?;
-    let frames = answer.await.map_err(|_| format!("{identity}: controller stopped before answering"))?;
-    for frame in frames {
-        write_frame(&mut tls, &frame).await.map_err(|e| format!("{identity}: {e}"))?;
+    // Only a join is answered "unavailable": members take a refused refresh or resync for an
+    // eviction, so those connections are closed instead and the member retries.
+    let is_join = matches!(command, Command::Join { .. });
+    let Some(_identity_slot) = context.shared.connections.claim(&identity, limits) else {
+        let detail = over_identity_cap(&identity, limits);
+        if is_join {
+            refuse_join(&mut tls, limits, RefusalReason::Unavailable, detail.clone()).await;
+        }
+        return Err(detail);
+    };
+    let frames = match ask(context, command, answer).await {
+        Ok(frames) => frames,
+        Err(detail) => {
+            if is_join {
+                refuse_join(&mut tls, limits, RefusalReason::Unavailable, detail.to_string()).await;
+            }
+            return Err(format!("{identity}: {detail}"));
+        }
+    };
+    write_frames(&mut tls, limits, &frames).await.map_err(|e| format!("{identity}: {e}"))
+}
+
+async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerprint: &Fingerprint, frame: &[u8]) -> Result<(), String> {
+    let limits = &context.limits;
+    let Some(_identity_slot) = context.shared.connections.claim(identity, limits) else {
+        let detail = over_identity_cap(identity, limits);
+        refuse_admin(&mut tls, limits, detail.clone()).await;
+        return Err(detail);
+    };
+    // Checked before the request is parsed: others never reach the JSON decoder.
+    if !context.is_admin(fingerprint) {
+        let detail = format!("{identity} (certificate {fingerprint}) is not an administrator: its fingerprint is not in the controller's `admins`");
+        refuse_admin(&mut tls, limits, detail.clone()).await;
+        return Err(detail);
     }
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
-    Ok(())
+    let request: AdminRequest = match admin::decode(frame) {
+        Ok(request) => request,
+        Err(error) => {
+            refuse_admin(&mut tls, limits, error.clone()).await;
+            return Err(format!("{identity}: {error}"));
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    let response = match ask(context, Command::Admin { request, reply }, answer).await {
+        Ok(response) => response,
+        Err(detail) => AdminResponse::Error(detail.into()),
+    };
+    write_frames(&mut tls, limits, &[admin::encode(&response)]).await.map_err(|e| format!("{identity}: {e}"))
+}
+
+/// Sends `command` to the controller and waits, within the answer deadline, for its answer.
+async fn ask<T>(context: &Listener, command: Command, answer: oneshot::Receiver<T>) -> Result<T, &'static str> {
+    let late = match command {
+        Command::Join { .. } => "timed out waiting for the epoch's rekey; try again",
+        _ => "timed out waiting for the controller; try again",
+    };
+    const STOPPED: &str = "the controller has stopped; try again later";
+    let asked = async {
+        context.commands.send(command).await.map_err(|_| STOPPED)?;
+        answer.await.map_err(|_| STOPPED)
+    };
+    match tokio::time::timeout(context.limits.answer_timeout, asked).await {
+        Ok(result) => result,
+        Err(_) => {
+            context.shared.connections.answers_timed_out.fetch_add(1, Ordering::Relaxed);
+            Err(late)
+        }
+    }
+}
+
+async fn refuse_join(tls: &mut Tls, limits: &Limits, reason: RefusalReason, detail: String) {
+    let _ = write_frames(tls, limits, &[refusal_frame(reason, detail)]).await;
+}
+
+async fn refuse_admin(tls: &mut Tls, limits: &Limits, detail: String) {
+    let _ = write_frames(tls, limits, &[admin::encode(&AdminResponse::Error(detail))]).await;
+}
+
+/// Writes the answer and closes, within the request deadline (a peer that stops reading
+/// cannot hold the connection).
+async fn write_frames(tls: &mut Tls, limits: &Limits, frames: &[Vec<u8>]) -> Result<(), String> {
+    let write = async {
+        for frame in frames {
+            write_frame(tls, frame).await?;
+        }
+        tokio::io::AsyncWriteExt::shutdown(tls).await
+    };
+    match tokio::time::timeout(limits.request_timeout, write).await {
+        Ok(result) => result.map_err(|e| format!("cannot send the answer: {e}")),
+        Err(_) => Err("the peer did not read its answer in time".into()),
+    }
 }
 
 /// Prometheus text format on GET (any path); off unless configured.
-async fn serve_metrics(addr: SocketAddr, stats: Arc<Mutex<Stats>>) {
+async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
     let Ok(listener) = TcpListener::bind(addr).await else {
         tracing::error!(%addr, "cannot bind the metrics endpoint");
         return;
     };
-    loop {
-        let Ok((mut tcp, _)) = listener.accept().await else { continue };
-        let s = stats.lock().expect("stats lock").clone();
+    accept_with_backoff(&listener, "metrics endpoint", |mut tcp, _| {
+        let s = shared.snapshot();
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut request = [0u8; 1024];
-            let _ = tokio::time::timeout(IO_TIMEOUT, tcp.read(&mut request)).await;
-            let body = format!(
-                "# TYPE keycast_members gauge\nkeycast_members {}\n# TYPE keycast_epoch gauge\nkeycast_epoch {}\n\
-                 # TYPE keycast_rekeys_total counter\nkeycast_rekeys_total {}\n# TYPE keycast_rekey_bytes_total counter\n\
-                 keycast_rekey_bytes_total {}\n# TYPE keycast_joins_total counter\nkeycast_joins_total {}\n\
-                 # TYPE keycast_join_latency_ms gauge\nkeycast_join_latency_ms {}\n",
-                s.members, s.epoch, s.rekeys, s.rekey_bytes, s.joins, s.mean_join_latency_ms
-            );
+            let _ = tokio::time::timeout(METRICS_TIMEOUT, tcp.read(&mut request)).await;
+            let body = metrics_text(&s);
             let response = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-            let _ = tcp.write_all(response.as_bytes()).await;
+            let _ = tokio::time::timeout(METRICS_TIMEOUT, tcp.write_all(response.as_bytes())).await;
         });
+    })
+    .await
+}
+
+const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn metrics_text(s: &Stats) -> String {
+    let series: [(&str, &str, String); 10] = [
+        ("keycast_members", "gauge", s.members.to_string()),
+        ("keycast_epoch", "gauge", s.epoch.to_string()),
+        ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
+        ("keycast_rekey_bytes_total", "counter", s.rekey_bytes.to_string()),
+        ("keycast_joins_total", "counter", s.joins.to_string()),
+        ("keycast_join_latency_ms", "gauge", s.mean_join_latency_ms.to_string()),
+        ("keycast_connections_open", "gauge", s.connections_open.to_string()),
+        ("keycast_connections_over_cap_total", "counter", s.connections_over_cap.to_string()),
+        ("keycast_answers_timed_out_total", "counter", s.answers_timed_out.to_string()),
+        ("keycast_controller_errors_total", "counter", s.controller_errors.to_string()),
+    ];
+    series.iter().map(|(name, kind, value)| format!("# TYPE {name} {kind}\n{name} {value}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::sync::atomic::AtomicBool;
+
+    use keycast_core::wire::rekey::PacketConfig;
+    use keycast_core::{GraphConfig, JoinPolicy, Scheme};
+    use redb::backends::InMemoryBackend;
+
+    /// A disk in memory that refuses every write once `broken` is set.
+    #[derive(Debug)]
+    struct FailingDisk {
+        memory: InMemoryBackend,
+        broken: Arc<AtomicBool>,
+    }
+
+    impl FailingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            match self.broken.load(Ordering::Relaxed) {
+                true => Err(std::io::Error::other("disk unplugged")),
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FailingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.memory.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            self.memory.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.memory.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+            self.check()?;
+            self.memory.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.memory.write(offset, data)
+        }
+    }
+
+    async fn join(commands: &mpsc::Sender<Command>, identity: &str) -> Option<Frames> {
+        let (reply, answer) = oneshot::channel();
+        commands.send(Command::Join { identity: identity.into(), group: GroupId(7), reply }).await.ok()?;
+        tokio::time::timeout(Duration::from_secs(5), answer).await.expect("an answer or a stop in time").ok()
+    }
+
+    #[tokio::test]
+    async fn only_a_log_failure_stops_the_controller_and_its_reason_names_the_log() {
+        let policy = GroupPolicy {
+            group: GroupId(7),
+            graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+            epoch_ms: 50,
+            activation_delay: 1,
+            heartbeat_ms: 20,
+            refresh_timeout_ms: 10_000,
+            immediate_eviction: true,
+            membership_deltas: false,
+            packets: PacketConfig::default(),
+        };
+        let acl = BTreeSet::from(["member-1".to_string(), "member-2".to_string()]);
+        let (controller, _genesis) = Controller::create(policy, acl, now_ms(), entropy(), entropy()).unwrap();
+        let broken = Arc::new(AtomicBool::new(false));
+        let store = Store::with_backend(FailingDisk { memory: InMemoryBackend::new(), broken: broken.clone() });
+        let port = multicast::free_port().unwrap();
+        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8), port);
+        let socket = multicast::sender(&MulticastConfig { address: group, interface: Ipv4Addr::LOCALHOST, ttl: 1 }).unwrap();
+        let task = ControllerTask {
+            controller,
+            store,
+            database: PathBuf::from("/srv/keycast/controller.redb"),
+            socket,
+            group,
+            shared: Arc::new(Shared::default()),
+            joins: HashMap::new(),
+            join_conns: HashMap::new(),
+            error_log: LogLimiter::default(),
+        };
+        let (commands, rx) = mpsc::channel(8);
+        let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));
+
+        let admitted = join(&commands, "member-1").await.expect("admitted while the log works");
+        assert!(matches!(JoinAnswer::decode(&admitted[0]), Ok(JoinAnswer::Accepted(_))));
+        broken.store(true, Ordering::Relaxed);
+        // The next batch cannot be recorded: nothing is sent for it and the controller stops.
+        assert_eq!(join(&commands, "member-2").await, None, "a batch the log refused was answered");
+        let reason = tokio::time::timeout(Duration::from_secs(5), run).await.expect("the controller stopped").unwrap();
+        assert!(reason.contains("cannot write the controller's log /srv/keycast/controller.redb") && reason.contains("disk unplugged"), "{reason}");
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_one_second_and_resets_on_success() {
+        let mut backoff = AcceptBackoff::new();
+        let pauses: Vec<u64> = (0..10).map(|_| backoff.failed().as_millis() as u64).collect();
+        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(), Duration::from_millis(5));
     }
 }

@@ -156,6 +156,13 @@ impl Store {
         Ok((Store { db, next, key }, records))
     }
 
+    /// A log over any redb backend: tests use one whose writes fail on demand.
+    #[cfg(test)]
+    pub(crate) fn with_backend(backend: impl redb::StorageBackend) -> Store {
+        let db = redb::Builder::new().create_with_backend(backend).expect("a database on the test backend");
+        Store { db, next: 0, key: None }
+    }
+
     /// Appends `records` durably, all or none. A snapshot replaces every record before it, in
     /// the same transaction: a crash leaves either the old log or the snapshot and what follows.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {

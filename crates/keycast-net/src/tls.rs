@@ -70,12 +70,63 @@ pub fn client_config(credentials: &Credentials) -> Result<Arc<ClientConfig>, Tls
     Ok(Arc::new(config))
 }
 
-/// The identity of a verified peer: the common name of its certificate.
-pub fn peer_identity(state: &rustls::CommonState) -> Option<String> {
-    let cert = state.peer_certificates()?.first()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
-    Some(cn)
+/// Longest identity accepted from a certificate.
+pub const MAX_IDENTITY_LEN: usize = 255;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("the client certificate cannot be parsed")]
+    Unparsable,
+    #[error("the client certificate names no identity: it has no URI or DNS subject alternative name{0}")]
+    NoIdentity(&'static str),
+    #[error("the identity is empty, longer than {MAX_IDENTITY_LEN} bytes or holds control characters")]
+    BadIdentity,
+}
+
+/// The identity of a verified peer: its certificate's first URI subject alternative name,
+/// else its first DNS one; the subject's common name only if `common_name_fallback` (a member
+/// certificate's CN is whatever its requester asked for; SANs are what CAs vet).
+pub fn peer_identity(cert_der: &[u8], common_name_fallback: bool) -> Result<String, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert_der).map_err(|_| IdentityError::Unparsable)?;
+    let names = parsed.subject_alternative_name().map_err(|_| IdentityError::Unparsable)?;
+    let names = names.map(|ext| ext.value.general_names.as_slice()).unwrap_or_default();
+    let uri = names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    let dns = names.iter().find_map(|n| match n {
+        GeneralName::DNSName(dns) => Some(*dns),
+        _ => None,
+    });
+    let identity = match uri.or(dns) {
+        Some(name) => name.to_owned(),
+        None if common_name_fallback => parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(IdentityError::NoIdentity(" and no common name"))?
+            .to_owned(),
+        None => return Err(IdentityError::NoIdentity(" (the common name is used only with identity_from_common_name = true)")),
+    };
+    check_identity(&identity)?;
+    Ok(identity)
+}
+
+/// An identity is 1 to 255 bytes without control characters (it appears in logs and tables).
+pub fn check_identity(identity: &str) -> Result<(), IdentityError> {
+    if identity.is_empty() || identity.len() > MAX_IDENTITY_LEN || identity.chars().any(char::is_control) {
+        return Err(IdentityError::BadIdentity);
+    }
+    Ok(())
+}
+
+/// The verified peer's first certificate.
+pub fn peer_certificate(state: &rustls::CommonState) -> Result<&[u8], IdentityError> {
+    state.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref()).ok_or(IdentityError::NoCertificate)
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(stream: &mut W, message: &[u8]) -> std::io::Result<()> {

@@ -32,7 +32,7 @@ enum Command {
     Server(net::ConfigArg),
     /// Join a group as a member, print its events, optionally send a test stream.
     Member(net::MemberArgs),
-    /// Administer a running controller: list, evict, stats.
+    /// Administer a running controller: list, evict, readmit, acl, stats.
     Admin(net::AdminArgs),
     /// Simulations that reproduce the papers' measurements.
     #[command(subcommand)]

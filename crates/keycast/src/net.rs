@@ -1,6 +1,5 @@
 //! `keycast init`, `server`, `member` and `admin`: the networked system from config files.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
 use keycast_net::pki::{Authority, Credentials, RcgenError};
 use keycast_net::server::{Server, ServerSetup};
-use keycast_net::tls::{client_config, read_frame, server_config, write_frame};
+use keycast_net::tls::{client_config, server_config};
 
 #[derive(Args)]
 pub struct InitArgs {
@@ -58,12 +57,42 @@ pub struct AdminArgs {
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
-    /// The group's members.
+    /// The group's members: id, identity, and how long ago the controller last heard from each.
     List,
-    /// Remove a member at once (its keys are replaced immediately).
-    Evict { member: u64 },
-    /// Members, epoch, rekeys, bytes, joins.
+    /// Remove a member at once (its keys are replaced immediately) and revoke its identity
+    /// until `readmit`. TARGET is a member id (a number) or an identity.
+    Evict { target: String },
+    /// Let a revoked identity join again.
+    Readmit { identity: String },
+    /// The ACL: add, remove (removes its member at once) or list (with revoked identities).
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Members, epoch, rekeys, bytes, joins, connections.
     Stats,
+}
+
+#[derive(Subcommand)]
+pub enum AclCommand {
+    Add { identity: String },
+    Remove { identity: String },
+    List,
+}
+
+impl AdminCommand {
+    fn request(&self) -> AdminRequest {
+        match self {
+            AdminCommand::List => AdminRequest::List,
+            AdminCommand::Evict { target } => match target.parse() {
+                Ok(member) => AdminRequest::Evict { member },
+                Err(_) => AdminRequest::Revoke { identity: target.clone() },
+            },
+            AdminCommand::Readmit { identity } => AdminRequest::Readmit { identity: identity.clone() },
+            AdminCommand::Acl(AclCommand::Add { identity }) => AdminRequest::AclAdd { identity: identity.clone() },
+            AdminCommand::Acl(AclCommand::Remove { identity }) => AdminRequest::AclRemove { identity: identity.clone() },
+            AdminCommand::Acl(AclCommand::List) => AdminRequest::AclList,
+            AdminCommand::Stats => AdminRequest::Stats,
+        }
+    }
 }
 
 fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
@@ -100,7 +129,9 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     let ca = Authority::new("keycast CA").map_err(pki)?;
     write(&args.dir.join("ca.pem"), &ca.ca_pem(), false)?;
     write_credentials(&args.dir, "controller", &ca.issue("keycast-controller", true).map_err(pki)?)?;
-    write_credentials(&args.dir, "admin", &ca.issue("admin", false).map_err(pki)?)?;
+    let admin = ca.issue("admin", false).map_err(pki)?;
+    write_credentials(&args.dir, "admin", &admin)?;
+    let admin_fingerprint = admin.fingerprint()?;
     let names: Vec<String> = (1..=args.members).map(|i| format!("member-{i}")).collect();
     args.port.checked_add(1).ok_or("--port must leave room for the multicast port")?;
     let (addresses, multicast) = (addresses(args.port), multicast(args.port));
@@ -114,12 +145,12 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     }
     let acl = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
     let server = format!(
-        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Keep it private: it holds key seeds.\ndatabase = \"controller.redb\"\n# Certificate common names that may join, and that may administer.\nacl = [{acl}]\nadmins = [\"admin\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
+        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Keep it private: it holds key seeds.\ndatabase = \"controller.redb\"\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
         group = args.group,
         port = args.port
     );
     write(&args.dir.join("server.toml"), &server, false)?;
-    let admin = format!("# `keycast admin --config admin.toml list|evict ID|stats`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
+    let admin = format!("# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
     write(&args.dir.join("admin.toml"), &admin, false)?;
     println!("created {}: ca.pem, server.toml, admin.toml and {} member configs", args.dir.display(), names.len());
     println!("next: keycast server --config {}/server.toml", args.dir.display());
@@ -139,10 +170,13 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
     logging();
     let config = ServerConfig::load(&args.config).map_err(|e| e.to_string())?;
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
+    let policy = config.policy.group_policy(config.group).map_err(|e| e.to_string())?;
     let setup = ServerSetup {
-        policy: config.policy.group_policy(config.group).map_err(|e| e.to_string())?,
+        policy,
         acl: config.acl.iter().cloned().collect(),
-        admins: config.admins.iter().cloned().collect::<BTreeSet<_>>(),
+        admins: config.admin_fingerprints().map_err(|e| e.to_string())?,
+        identity_from_common_name: config.identity_from_common_name,
+        limits: config.connections.limits(&policy).map_err(|e| e.to_string())?,
         listen: config.listen,
         multicast: config.multicast.clone(),
         tls: server_config(&credentials).map_err(|e| e.to_string())?,
@@ -150,11 +184,18 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
         metrics: config.metrics,
     };
     runtime()?.block_on(async {
-        let server = Server::start(setup).await.map_err(|e| e.to_string())?;
+        let server = Server::start(setup).await.map_err(|e| {
+            format!("cannot start the controller (log {}, TLS on {}): {e}; check that the log is writable and the address free", config.database.display(), config.listen)
+        })?;
         tracing::info!(addr = %server.addr, "serving; Ctrl-C stops");
-        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
-        tracing::info!("stopping");
-        Ok(())
+        tokio::select! {
+            reason = server.stopped() => Err(format!("the controller stopped: {reason}")),
+            signal = tokio::signal::ctrl_c() => {
+                signal.map_err(|e| e.to_string())?;
+                tracing::info!("stopping");
+                Ok(())
+            }
+        }
     })
 }
 
@@ -211,34 +252,43 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
     let config = AdminConfig::load(&args.config).map_err(|e| e.to_string())?;
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
     let tls = client_config(&credentials).map_err(|e| e.to_string())?;
-    let request = match args.command {
-        AdminCommand::List => AdminRequest::List,
-        AdminCommand::Evict { member } => AdminRequest::Evict { member },
-        AdminCommand::Stats => AdminRequest::Stats,
-    };
-    let response: AdminResponse = runtime()?.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(config.server).await.map_err(|e| format!("cannot reach {}: {e}", config.server))?;
-        let name = rustls_name(&config.server_name)?;
-        let mut stream = keycast_net::tls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-        write_frame(&mut stream, &admin::encode(&request)).await.map_err(|e| e.to_string())?;
-        let frame = read_frame(&mut stream).await.map_err(|e| format!("no answer (is this identity an admin?): {e}"))?;
-        admin::decode(&frame)
-    })?;
-    match response {
-        AdminResponse::Members(rows) => {
-            println!("{:>8}  {:<24}  last seen (ms since epoch)", "member", "identity");
-            for r in rows {
-                println!("{:>8}  {:<24}  {}", r.member, r.identity, r.last_seen_ms);
-            }
-        }
-        AdminResponse::Evicted { member, found: true } => println!("member {member} evicted; its keys are replaced now"),
-        AdminResponse::Evicted { member, found: false } => return Err(format!("no member {member}")),
-        AdminResponse::Stats(s) => println!("{}", serde_json::to_string_pretty(&s).expect("plain values")),
-        AdminResponse::Error(e) => return Err(e),
-    }
+    let request = args.command.request();
+    let response = runtime()?.block_on(admin::request(config.server, &config.server_name, tls, &request))?;
+    println!("{}", describe(response)?);
     Ok(())
 }
 
-fn rustls_name(name: &str) -> Result<keycast_net::tls::ServerName<'static>, String> {
-    keycast_net::tls::ServerName::try_from(name.to_owned()).map_err(|e| format!("server name {name:?}: {e}"))
+/// The controller's answer for the operator; an error answer becomes the command's error.
+fn describe(response: AdminResponse) -> Result<String, String> {
+    Ok(match response {
+        AdminResponse::Members(rows) => {
+            let mut table = format!("{:>8}  {:<24}  last seen", "member", "identity");
+            for r in rows {
+                table += &format!("\n{:>8}  {:<24}  {:.1} s ago", r.member, r.identity, r.idle_ms as f64 / 1000.0);
+            }
+            table
+        }
+        AdminResponse::Evicted { member, found: true } => format!("member {member} evicted; its keys are replaced now and its identity is revoked (`readmit` undoes that)"),
+        AdminResponse::Evicted { member, found: false } => return Err(format!("no member {member}; `keycast admin list` shows the members")),
+        AdminResponse::Revoked { identity, member: Some(member) } => {
+            format!("{identity} (member {member}) evicted; its keys are replaced now and the identity is revoked (`readmit` undoes that)")
+        }
+        AdminResponse::Revoked { identity, member: None } => format!("{identity} is revoked: it had no member; its joins are refused until `readmit`"),
+        AdminResponse::Readmitted { identity, changed: true } => format!("{identity} may join again"),
+        AdminResponse::Readmitted { identity, changed: false } => format!("{identity} was not revoked; nothing changed"),
+        AdminResponse::AclChanged { identity, added: true, changed, .. } => {
+            format!("{identity} {} the ACL", if changed { "added to" } else { "was already in" })
+        }
+        AdminResponse::AclChanged { identity, added: false, changed: false, .. } => format!("{identity} was not in the ACL; nothing changed"),
+        AdminResponse::AclChanged { identity, added: false, evicted, .. } => match evicted {
+            Some(member) => format!("{identity} removed from the ACL; its member {member} was removed and its keys are replaced now"),
+            None => format!("{identity} removed from the ACL"),
+        },
+        AdminResponse::Acl { acl, revoked } => {
+            let list = |names: &[String]| if names.is_empty() { "(none)".to_string() } else { names.join("\n  ") };
+            format!("ACL ({}):\n  {}\nrevoked ({}):\n  {}", acl.len(), list(&acl), revoked.len(), list(&revoked))
+        }
+        AdminResponse::Stats(s) => serde_json::to_string_pretty(&s).expect("plain values"),
+        AdminResponse::Error(e) => return Err(e),
+    })
 }

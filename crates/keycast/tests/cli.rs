@@ -59,6 +59,14 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let init = run(&["init", ".", "--members", "2", "--port", &port.to_string()]);
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     assert!(!run(&["init", "."]).status.success(), "init must not overwrite a setup");
+    // Administrators are named by certificate fingerprint; a name is refused with the reason.
+    let server_toml = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
+    assert!(server_toml.contains("admins = [\"sha256:"), "{server_toml}");
+    let by_name = server_toml.replacen("admins = [", "admins = [\"admin\"]\n# ", 1);
+    std::fs::write(dir.path().join("by-name.toml"), by_name).unwrap();
+    let refused = run(&["server", "--config", "by-name.toml"]);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("not a certificate fingerprint"), "{why}");
 
     let mut server = KillOnDrop(
         Command::new(bin)
@@ -91,12 +99,17 @@ fn init_server_member_and_admin_work_together_on_loopback() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(listed.contains("member-2") && !listed.contains("member-1"), "{listed}");
+    assert!(listed.contains(" s ago"), "{listed}");
     let stats: serde_json::Value = serde_json::from_slice(&run(&["admin", "--config", "admin.toml", "stats"]).stdout).unwrap();
     assert_eq!(stats["members"], 1);
     assert!(stats["rekey_bytes"].as_u64().unwrap() > 0);
     let id = listed.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_string();
     let evict = run(&["admin", "--config", "admin.toml", "evict", &id]);
     assert!(String::from_utf8_lossy(&evict.stdout).contains("evicted"));
+    let acl = String::from_utf8_lossy(&run(&["admin", "--config", "admin.toml", "acl", "list"]).stdout).to_string();
+    assert!(acl.contains("revoked (1):\n  member-2"), "{acl}");
+    let readmit = run(&["admin", "--config", "admin.toml", "readmit", "member-2"]);
+    assert!(String::from_utf8_lossy(&readmit.stdout).contains("member-2 may join again"), "{readmit:?}");
 
     let heard = String::from_utf8_lossy(&listener.wait_with_output().unwrap().stdout).to_string();
     assert!(heard.contains("data: test message"), "member-2 heard no data: {heard}");
@@ -105,6 +118,57 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let mut log = String::new();
     std::io::Read::read_to_string(server.0.stderr.as_mut().unwrap(), &mut log).unwrap();
     assert!(log.contains("eviction ordered"), "{log}");
+}
+
+/// CPU time (user + system, in clock ticks of 10 ms) a process has used, from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the server is running");
+    // Fields after the command name (in parentheses): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A controller out of file descriptors backs off instead of spinning on `accept`, logs the
+/// failure at most once a second, and serves the administrator once descriptors are free.
+#[test]
+fn a_controller_out_of_descriptors_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bin = env!("CARGO_BIN_EXE_keycast");
+    let run = |args: &[&str]| Command::new(bin).args(args).current_dir(dir.path()).output().unwrap();
+    assert!(run(&["init", ".", "--members", "1", "--port", &port.to_string()]).status.success());
+    let config = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
+    std::fs::write(dir.path().join("server.toml"), config.replace("handshake_timeout_ms = 5000", "handshake_timeout_ms = 2000")).unwrap();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let script = format!("ulimit -n 32 && exec '{bin}' server --config server.toml");
+    let server = KillOnDrop(
+        Command::new("sh").args(["-c", &script]).current_dir(dir.path()).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap(),
+    );
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        match std::net::TcpStream::connect(address) {
+            Ok(tcp) => idle.push(tcp),
+            Err(_) if idle.is_empty() => std::thread::sleep(std::time::Duration::from_millis(50)),
+            Err(e) => panic!("connect: {e}"),
+        }
+        if idle.len() == 60 {
+            break;
+        }
+    }
+    assert_eq!(idle.len(), 60, "the controller never listened");
+    // 60 idle connections and 32 descriptors: accept fails until the handshakes time out.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = cpu_ticks(server.0.id());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let spent = cpu_ticks(server.0.id()) - before;
+    assert!(spent < 30, "the controller used {spent}0 ms of CPU in 1.5 s while out of descriptors");
+    drop(idle);
+    let stats = run(&["admin", "--config", "admin.toml", "stats"]);
+    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let failures = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert!((1..=5).contains(&failures), "{failures} accept failures logged in about 3 s:\n{log}");
 }
 
 /// A child process that cannot outlive a failed test.
@@ -301,3 +365,4 @@ fn bench_quick_json_is_consistent_and_never_beats_its_floor() {
     assert!(ratio.contains_key("100") && ratio.contains_key("1000"), "{report}");
     assert!(report["keycast_remove_us"]["1000"].as_f64().is_some());
 }
+
