@@ -161,6 +161,73 @@ pub struct MemberConfig {
     pub refresh_ms: u64,
     #[serde(default = "heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// Join again by itself after being evicted or expired (default: stop).
+    #[serde(default)]
+    pub rejoin: bool,
+    /// Events the application has not read yet, at most (see `client::ClientEvent`).
+    #[serde(default = "event_capacity")]
+    pub event_capacity: usize,
+    #[serde(default)]
+    pub requests: RequestPolicy,
+}
+
+/// How a member's requests to the controller (join, leave, refresh, resync) are bounded:
+/// each attempt has a connect, TLS handshake and answer timeout; failed attempts are retried
+/// with jittered exponential backoff until the request's deadline.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestPolicy {
+    pub connect_timeout_ms: u64,
+    pub handshake_timeout_ms: u64,
+    /// From sending a request to its whole answer. A join is answered at the end of the
+    /// controller's epoch, so keep this above the epoch length.
+    pub answer_timeout_ms: u64,
+    /// Leave, refresh and resync give up after this long.
+    pub deadline_ms: u64,
+    /// A join gives up after this long (a member started before its controller waits for it).
+    pub join_deadline_ms: u64,
+    /// First pause between attempts; it doubles up to `backoff_max_ms`, each drawn at random
+    /// between half and all of it so that members do not retry in step.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RequestPolicy {
+    fn default() -> Self {
+        RequestPolicy {
+            connect_timeout_ms: 3_000,
+            handshake_timeout_ms: 3_000,
+            answer_timeout_ms: 5_000,
+            deadline_ms: 30_000,
+            join_deadline_ms: 60_000,
+            backoff_min_ms: 100,
+            backoff_max_ms: 5_000,
+        }
+    }
+}
+
+/// Bounds of `MemberConfig::event_capacity`.
+pub const EVENT_CAPACITY: std::ops::RangeInclusive<usize> = 16..=1 << 20;
+
+impl RequestPolicy {
+    /// Every timeout and deadline at least 1 ms, and backoffs in order.
+    pub fn check(&self) -> Result<(), String> {
+        let named = [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("answer_timeout_ms", self.answer_timeout_ms),
+            ("deadline_ms", self.deadline_ms),
+            ("join_deadline_ms", self.join_deadline_ms),
+            ("backoff_min_ms", self.backoff_min_ms),
+        ];
+        if let Some((name, _)) = named.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("[requests] {name} must be at least 1"));
+        }
+        if self.backoff_max_ms < self.backoff_min_ms {
+            return Err("[requests] backoff_max_ms must be at least backoff_min_ms".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -184,6 +251,10 @@ fn heartbeat_ms() -> u64 {
     500
 }
 
+fn event_capacity() -> usize {
+    1024
+}
+
 fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<(T, PathBuf), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     let value = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
@@ -205,6 +276,14 @@ impl MemberConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (mut c, base): (MemberConfig, _) = read(path)?;
         c.tls.resolve(&base);
+        let invalid = |what: String| ConfigError::Invalid(format!("{}: {what}", path.display()));
+        c.requests.check().map_err(invalid)?;
+        if !EVENT_CAPACITY.contains(&c.event_capacity) {
+            return Err(invalid(format!("event_capacity must be between {} and {}", EVENT_CAPACITY.start(), EVENT_CAPACITY.end())));
+        }
+        if c.refresh_ms == 0 || c.heartbeat_ms == 0 {
+            return Err(invalid("refresh_ms and heartbeat_ms must be at least 1".into()));
+        }
         Ok(c)
     }
 }
