@@ -45,6 +45,8 @@ pub enum Stage {
     Connect,
     Handshake,
     Answer,
+    /// The whole attempt, cut short by the request's deadline.
+    Request,
 }
 
 impl fmt::Display for Stage {
@@ -53,6 +55,7 @@ impl fmt::Display for Stage {
             Stage::Connect => "connecting to",
             Stage::Handshake => "the TLS handshake with",
             Stage::Answer => "the answer from",
+            Stage::Request => "the request to",
         })
     }
 }
@@ -84,7 +87,7 @@ pub(crate) async fn request<T>(
                 Err(e) => e,
             },
             Ok(Err(e)) => e,
-            Err(_) => ClientError::TimedOut { addr: setup.server, stage: Stage::Answer, after_ms: kind.deadline(policy).as_millis() as u64 },
+            Err(_) => ClientError::TimedOut { addr: setup.server, stage: Stage::Request, after_ms: started.elapsed().as_millis() as u64 },
         };
         let pause = Duration::from_millis(jittered(backoff));
         if !error.is_transient() || Instant::now() + pause >= deadline {
