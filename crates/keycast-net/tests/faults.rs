@@ -196,6 +196,7 @@ async fn a_stalled_request_does_not_freeze_data_or_controller_loss() {
                 ClientEvent::Member(MemberEvent::ControllerLost) => {
                     lost.get_or_insert(now);
                 }
+                ClientEvent::Member(MemberEvent::Evicted) => panic!("a controller that does not answer was taken for an eviction"),
                 _ => {}
             }
             if lost.is_some() && delivered.iter().all(Option::is_some) {
@@ -315,4 +316,39 @@ async fn a_flood_of_forged_data_is_bounded_counted_and_rekeys_still_arrive() {
     assert!(rekeyed, "the rekey's event was pushed out by the flood");
     let stats = member.stats();
     assert_eq!(queued_unreadable + stats.events_dropped - stats.member_events_dropped, stats.unreadable, "every unreadable message is queued or counted as dropped: {stats:?}");
+}
+
+/// Issue 12, finding 3: with `rejoin` set, an evicted member joins again by itself, as a new
+/// member that shares the group's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_member_set_to_rejoin_joins_again() {
+    let (group, _dir) = group(2).await;
+    let (stayer, _stayer_events) = group.join("member-2").await.unwrap();
+    let mut setup = quick(group.member_setup("member-1").unwrap());
+    setup.rejoin = true;
+    setup.refresh_ms = 100;
+    let (member, mut events) = MemberClient::join(setup).await.unwrap();
+    in_sync(&[&stayer, &member], &group).await;
+    let first = member.member();
+    assert!(group.server().evict(first).await);
+
+    let mut evicted = false;
+    let rejoined = timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.recv().await {
+            match event {
+                ClientEvent::Member(MemberEvent::Evicted) => evicted = true,
+                ClientEvent::Rejoined { member } => return member,
+                _ => {}
+            }
+        }
+        panic!("the event stream ended without a rejoin");
+    })
+    .await
+    .expect("no rejoin within 10 s");
+    assert!(evicted, "Rejoined came without Evicted before it");
+    assert_ne!(rejoined, first);
+    assert_eq!(member.member(), rejoined);
+    in_sync(&[&stayer, &member], &group).await;
+    let message = stayer.seal(b"welcome back").unwrap();
+    assert_eq!(member.open(&message).unwrap(), b"welcome back");
 }
