@@ -110,7 +110,7 @@ impl Proxy {
             let fault = if stall_all.load(Ordering::SeqCst) { Some(Fault::Stall) } else { faults.lock().unwrap().pop_front() };
             match fault {
                 Some(Fault::Reset) => {
-                    let _ = client.set_linger(Some(Duration::ZERO));
+                    let _ = client.set_zero_linger();
                     drop(client);
                 }
                 Some(Fault::Stall) => {
