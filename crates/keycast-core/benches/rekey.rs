@@ -39,7 +39,7 @@ fn bench(c: &mut Criterion) {
     let payload = Key::from_bytes([3; 32]);
     let kek = Key::from_bytes([4; 32]);
     c.bench_function("wrap/one", |b| {
-        b.iter(|| black_box(Wrap::seal(&kek, Wrapper::Key(KeyRef::new(KeyId(1), 1, 0)), KeyRef::new(KeyId(2), 2, 0), &payload)))
+        b.iter(|| black_box(Wrap::seal(&kek, Wrapper::Key(KeyRef::new(KeyId(1), 1, 0)), KeyRef::new(KeyId(2), 2, 0), &payload, &[0x3c; 12])))
     });
 
     let mut graph = full_group();

@@ -29,7 +29,9 @@ fn bench(c: &mut Criterion) {
         seq: 1,
         rekey_seq: 1,
         active: KeyRef::new(KeyId(0), 1, 0),
+        active_check: [0; 8],
         pending: None,
+        pending_check: [0; 8],
         group_size: N,
         sent_ms: 0,
     };

@@ -21,7 +21,7 @@ fn bench(c: &mut Criterion) {
         use keycast_core::{key::Key, KeyId, KeyRef, Wrap, Wrapper};
         let kek = KeyRef::new(KeyId(1), 1, 0);
         let payload = Key::from_bytes([9; 32]);
-        b.iter_batched(|| Key::from_bytes(keys[next()]), |k| black_box(Wrap::seal(&k, Wrapper::Key(kek), KeyRef::new(KeyId(2), 3, 0), &payload)), BatchSize::SmallInput)
+        b.iter_batched(|| Key::from_bytes(keys[next()]), |k| black_box(Wrap::seal(&k, Wrapper::Key(kek), KeyRef::new(KeyId(2), 3, 0), &payload, &[0x3c; 12])), BatchSize::SmallInput)
     });
     // aws-lc-rs keeps ring's AEAD API, so one body measures both.
     macro_rules! ring_api {

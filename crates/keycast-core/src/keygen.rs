@@ -44,6 +44,19 @@ impl core::fmt::Debug for BatchSeed {
     }
 }
 
+/// Key stream of a batch's nonce salt, apart from every stream that draws keys.
+const SALT_STREAM: u64 = u64::MAX - 2;
+
+/// The nonce salt of the rekey made from `seed` (see [`crate::wrap`]): replaying a logged batch
+/// redraws it, a new batch draws a fresh one.
+pub fn nonce_salt(seed: &BatchSeed) -> crate::wrap::NonceSalt {
+    let mut rng = ChaCha20Rng::from_seed(seed.0);
+    rng.set_stream(SALT_STREAM);
+    let mut salt = [0u8; crate::wrap::SALT_LEN];
+    rng.fill_bytes(&mut salt);
+    salt
+}
+
 /// A stream of fresh keys.
 pub struct KeyGen {
     rng: ChaCha20Rng,

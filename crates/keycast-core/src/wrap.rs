@@ -4,10 +4,12 @@
 //! over the 32-byte wrapped key, with the refs of both keys as associated data.
 //! `benches/wrap_candidates.rs` measures the alternatives; see the README for the figures.
 //!
-//! Nonce: the 12-byte ref of the wrapped key. A ref names one key value for the life of a
-//! group, so if one wrapping key ever sees the same nonce twice it is sealing the same
-//! plaintext with the same associated data, which produces the same ciphertext and reveals
-//! nothing. No two different messages are ever sealed under one (key, nonce) pair.
+//! Nonce: the 12-byte ref of the wrapped key XOR the rekey's 12-byte nonce salt, drawn from
+//! the batch's seed. Within one rekey refs are distinct, so nonces are; across rekeys the
+//! salts are independent random values. A ref alone would not do: a controller restarted from
+//! an older copy of its log reuses refs for new keys, and the same (key, nonce) would then seal
+//! two plaintexts. Replaying a logged batch redraws the same salt and the same keys, which
+//! re-creates the same ciphertexts and reveals nothing new.
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use aws_lc_rs::hkdf;
@@ -16,9 +18,20 @@ use crate::key::{Key, KeyRef, KEY_LEN};
 
 /// Bytes of a sealed key: ciphertext plus the 16-byte tag.
 pub const SEALED_LEN: usize = KEY_LEN + 16;
+/// Bytes of a rekey's nonce salt (one AES-GCM nonce).
+pub const SALT_LEN: usize = 12;
+/// Bytes of a key check value.
+pub const CHECK_LEN: usize = 8;
+
+/// A rekey's nonce salt: every wrap of the rekey is sealed under nonce = wrapped ref XOR salt.
+pub type NonceSalt = [u8; SALT_LEN];
+/// A key check value: lets a member see that a key it holds is not the one a heartbeat names,
+/// without revealing anything of the key (a one-way function of it).
+pub type KeyCheck = [u8; CHECK_LEN];
 
 const REVISION_LABEL: &[u8] = b"keycast/v1 revision";
 const FLAT_KEK_LABEL: &[u8] = b"keycast/v1 flat kek";
+const KEY_CHECK_LABEL: &[u8] = b"keycast/v2 key check";
 
 /// The key a wrap was sealed under.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -66,6 +79,8 @@ pub struct Wrap {
     pub under: Wrapper,
     /// AES-256-GCM ciphertext and tag.
     pub sealed: [u8; SEALED_LEN],
+    /// The rekey's nonce salt (carried once per packet on the wire).
+    pub salt: NonceSalt,
 }
 
 /// Authentication failed: the wrap was tampered with or the wrong key was used.
@@ -82,17 +97,18 @@ impl Wrap {
         KeyRef::ENCODED_LEN + self.under.encoded_len() + SEALED_LEN
     }
 
-    /// Seals `key` (named `key_ref`) under `wrapping_key` (named by `under`).
-    pub fn seal(wrapping_key: &Key, under: Wrapper, key_ref: KeyRef, key: &Key) -> Wrap {
+    /// Seals `key` (named `key_ref`) under `wrapping_key` (named by `under`), with the rekey's
+    /// nonce salt.
+    pub fn seal(wrapping_key: &Key, under: Wrapper, key_ref: KeyRef, key: &Key, salt: &NonceSalt) -> Wrap {
         let aead = aead_key(wrapping_key);
         let mut sealed = [0u8; SEALED_LEN];
         sealed[..KEY_LEN].copy_from_slice(key.as_bytes());
         let aad = aad_bytes(key_ref, &under);
         let tag = aead
-            .seal_in_place_separate_tag(nonce(key_ref), Aad::from(&aad[..]), &mut sealed[..KEY_LEN])
+            .seal_in_place_separate_tag(nonce(key_ref, salt), Aad::from(&aad[..]), &mut sealed[..KEY_LEN])
             .expect("AES-256-GCM seals 32 bytes");
         sealed[KEY_LEN..].copy_from_slice(tag.as_ref());
-        Wrap { key: key_ref, under, sealed }
+        Wrap { key: key_ref, under, sealed, salt: *salt }
     }
 
     /// Opens this wrap with the key it claims to be sealed under.
@@ -101,7 +117,7 @@ impl Wrap {
         let mut buf = self.sealed;
         let aad = aad_bytes(self.key, &self.under);
         let result = aead
-            .open_in_place(nonce(self.key), Aad::from(&aad[..]), &mut buf)
+            .open_in_place(nonce(self.key, &self.salt), Aad::from(&aad[..]), &mut buf)
             .map(|plain| {
                 let mut bytes = [0u8; KEY_LEN];
                 bytes.copy_from_slice(plain);
@@ -117,8 +133,35 @@ fn aead_key(key: &Key) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.as_bytes()).expect("32-byte AES-256 key"))
 }
 
-fn nonce(key_ref: KeyRef) -> Nonce {
-    Nonce::assume_unique_for_key(key_ref.to_bytes())
+/// The AES-GCM nonce of a wrap (public so that audits can check nonces are never reused).
+pub fn wrap_nonce(key_ref: KeyRef, salt: &NonceSalt) -> [u8; SALT_LEN] {
+    let mut nonce = key_ref.to_bytes();
+    for (n, s) in nonce.iter_mut().zip(salt) {
+        *n ^= s;
+    }
+    nonce
+}
+
+fn nonce(key_ref: KeyRef, salt: &NonceSalt) -> Nonce {
+    Nonce::assume_unique_for_key(wrap_nonce(key_ref, salt))
+}
+
+/// The key check value of `key` (named `key_ref`): HKDF-Expand(key, label || ref), 8 bytes.
+pub fn key_check(key: &Key, key_ref: KeyRef) -> KeyCheck {
+    let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, key.as_bytes());
+    let mut check = [0u8; CHECK_LEN];
+    prk.expand(&[KEY_CHECK_LABEL, &key_ref.to_bytes()], CheckLen)
+        .and_then(|okm| okm.fill(&mut check))
+        .expect("HKDF-SHA256 yields 8 bytes");
+    check
+}
+
+struct CheckLen;
+
+impl hkdf::KeyType for CheckLen {
+    fn len(&self) -> usize {
+        CHECK_LEN
+    }
 }
 
 const MAX_AAD: usize = 3 * KeyRef::ENCODED_LEN + 1;
@@ -195,7 +238,7 @@ mod tests {
     fn wrap_round_trips_and_binds_refs() {
         let kek_ref = KeyRef::new(KeyId(1), 1, 0);
         let key_ref = KeyRef::new(KeyId(2), 5, 0);
-        let wrap = Wrap::seal(&key(1), Wrapper::Key(kek_ref), key_ref, &key(9));
+        let wrap = Wrap::seal(&key(1), Wrapper::Key(kek_ref), key_ref, &key(9), &[5; SALT_LEN]);
         assert_eq!(wrap.open(&key(1)).unwrap(), key(9));
         assert!(wrap.open(&key(2)).is_err(), "wrong key must fail");
         let mut relabelled = wrap.clone();
@@ -204,6 +247,18 @@ mod tests {
         let mut flipped = wrap.clone();
         flipped.sealed[3] ^= 1;
         assert!(flipped.open(&key(1)).is_err(), "ciphertext is authenticated");
+        let mut resalted = wrap.clone();
+        resalted.salt[0] ^= 1;
+        assert!(resalted.open(&key(1)).is_err(), "the salt is part of the nonce");
+    }
+
+    #[test]
+    fn one_ref_under_two_salts_gets_two_nonces_and_checks_tell_keys_apart() {
+        let r = KeyRef::new(KeyId(2), 5, 0);
+        assert_ne!(wrap_nonce(r, &[1; SALT_LEN]), wrap_nonce(r, &[2; SALT_LEN]));
+        assert_eq!(key_check(&key(1), r), key_check(&key(1), r));
+        assert_ne!(key_check(&key(1), r), key_check(&key(2), r));
+        assert_ne!(key_check(&key(1), r), key_check(&key(1), KeyRef { version: 6, ..r }));
     }
 
     #[test]

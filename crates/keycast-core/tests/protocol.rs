@@ -259,10 +259,10 @@ impl World {
         for id in ids {
             let m = self.members.get_mut(&id).unwrap();
             if !m.silent {
-                let _ = self.controller.refresh(&m.identity, id, now);
+                let _ = self.controller.refresh(&m.identity, id, m.session.rekey_seq(), now);
             }
             if m.session.needs_resync() {
-                match self.controller.resync(&m.identity, id, now) {
+                match self.controller.resync(&m.identity, id, m.session.rekey_seq(), now) {
                     Ok(answer) => {
                         m.session.resynced(answer);
                         self.resyncs += 1;
@@ -290,16 +290,16 @@ impl World {
         let epoch = self.controller.epoch_at(self.now);
         let active = self.controller.active_key(epoch);
         let mut sealed = None;
-        for (id, m) in &self.members {
+        for (id, m) in &mut self.members {
             let held = m.session.active_key().map(|(r, _)| r);
             assert_eq!(held, Some(active), "member {id:?} is not at the active key");
             sealed.get_or_insert_with(|| m.session.seal(b"tick", [3; 16]).unwrap());
         }
         if let Some(data) = sealed {
-            for m in self.members.values() {
+            for m in self.members.values_mut() {
                 assert_eq!(m.session.open(&data).unwrap(), b"tick");
             }
-            for gone in &self.evicted {
+            for gone in &mut self.evicted {
                 // A removal takes effect at its batch's activation (immediately for evictions).
                 let removed_by = self.log.iter().find_map(|r| match r {
                     Record::Batch { activation, leaves, .. } if leaves.contains(&gone.member()) => Some(*activation),

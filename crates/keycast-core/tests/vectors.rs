@@ -1,4 +1,4 @@
-//! Test vectors for the wire format (`tests/vectors/wire-v1.json`): encoded messages, the
+//! Test vectors for the wire format (`tests/vectors/wire-v2.json`): encoded messages, the
 //! values they decode to, whether they verify, and for rekey packets the keys a member holds
 //! and the group key it must derive. Another implementation can check itself against them.
 //!
@@ -9,13 +9,14 @@
 
 use keycast_core::wire::rekey::RekeyContext;
 use keycast_core::wire::*;
+use keycast_core::wrap::key_check;
 use keycast_core::{
     new_graph, Batch, BatchSeed, GraphConfig, JoinPolicy, Key, KeyId, KeyRef, MemberId, MemberKeys, Position, Scheme, Wrap,
     Wrapper,
 };
 use serde_json::{json, Value};
 
-const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/wire-v1.json");
+const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/wire-v2.json");
 const SIGNER_SEED: [u8; 32] = [0x5e; 32];
 
 fn key_ref(r: KeyRef) -> Value {
@@ -42,7 +43,7 @@ fn pending(p: Option<PendingKey>) -> Value {
 }
 
 fn data(d: &Data) -> Value {
-    json!({"group": d.group.0, "key": key_ref(d.key), "nonce": hex::encode(d.nonce), "ciphertext": hex::encode(&d.ciphertext)})
+    json!({"group": d.group.0, "sender": d.sender.0, "seq": d.seq, "key": key_ref(d.key), "nonce": hex::encode(d.nonce), "ciphertext": hex::encode(&d.ciphertext)})
 }
 
 /// The decoded value of a message, field by field.
@@ -50,7 +51,7 @@ fn describe(message: &Message) -> Value {
     match message {
         Message::Rekey(p) => json!({"rekey": {
             "group": p.header.group.0, "epoch": p.header.epoch, "seq": p.header.seq,
-            "activation": p.header.activation, "group_key": key_ref(p.header.group_key),
+            "activation": p.header.activation, "group_key": key_ref(p.header.group_key), "salt": hex::encode(p.header.salt),
             "index": p.header.index, "count": p.header.count, "block_bits": p.header.block_bits,
             "wraps": p.wraps.iter().map(wrap).collect::<Vec<_>>(),
             "signature": hex::encode(p.signature),
@@ -60,7 +61,8 @@ fn describe(message: &Message) -> Value {
             let b = &h.heartbeat;
             json!({"heartbeat": {
                 "group": b.group.0, "epoch": b.epoch, "seq": b.seq, "rekey_seq": b.rekey_seq,
-                "active": key_ref(b.active), "pending": pending(b.pending), "group_size": b.group_size,
+                "active": key_ref(b.active), "active_check": hex::encode(b.active_check), "pending": pending(b.pending),
+                "pending_check": hex::encode(b.pending_check), "group_size": b.group_size,
                 "sent_ms": b.sent_ms, "signature": hex::encode(h.signature),
             }})
         }
@@ -136,20 +138,24 @@ fn generate() -> Value {
         vectors.push(message_vector(&format!("rekey packet {i} of {}", rekey.packets.len()), p.clone(), &public));
     }
     let mut tampered = rekey.packets[0].clone();
-    tampered[60] ^= 1;
+    tampered[keycast_core::wire::rekey::HEADER_LEN + 3] ^= 1;
     vectors.push(message_vector("rekey packet 0 with one bit of a wrap flipped", tampered, &public));
     let other = Signer::from_seed(&[1; 32]);
     let forged = encode_rekey(&plan, context, small, &other).unwrap();
     vectors.push(message_vector("rekey packet 0 signed by another key", forged.packets[0].clone(), &public));
 
     let active = plan.group_key;
+    let pending_ref = KeyRef::new(active.id, active.version + 1, 0);
     let beat = Heartbeat {
         group,
         epoch: 8,
         seq: 41,
         rekey_seq: 3,
         active,
-        pending: Some(PendingKey { key: KeyRef::new(active.id, active.version + 1, 0), activation: 9 }),
+        active_check: key_check(graph.group_key().1, active),
+        pending: Some(PendingKey { key: pending_ref, activation: 9 }),
+        // The check value of the 32 bytes 0x42 under the pending ref.
+        pending_check: key_check(&Key::from_bytes([0x42; 32]), pending_ref),
         group_size: 15,
         sent_ms: 1_795_000_000_000,
     };
@@ -196,14 +202,14 @@ fn generate() -> Value {
         ),
         (
             "data",
-            Message::Data(Data { group, key: active, nonce: [0xa5; 16], ciphertext: b"sealed application bytes".to_vec() }),
+            Message::Data(Data { group, sender: MemberId(9), seq: 7 << 40, key: active, nonce: [0xa5; 16], ciphertext: b"sealed application bytes".to_vec() }),
         ),
         (
             "relayed data",
             Message::RelayedData(RelayedData {
                 origin: GroupId(1),
                 hops: 1,
-                data: Data { group, key: active, nonce: [0x5a; 16], ciphertext: vec![1, 2, 3] },
+                data: Data { group, sender: MemberId(3), seq: 1, key: active, nonce: [0x5a; 16], ciphertext: vec![1, 2, 3] },
             }),
         ),
     ];
@@ -212,7 +218,7 @@ fn generate() -> Value {
     }
     let leave = Leave { group, member: MemberId(9) }.encode();
     let malformed: Vec<(&str, Vec<u8>)> = vec![
-        ("unknown version", [&[2u8][..], &leave[1..]].concat()),
+        ("unknown version", [&[WIRE_VERSION + 1][..], &leave[1..]].concat()),
         ("unknown type", [&leave[..1], &[200u8][..], &leave[2..]].concat()),
         ("trailing byte", [&leave[..], &[0u8][..]].concat()),
         ("truncated", leave[..12].to_vec()),
@@ -253,7 +259,7 @@ fn committed_vectors_match_the_encoder_and_decode_as_recorded() {
     if std::env::var_os("KEYCAST_REGENERATE_VECTORS").is_some() {
         std::fs::write(PATH, &generated).unwrap();
     }
-    let committed = std::fs::read_to_string(PATH).expect("tests/vectors/wire-v1.json (regenerate: see the module doc)");
+    let committed = std::fs::read_to_string(PATH).expect("tests/vectors/wire-v2.json (regenerate: see the module doc)");
     assert!(committed == generated, "the encoder no longer produces the committed vectors");
 
     // Now read the file as another implementation would.

@@ -29,7 +29,8 @@ fn wrap() -> impl Strategy<Value = Wrap> {
             let mut sealed = [0u8; 48];
             sealed[..32].copy_from_slice(&a);
             sealed[32..].copy_from_slice(&b);
-            Wrap { key, under, sealed }
+            // Decoding gives every wrap its packet's salt: rekey_packet() sets it.
+            Wrap { key, under, sealed, salt: [0; 12] }
         },
     )
 }
@@ -62,8 +63,9 @@ fn signature() -> impl Strategy<Value = [u8; 64]> {
 }
 
 fn rekey_packet() -> impl Strategy<Value = RekeyPacket> {
-    (any::<[u64; 4]>(), key_ref(), 1u32..5000, 0u8..=10, prop::collection::vec(wrap(), 0..14), signature())
-        .prop_flat_map(|(fields, group_key, count, block_bits, wraps, signature)| {
+    (any::<[u64; 4]>(), key_ref(), any::<[u8; 12]>(), 1u32..5000, 0u8..=10, prop::collection::vec(wrap(), 0..14), signature())
+        .prop_flat_map(|(fields, group_key, salt, count, block_bits, wraps, signature)| {
+            let wraps: Vec<Wrap> = wraps.into_iter().map(|w| Wrap { salt, ..w }).collect();
             (0..count).prop_flat_map(move |index| {
                 let header = RekeyHeader {
                     group: GroupId(fields[0]),
@@ -71,6 +73,7 @@ fn rekey_packet() -> impl Strategy<Value = RekeyPacket> {
                     seq: fields[2],
                     activation: fields[3],
                     group_key,
+                    salt,
                     index,
                     count,
                     block_bits,
@@ -85,13 +88,16 @@ fn rekey_packet() -> impl Strategy<Value = RekeyPacket> {
 }
 
 fn heartbeat() -> impl Strategy<Value = SignedHeartbeat> {
-    (any::<[u64; 6]>(), key_ref(), pending(), signature()).prop_map(|(f, active, pending, signature)| SignedHeartbeat {
+    (any::<[u64; 6]>(), key_ref(), pending(), any::<[[u8; 8]; 2]>(), signature()).prop_map(|(f, active, pending, checks, signature)| SignedHeartbeat {
         heartbeat: Heartbeat {
             group: GroupId(f[0]),
             epoch: f[1],
             seq: f[2],
             rekey_seq: f[3],
             active,
+            active_check: checks[0],
+            // Carried only with a pending key.
+            pending_check: if pending.is_some() { checks[1] } else { [0; 8] },
             pending,
             group_size: f[4],
             sent_ms: f[5],
@@ -101,8 +107,8 @@ fn heartbeat() -> impl Strategy<Value = SignedHeartbeat> {
 }
 
 fn data() -> impl Strategy<Value = Data> {
-    (any::<u64>(), key_ref(), prop::array::uniform16(any::<u8>()), prop::collection::vec(any::<u8>(), 0..300))
-        .prop_map(|(g, key, nonce, ciphertext)| Data { group: GroupId(g), key, nonce, ciphertext })
+    (any::<[u64; 3]>(), key_ref(), prop::array::uniform16(any::<u8>()), prop::collection::vec(any::<u8>(), 0..300))
+        .prop_map(|(f, key, nonce, ciphertext)| Data { group: GroupId(f[0]), sender: MemberId(f[1]), seq: f[2], key, nonce, ciphertext })
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -212,9 +218,9 @@ proptest! {
 fn each_malformation_has_its_own_error() {
     let leave = Leave { group: GroupId(1), member: MemberId(2) }.encode();
     assert_eq!(Message::decode(&[]), Err(DecodeError::Truncated { field: "version", needed: 1, available: 0 }));
-    let mut v2 = leave.clone();
-    v2[0] = 2;
-    assert_eq!(Message::decode(&v2), Err(DecodeError::UnknownVersion(2)));
+    let mut v1 = leave.clone();
+    v1[0] = 1;
+    assert_eq!(Message::decode(&v1), Err(DecodeError::UnknownVersion(1)), "version 1 is no longer read");
     let mut unknown = leave.clone();
     unknown[1] = 99;
     assert_eq!(Message::decode(&unknown), Err(DecodeError::UnknownType(99)));
@@ -440,7 +446,9 @@ fn heartbeats_verify_and_replays_are_refused() {
         seq: 10,
         rekey_seq: 5,
         active: KeyRef::new(KeyId(1), 2, 0),
+        active_check: [1, 2, 3, 4, 5, 6, 7, 8],
         pending: Some(PendingKey { key: KeyRef::new(KeyId(1), 3, 0), activation: 4 }),
+        pending_check: [9; 8],
         group_size: 1000,
         sent_ms: 1_790_000_000_000,
     };

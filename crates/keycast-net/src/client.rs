@@ -39,8 +39,8 @@ pub struct MemberSetup {
     pub heartbeat_ms: u64,
     /// Timeouts, retries and deadlines of requests to the controller.
     pub requests: RequestPolicy,
-    /// After an eviction or expiry, join again by itself (`ClientEvent::Rejoined`) instead of
-    /// stopping.
+    /// After an expiry (or an eviction whose identity was re-admitted), join again by itself
+    /// (`ClientEvent::Rejoined`) instead of stopping. A revoked identity always stops.
     pub rejoin: bool,
     /// Events the application has not read yet, at most (clamped to `EVENT_CAPACITY`).
     pub event_capacity: usize,
@@ -251,8 +251,8 @@ impl MemberClient {
         Ok((MemberClient { setup, session, counters, sender, task }, events))
     }
 
-    fn with<T>(&self, f: impl FnOnce(&MemberSession) -> T) -> T {
-        f(&lock(&self.session))
+    fn with<T>(&self, f: impl FnOnce(&mut MemberSession) -> T) -> T {
+        f(&mut lock(&self.session))
     }
 
     pub fn member(&self) -> MemberId {
@@ -313,7 +313,7 @@ impl MemberClient {
         })
         .await;
         match answer {
-            Err(ClientError::Refused(RefusalReason::UnknownGroup, detail)) => {
+            Err(ClientError::Refused(RefusalReason::NotMember | RefusalReason::Revoked, detail)) => {
                 tracing::info!(member = member.0, %detail, "leave: the controller no longer counts this member");
                 Ok(())
             }
@@ -549,7 +549,9 @@ impl Follow {
     fn evicted(&mut self, why: &ClientError) -> bool {
         tracing::warn!(member = self.member().0, "the controller no longer counts this member: {why}");
         self.events.member(ClientEvent::Member(MemberEvent::Evicted));
-        if !self.setup.rejoin {
+        // A revoked identity's joins are refused until an administrator re-admits it.
+        let revoked = matches!(why, ClientError::Refused(RefusalReason::Revoked, _));
+        if !self.setup.rejoin || revoked {
             return false;
         }
         self.in_flight.rejoin = true;

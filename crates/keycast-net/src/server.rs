@@ -51,8 +51,8 @@ type Frames = Vec<Vec<u8>>;
 enum Command {
     Join { identity: String, group: GroupId, reply: oneshot::Sender<Frames> },
     Leave { identity: String, member: MemberId, reply: oneshot::Sender<Frames> },
-    Refresh { identity: String, member: MemberId, reply: oneshot::Sender<Frames> },
-    Resync { identity: String, member: MemberId, reply: oneshot::Sender<Frames> },
+    Refresh { identity: String, member: MemberId, rekey_seq: u64, reply: oneshot::Sender<Frames> },
+    Resync { identity: String, member: MemberId, rekey_seq: u64, reply: oneshot::Sender<Frames> },
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
 }
 
@@ -214,14 +214,14 @@ impl ControllerTask {
                 }
                 Err(refusal) => refuse(&identity, refusal, reply),
             },
-            Command::Refresh { identity, member, reply } => match self.controller.refresh(&identity, member, now) {
+            Command::Refresh { identity, member, rekey_seq, reply } => match self.controller.refresh(&identity, member, rekey_seq, now) {
                 Ok(()) => {
                     let refresh = keycast_core::wire::Refresh { group: self.controller.policy().group, member, rekey_seq: self.controller.rekey_seq() };
                     let _ = reply.send(vec![refresh.encode()]);
                 }
                 Err(refusal) => refuse(&identity, refusal, reply),
             },
-            Command::Resync { identity, member, reply } => match self.controller.resync(&identity, member, now) {
+            Command::Resync { identity, member, rekey_seq, reply } => match self.controller.resync(&identity, member, rekey_seq, now) {
                 Ok(answer) => {
                     tracing::info!(%identity, member = member.0, "resync");
                     let _ = reply.send(vec![answer.encode()]);
@@ -336,8 +336,8 @@ async fn serve_connection(tcp: TcpStream, acceptor: TlsAcceptor, commands: mpsc:
     let command = match message {
         Message::JoinRequest(r) => Command::Join { identity: identity.clone(), group: r.group, reply },
         Message::Leave(l) => Command::Leave { identity: identity.clone(), member: l.member, reply },
-        Message::Refresh(r) => Command::Refresh { identity: identity.clone(), member: r.member, reply },
-        Message::ResyncRequest(r) => Command::Resync { identity: identity.clone(), member: r.member, reply },
+        Message::Refresh(r) => Command::Refresh { identity: identity.clone(), member: r.member, rekey_seq: r.rekey_seq, reply },
+        Message::ResyncRequest(r) => Command::Resync { identity: identity.clone(), member: r.member, rekey_seq: r.rekey_seq, reply },
         other => return Err(format!("{identity}: unexpected {:?} on the TLS channel", MessageType::of(&other))),
     };
     commands.send(command).await.map_err(|_| "controller stopped")?;

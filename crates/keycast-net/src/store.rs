@@ -77,8 +77,12 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 fn encode(record: &Record) -> Vec<u8> {
     let value = match record {
-        Record::Genesis { created_ms, graph_seed, signing_seed } => {
-            json!({"genesis": {"created_ms": created_ms, "graph_seed": hex(graph_seed), "signing_seed": hex(signing_seed)}})
+        Record::Genesis { created_ms, graph_seed, signing_seed, fixed } => {
+            let mut genesis = json!({"created_ms": created_ms, "graph_seed": hex(graph_seed), "signing_seed": hex(signing_seed)});
+            if let Some(fixed) = fixed {
+                genesis["fixed"] = fixed_policy::encode(fixed);
+            }
+            json!({"genesis": genesis})
         }
         Record::Requested(Request::Leave { member }) => json!({"leave": member.0}),
         Record::Requested(Request::Evict { member }) => json!({"evict": member.0}),
@@ -90,6 +94,11 @@ fn encode(record: &Record) -> Vec<u8> {
             "seed": hex(seed),
         }}),
         Record::HeartbeatsReserved(n) => json!({"heartbeats": n}),
+        Record::Revoked(identity) => json!({"revoked": identity}),
+        Record::Readmitted(identity) => json!({"readmitted": identity}),
+        Record::AclAdded(identity) => json!({"acl_added": identity}),
+        Record::AclRemoved(identity) => json!({"acl_removed": identity}),
+        Record::SeqFloor(n) => json!({"seq_floor": n}),
     };
     serde_json::to_vec(&value).expect("JSON of plain values")
 }
@@ -102,6 +111,10 @@ fn decode(bytes: &[u8]) -> Option<Record> {
             created_ms: u(&g["created_ms"])?,
             graph_seed: unhex(&g["graph_seed"])?,
             signing_seed: unhex(&g["signing_seed"])?,
+            fixed: match g.get("fixed") {
+                Some(f) => Some(fixed_policy::decode(f)?),
+                None => None,
+            },
         });
     }
     if let Some(m) = v.get("leave") {
@@ -130,7 +143,69 @@ fn decode(bytes: &[u8]) -> Option<Record> {
             seed: unhex(&b["seed"])?,
         });
     }
+    let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+    if let Some(identity) = text("revoked") {
+        return Some(Record::Revoked(identity));
+    }
+    if let Some(identity) = text("readmitted") {
+        return Some(Record::Readmitted(identity));
+    }
+    if let Some(identity) = text("acl_added") {
+        return Some(Record::AclAdded(identity));
+    }
+    if let Some(identity) = text("acl_removed") {
+        return Some(Record::AclRemoved(identity));
+    }
+    if let Some(floor) = v.get("seq_floor").and_then(u) {
+        return Some(Record::SeqFloor(floor));
+    }
     v.get("heartbeats").and_then(u).map(Record::HeartbeatsReserved)
+}
+
+/// The group's fixed settings in the genesis record.
+mod fixed_policy {
+    use keycast_core::protocol::FixedPolicy;
+    use keycast_core::wire::GroupId;
+    use keycast_core::{FlatIds, GraphConfig, JoinPolicy, Scheme};
+    use serde_json::{json, Value};
+
+    pub(super) fn encode(fixed: &FixedPolicy) -> Value {
+        let scheme = match fixed.graph.scheme {
+            Scheme::Star => json!({"star": {}}),
+            Scheme::Tree { degree } => json!({"tree": {"degree": degree}}),
+            Scheme::Flat { id_bits, ids } => {
+                json!({"flat": {"id_bits": id_bits, "ids": if ids == FlatIds::Sequential { "sequential" } else { "member_id" }}})
+            }
+        };
+        let join_policy = match fixed.graph.join_policy {
+            JoinPolicy::NewVersion => "version",
+            JoinPolicy::Revision => "revision",
+        };
+        json!({"group": fixed.group.0, "scheme": scheme, "join_policy": join_policy, "epoch_ms": fixed.epoch_ms})
+    }
+
+    pub(super) fn decode(v: &Value) -> Option<FixedPolicy> {
+        let s = &v["scheme"];
+        let scheme = if s.get("star").is_some() {
+            Scheme::Star
+        } else if let Some(t) = s.get("tree") {
+            Scheme::Tree { degree: u32::try_from(t["degree"].as_u64()?).ok()? }
+        } else {
+            let f = s.get("flat")?;
+            let ids = match f["ids"].as_str()? {
+                "sequential" => FlatIds::Sequential,
+                "member_id" => FlatIds::FromMemberId,
+                _ => return None,
+            };
+            Scheme::Flat { id_bits: u8::try_from(f["id_bits"].as_u64()?).ok()?, ids }
+        };
+        let join_policy = match v["join_policy"].as_str()? {
+            "version" => JoinPolicy::NewVersion,
+            "revision" => JoinPolicy::Revision,
+            _ => return None,
+        };
+        Some(FixedPolicy { group: GroupId(v["group"].as_u64()?), graph: GraphConfig { scheme, join_policy }, epoch_ms: v["epoch_ms"].as_u64()? })
+    }
 }
 
 fn hex(bytes: &[u8; 32]) -> String {
@@ -150,7 +225,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keycast-store-{}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
         let records = vec![
-            Record::Genesis { created_ms: 5, graph_seed: [1; 32], signing_seed: [2; 32] },
+            Record::Genesis {
+                created_ms: 5,
+                graph_seed: [1; 32],
+                signing_seed: [2; 32],
+                fixed: Some(keycast_core::protocol::FixedPolicy {
+                    group: keycast_core::wire::GroupId(3),
+                    graph: keycast_core::GraphConfig {
+                        scheme: keycast_core::Scheme::Flat { id_bits: 12, ids: keycast_core::FlatIds::Sequential },
+                        join_policy: keycast_core::JoinPolicy::Revision,
+                    },
+                    epoch_ms: 250,
+                }),
+            },
             Record::Requested(Request::Leave { member: MemberId(3) }),
             Record::Batch {
                 seq: 1,
@@ -161,6 +248,11 @@ mod tests {
                 seed: [9; 32],
             },
             Record::HeartbeatsReserved(1024),
+            Record::Revoked("member-4".into()),
+            Record::Readmitted("member-4".into()),
+            Record::AclAdded("member-9".into()),
+            Record::AclRemoved("member-9".into()),
+            Record::SeqFloor(12),
         ];
         {
             let (mut store, old) = Store::open(&dir).unwrap();

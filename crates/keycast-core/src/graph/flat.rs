@@ -23,8 +23,8 @@ use super::{
     Position, RekeyPlan, Scheme, Welcome,
 };
 use crate::key::{Key, KeyId, KeyRef};
-use crate::keygen::{BatchSeed, KeyGen};
-use crate::wrap::{flat_replacement_wrapping_key, next_revision, Wrap, Wrapper};
+use crate::keygen::{nonce_salt, BatchSeed, KeyGen};
+use crate::wrap::{flat_replacement_wrapping_key, next_revision, NonceSalt, Wrap, Wrapper};
 
 /// How members get their flat IDs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -227,7 +227,7 @@ impl Flat {
             for b in 0..2 {
                 if !tainted[i as usize][b] {
                     let kek = &self.keks[i as usize][b];
-                    plan.wraps.push(Wrap::seal(&kek.key, Wrapper::Key(self.kek_ref(i, b)), tek_ref, &tek));
+                    plan.wraps.push(Wrap::seal(&kek.key, Wrapper::Key(self.kek_ref(i, b)), tek_ref, &tek, &plan.salt));
                 }
             }
         }
@@ -239,7 +239,7 @@ impl Flat {
                     let new_kek = keys.next_key();
                     let wrapping = flat_replacement_wrapping_key(&self.keks[i as usize][b].key, old_ref, &tek, tek_ref);
                     let under = Wrapper::KekAndTek { kek: old_ref, tek: tek_ref };
-                    plan.wraps.push(Wrap::seal(&wrapping, under, new_ref, &new_kek));
+                    plan.wraps.push(Wrap::seal(&wrapping, under, new_ref, &new_kek, &plan.salt));
                     plan.replaced.push(new_ref);
                     self.keks[i as usize][b] = Slot { key: new_kek, version: new_ref.version, revision: 0 };
                 }
@@ -268,7 +268,7 @@ impl Flat {
             JoinPolicy::NewVersion => {
                 let new_ref = KeyRef::new(id, version, 0);
                 let key = keys.next_key();
-                plan.wraps.push(Wrap::seal(&slot.key, Wrapper::Key(old_ref), new_ref, &key));
+                plan.wraps.push(Wrap::seal(&slot.key, Wrapper::Key(old_ref), new_ref, &key, &plan.salt));
                 plan.replaced.push(new_ref);
                 *slot = Slot { key, version: new_ref.version, revision: 0 };
             }
@@ -298,14 +298,14 @@ impl Flat {
     }
 
     /// The TEK and the joiner's KEKs, under its individual key.
-    fn wraps_for_joiner(&self, welcome: &Welcome) -> Vec<Wrap> {
+    fn wraps_for_joiner(&self, welcome: &Welcome, salt: &NonceSalt) -> Vec<Wrap> {
         let Position::Flat { id, .. } = welcome.position else { unreachable!("flat welcome") };
         let under = Wrapper::Key(welcome.individual);
         let mut wraps = Vec::with_capacity(1 + self.id_bits as usize);
-        wraps.push(Wrap::seal(&welcome.individual_key, under, self.tek.key_ref(TEK_ID), &self.tek.key));
+        wraps.push(Wrap::seal(&welcome.individual_key, under, self.tek.key_ref(TEK_ID), &self.tek.key, salt));
         for i in 0..self.id_bits {
             let b = bit(id, i);
-            wraps.push(Wrap::seal(&welcome.individual_key, under, self.kek_ref(i, b), &self.keks[i as usize][b].key));
+            wraps.push(Wrap::seal(&welcome.individual_key, under, self.kek_ref(i, b), &self.keks[i as usize][b].key, salt));
         }
         wraps
     }
@@ -328,7 +328,7 @@ impl KeyGraph for Flat {
         }
         let version = self.batches.next_version()?;
         let mut keys = KeyGen::new(seed, 0);
-        let mut plan = RekeyPlan { departed: batch.leaves.clone(), excluded, ..RekeyPlan::default() };
+        let mut plan = RekeyPlan { departed: batch.leaves.clone(), excluded, salt: nonce_salt(seed), ..RekeyPlan::default() };
         for &m in &removed {
             self.remove(m);
         }
@@ -342,7 +342,7 @@ impl KeyGraph for Flat {
                 let welcome = self.add(member, id, version, &mut keys);
                 plan.welcomes.push(welcome);
             }
-            let wraps: Vec<Vec<Wrap>> = plan.welcomes.par_iter().map(|w| self.wraps_for_joiner(w)).collect();
+            let wraps: Vec<Vec<Wrap>> = plan.welcomes.par_iter().map(|w| self.wraps_for_joiner(w, &plan.salt)).collect();
             plan.wraps.extend(wraps.into_iter().flatten());
         }
         plan.group_key = self.tek.key_ref(TEK_ID);
@@ -368,6 +368,10 @@ impl KeyGraph for Flat {
             keys.push((self.kek_ref(i, b), self.keks[i as usize][b].key.clone()));
         }
         Some((Position::Flat { id: fm.id, id_bits: self.id_bits }, keys))
+    }
+
+    fn max_members(&self) -> u64 {
+        self.capacity()
     }
 
     fn stats(&self) -> GraphStats {

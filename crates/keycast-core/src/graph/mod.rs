@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::key::{Key, KeyRef};
 use crate::keygen::BatchSeed;
-use crate::wrap::Wrap;
+use crate::wrap::{NonceSalt, Wrap};
 
 /// A member's identity inside one group (assigned by the controller, e.g. from its certificate).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -92,6 +92,8 @@ pub struct RekeyPlan {
     /// Keys advanced by the one-way function; holders of an earlier revision derive these.
     pub revised: Vec<KeyRef>,
     pub wraps: Vec<Wrap>,
+    /// Every wrap's nonce salt (drawn from the batch seed).
+    pub salt: NonceSalt,
     /// One per joiner, to be sent over the unicast join channel.
     pub welcomes: Vec<Welcome>,
     /// Members that asked to leave.
@@ -154,6 +156,9 @@ pub trait KeyGraph: Send + Sync {
     fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)>;
 
     fn stats(&self) -> GraphStats;
+
+    /// Most members this graph can hold.
+    fn max_members(&self) -> u64;
 }
 
 /// Builds an empty group.

@@ -24,8 +24,8 @@ use super::{
     Position, RekeyPlan, Scheme, Welcome,
 };
 use crate::key::{Key, KeyId, KeyRef};
-use crate::keygen::{BatchSeed, KeyGen};
-use crate::wrap::{next_revision, Wrap, Wrapper};
+use crate::keygen::{nonce_salt, BatchSeed, KeyGen};
+use crate::wrap::{next_revision, NonceSalt, Wrap, Wrapper};
 
 /// Bits of a key id that hold the position within a level; the rest hold the height.
 const POSITION_BITS: u32 = 27;
@@ -367,10 +367,10 @@ impl Tree {
         }
     }
 
-    fn seal(&self, height: u32, plan: &NodePlan, under: u32) -> Wrap {
+    fn seal(&self, height: u32, plan: &NodePlan, under: u32, salt: &NonceSalt) -> Wrap {
         let (height, position) = if under == OWN_PREVIOUS { (height, plan.position) } else { (height - 1, under) };
         let wrapping = &self.levels[height as usize].nodes[position as usize];
-        Wrap::seal(&wrapping.key, Wrapper::Key(self.node_ref(height, position)), plan.new_ref, &plan.key)
+        Wrap::seal(&wrapping.key, Wrapper::Key(self.node_ref(height, position)), plan.new_ref, &plan.key, salt)
     }
 
     /// Plans every live touched node of one level and appends its wraps to `wraps`, on all
@@ -386,7 +386,7 @@ impl Tree {
         force: bool,
         seed: &BatchSeed,
         keys: &mut KeyGen,
-        wraps: &mut Vec<Wrap>,
+        (wraps, wraps_salt): (&mut Vec<Wrap>, NonceSalt),
         (plans, jobs): &mut (Vec<NodePlan>, Vec<WrapJob>),
     ) {
         let plan_nodes = |nodes: &[Touch], first: usize, keys: &mut KeyGen, plans: &mut Vec<NodePlan>, jobs: &mut Vec<WrapJob>| {
@@ -417,7 +417,8 @@ impl Tree {
             }
         }
         let plans = &*plans;
-        let seal = |&(node, under): &WrapJob| self.seal(height, &plans[node as usize], under);
+        let salt = &wraps_salt;
+        let seal = |&(node, under): &WrapJob| self.seal(height, &plans[node as usize], under, salt);
         // Sealed straight into the plan's list: no per-chunk lists to copy.
         if jobs.len() < PARALLEL_THRESHOLD {
             wraps.extend(jobs.iter().map(seal));
@@ -516,7 +517,7 @@ impl KeyGraph for Tree {
             touched.ranges[level].1 = touched.ranges[level].0 + kept;
         }
 
-        let mut plan = RekeyPlan { welcomes, departed: batch.leaves.clone(), ..RekeyPlan::default() };
+        let mut plan = RekeyPlan { welcomes, departed: batch.leaves.clone(), salt: nonce_salt(seed), ..RekeyPlan::default() };
         let height = self.height();
         let mut live = TouchedLevels::with_capacity(touched.nodes.len() + 1, height as usize + 1);
         live.ranges.push((0, 0));
@@ -543,7 +544,7 @@ impl KeyGraph for Tree {
         for level in 1..=height {
             let force = force_root && level == height;
             let (nodes, below) = (live.level(level as usize), touched.level(level as usize - 1));
-            self.rekey_level(level, version, nodes, below, force, seed, &mut keys, &mut plan.wraps, &mut scratch);
+            self.rekey_level(level, version, nodes, below, force, seed, &mut keys, (&mut plan.wraps, plan.salt), &mut scratch);
             self.install(level, &mut scratch.0, &mut plan);
         }
         plan.group_key = self.node_ref(height, 0);
@@ -568,6 +569,10 @@ impl KeyGraph for Tree {
             })
             .collect();
         Some((Position::Tree { leaf, degree: self.degree }, keys))
+    }
+
+    fn max_members(&self) -> u64 {
+        MAX_LEAVES
     }
 
     fn stats(&self) -> GraphStats {

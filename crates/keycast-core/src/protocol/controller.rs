@@ -20,6 +20,7 @@ use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
 use crate::wire::{GroupId, MembershipDelta, Signer, VerifyingKey};
+use crate::wrap::{key_check, CHECK_LEN};
 
 /// Policy fixed for a group's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +38,35 @@ pub struct GroupPolicy {
     /// After each rekey, multicast who joined and left (conferencing groups, Mukkamalla 4.3).
     pub membership_deltas: bool,
     pub packets: PacketConfig,
+}
+
+/// The settings fixed at a group's creation. The same seeds under other values would build
+/// other keys (and number epochs otherwise), so a restart whose configuration changes any of
+/// them is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixedPolicy {
+    pub group: GroupId,
+    pub graph: GraphConfig,
+    pub epoch_ms: u64,
+}
+
+impl GroupPolicy {
+    pub fn fixed(&self) -> FixedPolicy {
+        FixedPolicy { group: self.group, graph: self.graph, epoch_ms: self.epoch_ms }
+    }
+}
+
+impl FixedPolicy {
+    /// The first setting that differs, with the logged and the configured values.
+    fn first_change(&self, configured: &FixedPolicy) -> Option<(&'static str, String, String)> {
+        let pairs = [
+            ("group", format!("{}", self.group.0), format!("{}", configured.group.0)),
+            ("policy.scheme (with degree / flat_id_bits)", format!("{:?}", self.graph.scheme), format!("{:?}", configured.graph.scheme)),
+            ("policy.join_policy", format!("{:?}", self.graph.join_policy), format!("{:?}", configured.graph.join_policy)),
+            ("policy.epoch_ms", self.epoch_ms.to_string(), configured.epoch_ms.to_string()),
+        ];
+        pairs.into_iter().find(|(_, logged, now)| logged != now)
+    }
 }
 
 /// An admitted member.
@@ -57,16 +87,48 @@ pub enum Request {
 }
 
 /// What the driver must make durable, in order, before sending anything after it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Record {
-    /// The group's creation: the entropy of its first keys and of the signing key.
-    Genesis { created_ms: u64, graph_seed: [u8; 32], signing_seed: [u8; 32] },
+    /// The group's creation: the entropy of its first keys and of the signing key, and the
+    /// settings fixed for its life (absent in logs written before they were recorded).
+    Genesis { created_ms: u64, graph_seed: [u8; 32], signing_seed: [u8; 32], fixed: Option<FixedPolicy> },
     /// A leave or eviction that was accepted and will be applied.
     Requested(Request),
     /// One applied batch: replaying it with the same seed rebuilds the same keys.
     Batch { seq: u64, epoch: u64, activation: u64, joins: Vec<(MemberId, String)>, leaves: Vec<MemberId>, seed: [u8; 32] },
     /// Heartbeat sequence numbers up to this one may be used (reserved in blocks).
     HeartbeatsReserved(u64),
+    /// An evicted identity: its joins are refused until it is re-admitted.
+    Revoked(String),
+    Readmitted(String),
+    /// Changes to the ACL made at run time, on top of the configured ACL.
+    AclAdded(String),
+    AclRemoved(String),
+    /// Members reported rekeys up to this seq that the log does not hold (it was restored from
+    /// an older copy): rekeys continue above it.
+    SeqFloor(u64),
+}
+
+/// Seeds are secrets: Debug names the record and its public fields only.
+impl core::fmt::Debug for Record {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Record::Genesis { created_ms, fixed, .. } => write!(f, "Genesis {{ created_ms: {created_ms}, fixed: {fixed:?}, seeds: <redacted> }}"),
+            Record::Requested(r) => write!(f, "Requested({r:?})"),
+            Record::Batch { seq, epoch, activation, joins, leaves, .. } => write!(
+                f,
+                "Batch {{ seq: {seq}, epoch: {epoch}, activation: {activation}, joins: {}, leaves: {}, seed: <redacted> }}",
+                joins.len(),
+                leaves.len()
+            ),
+            Record::HeartbeatsReserved(n) => write!(f, "HeartbeatsReserved({n})"),
+            Record::Revoked(i) => write!(f, "Revoked({i:?})"),
+            Record::Readmitted(i) => write!(f, "Readmitted({i:?})"),
+            Record::AclAdded(i) => write!(f, "AclAdded({i:?})"),
+            Record::AclRemoved(i) => write!(f, "AclRemoved({i:?})"),
+            Record::SeqFloor(n) => write!(f, "SeqFloor({n})"),
+        }
+    }
 }
 
 /// Why a member left.
@@ -110,6 +172,8 @@ pub enum ControllerError {
     BadLog(&'static str),
     #[error("compact placement is for measurements: a live group's members find their packets only under user-oriented or tiered placement")]
     CompactPlacement,
+    #[error("the configuration changed {setting} from {logged} (recorded when the group was created) to {configured}; the same log under other settings would rebuild other keys: restore the setting, or create a new group with a new database")]
+    PolicyChanged { setting: &'static str, logged: String, configured: String },
 }
 
 /// A refused request, with a reason for the log and the peer.
@@ -124,11 +188,22 @@ fn refuse(reason: RefusalReason, detail: impl Into<String>) -> Refusal {
     Refusal { reason, detail: detail.into() }
 }
 
-const HEARTBEAT_BLOCK: u64 = 1024;
+fn revoked(identity: &str) -> Refusal {
+    refuse(RefusalReason::Revoked, format!("{identity} was evicted; it stays out until an administrator re-admits it (keycast admin readmit {identity})"))
+}
+
+/// Heartbeat seqs are milliseconds of the controller's clock (so a restored older log cannot
+/// repeat one); the log reserves them a minute at a time in case the clock steps back.
+const HEARTBEAT_BLOCK_MS: u64 = 60_000;
+/// Largest jump a member's report may move the rekey seq (a restored log is this far behind at
+/// most); a larger report is not believed.
+const MAX_SEQ_REPORT_GAP: u64 = 1 << 20;
 
 pub struct Controller {
     policy: GroupPolicy,
     acl: BTreeSet<String>,
+    /// Evicted identities: refused until re-admitted.
+    revoked: BTreeSet<String>,
     graph: Box<dyn KeyGraph>,
     signer: Signer,
     created_ms: u64,
@@ -147,6 +222,11 @@ pub struct Controller {
     waiting_joins: BTreeMap<MemberId, ConnId>,
     /// The packets of the last rekey, for retransmission after a restart.
     last_rekey: Vec<Vec<u8>>,
+    /// The last tick: a longer gap than a heartbeat interval means the controller was not
+    /// running (paused, stalled), and that time does not count against members' liveness.
+    last_tick_ms: u64,
+    /// A rekey seq floor members reported, to persist with the next tick.
+    unpersisted_floor: Option<u64>,
 }
 
 impl Controller {
@@ -158,7 +238,7 @@ impl Controller {
         graph_seed: [u8; 32],
         signing_seed: [u8; 32],
     ) -> Result<(Controller, Output), ControllerError> {
-        let genesis = Record::Genesis { created_ms: now_ms, graph_seed, signing_seed };
+        let genesis = Record::Genesis { created_ms: now_ms, graph_seed, signing_seed, fixed: Some(policy.fixed()) };
         let controller = Controller::restore(policy, acl, std::slice::from_ref(&genesis), now_ms)?;
         Ok((controller, Output::Persist(genesis)))
     }
@@ -171,9 +251,12 @@ impl Controller {
         log: &[Record],
         now_ms: u64,
     ) -> Result<Controller, ControllerError> {
-        let Some(Record::Genesis { created_ms, graph_seed, signing_seed }) = log.first() else {
+        let Some(Record::Genesis { created_ms, graph_seed, signing_seed, fixed }) = log.first() else {
             return Err(ControllerError::BadLog("it does not start with the group's genesis"));
         };
+        if let Some((setting, logged, configured)) = fixed.and_then(|f| f.first_change(&policy.fixed())) {
+            return Err(ControllerError::PolicyChanged { setting, logged, configured });
+        }
         // A compact packet may hold a member's upper wrap beside another subtree's copy of the
         // key it is sealed under, so a member cannot tell it from a packet it does not need.
         if policy.packets.placement == Placement::Compact {
@@ -183,6 +266,7 @@ impl Controller {
         let mut c = Controller {
             policy,
             acl,
+            revoked: BTreeSet::new(),
             group_keys: BTreeMap::from([(0, (graph.group_key().0, 0, graph.group_key().1.clone()))]),
             graph,
             signer: Signer::from_seed(signing_seed),
@@ -198,6 +282,8 @@ impl Controller {
             pending: Vec::new(),
             waiting_joins: BTreeMap::new(),
             last_rekey: Vec::new(),
+            last_tick_ms: now_ms,
+            unpersisted_floor: None,
         };
         let mut last_batch = None;
         for record in &log[1..] {
@@ -212,6 +298,11 @@ impl Controller {
                     last_batch = Some((plan, *seq, *epoch, *activation));
                 }
                 Record::HeartbeatsReserved(upto) => c.heartbeats_reserved = c.heartbeats_reserved.max(*upto),
+                Record::Revoked(identity) => drop(c.revoked.insert(identity.clone())),
+                Record::Readmitted(identity) => drop(c.revoked.remove(identity)),
+                Record::AclAdded(identity) => drop(c.acl.insert(identity.clone())),
+                Record::AclRemoved(identity) => drop(c.acl.remove(identity)),
+                Record::SeqFloor(floor) => c.rekey_seq = c.rekey_seq.max(*floor),
             }
         }
         // Heartbeats resume past everything that may have been sent before the restart.
@@ -269,38 +360,73 @@ impl Controller {
         &self.last_rekey
     }
 
+    /// The ACL in force (the configured one with the run-time changes of the log).
+    pub fn acl(&self) -> &BTreeSet<String> {
+        &self.acl
+    }
+
+    /// Identities evicted and not re-admitted.
+    pub fn revoked(&self) -> &BTreeSet<String> {
+        &self.revoked
+    }
+
+    pub fn member_by_identity(&self, identity: &str) -> Option<MemberId> {
+        self.by_identity.get(identity).copied()
+    }
+
     fn member_of(&self, identity: &str, member: MemberId) -> Result<(), Refusal> {
         match self.members.get(&member) {
             Some(record) if record.identity == identity => Ok(()),
             Some(_) => Err(refuse(RefusalReason::NotInAcl, format!("{identity} is not member {}", member.0))),
-            None => Err(refuse(RefusalReason::UnknownGroup, format!("member {} is not in the group", member.0))),
+            None if self.revoked.contains(identity) => Err(revoked(identity)),
+            None => Err(refuse(RefusalReason::NotMember, format!("member {} is not in the group (it left, expired or was removed)", member.0))),
         }
+    }
+
+    /// True while a leave or eviction of `member` waits for the epoch's batch.
+    fn departing(&self, member: MemberId) -> bool {
+        self.pending.iter().any(|r| matches!(r, Request::Leave { member: m } | Request::Evict { member: m } if *m == member))
     }
 
     /// A join request from the TLS identity `identity` on connection `conn`. A new member is
     /// answered when the epoch's batch is applied (`JoinStatus::Queued`). An identity that is
-    /// already a member (its answer was lost, say in a controller crash) gets its keys at once.
+    /// already a member (its answer was lost, say in a controller crash) gets its keys at once;
+    /// one whose leave is pending is admitted anew in the same batch, with fresh keys, so the
+    /// old session's leave never removes the new one.
     pub fn join(&mut self, conn: ConnId, identity: &str, group: GroupId, now_ms: u64) -> Result<JoinStatus, Refusal> {
         if group != self.policy.group {
             return Err(refuse(RefusalReason::UnknownGroup, format!("no group {}", group.0)));
+        }
+        if self.revoked.contains(identity) {
+            return Err(revoked(identity));
         }
         if !self.acl.contains(identity) {
             return Err(refuse(RefusalReason::NotInAcl, format!("{identity} is not in the ACL")));
         }
         if let Some(&member) = self.by_identity.get(identity) {
-            let keys = self.resync(identity, member, now_ms)?;
-            return Ok(JoinStatus::Admitted(Box::new((self.acceptance(&keys), keys))));
+            if !self.departing(member) {
+                let keys = self.resync(identity, member, 0, now_ms)?;
+                return Ok(JoinStatus::Admitted(Box::new((self.acceptance(&keys), keys))));
+            }
         }
         let queued = self.pending.iter().find_map(|r| match r {
             Request::Join { member, identity: i } if i == identity => Some(*member),
             _ => None,
         });
-        let member = queued.unwrap_or_else(|| {
-            let member = MemberId(self.next_member);
-            self.next_member += 1;
-            self.pending.push(Request::Join { member, identity: identity.to_owned() });
-            member
-        });
+        let member = match queued {
+            Some(member) => member,
+            None => {
+                let joining = self.pending.iter().filter(|r| matches!(r, Request::Join { .. })).count() as u64;
+                let most = self.graph.max_members();
+                if self.members.len() as u64 + joining >= most {
+                    return Err(refuse(RefusalReason::GroupFull, format!("the group holds {most} members at most with its scheme; try again after a member leaves")));
+                }
+                let member = MemberId(self.next_member);
+                self.next_member += 1;
+                self.pending.push(Request::Join { member, identity: identity.to_owned() });
+                member
+            }
+        };
         // A repeated request replaces the connection the answer goes to.
         self.waiting_joins.insert(member, conn);
         Ok(JoinStatus::Queued(member))
@@ -332,24 +458,34 @@ impl Controller {
         vec![Output::Persist(Record::Requested(request))]
     }
 
-    /// Soft-state refresh.
-    pub fn refresh(&mut self, identity: &str, member: MemberId, now_ms: u64) -> Result<(), Refusal> {
+    /// Soft-state refresh, with the last rekey the member applied (`rekey_seq`).
+    pub fn refresh(&mut self, identity: &str, member: MemberId, rekey_seq: u64, now_ms: u64) -> Result<(), Refusal> {
         self.member_of(identity, member)?;
-        if let Some(record) = self.members.get_mut(&member) {
-            record.last_seen_ms = now_ms;
-        }
+        self.seen(member, rekey_seq, now_ms);
         Ok(())
     }
 
-    /// Everything `member` needs to continue after a gap.
-    pub fn resync(&mut self, identity: &str, member: MemberId, now_ms: u64) -> Result<ResyncAnswer, Refusal> {
-        self.member_of(identity, member)?;
-        if self.pending.iter().any(|r| matches!(r, Request::Evict { member: m } if *m == member)) {
-            return Err(refuse(RefusalReason::UnknownGroup, "this member is being evicted"));
-        }
+    /// Records that `member` was heard, and a rekey seq it reports: a seq above this log's
+    /// means the log was restored from an older copy, so rekeys continue above it (members that
+    /// hold the other history's keys detect the difference from heartbeats and resync).
+    fn seen(&mut self, member: MemberId, rekey_seq: u64, now_ms: u64) {
         if let Some(record) = self.members.get_mut(&member) {
-            record.last_seen_ms = now_ms;
+            record.last_seen_ms = record.last_seen_ms.max(now_ms);
         }
+        if rekey_seq > self.rekey_seq && rekey_seq - self.rekey_seq <= MAX_SEQ_REPORT_GAP {
+            self.rekey_seq = rekey_seq;
+            self.unpersisted_floor = Some(rekey_seq);
+        }
+    }
+
+    /// Everything `member` needs to continue after a gap; `rekey_seq` is the last rekey it
+    /// applied.
+    pub fn resync(&mut self, identity: &str, member: MemberId, rekey_seq: u64, now_ms: u64) -> Result<ResyncAnswer, Refusal> {
+        self.member_of(identity, member)?;
+        if self.revoked.contains(identity) {
+            return Err(revoked(identity));
+        }
+        self.seen(member, rekey_seq, now_ms);
         let epoch = self.epoch_at(now_ms);
         let mut answer = self.snapshot(member, epoch);
         // Until the newest key activates, traffic is sealed under the active one: a member
@@ -375,11 +511,74 @@ impl Controller {
         }
     }
 
-    /// Removes `member` on an administrator's order.
+    /// Removes `member` on an administrator's order and revokes its identity: its joins are
+    /// refused, across restarts, until [`Controller::readmit`].
     pub fn evict(&mut self, member: MemberId, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
-        if !self.members.contains_key(&member) {
+        let Some(record) = self.members.get(&member) else {
+            return Ok(Vec::new());
+        };
+        let identity = record.identity.clone();
+        let mut out = self.revoke_identity(&identity);
+        out.extend(self.remove(member, now_ms, entropy)?);
+        Ok(out)
+    }
+
+    /// Revokes `identity` (evicting it if it is a member).
+    pub fn revoke(&mut self, identity: &str, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
+        match self.by_identity.get(identity) {
+            Some(&member) => self.evict(member, now_ms, entropy),
+            None => Ok(self.revoke_identity(identity)),
+        }
+    }
+
+    fn revoke_identity(&mut self, identity: &str) -> Vec<Output> {
+        let mut out = self.drop_queued_join(identity, revoked(identity));
+        if self.revoked.insert(identity.to_owned()) {
+            out.insert(0, Output::Persist(Record::Revoked(identity.to_owned())));
+        }
+        out
+    }
+
+    /// Withdraws a join of `identity` waiting for the epoch, answering it with `refusal`.
+    fn drop_queued_join(&mut self, identity: &str, refusal: Refusal) -> Vec<Output> {
+        let Some(index) = self.pending.iter().position(|r| matches!(r, Request::Join { identity: i, .. } if i == identity)) else {
+            return Vec::new();
+        };
+        let member = self.pending.remove(index).member();
+        let answer = JoinAnswer::Refused { reason: refusal.reason, detail: refusal.detail };
+        self.waiting_joins.remove(&member).map(|conn| Output::JoinAnswer { conn, answer, keys: None }).into_iter().collect()
+    }
+
+    /// Lets a revoked identity join again (it still needs to be in the ACL).
+    pub fn readmit(&mut self, identity: &str) -> Vec<Output> {
+        match self.revoked.remove(identity) {
+            true => vec![Output::Persist(Record::Readmitted(identity.to_owned()))],
+            false => Vec::new(),
+        }
+    }
+
+    pub fn acl_add(&mut self, identity: &str) -> Vec<Output> {
+        match self.acl.insert(identity.to_owned()) {
+            true => vec![Output::Persist(Record::AclAdded(identity.to_owned()))],
+            false => Vec::new(),
+        }
+    }
+
+    /// Takes `identity` out of the ACL; a member with it is removed at once.
+    pub fn acl_remove(&mut self, identity: &str, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
+        if !self.acl.remove(identity) {
             return Ok(Vec::new());
         }
+        let mut out = vec![Output::Persist(Record::AclRemoved(identity.to_owned()))];
+        out.extend(self.drop_queued_join(identity, refuse(RefusalReason::NotInAcl, format!("{identity} was removed from the ACL"))));
+        if let Some(&member) = self.by_identity.get(identity) {
+            out.extend(self.remove(member, now_ms, entropy)?);
+        }
+        Ok(out)
+    }
+
+    /// Queues the removal of `member` and, under immediate eviction, rekeys at once.
+    fn remove(&mut self, member: MemberId, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
         let mut out = self.request(Request::Evict { member });
         if self.policy.immediate_eviction {
             out.extend(self.close_epoch(now_ms, entropy, true)?);
@@ -391,6 +590,10 @@ impl Controller {
     /// heartbeat when one is due.
     pub fn tick(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
         let mut out = Vec::new();
+        self.discount_pause(now_ms);
+        if let Some(floor) = self.unpersisted_floor.take() {
+            out.push(Output::Persist(Record::SeqFloor(floor)));
+        }
         let deadline = now_ms.saturating_sub(self.policy.refresh_timeout_ms);
         let silent: Vec<MemberId> = self
             .members
@@ -410,22 +613,45 @@ impl Controller {
         Ok(out)
     }
 
+    /// Liveness counts only time the controller was running: after a gap between ticks longer
+    /// than a heartbeat interval (a pause, a stall, a migrated VM), every member is credited
+    /// with the gap, so no member expires for the controller's own silence.
+    fn discount_pause(&mut self, now_ms: u64) {
+        let gap = now_ms.saturating_sub(self.last_tick_ms);
+        self.last_tick_ms = self.last_tick_ms.max(now_ms);
+        if gap <= self.policy.heartbeat_ms {
+            return;
+        }
+        for record in self.members.values_mut() {
+            record.last_seen_ms = record.last_seen_ms.saturating_add(gap).min(now_ms);
+        }
+    }
+
     fn heartbeat(&mut self, now_ms: u64) -> Vec<Output> {
         let mut out = Vec::new();
+        // Milliseconds, so that a log restored from an older copy never repeats a seq.
+        self.heartbeat_seq = (self.heartbeat_seq + 1).max(now_ms);
         if self.heartbeat_seq >= self.heartbeats_reserved {
-            self.heartbeats_reserved = self.heartbeat_seq + HEARTBEAT_BLOCK;
+            self.heartbeats_reserved = self.heartbeat_seq + HEARTBEAT_BLOCK_MS;
             out.push(Output::Persist(Record::HeartbeatsReserved(self.heartbeats_reserved)));
         }
-        self.heartbeat_seq += 1;
         self.next_heartbeat_ms = now_ms + self.policy.heartbeat_ms;
         let epoch = self.epoch_at(now_ms);
+        let (_, (active, _, active_key)) = self.active_entry(epoch);
+        let pending = self.pending_key(epoch);
+        let pending_check = match (pending, self.group_keys.last_key_value()) {
+            (Some(p), Some((_, (_, _, key)))) => key_check(key, p.key),
+            _ => [0; CHECK_LEN],
+        };
         let beat = Heartbeat {
             group: self.policy.group,
             epoch,
             seq: self.heartbeat_seq,
             rekey_seq: self.rekey_seq,
-            active: self.active_key(epoch),
-            pending: self.pending_key(epoch),
+            active: *active,
+            active_check: key_check(active_key, *active),
+            pending,
+            pending_check,
             group_size: self.members.len() as u64,
             sent_ms: now_ms,
         };
@@ -466,12 +692,31 @@ impl Controller {
         let seq = self.rekey_seq + 1;
         let activation = if immediate { epoch } else { epoch + self.policy.activation_delay };
         let leaves: Vec<MemberId> = leaves.into_iter().collect();
-        let record = Record::Batch { seq, epoch, activation, joins: joins.clone(), leaves: leaves.clone(), seed: entropy };
         let departed: Vec<(MemberId, String, Departure)> =
             departures.into_iter().map(|(m, why)| (m, self.members[&m].identity.clone(), why)).collect();
-        let plan = self.apply_batch(seq, epoch, activation, &joins, &leaves, &entropy, now_ms)?;
+        let mut refused = Vec::new();
+        let plan = match self.apply_batch(seq, epoch, activation, &joins, &leaves, &entropy, now_ms) {
+            // Joins are checked against the capacity when they arrive; should the graph still
+            // refuse them, they are refused and the leaves go ahead: no request stops a rekey.
+            Err(ControllerError::Graph(GraphError::Full(most))) if !joins.is_empty() => {
+                let detail = format!("the group holds {most} members at most with its scheme; try again after a member leaves");
+                for (member, _) in joins.drain(..) {
+                    if let Some(conn) = self.waiting_joins.remove(&member) {
+                        let answer = JoinAnswer::Refused { reason: RefusalReason::GroupFull, detail: detail.clone() };
+                        refused.push(Output::JoinAnswer { conn, answer, keys: None });
+                    }
+                }
+                if leaves.is_empty() {
+                    return Ok(refused);
+                }
+                self.apply_batch(seq, epoch, activation, &joins, &leaves, &entropy, now_ms)?
+            }
+            result => result?,
+        };
+        let record = Record::Batch { seq, epoch, activation, joins: joins.clone(), leaves: leaves.clone(), seed: entropy };
         let (packets, bytes) = self.encode(&plan, seq, epoch, activation)?;
         let mut out = vec![Output::Persist(record)];
+        out.append(&mut refused);
         out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes });
         out.extend(packets.iter().cloned().map(Output::Multicast));
         if self.policy.membership_deltas {

@@ -9,11 +9,13 @@ use crate::key::{Key, KeyRef};
 use crate::member::MemberKeys;
 use crate::wire::control::{Data, JoinAccepted, ResyncAnswer, DATA_NONCE_LEN};
 use crate::wire::guard::{Reject, ReplayGuard};
-use crate::wire::heartbeat::SignedHeartbeat;
+use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
+use crate::wrap::key_check;
+use subtle::ConstantTimeEq;
 use crate::wire::rekey::RekeyPacket;
 use crate::wire::{message_type, GroupId, MessageType, SignedDelta, VerifyingKey};
 
-use super::traffic::{self, TrafficError};
+use super::traffic::{self, ReplayWindow, TrafficError};
 
 /// What the application hears from its member.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +28,9 @@ pub enum MemberEvent {
     KeyActivated { group_key: KeyRef, epoch: u64 },
     /// A rekey is missing; the driver should resync over TLS.
     OutOfSync { reason: String },
+    /// The controller announced something that contradicts what this member holds (another
+    /// key under a ref it holds, a rekey seq behind its own): an alarm, and the member resyncs.
+    Contradiction { reason: String },
     /// Caught up from the controller's answer.
     Resynced { rekey_seq: u64 },
     /// The controller refused a resync: this member is no longer in the group.
@@ -68,7 +73,14 @@ pub struct MemberSession {
     heartbeats_behind: u32,
     /// Membership delta parts already reported, as (rekey seq, part), for recent rekeys.
     deltas_seen: std::collections::BTreeSet<(u64, u16)>,
+    /// Sequence number of the next data message this member seals.
+    next_data_seq: u64,
+    replays: ReplayWindow,
 }
+
+/// A member's first data seq is its join time in milliseconds shifted left by this, so a
+/// member that restarts (and is handed its keys again) never repeats a seq it used before.
+const DATA_SEQ_TIME_SHIFT: u32 = 16;
 
 impl MemberSession {
     /// A member admitted with `accepted`, holding the keys in `keys`.
@@ -90,6 +102,8 @@ impl MemberSession {
             controller_lost: false,
             heartbeats_behind: 0,
             deltas_seen: Default::default(),
+            next_data_seq: now_ms << DATA_SEQ_TIME_SHIFT,
+            replays: ReplayWindow::default(),
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -157,6 +171,12 @@ impl MemberSession {
                 self.guard.accept_heartbeat(&beat)?;
                 self.last_heartbeat_ms = now_ms;
                 self.controller_lost = false;
+                if let Some(reason) = self.contradiction(&beat) {
+                    // Reported once; the driver resyncs and the answer replaces this state.
+                    let first = !self.out_of_sync;
+                    self.out_of_sync = true;
+                    return Ok(if first { vec![MemberEvent::Contradiction { reason }] } else { Vec::new() });
+                }
                 let mut events = self.advance_epoch(beat.epoch);
                 // One heartbeat ahead may race its rekey's packets; a second means they are lost.
                 if beat.rekey_seq > self.guard.rekey_seq() {
@@ -188,6 +208,21 @@ impl MemberSession {
             }
             other => Err(MemberInputError::Unexpected(other)),
         }
+    }
+
+    /// What in `beat` contradicts this member's state, if anything: a rekey seq behind the one
+    /// it applied, or another key under a ref it holds (a controller restarted from an older
+    /// copy of its log issues new keys under old refs).
+    fn contradiction(&self, beat: &Heartbeat) -> Option<String> {
+        if beat.rekey_seq < self.guard.rekey_seq() {
+            return Some(format!("heartbeat names rekey {} but this member applied rekey {}", beat.rekey_seq, self.guard.rekey_seq()));
+        }
+        let announced = [Some((beat.active, beat.active_check)), beat.pending.map(|p| (p.key, beat.pending_check))];
+        announced.into_iter().flatten().find_map(|(key_ref, check)| {
+            let (_, held, _) = self.group_keys.values().find(|(r, _, _)| *r == key_ref)?;
+            (!bool::from(key_check(held, key_ref).ct_eq(&check)))
+                .then(|| format!("this member holds another key under {key_ref} than the controller announces"))
+        })
     }
 
     fn lost(&mut self, reason: String) -> Vec<MemberEvent> {
@@ -268,20 +303,26 @@ impl MemberSession {
         Vec::new()
     }
 
-    /// Seals application data under the active key; `nonce` must be fresh random bytes.
-    pub fn seal(&self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
+    /// Seals application data under the active key as this member's next message; `nonce` must
+    /// be fresh random bytes.
+    pub fn seal(&mut self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
         let (key_ref, key) = self.active_key().ok_or(TrafficError::NoActiveKey)?;
-        traffic::seal(self.group, key_ref, &key, nonce, plaintext)
+        let data = traffic::seal((self.group, self.member, self.next_data_seq), key_ref, &key, nonce, plaintext)?;
+        self.next_data_seq += 1;
+        Ok(data)
     }
 
-    /// Opens data sealed under the active key, the one before it, or the next one.
-    pub fn open(&self, data: &Data) -> Result<Vec<u8>, TrafficError> {
+    /// Opens data sealed under the active key, the one before it, or the next one, once: a
+    /// replayed (sender, seq) is refused.
+    pub fn open(&mut self, data: &Data) -> Result<Vec<u8>, TrafficError> {
         if data.group != self.group {
             return Err(TrafficError::WrongGroup(data.group));
         }
         let (_, key, _) =
             self.group_keys.values().find(|(r, _, _)| *r == data.key).ok_or(TrafficError::UnknownKey(data.key))?;
-        traffic::open(data, key)
+        self.replays.check(data.sender, data.seq)?;
+        let plaintext = traffic::open(data, key)?;
+        self.replays.record(data.sender, data.seq);
+        Ok(plaintext)
     }
 }
-

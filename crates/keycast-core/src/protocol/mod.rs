@@ -6,5 +6,5 @@ pub mod controller;
 pub mod member;
 pub mod traffic;
 
-pub use controller::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, Output, Record, Refusal, Request};
+pub use controller::{Controller, ControllerError, Departure, FixedPolicy, GroupPolicy, JoinStatus, Output, Record, Refusal, Request};
 pub use member::{MemberEvent, MemberInputError, MemberSession};

@@ -4,7 +4,7 @@
 
 use crate::graph::{MemberId, Position};
 use crate::key::{Key, KeyRef, KEY_LEN};
-use crate::wrap::{Wrap, Wrapper, SEALED_LEN};
+use crate::wrap::{NonceSalt, Wrap, Wrapper, SEALED_LEN};
 
 use super::{DecodeError, GroupId};
 
@@ -107,7 +107,8 @@ impl<'a> Reader<'a> {
         Ok(count)
     }
 
-    pub(crate) fn wrap(&mut self) -> Result<Wrap, DecodeError> {
+    /// A wrap of a rekey whose nonce salt is `salt`.
+    pub(crate) fn wrap(&mut self, salt: &NonceSalt) -> Result<Wrap, DecodeError> {
         let key = self.key_ref("wrapped key")?;
         let under = match self.u8("wrapper kind")? {
             0 => Wrapper::Key(self.key_ref("wrapper")?),
@@ -115,7 +116,7 @@ impl<'a> Reader<'a> {
             value => return Err(DecodeError::BadValue { field: "wrapper kind", value: value.into() }),
         };
         let sealed = self.array::<SEALED_LEN>("sealed key")?;
-        Ok(Wrap { key, under, sealed })
+        Ok(Wrap { key, under, sealed, salt: *salt })
     }
 
     pub(crate) fn member_position(&mut self) -> Result<Position, DecodeError> {

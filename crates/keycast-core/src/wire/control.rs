@@ -66,22 +66,28 @@ pub enum RefusalReason {
     AlreadyMember = 3,
     GroupFull = 4,
     Unavailable = 5,
+    /// The identity was evicted and stays out until an administrator re-admits it.
+    Revoked = 6,
+    /// The member id is not (or no longer) in the group: it left, expired or was removed.
+    NotMember = 7,
 }
 
 impl RefusalReason {
     fn from_byte(byte: u8) -> Option<Self> {
         use RefusalReason::*;
-        [NotInAcl, UnknownGroup, AlreadyMember, GroupFull, Unavailable].into_iter().find(|r| *r as u8 == byte)
+        [NotInAcl, UnknownGroup, AlreadyMember, GroupFull, Unavailable, Revoked, NotMember].into_iter().find(|r| *r as u8 == byte)
     }
 
     /// The reason in words, for logs and users.
     pub fn describe(self) -> &'static str {
         match self {
             RefusalReason::NotInAcl => "not in the ACL",
-            RefusalReason::UnknownGroup => "unknown group or member",
+            RefusalReason::UnknownGroup => "unknown group",
             RefusalReason::AlreadyMember => "already a member",
             RefusalReason::GroupFull => "group full",
             RefusalReason::Unavailable => "controller unavailable",
+            RefusalReason::Revoked => "evicted (revoked until an administrator re-admits it)",
+            RefusalReason::NotMember => "not a member (left, expired or removed)",
         }
     }
 }
@@ -324,10 +330,15 @@ impl ResyncAnswer {
     }
 }
 
-/// Application data sealed under a key derived from group key `key` and `nonce`.
+/// Application data sealed under a key derived from group key `key` and `nonce`. `sender`
+/// and `seq` are authenticated: receivers refuse a (sender, seq) they have already opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Data {
     pub group: GroupId,
+    /// The sending member's id.
+    pub sender: MemberId,
+    /// The sender's sequence number: increasing for each message it seals.
+    pub seq: u64,
     pub key: KeyRef,
     pub nonce: [u8; DATA_NONCE_LEN],
     pub ciphertext: Vec<u8>,
@@ -335,7 +346,7 @@ pub struct Data {
 
 impl Data {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = start(MessageType::Data, 42 + self.ciphertext.len());
+        let mut out = start(MessageType::Data, 58 + self.ciphertext.len());
         self.put_body(&mut out);
         out
     }
@@ -349,6 +360,8 @@ impl Data {
 
     fn put_body(&self, out: &mut Vec<u8>) {
         out.put_u64(self.group.0);
+        out.put_u64(self.sender.0);
+        out.put_u64(self.seq);
         out.put_ref(self.key);
         out.extend_from_slice(&self.nonce);
         out.put_u32(self.ciphertext.len() as u32);
@@ -357,11 +370,13 @@ impl Data {
 
     fn read_body(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let group = r.group()?;
+        let sender = r.member()?;
+        let seq = r.u64("data seq")?;
         let key = r.key_ref("data key")?;
         let nonce = r.array("nonce")?;
         let len = r.count(4, MAX_DATA_LEN, 1, "ciphertext")?;
         let ciphertext = r.take(len, "ciphertext")?.to_vec();
-        Ok(Data { group, key, nonce, ciphertext })
+        Ok(Data { group, sender, seq, key, nonce, ciphertext })
     }
 }
 
@@ -376,7 +391,7 @@ pub struct RelayedData {
 
 impl RelayedData {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = start(MessageType::RelayedData, 51 + self.data.ciphertext.len());
+        let mut out = start(MessageType::RelayedData, 67 + self.data.ciphertext.len());
         out.put_u64(self.origin.0);
         out.put_u8(self.hops);
         self.data.put_body(&mut out);

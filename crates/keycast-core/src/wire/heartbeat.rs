@@ -3,6 +3,7 @@
 //! member that sees a `rekey_seq` or key it lacks knows it missed a rekey.
 
 use crate::key::KeyRef;
+use crate::wrap::{KeyCheck, CHECK_LEN};
 
 use super::auth::{Signature, Signer, HEARTBEAT_DOMAIN, SIGNATURE_LEN};
 use super::codec::{Reader, Writer};
@@ -46,7 +47,12 @@ pub struct Heartbeat {
     /// Sequence number of the last rekey sent (0: none yet).
     pub rekey_seq: u64,
     pub active: KeyRef,
+    /// Key check value of the active key: a member holding another key under the same ref
+    /// (a controller restarted from an older log) sees the contradiction and resyncs.
+    pub active_check: KeyCheck,
     pub pending: Option<PendingKey>,
+    /// Key check value of the pending key (zero when there is none).
+    pub pending_check: KeyCheck,
     pub group_size: u64,
     /// The controller's clock, in milliseconds since the Unix epoch.
     pub sent_ms: u64,
@@ -67,7 +73,11 @@ impl Heartbeat {
         out.put_u64(self.seq);
         out.put_u64(self.rekey_seq);
         out.put_ref(self.active);
+        out.extend_from_slice(&self.active_check);
         PendingKey::put(&mut out, self.pending);
+        if self.pending.is_some() {
+            out.extend_from_slice(&self.pending_check);
+        }
         out.put_u64(self.group_size);
         out.put_u64(self.sent_ms);
         out
@@ -87,16 +97,15 @@ impl SignedHeartbeat {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = open(bytes, MessageType::Heartbeat)?;
-        let heartbeat = Heartbeat {
-            group: r.group()?,
-            epoch: r.u64("epoch")?,
-            seq: r.u64("heartbeat seq")?,
-            rekey_seq: r.u64("rekey seq")?,
-            active: r.key_ref("active key")?,
-            pending: PendingKey::read(&mut r)?,
-            group_size: r.u64("group size")?,
-            sent_ms: r.u64("sent at")?,
+        let (group, epoch, seq, rekey_seq) = (r.group()?, r.u64("epoch")?, r.u64("heartbeat seq")?, r.u64("rekey seq")?);
+        let (active, active_check) = (r.key_ref("active key")?, r.array("active key check")?);
+        let pending = PendingKey::read(&mut r)?;
+        let pending_check = match pending {
+            Some(_) => r.array("pending key check")?,
+            None => [0; CHECK_LEN],
         };
+        let (group_size, sent_ms) = (r.u64("group size")?, r.u64("sent at")?);
+        let heartbeat = Heartbeat { group, epoch, seq, rekey_seq, active, active_check, pending, pending_check, group_size, sent_ms };
         let signature = r.array::<SIGNATURE_LEN>("signature")?;
         r.finish()?;
         Ok(SignedHeartbeat { heartbeat, signature })

@@ -1,4 +1,4 @@
-//! The wire format, version 1 (specified in `docs/wire.md`).
+//! The wire format, version 2 (specified in `docs/wire.md`).
 //!
 //! Every message starts with a version byte and a type byte. Encoding is canonical: a value
 //! has exactly one encoding (big-endian integers, no optional padding, counts that must match
@@ -24,7 +24,7 @@ pub use roster::{MembershipDelta, SignedDelta};
 pub use rekey::{encode_rekey, EncodedRekey, PacketConfig, Placement, RekeyHeader, RekeyPacket, RekeyWireStats};
 
 /// The version byte this implementation writes and reads.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Default payload size of one multicast packet (fits a 1280-byte IPv6 minimum MTU).
 pub const DEFAULT_MTU: usize = 1200;
 /// Largest message any decoder accepts (the largest UDP payload).

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::graph::RekeyPlan;
 use crate::key::KeyRef;
 use crate::strategy::RekeyMessage;
-use crate::wrap::Wrap;
+use crate::wrap::{NonceSalt, Wrap, SALT_LEN};
 
 use super::auth::{self, HashTree, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
 use super::codec::{Writer, MIN_WRAP_LEN};
@@ -18,8 +18,8 @@ pub use super::placement::Placement;
 use super::{open, start, DecodeError, GroupId, MessageType, VerifyingKey, DEFAULT_MTU};
 
 /// Bytes before the entries: version, type, group, epoch, seq, activation, group key ref,
-/// index, count, block bits, entry count.
-pub const HEADER_LEN: usize = 2 + 8 + 8 + 8 + 8 + KeyRef::ENCODED_LEN + 4 + 4 + 1 + 2;
+/// nonce salt, index, count, block bits, entry count.
+pub const HEADER_LEN: usize = 2 + 8 + 8 + 8 + 8 + KeyRef::ENCODED_LEN + SALT_LEN + 4 + 4 + 1 + 2;
 /// Largest signing block: 2^10 packets.
 pub const MAX_BLOCK_BITS: u8 = 10;
 /// Default signing block: 64 packets, a 6-node path (96 bytes) per packet.
@@ -38,6 +38,8 @@ pub struct RekeyHeader {
     /// The epoch in which the new group key comes into force.
     pub activation: u64,
     pub group_key: KeyRef,
+    /// The rekey's nonce salt: each wrap's nonce is its wrapped ref XOR this.
+    pub salt: NonceSalt,
     pub index: u32,
     pub count: u32,
     /// Packets are signed in blocks of 2^block_bits consecutive indices.
@@ -75,6 +77,7 @@ impl RekeyPacket {
         out.put_u64(header.seq);
         out.put_u64(header.activation);
         out.put_ref(header.group_key);
+        out.extend_from_slice(&header.salt);
         out.put_u32(header.index);
         out.put_u32(header.count);
         out.put_u8(header.block_bits);
@@ -108,6 +111,7 @@ impl RekeyPacket {
             seq: r.u64("rekey seq")?,
             activation: r.u64("activation epoch")?,
             group_key: r.key_ref("group key")?,
+            salt: r.array("nonce salt")?,
             index: r.u32("packet index")?,
             count: r.u32("packet count")?,
             block_bits: r.u8("block bits")?,
@@ -121,7 +125,7 @@ impl RekeyPacket {
         let count = r.count(2, u16::MAX as usize, MIN_WRAP_LEN, "entries")?;
         let mut wraps = Vec::with_capacity(count);
         for _ in 0..count {
-            wraps.push(r.wrap()?);
+            wraps.push(r.wrap(&header.salt)?);
         }
         let body_len = r.offset();
         let signature = r.array::<SIGNATURE_LEN>("signature")?;
@@ -228,6 +232,7 @@ pub fn encode_rekey(
         seq: context.seq,
         activation: context.activation,
         group_key: plan.group_key,
+        salt: plan.salt,
         index: 0,
         count,
         block_bits: config.block_bits,

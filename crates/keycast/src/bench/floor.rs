@@ -39,7 +39,9 @@ impl Floor {
                 seq: 1,
                 rekey_seq: 1,
                 active: KeyRef::new(KeyId(0), 1, 0),
+                active_check: [0; 8],
                 pending: None,
+                pending_check: [0; 8],
                 group_size: 1,
                 sent_ms: 0,
             },
@@ -48,7 +50,7 @@ impl Floor {
 
     fn wrap(&self, i: usize) -> Wrap {
         let under = Wrapper::Key(KeyRef::new(KeyId(1), (i % KEKS) as u32 + 1, 0));
-        Wrap::seal(&self.keks[i % KEKS], under, KeyRef::new(KeyId(2), i as u32 + 2, 0), &self.payload)
+        Wrap::seal(&self.keks[i % KEKS], under, KeyRef::new(KeyId(2), i as u32 + 2, 0), &self.payload, &[0x3c; 12])
     }
 
     /// Time for `wraps` wraps and `signatures` signatures on this thread.
