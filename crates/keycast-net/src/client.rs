@@ -72,8 +72,8 @@ pub enum ClientError {
     TimedOut { addr: SocketAddr, stage: Stage, after_ms: u64 },
     #[error("TLS with the controller at {addr} failed: {source}; check the member's ca, cert and key files and server_name")]
     Tls { addr: SocketAddr, source: std::io::Error },
-    #[error("gave up the {request} after {attempts} attempts in {waited_ms} ms: {last}; check that the controller runs at that address, or raise [requests] deadlines in the member config")]
-    GaveUp { request: RequestKind, attempts: u32, waited_ms: u64, last: Box<ClientError> },
+    #[error("gave up the {request} after {attempts} attempts in {waited_ms} ms (deadline {deadline_ms} ms): {last}; check that the controller runs at that address, or raise [requests] deadlines in the member config")]
+    GaveUp { request: RequestKind, attempts: u32, waited_ms: u64, deadline_ms: u64, last: Box<ClientError> },
     #[error("the controller refused: {} ({})", .0.describe(), .1)]
     Refused(RefusalReason, String),
     #[error("unexpected answer from the controller: {0}")]

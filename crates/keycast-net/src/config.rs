@@ -295,3 +295,32 @@ impl AdminConfig {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEMBER: &str = "group = 1\nserver = \"127.0.0.1:7400\"\n[multicast]\naddress = \"239.255.42.1:7401\"\n[tls]\nca = \"ca.pem\"\ncert = \"m.pem\"\nkey = \"m.key\"\n";
+
+    fn load(extra: &str) -> Result<MemberConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("member.toml");
+        std::fs::write(&path, format!("{MEMBER}{extra}")).unwrap();
+        MemberConfig::load(&path)
+    }
+
+    #[test]
+    fn member_requests_default_and_bad_values_are_refused_with_the_file_named() {
+        let config = load("").unwrap();
+        assert_eq!(config.requests, RequestPolicy::default());
+        assert!(!config.rejoin);
+        let partial = load("[requests]\njoin_deadline_ms = 1500\n").unwrap();
+        assert_eq!(partial.requests, RequestPolicy { join_deadline_ms: 1500, ..RequestPolicy::default() });
+        let zero = load("[requests]\nanswer_timeout_ms = 0\n").unwrap_err().to_string();
+        assert!(zero.contains("member.toml") && zero.contains("answer_timeout_ms"), "{zero}");
+        let backwards = load("[requests]\nbackoff_min_ms = 500\nbackoff_max_ms = 100\n").unwrap_err().to_string();
+        assert!(backwards.contains("backoff_max_ms"), "{backwards}");
+        let unbounded = load("event_capacity = 0\n[requests]\n").unwrap_err().to_string();
+        assert!(unbounded.contains("event_capacity"), "{unbounded}");
+    }
+}

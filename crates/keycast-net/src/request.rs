@@ -91,7 +91,7 @@ pub(crate) async fn request<T>(
         };
         let pause = Duration::from_millis(jittered(backoff));
         if !error.is_transient() || Instant::now() + pause >= deadline {
-            return Err(if error.is_transient() { gave_up(kind, attempts, started, error) } else { error });
+            return Err(if error.is_transient() { gave_up(kind, policy, attempts, started, error) } else { error });
         }
         tracing::warn!("{kind}: waiting for the controller at {}: {error}; retrying in {} ms", setup.server, pause.as_millis());
         tokio::time::sleep(pause).await;
@@ -99,8 +99,10 @@ pub(crate) async fn request<T>(
     }
 }
 
-fn gave_up(kind: RequestKind, attempts: u32, started: Instant, last: ClientError) -> ClientError {
-    ClientError::GaveUp { request: kind, attempts, waited_ms: started.elapsed().as_millis() as u64, last: Box::new(last) }
+/// The next pause would pass the deadline: the last error, with what was tried.
+fn gave_up(kind: RequestKind, policy: &RequestPolicy, attempts: u32, started: Instant, last: ClientError) -> ClientError {
+    let (waited_ms, deadline_ms) = (started.elapsed().as_millis() as u64, kind.deadline(policy).as_millis() as u64);
+    ClientError::GaveUp { request: kind, attempts, waited_ms, deadline_ms, last: Box::new(last) }
 }
 
 /// A pause between half and all of `ms`, from the operating system's generator.
