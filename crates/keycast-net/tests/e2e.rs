@@ -200,6 +200,14 @@ async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_m
         Err(e @ ClientError::Tls { .. }) => assert!(e.to_string().contains("check the member's ca, cert and key"), "{e}"),
         other => panic!("a rogue certificate gave {:?}", other.map(|_| ())),
     }
+    // The same client certificate, trusting the right CA: the controller refuses it (an alert).
+    let mut setup = group.member_setup("member-3").unwrap();
+    setup.tls = client_config(&keycast_net::pki::Credentials { ca_pem: group.authority.ca_pem(), ..rogue }).unwrap();
+    setup.requests.join_deadline_ms = 5_000;
+    match MemberClient::join(setup).await {
+        Err(ClientError::Tls { .. }) => {}
+        other => panic!("a certificate from another CA gave {:?}", other.map(|_| ())),
+    }
     // Garbage on the TLS port.
     let mut tcp = tokio::net::TcpStream::connect(group.server().addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage").await.unwrap();
