@@ -312,10 +312,14 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, commands: mps
 }
 
 async fn serve_connection(tcp: TcpStream, acceptor: TlsAcceptor, commands: mpsc::Sender<Command>, admins: &BTreeSet<String>) -> Result<(), String> {
-    let mut tls = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let mut tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp).into_fallible()).await {
+        Err(_) => return Err("TLS handshake timed out".to_string()),
+        Ok(Err((e, tcp))) => {
+            close_after_alert(tcp).await;
+            return Err(format!("TLS handshake failed: {e}"));
+        }
+        Ok(Ok(tls)) => tls,
+    };
     let identity = peer_identity(tls.get_ref().1).ok_or("client certificate has no common name")?;
     let frame = tokio::time::timeout(IO_TIMEOUT, read_frame(&mut tls))
         .await
@@ -347,6 +351,26 @@ async fn serve_connection(tcp: TcpStream, acceptor: TlsAcceptor, commands: mpsc:
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
     Ok(())
+}
+
+/// Closes a refused handshake gracefully: FIN after the alert, then reads what the client
+/// already sent (bounded in time and bytes). Dropping the socket with its request unread would
+/// reset the connection, and the client would see a broken pipe instead of the refusal, and
+/// retry it as a network failure.
+async fn close_after_alert(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Prometheus text format on GET (any path); off unless configured.
