@@ -483,13 +483,15 @@ impl Follow {
 
     /// A request finished; false when the loop should end (evicted, not rejoining).
     fn finished(&mut self, outcome: Outcome) -> bool {
-        let current = outcome.member == self.member();
+        // Answers about a member this client no longer is, or is leaving behind, change nothing.
+        let stale = outcome.member != self.member() || self.in_flight.rejoin;
         match outcome.result {
             Finished::Refresh(result) => {
                 self.in_flight.refresh = false;
                 match result {
                     Ok(()) => true,
-                    Err(e) if current && e.means_evicted() => self.evicted(&e),
+                    Err(_) if stale => true,
+                    Err(e) if e.means_evicted() => self.evicted(&e),
                     Err(e) => {
                         tracing::warn!("refresh failed: {e}; the next refresh tries again");
                         true
@@ -499,12 +501,12 @@ impl Follow {
             Finished::Resync(result) => {
                 self.in_flight.resync = false;
                 match result {
-                    Ok(answer) if current => {
+                    _ if stale => true,
+                    Ok(answer) => {
                         self.install(answer);
                         true
                     }
-                    Ok(_) => true,
-                    Err(e) if current && e.means_evicted() => self.evicted(&e),
+                    Err(e) if e.means_evicted() => self.evicted(&e),
                     Err(e) => {
                         let pause = Duration::from_millis(self.setup.requests.backoff_max_ms);
                         tracing::warn!("resync failed: {e}; trying again in {} ms", pause.as_millis());
