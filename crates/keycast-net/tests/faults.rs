@@ -323,7 +323,10 @@ async fn a_flood_of_forged_data_is_bounded_counted_and_rekeys_still_arrive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_member_set_to_rejoin_joins_again() {
     let dir = tempfile::tempdir().unwrap();
-    let group = LocalGroup::start(GroupPolicy { refresh_timeout_ms: 800, ..policy() }, 2, dir.path().to_path_buf()).await.unwrap();
+    // Long epochs: the rejoin waits for the epoch's end while the second refusal comes in.
+    let group = LocalGroup::start(GroupPolicy { refresh_timeout_ms: 800, epoch_ms: 1000, ..policy() }, 2, dir.path().to_path_buf())
+        .await
+        .unwrap();
     let (stayer, _stayer_events) = group.join("member-2").await.unwrap();
     let proxy = Proxy::start(group.server().addr).await;
     let mut setup = quick(group.member_setup("member-1").unwrap());
@@ -345,16 +348,28 @@ async fn an_expired_member_set_to_rejoin_joins_again() {
     // Its refresh and its resync (it missed the rekey that removed it) are both refused: one
     // eviction, one rejoin.
     let (mut evicted, mut rejoins) = (0, Vec::new());
-    let settle = async {
+    let mut count = |event| match event {
+        ClientEvent::Member(MemberEvent::Evicted) => evicted += 1,
+        ClientEvent::Rejoined { member } => rejoins.push(member),
+        _ => {}
+    };
+    let first_rejoin = async {
         while let Some(event) = events.recv().await {
-            match event {
-                ClientEvent::Member(MemberEvent::Evicted) => evicted += 1,
-                ClientEvent::Rejoined { member } => rejoins.push(member),
-                _ => {}
+            let rejoined = matches!(event, ClientEvent::Rejoined { .. });
+            count(event);
+            if rejoined {
+                return;
             }
         }
     };
-    let _ = timeout(Duration::from_secs(3), settle).await;
+    timeout(Duration::from_secs(10), first_rejoin).await.expect("no rejoin within 10 s");
+    // A second rejoin would be answered at the next epoch's end.
+    let _ = timeout(Duration::from_millis(1500), async {
+        while let Some(event) = events.recv().await {
+            count(event);
+        }
+    })
+    .await;
     assert_eq!((evicted, rejoins.len()), (1, 1), "evictions and rejoins: {rejoins:?}");
     let rejoined = rejoins[0];
     assert_ne!(rejoined, first);
