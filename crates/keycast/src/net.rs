@@ -106,7 +106,7 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     for name in &names {
         write_credentials(&args.dir, name, &ca.issue(name, false).map_err(pki)?)?;
         let config = format!(
-            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n# Join again by itself after an eviction or expiry (otherwise it stops, exit status 3).\nrejoin = false\n# Events the application has not read yet, at most; beyond, data events are dropped and counted.\nevent_capacity = 1024\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\n# Requests to the controller: each attempt's timeouts, then retries with jittered backoff\n# until the deadline (a join waits this long for a controller that is not up yet).\n[requests]\nconnect_timeout_ms = 3000\nhandshake_timeout_ms = 3000\n# A join is answered at the end of the controller's epoch: keep this above epoch_ms.\nanswer_timeout_ms = 5000\ndeadline_ms = 30000\njoin_deadline_ms = 60000\nbackoff_min_ms = 100\nbackoff_max_ms = 5000\n",
+            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n# Join again by itself after an expiry (otherwise it stops, exit status 3; an evicted identity stays out until re-admitted).\nrejoin = false\n# Events the application has not read yet, at most; beyond, data events are dropped and counted.\nevent_capacity = 1024\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\n# Requests to the controller: each attempt's timeouts, then retries with jittered backoff\n# until the deadline (a join waits this long for a controller that is not up yet).\n[requests]\nconnect_timeout_ms = 3000\nhandshake_timeout_ms = 3000\n# A join is answered at the end of the controller's epoch: keep this above epoch_ms.\nanswer_timeout_ms = 5000\ndeadline_ms = 30000\njoin_deadline_ms = 60000\nbackoff_min_ms = 100\nbackoff_max_ms = 5000\n",
             group = args.group
         );
         write(&args.dir.join(format!("{name}.toml")), &config, false)?;
@@ -166,9 +166,10 @@ pub enum MemberEnd {
     Evicted,
 }
 
-pub const MEMBER_EXIT_STATUS: &str = "Exit status: 0 when the member ends normally (--for-secs or Ctrl-C; it leaves the group), \
-3 when the controller evicted or expired it (and it does not rejoin: `rejoin = true` in its config rejoins), \
-1 on failure (bad config, or no controller within [requests] join_deadline_ms).";
+pub const MEMBER_EXIT_STATUS: &str = "Exit status: 0 when the member ends normally (--for-secs or Ctrl-C; it leaves the group first), \
+3 when the controller evicted or expired it (with `rejoin = true` in its config an expired member joins again instead; \
+an evicted identity stays out until an administrator re-admits it), \
+1 on failure (bad config, no controller within [requests] join_deadline_ms, or a leave it could not deliver).";
 
 pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
     logging();
