@@ -1,15 +1,19 @@
 //! The controller and member state machines over random histories, deterministically: joins,
-//! leaves, evictions, expiries, lost datagrams, and a controller that crashes after any prefix
-//! of its outputs and restarts from what it had persisted. After every step each member that
-//! the controller counts ends with the controller's active group key, and an evicted member
-//! cannot open data sealed after its eviction.
+//! leaves, evictions, expiries, lost datagrams (0 to 75%), a controller that crashes after any
+//! prefix of its outputs and restarts from what it had persisted, a controller restarted from
+//! an older copy of its log (any earlier point), a restart under a changed configuration, and
+//! departed identities that try to rejoin. After every step each member that the controller
+//! counts ends with the controller's active group key, an evicted member cannot open data
+//! sealed after its eviction nor join again, and no wrapping key ever seals two different
+//! plaintexts under one nonce (checked over every wrap multicast).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use keycast_core::protocol::{Controller, GroupPolicy, JoinStatus, MemberSession, Output, Record};
+use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, MemberEvent, MemberSession, Output, Record};
 use keycast_core::wire::rekey::{PacketConfig, Placement};
-use keycast_core::wire::{GroupId, JoinAnswer};
-use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
+use keycast_core::wire::{GroupId, JoinAnswer, Message, RefusalReason};
+use keycast_core::wrap::wrap_nonce;
+use keycast_core::{GraphConfig, JoinPolicy, KeyRef, MemberId, Scheme, Wrapper};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -17,11 +21,17 @@ enum Step {
     Join,
     Leave(usize),
     Evict(usize),
-    /// Time passes (ms); datagrams are lost with probability `loss` in 0..4 quarters.
+    /// Time passes (ms); datagrams are lost with probability `loss` quarters (0 to 3).
     Wait { ms: u64, loss: u8 },
-    /// The controller dies after delivering `after` of its next outputs, then restarts.
+    /// The controller dies after delivering `after` (modulo their number plus one) of its next
+    /// outputs, then restarts: any prefix, from none to all.
     Crash { after: usize },
     Silence(usize),
+    /// The controller restarts from the first `keep` (modulo the log's length) records of its
+    /// log: a backup restored, evictions and joins since then forgotten by it.
+    Rollback { keep: usize },
+    /// A departed identity asks to join again.
+    Rejoin(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -29,9 +39,11 @@ fn step() -> impl Strategy<Value = Step> {
         3 => Just(Step::Join),
         2 => any::<usize>().prop_map(Step::Leave),
         1 => any::<usize>().prop_map(Step::Evict),
-        4 => (1u64..400, 0u8..3).prop_map(|(ms, loss)| Step::Wait { ms, loss }),
-        2 => (0usize..12).prop_map(|after| Step::Crash { after }),
+        4 => (1u64..400, 0u8..4).prop_map(|(ms, loss)| Step::Wait { ms, loss }),
+        2 => any::<usize>().prop_map(|after| Step::Crash { after }),
         1 => any::<usize>().prop_map(Step::Silence),
+        1 => any::<usize>().prop_map(|keep| Step::Rollback { keep }),
+        1 => any::<usize>().prop_map(Step::Rejoin),
     ]
 }
 
@@ -74,6 +86,16 @@ struct World {
     rng: u64,
     /// Resyncs answered so far.
     resyncs: usize,
+    /// Identities of departed members (left, expired or evicted), for rejoin attempts.
+    departed: Vec<String>,
+    /// Identities evicted since the last rollback: the controller must refuse their joins.
+    revoked: BTreeSet<String>,
+    /// Every wrap multicast, by (wrapping key ref, nonce): the wrapped ref and its ciphertext.
+    nonces: HashMap<(Wrapper, [u8; 12]), (KeyRef, [u8; 48])>,
+    /// Contradictions members raised (after rollbacks).
+    contradictions: usize,
+    /// A rollback happened since the last check: members it resurrected must expire first.
+    rolled_back: bool,
 }
 
 impl World {
@@ -95,6 +117,11 @@ impl World {
             next_conn: 0,
             rng: seed | 1,
             resyncs: 0,
+            departed: Vec::new(),
+            revoked: BTreeSet::new(),
+            nonces: HashMap::new(),
+            contradictions: 0,
+            rolled_back: false,
         }
     }
 
@@ -114,7 +141,7 @@ impl World {
 
     /// Carries out outputs; with `crash_after`, stops after that many and restarts.
     fn deliver(&mut self, outputs: Vec<Output>, loss: u8, crash_after: Option<usize>) {
-        let cut = crash_after.unwrap_or(usize::MAX);
+        let cut = crash_after.map_or(usize::MAX, |after| after % (outputs.len() + 1));
         // Consecutive datagrams may arrive in either order (a member may see the upper tier of
         // a rekey before the lower one).
         let mut datagrams: Vec<Vec<u8>> = Vec::new();
@@ -134,7 +161,11 @@ impl World {
                     let (session, _) = MemberSession::join(&accepted, keys.unwrap(), self.policy.heartbeat_ms, self.now);
                     self.members.insert(accepted.member, Member { identity, session, silent: false });
                 }
-                Output::Departed { member, .. } => {
+                Output::Departed { member, identity, why } => {
+                    if why == Departure::Evicted {
+                        self.revoked.insert(identity.clone());
+                    }
+                    self.departed.push(identity);
                     if let Some(m) = self.members.remove(&member) {
                         self.evicted.push(m.session);
                     }
@@ -158,20 +189,37 @@ impl World {
     }
 
     fn multicast(&mut self, bytes: &[u8], loss: u8) {
+        self.audit_nonces(bytes);
         let now = self.now;
         let ids: Vec<MemberId> = self.members.keys().copied().collect();
         for id in ids {
             if (self.random() % 4) < loss as u64 {
                 continue;
             }
-            let _ = self.members.get_mut(&id).unwrap().session.receive(bytes, now);
+            let events = self.members.get_mut(&id).unwrap().session.receive(bytes, now).unwrap_or_default();
+            self.contradictions += events.iter().filter(|e| matches!(e, MemberEvent::Contradiction { .. })).count();
         }
         for s in &mut self.evicted {
             let _ = s.receive(bytes, now);
         }
     }
 
+    /// No wrapping key seals two different plaintexts under one nonce: the same (wrapper,
+    /// nonce) always carries the same wrapped ref and ciphertext (a replay of the same wrap).
+    fn audit_nonces(&mut self, bytes: &[u8]) {
+        let Ok(Message::Rekey(packet)) = Message::decode(bytes) else { return };
+        for w in packet.wraps {
+            let nonce = wrap_nonce(w.key, &w.salt);
+            let sealed = self.nonces.entry((w.under, nonce)).or_insert((w.key, w.sealed));
+            assert_eq!(*sealed, (w.key, w.sealed), "under {:?} nonce {} sealed two plaintexts", w.under, hex::encode(nonce));
+        }
+    }
+
     fn restart(&mut self) {
+        // A configuration that changes what shapes the keys is refused, naming the setting.
+        let mut changed = self.policy;
+        changed.epoch_ms += 1;
+        assert!(matches!(Controller::restore(changed, self.acl.clone(), &self.log, self.now), Err(ControllerError::PolicyChanged { .. })));
         self.controller = Controller::restore(self.policy, self.acl.clone(), &self.log, self.now).unwrap();
         // Joins in flight died with the connections; their applications try again.
         let retry: Vec<String> = std::mem::take(&mut self.joining).into_values().collect();
@@ -185,19 +233,24 @@ impl World {
 
     fn join(&mut self, identity: String) {
         self.next_conn += 1;
-        match self.controller.join(self.next_conn, &identity, self.policy.group, self.now) {
-            Ok(JoinStatus::Queued(_)) => {
+        if let Ok(status) = self.controller.join(self.next_conn, &identity, self.policy.group, self.now) {
+            self.admit(status, identity);
+        }
+    }
+
+    fn admit(&mut self, status: JoinStatus, identity: String) {
+        match status {
+            JoinStatus::Queued(_) => {
                 self.joining.retain(|_, waiting| *waiting != identity);
                 self.joining.insert(self.next_conn, identity);
             }
-            Ok(JoinStatus::Admitted(answer)) => {
+            JoinStatus::Admitted(answer) => {
                 let (JoinAnswer::Accepted(accepted), keys) = *answer else { panic!("admitted means accepted") };
                 if !self.members.contains_key(&accepted.member) {
                     let (session, _) = MemberSession::join(&accepted, keys, self.policy.heartbeat_ms, self.now);
                     self.members.insert(accepted.member, Member { identity, session, silent: false });
                 }
             }
-            Err(_) => {}
         }
     }
 
@@ -237,7 +290,41 @@ impl World {
                     self.members.get_mut(&m).unwrap().silent = true;
                 }
             }
+            Step::Rollback { keep } => self.rollback(keep),
+            Step::Rejoin(i) => {
+                if self.departed.is_empty() {
+                    return;
+                }
+                let identity = self.departed[i % self.departed.len()].clone();
+                let revoked = self.revoked.contains(&identity);
+                self.next_conn += 1;
+                match self.controller.join(self.next_conn, &identity, self.policy.group, self.now) {
+                    Err(refusal) if revoked => assert_eq!(refusal.reason, RefusalReason::Revoked, "{refusal}"),
+                    Ok(_) if revoked => panic!("evicted {identity} joined again"),
+                    Ok(status) => self.admit(status, identity),
+                    Err(_) => {}
+                }
+            }
         }
+    }
+
+    /// The controller restarts from a prefix of its log (a restored backup). Members it no
+    /// longer counts are gone (their next request is refused); the others detect what
+    /// contradicts the keys they hold and resync. Evictions after the prefix are forgotten.
+    fn rollback(&mut self, keep: usize) {
+        let keep = 1 + keep % self.log.len();
+        self.log.truncate(keep);
+        self.restart();
+        self.revoked = self.controller.revoked().clone();
+        let counted: BTreeSet<MemberId> = self.controller.members().keys().copied().collect();
+        let lost: Vec<MemberId> = self.members.keys().filter(|m| !counted.contains(m)).copied().collect();
+        for m in lost {
+            let gone = self.members.remove(&m).unwrap();
+            self.evicted.push(gone.session);
+        }
+        // Members it counts that the world lost (departed after the prefix) stay silent and
+        // expire; the check waits for that.
+        self.rolled_back = true;
     }
 
     fn advance(&mut self, ms: u64, loss: u8, crash_after: Option<usize>) {
@@ -279,6 +366,10 @@ impl World {
     /// After a quiet stretch without loss, everyone holds the controller's active key and no
     /// removed member can read new traffic.
     fn check(&mut self) {
+        if std::mem::take(&mut self.rolled_back) {
+            // Members the restored log still counts but whose applications are gone expire.
+            self.advance(self.policy.refresh_timeout_ms + 2 * self.policy.epoch_ms, 0, None);
+        }
         self.advance(2 * self.policy.epoch_ms + 2 * self.policy.heartbeat_ms, 0, None);
         // Members learn a new epoch from its first heartbeat: check once one has gone out.
         while (self.now - CREATED_MS) % self.policy.epoch_ms <= self.policy.heartbeat_ms + 10 {
@@ -340,7 +431,7 @@ proptest! {
     /// and the order in which a rekey's packets arrive: no member ever needs a resync.
     #[test]
     fn without_loss_no_member_needs_a_resync(
-        steps in prop::collection::vec(step().prop_filter("lossless, no crash", |s| !matches!(s, Step::Crash { .. } | Step::Wait { loss: 1.., .. })), 1..40),
+        steps in prop::collection::vec(step().prop_filter("lossless, no crash or rollback", |s| !matches!(s, Step::Crash { .. } | Step::Rollback { .. } | Step::Wait { loss: 1.., .. })), 1..40),
         seed in any::<u64>(),
         tree in any::<bool>(),
         placement in prop_oneof![Just(Placement::Auto), Just(Placement::UserOriented), Just(Placement::Tiered)],
@@ -354,3 +445,5 @@ proptest! {
         prop_assert_eq!(world.resyncs, 0);
     }
 }
+
+

@@ -37,15 +37,20 @@ impl Store {
         let db = Database::create(path).map_err(failed)?;
         let txn = db.begin_write().map_err(failed)?;
         let mut records = Vec::new();
+        let mut next = 0;
         {
             let table = txn.open_table(LOG).map_err(failed)?;
             for entry in table.iter().map_err(failed)? {
                 let (k, v) = entry.map_err(failed)?;
+                next = k.value() + 1;
+                // Heartbeat reservations of earlier versions: seqs now follow the clock.
+                if v.value().starts_with(br#"{"heartbeats""#) {
+                    continue;
+                }
                 records.push(decode(v.value()).ok_or(StoreError::Corrupt(k.value()))?);
             }
         }
         txn.commit().map_err(failed)?;
-        let next = records.len() as u64;
         Ok((Store { db, next }, records))
     }
 
@@ -93,7 +98,6 @@ fn encode(record: &Record) -> Vec<u8> {
             "leaves": leaves.iter().map(|m| m.0).collect::<Vec<_>>(),
             "seed": hex(seed),
         }}),
-        Record::HeartbeatsReserved(n) => json!({"heartbeats": n}),
         Record::Revoked(identity) => json!({"revoked": identity}),
         Record::Readmitted(identity) => json!({"readmitted": identity}),
         Record::AclAdded(identity) => json!({"acl_added": identity}),
@@ -159,7 +163,7 @@ fn decode(bytes: &[u8]) -> Option<Record> {
     if let Some(floor) = v.get("seq_floor").and_then(u) {
         return Some(Record::SeqFloor(floor));
     }
-    v.get("heartbeats").and_then(u).map(Record::HeartbeatsReserved)
+    None
 }
 
 /// The group's fixed settings in the genesis record.
@@ -247,7 +251,6 @@ mod tests {
                 leaves: vec![MemberId(3)],
                 seed: [9; 32],
             },
-            Record::HeartbeatsReserved(1024),
             Record::Revoked("member-4".into()),
             Record::Readmitted("member-4".into()),
             Record::AclAdded("member-9".into()),

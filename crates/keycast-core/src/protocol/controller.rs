@@ -96,8 +96,6 @@ pub enum Record {
     Requested(Request),
     /// One applied batch: replaying it with the same seed rebuilds the same keys.
     Batch { seq: u64, epoch: u64, activation: u64, joins: Vec<(MemberId, String)>, leaves: Vec<MemberId>, seed: [u8; 32] },
-    /// Heartbeat sequence numbers up to this one may be used (reserved in blocks).
-    HeartbeatsReserved(u64),
     /// An evicted identity: its joins are refused until it is re-admitted.
     Revoked(String),
     Readmitted(String),
@@ -121,7 +119,6 @@ impl core::fmt::Debug for Record {
                 joins.len(),
                 leaves.len()
             ),
-            Record::HeartbeatsReserved(n) => write!(f, "HeartbeatsReserved({n})"),
             Record::Revoked(i) => write!(f, "Revoked({i:?})"),
             Record::Readmitted(i) => write!(f, "Readmitted({i:?})"),
             Record::AclAdded(i) => write!(f, "AclAdded({i:?})"),
@@ -192,9 +189,6 @@ fn revoked(identity: &str) -> Refusal {
     refuse(RefusalReason::Revoked, format!("{identity} was evicted; it stays out until an administrator re-admits it (keycast admin readmit {identity})"))
 }
 
-/// Heartbeat seqs are milliseconds of the controller's clock (so a restored older log cannot
-/// repeat one); the log reserves them a minute at a time in case the clock steps back.
-const HEARTBEAT_BLOCK_MS: u64 = 60_000;
 /// Largest jump a member's report may move the rekey seq (a restored log is this far behind at
 /// most); a larger report is not believed.
 const MAX_SEQ_REPORT_GAP: u64 = 1 << 20;
@@ -216,7 +210,6 @@ pub struct Controller {
     /// Group keys by rekey seq, with their activation epoch.
     group_keys: BTreeMap<u64, (KeyRef, u64, Key)>,
     heartbeat_seq: u64,
-    heartbeats_reserved: u64,
     next_heartbeat_ms: u64,
     pending: Vec<Request>,
     waiting_joins: BTreeMap<MemberId, ConnId>,
@@ -277,7 +270,6 @@ impl Controller {
             epoch: 0,
             rekey_seq: 0,
             heartbeat_seq: 0,
-            heartbeats_reserved: 0,
             next_heartbeat_ms: *created_ms,
             pending: Vec::new(),
             waiting_joins: BTreeMap::new(),
@@ -297,7 +289,6 @@ impl Controller {
                     let plan = c.apply_batch(*seq, *epoch, *activation, joins, leaves, seed, *created_ms)?;
                     last_batch = Some((plan, *seq, *epoch, *activation));
                 }
-                Record::HeartbeatsReserved(upto) => c.heartbeats_reserved = c.heartbeats_reserved.max(*upto),
                 Record::Revoked(identity) => drop(c.revoked.insert(identity.clone())),
                 Record::Readmitted(identity) => drop(c.revoked.remove(identity)),
                 Record::AclAdded(identity) => drop(c.acl.insert(identity.clone())),
@@ -305,11 +296,17 @@ impl Controller {
                 Record::SeqFloor(floor) => c.rekey_seq = c.rekey_seq.max(*floor),
             }
         }
-        // Heartbeats resume past everything that may have been sent before the restart.
-        c.heartbeat_seq = c.heartbeats_reserved;
         c.next_heartbeat_ms = now_ms;
         for record in c.members.values_mut() {
             record.last_seen_ms = now_ms;
+        }
+        // A revoked identity is never left a member (a log whose eviction batch was lost).
+        let revoked_members: Vec<MemberId> =
+            c.members.iter().filter(|(_, r)| c.revoked.contains(&r.identity)).map(|(m, _)| *m).collect();
+        for member in revoked_members {
+            if !c.pending.contains(&Request::Evict { member }) {
+                c.pending.push(Request::Evict { member });
+            }
         }
         if let Some((plan, seq, epoch, activation)) = last_batch {
             c.last_rekey = c.encode(&plan, seq, epoch, activation)?.0;
@@ -629,12 +626,9 @@ impl Controller {
 
     fn heartbeat(&mut self, now_ms: u64) -> Vec<Output> {
         let mut out = Vec::new();
-        // Milliseconds, so that a log restored from an older copy never repeats a seq.
+        // The clock's milliseconds: a restart, even from an older copy of the log, never
+        // repeats a seq members have seen (a log could not promise that).
         self.heartbeat_seq = (self.heartbeat_seq + 1).max(now_ms);
-        if self.heartbeat_seq >= self.heartbeats_reserved {
-            self.heartbeats_reserved = self.heartbeat_seq + HEARTBEAT_BLOCK_MS;
-            out.push(Output::Persist(Record::HeartbeatsReserved(self.heartbeats_reserved)));
-        }
         self.next_heartbeat_ms = now_ms + self.policy.heartbeat_ms;
         let epoch = self.epoch_at(now_ms);
         let (_, (active, _, active_key)) = self.active_entry(epoch);

@@ -171,13 +171,15 @@ impl MemberSession {
                 self.guard.accept_heartbeat(&beat)?;
                 self.last_heartbeat_ms = now_ms;
                 self.controller_lost = false;
+                let mut events = self.advance_epoch(beat.epoch);
                 if let Some(reason) = self.contradiction(&beat) {
                     // Reported once; the driver resyncs and the answer replaces this state.
-                    let first = !self.out_of_sync;
+                    if !self.out_of_sync {
+                        events.push(MemberEvent::Contradiction { reason });
+                    }
                     self.out_of_sync = true;
-                    return Ok(if first { vec![MemberEvent::Contradiction { reason }] } else { Vec::new() });
+                    return Ok(events);
                 }
-                let mut events = self.advance_epoch(beat.epoch);
                 // One heartbeat ahead may race its rekey's packets; a second means they are lost.
                 if beat.rekey_seq > self.guard.rekey_seq() {
                     self.heartbeats_behind += 1;
@@ -216,6 +218,17 @@ impl MemberSession {
     fn contradiction(&self, beat: &Heartbeat) -> Option<String> {
         if beat.rekey_seq < self.guard.rekey_seq() {
             return Some(format!("heartbeat names rekey {} but this member applied rekey {}", beat.rekey_seq, self.guard.rekey_seq()));
+        }
+        // At the same rekey the member holds its newest group key (pending, else active), and
+        // in the same epoch it uses the same key.
+        if beat.rekey_seq == self.guard.rekey_seq() {
+            let newest = beat.pending.map_or(beat.active, |p| p.key);
+            if !self.group_keys.values().any(|(r, _, _)| *r == newest) {
+                return Some(format!("heartbeat names {newest} as the group key of rekey {}, which this member applied without it", beat.rekey_seq));
+            }
+            if let Some(active) = self.active.filter(|a| *a != beat.active) {
+                return Some(format!("heartbeat names {} as the key in force, this member uses {active}", beat.active));
+            }
         }
         let announced = [Some((beat.active, beat.active_check)), beat.pending.map(|p| (p.key, beat.pending_check))];
         announced.into_iter().flatten().find_map(|(key_ref, check)| {

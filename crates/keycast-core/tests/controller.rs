@@ -1,0 +1,292 @@
+//! The controller state machine on its own, step by step: revocation that survives restarts,
+//! run-time ACL changes, a full group, a rejoin during a pending leave, a paused controller,
+//! a log restored from an older copy and a configuration changed under a log.
+
+use std::collections::BTreeSet;
+
+use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, MemberEvent, MemberSession, Output, Record};
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::{GroupId, JoinAnswer, RefusalReason};
+use keycast_core::{FlatIds, GraphConfig, JoinPolicy, MemberId, Scheme};
+
+const T0: u64 = 1_000_000;
+
+fn policy(scheme: Scheme) -> GroupPolicy {
+    GroupPolicy {
+        group: GroupId(5),
+        graph: GraphConfig { scheme, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: 100,
+        activation_delay: 1,
+        heartbeat_ms: 50,
+        refresh_timeout_ms: 10_000,
+        immediate_eviction: true,
+        membership_deltas: false,
+        packets: PacketConfig::default(),
+    }
+}
+
+fn tree() -> Scheme {
+    Scheme::Tree { degree: 4 }
+}
+
+/// A controller, its log, and the time.
+struct Harness {
+    policy: GroupPolicy,
+    acl: BTreeSet<String>,
+    controller: Controller,
+    log: Vec<Record>,
+    now: u64,
+    entropy: u64,
+    conn: u64,
+    /// Join answers and departures seen, in order.
+    answers: Vec<(u64, JoinAnswer)>,
+    departed: Vec<(MemberId, Departure)>,
+}
+
+impl Harness {
+    fn new(policy: GroupPolicy, acl: &[&str]) -> Self {
+        let acl: BTreeSet<String> = acl.iter().map(|s| s.to_string()).collect();
+        let (controller, genesis) = Controller::create(policy, acl.clone(), T0, [1; 32], [2; 32]).unwrap();
+        let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
+        Harness { policy, acl, controller, log: vec![genesis], now: T0, entropy: 0, conn: 0, answers: Vec::new(), departed: Vec::new() }
+    }
+
+    fn take(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Persist(record) => self.log.push(record),
+                Output::JoinAnswer { conn, answer, .. } => self.answers.push((conn, answer)),
+                Output::Departed { member, why, .. } => self.departed.push((member, why)),
+                Output::Multicast(_) | Output::Rekeyed { .. } => {}
+            }
+        }
+    }
+
+    fn entropy(&mut self) -> [u8; 32] {
+        self.entropy += 1;
+        let mut e = [0u8; 32];
+        e[..8].copy_from_slice(&self.entropy.to_be_bytes());
+        e
+    }
+
+    /// Ticks every 10 ms for `ms`.
+    fn run(&mut self, ms: u64) {
+        for _ in 0..ms / 10 {
+            self.now += 10;
+            let e = self.entropy();
+            let outputs = self.controller.tick(self.now, e).unwrap();
+            self.take(outputs);
+        }
+    }
+
+    fn join(&mut self, identity: &str) -> Result<JoinStatus, RefusalReason> {
+        self.conn += 1;
+        self.controller.join(self.conn, identity, self.policy.group, self.now).map_err(|r| r.reason)
+    }
+
+    /// Joins and waits for the epoch's batch: the member's id.
+    fn admit(&mut self, identity: &str) -> MemberId {
+        match self.join(identity) {
+            Ok(JoinStatus::Queued(member)) => {
+                self.run(2 * self.policy.epoch_ms);
+                assert!(self.controller.members().contains_key(&member), "{identity} admitted");
+                member
+            }
+            other => panic!("{identity}: {other:?}"),
+        }
+    }
+
+    fn evict(&mut self, member: MemberId) {
+        let e = self.entropy();
+        let outputs = self.controller.evict(member, self.now, e).unwrap();
+        self.take(outputs);
+    }
+
+    fn restart(&mut self) {
+        self.controller = Controller::restore(self.policy, self.acl.clone(), &self.log, self.now).unwrap();
+    }
+}
+
+#[test]
+fn an_evicted_identity_is_refused_until_readmitted_across_restarts() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    let a = h.admit("a");
+    h.admit("b");
+    h.evict(a);
+    assert!(!h.controller.members().contains_key(&a));
+    assert!(matches!(h.join("a"), Err(RefusalReason::Revoked)), "rejoined at once after its eviction");
+    h.run(500);
+    h.restart();
+    assert!(matches!(h.join("a"), Err(RefusalReason::Revoked)), "rejoined after a restart");
+    let readmit = h.controller.readmit("a");
+    h.take(readmit);
+    h.restart();
+    assert!(matches!(h.join("a"), Ok(JoinStatus::Queued(_))), "a re-admitted identity may join again");
+}
+
+#[test]
+fn acl_changes_at_run_time_take_effect_at_once_and_survive_restarts() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    let b = h.admit("b");
+    assert!(matches!(h.join("c"), Err(RefusalReason::NotInAcl)));
+    let added = h.controller.acl_add("c");
+    h.take(added);
+    let e = h.entropy();
+    let removed = h.controller.acl_remove("b", h.now, e).unwrap();
+    h.take(removed);
+    assert!(!h.controller.members().contains_key(&b), "removing a member's identity from the ACL removes the member");
+    h.restart();
+    assert!(matches!(h.join("c"), Ok(JoinStatus::Queued(_))));
+    assert!(matches!(h.join("b"), Err(RefusalReason::NotInAcl)));
+}
+
+#[test]
+fn a_join_to_a_full_group_is_refused_and_the_controller_goes_on() {
+    let flat = Scheme::Flat { id_bits: 1, ids: FlatIds::Sequential };
+    let mut h = Harness::new(policy(flat), &["a", "b", "c"]);
+    h.admit("a");
+    h.admit("b");
+    assert!(matches!(h.join("c"), Err(RefusalReason::GroupFull)));
+    h.run(1_000);
+    assert_eq!(h.controller.members().len(), 2);
+    // Room again after a leave.
+    let a = h.controller.member_by_identity("a").unwrap();
+    let leave = h.controller.leave("a", a).unwrap();
+    h.take(leave);
+    h.run(200);
+    h.admit("c");
+}
+
+#[test]
+fn a_rejoin_while_the_old_sessions_leave_is_pending_is_a_new_admission() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    h.admit("b");
+    let old = h.admit("a");
+    let leave = h.controller.leave("a", old).unwrap();
+    h.take(leave);
+    let Ok(JoinStatus::Queued(new)) = h.join("a") else { panic!("the rejoin must wait for the batch, with fresh keys") };
+    assert_ne!(new, old);
+    h.run(2 * h.policy.epoch_ms);
+    assert!(h.controller.members().contains_key(&new), "the new session was removed with the old one");
+    assert!(!h.controller.members().contains_key(&old));
+    assert_eq!(h.controller.member_by_identity("a"), Some(new));
+    assert!(h.answers.iter().any(|(_, a)| matches!(a, JoinAnswer::Accepted(x) if x.member == new)));
+}
+
+#[test]
+fn a_paused_controller_does_not_expire_members_for_its_own_silence() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    let a = h.admit("a");
+    let b = h.admit("b");
+    h.controller.refresh("a", a, 0, h.now).unwrap();
+    h.controller.refresh("b", b, 0, h.now).unwrap();
+    // 22 s without a tick (SIGSTOP, a VM migration), twice the refresh timeout.
+    h.now += 22_000;
+    h.run(500);
+    assert!(h.departed.is_empty(), "members expired during the controller's own pause: {:?}", h.departed);
+    assert_eq!(h.controller.members().len(), 2);
+    // Time the controller runs counts: a member silent for the timeout expires.
+    h.controller.refresh("b", b, 0, h.now).unwrap();
+    for _ in 0..12 {
+        h.run(1_000);
+        h.controller.refresh("b", b, 0, h.now).unwrap();
+    }
+    assert_eq!(h.departed, vec![(a, Departure::Expired)]);
+}
+
+#[test]
+fn a_removed_members_request_is_refused_as_not_a_member() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    let a = h.admit("a");
+    h.admit("b");
+    let leave = h.controller.leave("a", a).unwrap();
+    h.take(leave);
+    h.run(200);
+    let refusal = h.controller.refresh("a", a, 0, h.now).unwrap_err();
+    assert_eq!(refusal.reason, RefusalReason::NotMember, "{refusal}");
+}
+
+#[test]
+fn a_restart_under_a_changed_fixed_setting_is_refused_naming_it() {
+    let mut h = Harness::new(policy(tree()), &["a"]);
+    h.admit("a");
+    for (changed, setting) in [
+        (GroupPolicy { graph: GraphConfig { scheme: Scheme::Tree { degree: 2 }, ..h.policy.graph }, ..h.policy }, "scheme"),
+        (GroupPolicy { graph: GraphConfig { join_policy: JoinPolicy::Revision, ..h.policy.graph }, ..h.policy }, "join_policy"),
+        (GroupPolicy { group: GroupId(6), ..h.policy }, "group"),
+        (GroupPolicy { epoch_ms: 200, ..h.policy }, "epoch_ms"),
+    ] {
+        match Controller::restore(changed, h.acl.clone(), &h.log, h.now) {
+            Err(e @ ControllerError::PolicyChanged { .. }) => assert!(e.to_string().contains(setting), "{e}"),
+            other => panic!("restarted under a changed {setting}: {:?}", other.map(|_| ())),
+        }
+    }
+    // Settings that do not shape keys may change.
+    let relaxed = GroupPolicy { heartbeat_ms: 70, refresh_timeout_ms: 3_000, ..h.policy };
+    assert!(Controller::restore(relaxed, h.acl.clone(), &h.log, h.now).is_ok());
+}
+
+#[test]
+fn records_never_show_seeds_in_debug_output() {
+    let h = Harness::new(policy(tree()), &["a"]);
+    let shown = format!("{:?}", h.log);
+    assert!(shown.contains("Genesis") && !shown.contains("[1, 1") && !shown.contains("0101"), "{shown}");
+}
+
+/// A member that holds keys of a history the controller no longer has (its log was restored
+/// from an older copy) raises a contradiction from the next heartbeat and resyncs; the
+/// controller's rekeys then continue above the seq the member reports.
+#[test]
+fn members_of_a_lost_history_raise_a_contradiction_and_move_the_controller_past_it() {
+    let mut h = Harness::new(policy(tree()), &["a", "b", "c"]);
+    let (conn, keys) = {
+        let Ok(JoinStatus::Queued(_)) = h.join("a") else { panic!() };
+        let conn = h.conn;
+        h.run(200);
+        let answer = h.answers.iter().find(|(c, _)| *c == conn).unwrap().1.clone();
+        (answer, h.controller.resync("a", h.controller.member_by_identity("a").unwrap(), 0, h.now).unwrap())
+    };
+    let JoinAnswer::Accepted(accepted) = conn else { panic!("accepted") };
+    let (mut session, _) = MemberSession::join(&accepted, keys, h.policy.heartbeat_ms, h.now);
+    let backup = h.log.clone();
+    // The member follows two more rekeys, then the log is restored from the backup.
+    let mut datagrams = Vec::new();
+    for identity in ["b", "c"] {
+        let _ = h.join(identity);
+        for _ in 0..20 {
+            h.now += 10;
+            let e = h.entropy();
+            for output in h.controller.tick(h.now, e).unwrap() {
+                match output {
+                    Output::Persist(r) => h.log.push(r),
+                    Output::Multicast(bytes) => datagrams.push(bytes),
+                    _ => {}
+                }
+            }
+        }
+    }
+    for bytes in datagrams.drain(..) {
+        let _ = session.receive(&bytes, h.now);
+    }
+    let ahead = session.rekey_seq();
+    h.log = backup;
+    h.restart();
+    assert!(h.controller.rekey_seq() < ahead);
+    let mut events = Vec::new();
+    for _ in 0..10 {
+        h.now += 10;
+        let e = h.entropy();
+        for output in h.controller.tick(h.now, e).unwrap() {
+            if let Output::Multicast(bytes) = output {
+                events.extend(session.receive(&bytes, h.now).unwrap_or_default());
+            }
+        }
+    }
+    assert!(events.iter().any(|e| matches!(e, MemberEvent::Contradiction { .. })), "{events:?}");
+    assert!(session.needs_resync());
+    let answer = h.controller.resync("a", accepted.member, session.rekey_seq(), h.now).unwrap();
+    assert_eq!(answer.rekey_seq, ahead, "the controller continues above the seq the member reported");
+    session.resynced(answer);
+    h.run(100);
+    assert!(h.log.iter().any(|r| matches!(r, Record::SeqFloor(s) if *s == ahead)), "the floor is persisted");
+}
