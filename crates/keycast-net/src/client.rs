@@ -80,6 +80,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("multicast channel {addr} on {interface}: {source}; check the [multicast] address and interface")]
     Multicast { addr: SocketAddrV4, interface: std::net::Ipv4Addr, source: std::io::Error },
+    #[error("this member is no longer in the group (evicted or expired); it may not seal: join again")]
+    NotAMember,
     #[error(transparent)]
     Traffic(#[from] TrafficError),
 }
@@ -141,6 +143,8 @@ pub struct ClientStats {
 
 #[derive(Default)]
 struct Counters {
+    /// Set once the controller refused this member, cleared by a rejoin.
+    out: std::sync::atomic::AtomicBool,
     data: AtomicU64,
     unreadable: AtomicU64,
     rejected: AtomicU64,
@@ -281,8 +285,12 @@ impl MemberClient {
         }
     }
 
-    /// Seals `plaintext` as an encoded data message.
+    /// Seals `plaintext` as an encoded data message; refused once the controller said this
+    /// member is out (its key would still be readable by members evicted before it).
     pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, ClientError> {
+        if self.counters.out.load(Ordering::SeqCst) {
+            return Err(ClientError::NotAMember);
+        }
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(&entropy()[..16]);
         Ok(self.with(|s| s.seal(plaintext, nonce))?.encode())
@@ -521,6 +529,7 @@ impl Follow {
                     Ok((accepted, keys)) => {
                         let (session, joined) = MemberSession::join(&accepted, keys, self.setup.heartbeat_ms, now_ms());
                         *lock(&self.session) = session;
+                        self.events.counters.out.store(false, Ordering::SeqCst);
                         tracing::info!(member = accepted.member.0, "rejoined the group");
                         self.events.member(ClientEvent::Rejoined { member: accepted.member });
                         self.events.members(joined);
@@ -550,6 +559,7 @@ impl Follow {
     /// The controller refused this member; rejoin if asked to, else false (stop).
     fn evicted(&mut self, why: &ClientError) -> bool {
         tracing::warn!(member = self.member().0, "the controller no longer counts this member: {why}");
+        self.events.counters.out.store(true, Ordering::SeqCst);
         self.events.member(ClientEvent::Member(MemberEvent::Evicted));
         // A revoked identity's joins are refused until an administrator re-admits it.
         let revoked = matches!(why, ClientError::Refused(RefusalReason::Revoked, _));

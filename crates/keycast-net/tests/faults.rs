@@ -11,7 +11,7 @@ use keycast_core::protocol::{GroupPolicy, MemberEvent};
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{Data, GroupId};
 use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
-use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
+use keycast_net::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::RequestPolicy;
 use keycast_net::local::{Events, LocalGroup};
 use tokio::net::{TcpListener, TcpStream};
@@ -373,8 +373,35 @@ async fn an_expired_member_set_to_rejoin_joins_again() {
     assert_eq!((evicted, rejoins.len()), (1, 1), "evictions and rejoins: {rejoins:?}");
     let rejoined = rejoins[0];
     assert_ne!(rejoined, first);
+    assert!(member.seal(b"after the rejoin").is_ok(), "a rejoined member seals again");
     assert_eq!(member.member(), rejoined);
     in_sync(&[&stayer, &member], &group).await;
     let message = stayer.seal(b"welcome back").unwrap();
     assert_eq!(member.open(&message).unwrap(), b"welcome back");
+}
+
+/// A member the controller removed stops sealing: its key is one that members evicted before
+/// it still hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_member_refuses_to_seal() {
+    let (group, _dir) = group(2).await;
+    let mut setup = quick(group.member_setup("member-1").unwrap());
+    setup.refresh_ms = 100;
+    let (member, mut events) = MemberClient::join(setup).await.unwrap();
+    in_sync(&[&member], &group).await;
+    assert!(member.seal(b"while a member").is_ok());
+    assert!(group.server().evict(member.member()).await);
+    let told = timeout(Duration::from_secs(5), async {
+        while let Some(event) = events.recv().await {
+            if event == ClientEvent::Member(MemberEvent::Evicted) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(told.is_ok(), "never told of the eviction");
+    match member.seal(b"after the eviction") {
+        Err(ClientError::NotAMember) => {}
+        other => panic!("an evicted member sealed: {:?}", other.map(|m| m.len())),
+    }
 }
