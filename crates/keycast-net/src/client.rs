@@ -131,7 +131,7 @@ pub enum ClientEvent {
 pub struct ClientStats {
     /// Data messages opened.
     pub data: u64,
-    /// Data messages that could not be opened (unknown key or forged).
+    /// Data messages that could not be opened (unknown key, forged or replayed).
     pub unreadable: u64,
     /// Multicast datagrams dropped as malformed, unverified, replayed or stale.
     pub rejected: u64,
@@ -141,8 +141,10 @@ pub struct ClientStats {
     pub member_events_dropped: u64,
 }
 
+/// What the follow task and the client share besides the session: counters, and whether the
+/// controller said this member is out.
 #[derive(Default)]
-struct Counters {
+struct Shared {
     /// Set once the controller refused this member, cleared by a rejoin.
     out: std::sync::atomic::AtomicBool,
     data: AtomicU64,
@@ -163,22 +165,22 @@ fn bump(counter: &AtomicU64) {
 struct EventSink {
     queue: mpsc::Sender<ClientEvent>,
     reserve: usize,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
 }
 
 impl EventSink {
     fn data(&self, event: ClientEvent) {
         if self.queue.capacity() <= self.reserve {
-            bump(&self.counters.events_dropped);
+            bump(&self.shared.events_dropped);
         } else if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(event) {
-            bump(&self.counters.events_dropped);
+            bump(&self.shared.events_dropped);
         }
     }
 
     fn member(&self, event: ClientEvent) {
         if let Err(mpsc::error::TrySendError::Full(event)) = self.queue.try_send(event) {
-            bump(&self.counters.events_dropped);
-            bump(&self.counters.member_events_dropped);
+            bump(&self.shared.events_dropped);
+            bump(&self.shared.member_events_dropped);
             tracing::warn!(?event, "event queue full: the application is not reading events");
         }
     }
@@ -218,7 +220,7 @@ pub async fn handshake_only(setup: &MemberSetup) -> Result<(), ClientError> {
 pub struct MemberClient {
     setup: MemberSetup,
     session: Arc<Mutex<MemberSession>>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     sender: UdpSocket,
     task: JoinHandle<()>,
 }
@@ -246,13 +248,13 @@ impl MemberClient {
         let (session, joined) = MemberSession::join(&accepted, keys, setup.heartbeat_ms, now_ms());
         let capacity = setup.event_capacity.clamp(*EVENT_CAPACITY.start(), *EVENT_CAPACITY.end());
         let (queue, events) = mpsc::channel(capacity);
-        let counters = Arc::new(Counters::default());
-        let sink = EventSink { queue, reserve: capacity / 8, counters: counters.clone() };
+        let shared = Arc::new(Shared::default());
+        let sink = EventSink { queue, reserve: capacity / 8, shared: shared.clone() };
         sink.members(joined);
         let session = Arc::new(Mutex::new(session));
         let follow = Follow { setup: setup.clone(), session: session.clone(), events: sink, requests: JoinSet::new(), in_flight: InFlight::default() };
         let task = tokio::spawn(follow.run(receiver));
-        Ok((MemberClient { setup, session, counters, sender, task }, events))
+        Ok((MemberClient { setup, session, shared, sender, task }, events))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut MemberSession) -> T) -> T {
@@ -274,7 +276,7 @@ impl MemberClient {
 
     /// What was received, and what was dropped because the event queue was full.
     pub fn stats(&self) -> ClientStats {
-        let c = &self.counters;
+        let c = &self.shared;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         ClientStats {
             data: get(&c.data),
@@ -288,7 +290,7 @@ impl MemberClient {
     /// Seals `plaintext` as an encoded data message; refused once the controller said this
     /// member is out (its key would still be readable by members evicted before it).
     pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, ClientError> {
-        if self.counters.out.load(Ordering::SeqCst) {
+        if self.shared.out.load(Ordering::SeqCst) {
             return Err(ClientError::NotAMember);
         }
         let mut nonce = [0u8; 16];
@@ -407,7 +409,7 @@ impl Follow {
 
     /// Handles one datagram: data is opened and queued, the rest goes to the session.
     fn receive(&self, bytes: &[u8]) {
-        let counters = &self.events.counters;
+        let shared = &self.events.shared;
         // Dispatch on the type byte: each message is decoded once, by its own decoder.
         let decoded = message_type(bytes).and_then(|kind| match kind {
             MessageType::Data => Data::decode(bytes).map(Some),
@@ -418,11 +420,11 @@ impl Follow {
                 let opened = lock(&self.session).open(&data);
                 match opened {
                     Ok(plain) => {
-                        bump(&counters.data);
+                        bump(&shared.data);
                         self.events.data(ClientEvent::Data(plain));
                     }
                     Err(e) => {
-                        bump(&counters.unreadable);
+                        bump(&shared.unreadable);
                         self.events.data(ClientEvent::Unreadable(e.to_string()));
                     }
                 }
@@ -432,13 +434,13 @@ impl Follow {
                 match result {
                     Ok(list) => self.events.members(list),
                     Err(e) => {
-                        bump(&counters.rejected);
+                        bump(&shared.rejected);
                         tracing::debug!(reason = %e, "multicast message dropped");
                     }
                 }
             }
             Err(e) => {
-                bump(&counters.rejected);
+                bump(&shared.rejected);
                 tracing::debug!(reason = %e, "garbage on the multicast channel dropped");
             }
         }
@@ -529,7 +531,7 @@ impl Follow {
                     Ok((accepted, keys)) => {
                         let (session, joined) = MemberSession::join(&accepted, keys, self.setup.heartbeat_ms, now_ms());
                         *lock(&self.session) = session;
-                        self.events.counters.out.store(false, Ordering::SeqCst);
+                        self.events.shared.out.store(false, Ordering::SeqCst);
                         tracing::info!(member = accepted.member.0, "rejoined the group");
                         self.events.member(ClientEvent::Rejoined { member: accepted.member });
                         self.events.members(joined);
@@ -559,7 +561,7 @@ impl Follow {
     /// The controller refused this member; rejoin if asked to, else false (stop).
     fn evicted(&mut self, why: &ClientError) -> bool {
         tracing::warn!(member = self.member().0, "the controller no longer counts this member: {why}");
-        self.events.counters.out.store(true, Ordering::SeqCst);
+        self.events.shared.out.store(true, Ordering::SeqCst);
         self.events.member(ClientEvent::Member(MemberEvent::Evicted));
         // A revoked identity's joins are refused until an administrator re-admits it.
         let revoked = matches!(why, ClientError::Refused(RefusalReason::Revoked, _));
