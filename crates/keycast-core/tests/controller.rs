@@ -290,3 +290,106 @@ fn members_of_a_lost_history_raise_a_contradiction_and_move_the_controller_past_
     h.run(100);
     assert!(h.log.iter().any(|r| matches!(r, Record::SeqFloor(s) if *s == ahead)), "the floor is persisted");
 }
+
+/// A member that lost an eviction's rekey packets must not go on sealing under the key the
+/// eviction replaced (the evicted member holds it): from the first heartbeat that names the new
+/// key in force, it refuses to seal until it has the new key.
+#[test]
+fn a_member_that_missed_an_evictions_rekey_refuses_to_seal_under_the_replaced_key() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    let mut sessions = Vec::new();
+    for identity in ["a", "b"] {
+        let Ok(JoinStatus::Queued(_)) = h.join(identity) else { panic!() };
+        let conn = h.conn;
+        h.run(200);
+        let JoinAnswer::Accepted(accepted) = h.answers.iter().find(|(c, _)| *c == conn).unwrap().1.clone() else { panic!() };
+        let keys = h.controller.resync(identity, accepted.member, 0, h.now).unwrap();
+        sessions.push(MemberSession::join(&accepted, keys, h.policy.heartbeat_ms, h.now).0);
+    }
+    // Both follow a heartbeat of the active key, then b is evicted; a loses the rekey packets.
+    h.run(100);
+    let mut a = sessions.remove(0);
+    let b = sessions.remove(0).member();
+    let e = h.entropy();
+    let outputs = h.controller.evict(b, h.now, e).unwrap();
+    assert!(outputs.iter().any(|o| matches!(o, Output::Rekeyed { .. })));
+    let held = a.active_key().unwrap().0;
+    let mut heartbeat = None;
+    for _ in 0..10 {
+        h.now += 10;
+        let e = h.entropy();
+        for output in h.controller.tick(h.now, e).unwrap() {
+            if let Output::Multicast(bytes) = output {
+                if bytes[1] == keycast_core::wire::MessageType::Heartbeat as u8 {
+                    heartbeat.get_or_insert(bytes);
+                }
+            }
+        }
+    }
+    a.receive(&heartbeat.expect("a heartbeat"), h.now).unwrap();
+    match a.seal(b"after the eviction", [1; 16]) {
+        Err(keycast_core::protocol::traffic::TrafficError::StaleKey { held: k, .. }) => assert_eq!(k, held),
+        other => panic!("sealed under the replaced key: {other:?}"),
+    }
+    let answer = h.controller.resync("a", a.member(), a.rekey_seq(), h.now).unwrap();
+    a.resynced(answer);
+    assert!(a.seal(b"after the resync", [2; 16]).is_ok());
+}
+
+/// The signing key rotates without any member rejoining: members follow the announcement
+/// signed by the old key; one that missed it gets the key from a resync; replays and
+/// announcements signed by anyone else are refused; the new key survives a restart.
+#[test]
+fn the_signing_key_rotates_and_members_follow_without_rejoining() {
+    use keycast_core::wire::{Signer, SignerChange};
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    let mut sessions = Vec::new();
+    for identity in ["a", "b"] {
+        let Ok(JoinStatus::Queued(_)) = h.join(identity) else { panic!() };
+        let conn = h.conn;
+        h.run(200);
+        let JoinAnswer::Accepted(accepted) = h.answers.iter().find(|(c, _)| *c == conn).unwrap().1.clone() else { panic!() };
+        let keys = h.controller.resync(identity, accepted.member, 0, h.now).unwrap();
+        sessions.push(MemberSession::join(&accepted, keys, h.policy.heartbeat_ms, h.now).0);
+    }
+    let old = h.controller.verifying_key();
+    let outputs = h.controller.rotate_signing_key([0x42; 32]);
+    assert!(matches!(&outputs[0], Output::Persist(Record::SigningKey { change: 1, .. })), "persisted before it is announced");
+    let Output::Multicast(announcement) = &outputs[1] else { panic!("announced") };
+    let (a, b) = sessions.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    assert_eq!(a.receive(announcement, h.now).unwrap(), vec![MemberEvent::SignerChanged { change: 1 }]);
+    assert!(a.receive(announcement, h.now).is_err(), "a replayed announcement is refused");
+    let forged = SignerChange { group: h.policy.group, change: 2, next: Signer::from_seed(&[9; 32]).verifying_key() }
+        .sign(&Signer::from_seed(&[8; 32]))
+        .encode();
+    assert!(a.receive(&forged, h.now).is_err(), "an announcement not signed by the controller is refused");
+    // Heartbeats now verify for a (it followed) and not for b (it missed the announcement).
+    let mut beats = Vec::new();
+    for _ in 0..10 {
+        h.now += 10;
+        let e = h.entropy();
+        for output in h.controller.tick(h.now, e).unwrap() {
+            if let Output::Multicast(bytes) = output {
+                if bytes[1] == keycast_core::wire::MessageType::Heartbeat as u8 {
+                    beats.push(bytes);
+                }
+            }
+        }
+    }
+    assert!(a.receive(&beats[0], h.now).is_ok());
+    assert!(b.receive(&beats[0], h.now).is_err(), "b still holds the old signing key");
+    assert_ne!(h.controller.verifying_key(), old);
+    let answer = h.controller.resync("b", b.member(), b.rekey_seq(), h.now).unwrap();
+    b.resynced(answer);
+    let later = h.controller.tick(h.now + 100, [3; 32]).unwrap();
+    let beat = later.iter().find_map(|o| match o {
+        Output::Multicast(bytes) if bytes[1] == keycast_core::wire::MessageType::Heartbeat as u8 => Some(bytes.clone()),
+        _ => None,
+    });
+    let result = b.receive(&beat.expect("a heartbeat"), h.now + 100);
+    assert!(result.is_ok(), "a resync hands over the signing key in force: {result:?}");
+    h.take(outputs);
+    h.restart();
+    assert_eq!(h.controller.verifying_key(), Signer::from_seed(&[0x42; 32]).verifying_key(), "the new key survives a restart");
+}

@@ -2,7 +2,7 @@
 //! leaves, evictions, expiries, lost datagrams (0 to 75%), a controller that crashes after any
 //! prefix of its outputs and restarts from what it had persisted, a controller restarted from
 //! an older copy of its log (any earlier point), a restart under a changed configuration, and
-//! departed identities that try to rejoin. After every step each member that the controller
+//! departed identities that try to rejoin, and signing-key rotations. After every step each member that the controller
 //! counts ends with the controller's active group key, an evicted member cannot open data
 //! sealed after its eviction nor join again, and no wrapping key ever seals two different
 //! plaintexts under one nonce (checked over every wrap multicast).
@@ -32,6 +32,8 @@ enum Step {
     Rollback { keep: usize },
     /// A departed identity asks to join again.
     Rejoin(usize),
+    /// The controller rotates its signing key.
+    RotateSigner,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -44,6 +46,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(Step::Silence),
         1 => any::<usize>().prop_map(|keep| Step::Rollback { keep }),
         1 => any::<usize>().prop_map(Step::Rejoin),
+        1 => Just(Step::RotateSigner),
     ]
 }
 
@@ -62,6 +65,8 @@ fn policy(scheme: Scheme, immediate_eviction: bool, placement: Placement) -> Gro
 }
 
 const CREATED_MS: u64 = 1_000;
+/// Snapshots every few batches, so that histories restart from snapshots too.
+const SNAPSHOT_EVERY: u64 = 3;
 
 struct Member {
     identity: String,
@@ -74,7 +79,13 @@ struct World {
     policy: GroupPolicy,
     acl: BTreeSet<String>,
     controller: Controller,
+    /// The persisted log, compacted at each snapshot as the driver's store does.
     log: Vec<Record>,
+    /// Records dropped by snapshots so far (a record's place in the whole history is this plus
+    /// its index in `log`).
+    compacted: usize,
+    /// Every member removed by a persisted batch: (place in the history, member, activation).
+    removals: Vec<(usize, MemberId, u64)>,
     now: u64,
     entropy: u64,
     members: BTreeMap<MemberId, Member>,
@@ -101,13 +112,16 @@ struct World {
 impl World {
     fn new(policy: GroupPolicy, seed: u64) -> Self {
         let acl: BTreeSet<String> = (0..200).map(|i| format!("m{i}")).collect();
-        let (controller, genesis) = Controller::create(policy, acl.clone(), CREATED_MS, [seed as u8; 32], [7; 32]).unwrap();
+        let (mut controller, genesis) = Controller::create(policy, acl.clone(), CREATED_MS, [seed as u8; 32], [7; 32]).unwrap();
+        controller.set_snapshot_interval(SNAPSHOT_EVERY);
         let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
         World {
             policy,
             acl,
             controller,
             log: vec![genesis],
+            compacted: 0,
+            removals: Vec::new(),
             now: CREATED_MS,
             entropy: seed,
             members: BTreeMap::new(),
@@ -153,7 +167,7 @@ impl World {
                 return self.restart();
             }
             match output {
-                Output::Persist(r) => self.log.push(r),
+                Output::Persist(r) => self.persist(r),
                 Output::Multicast(bytes) => datagrams.push(bytes),
                 Output::JoinAnswer { conn, answer, keys } => {
                     let identity = self.joining.remove(&conn).expect("a waiting joiner");
@@ -204,6 +218,22 @@ impl World {
         }
     }
 
+    /// Persists as the driver's store does: a snapshot replaces the log before it.
+    fn persist(&mut self, record: Record) {
+        match &record {
+            Record::Batch { leaves, activation, .. } => {
+                let place = self.compacted + self.log.len();
+                self.removals.extend(leaves.iter().map(|m| (place, *m, *activation)));
+            }
+            Record::Snapshot(_) => {
+                self.compacted += self.log.len();
+                self.log.clear();
+            }
+            _ => {}
+        }
+        self.log.push(record);
+    }
+
     /// No wrapping key seals two different plaintexts under one nonce: the same (wrapper,
     /// nonce) always carries the same wrapped ref and ciphertext (a replay of the same wrap).
     fn audit_nonces(&mut self, bytes: &[u8]) {
@@ -221,6 +251,7 @@ impl World {
         changed.epoch_ms += 1;
         assert!(matches!(Controller::restore(changed, self.acl.clone(), &self.log, self.now), Err(ControllerError::PolicyChanged { .. })));
         self.controller = Controller::restore(self.policy, self.acl.clone(), &self.log, self.now).unwrap();
+        self.controller.set_snapshot_interval(SNAPSHOT_EVERY);
         // Joins in flight died with the connections; their applications try again.
         let retry: Vec<String> = std::mem::take(&mut self.joining).into_values().collect();
         for identity in retry {
@@ -291,6 +322,11 @@ impl World {
                 }
             }
             Step::Rollback { keep } => self.rollback(keep),
+            Step::RotateSigner => {
+                let seed = self.entropy();
+                let outputs = self.controller.rotate_signing_key(seed);
+                self.deliver(outputs, 0, None);
+            }
             Step::Rejoin(i) => {
                 if self.departed.is_empty() {
                     return;
@@ -314,6 +350,8 @@ impl World {
     fn rollback(&mut self, keep: usize) {
         let keep = 1 + keep % self.log.len();
         self.log.truncate(keep);
+        let cutoff = self.compacted + keep;
+        self.removals.retain(|(place, _, _)| *place < cutoff);
         self.restart();
         self.revoked = self.controller.revoked().clone();
         let counted: BTreeSet<MemberId> = self.controller.members().keys().copied().collect();
@@ -345,6 +383,7 @@ impl World {
         let ids: Vec<MemberId> = self.members.keys().copied().collect();
         for id in ids {
             let m = self.members.get_mut(&id).unwrap();
+            m.session.tick(now);
             if !m.silent {
                 let _ = self.controller.refresh(&m.identity, id, m.session.rekey_seq(), now);
             }
@@ -392,10 +431,7 @@ impl World {
             }
             for gone in &mut self.evicted {
                 // A removal takes effect at its batch's activation (immediately for evictions).
-                let removed_by = self.log.iter().find_map(|r| match r {
-                    Record::Batch { activation, leaves, .. } if leaves.contains(&gone.member()) => Some(*activation),
-                    _ => None,
-                });
+                let removed_by = self.removals.iter().find(|(_, m, _)| *m == gone.member()).map(|(_, _, activation)| *activation);
                 if removed_by.is_some_and(|activation| activation <= epoch) {
                     assert!(gone.open(&data).is_err(), "removed member {:?} opened traffic sealed under {active:?}", gone.member());
                 }

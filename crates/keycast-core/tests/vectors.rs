@@ -85,9 +85,13 @@ fn describe(message: &Message) -> Value {
             "group": r.group.0, "member": r.member.0, "position": position(r.position), "epoch": r.epoch,
             "rekey_seq": r.rekey_seq, "active": key_ref(r.active), "pending": pending(r.pending),
             "keys": r.keys.iter().map(|(r, k)| json!({"ref": key_ref(*r), "key": hex::encode(k.as_bytes())})).collect::<Vec<_>>(),
+            "signer": hex::encode(r.signer.0),
         }}),
         Message::Data(d) => json!({"data": data(d)}),
         Message::RelayedData(r) => json!({"relayed_data": {"origin": r.origin.0, "hops": r.hops, "data": data(&r.data)}}),
+        Message::SignerChange(c) => json!({"signer_change": {
+            "group": c.change.group.0, "change": c.change.change, "next": hex::encode(c.change.next.0), "signature": hex::encode(c.signature),
+        }}),
         Message::MembershipDelta(d) => json!({"membership_delta": {
             "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
             "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -103,6 +107,7 @@ fn verification(bytes: &[u8], signer: &VerifyingKey) -> String {
         Ok(Message::Rekey(_)) => RekeyPacket::verify(bytes, signer).map(|_| ()),
         Ok(Message::Heartbeat(_)) => SignedHeartbeat::verify(bytes, signer).map(|_| ()),
         Ok(Message::MembershipDelta(_)) => SignedDelta::verify(bytes, signer).map(|_| ()),
+        Ok(Message::SignerChange(_)) => SignedSignerChange::verify(bytes, signer).map(|_| ()),
         Ok(_) => return "unsigned".into(),
         Err(e) => Err(Reject::Decode(e)),
     };
@@ -160,6 +165,9 @@ fn generate() -> Value {
         sent_ms: 1_795_000_000_000,
     };
     vectors.push(message_vector("heartbeat", beat.sign(&signer).encode(), &public));
+    let next = Signer::from_seed(&[0x6e; 32]).verifying_key();
+    let rotation = SignerChange { group, change: 1, next }.sign(&signer).encode();
+    vectors.push(message_vector("signer change 1 to the key of seed 6e..6e, signed by the current key", rotation, &public));
     for part in MembershipDelta::split(group, 3, vec![], vec![MemberId(5)]) {
         vectors.push(message_vector("membership delta of rekey 3", part.sign(&signer).encode(), &public));
     }
@@ -198,6 +206,7 @@ fn generate() -> Value {
                 active,
                 pending: None,
                 keys: keys.clone(),
+                signer: public,
             }),
         ),
         (

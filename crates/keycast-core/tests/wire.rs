@@ -145,8 +145,8 @@ fn message() -> impl Strategy<Value = Message> {
         })),
         any::<[u64; 3]>()
             .prop_map(|f| Message::ResyncRequest(ResyncRequest { group: GroupId(f[0]), member: MemberId(f[1]), rekey_seq: f[2] })),
-        (any::<[u64; 4]>(), position(), key_ref(), pending(), prop::collection::vec((key_ref(), key()), 0..30)).prop_map(
-            |(f, position, active, pending, keys)| Message::ResyncAnswer(ResyncAnswer {
+        (any::<[u64; 4]>(), position(), key_ref(), pending(), prop::collection::vec((key_ref(), key()), 0..30), any::<[u8; 32]>()).prop_map(
+            |(f, position, active, pending, keys, signer)| Message::ResyncAnswer(ResyncAnswer {
                 group: GroupId(f[0]),
                 member: MemberId(f[1]),
                 position,
@@ -154,9 +154,14 @@ fn message() -> impl Strategy<Value = Message> {
                 rekey_seq: f[3],
                 active,
                 pending,
-                keys
+                keys,
+                signer: VerifyingKey(signer),
             })
         ),
+        (any::<[u64; 2]>(), any::<[u8; 32]>(), signature()).prop_map(|(f, next, signature)| Message::SignerChange(SignedSignerChange {
+            change: SignerChange { group: GroupId(f[0]), change: f[1], next: VerifyingKey(next) },
+            signature,
+        })),
         data().prop_map(Message::Data),
         (any::<[u64; 2]>(), prop::collection::btree_set(any::<u64>(), 0..60), prop::collection::btree_set(any::<u64>(), 0..60), signature())
             .prop_map(|(f, joined, left, signature)| Message::MembershipDelta(SignedDelta {

@@ -1,6 +1,8 @@
 //! The controller's log in redb: one record per key, written in one transaction per batch of
-//! outputs, before any datagram that follows them is sent. Records hold key material (seeds):
-//! the file is created readable by its owner only.
+//! outputs, before any datagram that follows them is sent. Records hold key material (seeds,
+//! snapshots): the file is created readable by its owner only, and with a [`DatabaseKey`]
+//! (held apart from the database) those records are sealed, so a copy of the file alone opens
+//! nothing.
 
 use std::path::Path;
 
@@ -17,6 +19,95 @@ pub enum StoreError {
     Db(String),
     #[error("record {0} is corrupt")]
     Corrupt(u64),
+    #[error("the database's secrets are sealed: give its key (database_key in the server config, or KEYCAST_DATABASE_KEY)")]
+    Sealed,
+    #[error("record {0} does not open under this database key (the wrong key, or a changed record)")]
+    WrongKey(u64),
+    #[error("database key: {0}")]
+    Key(String),
+}
+
+/// First byte of a sealed record: then a 12-byte nonce and the AES-256-GCM sealed record.
+const SEALED_TAG: u8 = 2;
+const DATABASE_KEY_LABEL: &[u8] = b"keycast/v2 database record";
+
+/// The key that seals the database's secret records (AES-256-GCM, a fresh random nonce per
+/// record, the record's place as associated data so records cannot be moved).
+pub struct DatabaseKey(aws_lc_rs::aead::LessSafeKey);
+
+impl core::fmt::Debug for DatabaseKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("DatabaseKey(<redacted>)")
+    }
+}
+
+impl DatabaseKey {
+    pub fn from_bytes(bytes: &[u8; 32]) -> DatabaseKey {
+        let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, bytes).expect("32-byte key");
+        DatabaseKey(aws_lc_rs::aead::LessSafeKey::new(key))
+    }
+
+    /// 64 hexadecimal digits (surrounding white space ignored).
+    pub fn from_hex(text: &str) -> Result<DatabaseKey, StoreError> {
+        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(text.trim(), &mut bytes[..]).map_err(|_| StoreError::Key("expected 64 hexadecimal digits".into()))?;
+        Ok(DatabaseKey::from_bytes(&bytes))
+    }
+
+    /// Reads a key file written by [`DatabaseKey::create_file`].
+    pub fn load(path: &Path) -> Result<DatabaseKey, StoreError> {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| StoreError::Key(format!("cannot read {}: {e}", path.display())))?,
+        );
+        DatabaseKey::from_hex(&text).map_err(|e| StoreError::Key(format!("{}: {e}", path.display())))
+    }
+
+    /// Writes a fresh random key to `path` (readable by its owner only; never overwrites).
+    pub fn create_file(path: &Path) -> std::io::Result<()> {
+        let bytes = zeroize::Zeroizing::new(crate::entropy());
+        let text = zeroize::Zeroizing::new(hex::encode(&bytes[..]) + "\n");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::io::Write::write_all(&mut options.open(path)?, text.as_bytes())
+    }
+
+    fn aad(place: u64) -> aws_lc_rs::aead::Aad<[u8; DATABASE_KEY_LABEL.len() + 8]> {
+        let mut aad = [0u8; DATABASE_KEY_LABEL.len() + 8];
+        aad[..DATABASE_KEY_LABEL.len()].copy_from_slice(DATABASE_KEY_LABEL);
+        aad[DATABASE_KEY_LABEL.len()..].copy_from_slice(&place.to_be_bytes());
+        aws_lc_rs::aead::Aad::from(aad)
+    }
+
+    fn seal(&self, place: u64, plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&crate::entropy()[..12]);
+        let mut out = Vec::with_capacity(1 + 12 + plain.len() + 16);
+        out.push(SEALED_TAG);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce), Self::aad(place), &mut out[13..])
+            .expect("AES-256-GCM seals any record");
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    fn open(&self, place: u64, sealed: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+        let (nonce, body) = sealed.split_at_checked(12).ok_or(StoreError::Corrupt(place))?;
+        let mut buffer = zeroize::Zeroizing::new(body.to_vec());
+        let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| StoreError::Corrupt(place))?;
+        let len = self.0.open_in_place(nonce, Self::aad(place), &mut buffer[..]).map_err(|_| StoreError::WrongKey(place))?.len();
+        buffer.truncate(len);
+        Ok(buffer)
+    }
+}
+
+/// Records that hold secrets (seeds, keys): sealed when the store has a key.
+fn is_secret(record: &Record) -> bool {
+    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. })
 }
 
 fn failed<E: std::fmt::Display>(e: E) -> StoreError {
@@ -26,11 +117,18 @@ fn failed<E: std::fmt::Display>(e: E) -> StoreError {
 pub struct Store {
     db: Database,
     next: u64,
+    key: Option<DatabaseKey>,
 }
 
 impl Store {
-    /// Opens (or creates) the log and returns its records in order.
+    /// Opens (or creates) a log whose records are not sealed; see [`Store::open_sealed`].
     pub fn open(path: &Path) -> Result<(Store, Vec<Record>), StoreError> {
+        Store::open_sealed(path, None)
+    }
+
+    /// Opens (or creates) the log and returns its records in order. With `key`, records that
+    /// hold secrets are sealed under it from now on (and sealed ones are opened).
+    pub fn open_sealed(path: &Path, key: Option<DatabaseKey>) -> Result<(Store, Vec<Record>), StoreError> {
         if !path.exists() {
             create_private(path).map_err(failed)?;
         }
@@ -47,27 +145,47 @@ impl Store {
                 if v.value().starts_with(br#"{"heartbeats""#) {
                     continue;
                 }
-                records.push(decode(v.value()).ok_or(StoreError::Corrupt(k.value()))?);
+                let plain = match v.value().split_first() {
+                    Some((&SEALED_TAG, sealed)) => key.as_ref().ok_or(StoreError::Sealed)?.open(k.value(), sealed)?,
+                    _ => zeroize::Zeroizing::new(v.value().to_vec()),
+                };
+                records.push(decode(&plain).ok_or(StoreError::Corrupt(k.value()))?);
             }
         }
         txn.commit().map_err(failed)?;
-        Ok((Store { db, next }, records))
+        Ok((Store { db, next, key }, records))
     }
 
-    /// Appends `records` durably, all or none.
+    /// Appends `records` durably, all or none. A snapshot replaces every record before it, in
+    /// the same transaction: a crash leaves either the old log or the snapshot and what follows.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(failed)?;
+        let mut compacted = false;
         {
             let mut table = txn.open_table(LOG).map_err(failed)?;
             for (i, r) in records.iter().enumerate() {
-                table.insert(self.next + i as u64, encode(r).as_slice()).map_err(failed)?;
+                let place = self.next + i as u64;
+                let plain = encode(r);
+                match &self.key {
+                    Some(key) if is_secret(r) => table.insert(place, key.seal(place, &plain).as_slice()),
+                    _ => table.insert(place, plain.as_slice()),
+                }
+                .map_err(failed)?;
+                if matches!(r, Record::Snapshot(_)) {
+                    table.retain_in(..place, |_, _| false).map_err(failed)?;
+                    compacted = true;
+                }
             }
         }
         txn.commit().map_err(failed)?;
         self.next += records.len() as u64;
+        if compacted {
+            // Freed pages may still hold the dropped records (old seeds): rewrite the file.
+            self.db.compact().map_err(failed)?;
+        }
         Ok(())
     }
 }
@@ -80,7 +198,17 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     options.open(path).map(drop)
 }
 
-fn encode(record: &Record) -> Vec<u8> {
+/// First byte of a snapshot's value (JSON records start with `{`).
+const SNAPSHOT_TAG: u8 = 1;
+
+fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
+    if let Record::Snapshot(snapshot) = record {
+        let body = snapshot.encode();
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(1 + body.len()));
+        out.push(SNAPSHOT_TAG);
+        out.extend_from_slice(&body);
+        return out;
+    }
     let value = match record {
         Record::Genesis { created_ms, graph_seed, signing_seed, fixed } => {
             let mut genesis = json!({"created_ms": created_ms, "graph_seed": hex(graph_seed), "signing_seed": hex(signing_seed)});
@@ -103,11 +231,16 @@ fn encode(record: &Record) -> Vec<u8> {
         Record::AclAdded(identity) => json!({"acl_added": identity}),
         Record::AclRemoved(identity) => json!({"acl_removed": identity}),
         Record::SeqFloor(n) => json!({"seq_floor": n}),
+        Record::Snapshot(_) => unreachable!("encoded above"),
+        Record::SigningKey { change, seed } => json!({"signing_key": {"change": change, "seed": hex(seed)}}),
     };
-    serde_json::to_vec(&value).expect("JSON of plain values")
+    zeroize::Zeroizing::new(serde_json::to_vec(&value).expect("JSON of plain values"))
 }
 
 fn decode(bytes: &[u8]) -> Option<Record> {
+    if let Some(body) = bytes.strip_prefix(&[SNAPSHOT_TAG]) {
+        return keycast_core::protocol::Snapshot::decode(body).ok().map(|s| Record::Snapshot(Box::new(s)));
+    }
     let v: Value = serde_json::from_slice(bytes).ok()?;
     let u = |v: &Value| v.as_u64();
     if let Some(g) = v.get("genesis") {
@@ -159,6 +292,9 @@ fn decode(bytes: &[u8]) -> Option<Record> {
     }
     if let Some(identity) = text("acl_removed") {
         return Some(Record::AclRemoved(identity));
+    }
+    if let Some(k) = v.get("signing_key") {
+        return Some(Record::SigningKey { change: u(&k["change"])?, seed: unhex(&k["seed"])? });
     }
     if let Some(floor) = v.get("seq_floor").and_then(u) {
         return Some(Record::SeqFloor(floor));
@@ -256,6 +392,7 @@ mod tests {
             Record::AclAdded("member-9".into()),
             Record::AclRemoved("member-9".into()),
             Record::SeqFloor(12),
+            Record::SigningKey { change: 2, seed: [4; 32] },
         ];
         {
             let (mut store, old) = Store::open(&dir).unwrap();

@@ -106,6 +106,8 @@ struct Summary {
     evicted_can_decrypt: bool,
     evicted_member: u64,
     messages_tried_by_evicted: usize,
+    /// Seals refused by members that had not yet received the rekey in force.
+    seals_refused_stale_key: usize,
     rekey_bytes: u64,
     rekeys: u64,
     joins: usize,
@@ -163,7 +165,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
 
     let evict_at = args.epochs / 2;
     let mut evicted: Option<(u64, MemberClient)> = None;
-    let (mut tried, mut opened) = (0, 0);
+    let (mut tried, mut opened, mut stale_refused) = (0, 0, 0);
     for epoch in 1..=args.epochs {
         let (joins, leaves) = (1 + demo.rng.next_u64() % 8, 1 + demo.rng.next_u64() % 8);
         demo.leave(leaves).await?;
@@ -176,12 +178,17 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         demo.join(joins).await?;
         let synced = demo.in_sync(settle).await;
         if let Some((_, spy)) = &evicted {
-            // Every member seals one message; the evicted member tries them all. A member the
-            // controller expired (its refreshes were lost) knows it is out and seals nothing.
+            // Every member seals one message; the evicted member tries them all.
             for (_, client, _) in demo.members.values() {
                 let message = match client.seal(format!("epoch {epoch}").as_bytes()) {
+                    Ok(message) => message,
+                    // The controller expired it (its refreshes were lost): it knows it is out.
                     Err(keycast_net::client::ClientError::NotAMember) => continue,
-                    sealed => sealed.map_err(|e| e.to_string())?,
+                    // Its rekey was lost: it refuses to seal under the replaced key.
+                    Err(_) => {
+                        stale_refused += 1;
+                        continue;
+                    }
                 };
                 tried += 1;
                 opened += usize::from(spy.open(&message).is_ok());
@@ -201,6 +208,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         evicted_can_decrypt: opened > 0,
         evicted_member: evicted.as_ref().map_or(0, |(id, _)| *id),
         messages_tried_by_evicted: tried,
+        seals_refused_stale_key: stale_refused,
         rekey_bytes: stats.rekey_bytes,
         rekeys: stats.rekeys,
         joins: demo.joins,

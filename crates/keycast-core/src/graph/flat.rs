@@ -22,7 +22,10 @@ use super::{
     validate_batch, BatchCounter, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
     Position, RekeyPlan, Scheme, Welcome,
 };
-use crate::key::{Key, KeyId, KeyRef};
+use crate::key::{Key, KeyId, KeyRef, KEY_LEN};
+use crate::wire::codec::{Reader, Writer};
+use crate::wire::DecodeError;
+use super::tree::{join_policy_byte, read_join_policy};
 use crate::keygen::{nonce_salt, BatchSeed, KeyGen};
 use crate::wrap::{flat_replacement_wrapping_key, next_revision, NonceSalt, Wrap, Wrapper};
 
@@ -370,6 +373,12 @@ impl KeyGraph for Flat {
         Some((Position::Flat { id: fm.id, id_bits: self.id_bits }, keys))
     }
 
+    fn export(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::new());
+        Flat::export(self, &mut out);
+        out
+    }
+
     fn max_members(&self) -> u64 {
         self.capacity()
     }
@@ -390,4 +399,86 @@ pub fn flat_member_needs(id: KeyId, member_id: u64, id_bits: u8, individual: Key
     }
     let k = id.0.wrapping_sub(1);
     id.0 >= 1 && k < 2 * id_bits as u32 && bit(member_id, (k / 2) as u8) == (k % 2) as usize
+}
+
+/// The table's whole state, for the controller's snapshots.
+impl Flat {
+    pub(crate) fn export(&self, out: &mut Vec<u8>) {
+        let put_slot = |out: &mut Vec<u8>, slot: &Slot| {
+            out.extend_from_slice(slot.key.as_bytes());
+            out.put_u32(slot.version);
+            out.put_u32(slot.revision);
+        };
+        // Sized up front: a growing buffer would leave copies of keys in freed memory.
+        let slot = KEY_LEN + 8;
+        out.reserve_exact(7 + slot * (1 + 2 * self.id_bits as usize) + 4 + (20 + slot) * self.members.len() + 4 + 8 * self.free_ids.len() + 8 + 4 + 4 * self.free_slots.len() + 4);
+        out.put_u8(self.id_bits);
+        out.put_u8(u8::from(self.ids == FlatIds::FromMemberId));
+        out.put_u8(join_policy_byte(self.policy));
+        out.put_u32(self.batches.0);
+        put_slot(out, &self.tek);
+        for pair in &self.keks {
+            pair.iter().for_each(|slot| put_slot(out, slot));
+        }
+        let mut members: Vec<(&MemberId, &FlatMember)> = self.members.iter().collect();
+        members.sort_unstable_by_key(|(m, _)| **m);
+        out.put_u32(members.len() as u32);
+        for (member, fm) in members {
+            out.put_u64(member.0);
+            out.put_u64(fm.id);
+            out.put_u32(fm.slot);
+            put_slot(out, &fm.individual);
+        }
+        let mut free_ids: Vec<u64> = self.free_ids.iter().map(|Reverse(id)| *id).collect();
+        free_ids.sort_unstable();
+        out.put_u32(free_ids.len() as u32);
+        free_ids.iter().for_each(|id| out.put_u64(*id));
+        out.put_u64(self.next_id);
+        let mut free_slots: Vec<u32> = self.free_slots.iter().map(|Reverse(s)| *s).collect();
+        free_slots.sort_unstable();
+        out.put_u32(free_slots.len() as u32);
+        free_slots.iter().for_each(|s| out.put_u32(*s));
+        out.put_u32(self.slots);
+    }
+
+    pub(crate) fn import(r: &mut Reader<'_>) -> Result<Flat, DecodeError> {
+        let read_slot = |r: &mut Reader<'_>| -> Result<Slot, DecodeError> {
+            Ok(Slot { key: r.key("flat key")?, version: r.u32("key version")?, revision: r.u32("key revision")? })
+        };
+        let id_bits = r.u8("id bits")?;
+        if !(1..=64).contains(&id_bits) {
+            return Err(DecodeError::BadValue { field: "id bits", value: id_bits.into() });
+        }
+        let ids = if r.flag("flat ids from member ids")? { FlatIds::FromMemberId } else { FlatIds::Sequential };
+        let policy = read_join_policy(r)?;
+        let batches = BatchCounter(r.u32("batch counter")?);
+        let tek = read_slot(r)?;
+        let mut keks = Vec::with_capacity(id_bits as usize);
+        for _ in 0..id_bits {
+            keks.push([read_slot(r)?, read_slot(r)?]);
+        }
+        let count = r.count(4, MAX_SLOTS as usize, 20 + KEY_LEN + 8, "flat members")?;
+        let (mut members, mut by_id) = (HashMap::with_capacity(count), HashMap::with_capacity(count));
+        for _ in 0..count {
+            let member = r.member()?;
+            let (id, slot) = (r.u64("flat id")?, r.u32("individual slot")?);
+            let individual = read_slot(r)?;
+            if by_id.insert(id, member).is_some() || members.insert(member, FlatMember { id, slot, individual }).is_some() {
+                return Err(DecodeError::BadValue { field: "flat member", value: member.0 });
+            }
+        }
+        let free = r.count(4, MAX_SLOTS as usize, 8, "free flat ids")?;
+        let mut free_ids = BinaryHeap::with_capacity(free);
+        for _ in 0..free {
+            free_ids.push(Reverse(r.u64("free flat id")?));
+        }
+        let next_id = r.u64("next flat id")?;
+        let free = r.count(4, MAX_SLOTS as usize, 4, "free slots")?;
+        let mut free_slots = BinaryHeap::with_capacity(free);
+        for _ in 0..free {
+            free_slots.push(Reverse(r.u32("free slot")?));
+        }
+        let slots = r.u32("slots")?;
+        Ok(Flat { id_bits, ids, policy, tek, keks, members, by_id, free_ids, next_id, free_slots, slots, batches })
+    }
 }

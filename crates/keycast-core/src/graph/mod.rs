@@ -13,6 +13,10 @@ use rayon::prelude::*;
 
 use crate::key::{Key, KeyRef};
 use crate::keygen::BatchSeed;
+use zeroize::Zeroizing;
+
+use crate::wire::codec::Reader;
+use crate::wire::DecodeError;
 use crate::wrap::{NonceSalt, Wrap};
 
 /// A member's identity inside one group (assigned by the controller, e.g. from its certificate).
@@ -159,6 +163,23 @@ pub trait KeyGraph: Send + Sync {
 
     /// Most members this graph can hold.
     fn max_members(&self) -> u64;
+
+    /// The whole state (keys included), for a snapshot; [`import_graph`] reads it back.
+    fn export(&self) -> Zeroizing<Vec<u8>>;
+}
+
+/// A graph from [`KeyGraph::export`] of a graph of `config`; strict, as any decoder.
+pub fn import_graph(config: GraphConfig, bytes: &[u8]) -> Result<Box<dyn KeyGraph>, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let graph: Box<dyn KeyGraph> = match config.scheme {
+        Scheme::Star | Scheme::Tree { .. } => Box::new(tree::Tree::import(&mut r)?),
+        Scheme::Flat { .. } => Box::new(flat::Flat::import(&mut r)?),
+    };
+    r.finish()?;
+    if graph.config() != config {
+        return Err(DecodeError::BadValue { field: "graph configuration", value: 0 });
+    }
+    Ok(graph)
 }
 
 /// Builds an empty group.

@@ -23,7 +23,9 @@ use super::{
     validate_joins, BatchCounter, PARALLEL_LOOKUPS, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
     Position, RekeyPlan, Scheme, Welcome,
 };
-use crate::key::{Key, KeyId, KeyRef};
+use crate::key::{Key, KeyId, KeyRef, KEY_LEN};
+use crate::wire::codec::{Reader, Writer};
+use crate::wire::DecodeError;
 use crate::keygen::{nonce_salt, BatchSeed, KeyGen};
 use crate::wrap::{next_revision, NonceSalt, Wrap, Wrapper};
 
@@ -571,6 +573,12 @@ impl KeyGraph for Tree {
         Some((Position::Tree { leaf, degree: self.degree }, keys))
     }
 
+    fn export(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::new());
+        Tree::export(self, &mut out);
+        out
+    }
+
     fn max_members(&self) -> u64 {
         MAX_LEAVES
     }
@@ -578,5 +586,96 @@ impl KeyGraph for Tree {
     fn stats(&self) -> GraphStats {
         let stored_keys = self.levels.iter().flat_map(|level| &level.members).filter(|&&m| m > 0).count().max(1);
         GraphStats { members: self.leaf_of.len(), stored_keys, height: self.height() }
+    }
+}
+
+/// The tree's whole state, for the controller's snapshots: a restart reads it instead of
+/// replaying every batch since the group began.
+impl Tree {
+    pub(crate) fn export(&self, out: &mut Vec<u8>) {
+        // Sized up front: a growing buffer would leave copies of keys in freed memory.
+        let nodes: usize = self.levels.iter().map(Level::len).sum();
+        out.reserve_exact(14 + 4 * self.levels.len() + (KEY_LEN + 12) * nodes + 4 + 12 * self.leaf_of.len() + 4 + 4 * self.free_leaves.len());
+        out.put_u32(self.degree);
+        out.put_u8(u8::from(self.star));
+        out.put_u8(join_policy_byte(self.policy));
+        out.put_u32(self.batches.0);
+        out.put_u32(self.levels.len() as u32);
+        for level in &self.levels {
+            out.put_u32(level.len() as u32);
+            for (node, members) in level.nodes.iter().zip(&level.members) {
+                out.extend_from_slice(node.key.as_bytes());
+                out.put_u32(node.version);
+                out.put_u32(node.revision);
+                out.put_u32(*members);
+            }
+        }
+        let mut leaves: Vec<(&MemberId, &u32)> = self.leaf_of.iter().collect();
+        leaves.sort_unstable();
+        out.put_u32(leaves.len() as u32);
+        for (member, leaf) in leaves {
+            out.put_u64(member.0);
+            out.put_u32(*leaf);
+        }
+        let mut free: Vec<u32> = self.free_leaves.iter().map(|Reverse(p)| *p).collect();
+        free.sort_unstable();
+        out.put_u32(free.len() as u32);
+        free.iter().for_each(|p| out.put_u32(*p));
+    }
+
+    pub(crate) fn import(r: &mut Reader<'_>) -> Result<Tree, DecodeError> {
+        let degree = r.u32("tree degree")?;
+        let star = r.flag("star")?;
+        if !star && !(2..=MAX_TREE_DEGREE).contains(&degree) || star && degree != STAR_DEGREE {
+            return Err(DecodeError::BadValue { field: "tree degree", value: degree.into() });
+        }
+        let policy = read_join_policy(r)?;
+        let batches = BatchCounter(r.u32("batch counter")?);
+        let height = r.count(4, 32, 4, "tree levels")?;
+        let mut levels = Vec::with_capacity(height);
+        for _ in 0..height {
+            let len = r.count(4, MAX_LEAVES as usize, KEY_LEN + 12, "tree level")?;
+            let mut level = Level { nodes: Vec::with_capacity(len), members: Vec::with_capacity(len) };
+            for _ in 0..len {
+                let key = r.key("tree key")?;
+                let (version, revision) = (r.u32("key version")?, r.u32("key revision")?);
+                level.nodes.push(Node { key, version, revision });
+                level.members.push(r.u32("subtree members")?);
+            }
+            levels.push(level);
+        }
+        if levels.len() < 2 || levels.last().is_some_and(|root| root.len() != 1) {
+            return Err(DecodeError::BadValue { field: "tree levels", value: levels.len() as u64 });
+        }
+        let count = r.count(4, MAX_LEAVES as usize, 12, "tree members")?;
+        let mut leaf_of = FxHashMap::default();
+        for _ in 0..count {
+            let member = r.member()?;
+            let leaf = r.u32("leaf")?;
+            if leaf as usize >= levels[0].len() || leaf_of.insert(member, leaf).is_some() {
+                return Err(DecodeError::BadValue { field: "leaf", value: leaf.into() });
+            }
+        }
+        let free = r.count(4, MAX_LEAVES as usize, 4, "free leaves")?;
+        let mut free_leaves = BinaryHeap::with_capacity(free);
+        for _ in 0..free {
+            free_leaves.push(Reverse(r.u32("free leaf")?));
+        }
+        Ok(Tree { degree, star, policy, levels, leaf_of, free_leaves, batches })
+    }
+}
+
+pub(crate) fn join_policy_byte(policy: JoinPolicy) -> u8 {
+    match policy {
+        JoinPolicy::NewVersion => 0,
+        JoinPolicy::Revision => 1,
+    }
+}
+
+pub(crate) fn read_join_policy(r: &mut Reader<'_>) -> Result<JoinPolicy, DecodeError> {
+    match r.u8("join policy")? {
+        0 => Ok(JoinPolicy::NewVersion),
+        1 => Ok(JoinPolicy::Revision),
+        value => Err(DecodeError::BadValue { field: "join policy", value: value.into() }),
     }
 }

@@ -13,14 +13,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::graph::{new_graph, Batch, GraphConfig, GraphError, KeyGraph, MemberId, RekeyPlan};
+use crate::graph::{import_graph, new_graph, Batch, GraphConfig, GraphError, KeyGraph, MemberId, RekeyPlan};
 use crate::key::{Key, KeyRef};
 use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
-use crate::wire::{GroupId, MembershipDelta, Signer, VerifyingKey};
+use crate::wire::{GroupId, MembershipDelta, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
+use crate::wire::DecodeError;
+use zeroize::Zeroizing;
+
+use super::snapshot::Snapshot;
 
 /// Policy fixed for a group's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +109,10 @@ pub enum Record {
     /// Members reported rekeys up to this seq that the log does not hold (it was restored from
     /// an older copy): rekeys continue above it.
     SeqFloor(u64),
+    /// The whole state: the log before it is no longer needed, and the driver drops it.
+    Snapshot(Box<Snapshot>),
+    /// A new signing key (rotation number `change`): everything after is signed by it.
+    SigningKey { change: u64, seed: [u8; 32] },
 }
 
 /// Seeds are secrets: Debug names the record and its public fields only.
@@ -124,6 +132,8 @@ impl core::fmt::Debug for Record {
             Record::AclAdded(i) => write!(f, "AclAdded({i:?})"),
             Record::AclRemoved(i) => write!(f, "AclRemoved({i:?})"),
             Record::SeqFloor(n) => write!(f, "SeqFloor({n})"),
+            Record::Snapshot(s) => write!(f, "{s:?}"),
+            Record::SigningKey { change, .. } => write!(f, "SigningKey {{ change: {change}, seed: <redacted> }}"),
         }
     }
 }
@@ -167,6 +177,8 @@ pub enum ControllerError {
     Packets(#[from] PacketiseError),
     #[error("the persisted log is not a history of this group: {0}")]
     BadLog(&'static str),
+    #[error("the log's snapshot does not decode: {0}")]
+    BadSnapshot(#[from] DecodeError),
     #[error("compact placement is for measurements: a live group's members find their packets only under user-oriented or tiered placement")]
     CompactPlacement,
     #[error("the configuration changed {setting} from {logged} (recorded when the group was created) to {configured}; the same log under other settings would rebuild other keys: restore the setting, or create a new group with a new database")]
@@ -185,9 +197,22 @@ fn refuse(reason: RefusalReason, detail: impl Into<String>) -> Refusal {
     Refusal { reason, detail: detail.into() }
 }
 
+fn check_fixed(logged: Option<&FixedPolicy>, policy: &GroupPolicy) -> Result<(), ControllerError> {
+    match logged.and_then(|f| f.first_change(&policy.fixed())) {
+        Some((setting, logged, configured)) => Err(ControllerError::PolicyChanged { setting, logged, configured }),
+        None => Ok(()),
+    }
+}
+
 fn revoked(identity: &str) -> Refusal {
     refuse(RefusalReason::Revoked, format!("{identity} was evicted; it stays out until an administrator re-admits it (keycast admin readmit {identity})"))
 }
+
+/// Heartbeats that repeat a signing-key announcement.
+const SIGNER_ANNOUNCEMENTS: u32 = 16;
+
+/// Batches between snapshots by default.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 64;
 
 /// Largest jump a member's report may move the rekey seq (a restored log is this far behind at
 /// most); a larger report is not believed.
@@ -200,6 +225,18 @@ pub struct Controller {
     revoked: BTreeSet<String>,
     graph: Box<dyn KeyGraph>,
     signer: Signer,
+    /// Kept for snapshots (the key pair does not give its seed back).
+    signing_seed: Zeroizing<[u8; 32]>,
+    /// Signing-key rotations so far, and the latest announcement with the heartbeats it is
+    /// still repeated with.
+    signer_changes: u64,
+    announcement: Option<(Vec<u8>, u32)>,
+    /// Run-time changes to the configured ACL, net.
+    acl_added: BTreeSet<String>,
+    acl_removed: BTreeSet<String>,
+    /// Batches since the last snapshot, and how many make one.
+    batches_since_snapshot: u64,
+    snapshot_every: u64,
     created_ms: u64,
     members: BTreeMap<MemberId, MemberRecord>,
     by_identity: BTreeMap<String, MemberId>,
@@ -244,43 +281,31 @@ impl Controller {
         log: &[Record],
         now_ms: u64,
     ) -> Result<Controller, ControllerError> {
-        let Some(Record::Genesis { created_ms, graph_seed, signing_seed, fixed }) = log.first() else {
-            return Err(ControllerError::BadLog("it does not start with the group's genesis"));
-        };
-        if let Some((setting, logged, configured)) = fixed.and_then(|f| f.first_change(&policy.fixed())) {
-            return Err(ControllerError::PolicyChanged { setting, logged, configured });
-        }
         // A compact packet may hold a member's upper wrap beside another subtree's copy of the
         // key it is sealed under, so a member cannot tell it from a packet it does not need.
         if policy.packets.placement == Placement::Compact {
             return Err(ControllerError::CompactPlacement);
         }
-        let graph = new_graph(policy.graph, &BatchSeed::from_bytes(*graph_seed))?;
-        let mut c = Controller {
-            policy,
-            acl,
-            revoked: BTreeSet::new(),
-            group_keys: BTreeMap::from([(0, (graph.group_key().0, 0, graph.group_key().1.clone()))]),
-            graph,
-            signer: Signer::from_seed(signing_seed),
-            created_ms: *created_ms,
-            members: BTreeMap::new(),
-            by_identity: BTreeMap::new(),
-            next_member: 1,
-            epoch: 0,
-            rekey_seq: 0,
-            heartbeat_seq: 0,
-            next_heartbeat_ms: *created_ms,
-            pending: Vec::new(),
-            waiting_joins: BTreeMap::new(),
-            last_rekey: Vec::new(),
-            last_tick_ms: now_ms,
-            unpersisted_floor: None,
+        let mut c = match log.first() {
+            Some(Record::Genesis { created_ms, graph_seed, signing_seed, fixed }) => {
+                check_fixed(fixed.as_ref(), &policy)?;
+                let graph = new_graph(policy.graph, &BatchSeed::from_bytes(*graph_seed))?;
+                let group_keys = BTreeMap::from([(0, (graph.group_key().0, 0, graph.group_key().1.clone()))]);
+                Controller::blank(policy, acl, graph, signing_seed, *created_ms, group_keys, now_ms)
+            }
+            Some(Record::Snapshot(snapshot)) => {
+                check_fixed(Some(&snapshot.fixed), &policy)?;
+                Controller::from_snapshot(policy, acl, snapshot, now_ms)?
+            }
+            _ => return Err(ControllerError::BadLog("it does not start with the group's genesis or a snapshot")),
         };
+        let created_ms = &c.created_ms.clone();
         let mut last_batch = None;
         for record in &log[1..] {
             match record {
-                Record::Genesis { .. } => return Err(ControllerError::BadLog("two genesis records")),
+                Record::Genesis { .. } | Record::Snapshot(_) => {
+                    return Err(ControllerError::BadLog("a genesis or snapshot after the log's first record"))
+                }
                 Record::Requested(request) => c.pending.push(request.clone()),
                 Record::Batch { seq, epoch, activation, joins, leaves, seed } => {
                     if *seq != c.rekey_seq + 1 {
@@ -291,9 +316,10 @@ impl Controller {
                 }
                 Record::Revoked(identity) => drop(c.revoked.insert(identity.clone())),
                 Record::Readmitted(identity) => drop(c.revoked.remove(identity)),
-                Record::AclAdded(identity) => drop(c.acl.insert(identity.clone())),
-                Record::AclRemoved(identity) => drop(c.acl.remove(identity)),
+                Record::AclAdded(identity) => c.note_acl_change(identity, true),
+                Record::AclRemoved(identity) => c.note_acl_change(identity, false),
                 Record::SeqFloor(floor) => c.rekey_seq = c.rekey_seq.max(*floor),
+                Record::SigningKey { change, seed } => c.install_signer(*change, seed),
             }
         }
         c.next_heartbeat_ms = now_ms;
@@ -312,6 +338,125 @@ impl Controller {
             c.last_rekey = c.encode(&plan, seq, epoch, activation)?.0;
         }
         Ok(c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn blank(
+        policy: GroupPolicy,
+        acl: BTreeSet<String>,
+        graph: Box<dyn KeyGraph>,
+        signing_seed: &[u8; 32],
+        created_ms: u64,
+        group_keys: BTreeMap<u64, (KeyRef, u64, Key)>,
+        now_ms: u64,
+    ) -> Controller {
+        Controller {
+            policy,
+            acl,
+            revoked: BTreeSet::new(),
+            group_keys,
+            graph,
+            signer: Signer::from_seed(signing_seed),
+            signing_seed: Zeroizing::new(*signing_seed),
+            signer_changes: 0,
+            announcement: None,
+            acl_added: BTreeSet::new(),
+            acl_removed: BTreeSet::new(),
+            batches_since_snapshot: 0,
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
+            created_ms,
+            members: BTreeMap::new(),
+            by_identity: BTreeMap::new(),
+            next_member: 1,
+            epoch: 0,
+            rekey_seq: 0,
+            heartbeat_seq: 0,
+            next_heartbeat_ms: created_ms,
+            pending: Vec::new(),
+            waiting_joins: BTreeMap::new(),
+            last_rekey: Vec::new(),
+            last_tick_ms: now_ms,
+            unpersisted_floor: None,
+        }
+    }
+
+    fn from_snapshot(policy: GroupPolicy, acl: BTreeSet<String>, s: &Snapshot, now_ms: u64) -> Result<Controller, ControllerError> {
+        let graph = import_graph(policy.graph, &s.graph)?;
+        let group_keys = s.group_keys.iter().map(|(seq, r, activation, key)| (*seq, (*r, *activation, key.clone()))).collect();
+        let mut c = Controller::blank(policy, acl, graph, &s.signing_seed, s.created_ms, group_keys, now_ms);
+        for identity in &s.acl_added {
+            c.note_acl_change(identity, true);
+        }
+        for identity in &s.acl_removed {
+            c.note_acl_change(identity, false);
+        }
+        c.revoked = s.revoked.clone();
+        for (member, identity, joined_seq) in &s.members {
+            c.members.insert(*member, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: *joined_seq });
+            c.by_identity.insert(identity.clone(), *member);
+        }
+        (c.next_member, c.epoch, c.rekey_seq) = (s.next_member, s.epoch, s.rekey_seq);
+        c.pending = s.pending.clone();
+        c.last_rekey = s.last_rekey.clone();
+        c.signer_changes = s.signer_changes;
+        if c.group_keys.is_empty() || c.members.keys().any(|m| !c.graph.contains(*m)) {
+            return Err(ControllerError::BadLog("the snapshot's members and keys disagree"));
+        }
+        Ok(c)
+    }
+
+    /// The whole state, in place of the log so far.
+    fn whole_state(&self) -> Snapshot {
+        Snapshot {
+            created_ms: self.created_ms,
+            signing_seed: self.signing_seed.clone(),
+            signer_changes: self.signer_changes,
+            fixed: self.policy.fixed(),
+            next_member: self.next_member,
+            epoch: self.epoch,
+            rekey_seq: self.rekey_seq,
+            members: self.members.iter().map(|(m, r)| (*m, r.identity.clone(), r.joined_seq)).collect(),
+            group_keys: self.group_keys.iter().map(|(seq, (r, activation, key))| (*seq, *r, *activation, key.clone())).collect(),
+            revoked: self.revoked.clone(),
+            acl_added: self.acl_added.clone(),
+            acl_removed: self.acl_removed.clone(),
+            pending: self.pending.iter().filter(|r| !matches!(r, Request::Join { .. })).cloned().collect(),
+            last_rekey: self.last_rekey.clone(),
+            graph: self.graph.export(),
+        }
+    }
+
+    /// Replaces the signing key with the one of `seed`: the announcement, signed by the current
+    /// key, goes out now and with the next heartbeats; members follow it without rejoining.
+    pub fn rotate_signing_key(&mut self, seed: [u8; 32]) -> Vec<Output> {
+        let change = self.signer_changes + 1;
+        let next = Signer::from_seed(&seed).verifying_key();
+        let announcement = SignerChange { group: self.policy.group, change, next }.sign(&self.signer).encode();
+        self.install_signer(change, &seed);
+        self.announcement = Some((announcement.clone(), SIGNER_ANNOUNCEMENTS));
+        vec![Output::Persist(Record::SigningKey { change, seed }), Output::Multicast(announcement)]
+    }
+
+    fn install_signer(&mut self, change: u64, seed: &[u8; 32]) {
+        self.signer = Signer::from_seed(seed);
+        self.signing_seed = Zeroizing::new(*seed);
+        self.signer_changes = change;
+    }
+
+    /// Makes a snapshot every `batches` batches (default [`DEFAULT_SNAPSHOT_EVERY`]).
+    pub fn set_snapshot_interval(&mut self, batches: u64) {
+        self.snapshot_every = batches.max(1);
+    }
+
+    fn note_acl_change(&mut self, identity: &str, added: bool) {
+        let (into, out_of) = if added { (&mut self.acl_added, &mut self.acl_removed) } else { (&mut self.acl_removed, &mut self.acl_added) };
+        out_of.remove(identity);
+        into.insert(identity.to_owned());
+        if added {
+            self.acl.insert(identity.to_owned());
+        } else {
+            self.acl.remove(identity);
+        }
     }
 
     pub fn policy(&self) -> &GroupPolicy {
@@ -505,6 +650,7 @@ impl Controller {
             active: self.active_key(epoch),
             pending: self.pending_key(epoch),
             keys,
+            signer: self.signer.verifying_key(),
         }
     }
 
@@ -555,17 +701,19 @@ impl Controller {
     }
 
     pub fn acl_add(&mut self, identity: &str) -> Vec<Output> {
-        match self.acl.insert(identity.to_owned()) {
-            true => vec![Output::Persist(Record::AclAdded(identity.to_owned()))],
-            false => Vec::new(),
+        if self.acl.contains(identity) {
+            return Vec::new();
         }
+        self.note_acl_change(identity, true);
+        vec![Output::Persist(Record::AclAdded(identity.to_owned()))]
     }
 
     /// Takes `identity` out of the ACL; a member with it is removed at once.
     pub fn acl_remove(&mut self, identity: &str, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
-        if !self.acl.remove(identity) {
+        if !self.acl.contains(identity) {
             return Ok(Vec::new());
         }
+        self.note_acl_change(identity, false);
         let mut out = vec![Output::Persist(Record::AclRemoved(identity.to_owned()))];
         out.extend(self.drop_queued_join(identity, refuse(RefusalReason::NotInAcl, format!("{identity} was removed from the ACL"))));
         if let Some(&member) = self.by_identity.get(identity) {
@@ -649,6 +797,14 @@ impl Controller {
             group_size: self.members.len() as u64,
             sent_ms: now_ms,
         };
+        // A member that lost the announcement of a new signing key hears it again here.
+        if let Some((announcement, left)) = &mut self.announcement {
+            out.push(Output::Multicast(announcement.clone()));
+            *left -= 1;
+            if *left == 0 {
+                self.announcement = None;
+            }
+        }
         out.push(Output::Multicast(beat.sign(&self.signer).encode()));
         out
     }
@@ -721,6 +877,11 @@ impl Controller {
             }
         }
         self.last_rekey = packets;
+        self.batches_since_snapshot += 1;
+        if self.batches_since_snapshot >= self.snapshot_every {
+            self.batches_since_snapshot = 0;
+            out.insert(1, Output::Persist(Record::Snapshot(Box::new(self.whole_state()))));
+        }
         for (member, identity, why) in departed {
             out.push(Output::Departed { member, identity, why });
         }

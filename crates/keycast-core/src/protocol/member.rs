@@ -13,7 +13,7 @@ use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
 use subtle::ConstantTimeEq;
 use crate::wire::rekey::RekeyPacket;
-use crate::wire::{message_type, GroupId, MessageType, SignedDelta, VerifyingKey};
+use crate::wire::{message_type, GroupId, MessageType, SignedDelta, SignedSignerChange, VerifyingKey};
 
 use super::traffic::{self, ReplayWindow, TrafficError};
 
@@ -39,6 +39,8 @@ pub enum MemberEvent {
     ControllerLost,
     /// Who joined and left with rekey `seq` (groups with membership deltas on).
     MembershipChanged { seq: u64, joined: Vec<MemberId>, left: Vec<MemberId> },
+    /// The controller rotated its signing key (announced under the old one).
+    SignerChanged { change: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,6 +59,8 @@ pub struct MemberSession {
     group: GroupId,
     member: MemberId,
     signer: VerifyingKey,
+    /// Signing-key rotations followed (announcements at or below are replays).
+    signer_changes: u64,
     keys: MemberKeys,
     guard: ReplayGuard,
     /// Group keys by rekey seq: ref, key, activation epoch.
@@ -73,6 +77,9 @@ pub struct MemberSession {
     heartbeats_behind: u32,
     /// Membership delta parts already reported, as (rekey seq, part), for recent rekeys.
     deltas_seen: std::collections::BTreeSet<(u64, u16)>,
+    /// The key in force by the controller's latest heartbeat: sealing under any other would
+    /// use a key the controller has replaced (perhaps to shut out an evicted member).
+    announced_active: Option<KeyRef>,
     /// Sequence number of the next data message this member seals.
     next_data_seq: u64,
     replays: ReplayWindow,
@@ -90,6 +97,7 @@ impl MemberSession {
             group: accepted.group,
             member: accepted.member,
             signer: accepted.signer,
+            signer_changes: 0,
             keys: MemberKeys::from_snapshot(keys.position, Vec::new(), keys.active),
             guard,
             group_keys: BTreeMap::new(),
@@ -102,6 +110,7 @@ impl MemberSession {
             controller_lost: false,
             heartbeats_behind: 0,
             deltas_seen: Default::default(),
+            announced_active: None,
             next_data_seq: now_ms << DATA_SEQ_TIME_SHIFT,
             replays: ReplayWindow::default(),
         };
@@ -146,6 +155,11 @@ impl MemberSession {
     /// Takes the keys, sequence and epoch of `answer` as this member's whole state.
     fn install(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
         self.keys = MemberKeys::from_snapshot(answer.position, answer.keys, answer.active);
+        self.announced_active = Some(answer.active);
+        // The answer comes over TLS from the controller itself: its signer is the one in force
+        // (also after the controller's log was restored to before a rotation).
+        self.signer = answer.signer;
+        self.signer_changes = 0;
         self.guard = ReplayGuard::new(answer.group, answer.epoch, answer.rekey_seq);
         self.group_keys.clear();
         for (seq, (r, activation)) in [(0, (answer.active, 0))]
@@ -171,6 +185,7 @@ impl MemberSession {
                 self.guard.accept_heartbeat(&beat)?;
                 self.last_heartbeat_ms = now_ms;
                 self.controller_lost = false;
+                self.announced_active = Some(beat.active);
                 let mut events = self.advance_epoch(beat.epoch);
                 if let Some(reason) = self.contradiction(&beat) {
                     // Reported once; the driver resyncs and the answer replaces this state.
@@ -207,6 +222,18 @@ impl MemberSession {
                 let floor = self.guard.rekey_seq().saturating_sub(16);
                 self.deltas_seen.retain(|(seq, _)| *seq >= floor);
                 Ok(vec![MemberEvent::MembershipChanged { seq: delta.seq, joined: delta.joined, left: delta.left }])
+            }
+            MessageType::SignerChange => {
+                let change = SignedSignerChange::verify(bytes, &self.signer)?;
+                if change.group != self.group {
+                    return Err(Reject::WrongGroup { expected: self.group, got: change.group }.into());
+                }
+                if change.change <= self.signer_changes {
+                    return Err(Reject::Replay { kind: "signer change", seq: change.change, last: self.signer_changes }.into());
+                }
+                self.signer = change.next;
+                self.signer_changes = change.change;
+                Ok(vec![MemberEvent::SignerChanged { change: change.change }])
             }
             other => Err(MemberInputError::Unexpected(other)),
         }
@@ -310,7 +337,10 @@ impl MemberSession {
     /// Advances time: reports a controller that went silent.
     pub fn tick(&mut self, now_ms: u64) -> Vec<MemberEvent> {
         if !self.controller_lost && now_ms.saturating_sub(self.last_heartbeat_ms) > 3 * self.heartbeat_ms {
+            // Resync: it tells a controller that is down from one whose heartbeats this member
+            // can no longer verify (a signing key it missed the rotation of).
             self.controller_lost = true;
+            self.out_of_sync = true;
             return vec![MemberEvent::ControllerLost];
         }
         Vec::new()
@@ -318,8 +348,13 @@ impl MemberSession {
 
     /// Seals application data under the active key as this member's next message; `nonce` must
     /// be fresh random bytes.
+    /// Fails closed while the controller announces another key in force than the one this
+    /// member holds (its rekey was lost): the old key may be known to an evicted member.
     pub fn seal(&mut self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
         let (key_ref, key) = self.active_key().ok_or(TrafficError::NoActiveKey)?;
+        if let Some(announced) = self.announced_active.filter(|a| *a != key_ref) {
+            return Err(TrafficError::StaleKey { held: key_ref, announced });
+        }
         let data = traffic::seal((self.group, self.member, self.next_data_seq), key_ref, &key, nonce, plaintext)?;
         self.next_data_seq += 1;
         Ok(data)

@@ -4,7 +4,9 @@
 
 pub mod controller;
 pub mod member;
+pub mod snapshot;
 pub mod traffic;
 
 pub use controller::{Controller, ControllerError, Departure, FixedPolicy, GroupPolicy, JoinStatus, Output, Record, Refusal, Request};
 pub use member::{MemberEvent, MemberInputError, MemberSession};
+pub use snapshot::Snapshot;

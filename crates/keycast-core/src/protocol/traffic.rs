@@ -30,6 +30,8 @@ pub enum TrafficError {
     Forged,
     #[error("no group key is in force yet (a joiner waits for its activation epoch)")]
     NoActiveKey,
+    #[error("the controller has put {announced} in force and this member still holds {held}: it waits for the rekey (or resyncs) before sealing")]
+    StaleKey { held: KeyRef, announced: KeyRef },
     #[error("replayed: message {seq} of member {sender} was already opened, or is too old to tell")]
     Replayed { sender: u64, seq: u64 },
 }

@@ -294,11 +294,13 @@ pub struct ResyncAnswer {
     pub pending: Option<PendingKey>,
     /// Individual key first, then the path keys.
     pub keys: Vec<(KeyRef, Key)>,
+    /// The controller's signing key now (it may have rotated since the member joined).
+    pub signer: VerifyingKey,
 }
 
 impl ResyncAnswer {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = start(MessageType::ResyncAnswer, 96 + 44 * self.keys.len());
+        let mut out = start(MessageType::ResyncAnswer, 128 + 44 * self.keys.len());
         out.put_u64(self.group.0);
         out.put_u64(self.member.0);
         out.put_position(self.position);
@@ -311,6 +313,7 @@ impl ResyncAnswer {
             out.put_ref(*r);
             out.extend_from_slice(k.as_bytes());
         }
+        out.extend_from_slice(&self.signer.0);
         out
     }
 
@@ -325,8 +328,9 @@ impl ResyncAnswer {
         for _ in 0..count {
             keys.push((r.key_ref("key ref")?, r.key("key")?));
         }
+        let signer = VerifyingKey(r.array::<PUBLIC_KEY_LEN>("signer")?);
         r.finish()?;
-        Ok(ResyncAnswer { group, member, position, epoch, rekey_seq, active, pending, keys })
+        Ok(ResyncAnswer { group, member, position, epoch, rekey_seq, active, pending, keys, signer })
     }
 }
 

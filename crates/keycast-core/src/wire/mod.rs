@@ -15,12 +15,14 @@ pub mod guard;
 pub mod heartbeat;
 pub mod rekey;
 pub mod roster;
+pub mod signer;
 
 pub use auth::{Signer, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
 pub use roster::{MembershipDelta, SignedDelta};
+pub use signer::{SignedSignerChange, SignerChange};
 pub use rekey::{encode_rekey, EncodedRekey, PacketConfig, Placement, RekeyHeader, RekeyPacket, RekeyWireStats};
 
 /// The version byte this implementation writes and reads.
@@ -50,6 +52,7 @@ pub enum MessageType {
     Data = 10,
     RelayedData = 11,
     MembershipDelta = 12,
+    SignerChange = 13,
 }
 
 impl MessageType {
@@ -67,12 +70,13 @@ impl MessageType {
             Message::Data(_) => MessageType::Data,
             Message::RelayedData(_) => MessageType::RelayedData,
             Message::MembershipDelta(_) => MessageType::MembershipDelta,
+            Message::SignerChange(_) => MessageType::SignerChange,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -158,6 +162,7 @@ pub enum Message {
     Data(Data),
     RelayedData(RelayedData),
     MembershipDelta(SignedDelta),
+    SignerChange(SignedSignerChange),
 }
 
 impl Message {
@@ -177,6 +182,7 @@ impl Message {
             MessageType::Data => Message::Data(Data::decode(bytes)?),
             MessageType::RelayedData => Message::RelayedData(RelayedData::decode(bytes)?),
             MessageType::MembershipDelta => Message::MembershipDelta(SignedDelta::decode(bytes)?),
+            MessageType::SignerChange => Message::SignerChange(SignedSignerChange::decode(bytes)?),
         })
     }
 
@@ -194,6 +200,7 @@ impl Message {
             Message::Data(m) => m.encode(),
             Message::RelayedData(m) => m.encode(),
             Message::MembershipDelta(m) => m.encode(),
+            Message::SignerChange(m) => m.encode(),
         }
     }
 }
