@@ -77,10 +77,9 @@ pub struct MemberSession {
     heartbeats_behind: u32,
     /// Membership delta parts already reported, as (rekey seq, part), for recent rekeys.
     deltas_seen: std::collections::BTreeSet<(u64, u16)>,
-    /// The key in force by the controller's latest heartbeat, and the last rekey seq that
-    /// heartbeat names: sealing under any other would use a key the controller has replaced
-    /// (perhaps to shut out an evicted member), unless this member applied a later rekey.
-    announced_active: Option<(KeyRef, u64)>,
+    /// The key in force by the controller's latest heartbeat: sealing under any other would
+    /// use a key the controller has replaced (perhaps to shut out an evicted member).
+    announced_active: Option<KeyRef>,
     /// Sequence number of the next data message this member seals.
     next_data_seq: u64,
     replays: ReplayWindow,
@@ -156,7 +155,7 @@ impl MemberSession {
     /// Takes the keys, sequence and epoch of `answer` as this member's whole state.
     fn install(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
         self.keys = MemberKeys::from_snapshot(answer.position, answer.keys, answer.active);
-        self.announced_active = Some((answer.active, answer.rekey_seq));
+        self.announced_active = Some(answer.active);
         // The answer comes over TLS from the controller itself: its signer is the one in force
         // (also after the controller's log was restored to before a rotation).
         self.signer = answer.signer;
@@ -186,7 +185,7 @@ impl MemberSession {
                 self.guard.accept_heartbeat(&beat)?;
                 self.last_heartbeat_ms = now_ms;
                 self.controller_lost = false;
-                self.announced_active = Some((beat.active, beat.rekey_seq));
+                self.announced_active = Some(beat.active);
                 let mut events = self.advance_epoch(beat.epoch);
                 if let Some(reason) = self.contradiction(&beat) {
                     // Reported once; the driver resyncs and the answer replaces this state.
@@ -353,10 +352,7 @@ impl MemberSession {
     /// member holds (its rekey was lost): the old key may be known to an evicted member.
     pub fn seal(&mut self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
         let (key_ref, key) = self.active_key().ok_or(TrafficError::NoActiveKey)?;
-        // A heartbeat sent before a rekey this member applied (an eviction's key is active at
-        // once) announces the replaced key; only announcements as new as its rekey count.
-        let current = self.announced_active.filter(|(a, seq)| *a != key_ref && *seq >= self.guard.rekey_seq());
-        if let Some((announced, _)) = current {
+        if let Some(announced) = self.announced_active.filter(|a| *a != key_ref) {
             return Err(TrafficError::StaleKey { held: key_ref, announced });
         }
         let data = traffic::seal((self.group, self.member, self.next_data_seq), key_ref, &key, nonce, plaintext)?;
