@@ -99,7 +99,7 @@ run_processes() {
         if wait "$pid"; then codes+=(0); else codes+=($?); failed=1; fi
     done
     local evicted expired
-    evicted=$(grep -l -i "evicted" "$WORK"/member-*.out 2>/dev/null | wc -l)
+    evicted=$( (grep -l -i "evicted" "$WORK"/member-*.out 2>/dev/null || true) | wc -l)
     expired=$(grep -c "why=Expired\|why=Evicted" "$WORK/server.log" || true)
     echo "   exit codes: ${codes[*]}" >&2
     echo "   members told they were evicted: $evicted; removals by expiry or eviction in the server log: $expired" >&2

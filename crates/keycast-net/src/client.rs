@@ -1,25 +1,31 @@
 //! The member library (the Iolus client library): joins over TLS, follows the multicast
 //! channel, refreshes, resyncs when it falls behind, and gives the application `getkey`,
 //! `seal`/`send`, `open` and an event stream.
+//!
+//! One task follows the group: it receives multicast datagrams, advances time and starts
+//! refreshes and resyncs, which run as tasks beside it (at most one of each) and report back;
+//! it never waits on the controller. Requests retry under deadlines (`RequestPolicy`); only a
+//! definite refusal from the controller means eviction, never a transport failure.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keycast_core::protocol::traffic::TrafficError;
 use keycast_core::protocol::{MemberEvent, MemberSession};
 use keycast_core::wire::{
-    message_type, Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, MessageType, Refresh, ResyncAnswer, ResyncRequest, MAX_MESSAGE_LEN,
+    message_type, Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, MessageType, Refresh, RefusalReason, ResyncAnswer,
+    ResyncRequest, MAX_MESSAGE_LEN,
 };
 use keycast_core::{Key, KeyRef, MemberId};
-use rustls::pki_types::ServerName;
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_rustls::TlsConnector;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
-use crate::config::MulticastConfig;
-use crate::tls::{read_frame, write_frame};
+use crate::config::{MemberConfig, MulticastConfig, RequestPolicy, EVENT_CAPACITY};
+use crate::request::{self, definite, definite_tls, refusal_or, Frames, RequestKind, Stage};
 use crate::{entropy, multicast, now_ms};
 
 #[derive(Clone)]
@@ -31,18 +37,81 @@ pub struct MemberSetup {
     pub tls: Arc<rustls::ClientConfig>,
     pub refresh_ms: u64,
     pub heartbeat_ms: u64,
+    /// Timeouts, retries and deadlines of requests to the controller.
+    pub requests: RequestPolicy,
+    /// After an expiry (or an eviction whose identity was re-admitted), join again by itself
+    /// (`ClientEvent::Rejoined`) instead of stopping. A revoked identity always stops.
+    pub rejoin: bool,
+    /// Events the application has not read yet, at most (clamped to `EVENT_CAPACITY`).
+    pub event_capacity: usize,
+}
+
+impl MemberSetup {
+    /// The setup a member config file describes, with its TLS client configuration.
+    pub fn from_config(config: &MemberConfig, tls: Arc<rustls::ClientConfig>) -> MemberSetup {
+        MemberSetup {
+            group: GroupId(config.group),
+            server: config.server,
+            server_name: config.server_name.clone(),
+            multicast: config.multicast.clone(),
+            tls,
+            refresh_ms: config.refresh_ms,
+            heartbeat_ms: config.heartbeat_ms,
+            requests: config.requests,
+            rejoin: config.rejoin,
+            event_capacity: config.event_capacity,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the controller: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the controller refused: {0} ({1})")]
-    Refused(&'static str, String),
+    #[error("{stage} the controller at {addr} failed: {source}")]
+    Transport { addr: SocketAddr, stage: Stage, source: std::io::Error },
+    #[error("{stage} the controller at {addr} timed out after {after_ms} ms")]
+    TimedOut { addr: SocketAddr, stage: Stage, after_ms: u64 },
+    #[error("TLS with the controller at {addr} failed: {source}; check the member's ca, cert and key files and server_name")]
+    Tls { addr: SocketAddr, source: std::io::Error },
+    #[error("gave up the {request} after {attempts} attempts in {waited_ms} ms (deadline {deadline_ms} ms): {last}; check that the controller runs at that address, or raise [requests] deadlines in the member config")]
+    GaveUp { request: RequestKind, attempts: u32, waited_ms: u64, deadline_ms: u64, last: Box<ClientError> },
+    #[error("the controller refused: {} ({})", .0.describe(), .1)]
+    Refused(RefusalReason, String),
     #[error("unexpected answer from the controller: {0}")]
     Protocol(String),
+    #[error("multicast channel {addr} on {interface}: {source}; check the [multicast] address and interface")]
+    Multicast { addr: SocketAddrV4, interface: std::net::Ipv4Addr, source: std::io::Error },
+    #[error("this member is no longer in the group (evicted or expired); it may not seal: join again")]
+    NotAMember,
     #[error(transparent)]
     Traffic(#[from] TrafficError),
+}
+
+impl ClientError {
+    pub(crate) fn from_io(addr: SocketAddr, stage: Stage, source: std::io::Error) -> ClientError {
+        if definite_tls(&source).is_some() {
+            ClientError::Tls { addr, source }
+        } else {
+            ClientError::Transport { addr, stage, source }
+        }
+    }
+
+    fn multicast(config: &MulticastConfig, source: std::io::Error) -> ClientError {
+        ClientError::Multicast { addr: config.address, interface: config.interface, source }
+    }
+
+    /// Worth another attempt: the network or a controller that is not ready.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } | ClientError::TimedOut { .. } => true,
+            ClientError::Refused(reason, _) => !definite(*reason),
+            _ => false,
+        }
+    }
+
+    /// The controller definitely no longer counts this member.
+    fn means_evicted(&self) -> bool {
+        matches!(self, ClientError::Refused(reason, _) if definite(*reason))
+    }
 }
 
 /// What the application receives.
@@ -53,35 +122,86 @@ pub enum ClientEvent {
     Data(Vec<u8>),
     /// Application data this member could not open (a key it does not hold, or forged).
     Unreadable(String),
+    /// Joined again after an eviction or expiry (`MemberSetup::rejoin`), as a new member.
+    Rejoined { member: MemberId },
 }
 
-/// One request over a fresh TLS connection; returns the answer's frames.
-async fn request(setup: &MemberSetup, message: &[u8]) -> Result<Vec<Vec<u8>>, ClientError> {
-    let tcp = TcpStream::connect(setup.server).await?;
-    let name = ServerName::try_from(setup.server_name.clone()).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let mut tls = TlsConnector::from(setup.tls.clone()).connect(name, tcp).await?;
-    write_frame(&mut tls, message).await?;
-    let mut frames = Vec::new();
-    loop {
-        match read_frame(&mut tls).await {
-            Ok(frame) => frames.push(frame),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !frames.is_empty() => return Ok(frames),
-            Err(e) => return Err(e.into()),
+/// Counters of what the member received and what it could not queue for the application.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Data messages opened.
+    pub data: u64,
+    /// Data messages that could not be opened (unknown key, forged or replayed).
+    pub unreadable: u64,
+    /// Multicast datagrams dropped as malformed, unverified, replayed or stale.
+    pub rejected: u64,
+    /// Events dropped because the application left the queue full (data and member events).
+    pub events_dropped: u64,
+    /// Of those, member events (only when even the room kept for them was full).
+    pub member_events_dropped: u64,
+}
+
+/// What the follow task and the client share besides the session: counters, and whether the
+/// controller said this member is out.
+#[derive(Default)]
+struct Shared {
+    /// Set once the controller refused this member, cleared by a rejoin.
+    out: std::sync::atomic::AtomicBool,
+    data: AtomicU64,
+    unreadable: AtomicU64,
+    rejected: AtomicU64,
+    events_dropped: AtomicU64,
+    member_events_dropped: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The bounded event queue. Data events may fill it only up to `reserve` free places: the
+/// rest is kept for member events (joined, rekeyed, evicted, ...), so a flood of data, real or
+/// forged, cannot push them out. What does not fit is dropped and counted; the follow loop
+/// never waits for the application.
+struct EventSink {
+    queue: mpsc::Sender<ClientEvent>,
+    reserve: usize,
+    shared: Arc<Shared>,
+}
+
+impl EventSink {
+    fn data(&self, event: ClientEvent) {
+        if self.queue.capacity() <= self.reserve {
+            bump(&self.shared.events_dropped);
+        } else if let Err(mpsc::error::TrySendError::Full(_)) = self.queue.try_send(event) {
+            bump(&self.shared.events_dropped);
         }
     }
-}
 
-fn refusal_or(frame: &[u8], expected: &str) -> ClientError {
-    match JoinAnswer::decode(frame) {
-        Ok(JoinAnswer::Refused { reason, detail }) => ClientError::Refused(reason.describe(), detail),
-        _ => ClientError::Protocol(format!("expected {expected}")),
+    fn member(&self, event: ClientEvent) {
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.queue.try_send(event) {
+            bump(&self.shared.events_dropped);
+            bump(&self.shared.member_events_dropped);
+            tracing::warn!(?event, "event queue full: the application is not reading events");
+        }
+    }
+
+    fn members(&self, events: Vec<MemberEvent>) {
+        events.into_iter().for_each(|e| self.member(ClientEvent::Member(e)));
     }
 }
 
-/// One join over TLS without following the group afterwards (load tests): the acceptance
-/// and the keys.
+/// One join with timeouts and no retry (load tests): the acceptance and the keys.
 pub async fn join_once(setup: &MemberSetup) -> Result<(JoinAccepted, ResyncAnswer), ClientError> {
-    let frames = request(setup, &JoinRequest { group: setup.group }.encode()).await?;
+    let frames = request::attempt(setup, RequestKind::Join, &JoinRequest { group: setup.group }.encode()).await?;
+    join_answer(&frames)
+}
+
+/// Joins with retries until the join deadline; only a refusal or a TLS failure ends it early.
+async fn join_with_retries(setup: &MemberSetup) -> Result<(JoinAccepted, ResyncAnswer), ClientError> {
+    request::request(setup, RequestKind::Join, &JoinRequest { group: setup.group }.encode(), join_answer).await
+}
+
+fn join_answer(frames: &Frames) -> Result<(JoinAccepted, ResyncAnswer), ClientError> {
     let accepted = match JoinAnswer::decode(&frames[0]) {
         Ok(JoinAnswer::Accepted(a)) => a,
         _ => return Err(refusal_or(&frames[0], "a join answer")),
@@ -92,9 +212,7 @@ pub async fn join_once(setup: &MemberSetup) -> Result<(JoinAccepted, ResyncAnswe
 
 /// A TLS 1.3 handshake with client certificate and nothing more (the floor of a join).
 pub async fn handshake_only(setup: &MemberSetup) -> Result<(), ClientError> {
-    let tcp = TcpStream::connect(setup.server).await?;
-    let name = ServerName::try_from(setup.server_name.clone()).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let mut tls = TlsConnector::from(setup.tls.clone()).connect(name, tcp).await?;
+    let mut tls = request::connect(setup).await?;
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
     Ok(())
 }
@@ -102,6 +220,7 @@ pub async fn handshake_only(setup: &MemberSetup) -> Result<(), ClientError> {
 pub struct MemberClient {
     setup: MemberSetup,
     session: Arc<Mutex<MemberSession>>,
+    shared: Arc<Shared>,
     sender: UdpSocket,
     task: JoinHandle<()>,
 }
@@ -112,24 +231,34 @@ impl Drop for MemberClient {
     }
 }
 
+/// The session, even if a thread panicked while holding it (its state stays consistent:
+/// every method completes its update before returning).
+fn lock(session: &Mutex<MemberSession>) -> MutexGuard<'_, MemberSession> {
+    session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl MemberClient {
-    /// Joins the group; returns once this member holds its keys (after the epoch's rekey).
-    pub async fn join(setup: MemberSetup) -> Result<(MemberClient, mpsc::UnboundedReceiver<ClientEvent>), ClientError> {
+    /// Joins the group, retrying until `requests.join_deadline_ms`; returns once this member
+    /// holds its keys (after the epoch's rekey), with the event queue.
+    pub async fn join(setup: MemberSetup) -> Result<(MemberClient, mpsc::Receiver<ClientEvent>), ClientError> {
         // Listen before asking, so no rekey after the join is missed.
-        let receiver = multicast::receiver(&setup.multicast)?;
-        let (accepted, keys) = join_once(&setup).await?;
-        let (session, events) = MemberSession::join(&accepted, keys, setup.heartbeat_ms, now_ms());
+        let receiver = multicast::receiver(&setup.multicast).map_err(|e| ClientError::multicast(&setup.multicast, e))?;
+        let sender = multicast::sender(&setup.multicast).map_err(|e| ClientError::multicast(&setup.multicast, e))?;
+        let (accepted, keys) = join_with_retries(&setup).await?;
+        let (session, joined) = MemberSession::join(&accepted, keys, setup.heartbeat_ms, now_ms());
+        let capacity = setup.event_capacity.clamp(*EVENT_CAPACITY.start(), *EVENT_CAPACITY.end());
+        let (queue, events) = mpsc::channel(capacity);
+        let shared = Arc::new(Shared::default());
+        let sink = EventSink { queue, reserve: capacity / 8, shared: shared.clone() };
+        sink.members(joined);
         let session = Arc::new(Mutex::new(session));
-        let (tx, rx) = mpsc::unbounded_channel();
-        for e in events {
-            let _ = tx.send(ClientEvent::Member(e));
-        }
-        let task = tokio::spawn(follow(setup.clone(), session.clone(), receiver, tx));
-        Ok((MemberClient { sender: multicast::sender(&setup.multicast)?, setup, session, task }, rx))
+        let follow = Follow { setup: setup.clone(), session: session.clone(), events: sink, requests: JoinSet::new(), in_flight: InFlight::default() };
+        let task = tokio::spawn(follow.run(receiver));
+        Ok((MemberClient { setup, session, shared, sender, task }, events))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut MemberSession) -> T) -> T {
-        f(&mut self.session.lock().expect("session lock"))
+        f(&mut lock(&self.session))
     }
 
     pub fn member(&self) -> MemberId {
@@ -145,8 +274,25 @@ impl MemberClient {
         self.with(|s| s.rekey_seq())
     }
 
-    /// Seals `plaintext` as an encoded data message.
+    /// What was received, and what was dropped because the event queue was full.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.shared;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClientStats {
+            data: get(&c.data),
+            unreadable: get(&c.unreadable),
+            rejected: get(&c.rejected),
+            events_dropped: get(&c.events_dropped),
+            member_events_dropped: get(&c.member_events_dropped),
+        }
+    }
+
+    /// Seals `plaintext` as an encoded data message; refused once the controller said this
+    /// member is out (its key would still be readable by members evicted before it).
     pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, ClientError> {
+        if self.shared.out.load(Ordering::SeqCst) {
+            return Err(ClientError::NotAMember);
+        }
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(&entropy()[..16]);
         Ok(self.with(|s| s.seal(plaintext, nonce))?.encode())
@@ -161,107 +307,270 @@ impl MemberClient {
     /// Seals and multicasts `plaintext` to the group.
     pub async fn send(&self, plaintext: &[u8]) -> Result<(), ClientError> {
         let message = self.seal(plaintext)?;
-        self.sender.send_to(&message, self.setup.multicast.address).await?;
+        let to = self.setup.multicast.address;
+        self.sender.send_to(&message, to).await.map_err(|e| ClientError::multicast(&self.setup.multicast, e))?;
         Ok(())
     }
 
-    /// Leaves the group (acknowledged by the controller).
+    /// Leaves the group, retrying until `requests.deadline_ms`; done once the controller
+    /// acknowledges it, or says this member is not in the group anyway.
     pub async fn leave(self) -> Result<(), ClientError> {
         let member = self.member();
-        let frames = request(&self.setup, &Leave { group: self.setup.group, member }.encode()).await?;
-        match Leave::decode(&frames[0]) {
+        let message = Leave { group: self.setup.group, member }.encode();
+        let answer = request::request(&self.setup, RequestKind::Leave, &message, |frames| match Leave::decode(&frames[0]) {
             Ok(_) => Ok(()),
             Err(_) => Err(refusal_or(&frames[0], "a leave acknowledgement")),
-        }
-    }
-}
-
-/// The member's background work: multicast input, time, refreshes and resyncs.
-async fn follow(setup: MemberSetup, session: Arc<Mutex<MemberSession>>, socket: UdpSocket, events: mpsc::UnboundedSender<ClientEvent>) {
-    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
-    let mut tick = tokio::time::interval(Duration::from_millis(setup.heartbeat_ms.clamp(10, 1000) / 2));
-    let mut refresh = tokio::time::interval(Duration::from_millis(setup.refresh_ms.max(10)));
-    let emit = |list: Vec<MemberEvent>| list.into_iter().all(|e| events.send(ClientEvent::Member(e)).is_ok());
-    loop {
-        let ok = tokio::select! {
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((len, _)) => receive(&session, &buf[..len], &events),
-                Err(_) => true,
-            },
-            _ = tick.tick() => emit(session.lock().expect("session lock").tick(now_ms())),
-            _ = refresh.tick() => {
-                let (group, member, seq) = { let s = session.lock().expect("session lock"); (s.group(), s.member(), s.rekey_seq()) };
-                match request(&setup, &Refresh { group, member, rekey_seq: seq }.encode()).await {
-                    Ok(frames) if Refresh::decode(&frames[0]).is_err() => {
-                        // Refused: the controller no longer counts this member.
-                        emit(vec![MemberEvent::Evicted]);
-                        false
-                    }
-                    // Answered, or the controller is unreachable (heartbeats will tell).
-                    _ => true,
-                }
-            }
-        };
-        if !ok {
-            return;
-        }
-        let needs_resync = session.lock().expect("session lock").needs_resync();
-        if needs_resync && !resync(&setup, &session, &events).await {
-            return;
-        }
-    }
-}
-
-/// Handles one datagram; false once the application stopped listening.
-fn receive(session: &Mutex<MemberSession>, bytes: &[u8], events: &mpsc::UnboundedSender<ClientEvent>) -> bool {
-    let mut session = session.lock().expect("session lock");
-    // Dispatch on the type byte: each message is decoded once, by its own decoder.
-    let decoded = message_type(bytes).and_then(|kind| match kind {
-        MessageType::Data => Data::decode(bytes).map(Some),
-        _ => Ok(None),
-    });
-    let sent = match decoded {
-        Ok(Some(data)) => match session.open(&data) {
-            Ok(plain) => events.send(ClientEvent::Data(plain)),
-            Err(e) => events.send(ClientEvent::Unreadable(e.to_string())),
-        },
-        Ok(None) => match session.receive(bytes, now_ms()) {
-            Ok(list) => list.into_iter().try_for_each(|e| events.send(ClientEvent::Member(e))),
-            Err(e) => {
-                tracing::debug!(reason = %e, "multicast message dropped");
+        })
+        .await;
+        match answer {
+            Err(ClientError::Refused(RefusalReason::NotMember | RefusalReason::Revoked, detail)) => {
+                tracing::info!(member = member.0, %detail, "leave: the controller no longer counts this member");
                 Ok(())
             }
-        },
-        Err(e) => {
-            tracing::debug!(reason = %e, "garbage on the multicast channel dropped");
-            Ok(())
+            other => other,
         }
-    };
-    sent.is_ok()
+    }
 }
 
-/// Catches up over TLS; false if this member was evicted or the application stopped.
-async fn resync(setup: &MemberSetup, session: &Mutex<MemberSession>, events: &mpsc::UnboundedSender<ClientEvent>) -> bool {
-    let (group, member, seq) = {
-        let s = session.lock().expect("session lock");
-        (s.group(), s.member(), s.rekey_seq())
-    };
-    let frames = match request(setup, &ResyncRequest { group, member, rekey_seq: seq }.encode()).await {
-        Ok(frames) => frames,
-        Err(e) => {
-            tracing::warn!(error = %e, "resync failed; will retry");
-            tokio::time::sleep(Duration::from_millis(setup.heartbeat_ms)).await;
-            return true;
+/// A request's result, for the member it was made for (a rejoin changes the member).
+struct Outcome {
+    member: MemberId,
+    result: Finished,
+}
+
+enum Finished {
+    Refresh(Result<(), ClientError>),
+    Resync(Result<ResyncAnswer, ClientError>),
+    Rejoin(Result<(JoinAccepted, ResyncAnswer), ClientError>),
+}
+
+#[derive(Default)]
+struct InFlight {
+    refresh: bool,
+    resync: bool,
+    rejoin: bool,
+    /// After a resync gave up, the next one waits until then.
+    resync_not_before: Option<Instant>,
+}
+
+/// The member's background work: multicast input, time, and the results of requests.
+struct Follow {
+    setup: MemberSetup,
+    session: Arc<Mutex<MemberSession>>,
+    events: EventSink,
+    /// Refresh, resync and rejoin tasks; dropped (so aborted) with the loop.
+    requests: JoinSet<Outcome>,
+    in_flight: InFlight,
+}
+
+impl Follow {
+    async fn run(mut self, socket: UdpSocket) {
+        let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        let mut tick = tokio::time::interval(Duration::from_millis(self.setup.heartbeat_ms.clamp(10, 1000) / 2));
+        let period = Duration::from_millis(self.setup.refresh_ms.max(10));
+        let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let go_on = tokio::select! {
+                received = socket.recv_from(&mut buf) => {
+                    match received {
+                        Ok((len, _)) => self.receive(&buf[..len]),
+                        Err(e) => tracing::debug!(error = %e, "multicast receive failed"),
+                    }
+                    true
+                }
+                _ = tick.tick() => {
+                    let list = lock(&self.session).tick(now_ms());
+                    self.events.members(list);
+                    true
+                }
+                _ = refresh.tick() => {
+                    self.start_refresh();
+                    true
+                }
+                Some(done) = self.requests.join_next() => match done {
+                    Ok(outcome) => self.finished(outcome),
+                    Err(e) => {
+                        tracing::error!(error = %e, "a request task failed");
+                        true
+                    }
+                },
+            };
+            if !go_on {
+                return;
+            }
+            self.start_resync_if_needed();
         }
-    };
-    match ResyncAnswer::decode(&frames[0]) {
-        Ok(answer) => {
-            let list = session.lock().expect("session lock").resynced(answer, now_ms());
-            list.into_iter().all(|e| events.send(ClientEvent::Member(e)).is_ok())
+    }
+
+    fn member(&self) -> MemberId {
+        lock(&self.session).member()
+    }
+
+    /// Handles one datagram: data is opened and queued, the rest goes to the session.
+    fn receive(&self, bytes: &[u8]) {
+        let shared = &self.events.shared;
+        // Dispatch on the type byte: each message is decoded once, by its own decoder.
+        let decoded = message_type(bytes).and_then(|kind| match kind {
+            MessageType::Data => Data::decode(bytes).map(Some),
+            _ => Ok(None),
+        });
+        match decoded {
+            Ok(Some(data)) => {
+                let opened = lock(&self.session).open(&data);
+                match opened {
+                    Ok(plain) => {
+                        bump(&shared.data);
+                        self.events.data(ClientEvent::Data(plain));
+                    }
+                    Err(e) => {
+                        bump(&shared.unreadable);
+                        self.events.data(ClientEvent::Unreadable(e.to_string()));
+                    }
+                }
+            }
+            Ok(None) => {
+                let result = lock(&self.session).receive(bytes, now_ms());
+                match result {
+                    Ok(list) => self.events.members(list),
+                    Err(e) => {
+                        bump(&shared.rejected);
+                        tracing::debug!(reason = %e, "multicast message dropped");
+                    }
+                }
+            }
+            Err(e) => {
+                bump(&shared.rejected);
+                tracing::debug!(reason = %e, "garbage on the multicast channel dropped");
+            }
         }
-        Err(_) => {
-            let _ = events.send(ClientEvent::Member(MemberEvent::Evicted));
-            false
+    }
+
+    fn start_refresh(&mut self) {
+        if self.in_flight.refresh || self.in_flight.rejoin {
+            return;
         }
+        self.in_flight.refresh = true;
+        let (group, member, rekey_seq) = {
+            let s = lock(&self.session);
+            (s.group(), s.member(), s.rekey_seq())
+        };
+        let setup = self.setup.clone();
+        self.requests.spawn(async move {
+            let message = Refresh { group, member, rekey_seq }.encode();
+            let result = request::request(&setup, RequestKind::Refresh, &message, |frames| match Refresh::decode(&frames[0]) {
+                Ok(_) => Ok(()),
+                Err(_) => Err(refusal_or(&frames[0], "a refresh answer")),
+            })
+            .await;
+            Outcome { member, result: Finished::Refresh(result) }
+        });
+    }
+
+    fn start_resync_if_needed(&mut self) {
+        let waiting = self.in_flight.resync_not_before.is_some_and(|t| Instant::now() < t);
+        if self.in_flight.resync || self.in_flight.rejoin || waiting {
+            return;
+        }
+        let (group, member, rekey_seq) = {
+            let s = lock(&self.session);
+            if !s.needs_resync() {
+                return;
+            }
+            (s.group(), s.member(), s.rekey_seq())
+        };
+        self.in_flight.resync = true;
+        let setup = self.setup.clone();
+        self.requests.spawn(async move {
+            let message = ResyncRequest { group, member, rekey_seq }.encode();
+            let result = request::request(&setup, RequestKind::Resync, &message, |frames| {
+                ResyncAnswer::decode(&frames[0]).map_err(|_| refusal_or(&frames[0], "a resync answer"))
+            })
+            .await;
+            Outcome { member, result: Finished::Resync(result) }
+        });
+    }
+
+    /// A request finished; false when the loop should end (evicted, not rejoining).
+    fn finished(&mut self, outcome: Outcome) -> bool {
+        // Answers about a member this client no longer is, or is leaving behind, change nothing.
+        let stale = outcome.member != self.member() || self.in_flight.rejoin;
+        match outcome.result {
+            Finished::Refresh(result) => {
+                self.in_flight.refresh = false;
+                match result {
+                    Ok(()) => true,
+                    Err(_) if stale => true,
+                    Err(e) if e.means_evicted() => self.evicted(&e),
+                    Err(e) => {
+                        tracing::warn!("refresh failed: {e}; the next refresh tries again");
+                        true
+                    }
+                }
+            }
+            Finished::Resync(result) => {
+                self.in_flight.resync = false;
+                match result {
+                    _ if stale => true,
+                    Ok(answer) => {
+                        self.install(answer);
+                        true
+                    }
+                    Err(e) if e.means_evicted() => self.evicted(&e),
+                    Err(e) => {
+                        let pause = Duration::from_millis(self.setup.requests.backoff_max_ms);
+                        tracing::warn!("resync failed: {e}; trying again in {} ms", pause.as_millis());
+                        self.in_flight.resync_not_before = Some(Instant::now() + pause);
+                        true
+                    }
+                }
+            }
+            Finished::Rejoin(result) => {
+                self.in_flight.rejoin = false;
+                match result {
+                    Ok((accepted, keys)) => {
+                        let (session, joined) = MemberSession::join(&accepted, keys, self.setup.heartbeat_ms, now_ms());
+                        *lock(&self.session) = session;
+                        self.events.shared.out.store(false, Ordering::SeqCst);
+                        tracing::info!(member = accepted.member.0, "rejoined the group");
+                        self.events.member(ClientEvent::Rejoined { member: accepted.member });
+                        self.events.members(joined);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!("rejoin failed: {e}; this member stops");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// A resync answer, unless multicast already brought this member further meanwhile.
+    fn install(&self, answer: ResyncAnswer) {
+        let list = {
+            let mut session = lock(&self.session);
+            if !session.needs_resync() || answer.rekey_seq < session.rekey_seq() {
+                return;
+            }
+            session.resynced(answer, now_ms())
+        };
+        self.events.members(list);
+    }
+
+    /// The controller refused this member; rejoin if asked to, else false (stop).
+    fn evicted(&mut self, why: &ClientError) -> bool {
+        tracing::warn!(member = self.member().0, "the controller no longer counts this member: {why}");
+        self.events.shared.out.store(true, Ordering::SeqCst);
+        self.events.member(ClientEvent::Member(MemberEvent::Evicted));
+        // A revoked identity's joins are refused until an administrator re-admits it.
+        let revoked = matches!(why, ClientError::Refused(RefusalReason::Revoked, _));
+        if !self.setup.rejoin || revoked {
+            return false;
+        }
+        self.in_flight.rejoin = true;
+        let (setup, member) = (self.setup.clone(), self.member());
+        self.requests.spawn(async move { Outcome { member, result: Finished::Rejoin(join_with_retries(&setup).await) } });
+        true
     }
 }

@@ -206,6 +206,73 @@ pub struct MemberConfig {
     pub refresh_ms: u64,
     #[serde(default = "heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// Join again by itself after being evicted or expired (default: stop).
+    #[serde(default)]
+    pub rejoin: bool,
+    /// Events the application has not read yet, at most (see `client::ClientEvent`).
+    #[serde(default = "event_capacity")]
+    pub event_capacity: usize,
+    #[serde(default)]
+    pub requests: RequestPolicy,
+}
+
+/// How a member's requests to the controller (join, leave, refresh, resync) are bounded:
+/// each attempt has a connect, TLS handshake and answer timeout; failed attempts are retried
+/// with jittered exponential backoff until the request's deadline.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestPolicy {
+    pub connect_timeout_ms: u64,
+    pub handshake_timeout_ms: u64,
+    /// From sending a request to its whole answer. A join is answered at the end of the
+    /// controller's epoch, so keep this above the epoch length.
+    pub answer_timeout_ms: u64,
+    /// Leave, refresh and resync give up after this long.
+    pub deadline_ms: u64,
+    /// A join gives up after this long (a member started before its controller waits for it).
+    pub join_deadline_ms: u64,
+    /// First pause between attempts; it doubles up to `backoff_max_ms`, each drawn at random
+    /// between half and all of it so that members do not retry in step.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RequestPolicy {
+    fn default() -> Self {
+        RequestPolicy {
+            connect_timeout_ms: 3_000,
+            handshake_timeout_ms: 3_000,
+            answer_timeout_ms: 5_000,
+            deadline_ms: 30_000,
+            join_deadline_ms: 60_000,
+            backoff_min_ms: 100,
+            backoff_max_ms: 5_000,
+        }
+    }
+}
+
+/// Bounds of `MemberConfig::event_capacity`.
+pub const EVENT_CAPACITY: std::ops::RangeInclusive<usize> = 16..=1 << 20;
+
+impl RequestPolicy {
+    /// Every timeout and deadline at least 1 ms, and backoffs in order.
+    pub fn check(&self) -> Result<(), String> {
+        let named = [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("answer_timeout_ms", self.answer_timeout_ms),
+            ("deadline_ms", self.deadline_ms),
+            ("join_deadline_ms", self.join_deadline_ms),
+            ("backoff_min_ms", self.backoff_min_ms),
+        ];
+        if let Some((name, _)) = named.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("[requests] {name} must be at least 1"));
+        }
+        if self.backoff_max_ms < self.backoff_min_ms {
+            return Err("[requests] backoff_max_ms must be at least backoff_min_ms".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -227,6 +294,10 @@ fn refresh_ms() -> u64 {
 
 fn heartbeat_ms() -> u64 {
     500
+}
+
+fn event_capacity() -> usize {
+    1024
 }
 
 fn read<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<(T, PathBuf), ConfigError> {
@@ -265,6 +336,14 @@ impl MemberConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (mut c, base): (MemberConfig, _) = read(path)?;
         c.tls.resolve(&base);
+        let invalid = |what: String| ConfigError::Invalid(format!("{}: {what}", path.display()));
+        c.requests.check().map_err(invalid)?;
+        if !EVENT_CAPACITY.contains(&c.event_capacity) {
+            return Err(invalid(format!("event_capacity must be between {} and {}", EVENT_CAPACITY.start(), EVENT_CAPACITY.end())));
+        }
+        if c.refresh_ms == 0 || c.heartbeat_ms == 0 {
+            return Err(invalid("refresh_ms and heartbeat_ms must be at least 1".into()));
+        }
         Ok(c)
     }
 }
@@ -295,5 +374,29 @@ mod tests {
             assert!(config.limits(&policy).is_err(), "{zero} was accepted");
         }
         assert!(toml::from_str::<ConnectionsConfig>("max_conections = 5").is_err(), "a misspelt setting was ignored");
+    }
+
+    const MEMBER: &str = "group = 1\nserver = \"127.0.0.1:7400\"\n[multicast]\naddress = \"239.255.42.1:7401\"\n[tls]\nca = \"ca.pem\"\ncert = \"m.pem\"\nkey = \"m.key\"\n";
+
+    fn load(extra: &str) -> Result<MemberConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("member.toml");
+        std::fs::write(&path, format!("{MEMBER}{extra}")).unwrap();
+        MemberConfig::load(&path)
+    }
+
+    #[test]
+    fn member_requests_default_and_bad_values_are_refused_with_the_file_named() {
+        let config = load("").unwrap();
+        assert_eq!(config.requests, RequestPolicy::default());
+        assert!(!config.rejoin);
+        let partial = load("[requests]\njoin_deadline_ms = 1500\n").unwrap();
+        assert_eq!(partial.requests, RequestPolicy { join_deadline_ms: 1500, ..RequestPolicy::default() });
+        let zero = load("[requests]\nanswer_timeout_ms = 0\n").unwrap_err().to_string();
+        assert!(zero.contains("member.toml") && zero.contains("answer_timeout_ms"), "{zero}");
+        let backwards = load("[requests]\nbackoff_min_ms = 500\nbackoff_max_ms = 100\n").unwrap_err().to_string();
+        assert!(backwards.contains("backoff_max_ms"), "{backwards}");
+        let unbounded = load("event_capacity = 0\n[requests]\n").unwrap_err().to_string();
+        assert!(unbounded.contains("event_capacity"), "{unbounded}");
     }
 }

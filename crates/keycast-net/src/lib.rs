@@ -10,6 +10,7 @@ pub mod config;
 pub mod multicast;
 pub mod local;
 pub mod pki;
+pub mod request;
 pub mod server;
 pub mod store;
 pub mod tls;

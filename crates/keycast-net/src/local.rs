@@ -10,7 +10,7 @@ use keycast_core::protocol::GroupPolicy;
 
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
-use crate::config::MulticastConfig;
+use crate::config::{MulticastConfig, RequestPolicy};
 use crate::pki::{Authority, Credentials};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::tls::{client_config, server_config};
@@ -46,7 +46,7 @@ pub struct LocalGroup {
     tls: Arc<rustls::ServerConfig>,
 }
 
-pub type Events = tokio::sync::mpsc::UnboundedReceiver<ClientEvent>;
+pub type Events = tokio::sync::mpsc::Receiver<ClientEvent>;
 
 impl LocalGroup {
     /// A controller for `policy` on loopback that admits `member-1` .. `member-<acl_size>` and
@@ -123,7 +123,8 @@ impl LocalGroup {
         self.listen
     }
 
-    /// Connection settings for `identity`, with a fresh certificate from this group's CA.
+    /// Connection settings for `identity`, with a fresh certificate from this group's CA. A
+    /// join is answered at the end of an epoch, so the answer timeout covers two epochs.
     pub fn member_setup(&self, identity: &str) -> Result<MemberSetup, LocalError> {
         let credentials = self.authority.issue(identity, false).map_err(|e| LocalError::Pki(e.to_string()))?;
         self.setup_with(&credentials)
@@ -139,6 +140,12 @@ impl LocalGroup {
             tls: client_config(credentials).map_err(|e| LocalError::Pki(e.to_string()))?,
             refresh_ms: (self.policy.refresh_timeout_ms / 4).max(50),
             heartbeat_ms: self.policy.heartbeat_ms,
+            requests: RequestPolicy {
+                answer_timeout_ms: RequestPolicy::default().answer_timeout_ms.max(2 * self.policy.epoch_ms + 1000),
+                ..RequestPolicy::default()
+            },
+            rejoin: false,
+            event_capacity: 1024,
         })
     }
 

@@ -689,10 +689,15 @@ type Tls = TlsStream<TcpStream>;
 
 async fn serve_connection(tcp: TcpStream, context: &Listener) -> Result<(), String> {
     let limits = &context.limits;
-    let mut tls = tokio::time::timeout(limits.handshake_timeout, context.acceptor.accept(tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    // A refused handshake closes cleanly after its alert, so the client reads the refusal.
+    let mut tls = match tokio::time::timeout(limits.handshake_timeout, context.acceptor.accept(tcp).into_fallible()).await {
+        Err(_) => return Err("TLS handshake timed out".to_string()),
+        Ok(Err((e, tcp))) => {
+            close_after_alert(tcp).await;
+            return Err(format!("TLS handshake failed: {e}"));
+        }
+        Ok(Ok(tls)) => tls,
+    };
     let certificate = peer_certificate(tls.get_ref().1).map_err(|e| e.to_string())?;
     let fingerprint = Fingerprint::of_der(certificate);
     let identity = peer_identity(certificate, context.identity_from_common_name);
@@ -827,6 +832,26 @@ async fn write_frames(tls: &mut Tls, limits: &Limits, frames: &[Vec<u8>]) -> Res
         Ok(result) => result.map_err(|e| format!("cannot send the answer: {e}")),
         Err(_) => Err("the peer did not read its answer in time".into()),
     }
+}
+
+/// Closes a refused handshake gracefully: FIN after the alert, then reads what the client
+/// already sent (bounded in time and bytes). Dropping the socket with its request unread would
+/// reset the connection, and the client would see a broken pipe instead of the refusal, and
+/// retry it as a network failure.
+async fn close_after_alert(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// Prometheus text format on GET (any path); off unless configured.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keycast_core::protocol::{GroupPolicy, MemberEvent};
 use keycast_core::wire::rekey::{self, PacketConfig, RekeyContext};
-use keycast_core::wire::{encode_rekey, GroupId, Placement, RekeyPacket, SignedHeartbeat, Signer, VerifyingKey};
+use keycast_core::wire::{encode_rekey, GroupId, Placement, RefusalReason, RekeyPacket, SignedHeartbeat, Signer, VerifyingKey};
 use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
 use keycast_net::client::{ClientError, ClientEvent, MemberClient};
 use keycast_net::local::{Events, LocalGroup};
@@ -162,11 +162,8 @@ async fn a_controller_killed_at_any_point_restarts_and_members_stay_in_sync() {
         group.kill_server().await;
         sleep(Duration::from_millis(30)).await;
         group.start_server().await.unwrap();
-        // A joiner whose connection died with the controller tries again, as an app would.
-        let joined = match join.await.unwrap() {
-            Ok(m) => m,
-            Err(_) => group.join(&joiner).await.unwrap(),
-        };
+        // A joiner whose connection died with the controller tries again by itself.
+        let joined = join.await.unwrap().unwrap();
         members.push(joined);
         let seq = group.server().stats().rekeys;
         let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
@@ -209,14 +206,27 @@ async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_m
 
     // Not in the ACL.
     match group.join("mallory").await {
-        Err(keycast_net::local::LocalError::Client(ClientError::Refused(reason, _))) => assert_eq!(reason, "not in the ACL"),
+        Err(keycast_net::local::LocalError::Client(ClientError::Refused(reason, _))) => assert_eq!(reason, RefusalReason::NotInAcl),
         other => panic!("mallory joined: {:?}", other.map(|_| ())),
     }
     // A certificate from another CA.
     let rogue = Authority::new("rogue CA").unwrap().issue("member-3", false).unwrap();
     let mut setup = group.member_setup("member-3").unwrap();
     setup.tls = client_config(&rogue).unwrap();
-    assert!(MemberClient::join(setup).await.is_err());
+    // A certificate problem is not retried: the join fails at once, saying what to check.
+    setup.requests.join_deadline_ms = 5_000;
+    match MemberClient::join(setup).await {
+        Err(e @ ClientError::Tls { .. }) => assert!(e.to_string().contains("check the member's ca, cert and key"), "{e}"),
+        other => panic!("a rogue certificate gave {:?}", other.map(|_| ())),
+    }
+    // The same client certificate, trusting the right CA: the controller refuses it (an alert).
+    let mut setup = group.member_setup("member-3").unwrap();
+    setup.tls = client_config(&keycast_net::pki::Credentials { ca_pem: group.authority.ca_pem(), ..rogue }).unwrap();
+    setup.requests.join_deadline_ms = 5_000;
+    match MemberClient::join(setup).await {
+        Err(ClientError::Tls { .. }) => {}
+        other => panic!("a certificate from another CA gave {:?}", other.map(|_| ())),
+    }
     // Garbage on the TLS port: the controller answers with at most a fatal TLS alert, then closes.
     for garbage in [&b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage"[..], &[0x16, 3, 1, 0, 4, 1, 0, 0, 0], &[0u8; 300]] {
         let reply = reply_to(group.server().addr, garbage).await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keycast_core::protocol::GroupPolicy;
 use keycast_core::wire::rekey::PacketConfig;
-use keycast_core::wire::{GroupId, MAX_MESSAGE_LEN};
+use keycast_core::wire::{GroupId, RefusalReason, MAX_MESSAGE_LEN};
 use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
 use keycast_net::client::{ClientError, ClientEvent, MemberClient};
 use keycast_net::local::{Events, LocalError, LocalGroup};
@@ -51,7 +51,7 @@ async fn until_in_sync(group: &LocalGroup, members: &[&MemberClient]) {
 
 fn refused_as_revoked(result: Result<(MemberClient, Events), LocalError>) -> bool {
     match result {
-        Err(LocalError::Client(ClientError::Refused(reason, detail))) => reason.contains("evicted") && detail.contains("readmit"),
+        Err(LocalError::Client(ClientError::Refused(reason, detail))) => reason == RefusalReason::Revoked && detail.contains("readmit"),
         Err(other) => panic!("refused for another reason: {other}"),
         Ok(_) => false,
     }

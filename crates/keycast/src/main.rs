@@ -31,6 +31,7 @@ enum Command {
     /// Run a group's controller.
     Server(net::ConfigArg),
     /// Join a group as a member, print its events, optionally send a test stream.
+    #[command(after_help = net::MEMBER_EXIT_STATUS)]
     Member(net::MemberArgs),
     /// Administer a running controller: list, evict, readmit, acl, stats.
     Admin(net::AdminArgs),
@@ -41,19 +42,28 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-fn main() {
+/// Exit status of `keycast member` when the controller evicted it (1 is any failure).
+const EXIT_EVICTED: u8 = 3;
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Init(args) => net::init(&args),
         Command::Server(args) => net::server(&args),
-        Command::Member(args) => net::member(&args),
+        Command::Member(args) => match net::member(&args) {
+            Ok(net::MemberEnd::Evicted) => return std::process::ExitCode::from(EXIT_EVICTED),
+            other => other.map(drop),
+        },
         Command::Admin(args) => net::admin(&args),
         Command::Sim(command) => sim::run(command),
         Command::Bench(args) => bench::run(&args),
     };
-    if let Err(error) = result {
-        eprintln!("keycast: {error}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keycast: {error}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

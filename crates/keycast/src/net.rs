@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use keycast_core::protocol::MemberEvent;
-use keycast_core::wire::GroupId;
 use keycast_net::admin::{self, AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
@@ -138,7 +137,7 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     for name in &names {
         write_credentials(&args.dir, name, &ca.issue(name, false).map_err(pki)?)?;
         let config = format!(
-            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n",
+            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n# Join again by itself after an expiry (otherwise it stops, exit status 3; an evicted identity stays out until re-admitted).\nrejoin = false\n# Events the application has not read yet, at most; beyond, data events are dropped and counted.\nevent_capacity = 1024\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\n# Requests to the controller: each attempt's timeouts, then retries with jittered backoff\n# until the deadline (a join waits this long for a controller that is not up yet).\n[requests]\nconnect_timeout_ms = 3000\nhandshake_timeout_ms = 3000\n# A join is answered at the end of the controller's epoch: keep this above epoch_ms.\nanswer_timeout_ms = 5000\ndeadline_ms = 30000\njoin_deadline_ms = 60000\nbackoff_min_ms = 100\nbackoff_max_ms = 5000\n",
             group = args.group
         );
         write(&args.dir.join(format!("{name}.toml")), &config, false)?;
@@ -199,21 +198,29 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
     })
 }
 
-pub fn member(args: &MemberArgs) -> Result<(), String> {
+/// How `keycast member` ended (its exit status: see `MEMBER_EXIT_STATUS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberEnd {
+    /// `--for-secs` passed or Ctrl-C: the member left the group.
+    Left,
+    /// The controller removed this member (and it was not set to rejoin, or rejoining failed).
+    Evicted,
+}
+
+pub const MEMBER_EXIT_STATUS: &str = "Exit status: 0 when the member ends normally (--for-secs or Ctrl-C; it leaves the group first), \
+3 when the controller evicted or expired it (with `rejoin = true` in its config an expired member joins again instead; \
+an evicted identity stays out until an administrator re-admits it), \
+1 on failure (bad config, no controller within [requests] join_deadline_ms, or a leave it could not deliver).";
+
+pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
     logging();
     let config = MemberConfig::load(&args.config).map_err(|e| e.to_string())?;
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
-    let setup = MemberSetup {
-        group: GroupId(config.group),
-        server: config.server,
-        server_name: config.server_name.clone(),
-        multicast: config.multicast.clone(),
-        tls: client_config(&credentials).map_err(|e| e.to_string())?,
-        refresh_ms: config.refresh_ms,
-        heartbeat_ms: config.heartbeat_ms,
-    };
+    let setup = MemberSetup::from_config(&config, client_config(&credentials).map_err(|e| e.to_string())?);
+    let rejoin = setup.rejoin;
     runtime()?.block_on(async {
-        let (client, mut events) = MemberClient::join(setup).await.map_err(|e| e.to_string())?;
+        let (client, mut events) =
+            MemberClient::join(setup).await.map_err(|e| format!("cannot join group {} at {}: {e}", config.group, config.server))?;
         println!("joined as member {}", client.member().0);
         let stop = tokio::time::sleep(Duration::from_secs(args.for_secs.unwrap_or(u64::MAX / 4)));
         tokio::pin!(stop);
@@ -224,12 +231,14 @@ pub fn member(args: &MemberArgs) -> Result<(), String> {
                 event = events.recv() => match event {
                     Some(ClientEvent::Data(bytes)) => println!("data: {}", String::from_utf8_lossy(&bytes)),
                     Some(ClientEvent::Unreadable(why)) => println!("unreadable data: {why}"),
-                    Some(ClientEvent::Member(MemberEvent::Evicted)) => {
+                    Some(ClientEvent::Member(MemberEvent::Evicted)) if !rejoin => {
                         println!("event: Evicted (the controller removed this member)");
-                        return Ok(());
+                        return Ok(MemberEnd::Evicted);
                     }
                     Some(ClientEvent::Member(e)) => println!("event: {e:?}"),
-                    None => break,
+                    Some(ClientEvent::Rejoined { member }) => println!("rejoined as member {}", member.0),
+                    // The client stops only once evicted for good (its rejoin failed).
+                    None => return Ok(MemberEnd::Evicted),
                 },
                 _ = ticker.tick(), if sent < args.send && client.getkey().is_some() => {
                     sent += 1;
@@ -242,9 +251,9 @@ pub fn member(args: &MemberArgs) -> Result<(), String> {
                 _ = tokio::signal::ctrl_c() => break,
             }
         }
-        client.leave().await.map_err(|e| e.to_string())?;
+        client.leave().await.map_err(|e| format!("leave: {e}"))?;
         println!("left the group");
-        Ok(())
+        Ok(MemberEnd::Left)
     })
 }
 

@@ -86,7 +86,7 @@ fn init_server_member_and_admin_work_together_on_loopback() {
         .unwrap();
     let talker = run(&["member", "--config", "member-1.toml", "--send", "3", "--interval-ms", "300", "--for-secs", "4"]);
     let talker_out = String::from_utf8_lossy(&talker.stdout).to_string();
-    assert!(talker.status.success(), "{talker_out}{}", String::from_utf8_lossy(&talker.stderr));
+    assert_eq!(talker.status.code(), Some(0), "{talker_out}{}", String::from_utf8_lossy(&talker.stderr));
     assert!(talker_out.contains("joined as member") && talker_out.contains("left the group"), "{talker_out}");
 
     // The leave takes effect with the epoch's rekey (one-second epochs).
@@ -111,9 +111,11 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let readmit = run(&["admin", "--config", "admin.toml", "readmit", "member-2"]);
     assert!(String::from_utf8_lossy(&readmit.stdout).contains("member-2 may join again"), "{readmit:?}");
 
-    let heard = String::from_utf8_lossy(&listener.wait_with_output().unwrap().stdout).to_string();
+    let listened = listener.wait_with_output().unwrap();
+    let heard = String::from_utf8_lossy(&listened.stdout).to_string();
     assert!(heard.contains("data: test message"), "member-2 heard no data: {heard}");
     assert!(heard.contains("Evicted"), "member-2 was not told of its eviction: {heard}");
+    assert_eq!(listened.status.code(), Some(3), "an evicted member exits with status 3");
     server.0.kill().unwrap();
     let mut log = String::new();
     std::io::Read::read_to_string(server.0.stderr.as_mut().unwrap(), &mut log).unwrap();
@@ -169,6 +171,32 @@ fn a_controller_out_of_descriptors_backs_off_and_recovers() {
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     let failures = log.lines().filter(|l| l.contains("accept failed")).count();
     assert!((1..=5).contains(&failures), "{failures} accept failures logged in about 3 s:\n{log}");
+}
+
+/// A member whose controller never answers retries until its join deadline, then exits 1
+/// naming the address; `--help` documents the exit statuses.
+#[test]
+fn member_without_a_controller_exits_1_naming_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bin = env!("CARGO_BIN_EXE_keycast");
+    let run = |args: &[&str]| Command::new(bin).args(args).current_dir(dir.path()).output().unwrap();
+    assert!(run(&["init", ".", "--members", "1", "--port", &port.to_string()]).status.success());
+    let config = dir.path().join("member-1.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("join_deadline_ms = 60000", "join_deadline_ms = 1500");
+    std::fs::write(&config, text).unwrap();
+
+    let started = std::time::Instant::now();
+    let out = run(&["member", "--config", "member-1.toml", "--for-secs", "5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let addr = format!("127.0.0.1:{port}");
+    assert!(stderr.contains(&format!("waiting for the controller at {addr}")), "no retry was logged: {stderr}");
+    assert!(stderr.contains("gave up the join") && stderr.contains(&addr), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "the join deadline was not kept");
+
+    let help = String::from_utf8_lossy(&run(&["member", "--help"]).stdout).to_string();
+    assert!(help.contains("Exit status: 0") && help.contains("3 when the controller evicted"), "{help}");
 }
 
 /// A child process that cannot outlive a failed test.

@@ -306,6 +306,9 @@ impl MemberSession {
                 self.waiting.clear();
                 self.heartbeats_behind = 0;
                 self.guard.rekey_applied(&header);
+                // This rekey is newer than any heartbeat heard: its key may be in force at once
+                // (an eviction), so the last announcement no longer blocks sealing.
+                self.announced_active = None;
                 let key = self.keys.key(update.group_key).expect("apply holds the group key");
                 self.group_keys.insert(header.seq, (update.group_key, key, header.activation));
                 let mut events = vec![MemberEvent::Rekeyed { seq: header.seq, group_key: update.group_key, activation: header.activation }];

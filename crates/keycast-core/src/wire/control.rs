@@ -92,6 +92,12 @@ impl RefusalReason {
     }
 }
 
+impl core::fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JoinAnswer {
     Accepted(JoinAccepted),
