@@ -9,7 +9,7 @@ use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{message_type, GroupId, MessageType};
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 use keycast_net::admin::{AdminRequest, AdminResponse, Stats};
-use keycast_net::client::{join_once, ClientError};
+use keycast_net::client::{join_once, ClientError, MemberClient};
 use keycast_net::local::{LocalError, LocalGroup};
 use tokio::io::AsyncReadExt;
 use tokio::time::{sleep, timeout, Instant};
@@ -241,10 +241,13 @@ async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
     group.limits.answer_timeout = Duration::from_secs(2);
     group.start_server().await.unwrap();
     let bound = group.limits.answer_timeout + Duration::from_secs(5);
-    match timeout(bound, group.join("member-1")).await {
-        Ok(Err(LocalError::Client(ClientError::Refused(_, detail)))) => assert!(detail.contains("failed"), "{detail}"),
+    // The member retries an unavailable controller until its join deadline, then gives up.
+    let mut setup = group.member_setup("member-1").unwrap();
+    setup.requests.join_deadline_ms = 3_000;
+    match timeout(bound, MemberClient::join(setup)).await {
+        Ok(Err(e)) => assert!(e.to_string().contains("failed"), "{e}"),
         Err(_) => panic!("a join whose rekey failed got no answer within {bound:?}"),
-        Ok(other) => panic!("a join whose rekey cannot be sent was not refused: {:?}", other.map(|(m, _)| m.member())),
+        Ok(Ok((member, _))) => panic!("a join whose rekey cannot be sent was admitted as {:?}", member.member()),
     }
     let stats = admin_stats(&group).await;
     assert!(stats.controller_errors >= 1, "the core never failed: {stats:?}");

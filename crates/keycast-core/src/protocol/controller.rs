@@ -813,6 +813,8 @@ impl Controller {
     fn close_epoch(&mut self, now_ms: u64, entropy: [u8; 32], immediate: bool) -> Result<Vec<Output>, ControllerError> {
         let epoch = self.epoch_at(now_ms).max(self.epoch);
         self.epoch = epoch;
+        // Nothing changes unless the rekey can be sent: the requests wait for a later epoch.
+        self.policy.packets.check()?;
         let requests = std::mem::take(&mut self.pending);
         let mut joins = Vec::new();
         let mut leaves = BTreeSet::new();

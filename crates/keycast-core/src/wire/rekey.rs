@@ -172,6 +172,20 @@ impl Default for PacketConfig {
     }
 }
 
+impl PacketConfig {
+    /// Whether packets of this shape can carry any rekey (checked before a batch changes keys).
+    pub fn check(&self) -> Result<(), PacketiseError> {
+        if self.block_bits > MAX_BLOCK_BITS {
+            return Err(PacketiseError::BlockBits(self.block_bits));
+        }
+        let needed = HEADER_LEN + SIGNATURE_LEN + self.block_bits as usize * NODE_LEN + MAX_WRAP_LEN;
+        if self.mtu < needed {
+            return Err(PacketiseError::MtuTooSmall { mtu: self.mtu, needed });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PacketiseError {
     #[error("an MTU of {mtu} bytes cannot hold one entry with its header and signature ({needed} bytes)")]
@@ -215,14 +229,8 @@ pub fn encode_rekey(
     config: PacketConfig,
     signer: &Signer,
 ) -> Result<EncodedRekey, PacketiseError> {
-    if config.block_bits > MAX_BLOCK_BITS {
-        return Err(PacketiseError::BlockBits(config.block_bits));
-    }
+    config.check()?;
     let auth_len = SIGNATURE_LEN + config.block_bits as usize * NODE_LEN;
-    let needed = HEADER_LEN + auth_len + MAX_WRAP_LEN;
-    if config.mtu < needed {
-        return Err(PacketiseError::MtuTooSmall { mtu: config.mtu, needed });
-    }
     let block = 1usize << config.block_bits;
     let layout = place(plan, config.placement, config.mtu - HEADER_LEN - auth_len, block);
     let count = u32::try_from(layout.len()).map_err(|_| PacketiseError::TooManyPackets(layout.len()))?;
