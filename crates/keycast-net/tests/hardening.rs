@@ -245,7 +245,8 @@ async fn a_controller_error_during_a_request_does_not_stop_the_controller() {
     let mut setup = group.member_setup("member-1").unwrap();
     setup.requests.join_deadline_ms = 3_000;
     match timeout(bound, MemberClient::join(setup)).await {
-        Ok(Err(e)) => assert!(e.to_string().contains("failed"), "{e}"),
+        // Refused ("the controller failed while ..."), or the deadline came first mid-retry.
+        Ok(Err(e)) => assert!(e.to_string().contains("failed") || e.to_string().contains("gave up the join"), "{e}"),
         Err(_) => panic!("a join whose rekey failed got no answer within {bound:?}"),
         Ok(Ok((member, _))) => panic!("a join whose rekey cannot be sent was admitted as {:?}", member.member()),
     }
