@@ -102,6 +102,16 @@ impl Harness {
         self.take(outputs);
     }
 
+    /// Admits `identity` and returns its member session, holding the keys the controller gave it.
+    fn session(&mut self, identity: &str) -> MemberSession {
+        let Ok(JoinStatus::Queued(_)) = self.join(identity) else { panic!("{identity} queued") };
+        let conn = self.conn;
+        self.run(200);
+        let JoinAnswer::Accepted(accepted) = self.answers.iter().find(|(c, _)| *c == conn).unwrap().1.clone() else { panic!("accepted") };
+        let keys = self.controller.resync(identity, accepted.member, 0, self.now).unwrap();
+        MemberSession::join(&accepted, keys, self.policy.heartbeat_ms, self.now).0
+    }
+
     fn restart(&mut self) {
         self.controller = Controller::restore(self.policy, self.acl.clone(), &self.log, self.now).unwrap();
     }
@@ -297,15 +307,7 @@ fn members_of_a_lost_history_raise_a_contradiction_and_move_the_controller_past_
 #[test]
 fn a_member_that_missed_an_evictions_rekey_refuses_to_seal_under_the_replaced_key() {
     let mut h = Harness::new(policy(tree()), &["a", "b"]);
-    let mut sessions = Vec::new();
-    for identity in ["a", "b"] {
-        let Ok(JoinStatus::Queued(_)) = h.join(identity) else { panic!() };
-        let conn = h.conn;
-        h.run(200);
-        let JoinAnswer::Accepted(accepted) = h.answers.iter().find(|(c, _)| *c == conn).unwrap().1.clone() else { panic!() };
-        let keys = h.controller.resync(identity, accepted.member, 0, h.now).unwrap();
-        sessions.push(MemberSession::join(&accepted, keys, h.policy.heartbeat_ms, h.now).0);
-    }
+    let mut sessions: Vec<MemberSession> = ["a", "b"].into_iter().map(|identity| h.session(identity)).collect();
     // Both follow a heartbeat of the active key, then b is evicted; a loses the rekey packets.
     h.run(100);
     let mut a = sessions.remove(0);
@@ -343,15 +345,7 @@ fn a_member_that_missed_an_evictions_rekey_refuses_to_seal_under_the_replaced_ke
 fn the_signing_key_rotates_and_members_follow_without_rejoining() {
     use keycast_core::wire::{Signer, SignerChange};
     let mut h = Harness::new(policy(tree()), &["a", "b"]);
-    let mut sessions = Vec::new();
-    for identity in ["a", "b"] {
-        let Ok(JoinStatus::Queued(_)) = h.join(identity) else { panic!() };
-        let conn = h.conn;
-        h.run(200);
-        let JoinAnswer::Accepted(accepted) = h.answers.iter().find(|(c, _)| *c == conn).unwrap().1.clone() else { panic!() };
-        let keys = h.controller.resync(identity, accepted.member, 0, h.now).unwrap();
-        sessions.push(MemberSession::join(&accepted, keys, h.policy.heartbeat_ms, h.now).0);
-    }
+    let mut sessions: Vec<MemberSession> = ["a", "b"].into_iter().map(|identity| h.session(identity)).collect();
     let old = h.controller.verifying_key();
     let outputs = h.controller.rotate_signing_key([0x42; 32]);
     assert!(matches!(&outputs[0], Output::Persist(Record::SigningKey { change: 1, .. })), "persisted before it is announced");
