@@ -29,4 +29,9 @@ for i, v in enumerate(vectors):
 framed = b"".join(len(p).to_bytes(2, "big") + p for p in packets)
 write("reassemble_rekey", "all-packets", framed)
 write("reassemble_rekey", "reversed", b"".join(len(p).to_bytes(2, "big") + p for p in reversed(packets)))
+# import_snapshot: a first byte >= 0x80 builds a real graph (config = byte % 8, then a member
+# count) and applies (offset u16, xor u8) edits; one seed per config, unedited and edited.
+for selector in range(0x80, 0x88):
+    write("import_snapshot", f"graph-{selector:02x}", bytes([selector, 40]))
+    write("import_snapshot", f"edited-{selector:02x}", bytes([selector, 40, 0, 9, 1, 0, 30, 0x80]))
 print("seed corpus written under", here / "corpus")

@@ -17,7 +17,7 @@ pub mod wire;
 pub mod wrap;
 
 pub use graph::{
-    new_graph, Batch, FlatIds, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId, Position, RekeyPlan,
+    import_graph, new_graph, Batch, FlatIds, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId, Position, RekeyPlan,
     Scheme, Welcome,
 };
 pub use key::{Key, KeyId, KeyRef};

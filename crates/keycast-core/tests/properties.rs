@@ -252,6 +252,45 @@ proptest! {
     }
 }
 
+/// A batch that every graph must survive: its members all leave and two join.
+fn churn(graph: &dyn KeyGraph, first_new: u64) -> Batch {
+    let mut leaves: Vec<MemberId> = (0..first_new).map(MemberId).filter(|&m| graph.contains(m)).collect();
+    leaves.truncate(64);
+    Batch { joins: vec![MemberId(first_new), MemberId(first_new + 1)], leaves }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// A snapshot's graph comes back the same; a damaged one is refused, or is a graph whose
+    /// next batch succeeds or fails with an error, never a panic.
+    #[test]
+    fn snapshots_restore_the_same_graph_and_damaged_ones_never_panic(
+        config in config(), initial in 0usize..48, steps in steps(8, 8), seed: u64, at: prop::sample::Index, flip in 1u8..=255, truncate: bool,
+    ) {
+        let mut world = World::new(config, seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        world.step(&Step { joins: initial, leaves: 0, strategy: Packaging::GroupOriented }, &mut rng);
+        for step in &steps {
+            world.step(step, &mut rng);
+        }
+        let exported = world.graph.export();
+        let mut restored = keycast_core::import_graph(config, &exported).expect("an intact snapshot imports");
+        prop_assert_eq!(&restored.export()[..], &exported[..]);
+        let batch = churn(world.graph.as_ref(), world.next_member);
+        let next = world.seed.next();
+        prop_assert_eq!(restored.apply(&batch, &next).unwrap().group_key, world.graph.apply(&batch, &next).unwrap().group_key);
+
+        let mut damaged = exported.to_vec();
+        let i = at.index(damaged.len());
+        if truncate { damaged.truncate(i) } else { damaged[i] ^= flip }
+        if let Ok(mut graph) = keycast_core::import_graph(config, &damaged) {
+            let batch = churn(graph.as_ref(), world.next_member + 2);
+            let _ = graph.apply(&batch, &next.next());
+        }
+    }
+}
+
 /// Members open about d/(d-1) wraps per single leave on average (Wong et al.).
 #[test]
 fn members_unwrap_about_d_over_d_minus_one_per_leave() {

@@ -30,6 +30,8 @@ pub enum AdminRequest {
     /// The ACL in force and the revoked identities.
     AclList,
     Stats,
+    /// Replaces the controller's signing key; members follow the signed announcement.
+    RotateSigningKey,
 }
 
 impl AdminRequest {
@@ -89,6 +91,8 @@ pub enum AdminResponse {
     /// `changed`: false if the ACL already was so; `evicted`: the member removed with it.
     AclChanged { identity: String, added: bool, changed: bool, evicted: Option<u64> },
     Acl { acl: Vec<String>, revoked: Vec<String> },
+    /// `change`: the rotation's number; `verifying_key`: the new public key, hex.
+    SigningKeyRotated { change: u64, verifying_key: String },
     Stats(Stats),
     Error(String),
 }

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::pki::Fingerprint;
 use crate::server::Limits;
+use crate::store::DatabaseKey;
+
+/// The environment variable that holds the database key (64 hex digits).
+pub const DATABASE_KEY_VARIABLE: &str = "KEYCAST_DATABASE_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -70,6 +74,13 @@ pub struct ServerConfig {
     pub tls: TlsFiles,
     /// The controller's log (redb).
     pub database: PathBuf,
+    /// A file holding the key that seals the log's secrets (64 hex digits); keep it apart from
+    /// the database. `KEYCAST_DATABASE_KEY` (the hex key itself) takes precedence.
+    #[serde(default)]
+    pub database_key: Option<PathBuf>,
+    /// Batches between two snapshots of the log (older records, and their seeds, are dropped).
+    #[serde(default)]
+    pub snapshot_interval: Option<u64>,
     /// Identities that may join: a certificate's first URI, else DNS, subject alternative name.
     pub acl: Vec<String>,
     /// SHA-256 fingerprints ("sha256:<hex>") of the certificates that may use `keycast admin`.
@@ -235,6 +246,10 @@ pub struct RequestPolicy {
     /// between half and all of it so that members do not retry in step.
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
+    /// Refreshes and resyncs (which may be sent twice) start another attempt beside one that
+    /// has not answered after this long, up to three at once: on a lossy link a fresh
+    /// connection often finishes before one whose packets TCP is still retransmitting.
+    pub hedge_after_ms: u64,
 }
 
 impl Default for RequestPolicy {
@@ -247,6 +262,7 @@ impl Default for RequestPolicy {
             join_deadline_ms: 60_000,
             backoff_min_ms: 100,
             backoff_max_ms: 5_000,
+            hedge_after_ms: 1_000,
         }
     }
 }
@@ -264,6 +280,7 @@ impl RequestPolicy {
             ("deadline_ms", self.deadline_ms),
             ("join_deadline_ms", self.join_deadline_ms),
             ("backoff_min_ms", self.backoff_min_ms),
+            ("hedge_after_ms", self.hedge_after_ms),
         ];
         if let Some((name, _)) = named.iter().find(|(_, v)| *v == 0) {
             return Err(format!("[requests] {name} must be at least 1"));
@@ -313,8 +330,24 @@ impl ServerConfig {
         if c.database.is_relative() {
             c.database = base.join(&c.database);
         }
+        if let Some(key) = c.database_key.as_mut().filter(|k| k.is_relative()) {
+            *key = base.join(&*key);
+        }
+        if c.snapshot_interval == Some(0) {
+            return Err(ConfigError::Invalid(format!("{}: snapshot_interval must be at least 1 batch", path.display())));
+        }
         c.admin_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         Ok(c)
+    }
+
+    /// The key that seals the log's secrets: `KEYCAST_DATABASE_KEY` if set, else the
+    /// `database_key` file, else none (secrets stored as the file's permissions allow).
+    pub fn load_database_key(&self) -> Result<Option<DatabaseKey>, ConfigError> {
+        if let Ok(hex) = std::env::var(DATABASE_KEY_VARIABLE) {
+            let hex = zeroize::Zeroizing::new(hex);
+            return DatabaseKey::from_hex(&hex).map(Some).map_err(|e| ConfigError::Invalid(format!("{DATABASE_KEY_VARIABLE}: {e}")));
+        }
+        self.database_key.as_deref().map(DatabaseKey::load).transpose().map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     /// `admins`, parsed; an entry that is not a fingerprint (an identity, say) is an error.

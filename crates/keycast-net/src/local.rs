@@ -6,13 +6,14 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keycast_core::protocol::GroupPolicy;
+use keycast_core::protocol::{GroupPolicy, DEFAULT_SNAPSHOT_EVERY};
 
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use crate::config::{MulticastConfig, RequestPolicy};
 use crate::pki::{Authority, Credentials};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
+use crate::store::DatabaseKey;
 use crate::tls::{client_config, server_config};
 use crate::multicast::free_port;
 
@@ -32,6 +33,10 @@ pub struct LocalGroup {
     pub acl: BTreeSet<String>,
     pub multicast: MulticastConfig,
     pub database: PathBuf,
+    /// Seals the log's secrets (a random key per group; `None` stores them in the clear).
+    pub database_key: Option<DatabaseKey>,
+    /// Batches between snapshots of the log.
+    pub snapshot_interval: u64,
     pub server: Option<Server>,
     /// Prometheus endpoint of the controller at its next start (off by default).
     pub metrics: Option<SocketAddr>,
@@ -79,6 +84,8 @@ impl LocalGroup {
             acl,
             multicast,
             database: folder.join("controller.redb"),
+            database_key: Some(DatabaseKey::generate()),
+            snapshot_interval: DEFAULT_SNAPSHOT_EVERY,
             server: None,
             metrics: None,
             identity_from_common_name: false,
@@ -100,6 +107,8 @@ impl LocalGroup {
             multicast: self.multicast.clone(),
             tls: self.tls.clone(),
             database: self.database.clone(),
+            database_key: self.database_key.clone(),
+            snapshot_interval: self.snapshot_interval,
             metrics: self.metrics,
         };
         let server = Server::start(setup).await?;

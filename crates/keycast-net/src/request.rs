@@ -8,7 +8,8 @@ use std::time::Duration;
 use keycast_core::wire::{JoinAnswer, RefusalReason};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
@@ -66,8 +67,19 @@ impl RequestKind {
     }
 }
 
+/// Attempts of one refresh or resync in flight at once, at most.
+const MAX_HEDGED: usize = 3;
+
+impl RequestKind {
+    /// Whether the controller may receive this request twice without harm.
+    fn idempotent(self) -> bool {
+        matches!(self, RequestKind::Refresh | RequestKind::Resync)
+    }
+}
+
 /// Sends `message` until `decode` accepts the answer, a definite error comes, or the deadline
-/// for `kind` passes (then `ClientError::GaveUp` with the last error).
+/// for `kind` passes (then `ClientError::GaveUp` with the last error). Idempotent requests
+/// hedge: an attempt that has not answered after `hedge_after_ms` gets a sibling beside it.
 pub(crate) async fn request<T>(
     setup: &MemberSetup,
     kind: RequestKind,
@@ -77,25 +89,53 @@ pub(crate) async fn request<T>(
     let policy = &setup.requests;
     let started = Instant::now();
     let deadline = started + kind.deadline(policy);
+    let hedge = kind.idempotent().then(|| Duration::from_millis(policy.hedge_after_ms));
     let mut backoff = policy.backoff_min_ms.max(1);
-    let mut attempts = 0u32;
+    let (mut attempts, mut last_error) = (0u32, None);
+    // Dropping the set (an answer came, or the deadline passed) aborts the other attempts.
+    let mut running = JoinSet::new();
+    let mut next_start = Some(started);
     loop {
-        attempts += 1;
-        let error = match timeout_at(deadline, attempt(setup, kind, message)).await {
-            Ok(Ok(frames)) => match decode(&frames) {
-                Ok(answer) => return Ok(answer),
-                Err(e) => e,
-            },
-            Ok(Err(e)) => e,
-            Err(_) => ClientError::TimedOut { addr: setup.server, stage: Stage::Request, after_ms: started.elapsed().as_millis() as u64 },
-        };
-        let pause = Duration::from_millis(jittered(backoff));
-        if !error.is_transient() || Instant::now() + pause >= deadline {
-            return Err(if error.is_transient() { gave_up(kind, policy, attempts, started, error) } else { error });
+        if next_start.is_some_and(|at| at <= Instant::now()) {
+            let (setup, message) = (setup.clone(), message.to_vec());
+            running.spawn(async move { attempt(&setup, kind, &message).await });
+            attempts += 1;
+            next_start = hedge.filter(|_| running.len() < MAX_HEDGED).map(|after| Instant::now() + after);
         }
-        tracing::warn!("{kind}: waiting for the controller at {}: {error}; retrying in {} ms", setup.server, pause.as_millis());
-        tokio::time::sleep(pause).await;
-        backoff = (backoff.saturating_mul(2)).min(policy.backoff_max_ms.max(1));
+        let wake = next_start.map_or(deadline, |at| at.min(deadline));
+        let joined = tokio::select! {
+            joined = running.join_next(), if !running.is_empty() => joined,
+            _ = sleep_until(wake) => None,
+        };
+        if let Some(joined) = joined {
+            let error = match joined {
+                Ok(Ok(frames)) => match decode(&frames) {
+                    Ok(answer) => return Ok(answer),
+                    Err(e) => e,
+                },
+                Ok(Err(e)) => e,
+                Err(join) => ClientError::Protocol(format!("a {kind} attempt stopped: {join}")),
+            };
+            if !error.is_transient() {
+                return Err(error);
+            }
+            if running.is_empty() {
+                let pause = Duration::from_millis(jittered(backoff));
+                if Instant::now() + pause >= deadline {
+                    return Err(gave_up(kind, policy, attempts, started, error));
+                }
+                tracing::warn!("{kind}: waiting for the controller at {}: {error}; retrying in {} ms", setup.server, pause.as_millis());
+                next_start = Some(Instant::now() + pause);
+                backoff = (backoff.saturating_mul(2)).min(policy.backoff_max_ms.max(1));
+            } else {
+                tracing::debug!("{kind}: an attempt failed ({error}); {} still running", running.len());
+                next_start = next_start.or_else(|| hedge.map(|after| Instant::now() + after));
+            }
+            last_error = Some(error);
+        } else if Instant::now() >= deadline {
+            let timed_out = ClientError::TimedOut { addr: setup.server, stage: Stage::Request, after_ms: started.elapsed().as_millis() as u64 };
+            return Err(gave_up(kind, policy, attempts, started, last_error.unwrap_or(timed_out)));
+        }
     }
 }
 

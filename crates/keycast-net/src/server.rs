@@ -21,7 +21,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::{self, AdminRequest, AdminResponse, MemberRow, Stats};
 use crate::config::MulticastConfig;
 use crate::pki::Fingerprint;
-use crate::store::{Store, StoreError};
+use crate::store::{DatabaseKey, Store, StoreError};
+use zeroize::Zeroizing;
 use crate::tls::{peer_certificate, peer_identity, read_frame, write_frame};
 use crate::{entropy, multicast, now_ms};
 
@@ -73,6 +74,10 @@ pub struct ServerSetup {
     pub multicast: MulticastConfig,
     pub tls: Arc<rustls::ServerConfig>,
     pub database: PathBuf,
+    /// Seals the log's secret records; without it they are stored in the clear (0600).
+    pub database_key: Option<DatabaseKey>,
+    /// Batches between snapshots of the log (see `Controller::set_snapshot_interval`).
+    pub snapshot_interval: u64,
     pub metrics: Option<SocketAddr>,
 }
 
@@ -86,7 +91,9 @@ pub enum ServerError {
     Controller(#[from] ControllerError),
 }
 
-type Frames = Vec<Vec<u8>>;
+/// An answer's encoded frames; those of join and resync answers carry keys: zeroized on drop.
+type Frame = Zeroizing<Vec<u8>>;
+type Frames = Vec<Frame>;
 
 enum Command {
     Join { identity: String, group: GroupId, reply: oneshot::Sender<Frames> },
@@ -136,9 +143,9 @@ impl Shared {
 impl Server {
     /// Opens the log (restoring the group if it exists), binds the sockets and starts.
     pub async fn start(setup: ServerSetup) -> Result<Server, ServerError> {
-        let (mut store, log) = Store::open(&setup.database)?;
+        let (mut store, log) = Store::open_sealed(&setup.database, setup.database_key)?;
         let now = now_ms();
-        let controller = if log.is_empty() {
+        let mut controller = if log.is_empty() {
             let (controller, genesis) = Controller::create(setup.policy, setup.acl.clone(), now, entropy(), entropy())?;
             if let Output::Persist(record) = genesis {
                 store.append(&[record])?;
@@ -148,6 +155,7 @@ impl Server {
             tracing::info!(records = log.len(), "restoring the group from its log");
             Controller::restore(setup.policy, setup.acl.clone(), &log, now)?
         };
+        controller.set_snapshot_interval(setup.snapshot_interval);
         let listener = TcpListener::bind(setup.listen).await?;
         let addr = listener.local_addr()?;
         let socket = multicast::sender(&setup.multicast)?;
@@ -346,28 +354,28 @@ impl ControllerTask {
                 Ok(JoinStatus::Admitted(answer)) => {
                     tracing::info!(%identity, "already a member: keys sent again");
                     let (answer, keys) = *answer;
-                    let _ = reply.send(vec![answer.encode(), keys.encode()]);
+                    let _ = reply.send(vec![answer.encode().into(), keys.encode().into()]);
                 }
                 Err(refusal) => refuse(&identity, refusal, reply),
             },
             Command::Leave { identity, member, reply } => match self.controller.leave(&identity, member) {
                 Ok(outputs) => {
                     self.deliver(outputs).await?;
-                    let _ = reply.send(vec![keycast_core::wire::Leave { group: self.controller.policy().group, member }.encode()]);
+                    let _ = reply.send(vec![keycast_core::wire::Leave { group: self.controller.policy().group, member }.encode().into()]);
                 }
                 Err(refusal) => refuse(&identity, refusal, reply),
             },
             Command::Refresh { identity, member, rekey_seq, reply } => match self.controller.refresh(&identity, member, rekey_seq, now) {
                 Ok(()) => {
                     let refresh = keycast_core::wire::Refresh { group: self.controller.policy().group, member, rekey_seq: self.controller.rekey_seq() };
-                    let _ = reply.send(vec![refresh.encode()]);
+                    let _ = reply.send(vec![refresh.encode().into()]);
                 }
                 Err(refusal) => refuse(&identity, refusal, reply),
             },
             Command::Resync { identity, member, rekey_seq, reply } => match self.controller.resync(&identity, member, rekey_seq, now) {
                 Ok(answer) => {
                     tracing::info!(%identity, member = member.0, "resync");
-                    let _ = reply.send(vec![answer.encode()]);
+                    let _ = reply.send(vec![answer.encode().into()]);
                 }
                 Err(refusal) => refuse(&identity, refusal, reply),
             },
@@ -420,6 +428,11 @@ impl ControllerTask {
                 let changed = !outputs.is_empty();
                 (Ok(outputs), AdminResponse::AclChanged { identity, added: true, changed, evicted: None })
             }
+            AdminRequest::RotateSigningKey => {
+                let outputs = controller.rotate_signing_key(entropy());
+                let verifying_key = hex::encode(controller.verifying_key().0);
+                (Ok(outputs), AdminResponse::SigningKeyRotated { change: controller.signer_changes(), verifying_key })
+            }
             AdminRequest::AclRemove { identity } => {
                 let changed = controller.acl().contains(&identity);
                 let evicted = controller.member_by_identity(&identity).map(|m| m.0);
@@ -457,7 +470,7 @@ impl ControllerTask {
                         tracing::warn!(error = %e, "multicast send failed");
                     }
                 }
-                Output::JoinAnswer { conn, answer, keys } => self.answer_join(conn, answer, keys.map(|k| k.encode())),
+                Output::JoinAnswer { conn, answer, keys } => self.answer_join(conn, answer, keys.map(|k| k.encode().into())),
                 Output::Departed { member, identity, why } => tracing::info!(member = member.0, %identity, ?why, "member removed"),
                 Output::Rekeyed { seq, epoch, wraps, packets, bytes } => {
                     tracing::info!(seq, epoch, wraps, packets, bytes, "rekey sent");
@@ -469,7 +482,7 @@ impl ControllerTask {
     }
 
     /// Sends a join's answer to every connection waiting for that member.
-    fn answer_join(&mut self, conn: ConnId, answer: JoinAnswer, keys: Option<Vec<u8>>) {
+    fn answer_join(&mut self, conn: ConnId, answer: JoinAnswer, keys: Option<Frame>) {
         let member = match (&answer, self.join_conns.get(&conn)) {
             (_, Some(member)) => *member,
             (JoinAnswer::Accepted(accepted), None) => accepted.member,
@@ -477,7 +490,7 @@ impl ControllerTask {
         };
         let Some(waiting) = self.joins.remove(&member) else { return };
         self.join_conns.retain(|_, m| *m != member);
-        let mut frames = vec![answer.encode()];
+        let mut frames: Frames = vec![answer.encode().into()];
         frames.extend(keys);
         if let Some(first) = waiting.iter().map(|w| w.since).min() {
             let latency = first.elapsed().as_secs_f64() * 1000.0;
@@ -497,8 +510,8 @@ fn refuse(identity: &str, refusal: Refusal, reply: oneshot::Sender<Frames>) {
     let _ = reply.send(vec![refusal_frame(refusal.reason, refusal.detail)]);
 }
 
-fn refusal_frame(reason: RefusalReason, detail: String) -> Vec<u8> {
-    JoinAnswer::Refused { reason, detail }.encode()
+fn refusal_frame(reason: RefusalReason, detail: String) -> Frame {
+    JoinAnswer::Refused { reason, detail }.encode().into()
 }
 
 /// Counts open connections by source address and identity, against the caps.
@@ -788,7 +801,7 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerpri
         Ok(response) => response,
         Err(detail) => AdminResponse::Error(detail.into()),
     };
-    write_frames(&mut tls, limits, &[admin::encode(&response)]).await.map_err(|e| format!("{identity}: {e}"))
+    write_frames(&mut tls, limits, &[Frame::new(admin::encode(&response))]).await.map_err(|e| format!("{identity}: {e}"))
 }
 
 /// Sends `command` to the controller and waits, within the answer deadline, for its answer.
@@ -816,12 +829,12 @@ async fn refuse_join(tls: &mut Tls, limits: &Limits, reason: RefusalReason, deta
 }
 
 async fn refuse_admin(tls: &mut Tls, limits: &Limits, detail: String) {
-    let _ = write_frames(tls, limits, &[admin::encode(&AdminResponse::Error(detail))]).await;
+    let _ = write_frames(tls, limits, &[Frame::new(admin::encode(&AdminResponse::Error(detail)))]).await;
 }
 
 /// Writes the answer and closes, within the request deadline (a peer that stops reading
 /// cannot hold the connection).
-async fn write_frames(tls: &mut Tls, limits: &Limits, frames: &[Vec<u8>]) -> Result<(), String> {
+async fn write_frames(tls: &mut Tls, limits: &Limits, frames: &[Frame]) -> Result<(), String> {
     let write = async {
         for frame in frames {
             write_frame(tls, frame).await?;

@@ -33,7 +33,17 @@ const DATABASE_KEY_LABEL: &[u8] = b"keycast/v2 database record";
 
 /// The key that seals the database's secret records (AES-256-GCM, a fresh random nonce per
 /// record, the record's place as associated data so records cannot be moved).
-pub struct DatabaseKey(aws_lc_rs::aead::LessSafeKey);
+pub struct DatabaseKey {
+    key: aws_lc_rs::aead::LessSafeKey,
+    /// Kept (zeroized on drop) so a controller restarted in the same process can reopen.
+    bytes: zeroize::Zeroizing<[u8; 32]>,
+}
+
+impl Clone for DatabaseKey {
+    fn clone(&self) -> DatabaseKey {
+        DatabaseKey::from_bytes(&self.bytes)
+    }
+}
 
 impl core::fmt::Debug for DatabaseKey {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -44,7 +54,12 @@ impl core::fmt::Debug for DatabaseKey {
 impl DatabaseKey {
     pub fn from_bytes(bytes: &[u8; 32]) -> DatabaseKey {
         let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, bytes).expect("32-byte key");
-        DatabaseKey(aws_lc_rs::aead::LessSafeKey::new(key))
+        DatabaseKey { key: aws_lc_rs::aead::LessSafeKey::new(key), bytes: zeroize::Zeroizing::new(*bytes) }
+    }
+
+    /// A fresh random key (for a group that lives in one process, as `keycast demo`'s).
+    pub fn generate() -> DatabaseKey {
+        DatabaseKey::from_bytes(&zeroize::Zeroizing::new(crate::entropy()))
     }
 
     /// 64 hexadecimal digits (surrounding white space ignored).
@@ -88,7 +103,7 @@ impl DatabaseKey {
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plain);
         let tag = self
-            .0
+            .key
             .seal_in_place_separate_tag(aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce), Self::aad(place), &mut out[13..])
             .expect("AES-256-GCM seals any record");
         out.extend_from_slice(tag.as_ref());
@@ -99,7 +114,7 @@ impl DatabaseKey {
         let (nonce, body) = sealed.split_at_checked(12).ok_or(StoreError::Corrupt(place))?;
         let mut buffer = zeroize::Zeroizing::new(body.to_vec());
         let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| StoreError::Corrupt(place))?;
-        let len = self.0.open_in_place(nonce, Self::aad(place), &mut buffer[..]).map_err(|_| StoreError::WrongKey(place))?.len();
+        let len = self.key.open_in_place(nonce, Self::aad(place), &mut buffer[..]).map_err(|_| StoreError::WrongKey(place))?.len();
         buffer.truncate(len);
         Ok(buffer)
     }

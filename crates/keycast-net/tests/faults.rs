@@ -49,6 +49,7 @@ fn quick(mut setup: MemberSetup) -> MemberSetup {
         join_deadline_ms: 10_000,
         backoff_min_ms: 50,
         backoff_max_ms: 300,
+        hedge_after_ms: 300,
     };
     setup
 }
@@ -404,4 +405,27 @@ async fn an_evicted_member_refuses_to_seal() {
         Err(ClientError::NotAMember) => {}
         other => panic!("an evicted member sealed: {:?}", other.map(|m| m.len())),
     }
+}
+
+/// A refresh whose connection stalls gets a hedged sibling that answers long before the
+/// stalled attempt's own timeouts (10 s here) would give up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_refresh_is_answered_through_a_hedged_attempt() {
+    let (group, _dir) = group(1).await;
+    let proxy = Proxy::start(group.server().addr).await;
+    let mut setup = group.member_setup("member-1").unwrap();
+    setup.server = proxy.addr;
+    setup.refresh_ms = 150;
+    setup.requests = RequestPolicy { connect_timeout_ms: 10_000, handshake_timeout_ms: 10_000, answer_timeout_ms: 10_000, hedge_after_ms: 200, ..RequestPolicy::default() };
+    let (member, _events) = MemberClient::join(setup).await.unwrap();
+    let last_seen = || async { group.server().members().await.iter().find(|r| r.member == member.member().0).map(|r| r.last_seen_ms) };
+    proxy.inject(&[Fault::Stall]);
+    until("a refresh stuck in the stalled proxy", Duration::from_secs(3), || proxy.stalled.load(Ordering::SeqCst) >= 1).await;
+    let stalled_at = last_seen().await.expect("a member");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while last_seen().await.expect("still a member") <= stalled_at {
+        assert!(Instant::now() < deadline, "no refresh reached the controller while one attempt was stalled");
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.stalled.load(Ordering::SeqCst), 1, "only the injected connection stalled");
 }

@@ -137,3 +137,43 @@ async fn replayed_data_datagrams_are_delivered_once_and_refused_as_replays() {
     assert_eq!(delivered, (0..5).map(|i| format!("tick {i}")).collect::<Vec<_>>(), "each message once");
     assert_eq!(replays, 15, "every replay refused with its reason");
 }
+
+/// Waits for a `SignerChanged` event with rotation number `change`.
+async fn until_signer_changed(events: &mut Events, change: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, events.recv()).await {
+            Ok(Some(ClientEvent::Member(keycast_core::protocol::MemberEvent::SignerChanged { change: c }))) if c == change => return,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("the member never followed signing-key rotation {change}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_follow_a_signing_key_rotation_without_rejoining_and_across_a_restart() {
+    use keycast_net::admin::{AdminRequest, AdminResponse};
+    let (mut group, _dir) = group(4).await;
+    let (a, mut ea) = group.join("member-1").await.unwrap();
+    let (b, mut eb) = group.join("member-2").await.unwrap();
+    until_in_sync(&group, &[&a, &b]).await;
+    let before = group.server().verifying_key;
+    let response = group.admin_request(&group.admin, &AdminRequest::RotateSigningKey).await.unwrap();
+    let AdminResponse::SigningKeyRotated { change: 1, verifying_key } = response else { panic!("{response:?}") };
+    assert_ne!(verifying_key, hex::encode(before.0), "a new key");
+    until_signer_changed(&mut ea, 1).await;
+    until_signer_changed(&mut eb, 1).await;
+    // A rekey signed by the new key: the members apply it, the newcomer gets the new key.
+    let (c, _ec) = group.join("member-3").await.unwrap();
+    until_in_sync(&group, &[&a, &b, &c]).await;
+    // After a restart the controller signs with the rotated key (the log holds it).
+    group.kill_server().await;
+    group.start_server().await.unwrap();
+    assert_eq!(hex::encode(group.server().verifying_key.0), verifying_key, "the restart went back to an old signing key");
+    let (d, _ed) = group.join("member-4").await.unwrap();
+    until_in_sync(&group, &[&a, &b, &c, &d]).await;
+    // The local group's log is sealed: without its key it does not open.
+    group.kill_server().await;
+    assert!(matches!(keycast_net::store::Store::open(&group.database), Err(keycast_net::store::StoreError::Sealed)));
+}

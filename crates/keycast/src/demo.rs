@@ -103,6 +103,8 @@ struct Summary {
     members: usize,
     epochs: u32,
     members_in_sync: usize,
+    /// Members the controller removed although they never left (expired: refreshes lost).
+    members_expired: usize,
     evicted_can_decrypt: bool,
     evicted_member: u64,
     messages_tried_by_evicted: usize,
@@ -117,6 +119,8 @@ struct Summary {
 }
 
 pub fn run(args: &DemoArgs) -> Result<(), String> {
+    // Quiet unless asked (`KEYCAST_LOG=warn`): the demo's output is its summary.
+    crate::net::logging_or("off");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     let summary = runtime.block_on(demo(args))?;
     if args.json {
@@ -126,7 +130,10 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
             "{} members after {} epochs ({} joins, {} leaves, 1 eviction); {} rekeys, {} bytes on the wire",
             summary.members, summary.epochs, summary.joins, summary.leaves, summary.rekeys, summary.rekey_bytes
         );
-        println!("members at the controller's active key: {}/{}", summary.members_in_sync, summary.members);
+        println!(
+            "members at the controller's active key: {}/{} ({} expired by the controller)",
+            summary.members_in_sync, summary.members, summary.members_expired
+        );
         println!(
             "evicted member {} opened {} of {} messages sealed after its eviction",
             summary.evicted_member,
@@ -160,6 +167,8 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     bar.set_message(format!("{} members joining over TLS 1.3", args.members));
     demo.join(args.members).await?;
     let settle = Duration::from_millis(10 * args.epoch_ms);
+    // At the end, time for members whose last rekey was lost to resync over a lossy network.
+    let final_settle = settle.max(Duration::from_secs(15));
     demo.in_sync(settle).await;
     bar.inc(1);
 
@@ -199,12 +208,15 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let members_in_sync = demo.in_sync(settle).await;
+    let members_in_sync = demo.in_sync(final_settle).await;
+    let counted: Vec<u64> = demo.group.server().members().await.iter().map(|row| row.member).collect();
+    let members_expired = demo.members.keys().filter(|id| !counted.contains(id)).count();
     let stats = demo.group.server().stats();
     Ok(Summary {
         members: demo.members.len(),
         epochs: args.epochs,
         members_in_sync,
+        members_expired,
         evicted_can_decrypt: opened > 0,
         evicted_member: evicted.as_ref().map_or(0, |(id, _)| *id),
         messages_tried_by_evicted: tried,

@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use keycast_core::protocol::MemberEvent;
+use keycast_core::protocol::{MemberEvent, DEFAULT_SNAPSHOT_EVERY};
 use keycast_net::admin::{self, AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
 use keycast_net::pki::{Authority, Credentials, RcgenError};
 use keycast_net::server::{Server, ServerSetup};
+use keycast_net::store::DatabaseKey;
 use keycast_net::tls::{client_config, server_config};
 
 #[derive(Args)]
@@ -68,6 +69,9 @@ pub enum AdminCommand {
     Acl(AclCommand),
     /// Members, epoch, rekeys, bytes, joins, connections.
     Stats,
+    /// Replace the controller's signing key (e.g. after a suspected leak of the database):
+    /// members follow the announcement, signed by the old key, without rejoining.
+    RotateSigningKey,
 }
 
 #[derive(Subcommand)]
@@ -90,6 +94,7 @@ impl AdminCommand {
             AdminCommand::Acl(AclCommand::Remove { identity }) => AdminRequest::AclRemove { identity: identity.clone() },
             AdminCommand::Acl(AclCommand::List) => AdminRequest::AclList,
             AdminCommand::Stats => AdminRequest::Stats,
+            AdminCommand::RotateSigningKey => AdminRequest::RotateSigningKey,
         }
     }
 }
@@ -137,27 +142,34 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     for name in &names {
         write_credentials(&args.dir, name, &ca.issue(name, false).map_err(pki)?)?;
         let config = format!(
-            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n# Join again by itself after an expiry (otherwise it stops, exit status 3; an evicted identity stays out until re-admitted).\nrejoin = false\n# Events the application has not read yet, at most; beyond, data events are dropped and counted.\nevent_capacity = 1024\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\n# Requests to the controller: each attempt's timeouts, then retries with jittered backoff\n# until the deadline (a join waits this long for a controller that is not up yet).\n[requests]\nconnect_timeout_ms = 3000\nhandshake_timeout_ms = 3000\n# A join is answered at the end of the controller's epoch: keep this above epoch_ms.\nanswer_timeout_ms = 5000\ndeadline_ms = 30000\njoin_deadline_ms = 60000\nbackoff_min_ms = 100\nbackoff_max_ms = 5000\n",
+            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n# Join again by itself after an expiry (otherwise it stops, exit status 3; an evicted identity stays out until re-admitted).\nrejoin = false\n# Events the application has not read yet, at most; beyond, data events are dropped and counted.\nevent_capacity = 1024\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\n# Requests to the controller: each attempt's timeouts, then retries with jittered backoff\n# until the deadline (a join waits this long for a controller that is not up yet).\n[requests]\nconnect_timeout_ms = 3000\nhandshake_timeout_ms = 3000\n# A join is answered at the end of the controller's epoch: keep this above epoch_ms.\nanswer_timeout_ms = 5000\ndeadline_ms = 30000\njoin_deadline_ms = 60000\nbackoff_min_ms = 100\nbackoff_max_ms = 5000\n# A refresh or resync not answered after this long gets a second (and third) attempt beside\n# it: on a lossy link a fresh connection often wins over one TCP is still retransmitting.\nhedge_after_ms = 1000\n",
             group = args.group
         );
         write(&args.dir.join(format!("{name}.toml")), &config, false)?;
     }
     let acl = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
     let server = format!(
-        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Keep it private: it holds key seeds.\ndatabase = \"controller.redb\"\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
+        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Its secrets (key seeds) are sealed under\n# database_key: keep that file apart from the database and its backups (another volume, a\n# secrets manager); KEYCAST_DATABASE_KEY (64 hex digits) takes precedence over the file.\ndatabase = \"controller.redb\"\ndatabase_key = \"database.key\"\n# Batches between snapshots: the log before a snapshot, and every older seed, is dropped.\nsnapshot_interval = 64\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
         group = args.group,
         port = args.port
     );
     write(&args.dir.join("server.toml"), &server, false)?;
-    let admin = format!("# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
+    let key_file = args.dir.join("database.key");
+    DatabaseKey::create_file(&key_file).map_err(|e| format!("cannot create {}: {e}", key_file.display()))?;
+    let admin = format!("# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats|rotate-signing-key`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
     write(&args.dir.join("admin.toml"), &admin, false)?;
-    println!("created {}: ca.pem, server.toml, admin.toml and {} member configs", args.dir.display(), names.len());
+    println!("created {}: ca.pem, server.toml, database.key, admin.toml and {} member configs", args.dir.display(), names.len());
     println!("next: keycast server --config {}/server.toml", args.dir.display());
     Ok(())
 }
 
 pub fn logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYCAST_LOG").unwrap_or_else(|_| "info".into());
+    logging_or("info");
+}
+
+/// Logs to stderr at `KEYCAST_LOG`'s level, or at `default` when it is not set.
+pub fn logging_or(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYCAST_LOG").unwrap_or_else(|_| default.into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
@@ -180,6 +192,8 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
         multicast: config.multicast.clone(),
         tls: server_config(&credentials).map_err(|e| e.to_string())?,
         database: config.database.clone(),
+        database_key: config.load_database_key().map_err(|e| e.to_string())?,
+        snapshot_interval: config.snapshot_interval.unwrap_or(DEFAULT_SNAPSHOT_EVERY),
         metrics: config.metrics,
     };
     runtime()?.block_on(async {
@@ -296,6 +310,9 @@ fn describe(response: AdminResponse) -> Result<String, String> {
         AdminResponse::Acl { acl, revoked } => {
             let list = |names: &[String]| if names.is_empty() { "(none)".to_string() } else { names.join("\n  ") };
             format!("ACL ({}):\n  {}\nrevoked ({}):\n  {}", acl.len(), list(&acl), revoked.len(), list(&revoked))
+        }
+        AdminResponse::SigningKeyRotated { change, verifying_key } => {
+            format!("signing key replaced (rotation {change}); members follow the announcement. New verifying key: {verifying_key}")
         }
         AdminResponse::Stats(s) => serde_json::to_string_pretty(&s).expect("plain values"),
         AdminResponse::Error(e) => return Err(e),

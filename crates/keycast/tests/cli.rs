@@ -59,6 +59,8 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let init = run(&["init", ".", "--members", "2", "--port", &port.to_string()]);
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     assert!(!run(&["init", "."]).status.success(), "init must not overwrite a setup");
+    let key_file = std::fs::metadata(dir.path().join("database.key")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_file.permissions()) & 0o777, 0o600, "the database key is private");
     // Administrators are named by certificate fingerprint; a name is refused with the reason.
     let server_toml = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
     assert!(server_toml.contains("admins = [\"sha256:"), "{server_toml}");
@@ -103,6 +105,10 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let stats: serde_json::Value = serde_json::from_slice(&run(&["admin", "--config", "admin.toml", "stats"]).stdout).unwrap();
     assert_eq!(stats["members"], 1);
     assert!(stats["rekey_bytes"].as_u64().unwrap() > 0);
+    // A rotated signing key: member-2 follows it and still hears its eviction, signed by it.
+    let rotate = String::from_utf8_lossy(&run(&["admin", "--config", "admin.toml", "rotate-signing-key"]).stdout).to_string();
+    assert!(rotate.contains("signing key replaced (rotation 1)"), "{rotate}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let id = listed.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_string();
     let evict = run(&["admin", "--config", "admin.toml", "evict", &id]);
     assert!(String::from_utf8_lossy(&evict.stdout).contains("evicted"));
@@ -120,6 +126,17 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let mut log = String::new();
     std::io::Read::read_to_string(server.0.stderr.as_mut().unwrap(), &mut log).unwrap();
     assert!(log.contains("eviction ordered"), "{log}");
+
+    // The log's secrets are sealed under database.key: without it, or with another key, the
+    // controller does not start, and says why.
+    let without_key = server_toml.replace("database_key = \"database.key\"\n", "");
+    std::fs::write(dir.path().join("no-key.toml"), without_key).unwrap();
+    let sealed = run(&["server", "--config", "no-key.toml"]);
+    let why = String::from_utf8_lossy(&sealed.stderr);
+    assert!(!sealed.status.success() && why.contains("sealed"), "{why}");
+    let wrong = Command::new(bin).args(["server", "--config", "server.toml"]).env("KEYCAST_DATABASE_KEY", "07".repeat(32)).current_dir(dir.path()).output().unwrap();
+    let why = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && why.contains("does not open under this database key"), "{why}");
 }
 
 /// CPU time (user + system, in clock ticks of 10 ms) a process has used, from /proc.

@@ -458,27 +458,56 @@ impl Flat {
             keks.push([read_slot(r)?, read_slot(r)?]);
         }
         let count = r.count(4, MAX_SLOTS as usize, 20 + KEY_LEN + 8, "flat members")?;
+        // Members, free ids and free slots in ascending order, as `export` writes them.
         let (mut members, mut by_id) = (HashMap::with_capacity(count), HashMap::with_capacity(count));
+        let mut previous = None;
         for _ in 0..count {
             let member = r.member()?;
             let (id, slot) = (r.u64("flat id")?, r.u32("individual slot")?);
             let individual = read_slot(r)?;
-            if by_id.insert(id, member).is_some() || members.insert(member, FlatMember { id, slot, individual }).is_some() {
+            if previous.is_some_and(|p| p >= member) || by_id.insert(id, member).is_some() {
                 return Err(DecodeError::BadValue { field: "flat member", value: member.0 });
             }
+            previous = Some(member);
+            members.insert(member, FlatMember { id, slot, individual });
         }
-        let free = r.count(4, MAX_SLOTS as usize, 8, "free flat ids")?;
-        let mut free_ids = BinaryHeap::with_capacity(free);
-        for _ in 0..free {
-            free_ids.push(Reverse(r.u64("free flat id")?));
-        }
+        let free_ids = super::read_ascending(r, "free flat ids", MAX_SLOTS as usize, 8, |r| r.u64("free flat id"))?;
         let next_id = r.u64("next flat id")?;
-        let free = r.count(4, MAX_SLOTS as usize, 4, "free slots")?;
-        let mut free_slots = BinaryHeap::with_capacity(free);
-        for _ in 0..free {
-            free_slots.push(Reverse(r.u32("free slot")?));
-        }
+        let free_slots = super::read_ascending(r, "free slots", MAX_SLOTS as usize, 4, |r| r.u32("free slot"))?;
         let slots = r.u32("slots")?;
-        Ok(Flat { id_bits, ids, policy, tek, keks, members, by_id, free_ids, next_id, free_slots, slots, batches })
+        let flat = Flat { id_bits, ids, policy, tek, keks, members, by_id, free_ids, next_id, free_slots, slots, batches };
+        flat.check_imported()?;
+        Ok(flat)
+    }
+
+    /// A snapshot's table must be one the table itself could hold: ids within its bits and
+    /// below the next id, individual slots allocated once, free ids and slots unused.
+    fn check_imported(&self) -> Result<(), DecodeError> {
+        let bad = |field: &'static str, value: u64| Err(DecodeError::BadValue { field, value });
+        let id_limit = if self.id_bits >= 64 { u64::MAX } else { 1u64 << self.id_bits };
+        if self.next_id > id_limit {
+            return bad("next flat id", self.next_id);
+        }
+        if u64::from(self.slots) > MAX_SLOTS {
+            return bad("slots", self.slots.into());
+        }
+        let mut used_slots = std::collections::BTreeSet::new();
+        for fm in self.members.values() {
+            let sequential_id_too_high = self.ids == FlatIds::Sequential && fm.id >= self.next_id;
+            if fm.id >= id_limit || sequential_id_too_high {
+                return bad("flat id", fm.id);
+            }
+            if fm.slot >= self.slots || !used_slots.insert(fm.slot) {
+                return bad("individual slot", fm.slot.into());
+            }
+        }
+        if self.free_ids.iter().any(|Reverse(id)| *id >= self.next_id || self.by_id.contains_key(id)) {
+            return bad("free flat ids", self.free_ids.len() as u64);
+        }
+        if self.free_slots.iter().any(|Reverse(s)| *s >= self.slots || used_slots.contains(s)) {
+            return bad("free slots", self.free_slots.len() as u64);
+        }
+        Ok(())
     }
 }
+

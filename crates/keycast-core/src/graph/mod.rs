@@ -247,3 +247,25 @@ impl BatchCounter {
         Ok(self.0)
     }
 }
+
+/// A count, then that many values in strictly ascending order (so each at most once).
+pub(crate) fn read_ascending<T: Ord + Copy + Into<u64>>(
+    r: &mut Reader<'_>,
+    field: &'static str,
+    max: usize,
+    width: usize,
+    read: impl Fn(&mut Reader<'_>) -> Result<T, DecodeError>,
+) -> Result<std::collections::BinaryHeap<std::cmp::Reverse<T>>, DecodeError> {
+    let count = r.count(4, max, width, field)?;
+    let mut values = std::collections::BinaryHeap::with_capacity(count);
+    let mut previous: Option<T> = None;
+    for _ in 0..count {
+        let value = read(r)?;
+        if previous.is_some_and(|p| p >= value) {
+            return Err(DecodeError::BadValue { field, value: value.into() });
+        }
+        previous = Some(value);
+        values.push(std::cmp::Reverse(value));
+    }
+    Ok(values)
+}

@@ -648,20 +648,60 @@ impl Tree {
             return Err(DecodeError::BadValue { field: "tree levels", value: levels.len() as u64 });
         }
         let count = r.count(4, MAX_LEAVES as usize, 12, "tree members")?;
+        // Members and free leaves in ascending order, as `export` writes them: one encoding.
         let mut leaf_of = FxHashMap::default();
+        let mut previous = None;
         for _ in 0..count {
             let member = r.member()?;
             let leaf = r.u32("leaf")?;
-            if leaf as usize >= levels[0].len() || leaf_of.insert(member, leaf).is_some() {
+            if previous.is_some_and(|p| p >= member) || leaf as usize >= levels[0].len() {
                 return Err(DecodeError::BadValue { field: "leaf", value: leaf.into() });
             }
+            previous = Some(member);
+            leaf_of.insert(member, leaf);
         }
-        let free = r.count(4, MAX_LEAVES as usize, 4, "free leaves")?;
-        let mut free_leaves = BinaryHeap::with_capacity(free);
-        for _ in 0..free {
-            free_leaves.push(Reverse(r.u32("free leaf")?));
+        let free_leaves = super::read_ascending(r, "free leaves", MAX_LEAVES as usize, 4, |r| r.u32("free leaf"))?;
+        let tree = Tree { degree, star, policy, levels, leaf_of, free_leaves, batches };
+        tree.check_imported()?;
+        Ok(tree)
+    }
+
+    /// A snapshot's tree must have the shape the tree itself keeps: every level as long as
+    /// the leaves below it need, subtree counts that add up, free leaves that are empty, one leaf per member.
+    /// Anything else would make later batches index out of bounds or assign a leaf twice.
+    fn check_imported(&self) -> Result<(), DecodeError> {
+        let bad = |field: &'static str, value: usize| Err(DecodeError::BadValue { field, value: value as u64 });
+        let top = self.levels.len() - 1;
+        for h in 0..top {
+            let parents = self.levels[h].len().div_ceil(self.degree as usize);
+            let expected = if h + 1 == top { 1 } else { parents };
+            if self.levels[h + 1].len() != expected || parents > expected {
+                return bad("tree level length", h + 1);
+            }
         }
-        Ok(Tree { degree, star, policy, levels, leaf_of, free_leaves, batches })
+        let leaves = &self.levels[0];
+        let mut assigned: Vec<u32> = self.leaf_of.values().copied().collect();
+        assigned.sort_unstable();
+        if assigned.windows(2).any(|w| w[0] == w[1]) {
+            return bad("leaf", assigned.len());
+        }
+        let occupied = leaves.members.iter().filter(|&&m| m == 1).count();
+        if leaves.members.iter().any(|&m| m > 1) || occupied != self.leaf_of.len() || self.leaf_of.values().any(|&leaf| leaves.members[leaf as usize] != 1) {
+            return bad("tree leaf members", occupied);
+        }
+        for h in 1..=top {
+            let mut sums = vec![0u64; self.levels[h].len()];
+            for (child, &members) in self.levels[h - 1].members.iter().enumerate() {
+                sums[child / self.degree as usize] += u64::from(members);
+            }
+            if sums.iter().zip(&self.levels[h].members).any(|(&sum, &members)| sum != u64::from(members)) {
+                return bad("subtree members", h);
+            }
+        }
+        if self.free_leaves.iter().any(|&Reverse(p)| p as usize >= leaves.len() || leaves.members[p as usize] != 0) {
+            return bad("free leaves", self.free_leaves.len());
+        }
+        Ok(())
     }
 }
 

@@ -463,6 +463,11 @@ impl Controller {
         &self.policy
     }
 
+    /// How many times the signing key was replaced since the group was created.
+    pub fn signer_changes(&self) -> u64 {
+        self.signer_changes
+    }
+
     pub fn verifying_key(&self) -> VerifyingKey {
         self.signer.verifying_key()
     }
