@@ -66,6 +66,8 @@ pub struct Stats {
     pub rekeys: u64,
     pub rekey_bytes: u64,
     pub joins: u64,
+    /// Resyncs answered: a member that missed a rekey fetched its keys over TLS.
+    pub resyncs: u64,
     pub mean_join_latency_ms: f64,
     /// The group key in force, as "id v version r revision".
     pub active_key: String,

@@ -25,6 +25,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::config::{MemberConfig, MulticastConfig, RequestPolicy, EVENT_CAPACITY};
+use crate::loss::{LossInjector, LossModel};
 use crate::request::{self, definite, definite_tls, refusal_or, Frames, RequestKind, Stage};
 use crate::{entropy, multicast, now_ms};
 
@@ -44,6 +45,8 @@ pub struct MemberSetup {
     pub rejoin: bool,
     /// Events the application has not read yet, at most (clamped to `EVENT_CAPACITY`).
     pub event_capacity: usize,
+    /// Loss injected on the multicast receive path (tests, `keycast demo --loss`); none by default.
+    pub loss: Option<LossModel>,
 }
 
 impl MemberSetup {
@@ -60,6 +63,7 @@ impl MemberSetup {
             requests: config.requests,
             rejoin: config.rejoin,
             event_capacity: config.event_capacity,
+            loss: None,
         }
     }
 }
@@ -139,6 +143,8 @@ pub struct ClientStats {
     pub events_dropped: u64,
     /// Of those, member events (only when even the room kept for them was full).
     pub member_events_dropped: u64,
+    /// Multicast datagrams dropped by the injected loss (`MemberSetup::loss`).
+    pub lost: u64,
 }
 
 /// What the follow task and the client share besides the session: counters, and whether the
@@ -152,6 +158,7 @@ struct Shared {
     rejected: AtomicU64,
     events_dropped: AtomicU64,
     member_events_dropped: AtomicU64,
+    lost: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -284,6 +291,7 @@ impl MemberClient {
             rejected: get(&c.rejected),
             events_dropped: get(&c.events_dropped),
             member_events_dropped: get(&c.member_events_dropped),
+            lost: get(&c.lost),
         }
     }
 
@@ -366,6 +374,7 @@ struct Follow {
 impl Follow {
     async fn run(mut self, socket: UdpSocket) {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        let mut loss = self.setup.loss.map(LossInjector::new);
         let mut tick = tokio::time::interval(Duration::from_millis(self.setup.heartbeat_ms.clamp(10, 1000) / 2));
         let period = Duration::from_millis(self.setup.refresh_ms.max(10));
         let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
@@ -374,6 +383,7 @@ impl Follow {
             let go_on = tokio::select! {
                 received = socket.recv_from(&mut buf) => {
                     match received {
+                        Ok(_) if loss.as_mut().is_some_and(LossInjector::drops) => bump(&self.events.shared.lost),
                         Ok((len, _)) => self.receive(&buf[..len]),
                         Err(e) => tracing::debug!(error = %e, "multicast receive failed"),
                     }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod multicast;
 pub mod local;
+pub mod loss;
 pub mod pki;
 pub mod request;
 pub mod server;

@@ -155,6 +155,7 @@ impl LocalGroup {
             },
             rejoin: false,
             event_capacity: 1024,
+            loss: None,
         })
     }
 

@@ -375,6 +375,7 @@ impl ControllerTask {
             Command::Resync { identity, member, rekey_seq, reply } => match self.controller.resync(&identity, member, rekey_seq, now) {
                 Ok(answer) => {
                     tracing::info!(%identity, member = member.0, "resync");
+                    self.shared.update(|s| s.resyncs += 1);
                     let _ = reply.send(vec![answer.encode().into()]);
                 }
                 Err(refusal) => refuse(&identity, refusal, reply),
@@ -890,12 +891,13 @@ async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn metrics_text(s: &Stats) -> String {
-    let series: [(&str, &str, String); 10] = [
+    let series: [(&str, &str, String); 11] = [
         ("keycast_members", "gauge", s.members.to_string()),
         ("keycast_epoch", "gauge", s.epoch.to_string()),
         ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
         ("keycast_rekey_bytes_total", "counter", s.rekey_bytes.to_string()),
         ("keycast_joins_total", "counter", s.joins.to_string()),
+        ("keycast_resyncs_total", "counter", s.resyncs.to_string()),
         ("keycast_join_latency_ms", "gauge", s.mean_join_latency_ms.to_string()),
         ("keycast_connections_open", "gauge", s.connections_open.to_string()),
         ("keycast_connections_over_cap_total", "counter", s.connections_over_cap.to_string()),

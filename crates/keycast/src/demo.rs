@@ -15,6 +15,7 @@ use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 use keycast_net::client::MemberClient;
 use keycast_net::local::{Events, LocalGroup};
+use keycast_net::loss::LossModel;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -31,6 +32,12 @@ pub struct DemoArgs {
     epoch_ms: u64,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Loss injected on every member's multicast receive, each member its own (0 to 0.99).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Mean length of a loss burst in datagrams (Gilbert-Elliott); independent losses without it.
+    #[arg(long)]
+    burst: Option<f64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -45,6 +52,11 @@ struct Demo {
     rng: ChaCha8Rng,
     joins: usize,
     leaves: usize,
+    loss: Option<LossModel>,
+    /// Rekeys lived through by members that left (the rest are counted at the end).
+    departed_member_rekeys: u64,
+    /// The rekey seq each member joined at.
+    joined_seq: BTreeMap<u64, u64>,
 }
 
 impl Demo {
@@ -54,11 +66,13 @@ impl Demo {
         for _ in 0..count {
             self.next_identity += 1;
             let name = format!("member-{}", self.next_identity);
-            let setup = self.group.member_setup(&name).map_err(|e| e.to_string())?;
+            let mut setup = self.group.member_setup(&name).map_err(|e| e.to_string())?;
+            setup.loss = self.loss.map(|model| model.for_receiver(self.next_identity));
             handles.push(tokio::spawn(async move { MemberClient::join(setup).await.map(|(c, e)| (name, c, e)) }));
         }
         for h in handles {
             let (name, client, events) = h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            self.joined_seq.insert(client.member().0, client.rekey_seq());
             self.members.insert(client.member().0, (name, client, events));
             self.joins += 1;
         }
@@ -74,10 +88,17 @@ impl Demo {
         for _ in 0..count.min(self.members.len() as u64 - 2) {
             let id = self.pick();
             let (_, client, _) = self.members.remove(&id).expect("picked from the map");
+            self.departed_member_rekeys += client.rekey_seq().saturating_sub(self.joined_seq[&id]);
             client.leave().await.map_err(|e| e.to_string())?;
             self.leaves += 1;
         }
         Ok(())
+    }
+
+    /// Rekeys each member lived through, summed over every member that ever joined.
+    fn member_rekeys(&self) -> u64 {
+        let current: u64 = self.members.iter().map(|(id, (_, client, _))| client.rekey_seq().saturating_sub(self.joined_seq[id])).sum();
+        current + self.departed_member_rekeys
     }
 
     /// Members holding the controller's active key, after waiting up to `within` for them.
@@ -112,6 +133,15 @@ struct Summary {
     seals_refused_stale_key: usize,
     rekey_bytes: u64,
     rekeys: u64,
+    /// Loss injected on each member's multicast receive, and its mean burst (1: independent).
+    loss: f64,
+    burst: f64,
+    /// Multicast datagrams the injected loss dropped, over all current members.
+    datagrams_lost: u64,
+    /// Rekeys received by members, summed (a member present for 5 rekeys counts 5).
+    member_rekeys: u64,
+    /// Members that fetched keys over TLS because a rekey did not reach them.
+    unicast_resyncs: u64,
     joins: usize,
     leaves: usize,
     mean_join_latency_ms: f64,
@@ -140,6 +170,17 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
             if summary.evicted_can_decrypt { "some" } else { "none" },
             summary.messages_tried_by_evicted
         );
+        if summary.loss > 0.0 {
+            println!(
+                "injected loss {} (mean burst {}): {} datagrams dropped; {} unicast resyncs for {} member-rekeys ({:.2}%)",
+                summary.loss,
+                summary.burst,
+                summary.datagrams_lost,
+                summary.unicast_resyncs,
+                summary.member_rekeys,
+                100.0 * summary.unicast_resyncs as f64 / summary.member_rekeys.max(1) as f64
+            );
+        }
         println!("mean join latency {:.0} ms (joins wait for their epoch); {:.1} s in all", summary.mean_join_latency_ms, summary.seconds);
     }
     Ok(())
@@ -161,7 +202,21 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;
     let group = LocalGroup::start(policy, acl, dir.path().to_path_buf()).await.map_err(|e| e.to_string())?;
-    let mut demo = Demo { group, members: BTreeMap::new(), next_identity: 0, rng: ChaCha8Rng::seed_from_u64(args.seed), joins: 0, leaves: 0 };
+    let loss = (args.loss > 0.0).then_some(LossModel { rate: args.loss, burst: args.burst, seed: args.seed });
+    if let Some(model) = &loss {
+        model.check().map_err(|e| format!("--loss/--burst: {e}"))?;
+    }
+    let mut demo = Demo {
+        group,
+        members: BTreeMap::new(),
+        next_identity: 0,
+        rng: ChaCha8Rng::seed_from_u64(args.seed),
+        joins: 0,
+        leaves: 0,
+        loss,
+        departed_member_rekeys: 0,
+        joined_seq: BTreeMap::new(),
+    };
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(args.epochs as u64 + 1) };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
     bar.set_message(format!("{} members joining over TLS 1.3", args.members));
@@ -223,6 +278,11 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         seals_refused_stale_key: stale_refused,
         rekey_bytes: stats.rekey_bytes,
         rekeys: stats.rekeys,
+        loss: args.loss,
+        burst: args.burst.unwrap_or(1.0),
+        datagrams_lost: demo.members.values().map(|(_, client, _)| client.stats().lost).sum(),
+        member_rekeys: demo.member_rekeys(),
+        unicast_resyncs: stats.resyncs,
         joins: demo.joins,
         leaves: demo.leaves,
         mean_join_latency_ms: stats.mean_join_latency_ms,
