@@ -25,6 +25,8 @@ const INNER_PREFIX: u8 = 1;
 /// Domain of a signed rekey root; the heartbeat has its own.
 pub(crate) const REKEY_ROOT_DOMAIN: &[u8] = b"keycast/v1 rekey root";
 pub(crate) const HEARTBEAT_DOMAIN: &[u8] = b"keycast/v1 heartbeat";
+/// Domain of a signed root of one round of a rekey's parity packets.
+pub(crate) const PARITY_ROOT_DOMAIN: &[u8] = b"keycast/v2 rekey parity root";
 
 /// The controller's signing key. Its seed stays inside aws-lc; Debug shows only the public key.
 pub struct Signer {
@@ -169,6 +171,41 @@ impl HashTree {
             None
         })
     }
+}
+
+/// First index and size of the signing block of packet `index` of `count`, in blocks of
+/// 2^block_bits consecutive packets (the last block may be shorter).
+pub(crate) fn signing_block(index: u32, count: u32, block_bits: u8) -> (u32, u32) {
+    let size = 1u32 << block_bits;
+    let first = index & !(size - 1);
+    (first, size.min(count - first))
+}
+
+/// Signs `packets` (bodies so far) in blocks of 2^block_bits: appends to each its block's
+/// signature under `domain` and its path, so that each packet verifies alone.
+pub(crate) fn sign_in_blocks(packets: &mut [Vec<u8>], block_bits: u8, domain: &[u8], signer: &Signer) {
+    for block in packets.chunks_mut(1 << block_bits) {
+        let tree = HashTree::new(block.iter().map(|body| leaf_hash(body)).collect());
+        let signature = signer.sign(domain, &tree.root());
+        for (i, packet) in block.iter_mut().enumerate() {
+            packet.extend_from_slice(&signature);
+            tree.path(i).for_each(|node| packet.extend_from_slice(node));
+        }
+    }
+}
+
+/// Whether `body` (packet `index` of `count`) with its `path` leads to a root that `signer`
+/// signed under `domain`.
+pub(crate) fn verify_in_block(
+    body: &[u8],
+    (index, count, block_bits): (u32, u32, u8),
+    signature: &Signature,
+    path: &[Node],
+    domain: &[u8],
+    signer: &VerifyingKey,
+) -> bool {
+    let (first, size) = signing_block(index, count, block_bits);
+    root_from_path(leaf_hash(body), (index - first) as usize, size as usize, path).is_some_and(|root| signer.verify(domain, &root, signature))
 }
 
 /// Number of path nodes for leaf `index` of a tree of `size` leaves.

@@ -10,7 +10,7 @@ use crate::key::KeyRef;
 use crate::strategy::RekeyMessage;
 use crate::wrap::{NonceSalt, Wrap, SALT_LEN};
 
-use super::auth::{self, HashTree, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
+use super::auth::{self, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
 use super::codec::{Writer, MIN_WRAP_LEN};
 use super::guard::Reject;
 use super::placement::{place, Layout};
@@ -49,9 +49,7 @@ pub struct RekeyHeader {
 impl RekeyHeader {
     /// First index and size of this packet's signing block.
     pub fn block(&self) -> (u32, u32) {
-        let size = 1u32 << self.block_bits;
-        let first = self.index & !(size - 1);
-        (first, size.min(self.count - first))
+        auth::signing_block(self.index, self.count, self.block_bits)
     }
 
     /// True if `other` belongs to the same rekey (only index differs).
@@ -142,11 +140,8 @@ impl RekeyPacket {
     /// Decodes `bytes` and checks that its path leads to a root `signer` signed.
     pub fn verify(bytes: &[u8], signer: &VerifyingKey) -> Result<Self, Reject> {
         let (packet, body_len) = RekeyPacket::decode_parts(bytes)?;
-        let (first, size) = packet.header.block();
-        let leaf = auth::leaf_hash(&bytes[..body_len]);
-        let root = auth::root_from_path(leaf, (packet.header.index - first) as usize, size as usize, &packet.path)
-            .ok_or(Reject::BadSignature)?;
-        if !signer.verify(REKEY_ROOT_DOMAIN, &root, &packet.signature) {
+        let RekeyHeader { index, count, block_bits, .. } = packet.header;
+        if !auth::verify_in_block(&bytes[..body_len], (index, count, block_bits), &packet.signature, &packet.path, REKEY_ROOT_DOMAIN, signer) {
             return Err(Reject::BadSignature);
         }
         Ok(packet)
@@ -273,7 +268,6 @@ impl BlockEncoder<'_> {
     fn encode(&self, range: core::ops::Range<usize>) -> (Vec<Vec<u8>>, usize) {
         let size = range.len();
         let mut packets = Vec::with_capacity(size);
-        let mut leaves = Vec::with_capacity(size);
         let mut bodies = 0;
         for (offset, p) in range.clone().enumerate() {
             let content = self.layout.packet(p);
@@ -282,16 +276,10 @@ impl BlockEncoder<'_> {
             let header = RekeyHeader { index: p as u32, ..self.header };
             RekeyPacket::put_body(&header, content.iter().map(|&w| &self.plan.wraps[w as usize]), &mut out);
             debug_assert_eq!(out.len(), body_len);
-            leaves.push(auth::leaf_hash(&out));
             bodies += body_len;
             packets.push(out);
         }
-        let tree = HashTree::new(leaves);
-        let signature = self.signer.sign(REKEY_ROOT_DOMAIN, &tree.root());
-        for (i, packet) in packets.iter_mut().enumerate() {
-            packet.extend_from_slice(&signature);
-            tree.path(i).for_each(|node| packet.extend_from_slice(node));
-        }
+        auth::sign_in_blocks(&mut packets, self.header.block_bits, REKEY_ROOT_DOMAIN, self.signer);
         (packets, bodies)
     }
 }
