@@ -92,6 +92,13 @@ fn describe(message: &Message) -> Value {
         Message::SignerChange(c) => json!({"signer_change": {
             "group": c.change.group.0, "change": c.change.change, "next": hex::encode(c.change.next.0), "signature": hex::encode(c.signature),
         }}),
+        Message::RekeyParity(p) => json!({"rekey_parity": {
+            "group": p.header.group.0, "seq": p.header.seq, "round": p.header.round, "fec_block": p.header.fec_block,
+            "originals": p.header.originals, "capacity": p.header.capacity, "parity_index": p.header.parity_index,
+            "index": p.header.index, "count": p.header.count, "block_bits": p.header.block_bits,
+            "shard": hex::encode(&p.shard), "signature": hex::encode(p.signature),
+            "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
+        }}),
         Message::MembershipDelta(d) => json!({"membership_delta": {
             "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
             "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -108,6 +115,7 @@ fn verification(bytes: &[u8], signer: &VerifyingKey) -> String {
         Ok(Message::Heartbeat(_)) => SignedHeartbeat::verify(bytes, signer).map(|_| ()),
         Ok(Message::MembershipDelta(_)) => SignedDelta::verify(bytes, signer).map(|_| ()),
         Ok(Message::SignerChange(_)) => SignedSignerChange::verify(bytes, signer).map(|_| ()),
+        Ok(Message::RekeyParity(_)) => ParityPacket::verify(bytes, signer).map(|_| ()),
         Ok(_) => return "unsigned".into(),
         Err(e) => Err(Reject::Decode(e)),
     };

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod control;
 pub mod guard;
 pub mod heartbeat;
+pub mod parity;
 pub mod rekey;
 pub mod roster;
 pub mod signer;
@@ -21,6 +22,7 @@ pub use auth::{Signer, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
+pub use parity::{encode_parity, ParityHeader, ParityPacket, ParityRound, ParityShard};
 pub use roster::{MembershipDelta, SignedDelta};
 pub use signer::{SignedSignerChange, SignerChange};
 pub use rekey::{encode_rekey, EncodedRekey, PacketConfig, Placement, RekeyHeader, RekeyPacket, RekeyWireStats};
@@ -53,6 +55,7 @@ pub enum MessageType {
     RelayedData = 11,
     MembershipDelta = 12,
     SignerChange = 13,
+    RekeyParity = 14,
 }
 
 impl MessageType {
@@ -71,12 +74,13 @@ impl MessageType {
             Message::RelayedData(_) => MessageType::RelayedData,
             Message::MembershipDelta(_) => MessageType::MembershipDelta,
             Message::SignerChange(_) => MessageType::SignerChange,
+            Message::RekeyParity(_) => MessageType::RekeyParity,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange, RekeyParity]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -163,6 +167,7 @@ pub enum Message {
     RelayedData(RelayedData),
     MembershipDelta(SignedDelta),
     SignerChange(SignedSignerChange),
+    RekeyParity(ParityPacket),
 }
 
 impl Message {
@@ -183,6 +188,7 @@ impl Message {
             MessageType::RelayedData => Message::RelayedData(RelayedData::decode(bytes)?),
             MessageType::MembershipDelta => Message::MembershipDelta(SignedDelta::decode(bytes)?),
             MessageType::SignerChange => Message::SignerChange(SignedSignerChange::decode(bytes)?),
+            MessageType::RekeyParity => Message::RekeyParity(ParityPacket::decode(bytes)?),
         })
     }
 
@@ -201,6 +207,7 @@ impl Message {
             Message::RelayedData(m) => m.encode(),
             Message::MembershipDelta(m) => m.encode(),
             Message::SignerChange(m) => m.encode(),
+            Message::RekeyParity(m) => m.encode(),
         }
     }
 }
