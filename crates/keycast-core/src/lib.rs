@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod delivery;
 pub mod graph;
 pub mod key;
 pub mod keygen;
