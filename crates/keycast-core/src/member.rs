@@ -73,6 +73,12 @@ impl MemberKeys {
         &self.ring
     }
 
+    /// This member's individual key (the newest version held): what its liveness key derives from.
+    pub fn individual_key(&self) -> Option<Key> {
+        let newest = self.ring.refs().filter(|r| r.id == self.individual).max_by_key(|r| (r.version, r.revision))?;
+        self.ring.get(newest)
+    }
+
     /// The ref and key for `key_ref` if held (audits and tests).
     pub fn key(&self, key_ref: KeyRef) -> Option<Key> {
         self.ring.get(key_ref)

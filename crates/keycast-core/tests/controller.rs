@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, MemberEvent, MemberSession, Output, Record};
+use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, LivenessRefused, MemberEvent, MemberSession, Output, Record};
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{GroupId, JoinAnswer, RefusalReason};
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, MemberId, Scheme};
@@ -386,4 +386,33 @@ fn the_signing_key_rotates_and_members_follow_without_rejoining() {
     h.take(outputs);
     h.restart();
     assert_eq!(h.controller.verifying_key(), Signer::from_seed(&[0x42; 32]).verifying_key(), "the new key survives a restart");
+}
+
+#[test]
+fn liveness_datagrams_keep_a_member_in_and_forged_replayed_or_foreign_ones_do_not() {
+    for scheme in [tree(), Scheme::Star, Scheme::Flat { id_bits: 8, ids: FlatIds::Sequential }] {
+        let mut h = Harness::new(policy(scheme), &["a", "b"]);
+        let mut a = h.session("a");
+        let mut b = h.session("b");
+        // Only liveness datagrams from `a` for three refresh timeouts: `a` stays, `b` expires.
+        let step = h.policy.refresh_timeout_ms / 4;
+        let mut replayed = None;
+        for _ in 0..12 {
+            h.run(step);
+            let datagram = a.liveness(h.now).expect("a holds its individual key");
+            assert_eq!(h.controller.liveness(&datagram, h.now), Ok(a.member()));
+            replayed = Some(datagram);
+        }
+        assert!(h.controller.members().contains_key(&a.member()), "{scheme:?}: liveness kept it");
+        assert!(!h.controller.members().contains_key(&b.member()), "{scheme:?}: silence expired it");
+        let replayed = replayed.unwrap();
+        assert!(matches!(h.controller.liveness(&replayed, h.now), Err(LivenessRefused::Replayed { .. })));
+        // A datagram from the expired member, and one claiming to be `a` under another key.
+        let from_b = b.liveness(h.now).unwrap();
+        assert_eq!(h.controller.liveness(&from_b, h.now), Err(LivenessRefused::NotMember(b.member())));
+        let mut forged = a.liveness(h.now + 1).unwrap();
+        forged[keycast_core::wire::LIVENESS_LEN - 1] ^= 1;
+        assert_eq!(h.controller.liveness(&forged, h.now), Err(LivenessRefused::BadTag(a.member())));
+        assert!(matches!(h.controller.liveness(&forged[..10], h.now), Err(LivenessRefused::Decode(_))));
+    }
 }

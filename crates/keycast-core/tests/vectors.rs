@@ -99,6 +99,9 @@ fn describe(message: &Message) -> Value {
             "shard": hex::encode(&p.shard), "signature": hex::encode(p.signature),
             "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
         }}),
+        Message::Liveness(l, tag) => json!({"liveness": {
+            "group": l.group.0, "member": l.member.0, "counter": l.counter, "rekey_seq": l.rekey_seq, "tag": hex::encode(tag),
+        }}),
         Message::MembershipDelta(d) => json!({"membership_delta": {
             "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
             "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -233,6 +236,13 @@ fn generate() -> Value {
     for (name, message) in unsigned {
         vectors.push(message_vector(name, message.encode(), &public));
     }
+    let liveness_key = LivenessKey::derive(&keys[0].1, group, MemberId(9));
+    let liveness = Liveness { group, member: MemberId(9), counter: 1_795_000_000_000, rekey_seq: 3 }.seal(&liveness_key);
+    vectors.push(message_vector(
+        "liveness of member 9, HMAC-SHA256 under HKDF-Expand(its individual key (see join accepted), \"keycast/v2 liveness key\" || group || member)",
+        liveness.to_vec(),
+        &public,
+    ));
     let leave = Leave { group, member: MemberId(9) }.encode();
     let malformed: Vec<(&str, Vec<u8>)> = vec![
         ("unknown version", [&[WIRE_VERSION + 1][..], &leave[1..]].concat()),

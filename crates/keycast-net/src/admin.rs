@@ -68,6 +68,11 @@ pub struct Stats {
     pub joins: u64,
     /// Resyncs answered: a member that missed a rekey fetched its keys over TLS.
     pub resyncs: u64,
+    /// Liveness datagrams (refreshes over UDP): counted, refused (forged, replayed, from a
+    /// stranger, malformed), and dropped because the controller was behind.
+    pub liveness_accepted: u64,
+    pub liveness_refused: u64,
+    pub liveness_dropped: u64,
     pub mean_join_latency_ms: f64,
     /// The group key in force, as "id v version r revision".
     pub active_key: String,

@@ -38,6 +38,10 @@ pub struct MemberSetup {
     pub tls: Arc<rustls::ClientConfig>,
     pub refresh_ms: u64,
     pub heartbeat_ms: u64,
+    /// Refresh over UDP with a liveness datagram, and over TLS one time in `tls_refresh_every`
+    /// (0: never); without UDP, every refresh goes over TLS.
+    pub udp_refresh: bool,
+    pub tls_refresh_every: u32,
     /// Timeouts, retries and deadlines of requests to the controller.
     pub requests: RequestPolicy,
     /// After an expiry (or an eviction whose identity was re-admitted), join again by itself
@@ -60,6 +64,8 @@ impl MemberSetup {
             tls,
             refresh_ms: config.refresh_ms,
             heartbeat_ms: config.heartbeat_ms,
+            udp_refresh: config.udp_refresh,
+            tls_refresh_every: config.tls_refresh_every,
             requests: config.requests,
             rejoin: config.rejoin,
             event_capacity: config.event_capacity,
@@ -197,6 +203,12 @@ impl EventSink {
     }
 }
 
+/// A UDP socket for liveness datagrams to `server`, of its address family.
+async fn unicast_socket(server: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if server.is_ipv4() { (std::net::Ipv4Addr::UNSPECIFIED, 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    UdpSocket::bind(any).await
+}
+
 /// One join with timeouts and no retry (load tests): the acceptance and the keys.
 pub async fn join_once(setup: &MemberSetup) -> Result<(JoinAccepted, ResyncAnswer), ClientError> {
     let frames = request::attempt(setup, RequestKind::Join, &JoinRequest { group: setup.group }.encode()).await?;
@@ -259,7 +271,16 @@ impl MemberClient {
         let sink = EventSink { queue, reserve: capacity / 8, shared: shared.clone() };
         sink.members(joined);
         let session = Arc::new(Mutex::new(session));
-        let follow = Follow { setup: setup.clone(), session: session.clone(), events: sink, requests: JoinSet::new(), in_flight: InFlight::default() };
+        let unicast = unicast_socket(setup.server).await.map_err(|source| ClientError::Transport { addr: setup.server, stage: Stage::Connect, source })?;
+        let follow = Follow {
+            setup: setup.clone(),
+            session: session.clone(),
+            events: sink,
+            requests: JoinSet::new(),
+            in_flight: InFlight::default(),
+            unicast,
+            refreshes: 0,
+        };
         let task = tokio::spawn(follow.run(receiver));
         Ok((MemberClient { setup, session, shared, sender, task }, events))
     }
@@ -369,6 +390,9 @@ struct Follow {
     /// Refresh, resync and rejoin tasks; dropped (so aborted) with the loop.
     requests: JoinSet<Outcome>,
     in_flight: InFlight,
+    /// Sends liveness datagrams to the controller.
+    unicast: UdpSocket,
+    refreshes: u64,
 }
 
 impl Follow {
@@ -395,7 +419,7 @@ impl Follow {
                     true
                 }
                 _ = refresh.tick() => {
-                    self.start_refresh();
+                    self.refresh().await;
                     true
                 }
                 Some(done) = self.requests.join_next() => match done {
@@ -453,6 +477,24 @@ impl Follow {
                 bump(&shared.rejected);
                 tracing::debug!(reason = %e, "garbage on the multicast channel dropped");
             }
+        }
+    }
+
+    /// One refresh: a liveness datagram, and every so often (or always, without UDP) a TLS
+    /// refresh whose answer says whether the controller still counts this member.
+    async fn refresh(&mut self) {
+        self.refreshes += 1;
+        let over_tls = !self.setup.udp_refresh || self.setup.tls_refresh_every > 0 && self.refreshes % u64::from(self.setup.tls_refresh_every) == 0;
+        if self.setup.udp_refresh {
+            let datagram = lock(&self.session).liveness(now_ms());
+            if let Some(datagram) = datagram {
+                if let Err(e) = self.unicast.send_to(&datagram, self.setup.server).await {
+                    tracing::debug!(error = %e, "liveness datagram not sent");
+                }
+            }
+        }
+        if over_tls {
+            self.start_refresh();
         }
     }
 

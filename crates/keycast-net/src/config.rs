@@ -217,6 +217,13 @@ pub struct MemberConfig {
     pub refresh_ms: u64,
     #[serde(default = "heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// Refresh by a liveness datagram over UDP (one packet, no handshake); every
+    /// `tls_refresh_every`-th refresh also goes over TLS, whose answer tells an evicted or
+    /// expired member so. `tls_refresh_every = 1` with `udp_refresh = false` is TLS only.
+    #[serde(default = "yes")]
+    pub udp_refresh: bool,
+    #[serde(default = "tls_refresh_every")]
+    pub tls_refresh_every: u32,
     /// Join again by itself after being evicted or expired (default: stop).
     #[serde(default)]
     pub rejoin: bool,
@@ -312,6 +319,19 @@ fn refresh_ms() -> u64 {
 fn heartbeat_ms() -> u64 {
     500
 }
+
+fn yes() -> bool {
+    true
+}
+
+fn tls_refresh_every() -> u32 {
+    DEFAULT_TLS_REFRESH_EVERY
+}
+
+/// With UDP refreshes, one refresh in this many also goes over TLS. Two keeps a member whose
+/// UDP is blocked alive on TLS alone while refresh_ms is under a quarter of the controller's
+/// timeout; raise it (fewer handshakes) once UDP is known to pass.
+pub const DEFAULT_TLS_REFRESH_EVERY: u32 = 2;
 
 fn event_capacity() -> usize {
     1024

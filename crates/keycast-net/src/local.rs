@@ -10,7 +10,7 @@ use keycast_core::protocol::{GroupPolicy, DEFAULT_SNAPSHOT_EVERY};
 
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
-use crate::config::{MulticastConfig, RequestPolicy};
+use crate::config::{MulticastConfig, RequestPolicy, DEFAULT_TLS_REFRESH_EVERY};
 use crate::pki::{Authority, Credentials};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::store::DatabaseKey;
@@ -149,6 +149,8 @@ impl LocalGroup {
             tls: client_config(credentials).map_err(|e| LocalError::Pki(e.to_string()))?,
             refresh_ms: (self.policy.refresh_timeout_ms / 4).max(50),
             heartbeat_ms: self.policy.heartbeat_ms,
+            udp_refresh: true,
+            tls_refresh_every: DEFAULT_TLS_REFRESH_EVERY,
             requests: RequestPolicy {
                 answer_timeout_ms: RequestPolicy::default().answer_timeout_ms.max(2 * self.policy.epoch_ms + 1000),
                 ..RequestPolicy::default()

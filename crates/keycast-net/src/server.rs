@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, Output, Refusal};
-use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey};
+use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -167,6 +167,10 @@ impl Server {
         let shared = Arc::new(Shared::default());
         shared.update(|s| s.group = setup.policy.group.0);
         let (commands, rx) = mpsc::channel(1024);
+        // Liveness datagrams come on the TLS listener's address, over UDP; a queue of their
+        // own, so a flood of them never delays a join or an admin order.
+        let liveness_socket = UdpSocket::bind(addr).await?;
+        let (liveness_queue, liveness) = mpsc::channel(LIVENESS_QUEUE);
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
         let driver = ControllerTask {
             controller,
@@ -178,6 +182,7 @@ impl Server {
             joins: HashMap::new(),
             join_conns: HashMap::new(),
             error_log: LogLimiter::default(),
+            liveness,
         };
         let (stop, stopped) = watch::channel(None);
         let mut tasks = vec![tokio::spawn(async move {
@@ -194,6 +199,7 @@ impl Server {
             shared: shared.clone(),
         });
         tasks.push(tokio::spawn(accept_loop(listener, listener_context)));
+        tasks.push(tokio::spawn(receive_liveness(liveness_socket, liveness_queue, shared.clone())));
         if let Some(metrics) = setup.metrics {
             tasks.push(tokio::spawn(serve_metrics(metrics, shared.clone())));
         }
@@ -267,6 +273,8 @@ struct ControllerTask {
     /// The member each join connection waits for.
     join_conns: HashMap<ConnId, MemberId>,
     error_log: LogLimiter,
+    /// Liveness datagrams from the UDP task, checked here (the controller owns the keys).
+    liveness: mpsc::Receiver<[u8; LIVENESS_LEN]>,
 }
 
 impl ControllerTask {
@@ -284,6 +292,10 @@ impl ControllerTask {
                     }
                 },
                 _ = interval.tick() => self.tick().await,
+                Some(datagram) = self.liveness.recv() => {
+                    self.liveness(&datagram);
+                    Ok(())
+                }
             };
             if let Err(error) = step {
                 // A controller that cannot persist must not send anything more.
@@ -319,6 +331,16 @@ impl ControllerTask {
         self.join_conns.clear();
         for waiting in std::mem::take(&mut self.joins).into_values().flatten() {
             let _ = waiting.reply.send(vec![refusal.clone()]);
+        }
+    }
+
+    fn liveness(&mut self, datagram: &[u8]) {
+        match self.controller.liveness(datagram, now_ms()) {
+            Ok(_) => self.shared.update(|s| s.liveness_accepted += 1),
+            Err(refused) => {
+                self.shared.update(|s| s.liveness_refused += 1);
+                tracing::debug!(%refused, "liveness datagram refused");
+            }
         }
     }
 
@@ -680,6 +702,27 @@ impl Listener {
     }
 }
 
+/// Liveness datagrams waiting for the controller task, at most; more are dropped and counted.
+const LIVENESS_QUEUE: usize = 4096;
+
+/// Reads liveness datagrams and queues those of the right length for the controller task.
+/// Anything else, and whatever does not fit in the queue, is dropped and counted.
+async fn receive_liveness(socket: UdpSocket, queue: mpsc::Sender<[u8; LIVENESS_LEN]>, shared: Arc<Shared>) {
+    let mut buf = [0u8; LIVENESS_LEN + 1];
+    loop {
+        let Ok((len, _)) = socket.recv_from(&mut buf).await else { continue };
+        let mut datagram = [0u8; LIVENESS_LEN];
+        if len != LIVENESS_LEN {
+            shared.update(|s| s.liveness_refused += 1);
+            continue;
+        }
+        datagram.copy_from_slice(&buf[..LIVENESS_LEN]);
+        if queue.try_send(datagram).is_err() {
+            shared.update(|s| s.liveness_dropped += 1);
+        }
+    }
+}
+
 async fn accept_loop(listener: TcpListener, context: Arc<Listener>) {
     accept_with_backoff(&listener, "TLS listener", |tcp, peer| {
         // Over a cap, the connection is closed at once, before any handshake work.
@@ -891,13 +934,16 @@ async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn metrics_text(s: &Stats) -> String {
-    let series: [(&str, &str, String); 11] = [
+    let series: [(&str, &str, String); 14] = [
         ("keycast_members", "gauge", s.members.to_string()),
         ("keycast_epoch", "gauge", s.epoch.to_string()),
         ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
         ("keycast_rekey_bytes_total", "counter", s.rekey_bytes.to_string()),
         ("keycast_joins_total", "counter", s.joins.to_string()),
         ("keycast_resyncs_total", "counter", s.resyncs.to_string()),
+        ("keycast_liveness_accepted_total", "counter", s.liveness_accepted.to_string()),
+        ("keycast_liveness_refused_total", "counter", s.liveness_refused.to_string()),
+        ("keycast_liveness_dropped_total", "counter", s.liveness_dropped.to_string()),
         ("keycast_join_latency_ms", "gauge", s.mean_join_latency_ms.to_string()),
         ("keycast_connections_open", "gauge", s.connections_open.to_string()),
         ("keycast_connections_over_cap_total", "counter", s.connections_over_cap.to_string()),
@@ -990,6 +1036,7 @@ mod tests {
             joins: HashMap::new(),
             join_conns: HashMap::new(),
             error_log: LogLimiter::default(),
+            liveness: mpsc::channel(1).1,
         };
         let (commands, rx) = mpsc::channel(8);
         let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));

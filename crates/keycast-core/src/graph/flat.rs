@@ -360,6 +360,10 @@ impl KeyGraph for Flat {
         self.members.contains_key(&member)
     }
 
+    fn individual_key(&self, member: MemberId) -> Option<Key> {
+        Some(self.members.get(&member)?.individual.key.clone())
+    }
+
     fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)> {
         let fm = self.members.get(&member)?;
         let mut keys = vec![

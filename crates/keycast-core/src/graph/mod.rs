@@ -159,6 +159,9 @@ pub trait KeyGraph: Send + Sync {
     /// Everything `member` holds now (for resync over the unicast channel, and for audits).
     fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)>;
 
+    /// A member's individual key alone (no allocation: liveness checks run per datagram).
+    fn individual_key(&self, member: MemberId) -> Option<Key>;
+
     fn stats(&self) -> GraphStats;
 
     /// Most members this graph can hold.

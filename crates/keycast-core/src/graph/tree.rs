@@ -573,6 +573,11 @@ impl KeyGraph for Tree {
         Some((Position::Tree { leaf, degree: self.degree }, keys))
     }
 
+    fn individual_key(&self, member: MemberId) -> Option<Key> {
+        let &leaf = self.leaf_of.get(&member)?;
+        Some(self.levels[0].nodes[leaf as usize].key.clone())
+    }
+
     fn export(&self) -> zeroize::Zeroizing<Vec<u8>> {
         let mut out = zeroize::Zeroizing::new(Vec::new());
         Tree::export(self, &mut out);

@@ -19,7 +19,7 @@ use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
-use crate::wire::{GroupId, MembershipDelta, Signer, SignerChange, VerifyingKey};
+use crate::wire::{GroupId, Liveness, LivenessKey, MembershipDelta, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
 use zeroize::Zeroizing;
@@ -80,6 +80,9 @@ pub struct MemberRecord {
     pub last_seen_ms: u64,
     /// The rekey that admitted it: it may hold group keys from this one on.
     pub joined_seq: u64,
+    /// The last liveness datagram's counter: a datagram must be above it (in memory only: a
+    /// restart accepts any counter once more, which at worst refreshes a member once).
+    pub liveness_counter: u64,
 }
 
 /// A change waiting for the end of the epoch.
@@ -136,6 +139,21 @@ impl core::fmt::Debug for Record {
             Record::SigningKey { change, .. } => write!(f, "SigningKey {{ change: {change}, seed: <redacted> }}"),
         }
     }
+}
+
+/// Why a liveness datagram was not counted (the driver counts these; it never answers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LivenessRefused {
+    #[error("not a liveness datagram: {0}")]
+    Decode(DecodeError),
+    #[error("for group {0:?}, not this one")]
+    OtherGroup(GroupId),
+    #[error("member {0:?} is not in the group")]
+    NotMember(MemberId),
+    #[error("member {0:?}'s tag does not verify")]
+    BadTag(MemberId),
+    #[error("member {member:?}'s counter {counter} is not above {last}: a replay")]
+    Replayed { member: MemberId, counter: u64, last: u64 },
 }
 
 /// Why a member left.
@@ -392,7 +410,7 @@ impl Controller {
         }
         c.revoked = s.revoked.clone();
         for (member, identity, joined_seq) in &s.members {
-            c.members.insert(*member, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: *joined_seq });
+            c.members.insert(*member, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: *joined_seq, liveness_counter: 0 });
             c.by_identity.insert(identity.clone(), *member);
         }
         (c.next_member, c.epoch, c.rekey_seq) = (s.next_member, s.epoch, s.rekey_seq);
@@ -610,6 +628,28 @@ impl Controller {
         self.member_of(identity, member)?;
         self.seen(member, rekey_seq, now_ms);
         Ok(())
+    }
+
+    /// A liveness datagram (UDP): counts as a refresh from its member when its tag verifies
+    /// under the member's liveness key and its counter is above the last one. Costs one lookup
+    /// and one HMAC, allocates nothing.
+    pub fn liveness(&mut self, bytes: &[u8], now_ms: u64) -> Result<MemberId, LivenessRefused> {
+        let claimed = Liveness::peek(bytes).map_err(LivenessRefused::Decode)?;
+        if claimed.group != self.policy.group {
+            return Err(LivenessRefused::OtherGroup(claimed.group));
+        }
+        let (member, group) = (claimed.member, self.policy.group);
+        let individual = self.graph.individual_key(member).ok_or(LivenessRefused::NotMember(member))?;
+        let last = self.members.get(&member).ok_or(LivenessRefused::NotMember(member))?.liveness_counter;
+        let live = Liveness::open(bytes, &LivenessKey::derive(&individual, group, member)).map_err(|_| LivenessRefused::BadTag(member))?;
+        if live.counter <= last {
+            return Err(LivenessRefused::Replayed { member, counter: live.counter, last });
+        }
+        if let Some(record) = self.members.get_mut(&member) {
+            record.liveness_counter = live.counter;
+        }
+        self.seen(member, live.rekey_seq, now_ms);
+        Ok(member)
     }
 
     /// Records that `member` was heard, and a rekey seq it reports: a seq above this log's
@@ -920,7 +960,7 @@ impl Controller {
             }
         }
         for (m, identity) in joins {
-            self.members.insert(*m, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: seq });
+            self.members.insert(*m, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: seq, liveness_counter: 0 });
             self.by_identity.insert(identity.clone(), *m);
             self.next_member = self.next_member.max(m.0 + 1);
         }

@@ -13,7 +13,7 @@ use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
 use subtle::ConstantTimeEq;
 use crate::wire::rekey::RekeyPacket;
-use crate::wire::{message_type, GroupId, MessageType, SignedDelta, SignedSignerChange, VerifyingKey};
+use crate::wire::{message_type, GroupId, Liveness, LivenessKey, MessageType, SignedDelta, SignedSignerChange, VerifyingKey, LIVENESS_LEN};
 
 use super::traffic::{self, ReplayWindow, TrafficError};
 
@@ -83,6 +83,8 @@ pub struct MemberSession {
     /// Sequence number of the next data message this member seals.
     next_data_seq: u64,
     replays: ReplayWindow,
+    /// Counter of the last liveness datagram (grows with the clock, never repeats).
+    liveness_counter: u64,
 }
 
 /// A member's first data seq is its join time in milliseconds shifted left by this, so a
@@ -113,6 +115,7 @@ impl MemberSession {
             announced_active: None,
             next_data_seq: now_ms << DATA_SEQ_TIME_SHIFT,
             replays: ReplayWindow::default(),
+            liveness_counter: 0,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -121,6 +124,15 @@ impl MemberSession {
 
     pub fn member(&self) -> MemberId {
         self.member
+    }
+
+    /// A liveness datagram for the controller (a refresh over UDP, tagged with a key derived
+    /// from this member's individual key); `None` if this member holds no individual key.
+    pub fn liveness(&mut self, now_ms: u64) -> Option<[u8; LIVENESS_LEN]> {
+        let individual = self.keys.individual_key()?;
+        self.liveness_counter = (self.liveness_counter + 1).max(now_ms);
+        let key = LivenessKey::derive(&individual, self.group, self.member);
+        Some(Liveness { group: self.group, member: self.member, counter: self.liveness_counter, rekey_seq: self.rekey_seq() }.seal(&key))
     }
 
     pub fn group(&self) -> GroupId {

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod control;
 pub mod guard;
 pub mod heartbeat;
+pub mod liveness;
 pub mod parity;
 pub mod rekey;
 pub mod roster;
@@ -22,6 +23,7 @@ pub use auth::{Signer, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
+pub use liveness::{Liveness, LivenessKey, LIVENESS_LEN, LIVENESS_TAG_LEN};
 pub use parity::{encode_parity, ParityHeader, ParityPacket, ParityRound, ParityShard};
 pub use roster::{MembershipDelta, SignedDelta};
 pub use signer::{SignedSignerChange, SignerChange};
@@ -56,6 +58,7 @@ pub enum MessageType {
     MembershipDelta = 12,
     SignerChange = 13,
     RekeyParity = 14,
+    Liveness = 15,
 }
 
 impl MessageType {
@@ -75,12 +78,13 @@ impl MessageType {
             Message::MembershipDelta(_) => MessageType::MembershipDelta,
             Message::SignerChange(_) => MessageType::SignerChange,
             Message::RekeyParity(_) => MessageType::RekeyParity,
+            Message::Liveness(..) => MessageType::Liveness,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange, RekeyParity]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange, RekeyParity, Liveness]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -168,6 +172,8 @@ pub enum Message {
     MembershipDelta(SignedDelta),
     SignerChange(SignedSignerChange),
     RekeyParity(ParityPacket),
+    /// Fields of a liveness datagram (its tag is checked by [`Liveness::open`]) and the tag.
+    Liveness(Liveness, [u8; LIVENESS_TAG_LEN]),
 }
 
 impl Message {
@@ -189,6 +195,12 @@ impl Message {
             MessageType::MembershipDelta => Message::MembershipDelta(SignedDelta::decode(bytes)?),
             MessageType::SignerChange => Message::SignerChange(SignedSignerChange::decode(bytes)?),
             MessageType::RekeyParity => Message::RekeyParity(ParityPacket::decode(bytes)?),
+            MessageType::Liveness => {
+                let mut tag = [0u8; LIVENESS_TAG_LEN];
+                let liveness = Liveness::peek(bytes)?;
+                tag.copy_from_slice(&bytes[LIVENESS_LEN - LIVENESS_TAG_LEN..]);
+                Message::Liveness(liveness, tag)
+            }
         })
     }
 
@@ -208,6 +220,7 @@ impl Message {
             Message::MembershipDelta(m) => m.encode(),
             Message::SignerChange(m) => m.encode(),
             Message::RekeyParity(m) => m.encode(),
+            Message::Liveness(m, tag) => liveness::encode_with_tag(m, tag),
         }
     }
 }

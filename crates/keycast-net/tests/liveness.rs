@@ -1,0 +1,83 @@
+//! Refreshes over UDP (liveness datagrams), on loopback: they alone keep members in the group,
+//! and a flood of forged ones from a stranger costs no member its place.
+
+use std::time::Duration;
+
+use keycast_core::protocol::GroupPolicy;
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::{GroupId, Liveness, LivenessKey, LIVENESS_LEN};
+use keycast_core::{GraphConfig, JoinPolicy, Key, MemberId, Scheme};
+use keycast_net::client::MemberClient;
+use keycast_net::local::{Events, LocalGroup};
+use tokio::time::{sleep, Instant};
+
+/// Members expire after one second without a refresh.
+fn policy() -> GroupPolicy {
+    GroupPolicy {
+        group: GroupId(31),
+        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: 100,
+        activation_delay: 1,
+        heartbeat_ms: 40,
+        refresh_timeout_ms: 1_000,
+        immediate_eviction: true,
+        membership_deltas: false,
+        packets: PacketConfig::default(),
+    }
+}
+
+/// A member that refreshes every 150 ms over UDP only (never over TLS).
+async fn udp_only_member(group: &LocalGroup, identity: &str) -> (MemberClient, Events) {
+    let mut setup = group.member_setup(identity).unwrap();
+    setup.refresh_ms = 150;
+    setup.tls_refresh_every = 0;
+    MemberClient::join(setup).await.unwrap()
+}
+
+async fn counted(group: &LocalGroup, member: MemberId) -> bool {
+    group.server().members().await.iter().any(|r| r.member == member.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_datagrams_alone_keep_members_in_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = LocalGroup::start(policy(), 3, dir.path().to_path_buf()).await.unwrap();
+    let (a, _ea) = udp_only_member(&group, "member-1").await;
+    let mut silent = group.member_setup("member-2").unwrap();
+    silent.refresh_ms = 60_000;
+    let (b, _eb) = MemberClient::join(silent).await.unwrap();
+    sleep(Duration::from_millis(3 * policy().refresh_timeout_ms)).await;
+    assert!(counted(&group, a.member()).await, "refreshes over UDP did not keep member-1");
+    assert!(!counted(&group, b.member()).await, "a member that never refreshes expires");
+    let stats = group.server().stats();
+    assert!(stats.liveness_accepted >= 10, "{stats:?}");
+    assert_eq!(stats.resyncs, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_liveness_datagrams_costs_no_member_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = LocalGroup::start(policy(), 2, dir.path().to_path_buf()).await.unwrap();
+    let (a, _ea) = udp_only_member(&group, "member-1").await;
+    let (b, _eb) = udp_only_member(&group, "member-2").await;
+    // A stranger who knows the members' ids but not their keys, for two refresh timeouts.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let wrong = LivenessKey::derive(&Key::from_bytes([7; 32]), policy().group, a.member());
+    let (mut sent, deadline) = (0u64, Instant::now() + Duration::from_millis(2 * policy().refresh_timeout_ms));
+    while Instant::now() < deadline {
+        for member in [a.member(), b.member(), MemberId(999)] {
+            let forged = Liveness { group: policy().group, member, counter: u64::MAX - sent, rekey_seq: 1 }.seal(&wrong);
+            socket.send_to(&forged, group.addr()).await.unwrap();
+            socket.send_to(&forged[..LIVENESS_LEN - 1], group.addr()).await.unwrap();
+            sent += 2;
+        }
+        if sent % 600 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(counted(&group, a.member()).await && counted(&group, b.member()).await, "a member lost its place under the flood");
+    let stats = group.server().stats();
+    assert!(stats.liveness_refused + stats.liveness_dropped > 0 && stats.liveness_accepted > 0, "{stats:?}");
+    assert!(stats.liveness_refused + stats.liveness_dropped <= sent, "{stats:?}");
+    eprintln!("flood: {sent} forged datagrams sent; {stats:?}");
+}
