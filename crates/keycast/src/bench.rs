@@ -48,11 +48,23 @@ struct Measured {
     cost: Cost,
     floor: Duration,
     hashing: Duration,
+    /// SHA-256 of every byte sent (bodies, signatures and paths), timed like `hashing`.
+    wire_hashing: Duration,
 }
 
 impl Measured {
     fn ratio(&self) -> f64 {
         self.cost.time.as_secs_f64() / self.floor.as_secs_f64()
+    }
+
+    /// The authenticated floor: the wraps and signatures plus SHA-256 of every byte sent,
+    /// which a design whose packets each verify alone cannot avoid.
+    fn auth_floor(&self) -> Duration {
+        self.floor + self.wire_hashing
+    }
+
+    fn auth_ratio(&self) -> f64 {
+        self.cost.time.as_secs_f64() / self.auth_floor().as_secs_f64()
     }
 
     /// Hashing the packets alone, as a share of the floor.
@@ -77,16 +89,18 @@ fn leave_against_floor(
     let mut costs = Vec::with_capacity(reps);
     let mut floors = Vec::with_capacity(reps);
     let mut hashing = Vec::with_capacity(reps);
+    let mut wire_hashing = Vec::with_capacity(reps);
     for _ in 0..reps {
         *seed = seed.next();
         let cost = rekey(graph, &Batch { joins: vec![], leaves: leavers.to_vec() }, seed, Finish::Wire(placement), &signer);
         floors.push(if parallel { floor.time_parallel(cost.wraps, cost.signatures) } else { floor.time(cost.wraps, cost.signatures) });
         hashing.push(floor.hashing(cost.bytes - cost.auth_bytes, cost.packets, parallel));
+        wire_hashing.push(floor.hashing(cost.bytes, cost.packets, parallel));
         costs.push(cost);
         *seed = seed.next();
         graph.apply(&Batch { joins: leavers.to_vec(), leaves: vec![] }, seed).expect("rejoin");
     }
-    Measured { cost: crate::measure::median(costs), floor: middle(floors), hashing: middle(hashing) }
+    Measured { cost: crate::measure::median(costs), floor: middle(floors), hashing: middle(hashing), wire_hashing: middle(wire_hashing) }
 }
 
 /// A member verifying its packets of the batch and unwrapping its new keys.
@@ -153,6 +167,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         "                 hashing those packets for their hash tree, alone: {:.1} us ({:.2} of the floor)",
         micros(leave.hashing), leave.hashing_share()
     ));
+    say(format!(
+        "                 authenticated floor (+ SHA-256 of all {} bytes sent): {:.1} us; ratio {:.2}",
+        leave.cost.bytes, micros(leave.auth_floor()), leave.auth_ratio()
+    ));
     let leavers = random_leavers(n, n / 10, 4);
     let batch = leave_against_floor(graph.as_mut(), &leavers, sizes.batch_reps, auto, true, &mut seed, &floor);
     say(format!(
@@ -162,6 +180,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     say(format!(
         "                 hashing those packets for their hash trees, alone, on {cores} cores: {:.1} ms ({:.2} of the floor)",
         micros(batch.hashing) / 1e3, batch.hashing_share()
+    ));
+    say(format!(
+        "                 authenticated floor (+ SHA-256 of all {:.1} MB sent) on {cores} cores: {:.1} ms; ratio {:.2}",
+        mb(batch.cost.bytes), micros(batch.auth_floor()) / 1e3, batch.auth_ratio()
     ));
     let mut placements = Map::new();
     for (name, placement) in [("user-oriented", Placement::UserOriented), ("compact", Placement::Compact)] {
@@ -183,9 +205,11 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             "wrap_ns": wrap_ns, "sign_us": sign_us,
             "leave_us": micros(leave.cost.time), "leave_wraps": leave.cost.wraps, "leave_packets": leave.cost.packets,
             "leave_floor_us": micros(leave.floor), "leave_floor_ratio": leave.ratio(), "leave_hashing_us": micros(leave.hashing),
+            "leave_auth_floor_us": micros(leave.auth_floor()), "leave_auth_floor_ratio": leave.auth_ratio(),
             "batch_leavers": leavers.len(), "batch_ms": micros(batch.cost.time) / 1e3, "batch_wraps": batch.cost.wraps,
             "batch_signatures": batch.cost.signatures, "batch_packets": batch.cost.packets, "batch_bytes": batch.cost.bytes,
             "batch_floor_ms": micros(batch.floor) / 1e3, "batch_floor_ratio": batch.ratio(), "batch_hashing_ms": micros(batch.hashing) / 1e3,
+            "batch_auth_floor_ms": micros(batch.auth_floor()) / 1e3, "batch_auth_floor_ratio": batch.auth_ratio(),
             "batch_other_placements": placements,
             "member_us": micros(member.0), "member_packets": member.1,
             "keycast_remove_us": peer.keycast, "mls_remove_us": peer.mls, "mls_setup_s": peer.setup, "mls_ratio": peer.ratio,

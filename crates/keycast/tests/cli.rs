@@ -384,6 +384,17 @@ fn bench_quick_json_is_consistent_and_never_beats_its_floor() {
         let recomputed = number(&report, rekey) / number(&report, floor);
         assert!((recomputed - ratio_value).abs() <= 1e-6 * ratio_value, "{ratio} {ratio_value} is not {rekey} / {floor} = {recomputed}");
     }
+    // The authenticated floor adds SHA-256 of every byte sent to the floor: more time, so a
+    // lower ratio, and it is the rekey over that sum.
+    for (auth, plain, rekey, auth_floor) in [
+        ("leave_auth_floor_ratio", "leave_floor_ratio", "leave_us", "leave_auth_floor_us"),
+        ("batch_auth_floor_ratio", "batch_floor_ratio", "batch_ms", "batch_auth_floor_ms"),
+    ] {
+        let auth_ratio = number(&report, auth);
+        assert!(auth_ratio > 0.0 && auth_ratio <= number(&report, plain), "{auth} {auth_ratio} above {plain}: {report}");
+        let recomputed = number(&report, rekey) / number(&report, auth_floor);
+        assert!((recomputed - auth_ratio).abs() <= 1e-6 * auth_ratio, "{auth} {auth_ratio} is not {rekey} / {auth_floor} = {recomputed}");
+    }
     // Times that add up: the rekey includes hashing its packets and its floor's work.
     for (rekey, floor, hashing) in [("leave_us", "leave_floor_us", "leave_hashing_us"), ("batch_ms", "batch_floor_ms", "batch_hashing_ms")] {
         let (rekey_time, parts) = (number(&report, rekey), number(&report, floor) + number(&report, hashing));
