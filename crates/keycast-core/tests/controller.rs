@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, LivenessRefused, MemberEvent, MemberSession, Output, Record};
+use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, LivenessAnswer, LivenessRefused, MemberEvent, MemberSession, Output, Record};
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{GroupId, JoinAnswer, RefusalReason};
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, MemberId, Scheme};
@@ -399,20 +399,42 @@ fn liveness_datagrams_keep_a_member_in_and_forged_replayed_or_foreign_ones_do_no
         let mut replayed = None;
         for _ in 0..12 {
             h.run(step);
-            let datagram = a.liveness(h.now).expect("a holds its individual key");
-            assert_eq!(h.controller.liveness(&datagram, h.now), Ok(a.member()));
+            let datagram = a.liveness(h.now, false).expect("a holds its individual key");
+            assert!(matches!(h.controller.liveness(&datagram, h.now, [0; 12]), Ok(LivenessAnswer::Refreshed(m)) if m == a.member()));
             replayed = Some(datagram);
         }
         assert!(h.controller.members().contains_key(&a.member()), "{scheme:?}: liveness kept it");
         assert!(!h.controller.members().contains_key(&b.member()), "{scheme:?}: silence expired it");
         let replayed = replayed.unwrap();
-        assert!(matches!(h.controller.liveness(&replayed, h.now), Err(LivenessRefused::Replayed { .. })));
+        assert!(matches!(h.controller.liveness(&replayed, h.now, [0; 12]), Err(LivenessRefused::Replayed { .. })));
         // A datagram from the expired member, and one claiming to be `a` under another key.
-        let from_b = b.liveness(h.now).unwrap();
-        assert_eq!(h.controller.liveness(&from_b, h.now), Err(LivenessRefused::NotMember(b.member())));
-        let mut forged = a.liveness(h.now + 1).unwrap();
+        let from_b = b.liveness(h.now, false).unwrap();
+        assert!(matches!(h.controller.liveness(&from_b, h.now, [0; 12]), Err(LivenessRefused::NotMember(m)) if m == b.member()));
+        let mut forged = a.liveness(h.now + 1, false).unwrap();
         forged[keycast_core::wire::LIVENESS_LEN - 1] ^= 1;
-        assert_eq!(h.controller.liveness(&forged, h.now), Err(LivenessRefused::BadTag(a.member())));
-        assert!(matches!(h.controller.liveness(&forged[..10], h.now), Err(LivenessRefused::Decode(_))));
+        assert!(matches!(h.controller.liveness(&forged, h.now, [0; 12]), Err(LivenessRefused::BadTag(m)) if m == a.member()));
+        assert!(matches!(h.controller.liveness(&forged[..10], h.now, [0; 12]), Err(LivenessRefused::Decode(_))));
     }
+}
+
+#[test]
+fn a_member_behind_resyncs_over_udp_and_an_old_answer_is_not_taken_again() {
+    let mut h = Harness::new(policy(tree()), &["a", "b", "c"]);
+    let mut a = h.session("a");
+    // `a` misses the rekey that admits `c`: its keys are behind the controller's.
+    h.session("c");
+    h.run(h.policy.epoch_ms * 3);
+    assert!(a.rekey_seq() < h.controller.rekey_seq());
+    let probe = a.liveness(h.now, true).unwrap();
+    let Ok(LivenessAnswer::Resync(member, sealed)) = h.controller.liveness(&probe, h.now, [9; 12]) else { panic!("no answer") };
+    assert_eq!(member, a.member());
+    let events = a.sealed_resync(&sealed, h.now).expect("the answer opens under a's key");
+    assert!(events.iter().any(|e| matches!(e, MemberEvent::Resynced { .. })), "{events:?}");
+    assert_eq!(a.rekey_seq(), h.controller.rekey_seq());
+    assert!(a.sealed_resync(&sealed, h.now).is_err(), "the same answer again is a replay");
+    // A second probe right away is refused as too soon, and another member cannot open it.
+    let again = a.liveness(h.now, true).unwrap();
+    assert!(matches!(h.controller.liveness(&again, h.now, [9; 12]), Err(LivenessRefused::TooSoon(_))));
+    let mut b = h.session("b");
+    assert!(b.sealed_resync(&sealed, h.now).is_err());
 }

@@ -100,8 +100,12 @@ fn describe(message: &Message) -> Value {
             "path": p.path.iter().map(hex::encode).collect::<Vec<_>>(),
         }}),
         Message::Liveness(l, tag) => json!({"liveness": {
-            "group": l.group.0, "member": l.member.0, "counter": l.counter, "rekey_seq": l.rekey_seq, "tag": hex::encode(tag),
+            "group": l.group.0, "member": l.member.0, "resync": l.resync, "counter": l.counter, "rekey_seq": l.rekey_seq, "tag": hex::encode(tag),
         }}),
+        Message::SealedResync(bytes) => {
+            let (group, member, counter) = peek_resync_answer(bytes).expect("decoded");
+            json!({"sealed_resync": {"group": group.0, "member": member.0, "counter": counter}})
+        }
         Message::MembershipDelta(d) => json!({"membership_delta": {
             "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
             "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -237,10 +241,19 @@ fn generate() -> Value {
         vectors.push(message_vector(name, message.encode(), &public));
     }
     let liveness_key = LivenessKey::derive(&keys[0].1, group, MemberId(9));
-    let liveness = Liveness { group, member: MemberId(9), counter: 1_795_000_000_000, rekey_seq: 3 }.seal(&liveness_key);
+    let liveness = Liveness { group, member: MemberId(9), resync: false, counter: 1_795_000_000_000, rekey_seq: 3 }.seal(&liveness_key);
     vectors.push(message_vector(
         "liveness of member 9, HMAC-SHA256 under HKDF-Expand(its individual key (see join accepted), \"keycast/v2 liveness key\" || group || member)",
         liveness.to_vec(),
+        &public,
+    ));
+    let probe = Liveness { group, member: MemberId(9), resync: true, counter: 1_795_000_000_001, rekey_seq: 2 }.seal(&liveness_key);
+    vectors.push(message_vector("resync request over UDP of member 9, tagged as the liveness vector", probe.to_vec(), &public));
+    let answer = ResyncAnswer { group, member: MemberId(9), position: pos, epoch: 8, rekey_seq: 3, active, pending: None, keys: keys.clone(), signer: public };
+    let sealed = seal_resync_answer(&answer, 1_795_000_000_001, &ResyncAnswerKey::derive(&keys[0].1, group, MemberId(9)), [0x3c; 12]);
+    vectors.push(message_vector(
+        "resync answer over UDP to that request: the resync answer vector's bytes, AES-256-GCM under HKDF-Expand(member 9's individual key, \"keycast/v2 resync answer key\" || group || member), nonce 3c..3c",
+        sealed,
         &public,
     ));
     let leave = Leave { group, member: MemberId(9) }.encode();

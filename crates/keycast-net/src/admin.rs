@@ -66,8 +66,10 @@ pub struct Stats {
     pub rekeys: u64,
     pub rekey_bytes: u64,
     pub joins: u64,
-    /// Resyncs answered: a member that missed a rekey fetched its keys over TLS.
+    /// Resyncs answered over TLS: a member that missed a rekey fetched its keys.
     pub resyncs: u64,
+    /// Resyncs answered over UDP (one datagram each way, no handshake).
+    pub udp_resyncs: u64,
     /// Liveness datagrams (refreshes over UDP): counted, refused (forged, replayed, from a
     /// stranger, malformed), and dropped because the controller was behind.
     pub liveness_accepted: u64,

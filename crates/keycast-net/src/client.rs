@@ -151,6 +151,8 @@ pub struct ClientStats {
     pub member_events_dropped: u64,
     /// Multicast datagrams dropped by the injected loss (`MemberSetup::loss`).
     pub lost: u64,
+    /// Resyncs answered over UDP (without a TLS connection).
+    pub udp_resyncs: u64,
 }
 
 /// What the follow task and the client share besides the session: counters, and whether the
@@ -165,6 +167,7 @@ struct Shared {
     events_dropped: AtomicU64,
     member_events_dropped: AtomicU64,
     lost: AtomicU64,
+    udp_resyncs: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -313,6 +316,7 @@ impl MemberClient {
             events_dropped: get(&c.events_dropped),
             member_events_dropped: get(&c.member_events_dropped),
             lost: get(&c.lost),
+            udp_resyncs: get(&c.udp_resyncs),
         }
     }
 
@@ -380,7 +384,16 @@ struct InFlight {
     rejoin: bool,
     /// After a resync gave up, the next one waits until then.
     resync_not_before: Option<Instant>,
+    /// Resync requests sent over UDP for the current gap, and when the last one's answer is
+    /// given up on (then another, or TLS).
+    udp_probes: u32,
+    udp_probe_due: Option<Instant>,
 }
+
+/// Resync requests over UDP for one gap before the member asks over TLS, and how long each
+/// waits for its answer.
+const UDP_PROBES: u32 = 3;
+const UDP_PROBE_WAIT: Duration = Duration::from_millis(250);
 
 /// The member's background work: multicast input, time, and the results of requests.
 struct Follow {
@@ -399,6 +412,7 @@ impl Follow {
     async fn run(mut self, socket: UdpSocket) {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
         let mut loss = self.setup.loss.map(LossInjector::new);
+        let mut unicast_buf = vec![0u8; MAX_MESSAGE_LEN];
         let mut tick = tokio::time::interval(Duration::from_millis(self.setup.heartbeat_ms.clamp(10, 1000) / 2));
         let period = Duration::from_millis(self.setup.refresh_ms.max(10));
         let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
@@ -410,6 +424,12 @@ impl Follow {
                         Ok(_) if loss.as_mut().is_some_and(LossInjector::drops) => bump(&self.events.shared.lost),
                         Ok((len, _)) => self.receive(&buf[..len]),
                         Err(e) => tracing::debug!(error = %e, "multicast receive failed"),
+                    }
+                    true
+                }
+                answer = self.unicast.recv_from(&mut unicast_buf) => {
+                    if let Ok((len, _)) = answer {
+                        self.sealed_resync(&unicast_buf[..len]);
                     }
                     true
                 }
@@ -486,7 +506,7 @@ impl Follow {
         self.refreshes += 1;
         let over_tls = !self.setup.udp_refresh || self.setup.tls_refresh_every > 0 && self.refreshes % u64::from(self.setup.tls_refresh_every) == 0;
         if self.setup.udp_refresh {
-            let datagram = lock(&self.session).liveness(now_ms());
+            let datagram = lock(&self.session).liveness(now_ms(), false);
             if let Some(datagram) = datagram {
                 if let Err(e) = self.unicast.send_to(&datagram, self.setup.server).await {
                     tracing::debug!(error = %e, "liveness datagram not sent");
@@ -527,10 +547,14 @@ impl Follow {
         let (group, member, rekey_seq) = {
             let s = lock(&self.session);
             if !s.needs_resync() {
+                (self.in_flight.udp_probes, self.in_flight.udp_probe_due) = (0, None);
                 return;
             }
             (s.group(), s.member(), s.rekey_seq())
         };
+        if self.setup.udp_refresh && self.udp_probe() {
+            return;
+        }
         self.in_flight.resync = true;
         let setup = self.setup.clone();
         self.requests.spawn(async move {
@@ -541,6 +565,45 @@ impl Follow {
             .await;
             Outcome { member, result: Finished::Resync(result) }
         });
+    }
+
+    /// Asks for a resync over UDP, or keeps waiting for the answer to the last request; false
+    /// once the UDP requests for this gap are used up (the member then asks over TLS).
+    fn udp_probe(&mut self) -> bool {
+        let now = Instant::now();
+        if self.in_flight.udp_probe_due.is_some_and(|due| now < due) {
+            return true;
+        }
+        if self.in_flight.udp_probes >= UDP_PROBES {
+            return false;
+        }
+        let Some(datagram) = lock(&self.session).liveness(now_ms(), true) else { return false };
+        if self.unicast.try_send_to(&datagram, self.setup.server).is_err() {
+            return false;
+        }
+        self.in_flight.udp_probes += 1;
+        self.in_flight.udp_probe_due = Some(now + UDP_PROBE_WAIT);
+        true
+    }
+
+    /// A datagram on the unicast socket: a resync answer sealed to this member, or dropped.
+    fn sealed_resync(&mut self, bytes: &[u8]) {
+        if message_type(bytes) != Ok(MessageType::SealedResync) {
+            bump(&self.events.shared.rejected);
+            return;
+        }
+        let result = lock(&self.session).sealed_resync(bytes, now_ms());
+        match result {
+            Ok(list) => {
+                bump(&self.events.shared.udp_resyncs);
+                (self.in_flight.udp_probes, self.in_flight.udp_probe_due) = (0, None);
+                self.events.members(list);
+            }
+            Err(e) => {
+                bump(&self.events.shared.rejected);
+                tracing::debug!(reason = %e, "unicast datagram dropped");
+            }
+        }
     }
 
     /// A request finished; false when the loop should end (evicted, not rejoining).

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, Output, Refusal};
+use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, LivenessAnswer, Output, Refusal};
 use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -169,7 +169,7 @@ impl Server {
         let (commands, rx) = mpsc::channel(1024);
         // Liveness datagrams come on the TLS listener's address, over UDP; a queue of their
         // own, so a flood of them never delays a join or an admin order.
-        let liveness_socket = UdpSocket::bind(addr).await?;
+        let liveness_socket = Arc::new(UdpSocket::bind(addr).await?);
         let (liveness_queue, liveness) = mpsc::channel(LIVENESS_QUEUE);
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
         let driver = ControllerTask {
@@ -183,6 +183,7 @@ impl Server {
             join_conns: HashMap::new(),
             error_log: LogLimiter::default(),
             liveness,
+            unicast: liveness_socket.clone(),
         };
         let (stop, stopped) = watch::channel(None);
         let mut tasks = vec![tokio::spawn(async move {
@@ -273,8 +274,10 @@ struct ControllerTask {
     /// The member each join connection waits for.
     join_conns: HashMap<ConnId, MemberId>,
     error_log: LogLimiter,
-    /// Liveness datagrams from the UDP task, checked here (the controller owns the keys).
-    liveness: mpsc::Receiver<[u8; LIVENESS_LEN]>,
+    /// Liveness datagrams (and their sources) from the UDP task, checked here (the
+    /// controller owns the keys); resync answers go back on `unicast`.
+    liveness: mpsc::Receiver<([u8; LIVENESS_LEN], SocketAddr)>,
+    unicast: Arc<UdpSocket>,
 }
 
 impl ControllerTask {
@@ -292,8 +295,8 @@ impl ControllerTask {
                     }
                 },
                 _ = interval.tick() => self.tick().await,
-                Some(datagram) = self.liveness.recv() => {
-                    self.liveness(&datagram);
+                Some((datagram, from)) = self.liveness.recv() => {
+                    self.liveness(&datagram, from).await;
                     Ok(())
                 }
             };
@@ -334,9 +337,22 @@ impl ControllerTask {
         }
     }
 
-    fn liveness(&mut self, datagram: &[u8]) {
-        match self.controller.liveness(datagram, now_ms()) {
-            Ok(_) => self.shared.update(|s| s.liveness_accepted += 1),
+    /// A liveness datagram from `from`: a refresh, or a resync request answered to `from`.
+    async fn liveness(&mut self, datagram: &[u8], from: SocketAddr) {
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&entropy()[..12]);
+        match self.controller.liveness(datagram, now_ms(), nonce) {
+            Ok(LivenessAnswer::Refreshed(_)) => self.shared.update(|s| s.liveness_accepted += 1),
+            Ok(LivenessAnswer::Resync(member, sealed)) => {
+                self.shared.update(|s| {
+                    s.liveness_accepted += 1;
+                    s.udp_resyncs += 1;
+                });
+                tracing::debug!(member = member.0, "resync over UDP");
+                if let Err(e) = self.unicast.send_to(&sealed, from).await {
+                    tracing::debug!(error = %e, "resync answer not sent");
+                }
+            }
             Err(refused) => {
                 self.shared.update(|s| s.liveness_refused += 1);
                 tracing::debug!(%refused, "liveness datagram refused");
@@ -707,17 +723,17 @@ const LIVENESS_QUEUE: usize = 4096;
 
 /// Reads liveness datagrams and queues those of the right length for the controller task.
 /// Anything else, and whatever does not fit in the queue, is dropped and counted.
-async fn receive_liveness(socket: UdpSocket, queue: mpsc::Sender<[u8; LIVENESS_LEN]>, shared: Arc<Shared>) {
+async fn receive_liveness(socket: Arc<UdpSocket>, queue: mpsc::Sender<([u8; LIVENESS_LEN], SocketAddr)>, shared: Arc<Shared>) {
     let mut buf = [0u8; LIVENESS_LEN + 1];
     loop {
-        let Ok((len, _)) = socket.recv_from(&mut buf).await else { continue };
+        let Ok((len, from)) = socket.recv_from(&mut buf).await else { continue };
         let mut datagram = [0u8; LIVENESS_LEN];
         if len != LIVENESS_LEN {
             shared.update(|s| s.liveness_refused += 1);
             continue;
         }
         datagram.copy_from_slice(&buf[..LIVENESS_LEN]);
-        if queue.try_send(datagram).is_err() {
+        if queue.try_send((datagram, from)).is_err() {
             shared.update(|s| s.liveness_dropped += 1);
         }
     }
@@ -934,7 +950,7 @@ async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn metrics_text(s: &Stats) -> String {
-    let series: [(&str, &str, String); 14] = [
+    let series: [(&str, &str, String); 15] = [
         ("keycast_members", "gauge", s.members.to_string()),
         ("keycast_epoch", "gauge", s.epoch.to_string()),
         ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
@@ -944,6 +960,7 @@ fn metrics_text(s: &Stats) -> String {
         ("keycast_liveness_accepted_total", "counter", s.liveness_accepted.to_string()),
         ("keycast_liveness_refused_total", "counter", s.liveness_refused.to_string()),
         ("keycast_liveness_dropped_total", "counter", s.liveness_dropped.to_string()),
+        ("keycast_udp_resyncs_total", "counter", s.udp_resyncs.to_string()),
         ("keycast_join_latency_ms", "gauge", s.mean_join_latency_ms.to_string()),
         ("keycast_connections_open", "gauge", s.connections_open.to_string()),
         ("keycast_connections_over_cap_total", "counter", s.connections_over_cap.to_string()),
@@ -1037,6 +1054,7 @@ mod tests {
             join_conns: HashMap::new(),
             error_log: LogLimiter::default(),
             liveness: mpsc::channel(1).1,
+            unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
         };
         let (commands, rx) = mpsc::channel(8);
         let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));

@@ -66,7 +66,7 @@ async fn a_flood_of_forged_liveness_datagrams_costs_no_member_its_place() {
     let (mut sent, deadline) = (0u64, Instant::now() + Duration::from_millis(2 * policy().refresh_timeout_ms));
     while Instant::now() < deadline {
         for member in [a.member(), b.member(), MemberId(999)] {
-            let forged = Liveness { group: policy().group, member, counter: u64::MAX - sent, rekey_seq: 1 }.seal(&wrong);
+            let forged = Liveness { group: policy().group, member, resync: sent % 4 == 0, counter: u64::MAX - sent, rekey_seq: 1 }.seal(&wrong);
             socket.send_to(&forged, group.addr()).await.unwrap();
             socket.send_to(&forged[..LIVENESS_LEN - 1], group.addr()).await.unwrap();
             sent += 2;
@@ -80,4 +80,30 @@ async fn a_flood_of_forged_liveness_datagrams_costs_no_member_its_place() {
     assert!(stats.liveness_refused + stats.liveness_dropped > 0 && stats.liveness_accepted > 0, "{stats:?}");
     assert!(stats.liveness_refused + stats.liveness_dropped <= sent, "{stats:?}");
     eprintln!("flood: {sent} forged datagrams sent; {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_misses_rekeys_resyncs_over_udp_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = LocalGroup::start(policy(), 4, dir.path().to_path_buf()).await.unwrap();
+    let mut lossy = group.member_setup("member-1").unwrap();
+    // Loses most of the multicast channel (rekeys and heartbeats), nothing else.
+    lossy.loss = Some(keycast_net::loss::LossModel { rate: 0.7, burst: None, seed: 3 });
+    let (a, _ea) = MemberClient::join(lossy).await.unwrap();
+    for round in 0..4 {
+        let (c, _ec) = group.join(if round % 2 == 0 { "member-2" } else { "member-3" }).await.unwrap();
+        c.leave().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = group.server().stats();
+        if a.rekey_seq() == stats.rekeys && a.getkey().map(|k| k.0.to_string()) == Some(stats.active_key.clone()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "member-1 never caught up: {stats:?}");
+        sleep(Duration::from_millis(20)).await;
+    }
+    let (server, client) = (group.server().stats(), a.stats());
+    assert!(client.udp_resyncs >= 1 && server.udp_resyncs >= client.udp_resyncs, "{server:?} {client:?}");
+    assert_eq!(server.resyncs, 0, "no resync needed TLS: {server:?}");
 }

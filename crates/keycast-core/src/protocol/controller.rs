@@ -19,7 +19,7 @@ use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
-use crate::wire::{GroupId, Liveness, LivenessKey, MembershipDelta, Signer, SignerChange, VerifyingKey};
+use crate::wire::{seal_resync_answer, GroupId, Liveness, LivenessKey, MembershipDelta, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
 use zeroize::Zeroizing;
@@ -83,6 +83,8 @@ pub struct MemberRecord {
     /// The last liveness datagram's counter: a datagram must be above it (in memory only: a
     /// restart accepts any counter once more, which at worst refreshes a member once).
     pub liveness_counter: u64,
+    /// When the last resync answer over UDP went to it (rate limit; in memory only).
+    pub udp_resync_ms: u64,
 }
 
 /// A change waiting for the end of the epoch.
@@ -141,6 +143,18 @@ impl core::fmt::Debug for Record {
     }
 }
 
+/// Least time between two resync answers over UDP to one member.
+pub const UDP_RESYNC_INTERVAL_MS: u64 = 50;
+
+/// What an accepted liveness datagram gives.
+#[derive(Debug)]
+pub enum LivenessAnswer {
+    /// A refresh: nothing to send.
+    Refreshed(MemberId),
+    /// A resync request: this datagram goes back to where the request came from.
+    Resync(MemberId, Vec<u8>),
+}
+
 /// Why a liveness datagram was not counted (the driver counts these; it never answers).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LivenessRefused {
@@ -154,6 +168,8 @@ pub enum LivenessRefused {
     BadTag(MemberId),
     #[error("member {member:?}'s counter {counter} is not above {last}: a replay")]
     Replayed { member: MemberId, counter: u64, last: u64 },
+    #[error("member {0:?} asked for a resync again too soon")]
+    TooSoon(MemberId),
 }
 
 /// Why a member left.
@@ -410,7 +426,7 @@ impl Controller {
         }
         c.revoked = s.revoked.clone();
         for (member, identity, joined_seq) in &s.members {
-            c.members.insert(*member, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: *joined_seq, liveness_counter: 0 });
+            c.members.insert(*member, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: *joined_seq, liveness_counter: 0, udp_resync_ms: 0 });
             c.by_identity.insert(identity.clone(), *member);
         }
         (c.next_member, c.epoch, c.rekey_seq) = (s.next_member, s.epoch, s.rekey_seq);
@@ -631,25 +647,37 @@ impl Controller {
     }
 
     /// A liveness datagram (UDP): counts as a refresh from its member when its tag verifies
-    /// under the member's liveness key and its counter is above the last one. Costs one lookup
-    /// and one HMAC, allocates nothing.
-    pub fn liveness(&mut self, bytes: &[u8], now_ms: u64) -> Result<MemberId, LivenessRefused> {
+    /// under the member's liveness key and its counter is above the last one (one lookup and
+    /// one HMAC, no allocation). A resync request is answered with the member's keys sealed
+    /// under its resync answer key (`nonce`: 12 fresh random bytes), at most once per
+    /// [`UDP_RESYNC_INTERVAL_MS`].
+    pub fn liveness(&mut self, bytes: &[u8], now_ms: u64, nonce: [u8; 12]) -> Result<LivenessAnswer, LivenessRefused> {
         let claimed = Liveness::peek(bytes).map_err(LivenessRefused::Decode)?;
         if claimed.group != self.policy.group {
             return Err(LivenessRefused::OtherGroup(claimed.group));
         }
         let (member, group) = (claimed.member, self.policy.group);
         let individual = self.graph.individual_key(member).ok_or(LivenessRefused::NotMember(member))?;
-        let last = self.members.get(&member).ok_or(LivenessRefused::NotMember(member))?.liveness_counter;
+        let record = self.members.get(&member).ok_or(LivenessRefused::NotMember(member))?;
         let live = Liveness::open(bytes, &LivenessKey::derive(&individual, group, member)).map_err(|_| LivenessRefused::BadTag(member))?;
-        if live.counter <= last {
-            return Err(LivenessRefused::Replayed { member, counter: live.counter, last });
+        if live.counter <= record.liveness_counter {
+            return Err(LivenessRefused::Replayed { member, counter: live.counter, last: record.liveness_counter });
         }
+        if live.resync && now_ms < record.udp_resync_ms.saturating_add(UDP_RESYNC_INTERVAL_MS) {
+            return Err(LivenessRefused::TooSoon(member));
+        }
+        let identity = record.identity.clone();
         if let Some(record) = self.members.get_mut(&member) {
             record.liveness_counter = live.counter;
+            record.udp_resync_ms = if live.resync { now_ms } else { record.udp_resync_ms };
         }
-        self.seen(member, live.rekey_seq, now_ms);
-        Ok(member)
+        if !live.resync {
+            self.seen(member, live.rekey_seq, now_ms);
+            return Ok(LivenessAnswer::Refreshed(member));
+        }
+        let answer = self.resync(&identity, member, live.rekey_seq, now_ms).map_err(|_| LivenessRefused::NotMember(member))?;
+        let sealed = seal_resync_answer(&answer, live.counter, &ResyncAnswerKey::derive(&individual, group, member), nonce);
+        Ok(LivenessAnswer::Resync(member, sealed))
     }
 
     /// Records that `member` was heard, and a rekey seq it reports: a seq above this log's
@@ -960,7 +988,7 @@ impl Controller {
             }
         }
         for (m, identity) in joins {
-            self.members.insert(*m, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: seq, liveness_counter: 0 });
+            self.members.insert(*m, MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: seq, liveness_counter: 0, udp_resync_ms: 0 });
             self.by_identity.insert(identity.clone(), *m);
             self.next_member = self.next_member.max(m.0 + 1);
         }

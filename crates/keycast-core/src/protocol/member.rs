@@ -13,7 +13,10 @@ use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
 use subtle::ConstantTimeEq;
 use crate::wire::rekey::RekeyPacket;
-use crate::wire::{message_type, GroupId, Liveness, LivenessKey, MessageType, SignedDelta, SignedSignerChange, VerifyingKey, LIVENESS_LEN};
+use crate::wire::{
+    message_type, open_resync_answer, GroupId, Liveness, LivenessKey, MessageType, ResyncAnswerKey, SignedDelta, SignedSignerChange, VerifyingKey,
+    LIVENESS_LEN,
+};
 
 use super::traffic::{self, ReplayWindow, TrafficError};
 
@@ -85,6 +88,8 @@ pub struct MemberSession {
     replays: ReplayWindow,
     /// Counter of the last liveness datagram (grows with the clock, never repeats).
     liveness_counter: u64,
+    /// The counter of the resync request sent over UDP and not answered yet.
+    resync_probe: Option<u64>,
 }
 
 /// A member's first data seq is its join time in milliseconds shifted left by this, so a
@@ -116,6 +121,7 @@ impl MemberSession {
             next_data_seq: now_ms << DATA_SEQ_TIME_SHIFT,
             replays: ReplayWindow::default(),
             liveness_counter: 0,
+            resync_probe: None,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -127,12 +133,34 @@ impl MemberSession {
     }
 
     /// A liveness datagram for the controller (a refresh over UDP, tagged with a key derived
-    /// from this member's individual key); `None` if this member holds no individual key.
-    pub fn liveness(&mut self, now_ms: u64) -> Option<[u8; LIVENESS_LEN]> {
+    /// from this member's individual key), or with `resync` a resync request over UDP (the
+    /// answer must name its counter); `None` if this member holds no individual key.
+    pub fn liveness(&mut self, now_ms: u64, resync: bool) -> Option<[u8; LIVENESS_LEN]> {
         let individual = self.keys.individual_key()?;
         self.liveness_counter = (self.liveness_counter + 1).max(now_ms);
+        if resync {
+            self.resync_probe = Some(self.liveness_counter);
+        }
         let key = LivenessKey::derive(&individual, self.group, self.member);
-        Some(Liveness { group: self.group, member: self.member, counter: self.liveness_counter, rekey_seq: self.rekey_seq() }.seal(&key))
+        let liveness = Liveness { group: self.group, member: self.member, resync, counter: self.liveness_counter, rekey_seq: self.rekey_seq() };
+        Some(liveness.seal(&key))
+    }
+
+    /// A resync answer that came over UDP, sealed to this member: installed if it answers the
+    /// latest resync request (an older one replayed is refused).
+    pub fn sealed_resync(&mut self, bytes: &[u8], now_ms: u64) -> Result<Vec<MemberEvent>, MemberInputError> {
+        let individual = self.keys.individual_key().ok_or(Reject::BadSignature)?;
+        let key = ResyncAnswerKey::derive(&individual, self.group, self.member);
+        let (answer, counter) = open_resync_answer(bytes, &key)?;
+        if answer.group != self.group || answer.member != self.member {
+            return Err(Reject::WrongGroup { expected: self.group, got: answer.group }.into());
+        }
+        let expected = self.resync_probe.ok_or(Reject::Replay { kind: "resync answer", seq: counter, last: 0 })?;
+        if counter != expected {
+            return Err(Reject::Replay { kind: "resync answer", seq: counter, last: expected }.into());
+        }
+        self.resync_probe = None;
+        Ok(self.resynced(answer, now_ms))
     }
 
     pub fn group(&self) -> GroupId {

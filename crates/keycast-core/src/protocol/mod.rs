@@ -7,6 +7,6 @@ pub mod member;
 pub mod snapshot;
 pub mod traffic;
 
-pub use controller::{Controller, ControllerError, Departure, FixedPolicy, GroupPolicy, JoinStatus, LivenessRefused, Output, Record, Refusal, Request, DEFAULT_SNAPSHOT_EVERY};
+pub use controller::{Controller, ControllerError, Departure, FixedPolicy, GroupPolicy, JoinStatus, LivenessAnswer, LivenessRefused, UDP_RESYNC_INTERVAL_MS, Output, Record, Refusal, Request, DEFAULT_SNAPSHOT_EVERY};
 pub use member::{MemberEvent, MemberInputError, MemberSession};
 pub use snapshot::Snapshot;

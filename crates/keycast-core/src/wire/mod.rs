@@ -23,7 +23,7 @@ pub use auth::{Signer, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
-pub use liveness::{Liveness, LivenessKey, LIVENESS_LEN, LIVENESS_TAG_LEN};
+pub use liveness::{open_resync_answer, peek_resync_answer, seal_resync_answer, Liveness, LivenessKey, ResyncAnswerKey, LIVENESS_LEN, LIVENESS_TAG_LEN};
 pub use parity::{encode_parity, ParityHeader, ParityPacket, ParityRound, ParityShard};
 pub use roster::{MembershipDelta, SignedDelta};
 pub use signer::{SignedSignerChange, SignerChange};
@@ -59,6 +59,8 @@ pub enum MessageType {
     SignerChange = 13,
     RekeyParity = 14,
     Liveness = 15,
+    ResyncProbe = 16,
+    SealedResync = 17,
 }
 
 impl MessageType {
@@ -78,13 +80,15 @@ impl MessageType {
             Message::MembershipDelta(_) => MessageType::MembershipDelta,
             Message::SignerChange(_) => MessageType::SignerChange,
             Message::RekeyParity(_) => MessageType::RekeyParity,
+            Message::Liveness(l, _) if l.resync => MessageType::ResyncProbe,
             Message::Liveness(..) => MessageType::Liveness,
+            Message::SealedResync(_) => MessageType::SealedResync,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange, RekeyParity, Liveness]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -174,6 +178,8 @@ pub enum Message {
     RekeyParity(ParityPacket),
     /// Fields of a liveness datagram (its tag is checked by [`Liveness::open`]) and the tag.
     Liveness(Liveness, [u8; LIVENESS_TAG_LEN]),
+    /// A resync answer sealed to one member (opened by [`open_resync_answer`]), as bytes.
+    SealedResync(Vec<u8>),
 }
 
 impl Message {
@@ -195,7 +201,11 @@ impl Message {
             MessageType::MembershipDelta => Message::MembershipDelta(SignedDelta::decode(bytes)?),
             MessageType::SignerChange => Message::SignerChange(SignedSignerChange::decode(bytes)?),
             MessageType::RekeyParity => Message::RekeyParity(ParityPacket::decode(bytes)?),
-            MessageType::Liveness => {
+            MessageType::SealedResync => {
+                peek_resync_answer(bytes)?;
+                Message::SealedResync(bytes.to_vec())
+            }
+            MessageType::Liveness | MessageType::ResyncProbe => {
                 let mut tag = [0u8; LIVENESS_TAG_LEN];
                 let liveness = Liveness::peek(bytes)?;
                 tag.copy_from_slice(&bytes[LIVENESS_LEN - LIVENESS_TAG_LEN..]);
@@ -221,6 +231,7 @@ impl Message {
             Message::SignerChange(m) => m.encode(),
             Message::RekeyParity(m) => m.encode(),
             Message::Liveness(m, tag) => liveness::encode_with_tag(m, tag),
+            Message::SealedResync(bytes) => bytes.clone(),
         }
     }
 }
