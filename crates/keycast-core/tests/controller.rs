@@ -438,3 +438,47 @@ fn a_member_behind_resyncs_over_udp_and_an_old_answer_is_not_taken_again() {
     let mut b = h.session("b");
     assert!(b.sealed_resync(&sealed, h.now).is_err());
 }
+
+#[test]
+fn a_member_that_loses_every_rekey_packet_rebuilds_them_from_parity() {
+    use keycast_core::wire::rekey::FecConfig;
+    use keycast_core::wire::{message_type, MessageType};
+    let mut policy = policy(tree());
+    policy.packets.fec = FecConfig { block: 4, proactivity_pct: 200 };
+    policy.packets.mtu = 400;
+    let names: Vec<String> = (0..24).map(|i| format!("m{i}")).collect();
+    let acl: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut h = Harness::new(policy, &acl);
+    let mut a = h.session("m0");
+    for name in &names[1..] {
+        assert!(matches!(h.join(name), Ok(JoinStatus::Queued(_))));
+    }
+    // The epoch's rekey, as the group address carries it.
+    let mut datagrams = Vec::new();
+    for _ in 0..2 * policy.epoch_ms / 10 {
+        h.now += 10;
+        let e = h.entropy();
+        for output in h.controller.tick(h.now, e).unwrap() {
+            if let Output::Multicast(bytes) = output {
+                datagrams.push(bytes);
+            }
+        }
+    }
+    let kind = |d: &Vec<u8>| message_type(d).unwrap();
+    let (rekeys, parity) = (datagrams.iter().filter(|d| kind(d) == MessageType::Rekey).count(), datagrams.iter().filter(|d| kind(d) == MessageType::RekeyParity).count());
+    assert!(rekeys >= 2 && parity >= rekeys, "{rekeys} rekey packets, {parity} parity packets");
+    // Every rekey packet is lost; parity and heartbeats arrive.
+    let mut events = Vec::new();
+    for d in datagrams.iter().filter(|d| kind(d) != MessageType::Rekey) {
+        events.extend(a.receive(d, h.now).unwrap());
+    }
+    assert!(events.iter().any(|e| matches!(e, MemberEvent::Repaired { .. })), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, MemberEvent::Rekeyed { .. })), "{events:?}");
+    assert_eq!(a.rekey_seq(), h.controller.rekey_seq());
+    assert!(!a.needs_resync());
+    // A forged parity packet (one byte changed) is refused before it is used.
+    let mut forged = datagrams.iter().find(|d| kind(d) == MessageType::RekeyParity).unwrap().clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert!(a.receive(&forged, h.now).is_err());
+}

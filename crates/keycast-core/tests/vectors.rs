@@ -93,7 +93,7 @@ fn describe(message: &Message) -> Value {
             "group": c.change.group.0, "change": c.change.change, "next": hex::encode(c.change.next.0), "signature": hex::encode(c.signature),
         }}),
         Message::RekeyParity(p) => json!({"rekey_parity": {
-            "group": p.header.group.0, "seq": p.header.seq, "round": p.header.round, "fec_block": p.header.fec_block,
+            "group": p.header.group.0, "seq": p.header.seq, "round": p.header.round, "fec_block": p.header.fec_block, "first": p.header.first,
             "originals": p.header.originals, "capacity": p.header.capacity, "parity_index": p.header.parity_index,
             "index": p.header.index, "count": p.header.count, "block_bits": p.header.block_bits,
             "shard": hex::encode(&p.shard), "signature": hex::encode(p.signature),
@@ -150,12 +150,25 @@ fn generate() -> Value {
     let (member_position, member_keys) = graph.member_keys(MemberId(9)).unwrap();
     let plan = graph.apply(&Batch { joins: vec![], leaves: vec![MemberId(5)] }, &BatchSeed::from_u64(3)).unwrap();
     let context = RekeyContext { group, epoch: 7, seq: 3, activation: 8 };
-    let small = PacketConfig { mtu: 400, block_bits: 2, placement: Placement::UserOriented };
+    let small = PacketConfig { mtu: 400, block_bits: 2, placement: Placement::UserOriented, ..PacketConfig::default() };
     let rekey = encode_rekey(&plan, context, small, &signer).unwrap();
 
     let mut vectors = Vec::new();
     for (i, p) in rekey.packets.iter().enumerate() {
         vectors.push(message_vector(&format!("rekey packet {i} of {}", rekey.packets.len()), p.clone(), &public));
+    }
+    // FEC: the first three packets as one block, two Reed-Solomon parity shards, signed as round 1.
+    let block = keycast_core::delivery::fec::BlockCode::new(3, 2).unwrap();
+    let encoded = keycast_core::delivery::fec::encode_block(block, &rekey.packets[..3]).unwrap();
+    let shards: Vec<ParityShard> = encoded
+        .parity
+        .iter()
+        .enumerate()
+        .map(|(i, shard)| ParityShard { fec_block: 0, first: 0, originals: 3, capacity: 2, parity_index: i as u16, shard: shard.clone() })
+        .collect();
+    let round = ParityRound { group, seq: 3, round: 1, block_bits: 2 };
+    for (i, p) in encode_parity(round, &shards, &signer).unwrap().into_iter().enumerate() {
+        vectors.push(message_vector(&format!("rekey parity {i} of 2: Reed-Solomon (3 + 2) over rekey packets 0 to 2, framed (u16 length, packet, zeros)"), p, &public));
     }
     let mut tampered = rekey.packets[0].clone();
     tampered[keycast_core::wire::rekey::HEADER_LEN + 3] ^= 1;

@@ -65,6 +65,9 @@ pub struct Stats {
     pub epoch: u64,
     pub rekeys: u64,
     pub rekey_bytes: u64,
+    /// FEC parity packets sent with rekeys, and their bytes (not in `rekey_bytes`).
+    pub parity_packets: u64,
+    pub parity_bytes: u64,
     pub joins: u64,
     /// Resyncs answered over TLS: a member that missed a rekey fetched its keys.
     pub resyncs: u64,

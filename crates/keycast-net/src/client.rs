@@ -153,6 +153,8 @@ pub struct ClientStats {
     pub lost: u64,
     /// Resyncs answered over UDP (without a TLS connection).
     pub udp_resyncs: u64,
+    /// Rekeys this member completed by rebuilding lost packets from FEC parity.
+    pub repaired: u64,
 }
 
 /// What the follow task and the client share besides the session: counters, and whether the
@@ -168,6 +170,7 @@ struct Shared {
     member_events_dropped: AtomicU64,
     lost: AtomicU64,
     udp_resyncs: AtomicU64,
+    repaired: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -317,6 +320,7 @@ impl MemberClient {
             member_events_dropped: get(&c.member_events_dropped),
             lost: get(&c.lost),
             udp_resyncs: get(&c.udp_resyncs),
+            repaired: get(&c.repaired),
         }
     }
 
@@ -486,7 +490,11 @@ impl Follow {
             Ok(None) => {
                 let result = lock(&self.session).receive(bytes, now_ms());
                 match result {
-                    Ok(list) => self.events.members(list),
+                    Ok(list) => {
+                        let repaired = list.iter().filter(|e| matches!(e, MemberEvent::Repaired { .. })).count();
+                        shared.repaired.fetch_add(repaired as u64, Ordering::Relaxed);
+                        self.events.members(list);
+                    }
                     Err(e) => {
                         bump(&shared.rejected);
                         tracing::debug!(reason = %e, "multicast message dropped");

@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keycast_core::wire::rekey::{PacketConfig, Placement, DEFAULT_BLOCK_BITS};
+use keycast_core::wire::rekey::{FecConfig, PacketConfig, Placement, DEFAULT_BLOCK_BITS};
 use keycast_core::wire::{GroupId, DEFAULT_MTU};
 use keycast_core::{protocol::GroupPolicy, GraphConfig, JoinPolicy, Scheme};
 use serde::{Deserialize, Serialize};
@@ -150,6 +150,10 @@ pub struct PolicyConfig {
     /// Multicast who joined and left after each rekey (conferencing groups).
     pub membership_deltas: bool,
     pub mtu: usize,
+    /// Proactive FEC: rekey packets in blocks of `fec_block`, each sent with
+    /// ceil(k · proactivity_pct / 100) − k parity packets (100: none).
+    pub fec_block: u16,
+    pub proactivity_pct: u16,
 }
 
 impl Default for PolicyConfig {
@@ -166,6 +170,8 @@ impl Default for PolicyConfig {
             immediate_eviction: true,
             membership_deltas: false,
             mtu: DEFAULT_MTU,
+            fec_block: FecConfig::default().block,
+            proactivity_pct: FecConfig::default().proactivity_pct,
         }
     }
 }
@@ -188,6 +194,13 @@ impl PolicyConfig {
         if self.epoch_ms == 0 || self.heartbeat_ms == 0 {
             return Err(ConfigError::Invalid("epoch_ms and heartbeat_ms must be positive".into()));
         }
+        let packets = PacketConfig {
+            mtu: self.mtu,
+            block_bits: DEFAULT_BLOCK_BITS,
+            placement: Placement::default(),
+            fec: FecConfig { block: self.fec_block, proactivity_pct: self.proactivity_pct },
+        };
+        packets.check().map_err(|e| ConfigError::Invalid(format!("[policy]: {e}")))?;
         Ok(GroupPolicy {
             group: GroupId(group),
             graph: GraphConfig { scheme, join_policy },
@@ -197,7 +210,7 @@ impl PolicyConfig {
             refresh_timeout_ms: self.refresh_timeout_ms,
             immediate_eviction: self.immediate_eviction,
             membership_deltas: self.membership_deltas,
-            packets: PacketConfig { mtu: self.mtu, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::default() },
+            packets,
         })
     }
 }

@@ -511,9 +511,13 @@ impl ControllerTask {
                 }
                 Output::JoinAnswer { conn, answer, keys } => self.answer_join(conn, answer, keys.map(|k| k.encode().into())),
                 Output::Departed { member, identity, why } => tracing::info!(member = member.0, %identity, ?why, "member removed"),
-                Output::Rekeyed { seq, epoch, wraps, packets, bytes } => {
-                    tracing::info!(seq, epoch, wraps, packets, bytes, "rekey sent");
-                    self.shared.update(|s| s.rekey_bytes += bytes as u64);
+                Output::Rekeyed { seq, epoch, wraps, packets, bytes, parity, parity_bytes } => {
+                    tracing::info!(seq, epoch, wraps, packets, bytes, parity, "rekey sent");
+                    self.shared.update(|s| {
+                        s.rekey_bytes += bytes as u64;
+                        s.parity_packets += parity as u64;
+                        s.parity_bytes += parity_bytes as u64;
+                    });
                 }
             }
         }
@@ -950,7 +954,7 @@ async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn metrics_text(s: &Stats) -> String {
-    let series: [(&str, &str, String); 15] = [
+    let series: [(&str, &str, String); 16] = [
         ("keycast_members", "gauge", s.members.to_string()),
         ("keycast_epoch", "gauge", s.epoch.to_string()),
         ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
@@ -961,6 +965,7 @@ fn metrics_text(s: &Stats) -> String {
         ("keycast_liveness_refused_total", "counter", s.liveness_refused.to_string()),
         ("keycast_liveness_dropped_total", "counter", s.liveness_dropped.to_string()),
         ("keycast_udp_resyncs_total", "counter", s.udp_resyncs.to_string()),
+        ("keycast_parity_packets_total", "counter", s.parity_packets.to_string()),
         ("keycast_join_latency_ms", "gauge", s.mean_join_latency_ms.to_string()),
         ("keycast_connections_open", "gauge", s.connections_open.to_string()),
         ("keycast_connections_over_cap_total", "counter", s.connections_over_cap.to_string()),

@@ -267,7 +267,7 @@ async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_m
 /// spans more than one block: degree 8 keeps every chain one wrap long, and a 250-byte packet
 /// holds one wrap.
 fn small_packet_policy() -> GroupPolicy {
-    let packets = PacketConfig { mtu: 250, block_bits: 1, placement: Placement::UserOriented };
+    let packets = PacketConfig { mtu: 250, block_bits: 1, placement: Placement::UserOriented, ..PacketConfig::default() };
     GroupPolicy { graph: GraphConfig { scheme: Scheme::Tree { degree: 8 }, ..policy().graph }, packets, ..policy() }
 }
 

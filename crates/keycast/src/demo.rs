@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use keycast_core::protocol::GroupPolicy;
-use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::rekey::{FecConfig, PacketConfig};
 use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 use keycast_net::client::MemberClient;
@@ -38,6 +38,12 @@ pub struct DemoArgs {
     /// Mean length of a loss burst in datagrams (Gilbert-Elliott); independent losses without it.
     #[arg(long)]
     burst: Option<f64>,
+    /// FEC: rekey packets per block (k).
+    #[arg(long = "fec-block", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
+    fec_block: u16,
+    /// FEC proactivity rho: packets sent per block over k (1.0: no parity).
+    #[arg(long, default_value_t = 1.0)]
+    rho: f64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -140,8 +146,15 @@ struct Summary {
     datagrams_lost: u64,
     /// Rekeys received by members, summed (a member present for 5 rekeys counts 5).
     member_rekeys: u64,
-    /// Members that fetched keys over TLS because a rekey did not reach them.
+    /// Resyncs because a rekey did not reach a member: over TLS, and over UDP (one datagram each way).
     unicast_resyncs: u64,
+    udp_resyncs: u64,
+    /// FEC: proactivity, parity packets and bytes sent, and rekeys members completed by
+    /// rebuilding lost packets from parity.
+    rho: f64,
+    parity_packets: u64,
+    parity_bytes: u64,
+    fec_repairs: u64,
     joins: usize,
     leaves: usize,
     mean_join_latency_ms: f64,
@@ -172,13 +185,17 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         );
         if summary.loss > 0.0 {
             println!(
-                "injected loss {} (mean burst {}): {} datagrams dropped; {} unicast resyncs for {} member-rekeys ({:.2}%)",
+                "injected loss {} (mean burst {}): {} datagrams dropped; {} resyncs over TLS and {} over UDP for {} member-rekeys ({:.2}%); FEC rho {}: {} parity packets, {} rekeys repaired",
                 summary.loss,
                 summary.burst,
                 summary.datagrams_lost,
                 summary.unicast_resyncs,
+                summary.udp_resyncs,
                 summary.member_rekeys,
-                100.0 * summary.unicast_resyncs as f64 / summary.member_rekeys.max(1) as f64
+                100.0 * (summary.unicast_resyncs + summary.udp_resyncs) as f64 / summary.member_rekeys.max(1) as f64,
+                summary.rho,
+                summary.parity_packets,
+                summary.fec_repairs
             );
         }
         println!("mean join latency {:.0} ms (joins wait for their epoch); {:.1} s in all", summary.mean_join_latency_ms, summary.seconds);
@@ -198,10 +215,13 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         refresh_timeout_ms: 20 * args.epoch_ms,
         immediate_eviction: true,
         membership_deltas: false,
-        packets: PacketConfig::default(),
+        packets: PacketConfig { fec: FecConfig { block: args.fec_block, proactivity_pct: (args.rho * 100.0).round() as u16 }, ..PacketConfig::default() },
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;
     let group = LocalGroup::start(policy, acl, dir.path().to_path_buf()).await.map_err(|e| e.to_string())?;
+    if !(1.0..=4.0).contains(&args.rho) {
+        return Err(format!("--rho {} must be between 1.0 (no parity) and 4.0", args.rho));
+    }
     let loss = (args.loss > 0.0).then_some(LossModel { rate: args.loss, burst: args.burst, seed: args.seed });
     if let Some(model) = &loss {
         model.check().map_err(|e| format!("--loss/--burst: {e}"))?;
@@ -283,6 +303,11 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         datagrams_lost: demo.members.values().map(|(_, client, _)| client.stats().lost).sum(),
         member_rekeys: demo.member_rekeys(),
         unicast_resyncs: stats.resyncs,
+        udp_resyncs: stats.udp_resyncs,
+        rho: args.rho,
+        parity_packets: stats.parity_packets,
+        parity_bytes: stats.parity_bytes,
+        fec_repairs: demo.members.values().map(|(_, client, _)| client.stats().repaired).sum(),
         joins: demo.joins,
         leaves: demo.leaves,
         mean_join_latency_ms: stats.mean_join_latency_ms,

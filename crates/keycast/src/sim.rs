@@ -190,7 +190,7 @@ fn rekey(args: &RekeyArgs) -> Result<(), String> {
     ChaCha8Rng::seed_from_u64(args.seed ^ 0x5167).fill_bytes(&mut signer_seed);
     let signer = Signer::from_seed(&signer_seed);
     let context = RekeyContext { group: GroupId(args.seed), epoch: 1, seq: 1, activation: 2 };
-    let packet_config = PacketConfig { mtu: args.mtu, block_bits: args.block_bits, placement: args.packet_placement };
+    let packet_config = PacketConfig { mtu: args.mtu, block_bits: args.block_bits, placement: args.packet_placement, ..PacketConfig::default() };
     let start = Instant::now();
     let wire = encode_rekey(&plan, context, packet_config, &signer).map_err(|e| e.to_string())?;
     let encode_micros = start.elapsed().as_micros();

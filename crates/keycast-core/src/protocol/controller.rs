@@ -19,6 +19,8 @@ use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
+use crate::delivery::fec::{encode_block, BlockCode};
+use crate::wire::{encode_parity, ParityRound, ParityShard};
 use crate::wire::{seal_resync_answer, GroupId, Liveness, LivenessKey, MembershipDelta, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
@@ -199,8 +201,9 @@ pub enum Output {
     /// Answer to a join: acceptance and the member's full keys (after its batch), or refusal.
     JoinAnswer { conn: ConnId, answer: JoinAnswer, keys: Option<ResyncAnswer> },
     Departed { member: MemberId, identity: String, why: Departure },
-    /// A batch was applied: its seq, the wraps and the packets it took.
-    Rekeyed { seq: u64, epoch: u64, wraps: usize, packets: usize, bytes: usize },
+    /// A batch was applied: its seq, the wraps and the packets it took, and the FEC parity
+    /// packets sent with them.
+    Rekeyed { seq: u64, epoch: u64, wraps: usize, packets: usize, bytes: usize, parity: usize, parity_bytes: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -942,8 +945,11 @@ impl Controller {
         let (packets, bytes) = self.encode(&plan, seq, epoch, activation)?;
         let mut out = vec![Output::Persist(record)];
         out.append(&mut refused);
-        out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes });
+        let parity = self.parity(seq, &packets);
+        let parity_bytes = parity.iter().map(Vec::len).sum();
+        out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes, parity: parity.len(), parity_bytes });
         out.extend(packets.iter().cloned().map(Output::Multicast));
+        out.extend(parity.into_iter().map(Output::Multicast));
         if self.policy.membership_deltas {
             let joined = joins.iter().map(|(m, _)| *m).collect();
             let left = leaves.iter().chain(&plan.excluded).copied().collect();
@@ -1000,6 +1006,31 @@ impl Controller {
         let active_seq = self.active_entry(epoch).0;
         self.group_keys.retain(|s, _| *s >= active_seq);
         Ok(plan)
+    }
+
+    /// The proactive parity packets of a rekey (round 1), signed; none when the policy asks
+    /// for none. Parity is redundancy: a block the code cannot take is sent without it.
+    fn parity(&self, seq: u64, packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let fec = self.policy.packets.fec;
+        let k = usize::from(fec.block.max(1));
+        let mut shards = Vec::new();
+        for (b, block) in packets.chunks(k).enumerate() {
+            let count = fec.parity_for(block.len());
+            let Ok(encoded) = BlockCode::new(block.len(), count.max(1)).and_then(|code| encode_block(code, block)) else { continue };
+            shards.extend(encoded.parity.into_iter().take(count).enumerate().map(|(i, shard)| ParityShard {
+                fec_block: b as u32,
+                first: (b * k) as u32,
+                originals: block.len() as u16,
+                capacity: count as u16,
+                parity_index: i as u16,
+                shard,
+            }));
+        }
+        if shards.is_empty() {
+            return Vec::new();
+        }
+        let round = ParityRound { group: self.policy.group, seq, round: 1, block_bits: self.policy.packets.block_bits };
+        encode_parity(round, &shards, &self.signer).unwrap_or_default()
     }
 
     fn encode(&self, plan: &RekeyPlan, seq: u64, epoch: u64, activation: u64) -> Result<(Vec<Vec<u8>>, usize), ControllerError> {

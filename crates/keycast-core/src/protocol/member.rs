@@ -13,6 +13,9 @@ use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
 use subtle::ConstantTimeEq;
 use crate::wire::rekey::RekeyPacket;
+use crate::wire::ParityPacket;
+
+use super::repair::RepairCollector;
 use crate::wire::{
     message_type, open_resync_answer, GroupId, Liveness, LivenessKey, MessageType, ResyncAnswerKey, SignedDelta, SignedSignerChange, VerifyingKey,
     LIVENESS_LEN,
@@ -44,6 +47,8 @@ pub enum MemberEvent {
     MembershipChanged { seq: u64, joined: Vec<MemberId>, left: Vec<MemberId> },
     /// The controller rotated its signing key (announced under the old one).
     SignerChanged { change: u64 },
+    /// Lost packets of rekey `seq` were rebuilt from its FEC parity.
+    Repaired { seq: u64, packets: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +95,8 @@ pub struct MemberSession {
     liveness_counter: u64,
     /// The counter of the resync request sent over UDP and not answered yet.
     resync_probe: Option<u64>,
+    /// Packets and parity of the next rekey, to rebuild lost packets.
+    repair: Option<RepairCollector>,
 }
 
 /// A member's first data seq is its join time in milliseconds shifted left by this, so a
@@ -122,6 +129,7 @@ impl MemberSession {
             replays: ReplayWindow::default(),
             liveness_counter: 0,
             resync_probe: None,
+            repair: None,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -250,7 +258,24 @@ impl MemberSession {
             }
             MessageType::Rekey => {
                 let packet = RekeyPacket::verify(bytes, &self.signer)?;
-                self.rekey_packet(packet)
+                let rebuilt = match self.repair_for(packet.header.group, packet.header.seq) {
+                    Some(repair) => repair.packet(packet.header.index, bytes),
+                    None => Vec::new(),
+                };
+                let mut events = self.rekey_packet(packet)?;
+                events.extend(self.rebuilt(rebuilt));
+                Ok(events)
+            }
+            MessageType::RekeyParity => {
+                let parity = ParityPacket::verify(bytes, &self.signer)?;
+                let header = parity.header;
+                if header.group != self.group {
+                    return Err(Reject::WrongGroup { expected: self.group, got: header.group }.into());
+                }
+                // Parity of a rekey already applied is expected (it follows the packets).
+                let Some(repair) = self.repair_for(header.group, header.seq) else { return Ok(Vec::new()) };
+                let rebuilt = repair.parity(&header, parity.shard);
+                Ok(self.rebuilt(rebuilt))
             }
             MessageType::MembershipDelta => {
                 let delta = SignedDelta::verify(bytes, &self.signer)?;
@@ -280,6 +305,37 @@ impl MemberSession {
             }
             other => Err(MemberInputError::Unexpected(other)),
         }
+    }
+
+    /// The repair collector of rekey `seq` if it is the next one for this member (a newer
+    /// rekey's replaces an older one's; the applied rekey's is dropped).
+    fn repair_for(&mut self, group: GroupId, seq: u64) -> Option<&mut RepairCollector> {
+        if group != self.group || seq <= self.guard.rekey_seq() {
+            return None;
+        }
+        if self.repair.as_ref().is_none_or(|r| r.seq() < seq) {
+            self.repair = Some(RepairCollector::new(seq));
+        }
+        self.repair.as_mut().filter(|r| r.seq() == seq)
+    }
+
+    /// Packets rebuilt from parity, taken like packets received (each verified again).
+    fn rebuilt(&mut self, packets: Vec<Vec<u8>>) -> Vec<MemberEvent> {
+        let Some(seq) = self.repair.as_ref().map(RepairCollector::seq) else { return Vec::new() };
+        let mut events = Vec::new();
+        let mut used = 0;
+        for bytes in &packets {
+            let Ok(packet) = RekeyPacket::verify(bytes, &self.signer) else { continue };
+            used += 1;
+            events.extend(self.rekey_packet(packet).unwrap_or_default());
+        }
+        if used > 0 {
+            events.insert(0, MemberEvent::Repaired { seq, packets: used });
+        }
+        if self.repair.as_ref().is_some_and(|r| r.seq() <= self.guard.rekey_seq()) {
+            self.repair = None;
+        }
+        events
     }
 
     /// What in `beat` contradicts this member's state, if anything: a rekey seq behind the one

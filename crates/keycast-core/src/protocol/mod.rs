@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod member;
+mod repair;
 pub mod snapshot;
 pub mod traffic;
 

@@ -10,9 +10,9 @@ use super::guard::Reject;
 use super::rekey::{PacketiseError, MAX_BLOCK_BITS};
 use super::{open, start, DecodeError, GroupId, MessageType, VerifyingKey};
 
-/// Bytes before the shard: version, type, group, seq, round, FEC block, originals, capacity,
+/// Bytes before the shard: version, type, group, seq, round, FEC block, first packet, originals, capacity,
 /// parity index, index, count, block bits, shard length.
-pub const PARITY_HEADER_LEN: usize = 2 + 8 + 8 + 1 + 4 + 2 + 2 + 2 + 4 + 4 + 1 + 2;
+pub const PARITY_HEADER_LEN: usize = 2 + 8 + 8 + 1 + 4 + 4 + 2 + 2 + 2 + 4 + 4 + 1 + 2;
 
 /// Which shard a parity packet carries, and its place among its round's packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,8 +22,10 @@ pub struct ParityHeader {
     pub seq: u64,
     /// 1: sent with the rekey; 2 and on: a repair answering NAKs.
     pub round: u8,
-    /// FEC block b covers the rekey's packets b·k .. b·k + originals.
+    /// The FEC block's number, and the index of its first rekey packet: it covers packets
+    /// `first .. first + originals`.
     pub fec_block: u32,
+    pub first: u32,
     /// Packets in this FEC block (k; the last block may hold fewer).
     pub originals: u16,
     /// Parity shards the block's code can make: sender and receiver need the same code.
@@ -49,6 +51,7 @@ pub struct ParityPacket {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParityShard {
     pub fec_block: u32,
+    pub first: u32,
     pub originals: u16,
     pub capacity: u16,
     pub parity_index: u16,
@@ -61,6 +64,7 @@ impl ParityPacket {
         out.put_u64(header.seq);
         out.put_u8(header.round);
         out.put_u32(header.fec_block);
+        out.put_u32(header.first);
         out.put_u16(header.originals);
         out.put_u16(header.capacity);
         out.put_u16(header.parity_index);
@@ -91,6 +95,7 @@ impl ParityPacket {
             seq: r.u64("rekey seq")?,
             round: r.u8("round")?,
             fec_block: r.u32("FEC block")?,
+            first: r.u32("first packet")?,
             originals: r.u16("originals")?,
             capacity: r.u16("parity capacity")?,
             parity_index: r.u16("parity index")?,
@@ -163,6 +168,7 @@ pub fn encode_parity(round: ParityRound, shards: &[ParityShard], signer: &Signer
                 seq: round.seq,
                 round: round.round,
                 fec_block: s.fec_block,
+                first: s.first,
                 originals: s.originals,
                 capacity: s.capacity,
                 parity_index: s.parity_index,
@@ -184,7 +190,7 @@ mod tests {
     use super::*;
 
     fn shards(n: usize) -> Vec<ParityShard> {
-        (0..n).map(|i| ParityShard { fec_block: (i / 3) as u32, originals: 10, capacity: 30, parity_index: (i % 3) as u16, shard: vec![i as u8; 100 + 2 * i] }).collect()
+        (0..n).map(|i| ParityShard { fec_block: (i / 3) as u32, first: (i / 3) as u32 * 10, originals: 10, capacity: 30, parity_index: (i % 3) as u16, shard: vec![i as u8; 100 + 2 * i] }).collect()
     }
 
     #[test]
@@ -226,9 +232,10 @@ mod tests {
         };
         // Offsets: 2 version/type, 8 group, 8 seq, then round.
         assert_eq!(with(18, 0), Err(DecodeError::BadValue { field: "round", value: 0 }));
-        // Then the FEC block (4), originals (2), capacity (2, here 30), parity index (2).
-        assert!(matches!(with(26, 0), Err(DecodeError::BadValue { field: "FEC block shape", .. })), "capacity 0");
-        assert!(matches!(with(28, 200), Err(DecodeError::BadValue { field: "parity index", .. })), "index 200 of 30");
+        // Then the FEC block (4), first packet (4), originals (2), capacity (2, here 30),
+        // parity index (2).
+        assert!(matches!(with(30, 0), Err(DecodeError::BadValue { field: "FEC block shape", .. })), "capacity 0");
+        assert!(matches!(with(32, 200), Err(DecodeError::BadValue { field: "parity index", .. })), "index 200 of 30");
         assert!(ParityPacket::decode(&packet[..packet.len() - 1]).is_err());
         assert!(ParityPacket::decode(&[packet.clone(), vec![0]].concat()).is_err());
     }

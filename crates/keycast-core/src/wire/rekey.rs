@@ -159,17 +159,49 @@ pub struct PacketConfig {
     pub mtu: usize,
     pub block_bits: u8,
     pub placement: Placement,
+    pub fec: FecConfig,
 }
 
 impl Default for PacketConfig {
     fn default() -> Self {
-        PacketConfig { mtu: DEFAULT_MTU, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::default() }
+        PacketConfig { mtu: DEFAULT_MTU, block_bits: DEFAULT_BLOCK_BITS, placement: Placement::default(), fec: FecConfig::default() }
+    }
+}
+
+/// Proactive FEC (Zhang, Lam, Lee and Yang): a rekey's packets in blocks of `block` (k), and
+/// with each block ceil(rho · k) − k Reed-Solomon parity packets, rho = `proactivity_pct` / 100.
+/// A member that lost some packets of a block rebuilds them from any k of its shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FecConfig {
+    pub block: u16,
+    /// 100: no parity (FEC off); 160: 60% more packets.
+    pub proactivity_pct: u16,
+}
+
+/// Largest FEC block, and the most proactivity a group may configure.
+pub const MAX_FEC_BLOCK: u16 = 256;
+pub const MAX_PROACTIVITY_PCT: u16 = 400;
+
+impl Default for FecConfig {
+    fn default() -> Self {
+        FecConfig { block: 10, proactivity_pct: 100 }
+    }
+}
+
+impl FecConfig {
+    /// Parity packets for a block of `originals` packets.
+    pub fn parity_for(&self, originals: usize) -> usize {
+        (originals * usize::from(self.proactivity_pct)).div_ceil(100).saturating_sub(originals)
     }
 }
 
 impl PacketConfig {
     /// Whether packets of this shape can carry any rekey (checked before a batch changes keys).
     pub fn check(&self) -> Result<(), PacketiseError> {
+        let FecConfig { block, proactivity_pct } = self.fec;
+        if !(1..=MAX_FEC_BLOCK).contains(&block) || !(100..=MAX_PROACTIVITY_PCT).contains(&proactivity_pct) {
+            return Err(PacketiseError::Fec { block, proactivity_pct });
+        }
         if self.block_bits > MAX_BLOCK_BITS {
             return Err(PacketiseError::BlockBits(self.block_bits));
         }
@@ -189,6 +221,8 @@ pub enum PacketiseError {
     BlockBits(u8),
     #[error("a rekey of {0} packets is more than a packet index can number")]
     TooManyPackets(usize),
+    #[error("FEC blocks of {block} packets with {proactivity_pct}% proactivity: blocks hold 1 to {MAX_FEC_BLOCK} packets, proactivity is 100% (no parity) to {MAX_PROACTIVITY_PCT}%")]
+    Fec { block: u16, proactivity_pct: u16 },
 }
 
 /// Which rekey these packets carry.
