@@ -39,7 +39,8 @@ bytecode() {
     local t
     t=$(python3 -c "print(min(int(float('$1') * 2**32), 2**32 - 1))")
     if [[ ${LOSS_ON:-all} == udp ]]; then
-        echo "6,48 0 0 9,21 0 3 17,32 0 0 4294963256,53 1 0 $t,6 0 0 2,6 0 0 0,"
+        # At ingress cls_bpf sees the frame from its 14-byte Ethernet header: IP protocol at 23.
+        echo "6,48 0 0 23,21 0 3 17,32 0 0 4294963256,53 1 0 $t,6 0 0 2,6 0 0 0,"
     else
         echo "4,32 0 0 4294963256,53 0 1 $t,6 0 0 0,6 0 0 2,"
     fi
