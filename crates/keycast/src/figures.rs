@@ -3,6 +3,7 @@
 
 mod batch;
 mod caronni;
+mod delivery;
 mod plot;
 mod wong;
 
@@ -80,6 +81,8 @@ pub fn run(args: &FiguresArgs) -> Result<(), String> {
     figures.extend(caronni::flat_vs_tree(scale, &progress));
     figures.push(batch::wraps_by_scheme(scale, &progress));
     figures.extend(batch::gsm(scale, &progress));
+    figures.extend(delivery::keystone(scale, &progress));
+    figures.push(delivery::million(scale, &progress));
     progress.0.set_message("writing plots");
     for figure in &figures {
         figure.write(&args.out)?;

@@ -6,6 +6,7 @@ mod figures;
 mod measure;
 mod net;
 mod sim;
+mod sim_delivery;
 
 use clap::{Parser, Subcommand};
 

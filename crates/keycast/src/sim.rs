@@ -17,6 +17,8 @@ use rand_core::{Rng, SeedableRng};
 pub enum SimCommand {
     /// Build a group of N members, apply one batch of joins and leaves, report its rekey.
     Rekey(RekeyArgs),
+    /// Simulate rekey delivery under loss: FEC blocks, adaptive proactivity, NAK rounds, unicast.
+    Delivery(crate::sim_delivery::DeliveryArgs),
     /// Reproduce the papers' figures: CSV, SVG and PNG per figure, and figures.md.
     Figures(crate::figures::FiguresArgs),
 }
@@ -105,6 +107,7 @@ fn mtu_in_range(text: &str) -> Result<usize, String> {
 pub fn run(command: SimCommand) -> Result<(), String> {
     match command {
         SimCommand::Rekey(args) => rekey(&args),
+        SimCommand::Delivery(args) => crate::sim_delivery::run(&args),
         SimCommand::Figures(args) => crate::figures::run(&args),
     }
 }

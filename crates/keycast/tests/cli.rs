@@ -283,7 +283,7 @@ fn sim_figures_quick_writes_every_figure_with_the_papers_shapes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let page = std::fs::read_to_string(dir.join("figures.md")).unwrap();
     let stems: Vec<&str> = page.lines().filter_map(|l| l.strip_prefix("- Data: [`")?.split('.').next()).collect();
-    assert_eq!(stems.len(), 16, "one entry per figure: {stems:?}");
+    assert_eq!(stems.len(), 19, "one entry per figure: {stems:?}");
     for stem in &stems {
         for ext in ["csv", "svg", "png"] {
             let bytes = std::fs::read(dir.join(format!("{stem}.{ext}"))).unwrap_or_else(|_| panic!("{stem}.{ext}"));

@@ -19,8 +19,11 @@
 //! wrong bytes (erasure codes do not detect errors): callers check what they decode, as
 //! [`super::recovery`] does with the packets' own signatures.
 //!
-//! Measured (`cargo bench -p keycast-core --bench fec`, 2 cores, k = 10 shards of 1200 bytes):
-//! see `docs/delivery.md`.
+//! Measured (`cargo bench -p keycast-core --bench fec`, 2 cores, 1200-byte packets, k parity):
+//! at k = 10, encoding 4.4 µs and decoding (half the originals lost) 205 µs; RaptorQ (`raptorq`
+//! 2.0) 43.6 µs and 36.3 µs, but it is not MDS (may need more than k symbols). At k = 100:
+//! 55 µs / 355 µs against 286 µs / 254 µs. Reed-Solomon decoding has a fixed ~0.2 ms cost; the
+//! server encodes every block, a member decodes one. Details in `docs/delivery.md`.
 
 use reed_solomon_simd as rs;
 
