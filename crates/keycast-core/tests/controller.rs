@@ -57,7 +57,7 @@ impl Harness {
                 Output::Persist(record) => self.log.push(record),
                 Output::JoinAnswer { conn, answer, .. } => self.answers.push((conn, answer)),
                 Output::Departed { member, why, .. } => self.departed.push((member, why)),
-                Output::Multicast(_) | Output::Rekeyed { .. } => {}
+                Output::Multicast(_) | Output::Rekeyed { .. } | Output::Repaired { .. } => {}
             }
         }
     }
@@ -439,31 +439,29 @@ fn a_member_behind_resyncs_over_udp_and_an_old_answer_is_not_taken_again() {
     assert!(b.sealed_resync(&sealed, h.now).is_err());
 }
 
-#[test]
-fn a_member_that_loses_every_rekey_packet_rebuilds_them_from_parity() {
-    use keycast_core::wire::rekey::FecConfig;
-    use keycast_core::wire::{message_type, MessageType};
+/// A tree group with FEC blocks of four at `proactivity_pct`, never stepping rho down (a
+/// target of no NAKs), member `m0` admitted and 23 more waiting for the epoch's rekey, whose
+/// packets (MTU 400) then fill several blocks.
+fn fec_group(proactivity_pct: u16) -> (Harness, MemberSession) {
     let mut policy = policy(tree());
-    policy.packets.fec = FecConfig { block: 4, proactivity_pct: 200 };
+    policy.packets.fec = keycast_core::wire::rekey::FecConfig { block: 4, proactivity_pct, target_naks: 0 };
     policy.packets.mtu = 400;
     let names: Vec<String> = (0..24).map(|i| format!("m{i}")).collect();
     let acl: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut h = Harness::new(policy, &acl);
-    let mut a = h.session("m0");
+    let a = h.session("m0");
     for name in &names[1..] {
         assert!(matches!(h.join(name), Ok(JoinStatus::Queued(_))));
     }
-    // The epoch's rekey, as the group address carries it.
-    let mut datagrams = Vec::new();
-    for _ in 0..2 * policy.epoch_ms / 10 {
-        h.now += 10;
-        let e = h.entropy();
-        for output in h.controller.tick(h.now, e).unwrap() {
-            if let Output::Multicast(bytes) = output {
-                datagrams.push(bytes);
-            }
-        }
-    }
+    (h, a)
+}
+
+#[test]
+fn a_member_that_loses_every_rekey_packet_rebuilds_them_from_parity() {
+    use keycast_core::wire::{message_type, MessageType};
+    let (mut h, mut a) = fec_group(200);
+    let epoch_ms = h.policy.epoch_ms;
+    let datagrams = multicast_for(&mut h, 2 * epoch_ms);
     let kind = |d: &Vec<u8>| message_type(d).unwrap();
     let (rekeys, parity) = (datagrams.iter().filter(|d| kind(d) == MessageType::Rekey).count(), datagrams.iter().filter(|d| kind(d) == MessageType::RekeyParity).count());
     assert!(rekeys >= 2 && parity >= rekeys, "{rekeys} rekey packets, {parity} parity packets");
@@ -481,4 +479,51 @@ fn a_member_that_loses_every_rekey_packet_rebuilds_them_from_parity() {
     let last = forged.len() - 1;
     forged[last] ^= 1;
     assert!(a.receive(&forged, h.now).is_err());
+}
+
+/// Ticks for `ms`, returning the datagrams sent (rekeys, parity, heartbeats).
+fn multicast_for(h: &mut Harness, ms: u64) -> Vec<Vec<u8>> {
+    let mut datagrams = Vec::new();
+    for _ in 0..ms / 10 {
+        h.now += 10;
+        let e = h.entropy();
+        for output in h.controller.tick(h.now, e).unwrap() {
+            if let Output::Multicast(bytes) = output {
+                datagrams.push(bytes);
+            }
+        }
+    }
+    datagrams
+}
+
+#[test]
+fn a_nak_brings_a_repair_round_that_completes_the_member_and_raises_rho() {
+    use keycast_core::wire::{message_type, MessageType};
+    // Two parity packets per block of four: not enough for a member that lost every packet.
+    let (mut h, mut a) = fec_group(150);
+    let rho_before = h.controller.rho();
+    let kind = |d: &Vec<u8>| message_type(d).unwrap();
+    let epoch_ms = h.policy.epoch_ms;
+    let round_one = multicast_for(&mut h, 2 * epoch_ms);
+    // `a` hears the parity and the heartbeats, no rekey packet: it cannot rebuild, so it NAKs.
+    let mut naks = Vec::new();
+    for d in round_one.iter().filter(|d| kind(d) != MessageType::Rekey) {
+        a.receive(d, h.now).unwrap();
+        naks.extend(a.take_nak(h.now));
+    }
+    assert_ne!(a.rekey_seq(), h.controller.rekey_seq());
+    assert_eq!(naks.len(), 1, "one NAK per rekey");
+    assert_eq!(h.controller.nak(&naks[0], h.now), Ok(a.member()));
+    assert!(matches!(h.controller.nak(&naks[0], h.now), Err(LivenessRefused::Replayed { .. })), "a replayed NAK is not counted");
+    // The repair round answers it; the member rebuilds its packets from round 1 and 2 parity.
+    let repair = multicast_for(&mut h, 200);
+    let mut events = Vec::new();
+    for d in repair.iter().filter(|d| kind(d) == MessageType::RekeyParity) {
+        events.extend(a.receive(d, h.now).unwrap());
+    }
+    assert!(events.iter().any(|e| matches!(e, MemberEvent::Repaired { .. })), "{events:?}");
+    assert_eq!(a.rekey_seq(), h.controller.rekey_seq());
+    // One NAK against a target of none: the next rekey starts from a higher rho.
+    h.evict(MemberId(5));
+    assert!(h.controller.rho() > rho_before, "rho {} after a NAK, {rho_before} before", h.controller.rho());
 }

@@ -184,7 +184,7 @@ impl World {
                         self.evicted.push(m.session);
                     }
                 }
-                Output::Rekeyed { .. } => {}
+                Output::Rekeyed { .. } | Output::Repaired { .. } => {}
             }
         }
         self.flush(&mut datagrams, loss);

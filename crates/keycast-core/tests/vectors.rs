@@ -77,7 +77,10 @@ fn describe(message: &Message) -> Value {
         }
         Message::Leave(l) => json!({"leave": {"group": l.group.0, "member": l.member.0}}),
         Message::Refresh(r) => json!({"refresh": {"group": r.group.0, "member": r.member.0, "rekey_seq": r.rekey_seq}}),
-        Message::Nak(n) => json!({"nak": {"group": n.group.0, "member": n.member.0, "seq": n.seq, "missing": n.missing}}),
+        Message::Nak(n) => json!({"nak": {
+            "group": n.group.0, "member": n.member.0, "counter": n.counter, "seq": n.seq,
+            "needs": n.needs.iter().map(|(first, needed)| json!({"first": first, "needed": needed})).collect::<Vec<_>>(), "tag": hex::encode(n.tag),
+        }}),
         Message::ResyncRequest(r) => {
             json!({"resync_request": {"group": r.group.0, "member": r.member.0, "rekey_seq": r.rekey_seq}})
         }
@@ -221,7 +224,6 @@ fn generate() -> Value {
         ),
         ("leave", Message::Leave(Leave { group, member: MemberId(9) })),
         ("refresh", Message::Refresh(Refresh { group, member: MemberId(9), rekey_seq: 3 })),
-        ("nak", Message::Nak(Nak { group, member: MemberId(9), seq: 3, missing: vec![0, 2, 3] })),
         ("resync request", Message::ResyncRequest(ResyncRequest { group, member: MemberId(9), rekey_seq: 2 })),
         (
             "resync answer",
@@ -260,6 +262,8 @@ fn generate() -> Value {
         liveness.to_vec(),
         &public,
     ));
+    let nak = Nak { group, member: MemberId(9), counter: 1_795_000_000_002, seq: 3, needs: vec![(0, 2), (10, 1)], tag: [0; 32] }.seal(&liveness_key);
+    vectors.push(message_vector("nak of member 9 for rekey 3: 2 more shards of the block at packet 0, 1 of the block at 10, tagged as the liveness vector", nak, &public));
     let probe = Liveness { group, member: MemberId(9), resync: true, counter: 1_795_000_000_001, rekey_seq: 2 }.seal(&liveness_key);
     vectors.push(message_vector("resync request over UDP of member 9, tagged as the liveness vector", probe.to_vec(), &public));
     let answer = ResyncAnswer { group, member: MemberId(9), position: pos, epoch: 8, rekey_seq: 3, active, pending: None, keys: keys.clone(), signer: public };
@@ -275,7 +279,7 @@ fn generate() -> Value {
         ("unknown type", [&leave[..1], &[200u8][..], &leave[2..]].concat()),
         ("trailing byte", [&leave[..], &[0u8][..]].concat()),
         ("truncated", leave[..12].to_vec()),
-        ("nak indices out of order", Nak { group, member: MemberId(9), seq: 3, missing: vec![4, 1] }.encode()),
+        ("nak blocks out of order", Nak { group, member: MemberId(9), counter: 1, seq: 3, needs: vec![(10, 1), (0, 2)], tag: [0; 32] }.encode()),
     ];
     for (name, bytes) in malformed {
         vectors.push(message_vector(name, bytes, &public));

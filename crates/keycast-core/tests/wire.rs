@@ -137,12 +137,9 @@ fn message() -> impl Strategy<Value = Message> {
         (reason, "\\PC{0,60}").prop_map(|(reason, detail)| Message::JoinAnswer(JoinAnswer::Refused { reason, detail })),
         any::<[u64; 2]>().prop_map(|f| Message::Leave(Leave { group: GroupId(f[0]), member: MemberId(f[1]) })),
         any::<[u64; 3]>().prop_map(|f| Message::Refresh(Refresh { group: GroupId(f[0]), member: MemberId(f[1]), rekey_seq: f[2] })),
-        (any::<[u64; 3]>(), prop::collection::btree_set(any::<u32>(), 0..100)).prop_map(|(f, missing)| Message::Nak(Nak {
-            group: GroupId(f[0]),
-            member: MemberId(f[1]),
-            seq: f[2],
-            missing: missing.into_iter().collect()
-        })),
+        (any::<[u64; 4]>(), prop::collection::btree_map(any::<u32>(), 1..=u16::MAX, 0..64), any::<[u8; 32]>()).prop_map(|(f, needs, tag)| {
+            Message::Nak(Nak { group: GroupId(f[0]), member: MemberId(f[1]), counter: f[2], seq: f[3], needs: needs.into_iter().collect(), tag })
+        }),
         any::<[u64; 3]>()
             .prop_map(|f| Message::ResyncRequest(ResyncRequest { group: GroupId(f[0]), member: MemberId(f[1]), rekey_seq: f[2] })),
         (any::<[u64; 4]>(), position(), key_ref(), pending(), prop::collection::vec((key_ref(), key()), 0..30), any::<[u8; 32]>()).prop_map(
@@ -238,12 +235,13 @@ fn each_malformation_has_its_own_error() {
     assert!(matches!(Refresh::decode(&leave), Err(DecodeError::WrongType { .. })));
     assert_eq!(Message::decode(&vec![1; MAX_MESSAGE_LEN + 1]), Err(DecodeError::Oversized(MAX_MESSAGE_LEN + 1)));
 
-    let nak = Nak { group: GroupId(1), member: MemberId(2), seq: 3, missing: vec![5, 4] }.encode();
-    assert_eq!(Message::decode(&nak), Err(DecodeError::NotAscending("missing packet indices")));
-    let mut huge = Nak { group: GroupId(1), member: MemberId(2), seq: 3, missing: vec![] }.encode();
-    let at = huge.len() - 2;
-    huge[at..].copy_from_slice(&u16::MAX.to_be_bytes());
-    assert!(matches!(Message::decode(&huge), Err(DecodeError::TooLong { field: "missing packets", .. })));
+    let nak = |needs: Vec<(u32, u16)>| Nak { group: GroupId(1), member: MemberId(2), counter: 9, seq: 3, needs, tag: [7; 32] }.encode();
+    assert_eq!(Message::decode(&nak(vec![(20, 1), (10, 2)])), Err(DecodeError::NotAscending("NAK blocks")));
+    assert_eq!(Message::decode(&nak(vec![(10, 0)])), Err(DecodeError::BadValue { field: "needed", value: 0 }));
+    let mut huge = nak(vec![]);
+    let at = huge.len() - 34;
+    huge[at..at + 2].copy_from_slice(&u16::MAX.to_be_bytes());
+    assert!(matches!(Message::decode(&huge), Err(DecodeError::TooLong { field: "blocks", .. })));
 
     let refused = JoinAnswer::Refused { reason: RefusalReason::NotInAcl, detail: "é".into() }.encode();
     let mut bad_text = refused.clone();

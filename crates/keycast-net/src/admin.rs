@@ -68,6 +68,12 @@ pub struct Stats {
     /// FEC parity packets sent with rekeys, and their bytes (not in `rekey_bytes`).
     pub parity_packets: u64,
     pub parity_bytes: u64,
+    /// NAKs counted, NAKs answered by repair rounds, and the parity packets those rounds sent.
+    pub naks_received: u64,
+    pub naks: u64,
+    pub repair_packets: u64,
+    /// The proactivity factor the next rekey starts from.
+    pub rho: f64,
     pub joins: u64,
     /// Resyncs answered over TLS: a member that missed a rekey fetched its keys.
     pub resyncs: u64,

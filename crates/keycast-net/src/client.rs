@@ -155,6 +155,8 @@ pub struct ClientStats {
     pub udp_resyncs: u64,
     /// Rekeys this member completed by rebuilding lost packets from FEC parity.
     pub repaired: u64,
+    /// NAKs this member sent.
+    pub naks: u64,
 }
 
 /// What the follow task and the client share besides the session: counters, and whether the
@@ -171,6 +173,7 @@ struct Shared {
     lost: AtomicU64,
     udp_resyncs: AtomicU64,
     repaired: AtomicU64,
+    naks: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -321,6 +324,7 @@ impl MemberClient {
             lost: get(&c.lost),
             udp_resyncs: get(&c.udp_resyncs),
             repaired: get(&c.repaired),
+            naks: get(&c.naks),
         }
     }
 
@@ -494,6 +498,7 @@ impl Follow {
                         let repaired = list.iter().filter(|e| matches!(e, MemberEvent::Repaired { .. })).count();
                         shared.repaired.fetch_add(repaired as u64, Ordering::Relaxed);
                         self.events.members(list);
+                        self.send_nak();
                     }
                     Err(e) => {
                         bump(&shared.rejected);
@@ -592,6 +597,17 @@ impl Follow {
         self.in_flight.udp_probes += 1;
         self.in_flight.udp_probe_due = Some(now + UDP_PROBE_WAIT);
         true
+    }
+
+    /// Sends the session's NAK, if one is due (over UDP, like liveness datagrams).
+    fn send_nak(&self) {
+        let nak = lock(&self.session).take_nak(now_ms());
+        if let Some(nak) = nak {
+            bump(&self.events.shared.naks);
+            if let Err(e) = self.unicast.try_send_to(&nak, self.setup.server) {
+                tracing::debug!(error = %e, "NAK not sent");
+            }
+        }
     }
 
     /// A datagram on the unicast socket: a resync answer sealed to this member, or dropped.

@@ -154,6 +154,8 @@ pub struct PolicyConfig {
     /// ceil(k · proactivity_pct / 100) − k parity packets (100: none).
     pub fec_block: u16,
     pub proactivity_pct: u16,
+    /// NAKs per rekey the proactivity adapts toward.
+    pub target_naks: u16,
 }
 
 impl Default for PolicyConfig {
@@ -172,6 +174,7 @@ impl Default for PolicyConfig {
             mtu: DEFAULT_MTU,
             fec_block: FecConfig::default().block,
             proactivity_pct: FecConfig::default().proactivity_pct,
+            target_naks: FecConfig::default().target_naks,
         }
     }
 }
@@ -198,7 +201,7 @@ impl PolicyConfig {
             mtu: self.mtu,
             block_bits: DEFAULT_BLOCK_BITS,
             placement: Placement::default(),
-            fec: FecConfig { block: self.fec_block, proactivity_pct: self.proactivity_pct },
+            fec: FecConfig { block: self.fec_block, proactivity_pct: self.proactivity_pct, target_naks: self.target_naks },
         };
         packets.check().map_err(|e| ConfigError::Invalid(format!("[policy]: {e}")))?;
         Ok(GroupPolicy {

@@ -276,7 +276,7 @@ struct ControllerTask {
     error_log: LogLimiter,
     /// Liveness datagrams (and their sources) from the UDP task, checked here (the
     /// controller owns the keys); resync answers go back on `unicast`.
-    liveness: mpsc::Receiver<([u8; LIVENESS_LEN], SocketAddr)>,
+    liveness: mpsc::Receiver<UdpRequest>,
     unicast: Arc<UdpSocket>,
 }
 
@@ -295,8 +295,8 @@ impl ControllerTask {
                     }
                 },
                 _ = interval.tick() => self.tick().await,
-                Some((datagram, from)) = self.liveness.recv() => {
-                    self.liveness(&datagram, from).await;
+                Some(request) = self.liveness.recv() => {
+                    self.udp_request(&request.bytes[..request.len], request.from).await;
                     Ok(())
                 }
             };
@@ -337,8 +337,18 @@ impl ControllerTask {
         }
     }
 
-    /// A liveness datagram from `from`: a refresh, or a resync request answered to `from`.
-    async fn liveness(&mut self, datagram: &[u8], from: SocketAddr) {
+    /// A datagram from `from`: a NAK, a refresh, or a resync request answered to `from`.
+    async fn udp_request(&mut self, datagram: &[u8], from: SocketAddr) {
+        if keycast_core::wire::message_type(datagram) == Ok(MessageType::Nak) {
+            match self.controller.nak(datagram, now_ms()) {
+                Ok(_) => self.shared.update(|s| s.naks_received += 1),
+                Err(refused) => {
+                    self.shared.update(|s| s.liveness_refused += 1);
+                    tracing::debug!(%refused, "NAK refused");
+                }
+            }
+            return;
+        }
         let mut nonce = [0u8; 12];
         nonce.copy_from_slice(&entropy()[..12]);
         match self.controller.liveness(datagram, now_ms(), nonce) {
@@ -377,6 +387,7 @@ impl ControllerTask {
             stats.epoch = self.controller.epoch_at(now);
             stats.rekeys = self.controller.rekey_seq();
             stats.active_key = self.controller.active_key(stats.epoch).to_string();
+            stats.rho = self.controller.rho();
         });
     }
 
@@ -510,6 +521,14 @@ impl ControllerTask {
                     }
                 }
                 Output::JoinAnswer { conn, answer, keys } => self.answer_join(conn, answer, keys.map(|k| k.encode().into())),
+                Output::Repaired { seq, naks, packets, bytes } => {
+                    tracing::info!(seq, naks, packets, "repair round sent");
+                    self.shared.update(|s| {
+                        s.naks += naks as u64;
+                        s.repair_packets += packets as u64;
+                        s.parity_bytes += bytes as u64;
+                    });
+                }
                 Output::Departed { member, identity, why } => tracing::info!(member = member.0, %identity, ?why, "member removed"),
                 Output::Rekeyed { seq, epoch, wraps, packets, bytes, parity, parity_bytes } => {
                     tracing::info!(seq, epoch, wraps, packets, bytes, parity, "rekey sent");
@@ -724,20 +743,35 @@ impl Listener {
 
 /// Liveness datagrams waiting for the controller task, at most; more are dropped and counted.
 const LIVENESS_QUEUE: usize = 4096;
+/// The longest datagram the controller takes over UDP (a NAK naming 64 blocks is 460 bytes).
+const MAX_UDP_REQUEST: usize = 512;
 
-/// Reads liveness datagrams and queues those of the right length for the controller task.
+/// A datagram for the controller task: a liveness datagram, a resync request or a NAK.
+struct UdpRequest {
+    bytes: [u8; MAX_UDP_REQUEST],
+    len: usize,
+    from: SocketAddr,
+}
+
+/// Reads datagrams and queues those of a request's type and length for the controller task.
 /// Anything else, and whatever does not fit in the queue, is dropped and counted.
-async fn receive_liveness(socket: Arc<UdpSocket>, queue: mpsc::Sender<([u8; LIVENESS_LEN], SocketAddr)>, shared: Arc<Shared>) {
-    let mut buf = [0u8; LIVENESS_LEN + 1];
+async fn receive_liveness(socket: Arc<UdpSocket>, queue: mpsc::Sender<UdpRequest>, shared: Arc<Shared>) {
+    let mut request = UdpRequest { bytes: [0u8; MAX_UDP_REQUEST], len: 0, from: SocketAddr::from(([0, 0, 0, 0], 0)) };
+    let mut buf = [0u8; MAX_UDP_REQUEST + 1];
     loop {
         let Ok((len, from)) = socket.recv_from(&mut buf).await else { continue };
-        let mut datagram = [0u8; LIVENESS_LEN];
-        if len != LIVENESS_LEN {
+        let expected = match keycast_core::wire::message_type(&buf[..len]) {
+            Ok(MessageType::Liveness | MessageType::ResyncProbe) => len == LIVENESS_LEN,
+            Ok(MessageType::Nak) => len <= MAX_UDP_REQUEST,
+            _ => false,
+        };
+        if !expected {
             shared.update(|s| s.liveness_refused += 1);
             continue;
         }
-        datagram.copy_from_slice(&buf[..LIVENESS_LEN]);
-        if queue.try_send((datagram, from)).is_err() {
+        request.bytes[..len].copy_from_slice(&buf[..len]);
+        (request.len, request.from) = (len, from);
+        if queue.try_send(UdpRequest { ..request }).is_err() {
             shared.update(|s| s.liveness_dropped += 1);
         }
     }
@@ -954,7 +988,7 @@ async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn metrics_text(s: &Stats) -> String {
-    let series: [(&str, &str, String); 16] = [
+    let series: [(&str, &str, String); 18] = [
         ("keycast_members", "gauge", s.members.to_string()),
         ("keycast_epoch", "gauge", s.epoch.to_string()),
         ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
@@ -966,6 +1000,8 @@ fn metrics_text(s: &Stats) -> String {
         ("keycast_liveness_dropped_total", "counter", s.liveness_dropped.to_string()),
         ("keycast_udp_resyncs_total", "counter", s.udp_resyncs.to_string()),
         ("keycast_parity_packets_total", "counter", s.parity_packets.to_string()),
+        ("keycast_naks_total", "counter", s.naks_received.to_string()),
+        ("keycast_repair_packets_total", "counter", s.repair_packets.to_string()),
         ("keycast_join_latency_ms", "gauge", s.mean_join_latency_ms.to_string()),
         ("keycast_connections_open", "gauge", s.connections_open.to_string()),
         ("keycast_connections_over_cap_total", "counter", s.connections_over_cap.to_string()),

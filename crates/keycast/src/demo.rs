@@ -41,9 +41,13 @@ pub struct DemoArgs {
     /// FEC: rekey packets per block (k).
     #[arg(long = "fec-block", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
     fec_block: u16,
-    /// FEC proactivity rho: packets sent per block over k (1.0: no parity).
+    /// FEC proactivity rho at the start: packets sent per block over k (1.0: no parity until
+    /// NAKs raise it).
     #[arg(long, default_value_t = 1.0)]
     rho: f64,
+    /// NAKs per rekey the proactivity adapts toward.
+    #[arg(long = "target-naks", default_value_t = 2)]
+    target_naks: u16,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -155,6 +159,10 @@ struct Summary {
     parity_packets: u64,
     parity_bytes: u64,
     fec_repairs: u64,
+    /// NAKs the controller counted, the parity packets its repair rounds sent, and rho at the end.
+    naks: u64,
+    repair_packets: u64,
+    rho_final: f64,
     joins: usize,
     leaves: usize,
     mean_join_latency_ms: f64,
@@ -215,7 +223,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         refresh_timeout_ms: 20 * args.epoch_ms,
         immediate_eviction: true,
         membership_deltas: false,
-        packets: PacketConfig { fec: FecConfig { block: args.fec_block, proactivity_pct: (args.rho * 100.0).round() as u16 }, ..PacketConfig::default() },
+        packets: PacketConfig { fec: FecConfig { block: args.fec_block, proactivity_pct: (args.rho * 100.0).round() as u16, target_naks: args.target_naks }, ..PacketConfig::default() },
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;
     let group = LocalGroup::start(policy, acl, dir.path().to_path_buf()).await.map_err(|e| e.to_string())?;
@@ -308,6 +316,9 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         parity_packets: stats.parity_packets,
         parity_bytes: stats.parity_bytes,
         fec_repairs: demo.members.values().map(|(_, client, _)| client.stats().repaired).sum(),
+        naks: stats.naks_received,
+        repair_packets: stats.repair_packets,
+        rho_final: stats.rho,
         joins: demo.joins,
         leaves: demo.leaves,
         mean_join_latency_ms: stats.mean_join_latency_ms,

@@ -19,8 +19,10 @@ use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
 use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
-use crate::delivery::fec::{encode_block, BlockCode};
+use crate::wire::control::Nak;
 use crate::wire::{encode_parity, ParityRound, ParityShard};
+
+use super::rounds::Delivery;
 use crate::wire::{seal_resync_answer, GroupId, Liveness, LivenessKey, MembershipDelta, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
@@ -172,6 +174,8 @@ pub enum LivenessRefused {
     Replayed { member: MemberId, counter: u64, last: u64 },
     #[error("member {0:?} asked for a resync again too soon")]
     TooSoon(MemberId),
+    #[error("member {0:?}'s NAK names no rekey being repaired, or repeats one of this round")]
+    NakNotCounted(MemberId),
 }
 
 /// Why a member left.
@@ -204,6 +208,8 @@ pub enum Output {
     /// A batch was applied: its seq, the wraps and the packets it took, and the FEC parity
     /// packets sent with them.
     Rekeyed { seq: u64, epoch: u64, wraps: usize, packets: usize, bytes: usize, parity: usize, parity_bytes: usize },
+    /// A repair round went out: the NAKs it answers and the parity packets it took.
+    Repaired { seq: u64, naks: usize, packets: usize, bytes: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -294,6 +300,8 @@ pub struct Controller {
     last_tick_ms: u64,
     /// A rekey seq floor members reported, to persist with the next tick.
     unpersisted_floor: Option<u64>,
+    /// FEC parity of the last rekey, its NAKs and repair, and the proactivity factor.
+    delivery: Delivery,
 }
 
 impl Controller {
@@ -414,6 +422,7 @@ impl Controller {
             last_rekey: Vec::new(),
             last_tick_ms: now_ms,
             unpersisted_floor: None,
+            delivery: Delivery::new(policy.packets.fec),
         }
     }
 
@@ -828,6 +837,7 @@ impl Controller {
         if self.epoch_at(now_ms) > self.epoch {
             out.extend(self.close_epoch(now_ms, entropy, false)?);
         }
+        out.extend(self.repair(now_ms));
         if now_ms >= self.next_heartbeat_ms {
             out.extend(self.heartbeat(now_ms));
         }
@@ -1008,29 +1018,52 @@ impl Controller {
         Ok(plan)
     }
 
-    /// The proactive parity packets of a rekey (round 1), signed; none when the policy asks
-    /// for none. Parity is redundancy: a block the code cannot take is sent without it.
-    fn parity(&self, seq: u64, packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
-        let fec = self.policy.packets.fec;
-        let k = usize::from(fec.block.max(1));
-        let mut shards = Vec::new();
-        for (b, block) in packets.chunks(k).enumerate() {
-            let count = fec.parity_for(block.len());
-            let Ok(encoded) = BlockCode::new(block.len(), count.max(1)).and_then(|code| encode_block(code, block)) else { continue };
-            shards.extend(encoded.parity.into_iter().take(count).enumerate().map(|(i, shard)| ParityShard {
-                fec_block: b as u32,
-                first: (b * k) as u32,
-                originals: block.len() as u16,
-                capacity: count as u16,
-                parity_index: i as u16,
-                shard,
-            }));
-        }
+    /// The proactive parity packets of a rekey (round 1), signed (none while rho is 1).
+    fn parity(&mut self, seq: u64, packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let shards = self.delivery.first_round(seq, packets);
+        self.sign_parity(seq, 1, &shards)
+    }
+
+    fn sign_parity(&self, seq: u64, round: u8, shards: &[ParityShard]) -> Vec<Vec<u8>> {
         if shards.is_empty() {
             return Vec::new();
         }
-        let round = ParityRound { group: self.policy.group, seq, round: 1, block_bits: self.policy.packets.block_bits };
-        encode_parity(round, &shards, &self.signer).unwrap_or_default()
+        let round = ParityRound { group: self.policy.group, seq, round, block_bits: self.policy.packets.block_bits };
+        encode_parity(round, shards, &self.signer).unwrap_or_default()
+    }
+
+    /// The proactivity factor the next rekey's round 1 starts from.
+    pub fn rho(&self) -> f64 {
+        self.delivery.rho()
+    }
+
+    /// A NAK (UDP) for the last rekey: counted toward its repair round when its tag verifies
+    /// under the member's liveness key and its counter is above the last one.
+    pub fn nak(&mut self, bytes: &[u8], now_ms: u64) -> Result<MemberId, LivenessRefused> {
+        let claimed = Nak::decode(bytes).map_err(LivenessRefused::Decode)?;
+        if claimed.group != self.policy.group {
+            return Err(LivenessRefused::OtherGroup(claimed.group));
+        }
+        let member = claimed.member;
+        let individual = self.graph.individual_key(member).ok_or(LivenessRefused::NotMember(member))?;
+        let record = self.members.get_mut(&member).ok_or(LivenessRefused::NotMember(member))?;
+        let nak = Nak::open(bytes, &LivenessKey::derive(&individual, self.policy.group, member)).map_err(|_| LivenessRefused::BadTag(member))?;
+        if nak.counter <= record.liveness_counter {
+            return Err(LivenessRefused::Replayed { member, counter: nak.counter, last: record.liveness_counter });
+        }
+        record.liveness_counter = nak.counter;
+        let wait = (self.policy.heartbeat_ms / 4).clamp(5, 100);
+        self.delivery.nak(member, &nak, now_ms, wait).map_err(|_| LivenessRefused::NakNotCounted(member))?;
+        Ok(member)
+    }
+
+    /// The repair round of the last rekey, when it is due.
+    fn repair(&mut self, now_ms: u64) -> Vec<Output> {
+        let Some(repair) = self.delivery.due_repair(now_ms) else { return Vec::new() };
+        let packets = self.sign_parity(repair.seq, repair.round, &repair.shards);
+        let mut out = vec![Output::Repaired { seq: repair.seq, naks: repair.naks, packets: packets.len(), bytes: packets.iter().map(Vec::len).sum() }];
+        out.extend(packets.into_iter().map(Output::Multicast));
+        out
     }
 
     fn encode(&self, plan: &RekeyPlan, seq: u64, epoch: u64, activation: u64) -> Result<(Vec<Vec<u8>>, usize), ControllerError> {

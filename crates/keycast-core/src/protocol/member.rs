@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::graph::MemberId;
 use crate::key::{Key, KeyRef};
 use crate::member::MemberKeys;
-use crate::wire::control::{Data, JoinAccepted, ResyncAnswer, DATA_NONCE_LEN};
+use crate::wire::control::{Data, JoinAccepted, Nak, ResyncAnswer, DATA_NONCE_LEN};
 use crate::wire::guard::{Reject, ReplayGuard};
 use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
@@ -97,6 +97,8 @@ pub struct MemberSession {
     resync_probe: Option<u64>,
     /// Packets and parity of the next rekey, to rebuild lost packets.
     repair: Option<RepairCollector>,
+    /// A NAK for this rekey should go to the controller (see `take_nak`).
+    nak_due: Option<u64>,
 }
 
 /// A member's first data seq is its join time in milliseconds shifted left by this, so a
@@ -130,6 +132,7 @@ impl MemberSession {
             liveness_counter: 0,
             resync_probe: None,
             repair: None,
+            nak_due: None,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -152,6 +155,19 @@ impl MemberSession {
         let key = LivenessKey::derive(&individual, self.group, self.member);
         let liveness = Liveness { group: self.group, member: self.member, resync, counter: self.liveness_counter, rekey_seq: self.rekey_seq() };
         Some(liveness.seal(&key))
+    }
+
+    /// A NAK for the controller, when one is due: per FEC block of the rekey this member lacks
+    /// (as far as it heard of them), the shards it still needs, tagged with its liveness key.
+    /// A member that heard nothing of the rekey's blocks sends no block: it needs one more
+    /// shard of every block.
+    pub fn take_nak(&mut self, now_ms: u64) -> Option<Vec<u8>> {
+        let seq = self.nak_due.take().filter(|seq| *seq > self.guard.rekey_seq())?;
+        let needs = self.repair.as_ref().filter(|r| r.seq() == seq).map(RepairCollector::needs).unwrap_or_default();
+        let individual = self.keys.individual_key()?;
+        self.liveness_counter = (self.liveness_counter + 1).max(now_ms);
+        let nak = Nak { group: self.group, member: self.member, counter: self.liveness_counter, seq, needs, tag: [0; 32] };
+        Some(nak.seal(&LivenessKey::derive(&individual, self.group, self.member)))
     }
 
     /// A resync answer that came over UDP, sealed to this member: installed if it answers the
@@ -249,6 +265,11 @@ impl MemberSession {
                 // One heartbeat ahead may race its rekey's packets; a second means they are lost.
                 if beat.rekey_seq > self.guard.rekey_seq() {
                     self.heartbeats_behind += 1;
+                    // The first heartbeat past a rekey this member lacks: ask for repair (the
+                    // driver sends `take_nak`); at the second it resyncs.
+                    if self.heartbeats_behind == 1 && beat.rekey_seq == self.guard.rekey_seq() + 1 {
+                        self.nak_due = Some(beat.rekey_seq);
+                    }
                     if self.heartbeats_behind >= 2 {
                         let reason = format!("heartbeat names rekey {} but this member has {}", beat.rekey_seq, self.guard.rekey_seq());
                         events.extend(self.lost(reason));

@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod member;
 mod repair;
+mod rounds;
 pub mod snapshot;
 pub mod traffic;
 

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::delivery::fec::{decode_block, BlockCode, Shard, ShardIndex};
+use crate::wire::control::MAX_NAK_BLOCKS;
 use crate::wire::ParityHeader;
 
 /// Packets of one rekey a member keeps for repairs; a larger rekey is repaired by resync.
@@ -58,6 +59,21 @@ impl RepairCollector {
         }
         block.shards.entry(header.parity_index).or_insert(shard);
         self.rebuild(header.first)
+    }
+
+    /// Per block this member heard of and cannot rebuild yet, how many more shards it needs
+    /// (what a NAK asks for). Blocks whose every shard was lost are not known here.
+    pub(crate) fn needs(&self) -> Vec<(u32, u16)> {
+        self.blocks
+            .iter()
+            .filter(|(first, _)| !self.done.contains(first))
+            .filter_map(|(&first, block)| {
+                let held = self.packets.range(first..first + u32::from(block.originals)).count() + block.shards.len();
+                let needed = usize::from(block.originals).saturating_sub(held);
+                (needed > 0).then_some((first, needed as u16))
+            })
+            .take(MAX_NAK_BLOCKS)
+            .collect()
     }
 
     /// The missing packets of the block at `first`, once it has enough shards.

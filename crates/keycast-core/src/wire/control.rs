@@ -9,8 +9,8 @@ use super::codec::{Reader, Writer};
 use super::heartbeat::PendingKey;
 use super::{open, start, DecodeError, GroupId, MessageType, VerifyingKey};
 
-/// Most packet indices one NAK may list.
-pub const MAX_NAK_INDICES: usize = 512;
+/// Most FEC blocks one NAK may name.
+pub const MAX_NAK_BLOCKS: usize = 64;
 /// Most keys a resync answer may carry (a 64-bit flat table needs 65, a deep tree fewer).
 pub const MAX_RESYNC_KEYS: usize = 128;
 /// Most bytes of a refusal's text.
@@ -243,46 +243,63 @@ fn decode_member_seq(bytes: &[u8], kind: MessageType) -> Result<(GroupId, Member
     Ok(fields)
 }
 
-/// Packets of rekey `seq` that a member did not receive. The controller repairs them;
-/// a NAK only costs retransmission, so it needs no signature (the driver rate-limits them).
+/// A member's request for more parity of rekey `seq` (sent to the controller over UDP): per
+/// FEC block, named by its first packet, how many more shards the member needs. Tagged like
+/// liveness datagrams (HMAC-SHA256 under the member's liveness key, see
+/// [`super::liveness::LivenessKey`]), and its counter shares their sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nak {
     pub group: GroupId,
     pub member: MemberId,
+    pub counter: u64,
     pub seq: u64,
-    /// Strictly ascending packet indices.
-    pub missing: Vec<u32>,
+    /// (block's first packet, shards needed), strictly ascending by block, each need at least 1.
+    /// Empty: the member heard of no block of this rekey and needs one more shard of each.
+    pub needs: Vec<(u32, u16)>,
+    pub tag: [u8; 32],
 }
 
 impl Nak {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = start(MessageType::Nak, 28 + 4 * self.missing.len());
+    /// Everything before the tag (what the tag covers).
+    pub(crate) fn body(&self) -> Vec<u8> {
+        let needs = &self.needs[..self.needs.len().min(MAX_NAK_BLOCKS)];
+        let mut out = start(MessageType::Nak, 44 + 6 * needs.len() + 32);
         out.put_u64(self.group.0);
         out.put_u64(self.member.0);
+        out.put_u64(self.counter);
         out.put_u64(self.seq);
-        // A longer list is cut: the rest is asked for once these are repaired.
-        let missing = &self.missing[..self.missing.len().min(MAX_NAK_INDICES)];
-        out.put_u16(missing.len() as u16);
-        for &i in missing {
-            out.put_u32(i);
+        out.put_u16(needs.len() as u16);
+        for &(first, needed) in needs {
+            out.put_u32(first);
+            out.put_u16(needed);
         }
+        out
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.body();
+        out.extend_from_slice(&self.tag);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = open(bytes, MessageType::Nak)?;
-        let (group, member, seq) = (r.group()?, r.member()?, r.u64("rekey seq")?);
-        let count = r.count(2, MAX_NAK_INDICES, 4, "missing packets")?;
-        let mut missing = Vec::with_capacity(count);
+        let (group, member, counter, seq) = (r.group()?, r.member()?, r.u64("counter")?, r.u64("rekey seq")?);
+        let count = r.count(2, MAX_NAK_BLOCKS, 6, "blocks")?;
+        let mut needs: Vec<(u32, u16)> = Vec::with_capacity(count);
         for _ in 0..count {
-            let index = r.u32("packet index")?;
-            if missing.last().is_some_and(|&last| last >= index) {
-                return Err(DecodeError::NotAscending("missing packet indices"));
+            let (first, needed) = (r.u32("block")?, r.u16("needed")?);
+            if needs.last().is_some_and(|&(last, _)| last >= first) {
+                return Err(DecodeError::NotAscending("NAK blocks"));
             }
-            missing.push(index);
+            if needed == 0 {
+                return Err(DecodeError::BadValue { field: "needed", value: 0 });
+            }
+            needs.push((first, needed));
         }
+        let tag = r.array::<32>("tag")?;
         r.finish()?;
-        Ok(Nak { group, member, seq, missing })
+        Ok(Nak { group, member, counter, seq, needs, tag })
     }
 }
 

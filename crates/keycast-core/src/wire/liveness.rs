@@ -9,7 +9,7 @@ use aws_lc_rs::{aead, hkdf, hmac};
 
 use super::codec::Writer;
 use super::guard::Reject;
-use super::control::ResyncAnswer;
+use super::control::{Nak, ResyncAnswer};
 use super::{message_type, open, start, DecodeError, GroupId, MessageType};
 use crate::graph::MemberId;
 use crate::key::Key;
@@ -113,6 +113,22 @@ impl Liveness {
         let (body, tag) = bytes.split_at(LIVENESS_LEN - LIVENESS_TAG_LEN);
         hmac::verify(&key.0, body, tag).map_err(|_| Reject::BadSignature)?;
         Ok(liveness)
+    }
+}
+
+impl Nak {
+    /// The NAK with its tag under the member's liveness key, encoded.
+    pub fn seal(mut self, key: &LivenessKey) -> Vec<u8> {
+        let tag = hmac::sign(&key.0, &self.body());
+        self.tag.copy_from_slice(tag.as_ref());
+        self.encode()
+    }
+
+    /// Decodes `bytes` and checks its tag under `key` (in constant time).
+    pub fn open(bytes: &[u8], key: &LivenessKey) -> Result<Nak, Reject> {
+        let nak = Nak::decode(bytes)?;
+        hmac::verify(&key.0, &bytes[..bytes.len() - LIVENESS_TAG_LEN], &nak.tag).map_err(|_| Reject::BadSignature)?;
+        Ok(nak)
     }
 }
 

@@ -174,8 +174,10 @@ impl Default for PacketConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FecConfig {
     pub block: u16,
-    /// 100: no parity (FEC off); 160: 60% more packets.
+    /// Where rho starts. 100: no parity until NAKs raise it; 160: 60% more packets.
     pub proactivity_pct: u16,
+    /// NAKs per rekey that rho adapts toward (Zhang et al. use 20).
+    pub target_naks: u16,
 }
 
 /// Largest FEC block, and the most proactivity a group may configure.
@@ -184,7 +186,7 @@ pub const MAX_PROACTIVITY_PCT: u16 = 400;
 
 impl Default for FecConfig {
     fn default() -> Self {
-        FecConfig { block: 10, proactivity_pct: 100 }
+        FecConfig { block: 10, proactivity_pct: 100, target_naks: 20 }
     }
 }
 
@@ -198,7 +200,7 @@ impl FecConfig {
 impl PacketConfig {
     /// Whether packets of this shape can carry any rekey (checked before a batch changes keys).
     pub fn check(&self) -> Result<(), PacketiseError> {
-        let FecConfig { block, proactivity_pct } = self.fec;
+        let FecConfig { block, proactivity_pct, .. } = self.fec;
         if !(1..=MAX_FEC_BLOCK).contains(&block) || !(100..=MAX_PROACTIVITY_PCT).contains(&proactivity_pct) {
             return Err(PacketiseError::Fec { block, proactivity_pct });
         }

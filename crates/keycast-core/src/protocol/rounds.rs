@@ -1,0 +1,165 @@
+//! The controller's side of a rekey's delivery (Zhang, Lam, Lee and Yang): the parity of the
+//! last rekey's FEC blocks, sent proactively in round 1; the NAKs members send when they still
+//! lack packets; one repair round answering each block with the most shards any NAK asked for;
+//! and the proactivity factor, adapted before each rekey from the NAKs of the one before.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::delivery::fec::{encode_block, BlockCode};
+use crate::delivery::proactivity::Proactivity;
+use crate::graph::MemberId;
+use crate::wire::control::Nak;
+use crate::wire::rekey::{FecConfig, MAX_PROACTIVITY_PCT};
+use crate::wire::ParityShard;
+
+/// A rekey of more packets than this keeps no parity for repairs (members resync instead).
+const MAX_REPAIRABLE_PACKETS: usize = 4096;
+/// NAKs counted per rekey, at most (one per member).
+const MAX_NAKERS: usize = 65_536;
+
+/// Why a NAK is not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NakIgnored {
+    /// Not the last rekey, or its repair round is over.
+    Stale,
+    /// This member already asked in this round.
+    Repeated,
+}
+
+#[derive(Debug)]
+struct Block {
+    originals: u16,
+    capacity: u16,
+    parity: Vec<Vec<u8>>,
+    sent: usize,
+}
+
+#[derive(Debug)]
+struct LastRekey {
+    seq: u64,
+    blocks: BTreeMap<u32, Block>,
+    /// The most shards any NAK asked for, per block.
+    needs: BTreeMap<u32, u16>,
+    nakers: BTreeSet<MemberId>,
+    repair_at: Option<u64>,
+    repaired: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    block: usize,
+    proactivity: Proactivity,
+    last: Option<LastRekey>,
+    /// Per NAK of the last rekey, the most shards it asked for in one block (rho's input).
+    needed: Vec<u16>,
+}
+
+/// A repair round to send: the rekey, the round number and its shards.
+pub(crate) struct Repair {
+    pub seq: u64,
+    pub round: u8,
+    pub shards: Vec<ParityShard>,
+    pub naks: usize,
+}
+
+impl Delivery {
+    pub(crate) fn new(fec: FecConfig) -> Delivery {
+        let block = usize::from(fec.block.max(1));
+        let rho = f64::from(fec.proactivity_pct.clamp(100, MAX_PROACTIVITY_PCT)) / 100.0;
+        let rho_max = f64::from(MAX_PROACTIVITY_PCT) / 100.0;
+        let proactivity = Proactivity::new(block, u32::from(fec.target_naks), rho, rho_max)
+            .unwrap_or_else(|_| Proactivity::new(block, u32::from(fec.target_naks), 1.0, rho_max).expect("rho 1 is always valid"));
+        Delivery { block, proactivity, last: None, needed: Vec::new() }
+    }
+
+    pub(crate) fn rho(&self) -> f64 {
+        self.proactivity.rho()
+    }
+
+    /// Round 1 of rekey `seq`: rho adapts to the NAKs of the rekey before, then each block of
+    /// `packets` gets its proactive parity; the rest of each block's code is kept for repairs.
+    pub(crate) fn first_round(&mut self, seq: u64, packets: &[Vec<u8>]) -> Vec<ParityShard> {
+        if self.last.is_some() {
+            self.proactivity.update(&std::mem::take(&mut self.needed));
+        }
+        let mut blocks = BTreeMap::new();
+        let mut shards = Vec::new();
+        for (b, chunk) in packets.chunks(self.block).enumerate() {
+            let first = (b * self.block) as u32;
+            let proactive = self.proactivity.round_one_packets(chunk.len()) - chunk.len();
+            // Room for one more block's worth of shards in a repair.
+            let capacity = proactive + chunk.len();
+            let Ok(encoded) = BlockCode::new(chunk.len(), capacity).and_then(|code| encode_block(code, chunk)) else { continue };
+            let shape = |i: usize, shard: Vec<u8>| ParityShard {
+                fec_block: b as u32,
+                first,
+                originals: chunk.len() as u16,
+                capacity: capacity as u16,
+                parity_index: i as u16,
+                shard,
+            };
+            shards.extend(encoded.parity.iter().take(proactive).cloned().enumerate().map(|(i, s)| shape(i, s)));
+            blocks.insert(first, Block { originals: chunk.len() as u16, capacity: capacity as u16, parity: encoded.parity, sent: proactive });
+        }
+        let keep = packets.len() <= MAX_REPAIRABLE_PACKETS;
+        self.last = Some(LastRekey {
+            seq,
+            blocks: if keep { blocks } else { BTreeMap::new() },
+            needs: BTreeMap::new(),
+            nakers: BTreeSet::new(),
+            repair_at: None,
+            repaired: false,
+        });
+        shards
+    }
+
+    /// A NAK from `member` (its tag already checked): counted toward the repair round, which
+    /// goes out `wait_ms` after the round's first NAK.
+    pub(crate) fn nak(&mut self, member: MemberId, nak: &Nak, now_ms: u64, wait_ms: u64) -> Result<(), NakIgnored> {
+        let last = self.last.as_mut().filter(|l| l.seq == nak.seq && !l.repaired && !l.blocks.is_empty()).ok_or(NakIgnored::Stale)?;
+        if last.nakers.len() >= MAX_NAKERS || !last.nakers.insert(member) {
+            return Err(NakIgnored::Repeated);
+        }
+        let mut most = 0;
+        if nak.needs.is_empty() {
+            // A member that heard nothing of the rekey's blocks: one more shard of each.
+            for &first in last.blocks.keys() {
+                last.needs.entry(first).or_insert(1);
+            }
+            most = 1;
+        }
+        for &(first, needed) in &nak.needs {
+            let Some(block) = last.blocks.get(&first) else { continue };
+            let needed = needed.min(block.originals);
+            most = most.max(needed);
+            let entry = last.needs.entry(first).or_default();
+            *entry = (*entry).max(needed);
+        }
+        self.needed.push(most);
+        last.repair_at.get_or_insert(now_ms + wait_ms);
+        Ok(())
+    }
+
+    /// The repair round, once its time has come: fresh shards for every block a NAK named.
+    pub(crate) fn due_repair(&mut self, now_ms: u64) -> Option<Repair> {
+        let last = self.last.as_mut().filter(|l| l.repair_at.is_some_and(|at| at <= now_ms) && !l.repaired)?;
+        last.repaired = true;
+        let mut shards = Vec::new();
+        for (&first, &needed) in &last.needs {
+            let block = last.blocks.get_mut(&first).expect("needs name known blocks");
+            let (from, to) = (block.sent, (block.sent + usize::from(needed)).min(usize::from(block.capacity)));
+            for i in from..to {
+                shards.push(ParityShard {
+                    fec_block: first / self.block as u32,
+                    first,
+                    originals: block.originals,
+                    capacity: block.capacity,
+                    parity_index: i as u16,
+                    shard: block.parity[i].clone(),
+                });
+            }
+            block.sent = to;
+        }
+        Some(Repair { seq: last.seq, round: 2, shards, naks: last.nakers.len() })
+    }
+}
