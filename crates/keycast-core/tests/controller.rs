@@ -515,6 +515,9 @@ fn a_nak_brings_a_repair_round_that_completes_the_member_and_raises_rho() {
     assert_eq!(naks.len(), 1, "one NAK per rekey");
     assert_eq!(h.controller.nak(&naks[0], h.now), Ok(a.member()));
     assert!(matches!(h.controller.nak(&naks[0], h.now), Err(LivenessRefused::Replayed { .. })), "a replayed NAK is not counted");
+    // A NAK without its member's tag is refused.
+    let fresh = keycast_core::wire::Nak { group: h.policy.group, member: a.member(), counter: u64::MAX, seq: h.controller.rekey_seq(), needs: vec![], tag: [0; 32] };
+    assert!(matches!(h.controller.nak(&fresh.encode(), h.now), Err(LivenessRefused::BadTag(_))), "an untagged NAK is refused");
     // The repair round answers it; the member rebuilds its packets from round 1 and 2 parity.
     let repair = multicast_for(&mut h, 200);
     let mut events = Vec::new();

@@ -55,7 +55,7 @@ async fn liveness_datagrams_alone_keep_members_in_the_group() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_forged_liveness_datagrams_costs_no_member_its_place() {
+async fn a_flood_of_forged_liveness_datagrams_and_naks_costs_no_member_its_place() {
     let dir = tempfile::tempdir().unwrap();
     let group = LocalGroup::start(policy(), 2, dir.path().to_path_buf()).await.unwrap();
     let (a, _ea) = udp_only_member(&group, "member-1").await;
@@ -69,9 +69,11 @@ async fn a_flood_of_forged_liveness_datagrams_costs_no_member_its_place() {
             let forged = Liveness { group: policy().group, member, resync: sent % 4 == 0, counter: u64::MAX - sent, rekey_seq: 1 }.seal(&wrong);
             socket.send_to(&forged, group.addr()).await.unwrap();
             socket.send_to(&forged[..LIVENESS_LEN - 1], group.addr()).await.unwrap();
-            sent += 2;
+            let nak = keycast_core::wire::Nak { group: policy().group, member, counter: u64::MAX - sent, seq: 1, needs: vec![(0, 1)], tag: [0; 32] };
+            socket.send_to(&nak.seal(&wrong), group.addr()).await.unwrap();
+            sent += 3;
         }
-        if sent % 600 == 0 {
+        if sent % 900 == 0 {
             tokio::task::yield_now().await;
         }
     }
