@@ -161,6 +161,7 @@ struct Summary {
     fec_repairs: u64,
     /// NAKs the controller counted, the parity packets its repair rounds sent, and rho at the end.
     naks: u64,
+    naks_sent: u64,
     repair_packets: u64,
     rho_final: f64,
     joins: usize,
@@ -317,6 +318,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         parity_bytes: stats.parity_bytes,
         fec_repairs: demo.members.values().map(|(_, client, _)| client.stats().repaired).sum(),
         naks: stats.naks_received,
+        naks_sent: demo.members.values().map(|(_, client, _)| client.stats().naks).sum(),
         repair_packets: stats.repair_packets,
         rho_final: stats.rho,
         joins: demo.joins,

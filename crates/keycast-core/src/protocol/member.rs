@@ -459,12 +459,17 @@ impl MemberSession {
 
     /// Advances time: reports a controller that went silent.
     pub fn tick(&mut self, now_ms: u64) -> Vec<MemberEvent> {
-        if !self.controller_lost && now_ms.saturating_sub(self.last_heartbeat_ms) > 3 * self.heartbeat_ms {
-            // Resync: it tells a controller that is down from one whose heartbeats this member
-            // can no longer verify (a signing key it missed the rotation of).
+        let silent = now_ms.saturating_sub(self.last_heartbeat_ms);
+        if !self.controller_lost && silent > 3 * self.heartbeat_ms {
             self.controller_lost = true;
-            self.out_of_sync = true;
             return vec![MemberEvent::ControllerLost];
+        }
+        // Still no heartbeat it can verify after twice as long: resync, which tells a controller
+        // that is down from one whose heartbeats this member can no longer verify (a signing
+        // key it missed the rotation of). Three heartbeats lost in a row on a lossy link are
+        // common; six are not, and a missed rekey is caught by the next heartbeat anyway.
+        if self.controller_lost && !self.out_of_sync && silent > 6 * self.heartbeat_ms {
+            self.out_of_sync = true;
         }
         Vec::new()
     }

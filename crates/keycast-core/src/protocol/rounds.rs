@@ -1,6 +1,7 @@
 //! The controller's side of a rekey's delivery (Zhang, Lam, Lee and Yang): the parity of the
 //! last rekey's FEC blocks, sent proactively in round 1; the NAKs members send when they still
-//! lack packets; one repair round answering each block with the most shards any NAK asked for;
+//! lack packets; up to two repair rounds answering each block with the most shards any NAK of
+//! the round asked for;
 //! and the proactivity factor, adapted before each rekey from the NAKs of the one before.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,8 +15,11 @@ use crate::wire::ParityShard;
 
 /// A rekey of more packets than this keeps no parity for repairs (members resync instead).
 const MAX_REPAIRABLE_PACKETS: usize = 4096;
-/// NAKs counted per rekey, at most (one per member).
+/// NAKs counted per round, at most (one per member).
 const MAX_NAKERS: usize = 65_536;
+/// Repair rounds per rekey: a member whose NAK came after the first (its heartbeat was lost)
+/// is served by the second; after that, members resync.
+const MAX_REPAIR_ROUNDS: u8 = 2;
 
 /// Why a NAK is not counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +46,8 @@ struct LastRekey {
     needs: BTreeMap<u32, u16>,
     nakers: BTreeSet<MemberId>,
     repair_at: Option<u64>,
-    repaired: bool,
+    /// Repair rounds sent so far.
+    repairs: u8,
 }
 
 #[derive(Debug)]
@@ -108,7 +113,7 @@ impl Delivery {
             needs: BTreeMap::new(),
             nakers: BTreeSet::new(),
             repair_at: None,
-            repaired: false,
+            repairs: 0,
         });
         shards
     }
@@ -116,7 +121,7 @@ impl Delivery {
     /// A NAK from `member` (its tag already checked): counted toward the repair round, which
     /// goes out `wait_ms` after the round's first NAK.
     pub(crate) fn nak(&mut self, member: MemberId, nak: &Nak, now_ms: u64, wait_ms: u64) -> Result<(), NakIgnored> {
-        let last = self.last.as_mut().filter(|l| l.seq == nak.seq && !l.repaired && !l.blocks.is_empty()).ok_or(NakIgnored::Stale)?;
+        let last = self.last.as_mut().filter(|l| l.seq == nak.seq && l.repairs < MAX_REPAIR_ROUNDS && !l.blocks.is_empty()).ok_or(NakIgnored::Stale)?;
         if last.nakers.len() >= MAX_NAKERS || !last.nakers.insert(member) {
             return Err(NakIgnored::Repeated);
         }
@@ -142,10 +147,12 @@ impl Delivery {
 
     /// The repair round, once its time has come: fresh shards for every block a NAK named.
     pub(crate) fn due_repair(&mut self, now_ms: u64) -> Option<Repair> {
-        let last = self.last.as_mut().filter(|l| l.repair_at.is_some_and(|at| at <= now_ms) && !l.repaired)?;
-        last.repaired = true;
+        let last = self.last.as_mut().filter(|l| l.repair_at.is_some_and(|at| at <= now_ms))?;
+        last.repairs += 1;
+        last.repair_at = None;
+        let naks = std::mem::take(&mut last.nakers).len();
         let mut shards = Vec::new();
-        for (&first, &needed) in &last.needs {
+        for (first, needed) in std::mem::take(&mut last.needs) {
             let block = last.blocks.get_mut(&first).expect("needs name known blocks");
             let (from, to) = (block.sent, (block.sent + usize::from(needed)).min(usize::from(block.capacity)));
             for i in from..to {
@@ -160,6 +167,6 @@ impl Delivery {
             }
             block.sent = to;
         }
-        Some(Repair { seq: last.seq, round: 2, shards, naks: last.nakers.len() })
+        Some(Repair { seq: last.seq, round: 1 + last.repairs, shards, naks })
     }
 }
