@@ -169,8 +169,8 @@ impl Server {
         let (commands, rx) = mpsc::channel(1024);
         // Liveness datagrams come on the TLS listener's address, over UDP; a queue of their
         // own, so a flood of them never delays a join or an admin order.
-        let liveness_socket = Arc::new(UdpSocket::bind(addr).await?);
-        let (liveness_queue, liveness) = mpsc::channel(LIVENESS_QUEUE);
+        let udp_socket = Arc::new(UdpSocket::bind(addr).await?);
+        let (udp_queue, udp_requests) = mpsc::channel(UDP_REQUEST_QUEUE);
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
         let driver = ControllerTask {
             controller,
@@ -182,8 +182,8 @@ impl Server {
             joins: HashMap::new(),
             join_conns: HashMap::new(),
             error_log: LogLimiter::default(),
-            liveness,
-            unicast: liveness_socket.clone(),
+            udp_requests,
+            unicast: udp_socket.clone(),
         };
         let (stop, stopped) = watch::channel(None);
         let mut tasks = vec![tokio::spawn(async move {
@@ -200,7 +200,7 @@ impl Server {
             shared: shared.clone(),
         });
         tasks.push(tokio::spawn(accept_loop(listener, listener_context)));
-        tasks.push(tokio::spawn(receive_liveness(liveness_socket, liveness_queue, shared.clone())));
+        tasks.push(tokio::spawn(receive_udp_requests(udp_socket, udp_queue, shared.clone())));
         if let Some(metrics) = setup.metrics {
             tasks.push(tokio::spawn(serve_metrics(metrics, shared.clone())));
         }
@@ -274,9 +274,9 @@ struct ControllerTask {
     /// The member each join connection waits for.
     join_conns: HashMap<ConnId, MemberId>,
     error_log: LogLimiter,
-    /// Liveness datagrams (and their sources) from the UDP task, checked here (the
-    /// controller owns the keys); resync answers go back on `unicast`.
-    liveness: mpsc::Receiver<UdpRequest>,
+    /// Liveness datagrams, resync requests and NAKs (and their sources) from the UDP task,
+    /// checked here (the controller owns the keys); resync answers go back on `unicast`.
+    udp_requests: mpsc::Receiver<UdpRequest>,
     unicast: Arc<UdpSocket>,
 }
 
@@ -295,7 +295,7 @@ impl ControllerTask {
                     }
                 },
                 _ = interval.tick() => self.tick().await,
-                Some(request) = self.liveness.recv() => {
+                Some(request) = self.udp_requests.recv() => {
                     self.udp_request(&request.bytes[..request.len], request.from).await;
                     Ok(())
                 }
@@ -741,8 +741,8 @@ impl Listener {
     }
 }
 
-/// Liveness datagrams waiting for the controller task, at most; more are dropped and counted.
-const LIVENESS_QUEUE: usize = 4096;
+/// UDP requests waiting for the controller task, at most; more are dropped and counted.
+const UDP_REQUEST_QUEUE: usize = 4096;
 /// The longest datagram the controller takes over UDP (a NAK naming 64 blocks is 460 bytes).
 const MAX_UDP_REQUEST: usize = 512;
 
@@ -755,8 +755,7 @@ struct UdpRequest {
 
 /// Reads datagrams and queues those of a request's type and length for the controller task.
 /// Anything else, and whatever does not fit in the queue, is dropped and counted.
-async fn receive_liveness(socket: Arc<UdpSocket>, queue: mpsc::Sender<UdpRequest>, shared: Arc<Shared>) {
-    let mut request = UdpRequest { bytes: [0u8; MAX_UDP_REQUEST], len: 0, from: SocketAddr::from(([0, 0, 0, 0], 0)) };
+async fn receive_udp_requests(socket: Arc<UdpSocket>, queue: mpsc::Sender<UdpRequest>, shared: Arc<Shared>) {
     let mut buf = [0u8; MAX_UDP_REQUEST + 1];
     loop {
         let Ok((len, from)) = socket.recv_from(&mut buf).await else { continue };
@@ -769,9 +768,9 @@ async fn receive_liveness(socket: Arc<UdpSocket>, queue: mpsc::Sender<UdpRequest
             shared.update(|s| s.liveness_refused += 1);
             continue;
         }
+        let mut request = UdpRequest { bytes: [0u8; MAX_UDP_REQUEST], len, from };
         request.bytes[..len].copy_from_slice(&buf[..len]);
-        (request.len, request.from) = (len, from);
-        if queue.try_send(UdpRequest { ..request }).is_err() {
+        if queue.try_send(request).is_err() {
             shared.update(|s| s.liveness_dropped += 1);
         }
     }
@@ -1094,7 +1093,7 @@ mod tests {
             joins: HashMap::new(),
             join_conns: HashMap::new(),
             error_log: LogLimiter::default(),
-            liveness: mpsc::channel(1).1,
+            udp_requests: mpsc::channel(1).1,
             unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
         };
         let (commands, rx) = mpsc::channel(8);

@@ -23,7 +23,7 @@ use crate::wire::control::Nak;
 use crate::wire::{encode_parity, ParityRound, ParityShard};
 
 use super::rounds::Delivery;
-use crate::wire::{seal_resync_answer, GroupId, Liveness, LivenessKey, MembershipDelta, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
+use crate::wire::{seal_resync_answer, GroupId, Liveness, LivenessKey, MembershipDelta, Reject, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
 use zeroize::Zeroizing;
@@ -665,16 +665,9 @@ impl Controller {
     /// [`UDP_RESYNC_INTERVAL_MS`].
     pub fn liveness(&mut self, bytes: &[u8], now_ms: u64, nonce: [u8; 12]) -> Result<LivenessAnswer, LivenessRefused> {
         let claimed = Liveness::peek(bytes).map_err(LivenessRefused::Decode)?;
-        if claimed.group != self.policy.group {
-            return Err(LivenessRefused::OtherGroup(claimed.group));
-        }
         let (member, group) = (claimed.member, self.policy.group);
-        let individual = self.graph.individual_key(member).ok_or(LivenessRefused::NotMember(member))?;
-        let record = self.members.get(&member).ok_or(LivenessRefused::NotMember(member))?;
-        let live = Liveness::open(bytes, &LivenessKey::derive(&individual, group, member)).map_err(|_| LivenessRefused::BadTag(member))?;
-        if live.counter <= record.liveness_counter {
-            return Err(LivenessRefused::Replayed { member, counter: live.counter, last: record.liveness_counter });
-        }
+        let (live, individual) = self.authenticated(claimed.group, member, |key| Liveness::open(bytes, key), |l| l.counter)?;
+        let record = &self.members[&member];
         if live.resync && now_ms < record.udp_resync_ms.saturating_add(UDP_RESYNC_INTERVAL_MS) {
             return Err(LivenessRefused::TooSoon(member));
         }
@@ -690,6 +683,29 @@ impl Controller {
         let answer = self.resync(&identity, member, live.rekey_seq, now_ms).map_err(|_| LivenessRefused::NotMember(member))?;
         let sealed = seal_resync_answer(&answer, live.counter, &ResyncAnswerKey::derive(&individual, group, member), nonce);
         Ok(LivenessAnswer::Resync(member, sealed))
+    }
+
+    /// A datagram claiming to come from `member` of `group` (a liveness datagram, resync
+    /// request or NAK), opened under the member's liveness key by `open`: refused unless the
+    /// member is in this group, the tag verifies and the counter is above the member's last.
+    /// Returns it with the member's individual key.
+    fn authenticated<T>(
+        &self,
+        group: GroupId,
+        member: MemberId,
+        open: impl FnOnce(&LivenessKey) -> Result<T, Reject>,
+        counter: impl Fn(&T) -> u64,
+    ) -> Result<(T, Key), LivenessRefused> {
+        if group != self.policy.group {
+            return Err(LivenessRefused::OtherGroup(group));
+        }
+        let individual = self.graph.individual_key(member).ok_or(LivenessRefused::NotMember(member))?;
+        let last = self.members.get(&member).ok_or(LivenessRefused::NotMember(member))?.liveness_counter;
+        let datagram = open(&LivenessKey::derive(&individual, group, member)).map_err(|_| LivenessRefused::BadTag(member))?;
+        if counter(&datagram) <= last {
+            return Err(LivenessRefused::Replayed { member, counter: counter(&datagram), last });
+        }
+        Ok((datagram, individual))
     }
 
     /// Records that `member` was heard, and a rekey seq it reports: a seq above this log's
@@ -1041,17 +1057,11 @@ impl Controller {
     /// under the member's liveness key and its counter is above the last one.
     pub fn nak(&mut self, bytes: &[u8], now_ms: u64) -> Result<MemberId, LivenessRefused> {
         let claimed = Nak::decode(bytes).map_err(LivenessRefused::Decode)?;
-        if claimed.group != self.policy.group {
-            return Err(LivenessRefused::OtherGroup(claimed.group));
-        }
         let member = claimed.member;
-        let individual = self.graph.individual_key(member).ok_or(LivenessRefused::NotMember(member))?;
-        let record = self.members.get_mut(&member).ok_or(LivenessRefused::NotMember(member))?;
-        let nak = Nak::open(bytes, &LivenessKey::derive(&individual, self.policy.group, member)).map_err(|_| LivenessRefused::BadTag(member))?;
-        if nak.counter <= record.liveness_counter {
-            return Err(LivenessRefused::Replayed { member, counter: nak.counter, last: record.liveness_counter });
+        let (nak, _) = self.authenticated(claimed.group, member, |key| Nak::open(bytes, key), |n| n.counter)?;
+        if let Some(record) = self.members.get_mut(&member) {
+            record.liveness_counter = nak.counter;
         }
-        record.liveness_counter = nak.counter;
         let wait = (self.policy.heartbeat_ms / 4).clamp(5, 100);
         self.delivery.nak(member, &nak, now_ms, wait).map_err(|_| LivenessRefused::NakNotCounted(member))?;
         Ok(member)

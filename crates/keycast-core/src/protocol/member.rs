@@ -147,14 +147,19 @@ impl MemberSession {
     /// from this member's individual key), or with `resync` a resync request over UDP (the
     /// answer must name its counter); `None` if this member holds no individual key.
     pub fn liveness(&mut self, now_ms: u64, resync: bool) -> Option<[u8; LIVENESS_LEN]> {
+        let (key, counter) = self.next_datagram(now_ms)?;
+        if resync {
+            self.resync_probe = Some(counter);
+        }
+        Some(Liveness { group: self.group, member: self.member, resync, counter, rekey_seq: self.rekey_seq() }.seal(&key))
+    }
+
+    /// The liveness key and the next counter for a datagram to the controller (the counter
+    /// grows with the clock and never repeats); `None` without an individual key.
+    fn next_datagram(&mut self, now_ms: u64) -> Option<(LivenessKey, u64)> {
         let individual = self.keys.individual_key()?;
         self.liveness_counter = (self.liveness_counter + 1).max(now_ms);
-        if resync {
-            self.resync_probe = Some(self.liveness_counter);
-        }
-        let key = LivenessKey::derive(&individual, self.group, self.member);
-        let liveness = Liveness { group: self.group, member: self.member, resync, counter: self.liveness_counter, rekey_seq: self.rekey_seq() };
-        Some(liveness.seal(&key))
+        Some((LivenessKey::derive(&individual, self.group, self.member), self.liveness_counter))
     }
 
     /// A NAK for the controller, when one is due: per FEC block of the rekey this member lacks
@@ -164,10 +169,8 @@ impl MemberSession {
     pub fn take_nak(&mut self, now_ms: u64) -> Option<Vec<u8>> {
         let seq = self.nak_due.take().filter(|seq| *seq > self.guard.rekey_seq())?;
         let needs = self.repair.as_ref().filter(|r| r.seq() == seq).map(RepairCollector::needs).unwrap_or_default();
-        let individual = self.keys.individual_key()?;
-        self.liveness_counter = (self.liveness_counter + 1).max(now_ms);
-        let nak = Nak { group: self.group, member: self.member, counter: self.liveness_counter, seq, needs, tag: [0; 32] };
-        Some(nak.seal(&LivenessKey::derive(&individual, self.group, self.member)))
+        let (key, counter) = self.next_datagram(now_ms)?;
+        Some(Nak { group: self.group, member: self.member, counter, seq, needs, tag: [0; 32] }.seal(&key))
     }
 
     /// A resync answer that came over UDP, sealed to this member: installed if it answers the

@@ -9,7 +9,9 @@
 use aws_lc_rs::digest::{Context, SHA256};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
+use super::codec::Reader;
 use super::guard::Reject;
+use super::DecodeError;
 
 /// Bytes of an Ed25519 signature and public key.
 pub const SIGNATURE_LEN: usize = 64;
@@ -206,6 +208,20 @@ pub(crate) fn verify_in_block(
 ) -> bool {
     let (first, size) = signing_block(index, count, block_bits);
     root_from_path(leaf_hash(body), (index - first) as usize, size as usize, path).is_some_and(|root| signer.verify(domain, &root, signature))
+}
+
+/// Reads what ends every signed packet: its block's signature and the path of packet
+/// `index` of `count` (blocks of 2^block_bits), which must take exactly the bytes left.
+pub(crate) fn read_signature_and_path(mut r: Reader<'_>, (index, count, block_bits): (u32, u32, u8)) -> Result<(Signature, Vec<Node>), DecodeError> {
+    let signature = r.array::<SIGNATURE_LEN>("signature")?;
+    let (first, size) = signing_block(index, count, block_bits);
+    let nodes = path_len((index - first) as usize, size as usize);
+    if r.remaining() != nodes * NODE_LEN {
+        return Err(DecodeError::BadValue { field: "path length", value: r.remaining() as u64 });
+    }
+    let path = (0..nodes).map(|_| r.array::<NODE_LEN>("path node")).collect::<Result<_, _>>()?;
+    r.finish()?;
+    Ok((signature, path))
 }
 
 /// Number of path nodes for leaf `index` of a tree of `size` leaves.

@@ -122,14 +122,7 @@ impl ParityPacket {
         let len = r.count(2, u16::MAX as usize, 1, "shard")?;
         let shard = r.take(len, "shard")?.to_vec();
         let body_len = r.offset();
-        let signature = r.array::<SIGNATURE_LEN>("signature")?;
-        let (first, size) = auth::signing_block(header.index, header.count, header.block_bits);
-        let nodes = auth::path_len((header.index - first) as usize, size as usize);
-        if r.remaining() != nodes * NODE_LEN {
-            return bad("path length", r.remaining() as u64);
-        }
-        let path = (0..nodes).map(|_| r.array::<NODE_LEN>("path node")).collect::<Result<_, _>>()?;
-        r.finish()?;
+        let (signature, path) = auth::read_signature_and_path(r, (header.index, header.count, header.block_bits))?;
         Ok((ParityPacket { header, shard, signature, path }, body_len))
     }
 

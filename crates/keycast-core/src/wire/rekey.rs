@@ -126,14 +126,7 @@ impl RekeyPacket {
             wraps.push(r.wrap(&header.salt)?);
         }
         let body_len = r.offset();
-        let signature = r.array::<SIGNATURE_LEN>("signature")?;
-        let (first, size) = header.block();
-        let nodes = auth::path_len((header.index - first) as usize, size as usize);
-        if r.remaining() != nodes * NODE_LEN {
-            return Err(DecodeError::BadValue { field: "path length", value: r.remaining() as u64 });
-        }
-        let path = (0..nodes).map(|_| r.array::<NODE_LEN>("path node")).collect::<Result<_, _>>()?;
-        r.finish()?;
+        let (signature, path) = auth::read_signature_and_path(r, (header.index, header.count, header.block_bits))?;
         Ok((RekeyPacket { header, wraps, signature, path }, body_len))
     }
 

@@ -14,20 +14,6 @@ use crate::measure::{full_group, micros, random_leavers, rekey, sim_signer, Cost
 const MK_GROUP: u64 = 2000;
 const MK_DEGREES: [u32; 3] = [2, 3, 4];
 
-fn figure(stem: &str, title: &str, x_label: &str, y_label: &str, series: Vec<Series>) -> Figure {
-    Figure {
-        stem: stem.into(),
-        title: title.into(),
-        x_label: x_label.into(),
-        y_label: y_label.into(),
-        log_x: false,
-        log_y: false,
-        series,
-        paper: String::new(),
-        measured: String::new(),
-    }
-}
-
 /// One batch of `leavers` leaving a fresh full group.
 fn leave_batch(scheme: Scheme, n: u64, leavers: Vec<MemberId>, finish: Finish) -> Cost {
     let mut graph = full_group(scheme, n, 11);
@@ -130,7 +116,7 @@ pub fn mukkamalla(scale: Scale, progress: &Progress) -> Vec<Figure> {
     let mut zoom = sweep_series(&sweep, |m| m.entries, tenth);
     zoom.extend(worst_case(&sweep.ks, tenth));
     let at = |series: &Series, k: u64| y_at(series, k as f64);
-    let mut fig_entries = figure("fig3a_mk_entries", "3a. Rekey entries vs members leaving in one epoch (n = 2000)", "members leaving", "entries (wraps)", entries);
+    let mut fig_entries = Figure::new("fig3a_mk_entries", "3a. Rekey entries vs members leaving in one epoch (n = 2000)", "members leaving", "entries (wraps)", entries);
     let peak = fig_entries.series[0].points.iter().max_by(|a, b| a.1.total_cmp(&b.1)).copied().unwrap_or_default();
     fig_entries.paper = "Mukkamalla and Katz figs. 7 and 9: almost linear while under ~5% leave, then slower growth, then smaller as whole subtrees empty; random leavers stay below the evenly spread worst case.".into();
     fig_entries.measured = format!(
@@ -139,14 +125,14 @@ pub fn mukkamalla(scale: Scale, progress: &Progress) -> Vec<Figure> {
         random_against_even(&fig_entries.series[0], &fig_entries.series[4]),
         closed_form_gap(&fig_entries.series[4], &fig_entries.series[3])
     );
-    let mut fig_zoom = figure("fig3b_mk_entries_10pct", "3b. Rekey entries, up to 10% leaving (n = 2000)", "members leaving", "entries (wraps)", zoom);
+    let mut fig_zoom = Figure::new("fig3b_mk_entries_10pct", "3b. Rekey entries, up to 10% leaving (n = 2000)", "members leaving", "entries (wraps)", zoom);
     fig_zoom.paper = "Mukkamalla and Katz figs. 8 and 10: the same up to 10% of the group; nearly linear.".into();
     fig_zoom.measured = format!(
         "d = 2/3/4 at 100 leavers: {:.0} / {:.0} / {:.0} entries (worst case d = 2: {:.0}).",
         at(&fig_zoom.series[0], 100), at(&fig_zoom.series[1], 100), at(&fig_zoom.series[2], 100), at(&fig_zoom.series[3], 100)
     );
     let bytes = sweep_series(&sweep, |m| m.bytes, MK_GROUP);
-    let mut fig_bytes = figure("fig3c_mk_bytes", "3c. Rekey bytes on the wire vs members leaving (n = 2000, signed packets)", "members leaving", "bytes", bytes);
+    let mut fig_bytes = Figure::new("fig3c_mk_bytes", "3c. Rekey bytes on the wire vs members leaving (n = 2000, signed packets)", "members leaving", "bytes", bytes);
     fig_bytes.paper = "Mukkamalla and Katz 5.2: 5% of 2000 leaving gives rekeys of about 20 KB (24-byte DES entries, one RSA signature).".into();
     fig_bytes.measured = format!(
         "100 leavers: {:.1} / {:.1} / {:.1} KB for d = 2/3/4 (73-byte AES-GCM entries, 64-byte signature and hash path per packet); {}.",
@@ -154,7 +140,7 @@ pub fn mukkamalla(scale: Scale, progress: &Progress) -> Vec<Figure> {
         placement_switch(&sweep)
     );
     let times = sweep_series(&sweep, |m| m.micros, MK_GROUP);
-    let mut fig_time = figure("fig4_mk_time", "4. Controller time to build the rekey vs members leaving (n = 2000; plan, packetise, sign)", "members leaving", "µs per rekey (mean of runs)", times);
+    let mut fig_time = Figure::new("fig4_mk_time", "4. Controller time to build the rekey vs members leaving (n = 2000; plan, packetise, sign)", "members leaving", "µs per rekey (mean of runs)", times);
     fig_time.paper = "Mukkamalla and Katz fig. 11: roughly linear in the number leaving for small numbers; under 100 ms for 100 of 2000 (Pentium 200, RSA-512).".into();
     fig_time.measured = format!(
         "100 leavers: {:.0} / {:.0} / {:.0} µs for d = 2/3/4 (points measured {threads} at a time on {threads} threads: expect noise).",
@@ -231,7 +217,7 @@ pub fn wraps_by_scheme(scale: Scale, progress: &Progress) -> Figure {
     let star_fewest = |i: usize| series[..3].iter().all(|s| series[3].points[i].1 < s.points[i].1);
     // The first batch size from which the star needs the fewest wraps at every larger one.
     let star_wins = (0..ks.len()).rev().take_while(|&i| star_fewest(i)).last().map(|i| ks[i]);
-    let mut fig = figure("fig6_batch_wraps_by_scheme", "6. Wraps vs members leaving in one batch (n = 4096)", "members leaving (k)", "wraps (mean of random draws)", series);
+    let mut fig = Figure::new("fig6_batch_wraps_by_scheme", "6. Wraps vs members leaving in one batch (n = 4096)", "members leaving (k)", "wraps (mean of random draws)", series);
     fig.log_x = true;
     fig.log_y = true;
     fig.paper = "Batch rekeying (Mukkamalla and Katz 5.1; Wong's star): a tree costs about d·k·log_d(n/k), a star n - k; for large batches the star wins.".into();
@@ -312,10 +298,10 @@ pub fn gsm(scale: Scale, progress: &Progress) -> Vec<Figure> {
     }
     let last = counts.last().copied().unwrap_or(0) as f64 / INTERVAL_S;
     let ratio = y_at(&time_series[0], last) / y_at(&time_series[1], last);
-    let mut time = figure("fig7a_gsm_time_per_request", "7a. Controller time per request vs request rate (GSM: per request vs per interval)", "requests per second (half joins, half leaves)", "µs per request", time_series);
+    let mut time = Figure::new("fig7a_gsm_time_per_request", "7a. Controller time per request vs request rate (GSM: per request vs per interval)", "requests per second (half joins, half leaves)", "µs per request", time_series);
     time.paper = "GSM paper fig. 6 (30 remaining members, 20 s interval, 3DES): batching a local group's requests over the rekey interval costs the manager less per request than Iolus's rekey per request, more so as requests grow.".into();
     time.measured = format!("at {last} requests/s the 30-member star costs {ratio:.1}x more per request when rekeyed per request than batched.");
-    let mut wraps = figure("fig7b_gsm_wraps_per_request", "7b. Wraps per request vs request rate (GSM: per request vs per interval)", "requests per second (half joins, half leaves)", "wraps per request", wrap_series);
+    let mut wraps = Figure::new("fig7b_gsm_wraps_per_request", "7b. Wraps per request vs request rate (GSM: per request vs per interval)", "requests per second (half joins, half leaves)", "wraps per request", wrap_series);
     wraps.paper = "GSM paper 4: the advantage of batch rekeying is fewer rekeys for the same membership changes.".into();
     wraps.measured = format!(
         "at {last} requests/s: star {:.1} wraps per request individually vs {:.1} batched; tree {:.1} vs {:.1}.",

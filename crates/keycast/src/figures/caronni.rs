@@ -51,17 +51,7 @@ fn series(points: &[Point], pick: fn(&Values) -> f64) -> Vec<Series> {
 }
 
 fn figure(stem: &str, title: &str, y_label: &str, series: Vec<Series>) -> Figure {
-    Figure {
-        stem: stem.into(),
-        title: title.into(),
-        x_label: "group size n".into(),
-        y_label: y_label.into(),
-        log_x: true,
-        log_y: true,
-        series,
-        paper: String::new(),
-        measured: String::new(),
-    }
+    Figure { log_x: true, log_y: true, ..Figure::new(stem, title, "group size n", y_label, series) }
 }
 
 /// Figures 5a (entries per leave), 5b (bytes per leave) and 5c (storage).

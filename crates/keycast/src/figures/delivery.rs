@@ -30,20 +30,6 @@ fn keystone_setting(rekeys: u32) -> DeliveryConfig {
     }
 }
 
-fn figure(stem: &str, title: &str, x_label: &str, y_label: &str, series: Vec<Series>) -> Figure {
-    Figure {
-        stem: stem.into(),
-        title: title.into(),
-        x_label: x_label.into(),
-        y_label: y_label.into(),
-        log_x: false,
-        log_y: false,
-        series,
-        paper: String::new(),
-        measured: String::new(),
-    }
-}
-
 fn per_rekey(report: &DeliveryReport, f: impl Fn(&crate::sim_delivery::RekeyReport) -> f64) -> Vec<(f64, f64)> {
     report.rekeys.iter().map(|r| (f64::from(r.rekey + 1), f(r))).collect()
 }
@@ -60,7 +46,7 @@ pub fn keystone(scale: Scale, progress: &Progress) -> Vec<Figure> {
     let rho = per_rekey(&report, |r| r.rho);
     let fraction = per_rekey(&report, |r| r.rounds[0].recovered_fraction);
     let paper_level: Vec<(f64, f64)> = rho.iter().map(|&(x, _)| (x, 1.6)).collect();
-    let mut fig_rho = figure(
+    let mut fig_rho = Figure::new(
         "fig8a_keystone_rho",
         "8a. Proactivity factor rho and first-round recovery per rekey (N = 4096, L = N/4, k = 10)",
         "rekey",
@@ -87,7 +73,7 @@ pub fn keystone(scale: Scale, progress: &Progress) -> Vec<Figure> {
     let naks = per_rekey(&report, |r| r.rounds[0].naks as f64);
     let after_two = per_rekey(&report, |r| r.rounds.last().map_or(0.0, |x| x.naks as f64));
     let target: Vec<(f64, f64)> = naks.iter().map(|&(x, _)| (x, 20.0)).collect();
-    let mut fig_naks = figure(
+    let mut fig_naks = Figure::new(
         "fig8b_keystone_naks",
         "8b. NAKs per rekey (N = 4096, L = N/4, k = 10, target 20)",
         "rekey",
@@ -137,7 +123,7 @@ pub fn million(scale: Scale, progress: &Progress) -> Figure {
     let point = |f: &dyn Fn(&DeliveryReport) -> f64| runs.iter().map(|(k, r)| (f64::from(*k), f(r))).collect::<Vec<_>>();
     let overhead = point(&|r| r.summary.overhead);
     let floor: Vec<(f64, f64)> = blocks.iter().map(|&k| (f64::from(k), 1.25)).collect();
-    let mut fig = figure(
+    let mut fig = Figure::new(
         "fig9_delivery_overhead_20pct",
         &format!("9. Multicast packets per ENC packet at 20% loss, N = 2^{} (adaptive rho, target 20 NAKs)", scale.max_log2),
         "FEC block size k",

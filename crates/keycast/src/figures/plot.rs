@@ -48,6 +48,21 @@ pub struct Figure {
 }
 
 impl Figure {
+    /// A figure on linear axes, with nothing yet said of the paper or the measurement.
+    pub fn new(stem: &str, title: &str, x_label: &str, y_label: &str, series: Vec<Series>) -> Figure {
+        Figure {
+            stem: stem.into(),
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            log_x: false,
+            log_y: false,
+            series,
+            paper: String::new(),
+            measured: String::new(),
+        }
+    }
+
     /// Long-form CSV: one row per point.
     pub fn csv(&self) -> String {
         let mut out = format!("series,{},{}\n", csv_field(&self.x_label), csv_field(&self.y_label));

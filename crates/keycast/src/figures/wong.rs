@@ -74,17 +74,7 @@ fn wrap_series(points: &[Point]) -> Vec<Series> {
 }
 
 fn figure(stem: &str, title: &str, x_label: &str, y_label: &str, log_x: bool, series: Vec<Series>) -> Figure {
-    Figure {
-        stem: stem.into(),
-        title: title.into(),
-        x_label: x_label.into(),
-        y_label: y_label.into(),
-        log_x,
-        log_y: false,
-        series,
-        paper: String::new(),
-        measured: String::new(),
-    }
+    Figure { log_x, ..Figure::new(stem, title, x_label, y_label, series) }
 }
 
 /// Figure 1: time per join and leave against group size 2^5..2^max, degree 4.
