@@ -72,6 +72,8 @@ pub struct Stats {
     pub naks_received: u64,
     pub naks: u64,
     pub repair_packets: u64,
+    /// Repair rounds sent (each answers the NAKs of one wait).
+    pub repair_rounds: u64,
     /// The proactivity factor the next rekey starts from.
     pub rho: f64,
     pub joins: u64,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keycast_core::protocol::traffic::TrafficError;
-use keycast_core::protocol::{MemberEvent, MemberSession};
+use keycast_core::protocol::{MemberEvent, MemberSession, ResyncCauses};
 use keycast_core::wire::{
     message_type, Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, MessageType, Refresh, RefusalReason, ResyncAnswer,
     ResyncRequest, MAX_MESSAGE_LEN,
@@ -153,8 +153,17 @@ pub struct ClientStats {
     pub lost: u64,
     /// Resyncs answered over UDP (without a TLS connection).
     pub udp_resyncs: u64,
-    /// Rekeys this member completed by rebuilding lost packets from FEC parity.
-    pub repaired: u64,
+    /// Rekeys this member completed by rebuilding lost packets from round 1's FEC parity.
+    pub fec_recovered: u64,
+    /// Rekeys this member completed from a repair round it NAKed for.
+    pub repair_recovered: u64,
+    /// Rekeys this member lacked when a heartbeat first named them (round 1 did not bring
+    /// them): recovered by repair or resync.
+    pub late_rekeys: u64,
+    /// Group keys put in force before this member held them.
+    pub keys_late: u64,
+    /// Why this member went out of sync, by cause.
+    pub resync_causes: ResyncCauses,
     /// NAKs this member sent.
     pub naks: u64,
 }
@@ -172,7 +181,8 @@ struct Shared {
     member_events_dropped: AtomicU64,
     lost: AtomicU64,
     udp_resyncs: AtomicU64,
-    repaired: AtomicU64,
+    fec_recovered: AtomicU64,
+    repair_recovered: AtomicU64,
     naks: AtomicU64,
 }
 
@@ -323,7 +333,11 @@ impl MemberClient {
             member_events_dropped: get(&c.member_events_dropped),
             lost: get(&c.lost),
             udp_resyncs: get(&c.udp_resyncs),
-            repaired: get(&c.repaired),
+            fec_recovered: get(&c.fec_recovered),
+            repair_recovered: get(&c.repair_recovered),
+            late_rekeys: self.with(|s| s.late_rekeys()),
+            resync_causes: self.with(|s| s.resync_causes()),
+            keys_late: self.with(|s| s.keys_late()),
             naks: get(&c.naks),
         }
     }
@@ -426,6 +440,7 @@ impl Follow {
         let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let nak_in = lock(&self.session).next_nak_ms().map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
             let go_on = tokio::select! {
                 received = socket.recv_from(&mut buf) => {
                     match received {
@@ -439,6 +454,10 @@ impl Follow {
                     if let Ok((len, _)) = answer {
                         self.sealed_resync(&unicast_buf[..len]);
                     }
+                    true
+                }
+                _ = tokio::time::sleep(nak_in.unwrap_or_default()), if nak_in.is_some() => {
+                    self.send_nak();
                     true
                 }
                 _ = tick.tick() => {
@@ -495,8 +514,13 @@ impl Follow {
                 let result = lock(&self.session).receive(bytes, now_ms());
                 match result {
                     Ok(list) => {
-                        let repaired = list.iter().filter(|e| matches!(e, MemberEvent::Repaired { .. })).count();
-                        shared.repaired.fetch_add(repaired as u64, Ordering::Relaxed);
+                        for event in &list {
+                            match event {
+                                MemberEvent::Repaired { after_nak: false, .. } => bump(&shared.fec_recovered),
+                                MemberEvent::Repaired { after_nak: true, .. } => bump(&shared.repair_recovered),
+                                _ => {}
+                            }
+                        }
                         self.events.members(list);
                         self.send_nak();
                     }

@@ -526,6 +526,7 @@ impl ControllerTask {
                     self.shared.update(|s| {
                         s.naks += naks as u64;
                         s.repair_packets += packets as u64;
+                        s.repair_rounds += 1;
                         s.parity_bytes += bytes as u64;
                     });
                 }
@@ -987,7 +988,7 @@ async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn metrics_text(s: &Stats) -> String {
-    let series: [(&str, &str, String); 18] = [
+    let series: [(&str, &str, String); 20] = [
         ("keycast_members", "gauge", s.members.to_string()),
         ("keycast_epoch", "gauge", s.epoch.to_string()),
         ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
@@ -1001,6 +1002,8 @@ fn metrics_text(s: &Stats) -> String {
         ("keycast_parity_packets_total", "counter", s.parity_packets.to_string()),
         ("keycast_naks_total", "counter", s.naks_received.to_string()),
         ("keycast_repair_packets_total", "counter", s.repair_packets.to_string()),
+        ("keycast_repair_rounds_total", "counter", s.repair_rounds.to_string()),
+        ("keycast_parity_bytes_total", "counter", s.parity_bytes.to_string()),
         ("keycast_join_latency_ms", "gauge", s.mean_join_latency_ms.to_string()),
         ("keycast_connections_open", "gauge", s.connections_open.to_string()),
         ("keycast_connections_over_cap_total", "counter", s.connections_over_cap.to_string()),

@@ -13,7 +13,7 @@ use keycast_core::protocol::GroupPolicy;
 use keycast_core::wire::rekey::{FecConfig, PacketConfig};
 use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
-use keycast_net::client::MemberClient;
+use keycast_net::client::{ClientStats, MemberClient};
 use keycast_net::local::{Events, LocalGroup};
 use keycast_net::loss::LossModel;
 use rand_chacha::ChaCha8Rng;
@@ -55,6 +55,42 @@ pub struct DemoArgs {
 
 type Member = (String, MemberClient, Events);
 
+/// What members counted of the rekeys' delivery, summed.
+#[derive(Default, Clone, Copy)]
+struct MemberTotals {
+    lost: u64,
+    late_rekeys: u64,
+    keys_late: u64,
+    resyncs_repairs_exhausted: u64,
+    resyncs_gap: u64,
+    resyncs_silence: u64,
+    fec_recovered: u64,
+    repair_recovered: u64,
+    naks: u64,
+}
+
+impl MemberTotals {
+    fn add(&mut self, stats: &ClientStats) {
+        self.lost += stats.lost;
+        self.late_rekeys += stats.late_rekeys;
+        self.keys_late += stats.keys_late;
+        self.resyncs_repairs_exhausted += stats.resync_causes.repairs_exhausted;
+        self.resyncs_gap += stats.resync_causes.gap;
+        self.resyncs_silence += stats.resync_causes.silence + stats.resync_causes.contradiction;
+        self.fec_recovered += stats.fec_recovered;
+        self.repair_recovered += stats.repair_recovered;
+        self.naks += stats.naks;
+    }
+}
+
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
 struct Demo {
     group: LocalGroup,
     members: BTreeMap<u64, Member>,
@@ -65,6 +101,8 @@ struct Demo {
     loss: Option<LossModel>,
     /// Rekeys lived through by members that left (the rest are counted at the end).
     departed_member_rekeys: u64,
+    /// Delivery counters of members that left.
+    departed: MemberTotals,
     /// The rekey seq each member joined at.
     joined_seq: BTreeMap<u64, u64>,
 }
@@ -99,10 +137,20 @@ impl Demo {
             let id = self.pick();
             let (_, client, _) = self.members.remove(&id).expect("picked from the map");
             self.departed_member_rekeys += client.rekey_seq().saturating_sub(self.joined_seq[&id]);
+            self.departed.add(&client.stats());
             client.leave().await.map_err(|e| e.to_string())?;
             self.leaves += 1;
         }
         Ok(())
+    }
+
+    /// Delivery counters summed over every member that ever joined.
+    fn totals(&self) -> MemberTotals {
+        let mut totals = self.departed;
+        for (_, client, _) in self.members.values() {
+            totals.add(&client.stats());
+        }
+        totals
     }
 
     /// Rekeys each member lived through, summed over every member that ever joined.
@@ -146,24 +194,45 @@ struct Summary {
     /// Loss injected on each member's multicast receive, and its mean burst (1: independent).
     loss: f64,
     burst: f64,
-    /// Multicast datagrams the injected loss dropped, over all current members.
+    /// Multicast datagrams the injected loss dropped, over all members.
     datagrams_lost: u64,
     /// Rekeys received by members, summed (a member present for 5 rekeys counts 5).
     member_rekeys: u64,
-    /// Resyncs because a rekey did not reach a member: over TLS, and over UDP (one datagram each way).
+    /// Fraction of member-rekeys complete after the first multicast round (packets and
+    /// proactive parity), before any NAK.
+    first_round_recovered: f64,
+    /// Group keys put in force before a member held them, summed over members (0: every
+    /// member held every key before it activated).
+    keys_late: u64,
+    /// Member-rekeys completed from round 1's parity, and from a repair round after a NAK.
+    fec_recovered: u64,
+    repair_recovered: u64,
+    /// Resyncs (a rekey did not reach a member after the repair rounds): all of them, over
+    /// TLS, over UDP (one datagram each way), and all over member-rekeys.
     unicast_resyncs: u64,
+    tls_resyncs: u64,
     udp_resyncs: u64,
-    /// FEC: proactivity, parity packets and bytes sent, and rekeys members completed by
-    /// rebuilding lost packets from parity.
+    unicast_resync_fraction: f64,
+    /// Why members resynced: a rekey still missing after the repair rounds, whole rekeys
+    /// missed, or the controller not heard for ten heartbeat intervals.
+    resyncs_repairs_exhausted: u64,
+    resyncs_gap: u64,
+    resyncs_silence: u64,
+    /// FEC: rho at the start and the end, round-1 parity packets, repair rounds and their packets.
     rho: f64,
-    parity_packets: u64,
-    parity_bytes: u64,
-    fec_repairs: u64,
-    /// NAKs the controller counted, the parity packets its repair rounds sent, and rho at the end.
-    naks: u64,
-    naks_sent: u64,
-    repair_packets: u64,
     rho_final: f64,
+    parity_packets: u64,
+    repair_rounds: u64,
+    repair_packets: u64,
+    /// NAKs the controller counted (and per rekey), and NAKs members sent.
+    naks: u64,
+    naks_per_rekey: f64,
+    naks_sent: u64,
+    /// Bytes of the rekeys themselves, all rekey bytes sent (with parity and repairs), their
+    /// ratio, and the least a perfect erasure code needs at this loss, 1/(1-p).
+    rekey_bytes_sent: u64,
+    overhead: f64,
+    overhead_floor: f64,
     joins: usize,
     leaves: usize,
     mean_join_latency_ms: f64,
@@ -192,19 +261,33 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
             if summary.evicted_can_decrypt { "some" } else { "none" },
             summary.messages_tried_by_evicted
         );
-        if summary.loss > 0.0 {
+        {
             println!(
-                "injected loss {} (mean burst {}): {} datagrams dropped; {} resyncs over TLS and {} over UDP for {} member-rekeys ({:.2}%); FEC rho {}: {} parity packets, {} rekeys repaired",
+                "injected loss {} (mean burst {}): {} datagrams dropped; {:.1}% of {} member-rekeys complete after round 1 ({} rebuilt from its parity), {} after a repair round; {} keys in force before a member held them",
                 summary.loss,
                 summary.burst,
                 summary.datagrams_lost,
-                summary.unicast_resyncs,
-                summary.udp_resyncs,
+                100.0 * summary.first_round_recovered,
                 summary.member_rekeys,
-                100.0 * (summary.unicast_resyncs + summary.udp_resyncs) as f64 / summary.member_rekeys.max(1) as f64,
+                summary.fec_recovered,
+                summary.repair_recovered,
+                summary.keys_late
+            );
+            println!(
+                "resyncs: {} over TLS, {} over UDP ({:.2}% of member-rekeys; {} after repairs, {} for whole rekeys missed, {} for silence); {} NAKs ({:.1} per rekey), {} repair rounds; rho {} -> {:.2}; {:.2}x the rekey bytes sent (a perfect code needs {:.2}x)",
+                summary.tls_resyncs,
+                summary.udp_resyncs,
+                100.0 * summary.unicast_resync_fraction,
+                summary.resyncs_repairs_exhausted,
+                summary.resyncs_gap,
+                summary.resyncs_silence,
+                summary.naks,
+                summary.naks_per_rekey,
+                summary.repair_rounds,
                 summary.rho,
-                summary.parity_packets,
-                summary.fec_repairs
+                summary.rho_final,
+                summary.overhead,
+                summary.overhead_floor
             );
         }
         println!("mean join latency {:.0} ms (joins wait for their epoch); {:.1} s in all", summary.mean_join_latency_ms, summary.seconds);
@@ -244,6 +327,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         leaves: 0,
         loss,
         departed_member_rekeys: 0,
+        departed: MemberTotals::default(),
         joined_seq: BTreeMap::new(),
     };
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(args.epochs as u64 + 1) };
@@ -296,6 +380,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     let counted: Vec<u64> = demo.group.server().members().await.iter().map(|row| row.member).collect();
     let members_expired = demo.members.keys().filter(|id| !counted.contains(id)).count();
     let stats = demo.group.server().stats();
+    let (totals, member_rekeys) = (demo.totals(), demo.member_rekeys());
     Ok(Summary {
         members: demo.members.len(),
         epochs: args.epochs,
@@ -309,18 +394,30 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         rekeys: stats.rekeys,
         loss: args.loss,
         burst: args.burst.unwrap_or(1.0),
-        datagrams_lost: demo.members.values().map(|(_, client, _)| client.stats().lost).sum(),
-        member_rekeys: demo.member_rekeys(),
-        unicast_resyncs: stats.resyncs,
+        datagrams_lost: totals.lost,
+        member_rekeys,
+        first_round_recovered: 1.0 - ratio(totals.late_rekeys, member_rekeys),
+        keys_late: totals.keys_late,
+        fec_recovered: totals.fec_recovered,
+        repair_recovered: totals.repair_recovered,
+        unicast_resyncs: stats.resyncs + stats.udp_resyncs,
+        tls_resyncs: stats.resyncs,
         udp_resyncs: stats.udp_resyncs,
+        unicast_resync_fraction: ratio(stats.resyncs + stats.udp_resyncs, member_rekeys),
+        resyncs_repairs_exhausted: totals.resyncs_repairs_exhausted,
+        resyncs_gap: totals.resyncs_gap,
+        resyncs_silence: totals.resyncs_silence,
         rho: args.rho,
-        parity_packets: stats.parity_packets,
-        parity_bytes: stats.parity_bytes,
-        fec_repairs: demo.members.values().map(|(_, client, _)| client.stats().repaired).sum(),
-        naks: stats.naks_received,
-        naks_sent: demo.members.values().map(|(_, client, _)| client.stats().naks).sum(),
-        repair_packets: stats.repair_packets,
         rho_final: stats.rho,
+        parity_packets: stats.parity_packets,
+        repair_rounds: stats.repair_rounds,
+        repair_packets: stats.repair_packets,
+        naks: stats.naks_received,
+        naks_per_rekey: ratio(stats.naks_received, stats.rekeys),
+        naks_sent: totals.naks,
+        rekey_bytes_sent: stats.rekey_bytes + stats.parity_bytes,
+        overhead: 1.0 + ratio(stats.parity_bytes, stats.rekey_bytes),
+        overhead_floor: 1.0 / (1.0 - args.loss),
         joins: demo.joins,
         leaves: demo.leaves,
         mean_join_latency_ms: stats.mean_join_latency_ms,

@@ -75,11 +75,25 @@ impl Proactivity {
             return Err(ProactivityError::Loss(loss.to_string()));
         }
         let mut controller = Proactivity::new(block, target_naks, 1.0, rho_max)?;
-        let k = controller.block;
-        let expected_naks = |sent: u32| receivers as f64 * loss * binomial_cdf(sent - 1, 1.0 - loss, k - 1);
-        controller.per_block =
-            (k..=controller.max_per_block).find(|&sent| expected_naks(sent) <= f64::from(target_naks)).unwrap_or(controller.max_per_block);
+        controller.per_block = controller.per_block_for_loss(loss, receivers);
         Ok(controller)
+    }
+
+    /// Packets per block at which `receivers` members losing `loss` each are expected to send
+    /// at most the target NAKs.
+    fn per_block_for_loss(&self, loss: f64, receivers: u64) -> u32 {
+        let k = self.block;
+        let expected_naks = |sent: u32| receivers as f64 * loss * binomial_cdf(sent - 1, 1.0 - loss, k - 1);
+        (k..=self.max_per_block).find(|&sent| expected_naks(sent) <= f64::from(self.target_naks)).unwrap_or(self.max_per_block)
+    }
+
+    /// Raises rho to at least the sane start for `loss` (a measured lower bound on the loss
+    /// rate): one rekey at rho 1 then says how much parity the group needs, where the
+    /// NAK-driven steps alone would take several rekeys to get there.
+    pub fn raise_for_loss(&mut self, loss: f64, receivers: u64) {
+        if loss.is_finite() && (0.0..1.0).contains(&loss) {
+            self.per_block = self.per_block.max(self.per_block_for_loss(loss, receivers));
+        }
     }
 
     pub fn rho(&self) -> f64 {
@@ -188,6 +202,18 @@ mod tests {
         assert!(rho(0.2, 1 << 20) > rho(0.2, 4096));
         // 1/(1-p) is the floor of any code: more is needed for a per-member tail.
         assert!(rho(0.2, 4096) > 1.25);
+    }
+
+    #[test]
+    fn a_measured_loss_raises_rho_to_its_default_and_never_lowers_it() {
+        let mut rho = Proactivity::new(10, 2, 1.0, 4.0).unwrap();
+        rho.raise_for_loss(0.2, 300);
+        assert_eq!(rho.rho(), Proactivity::for_loss(10, 2, 4.0, 0.2, 300).unwrap().rho());
+        assert!(rho.rho() > 1.5, "rho {} for 20% loss", rho.rho());
+        let before = rho.rho();
+        rho.raise_for_loss(0.01, 300);
+        rho.raise_for_loss(f64::NAN, 300);
+        assert_eq!(rho.rho(), before);
     }
 
     #[test]

@@ -1036,7 +1036,7 @@ impl Controller {
 
     /// The proactive parity packets of a rekey (round 1), signed (none while rho is 1).
     fn parity(&mut self, seq: u64, packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
-        let shards = self.delivery.first_round(seq, packets);
+        let shards = self.delivery.first_round(seq, packets, self.members.len() as u64);
         self.sign_parity(seq, 1, &shards)
     }
 

@@ -13,7 +13,7 @@ use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
 use subtle::ConstantTimeEq;
 use crate::wire::rekey::RekeyPacket;
-use crate::wire::ParityPacket;
+use crate::wire::{ParityPacket, VerifiedRoots};
 
 use super::repair::RepairCollector;
 use crate::wire::{
@@ -47,8 +47,9 @@ pub enum MemberEvent {
     MembershipChanged { seq: u64, joined: Vec<MemberId>, left: Vec<MemberId> },
     /// The controller rotated its signing key (announced under the old one).
     SignerChanged { change: u64 },
-    /// Lost packets of rekey `seq` were rebuilt from its FEC parity.
-    Repaired { seq: u64, packets: usize },
+    /// Lost packets of rekey `seq` were rebuilt from its FEC parity: the proactive parity of
+    /// round 1, or (`after_nak`) a repair round this member asked for.
+    Repaired { seq: u64, packets: usize, after_nak: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,8 +82,8 @@ pub struct MemberSession {
     last_heartbeat_ms: u64,
     out_of_sync: bool,
     controller_lost: bool,
-    /// Heartbeats seen naming a rekey this member has not applied.
-    heartbeats_behind: u32,
+    /// The next rekey, once this member heard it was sent and while it does not hold it.
+    behind: Option<Behind>,
     /// Membership delta parts already reported, as (rekey seq, part), for recent rekeys.
     deltas_seen: std::collections::BTreeSet<(u64, u16)>,
     /// The key in force by the controller's latest heartbeat: sealing under any other would
@@ -97,8 +98,72 @@ pub struct MemberSession {
     resync_probe: Option<u64>,
     /// Packets and parity of the next rekey, to rebuild lost packets.
     repair: Option<RepairCollector>,
-    /// A NAK for this rekey should go to the controller (see `take_nak`).
-    nak_due: Option<u64>,
+    /// Signing-block roots whose signature verified (the next packets of a block cost a hash).
+    roots: VerifiedRoots,
+    /// The last rekey this member sent a NAK for.
+    nak_sent: Option<u64>,
+    /// Rekeys this member did not hold when it first heard of them from a heartbeat (or a
+    /// later rekey): the ones round 1 of their delivery did not bring.
+    late_rekeys: u64,
+    /// The newest rekey counted in `late_rekeys`.
+    late_through: u64,
+    resync_causes: ResyncCauses,
+    /// Group keys a heartbeat announced in force while this member did not hold them, and
+    /// the last one counted.
+    keys_late: u64,
+    last_key_late: Option<KeyRef>,
+    /// Heartbeats whose signature failed since the last one that verified.
+    unverifiable_heartbeats: u32,
+}
+
+/// Why a member went out of sync (each resync counted once, by its first cause).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResyncCauses {
+    /// A rekey still missing after the NAKs' repair rounds.
+    pub repairs_exhausted: u64,
+    /// Whole rekeys missed (a heartbeat or rekey more than one ahead).
+    pub gap: u64,
+    /// No heartbeat it could verify for three intervals while heartbeats failed verification,
+    /// or none at all for fifty.
+    pub silence: u64,
+    /// The controller announced something that contradicts this member's keys.
+    pub contradiction: u64,
+}
+
+enum ResyncCause {
+    RepairsExhausted,
+    Gap,
+}
+
+/// A rekey this member heard was sent (a packet of another member's, its parity, a heartbeat
+/// naming it) and does not hold: after round 1 has had half a heartbeat interval to arrive it
+/// NAKs, an interval later it NAKs again, and an interval after that it resyncs, about two
+/// and a half intervals after the rekey went out and well before its key activates (an
+/// epoch is at least four heartbeat intervals). Counted from the member's own clock, so lost
+/// heartbeats do not delay it.
+#[derive(Debug, Clone, Copy)]
+struct Behind {
+    seq: u64,
+    since_ms: u64,
+    naks: u32,
+}
+
+/// Heartbeat intervals without any heartbeat before a member resyncs (its multicast path may
+/// be down); bursts of loss on a wireless link last a few.
+const SILENT_HEARTBEATS_BEFORE_RESYNC: u64 = 50;
+
+/// NAKs per rekey before the member resyncs.
+const NAKS_BEFORE_RESYNC: u32 = 2;
+
+/// The delay of a member's NAK within `window_ms`: spread over the members (and rounds) by a
+/// fixed mix of the values, so the session needs no randomness and every member's NAKs still
+/// land at different times (SplitMix64's finalizer; not a secret, only a spread).
+fn nak_spread(member: MemberId, seq: u64, round: u32, window_ms: u64) -> u64 {
+    let mut x = member.0 ^ seq.rotate_left(32) ^ u64::from(round).rotate_left(48);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    x % (window_ms + 1)
 }
 
 /// A member's first data seq is its join time in milliseconds shifted left by this, so a
@@ -124,7 +189,7 @@ impl MemberSession {
             last_heartbeat_ms: now_ms,
             out_of_sync: false,
             controller_lost: false,
-            heartbeats_behind: 0,
+            behind: None,
             deltas_seen: Default::default(),
             announced_active: None,
             next_data_seq: now_ms << DATA_SEQ_TIME_SHIFT,
@@ -132,7 +197,14 @@ impl MemberSession {
             liveness_counter: 0,
             resync_probe: None,
             repair: None,
-            nak_due: None,
+            roots: VerifiedRoots::default(),
+            nak_sent: None,
+            late_rekeys: 0,
+            late_through: keys.rekey_seq,
+            resync_causes: ResyncCauses::default(),
+            keys_late: 0,
+            last_key_late: None,
+            unverifiable_heartbeats: 0,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -166,8 +238,20 @@ impl MemberSession {
     /// (as far as it heard of them), the shards it still needs, tagged with its liveness key.
     /// A member that heard nothing of the rekey's blocks sends no block: it needs one more
     /// shard of every block.
+    /// Not before the time `next_nak_ms` names: NAKs are spread over a short window, so they
+    /// do not reach the controller at once and a repair that comes first silences the rest.
     pub fn take_nak(&mut self, now_ms: u64) -> Option<Vec<u8>> {
-        let seq = self.nak_due.take().filter(|seq| *seq > self.guard.rekey_seq())?;
+        let due = self.next_nak_ms()?;
+        if due > now_ms {
+            return None;
+        }
+        let behind = self.behind.as_mut()?;
+        let seq = behind.seq;
+        behind.naks += 1;
+        if behind.naks == 1 {
+            self.count_late(seq);
+        }
+        self.nak_sent = Some(seq);
         let needs = self.repair.as_ref().filter(|r| r.seq() == seq).map(RepairCollector::needs).unwrap_or_default();
         let (key, counter) = self.next_datagram(now_ms)?;
         Some(Nak { group: self.group, member: self.member, counter, seq, needs, tag: [0; 32] }.seal(&key))
@@ -188,6 +272,68 @@ impl MemberSession {
         }
         self.resync_probe = None;
         Ok(self.resynced(answer, now_ms))
+    }
+
+    /// When the next NAK is due, if one is.
+    pub fn next_nak_ms(&self) -> Option<u64> {
+        let b = self.behind.filter(|b| b.seq > self.guard.rekey_seq() && b.naks < NAKS_BEFORE_RESYNC)?;
+        let spread = nak_spread(self.member, b.seq, b.naks, self.heartbeat_ms / 8);
+        Some(b.since_ms + self.round_one_ms() + u64::from(b.naks) * self.heartbeat_ms + spread)
+    }
+
+    /// Time given round 1 of a rekey (its packets and proactive parity) to arrive.
+    fn round_one_ms(&self) -> u64 {
+        self.heartbeat_ms / 2
+    }
+
+    /// Notes that rekey `seq` was sent: the next one starts the NAK and resync schedule.
+    fn heard_of(&mut self, seq: u64, now_ms: u64) {
+        if seq == self.guard.rekey_seq() + 1 && self.behind.is_none_or(|b| b.seq != seq) {
+            self.behind = Some(Behind { seq, since_ms: now_ms, naks: 0 });
+        }
+    }
+
+    /// Resyncs once the NAKs' repair rounds have had their time and the rekey is still missing.
+    fn check_behind(&mut self, now_ms: u64) -> Vec<MemberEvent> {
+        let Some(b) = self.behind.filter(|b| b.seq > self.guard.rekey_seq()) else { return Vec::new() };
+        let deadline = b.since_ms + self.round_one_ms() + u64::from(NAKS_BEFORE_RESYNC) * self.heartbeat_ms;
+        if now_ms < deadline {
+            return Vec::new();
+        }
+        self.count_late(b.seq);
+        let reason = format!("rekey {} still missing after {} NAKs and their repair rounds", b.seq, b.naks);
+        self.lost(ResyncCause::RepairsExhausted, reason)
+    }
+
+    /// Rekeys this member lacked when a heartbeat (or a later rekey) first named them: the
+    /// ones the first multicast round, parity included, did not bring it.
+    pub fn late_rekeys(&self) -> u64 {
+        self.late_rekeys
+    }
+
+    /// Group keys the controller put in force before this member held them (delivery missed
+    /// its deadline: the member could not open traffic under them for a while).
+    pub fn keys_late(&self) -> u64 {
+        self.keys_late
+    }
+
+    fn note_key_in_force(&mut self, active: KeyRef) {
+        let held = self.group_keys.values().any(|(r, _, _)| *r == active);
+        if !held && self.last_key_late != Some(active) {
+            self.keys_late += 1;
+            self.last_key_late = Some(active);
+        }
+    }
+
+    pub fn resync_causes(&self) -> ResyncCauses {
+        self.resync_causes
+    }
+
+    /// Counts rekeys up to `seq` as late, each once.
+    fn count_late(&mut self, seq: u64) {
+        let from = self.late_through.max(self.guard.rekey_seq());
+        self.late_rekeys += seq.saturating_sub(from);
+        self.late_through = self.late_through.max(seq);
     }
 
     pub fn group(&self) -> GroupId {
@@ -240,9 +386,14 @@ impl MemberSession {
                 self.group_keys.insert(seq, (r, key, activation));
             }
         }
+        // A joiner is not given the key in force (it must not read what was sent before it
+        // joined): that key is not late for it.
+        if self.keys.key(answer.active).is_none() {
+            self.last_key_late = Some(answer.active);
+        }
         self.waiting.clear();
         self.out_of_sync = false;
-        self.heartbeats_behind = 0;
+        self.behind = None;
         self.epoch = 0;
         self.advance_epoch(answer.epoch)
     }
@@ -251,8 +402,14 @@ impl MemberSession {
     pub fn receive(&mut self, bytes: &[u8], now_ms: u64) -> Result<Vec<MemberEvent>, MemberInputError> {
         match message_type(bytes).map_err(Reject::from)? {
             MessageType::Heartbeat => {
-                let beat = SignedHeartbeat::verify(bytes, &self.signer)?;
+                let beat = SignedHeartbeat::verify(bytes, &self.signer).inspect_err(|e| {
+                    let ours = || SignedHeartbeat::decode(bytes).is_ok_and(|b| b.heartbeat.group == self.group);
+                    if *e == Reject::BadSignature && ours() {
+                        self.unverifiable_heartbeats += 1;
+                    }
+                })?;
                 self.guard.accept_heartbeat(&beat)?;
+                self.unverifiable_heartbeats = 0;
                 self.last_heartbeat_ms = now_ms;
                 self.controller_lost = false;
                 self.announced_active = Some(beat.active);
@@ -260,28 +417,34 @@ impl MemberSession {
                 if let Some(reason) = self.contradiction(&beat) {
                     // Reported once; the driver resyncs and the answer replaces this state.
                     if !self.out_of_sync {
+                        self.resync_causes.contradiction += 1;
                         events.push(MemberEvent::Contradiction { reason });
                     }
                     self.out_of_sync = true;
                     return Ok(events);
                 }
-                // One heartbeat ahead may race its rekey's packets; a second means they are lost.
-                if beat.rekey_seq > self.guard.rekey_seq() {
-                    self.heartbeats_behind += 1;
-                    // The first heartbeat past a rekey this member lacks: ask for repair (the
-                    // driver sends `take_nak`); at the second it resyncs.
-                    if self.heartbeats_behind == 1 && beat.rekey_seq == self.guard.rekey_seq() + 1 {
-                        self.nak_due = Some(beat.rekey_seq);
-                    }
-                    if self.heartbeats_behind >= 2 {
-                        let reason = format!("heartbeat names rekey {} but this member has {}", beat.rekey_seq, self.guard.rekey_seq());
-                        events.extend(self.lost(reason));
-                    }
+                self.note_key_in_force(beat.active);
+                if beat.rekey_seq > self.guard.rekey_seq() + 1 {
+                    self.count_late(beat.rekey_seq);
+                    let reason = format!("heartbeat names rekey {} but this member has {}", beat.rekey_seq, self.guard.rekey_seq());
+                    events.extend(self.lost(ResyncCause::Gap, reason));
+                } else {
+                    self.heard_of(beat.rekey_seq, now_ms);
+                    events.extend(self.check_behind(now_ms));
                 }
                 Ok(events)
             }
             MessageType::Rekey => {
-                let packet = RekeyPacket::verify(bytes, &self.signer)?;
+                // Most packets of a rekey are other members': those of a rekey already applied
+                // that hold nothing for this member are passed over before any verification.
+                let claimed = RekeyPacket::decode(bytes).map_err(Reject::from)?;
+                if claimed.header.group == self.group && claimed.header.seq <= self.guard.rekey_seq() && !self.has_entry(&claimed) {
+                    return Ok(Vec::new());
+                }
+                let packet = RekeyPacket::verify_cached(bytes, &self.signer, &mut self.roots)?;
+                if packet.header.group == self.group {
+                    self.heard_of(packet.header.seq, now_ms);
+                }
                 let rebuilt = match self.repair_for(packet.header.group, packet.header.seq) {
                     Some(repair) => repair.packet(packet.header.index, bytes),
                     None => Vec::new(),
@@ -291,12 +454,17 @@ impl MemberSession {
                 Ok(events)
             }
             MessageType::RekeyParity => {
-                let parity = ParityPacket::verify(bytes, &self.signer)?;
+                // Parity of a rekey already applied is expected (it follows the packets).
+                let claimed = ParityPacket::decode(bytes).map_err(Reject::from)?;
+                if claimed.header.group == self.group && claimed.header.seq <= self.guard.rekey_seq() {
+                    return Ok(Vec::new());
+                }
+                let parity = ParityPacket::verify_cached(bytes, &self.signer, &mut self.roots)?;
                 let header = parity.header;
                 if header.group != self.group {
                     return Err(Reject::WrongGroup { expected: self.group, got: header.group }.into());
                 }
-                // Parity of a rekey already applied is expected (it follows the packets).
+                self.heard_of(header.seq, now_ms);
                 let Some(repair) = self.repair_for(header.group, header.seq) else { return Ok(Vec::new()) };
                 let rebuilt = repair.parity(&header, parity.shard);
                 Ok(self.rebuilt(rebuilt))
@@ -349,12 +517,12 @@ impl MemberSession {
         let mut events = Vec::new();
         let mut used = 0;
         for bytes in &packets {
-            let Ok(packet) = RekeyPacket::verify(bytes, &self.signer) else { continue };
+            let Ok(packet) = RekeyPacket::verify_cached(bytes, &self.signer, &mut self.roots) else { continue };
             used += 1;
             events.extend(self.rekey_packet(packet).unwrap_or_default());
         }
         if used > 0 {
-            events.insert(0, MemberEvent::Repaired { seq, packets: used });
+            events.insert(0, MemberEvent::Repaired { seq, packets: used, after_nak: self.nak_sent == Some(seq) });
         }
         if self.repair.as_ref().is_some_and(|r| r.seq() <= self.guard.rekey_seq()) {
             self.repair = None;
@@ -388,9 +556,13 @@ impl MemberSession {
         })
     }
 
-    fn lost(&mut self, reason: String) -> Vec<MemberEvent> {
+    fn lost(&mut self, cause: ResyncCause, reason: String) -> Vec<MemberEvent> {
         if self.out_of_sync {
             return Vec::new();
+        }
+        match cause {
+            ResyncCause::Gap => self.resync_causes.gap += 1,
+            ResyncCause::RepairsExhausted => self.resync_causes.repairs_exhausted += 1,
         }
         self.out_of_sync = true;
         vec![MemberEvent::OutOfSync { reason }]
@@ -412,7 +584,8 @@ impl MemberSession {
         }
         self.guard.check_rekey(&header)?;
         if header.seq > applied + 1 {
-            return Ok(self.lost(format!("rekey {} arrived, this member has {applied}", header.seq)));
+            self.count_late(header.seq - 1);
+            return Ok(self.lost(ResyncCause::Gap, format!("rekey {} arrived, this member has {applied}", header.seq)));
         }
         if !self.has_entry(&packet) && !packet.wraps.is_empty() {
             return Ok(Vec::new());
@@ -424,7 +597,7 @@ impl MemberSession {
         match self.keys.apply(&messages) {
             Ok(update) => {
                 self.waiting.clear();
-                self.heartbeats_behind = 0;
+                self.behind = None;
                 self.guard.rekey_applied(&header);
                 // This rekey is newer than any heartbeat heard: its key may be in force at once
                 // (an eviction), so the last announcement no longer blocks sealing.
@@ -462,19 +635,23 @@ impl MemberSession {
 
     /// Advances time: reports a controller that went silent.
     pub fn tick(&mut self, now_ms: u64) -> Vec<MemberEvent> {
+        let mut events = self.check_behind(now_ms);
         let silent = now_ms.saturating_sub(self.last_heartbeat_ms);
         if !self.controller_lost && silent > 3 * self.heartbeat_ms {
             self.controller_lost = true;
-            return vec![MemberEvent::ControllerLost];
+            events.push(MemberEvent::ControllerLost);
+            return events;
         }
-        // Still no heartbeat it can verify after twice as long: resync, which tells a controller
-        // that is down from one whose heartbeats this member can no longer verify (a signing
-        // key it missed the rotation of). Three heartbeats lost in a row on a lossy link are
-        // common; six are not, and a missed rekey is caught by the next heartbeat anyway.
-        if self.controller_lost && !self.out_of_sync && silent > 6 * self.heartbeat_ms {
+        // Heartbeats it cannot verify (a signing key it missed the rotation of): resync at once.
+        // Heartbeats lost in a row on a lossy link need nothing (the next one names any rekey
+        // missed meanwhile), unless the silence is long enough that the multicast path itself
+        // may be down: then unicast keeps this member's keys.
+        let unverifiable = self.unverifiable_heartbeats > 0;
+        if self.controller_lost && !self.out_of_sync && (unverifiable || silent > SILENT_HEARTBEATS_BEFORE_RESYNC * self.heartbeat_ms) {
+            self.resync_causes.silence += 1;
             self.out_of_sync = true;
         }
-        Vec::new()
+        events
     }
 
     /// Seals application data under the active key as this member's next message; `nonce` must

@@ -10,5 +10,5 @@ pub mod snapshot;
 pub mod traffic;
 
 pub use controller::{Controller, ControllerError, Departure, FixedPolicy, GroupPolicy, JoinStatus, LivenessAnswer, LivenessRefused, UDP_RESYNC_INTERVAL_MS, Output, Record, Refusal, Request, DEFAULT_SNAPSHOT_EVERY};
-pub use member::{MemberEvent, MemberInputError, MemberSession};
+pub use member::{MemberEvent, MemberInputError, MemberSession, ResyncCauses};
 pub use snapshot::Snapshot;

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::delivery::fec::{encode_block, BlockCode};
+use crate::delivery::fec::{encode_block, BlockCode, MAX_PARITY};
 use crate::delivery::proactivity::Proactivity;
 use crate::graph::MemberId;
 use crate::wire::control::Nak;
@@ -17,9 +17,10 @@ use crate::wire::ParityShard;
 const MAX_REPAIRABLE_PACKETS: usize = 4096;
 /// NAKs counted per round, at most (one per member).
 const MAX_NAKERS: usize = 65_536;
-/// Repair rounds per rekey: a member whose NAK came after the first (its heartbeat was lost)
-/// is served by the second; after that, members resync.
-const MAX_REPAIR_ROUNDS: u8 = 2;
+/// Repair rounds per rekey: members NAK at two heartbeats, and a member whose heartbeat was
+/// lost NAKs a heartbeat later, so NAKs come in up to three waves (a fourth round is slack);
+/// after that, members resync.
+const MAX_REPAIR_ROUNDS: u8 = 4;
 
 /// Why a NAK is not counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,8 @@ struct LastRekey {
     repair_at: Option<u64>,
     /// Repair rounds sent so far.
     repairs: u8,
+    /// Members the rekey went to.
+    receivers: u64,
 }
 
 #[derive(Debug)]
@@ -55,7 +58,8 @@ pub(crate) struct Delivery {
     block: usize,
     proactivity: Proactivity,
     last: Option<LastRekey>,
-    /// Per NAK of the last rekey, the most shards it asked for in one block (rho's input).
+    /// Per NAK before the last rekey's first repair, the most shards it asked for in one
+    /// block (rho's input).
     needed: Vec<u16>,
 }
 
@@ -81,19 +85,25 @@ impl Delivery {
         self.proactivity.rho()
     }
 
-    /// Round 1 of rekey `seq`: rho adapts to the NAKs of the rekey before, then each block of
+    /// Round 1 of rekey `seq` to `receivers` members: rho adapts to the first-round NAKs of
+    /// the rekey before (and is at least what the loss they show needs), then each block of
     /// `packets` gets its proactive parity; the rest of each block's code is kept for repairs.
-    pub(crate) fn first_round(&mut self, seq: u64, packets: &[Vec<u8>]) -> Vec<ParityShard> {
-        if self.last.is_some() {
-            self.proactivity.update(&std::mem::take(&mut self.needed));
+    pub(crate) fn first_round(&mut self, seq: u64, packets: &[Vec<u8>], receivers: u64) -> Vec<ParityShard> {
+        if let Some(last) = &self.last {
+            let needed = std::mem::take(&mut self.needed);
+            // A member NAKs only if it lost its own packet: NAKs over receivers bound the loss
+            // rate from below.
+            let loss_floor = needed.len() as f64 / last.receivers.max(1) as f64;
+            self.proactivity.update(&needed);
+            self.proactivity.raise_for_loss(loss_floor.min(0.9), receivers);
         }
         let mut blocks = BTreeMap::new();
         let mut shards = Vec::new();
         for (b, chunk) in packets.chunks(self.block).enumerate() {
             let first = (b * self.block) as u32;
             let proactive = self.proactivity.round_one_packets(chunk.len()) - chunk.len();
-            // Room for one more block's worth of shards in a repair.
-            let capacity = proactive + chunk.len();
+            // Room for two more blocks' worth of shards in repairs (rho times what NAKs ask).
+            let capacity = (proactive + 2 * chunk.len()).min(MAX_PARITY.max(proactive));
             let Ok(encoded) = BlockCode::new(chunk.len(), capacity).and_then(|code| encode_block(code, chunk)) else { continue };
             let shape = |i: usize, shard: Vec<u8>| ParityShard {
                 fec_block: b as u32,
@@ -114,6 +124,7 @@ impl Delivery {
             nakers: BTreeSet::new(),
             repair_at: None,
             repairs: 0,
+            receivers,
         });
         shards
     }
@@ -140,13 +151,17 @@ impl Delivery {
             let entry = last.needs.entry(first).or_default();
             *entry = (*entry).max(needed);
         }
-        self.needed.push(most);
+        if last.repairs == 0 {
+            self.needed.push(most);
+        }
         last.repair_at.get_or_insert(now_ms + wait_ms);
         Ok(())
     }
 
-    /// The repair round, once its time has come: fresh shards for every block a NAK named.
+    /// The repair round, once its time has come: fresh shards for every block a NAK named, as
+    /// many as the neediest NAK asked for times rho (repair packets are lost like the rest).
     pub(crate) fn due_repair(&mut self, now_ms: u64) -> Option<Repair> {
+        let rho = self.proactivity.rho();
         let last = self.last.as_mut().filter(|l| l.repair_at.is_some_and(|at| at <= now_ms))?;
         last.repairs += 1;
         last.repair_at = None;
@@ -154,7 +169,8 @@ impl Delivery {
         let mut shards = Vec::new();
         for (first, needed) in std::mem::take(&mut last.needs) {
             let block = last.blocks.get_mut(&first).expect("needs name known blocks");
-            let (from, to) = (block.sent, (block.sent + usize::from(needed)).min(usize::from(block.capacity)));
+            let count = (f64::from(needed) * rho).ceil() as usize;
+            let (from, to) = (block.sent, (block.sent + count).min(usize::from(block.capacity)));
             for i in from..to {
                 shards.push(ParityShard {
                     fec_block: first / self.block as u32,

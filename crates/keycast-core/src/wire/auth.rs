@@ -196,18 +196,51 @@ pub(crate) fn sign_in_blocks(packets: &mut [Vec<u8>], block_bits: u8, domain: &[
     }
 }
 
+/// Signed roots already verified, so that the other packets of a signing block cost a hash
+/// path instead of a signature check: a member hears every packet of a rekey, and one
+/// signature covers up to 2^block_bits of them. A forged packet reaches a kept root only with
+/// a second preimage of a node (see the module's note).
+#[derive(Debug, Default)]
+pub struct VerifiedRoots {
+    signer: Option<VerifyingKey>,
+    recent: std::collections::VecDeque<(&'static [u8], Node)>,
+}
+
+/// Roots kept: the signing blocks of the last rekey or two and their parity rounds.
+const KEPT_ROOTS: usize = 64;
+
+impl VerifiedRoots {
+    /// Whether `signature` over `root` under `domain` is `signer`'s, from the cache when seen.
+    fn verify(&mut self, domain: &'static [u8], root: Node, signature: &Signature, signer: &VerifyingKey) -> bool {
+        if self.signer != Some(*signer) {
+            self.recent.clear();
+            self.signer = Some(*signer);
+        }
+        if self.recent.iter().any(|(d, r)| *d == domain && *r == root) {
+            return true;
+        }
+        if !signer.verify(domain, &root, signature) {
+            return false;
+        }
+        if self.recent.len() == KEPT_ROOTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((domain, root));
+        true
+    }
+}
+
 /// Whether `body` (packet `index` of `count`) with its `path` leads to a root that `signer`
-/// signed under `domain`.
+/// signed under `domain` (or that `roots` holds as verified).
 pub(crate) fn verify_in_block(
     body: &[u8],
     (index, count, block_bits): (u32, u32, u8),
-    signature: &Signature,
-    path: &[Node],
-    domain: &[u8],
-    signer: &VerifyingKey,
+    (signature, path): (&Signature, &[Node]),
+    (domain, signer): (&'static [u8], &VerifyingKey),
+    roots: &mut VerifiedRoots,
 ) -> bool {
     let (first, size) = signing_block(index, count, block_bits);
-    root_from_path(leaf_hash(body), (index - first) as usize, size as usize, path).is_some_and(|root| signer.verify(domain, &root, signature))
+    root_from_path(leaf_hash(body), (index - first) as usize, size as usize, path).is_some_and(|root| roots.verify(domain, root, signature, signer))
 }
 
 /// Reads what ends every signed packet: its block's signature and the path of packet
@@ -290,5 +323,30 @@ mod tests {
         assert!(!signer.verifying_key().verify(HEARTBEAT_DOMAIN, b"root", &sig));
         assert!(!Signer::from_seed(&[8; 32]).verifying_key().verify(REKEY_ROOT_DOMAIN, b"root", &sig));
         assert!(!format!("{signer:?}").contains("0707"));
+    }
+
+    #[test]
+    fn a_cached_root_admits_its_block_and_nothing_forged_or_under_another_key() {
+        let signer = Signer::from_seed(&[7; 32]);
+        let bodies: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 40]).collect();
+        let mut packets = bodies.clone();
+        sign_in_blocks(&mut packets, 2, REKEY_ROOT_DOMAIN, &signer);
+        let key = signer.verifying_key();
+        let mut roots = VerifiedRoots::default();
+        let check = |roots: &mut VerifiedRoots, i: usize, body: &[u8], key: &VerifyingKey| {
+            let tail = &packets[i][bodies[i].len()..];
+            let signature: Signature = tail[..SIGNATURE_LEN].try_into().unwrap();
+            let path: Vec<Node> = tail[SIGNATURE_LEN..].chunks(NODE_LEN).map(|c| c.try_into().unwrap()).collect();
+            verify_in_block(body, (i as u32, 6, 2), (&signature, &path), (REKEY_ROOT_DOMAIN, key), roots)
+        };
+        for i in 0..6 {
+            assert!(check(&mut roots, i, &bodies[i], &key), "packet {i}");
+        }
+        assert_eq!(roots.recent.len(), 2, "one signature check per signing block");
+        let mut forged = bodies[1].clone();
+        forged[0] ^= 1;
+        assert!(!check(&mut roots, 1, &forged, &key), "a forged body does not reach a cached root");
+        let stranger = Signer::from_seed(&[8; 32]).verifying_key();
+        assert!(!check(&mut roots, 1, &bodies[1], &stranger), "a root cached under one key proves nothing under another");
     }
 }

@@ -19,7 +19,7 @@ pub mod rekey;
 pub mod roster;
 pub mod signer;
 
-pub use auth::{Signer, VerifyingKey};
+pub use auth::{Signer, VerifiedRoots, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};

@@ -4,7 +4,7 @@
 //! 2^block_bits with a hash tree, under a domain of their own: a member verifies each parity
 //! packet alone before it uses its shard, so forged parity cannot poison a decode.
 
-use super::auth::{self, Node, Signature, Signer, NODE_LEN, PARITY_ROOT_DOMAIN, SIGNATURE_LEN};
+use super::auth::{self, Node, Signature, Signer, VerifiedRoots, NODE_LEN, PARITY_ROOT_DOMAIN, SIGNATURE_LEN};
 use super::codec::Writer;
 use super::guard::Reject;
 use super::rekey::{PacketiseError, MAX_BLOCK_BITS};
@@ -128,9 +128,15 @@ impl ParityPacket {
 
     /// Decodes `bytes` and checks that its path leads to a parity root `signer` signed.
     pub fn verify(bytes: &[u8], signer: &VerifyingKey) -> Result<Self, Reject> {
+        ParityPacket::verify_cached(bytes, signer, &mut VerifiedRoots::default())
+    }
+
+    /// [`ParityPacket::verify`], checking the signature only if `roots` lacks the packet's root.
+    pub fn verify_cached(bytes: &[u8], signer: &VerifyingKey, roots: &mut VerifiedRoots) -> Result<Self, Reject> {
         let (packet, body_len) = ParityPacket::decode_parts(bytes)?;
         let ParityHeader { index, count, block_bits, .. } = packet.header;
-        if !auth::verify_in_block(&bytes[..body_len], (index, count, block_bits), &packet.signature, &packet.path, PARITY_ROOT_DOMAIN, signer) {
+        let proof = (&packet.signature, &packet.path[..]);
+        if !auth::verify_in_block(&bytes[..body_len], (index, count, block_bits), proof, (PARITY_ROOT_DOMAIN, signer), roots) {
             return Err(Reject::BadSignature);
         }
         Ok(packet)

@@ -10,7 +10,7 @@ use crate::key::KeyRef;
 use crate::strategy::RekeyMessage;
 use crate::wrap::{NonceSalt, Wrap, SALT_LEN};
 
-use super::auth::{self, Node, Signature, Signer, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
+use super::auth::{self, Node, Signature, Signer, VerifiedRoots, NODE_LEN, REKEY_ROOT_DOMAIN, SIGNATURE_LEN};
 use super::codec::{Writer, MIN_WRAP_LEN};
 use super::guard::Reject;
 use super::placement::{place, Layout};
@@ -132,9 +132,15 @@ impl RekeyPacket {
 
     /// Decodes `bytes` and checks that its path leads to a root `signer` signed.
     pub fn verify(bytes: &[u8], signer: &VerifyingKey) -> Result<Self, Reject> {
+        RekeyPacket::verify_cached(bytes, signer, &mut VerifiedRoots::default())
+    }
+
+    /// [`RekeyPacket::verify`], checking the signature only if `roots` lacks the packet's root.
+    pub fn verify_cached(bytes: &[u8], signer: &VerifyingKey, roots: &mut VerifiedRoots) -> Result<Self, Reject> {
         let (packet, body_len) = RekeyPacket::decode_parts(bytes)?;
         let RekeyHeader { index, count, block_bits, .. } = packet.header;
-        if !auth::verify_in_block(&bytes[..body_len], (index, count, block_bits), &packet.signature, &packet.path, REKEY_ROOT_DOMAIN, signer) {
+        let proof = (&packet.signature, &packet.path[..]);
+        if !auth::verify_in_block(&bytes[..body_len], (index, count, block_bits), proof, (REKEY_ROOT_DOMAIN, signer), roots) {
             return Err(Reject::BadSignature);
         }
         Ok(packet)
