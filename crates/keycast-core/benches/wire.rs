@@ -34,6 +34,7 @@ fn bench(c: &mut Criterion) {
         pending_check: [0; 8],
         group_size: N,
         sent_ms: 0,
+        activates_in_ms: 0,
     };
     c.bench_function("sign/one", |b| b.iter(|| black_box(beat.sign(&signer))));
 

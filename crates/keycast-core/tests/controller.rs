@@ -561,3 +561,82 @@ fn a_nak_brings_a_repair_round_that_completes_the_member_and_raises_rho() {
     h.evict(MemberId(5));
     assert!(h.controller.rho() > rho_before, "rho {} after a NAK, {rho_before} before", h.controller.rho());
 }
+
+/// A NAK flood: every member NAKs every block of the last rekey, asking for all of it, every
+/// 10 ms for eight heartbeat intervals, beside forged NAKs from strangers and bad tags. The
+/// controller counts one NAK per member per round, sends at most four repair rounds with no
+/// more parity than each block's code holds, and never misses a heartbeat.
+#[test]
+fn a_nak_flood_gets_bounded_repairs_and_heartbeats_stay_on_time() {
+    use keycast_core::wire::{message_type, LivenessKey, MessageType, Nak, ParityPacket};
+    use keycast_core::Key;
+    const MEMBERS: usize = 120;
+    let mut p = policy(tree());
+    p.packets.fec = keycast_core::wire::rekey::FecConfig { block: 4, proactivity_pct: 150, target_naks: 20 };
+    p.packets.mtu = 400;
+    let identities: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
+    let mut h = Harness::new(p, &identities.iter().map(String::as_str).collect::<Vec<_>>());
+    for identity in &identities {
+        assert!(matches!(h.join(identity), Ok(JoinStatus::Queued(_))));
+    }
+    h.run(2 * p.epoch_ms);
+    let keys: Vec<(MemberId, Key)> = h
+        .answers
+        .iter()
+        .filter_map(|(_, answer)| match answer {
+            JoinAnswer::Accepted(a) => Some((a.member, a.individual_key.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(keys.len(), MEMBERS);
+    // An eviction: an immediate rekey of several blocks, with round-1 parity.
+    let (evicted, _) = keys[0].clone();
+    let e = h.entropy();
+    let outputs = h.controller.evict(evicted, h.now, e).unwrap();
+    let mut blocks = BTreeSet::new();
+    for output in &outputs {
+        if let Output::Multicast(bytes) = output {
+            if message_type(bytes) == Ok(MessageType::RekeyParity) {
+                let parity = ParityPacket::decode(bytes).unwrap();
+                blocks.insert((parity.header.first, parity.header.originals, parity.header.capacity));
+            }
+        }
+    }
+    h.take(outputs);
+    assert!(blocks.len() >= 2, "a rekey of several FEC blocks: {blocks:?}");
+    let seq = h.controller.rekey_seq();
+    let needs: Vec<(u32, u16)> = blocks.iter().map(|&(first, originals, _)| (first, originals)).collect();
+    let stranger = LivenessKey::derive(&Key::from_bytes([7; 32]), p.group, MemberId(1));
+    let (mut heartbeats, mut rounds, mut repair_packets, mut counted) = (0u64, 0, 0usize, 0usize);
+    let flood_ms = 8 * p.heartbeat_ms;
+    for step in 1..=flood_ms / 10 {
+        h.now += 10;
+        for (member, key) in &keys[1..] {
+            let nak = Nak { group: p.group, member: *member, counter: h.now * 1_000 + step, seq, needs: needs.clone(), tag: [0; 32] };
+            counted += usize::from(h.controller.nak(&nak.clone().seal(&LivenessKey::derive(key, p.group, *member)), h.now).is_ok());
+            // Forged: an unknown member, and a member's id under a stranger's key.
+            for forged_member in [MemberId(10_000 + step), *member] {
+                let forged = Nak { member: forged_member, counter: u64::MAX, ..nak.clone() }.seal(&stranger);
+                assert!(h.controller.nak(&forged, h.now).is_err());
+            }
+        }
+        let e = h.entropy();
+        for output in h.controller.tick(h.now, e).unwrap() {
+            match output {
+                Output::Multicast(bytes) if message_type(&bytes) == Ok(MessageType::Heartbeat) => heartbeats += 1,
+                Output::Repaired { naks, packets, .. } => {
+                    assert!(naks < MEMBERS, "one NAK per member per round");
+                    rounds += 1;
+                    repair_packets += packets;
+                }
+                other => h.take(vec![other]),
+            }
+        }
+    }
+    assert!(heartbeats >= flood_ms / p.heartbeat_ms, "{heartbeats} heartbeats in {flood_ms} ms of flood");
+    assert!((1..=4).contains(&rounds), "{rounds} repair rounds");
+    let room: usize = blocks.iter().map(|&(_, _, capacity)| usize::from(capacity)).sum();
+    assert!(repair_packets <= room, "{repair_packets} repair packets, the codes hold {room}");
+    assert!(counted <= rounds * (MEMBERS - 1), "{counted} NAKs counted in {rounds} rounds");
+    eprintln!("flood: {counted} NAKs counted, {rounds} repair rounds, {repair_packets} repair packets, {heartbeats} heartbeats");
+}

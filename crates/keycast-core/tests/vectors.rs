@@ -63,7 +63,7 @@ fn describe(message: &Message) -> Value {
                 "group": b.group.0, "epoch": b.epoch, "seq": b.seq, "rekey_seq": b.rekey_seq,
                 "active": key_ref(b.active), "active_check": hex::encode(b.active_check), "pending": pending(b.pending),
                 "pending_check": hex::encode(b.pending_check), "group_size": b.group_size,
-                "sent_ms": b.sent_ms, "signature": hex::encode(h.signature),
+                "sent_ms": b.sent_ms, "activates_in_ms": b.activates_in_ms, "signature": hex::encode(h.signature),
             }})
         }
         Message::JoinRequest(j) => json!({"join_request": {"group": j.group.0}}),
@@ -194,6 +194,7 @@ fn generate() -> Value {
         pending_check: key_check(&Key::from_bytes([0x42; 32]), pending_ref),
         group_size: 15,
         sent_ms: 1_795_000_000_000,
+        activates_in_ms: 250,
     };
     vectors.push(message_vector("heartbeat", beat.sign(&signer).encode(), &public));
     let next = Signer::from_seed(&[0x6e; 32]).verifying_key();

@@ -101,6 +101,7 @@ fn heartbeat() -> impl Strategy<Value = SignedHeartbeat> {
             pending,
             group_size: f[4],
             sent_ms: f[5],
+            activates_in_ms: f[0] as u32,
         },
         signature,
     })
@@ -456,6 +457,7 @@ fn heartbeats_verify_and_replays_are_refused() {
         pending_check: [9; 8],
         group_size: 1000,
         sent_ms: 1_790_000_000_000,
+        activates_in_ms: 0,
     };
     let bytes = beat.sign(&signer()).encode();
     let key = signer().verifying_key();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use keycast_core::protocol::GroupPolicy;
 use keycast_core::wire::rekey::PacketConfig;
-use keycast_core::wire::{GroupId, Liveness, LivenessKey, LIVENESS_LEN};
+use keycast_core::wire::{message_type, GroupId, Liveness, LivenessKey, MessageType, LIVENESS_LEN};
 use keycast_core::{GraphConfig, JoinPolicy, Key, MemberId, Scheme};
 use keycast_net::client::MemberClient;
 use keycast_net::local::{Events, LocalGroup};
@@ -54,6 +54,27 @@ async fn liveness_datagrams_alone_keep_members_in_the_group() {
     assert_eq!(stats.resyncs, 0);
 }
 
+/// The longest wait between heartbeats on the group's channel until `until`.
+async fn longest_heartbeat_gap(multicast: keycast_net::config::MulticastConfig, until: Instant) -> Duration {
+    let socket = keycast_net::multicast::receiver(&multicast).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (mut last, mut longest) = (Instant::now(), Duration::ZERO);
+    while let Ok(Ok((len, _))) = tokio::time::timeout_at(until, socket.recv_from(&mut buf)).await {
+        if message_type(&buf[..len]) == Ok(MessageType::Heartbeat) {
+            longest = longest.max(last.elapsed());
+            last = Instant::now();
+        }
+    }
+    longest.max(last.elapsed())
+}
+
+/// This process's resident memory in KiB (Linux).
+fn resident_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_forged_liveness_datagrams_and_naks_costs_no_member_its_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,6 +85,8 @@ async fn a_flood_of_forged_liveness_datagrams_and_naks_costs_no_member_its_place
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let wrong = LivenessKey::derive(&Key::from_bytes([7; 32]), policy().group, a.member());
     let (mut sent, deadline) = (0u64, Instant::now() + Duration::from_millis(2 * policy().refresh_timeout_ms));
+    let gaps = tokio::spawn(longest_heartbeat_gap(group.multicast.clone(), deadline));
+    let resident_before = resident_kib();
     while Instant::now() < deadline {
         for member in [a.member(), b.member(), MemberId(999)] {
             let forged = Liveness { group: policy().group, member, resync: sent % 4 == 0, counter: u64::MAX - sent, rekey_seq: 1 }.seal(&wrong);
@@ -81,7 +104,12 @@ async fn a_flood_of_forged_liveness_datagrams_and_naks_costs_no_member_its_place
     let stats = group.server().stats();
     assert!(stats.liveness_refused + stats.liveness_dropped > 0 && stats.liveness_accepted > 0, "{stats:?}");
     assert!(stats.liveness_refused + stats.liveness_dropped <= sent, "{stats:?}");
-    eprintln!("flood: {sent} forged datagrams sent; {stats:?}");
+    // The controller's heartbeats kept coming, and the flood left no state behind it.
+    let gap = gaps.await.unwrap();
+    assert!(gap < Duration::from_millis(10 * policy().heartbeat_ms), "a {gap:?} gap between heartbeats under the flood");
+    let grown = resident_kib().saturating_sub(resident_before);
+    assert!(grown < 64 * 1024, "{grown} KiB more resident memory after {sent} forged datagrams");
+    eprintln!("flood: {sent} forged datagrams sent; longest heartbeat gap {gap:?}; {grown} KiB grown; {stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

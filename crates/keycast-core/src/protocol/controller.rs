@@ -531,6 +531,11 @@ impl Controller {
         now_ms.saturating_sub(self.created_ms) / self.policy.epoch_ms.max(1) + 1
     }
 
+    /// When `epoch` begins (the inverse of `epoch_at`).
+    fn epoch_start_ms(&self, epoch: u64) -> u64 {
+        self.created_ms.saturating_add(epoch.saturating_sub(1).saturating_mul(self.policy.epoch_ms.max(1)))
+    }
+
     /// The group key in force in `epoch`: the newest rekey's whose activation has come.
     pub fn active_key(&self, epoch: u64) -> KeyRef {
         self.active_entry(epoch).1 .0
@@ -898,6 +903,7 @@ impl Controller {
             pending_check,
             group_size: self.members.len() as u64,
             sent_ms: now_ms,
+            activates_in_ms: pending.map_or(0, |p| self.epoch_start_ms(p.activation).saturating_sub(now_ms).min(u64::from(u32::MAX)) as u32),
         };
         // A member that lost the announcement of a new signing key hears it again here.
         if let Some((announcement, left)) = &mut self.announcement {

@@ -112,6 +112,8 @@ pub struct MemberSession {
     /// the last one counted.
     keys_late: u64,
     last_key_late: Option<KeyRef>,
+    /// The last key a heartbeat announced as pending.
+    announced_pending: Option<KeyRef>,
     /// Heartbeats whose signature failed since the last one that verified.
     unverifiable_heartbeats: u32,
 }
@@ -146,6 +148,9 @@ struct Behind {
     seq: u64,
     since_ms: u64,
     naks: u32,
+    /// When its key activates, as a heartbeat said: the member resyncs a heartbeat interval
+    /// before, however late it heard of the rekey.
+    activation_ms: Option<u64>,
 }
 
 /// Heartbeat intervals without any heartbeat before a member resyncs (its multicast path may
@@ -204,6 +209,7 @@ impl MemberSession {
             resync_causes: ResyncCauses::default(),
             keys_late: 0,
             last_key_late: None,
+            announced_pending: None,
             unverifiable_heartbeats: 0,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
@@ -289,15 +295,16 @@ impl MemberSession {
     /// Notes that rekey `seq` was sent: the next one starts the NAK and resync schedule.
     fn heard_of(&mut self, seq: u64, now_ms: u64) {
         if seq == self.guard.rekey_seq() + 1 && self.behind.is_none_or(|b| b.seq != seq) {
-            self.behind = Some(Behind { seq, since_ms: now_ms, naks: 0 });
+            self.behind = Some(Behind { seq, since_ms: now_ms, naks: 0, activation_ms: None });
         }
     }
 
     /// Resyncs once the NAKs' repair rounds have had their time and the rekey is still missing.
     fn check_behind(&mut self, now_ms: u64) -> Vec<MemberEvent> {
         let Some(b) = self.behind.filter(|b| b.seq > self.guard.rekey_seq()) else { return Vec::new() };
-        let deadline = b.since_ms + self.round_one_ms() + u64::from(NAKS_BEFORE_RESYNC) * self.heartbeat_ms;
-        if now_ms < deadline {
+        let repairs_over = b.since_ms + self.round_one_ms() + u64::from(NAKS_BEFORE_RESYNC) * self.heartbeat_ms;
+        let activation_near = b.activation_ms.is_some_and(|at| now_ms + self.heartbeat_ms >= at);
+        if now_ms < repairs_over && !activation_near {
             return Vec::new();
         }
         self.count_late(b.seq);
@@ -311,18 +318,24 @@ impl MemberSession {
         self.late_rekeys
     }
 
-    /// Group keys the controller put in force before this member held them (delivery missed
-    /// its deadline: the member could not open traffic under them for a while).
+    /// Group keys put in force before this member held them although heartbeats had announced
+    /// them as pending (delivery missed its deadline: the member could not open traffic under
+    /// them for a while).
     pub fn keys_late(&self) -> u64 {
         self.keys_late
     }
 
-    fn note_key_in_force(&mut self, active: KeyRef) {
+    /// Counts `active` as late if this member does not hold it although a heartbeat had
+    /// announced it as pending: its delayed activation gave the delivery time. (An eviction's
+    /// key is in force at once by design; a member that lost that rekey refuses to seal until
+    /// it catches up, and is not counted.)
+    fn note_key_in_force(&mut self, active: KeyRef, pending: Option<KeyRef>) {
         let held = self.group_keys.values().any(|(r, _, _)| *r == active);
-        if !held && self.last_key_late != Some(active) {
+        if !held && self.announced_pending == Some(active) && self.last_key_late != Some(active) {
             self.keys_late += 1;
             self.last_key_late = Some(active);
         }
+        self.announced_pending = pending.or(self.announced_pending.filter(|p| *p != active));
     }
 
     pub fn resync_causes(&self) -> ResyncCauses {
@@ -423,13 +436,16 @@ impl MemberSession {
                     self.out_of_sync = true;
                     return Ok(events);
                 }
-                self.note_key_in_force(beat.active);
+                self.note_key_in_force(beat.active, beat.pending.map(|p| p.key));
                 if beat.rekey_seq > self.guard.rekey_seq() + 1 {
                     self.count_late(beat.rekey_seq);
                     let reason = format!("heartbeat names rekey {} but this member has {}", beat.rekey_seq, self.guard.rekey_seq());
                     events.extend(self.lost(ResyncCause::Gap, reason));
                 } else {
                     self.heard_of(beat.rekey_seq, now_ms);
+                    if let Some(b) = self.behind.as_mut().filter(|b| b.seq == beat.rekey_seq && beat.activates_in_ms > 0) {
+                        b.activation_ms = Some(now_ms + u64::from(beat.activates_in_ms));
+                    }
                     events.extend(self.check_behind(now_ms));
                 }
                 Ok(events)

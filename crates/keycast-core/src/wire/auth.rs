@@ -339,8 +339,8 @@ mod tests {
             let path: Vec<Node> = tail[SIGNATURE_LEN..].chunks(NODE_LEN).map(|c| c.try_into().unwrap()).collect();
             verify_in_block(body, (i as u32, 6, 2), (&signature, &path), (REKEY_ROOT_DOMAIN, key), roots)
         };
-        for i in 0..6 {
-            assert!(check(&mut roots, i, &bodies[i], &key), "packet {i}");
+        for (i, body) in bodies.iter().enumerate() {
+            assert!(check(&mut roots, i, body, &key), "packet {i}");
         }
         assert_eq!(roots.recent.len(), 2, "one signature check per signing block");
         let mut forged = bodies[1].clone();

@@ -56,6 +56,9 @@ pub struct Heartbeat {
     pub group_size: u64,
     /// The controller's clock, in milliseconds since the Unix epoch.
     pub sent_ms: u64,
+    /// Milliseconds from `sent_ms` until the pending key activates (0 without one): a member
+    /// still lacking that key resyncs before then, whatever else it lost.
+    pub activates_in_ms: u32,
 }
 
 /// A heartbeat with the controller's signature over its encoding.
@@ -80,6 +83,7 @@ impl Heartbeat {
         }
         out.put_u64(self.group_size);
         out.put_u64(self.sent_ms);
+        out.put_u32(self.activates_in_ms);
         out
     }
 
@@ -104,8 +108,8 @@ impl SignedHeartbeat {
             Some(_) => r.array("pending key check")?,
             None => [0; CHECK_LEN],
         };
-        let (group_size, sent_ms) = (r.u64("group size")?, r.u64("sent at")?);
-        let heartbeat = Heartbeat { group, epoch, seq, rekey_seq, active, active_check, pending, pending_check, group_size, sent_ms };
+        let (group_size, sent_ms, activates_in_ms) = (r.u64("group size")?, r.u64("sent at")?, r.u32("activates in")?);
+        let heartbeat = Heartbeat { group, epoch, seq, rekey_seq, active, active_check, pending, pending_check, group_size, sent_ms, activates_in_ms };
         let signature = r.array::<SIGNATURE_LEN>("signature")?;
         r.finish()?;
         Ok(SignedHeartbeat { heartbeat, signature })

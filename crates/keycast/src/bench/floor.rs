@@ -44,6 +44,7 @@ impl Floor {
                 pending_check: [0; 8],
                 group_size: 1,
                 sent_ms: 0,
+                activates_in_ms: 0,
             },
         }
     }
