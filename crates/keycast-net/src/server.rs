@@ -169,7 +169,7 @@ impl Server {
         let (commands, rx) = mpsc::channel(1024);
         // Liveness datagrams come on the TLS listener's address, over UDP; a queue of their
         // own, so a flood of them never delays a join or an admin order.
-        let udp_socket = Arc::new(UdpSocket::bind(addr).await?);
+        let udp_socket = Arc::new(udp_request_socket(addr)?);
         let (udp_queue, udp_requests) = mpsc::channel(UDP_REQUEST_QUEUE);
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
         let driver = ControllerTask {
@@ -740,6 +740,16 @@ impl Listener {
         // Every entry is compared, so the time does not tell which one matched.
         self.admins.iter().fold(false, |found, admin| admin.matches(fingerprint) | found)
     }
+}
+
+/// The socket for liveness datagrams, resync requests and NAKs, with a receive buffer of 4 MiB
+/// (the kernel may cap it): a rekey's NAKs from thousands of members arrive within tens of ms.
+fn udp_request_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.set_recv_buffer_size(4 << 20)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// UDP requests waiting for the controller task, at most; more are dropped and counted.

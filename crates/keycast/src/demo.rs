@@ -213,6 +213,8 @@ struct Summary {
     tls_resyncs: u64,
     udp_resyncs: u64,
     unicast_resync_fraction: f64,
+    /// Datagrams to the controller (NAKs, resync requests, liveness) its queue had no room for.
+    udp_requests_dropped: u64,
     /// Why members resynced: a rekey still missing after the repair rounds, whole rekeys
     /// missed, or the controller not heard for ten heartbeat intervals.
     resyncs_repairs_exhausted: u64,
@@ -404,6 +406,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         tls_resyncs: stats.resyncs,
         udp_resyncs: stats.udp_resyncs,
         unicast_resync_fraction: ratio(stats.resyncs + stats.udp_resyncs, member_rekeys),
+        udp_requests_dropped: stats.liveness_dropped,
         resyncs_repairs_exhausted: totals.resyncs_repairs_exhausted,
         resyncs_gap: totals.resyncs_gap,
         resyncs_silence: totals.resyncs_silence,

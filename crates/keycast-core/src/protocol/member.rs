@@ -283,7 +283,7 @@ impl MemberSession {
     /// When the next NAK is due, if one is.
     pub fn next_nak_ms(&self) -> Option<u64> {
         let b = self.behind.filter(|b| b.seq > self.guard.rekey_seq() && b.naks < NAKS_BEFORE_RESYNC)?;
-        let spread = nak_spread(self.member, b.seq, b.naks, self.heartbeat_ms / 8);
+        let spread = nak_spread(self.member, b.seq, b.naks, self.heartbeat_ms / 4);
         Some(b.since_ms + self.round_one_ms() + u64::from(b.naks) * self.heartbeat_ms + spread)
     }
 
