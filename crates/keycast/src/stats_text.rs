@@ -21,7 +21,7 @@ pub fn describe(s: &Stats) -> String {
         ("controller errors", s.controller_errors.to_string()),
     ];
     let mut text = format!(
-        "group {}: {} members, epoch {}, key in force {}, {} rekeys (from the log: these survive restarts); rho {:.2} for the next rekey\n\
+        "group {}: {} members, epoch {}, key in force {}, rekeys {} (from the log: these survive restarts); rho {:.2} for the next rekey\n\
          since this controller process started (counters start at 0 on a restart):",
         s.group, s.members, s.epoch, s.active_key, s.rekeys, s.rho
     );
