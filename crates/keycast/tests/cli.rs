@@ -75,6 +75,11 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && why.contains("not a certificate fingerprint"), "{why}");
 
+    // The metrics address, which also serves the status page.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let with_metrics = server_toml.replace("# metrics = \"127.0.0.1:9464\"", &format!("metrics = \"{metrics}\""));
+    assert_ne!(with_metrics, server_toml);
+    std::fs::write(dir.path().join("server.toml"), with_metrics).unwrap();
     let mut server = KillOnDrop(
         Command::new(bin)
             .args(["server", "--config", "server.toml"])
@@ -117,6 +122,16 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     assert!(stats_text.contains("since this controller process started") && stats_text.contains("survive restarts"), "{stats_text}");
     assert_eq!(stats["members"], 1);
     assert!(stats["rekey_bytes"].as_u64().unwrap() > 0);
+    // The status page and the JSON it polls; the metrics still answer for Prometheus.
+    let page = http_get(&metrics, "/");
+    assert!(page.contains("Content-Type: text/html") && page.contains("<svg id=\"chart\"") && page.contains("status.json"), "{page}");
+    let status = http_get(&metrics, "/status.json?page=0");
+    let status: serde_json::Value = serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!((&status["members"], &status["member_page"]["rows"][0]["identity"]), (&serde_json::json!(1), &serde_json::json!("member-2")), "{status}");
+    assert_eq!(status["active_key"], stats["active_key"]);
+    let recent = status["recent_rekeys"].as_array().unwrap();
+    assert!(!recent.is_empty() && recent.iter().all(|r| r["bytes"].as_u64().unwrap() > 0), "{status}");
+    assert!(http_get(&metrics, "/metrics").contains("keycast_members 1"));
     // A rotated signing key: member-2 follows it and still hears its eviction, signed by it.
     let rotate = String::from_utf8_lossy(&run(&["admin", "--config", "admin.toml", "rotate-signing-key"]).stdout).to_string();
     assert!(rotate.contains("signing key replaced (rotation 1)"), "{rotate}");
@@ -262,6 +277,16 @@ fn operator_errors_name_what_is_wrong_and_what_to_do() {
     drop(server);
     let log = std::fs::read_to_string(group.path().join("server.log")).unwrap();
     assert!(log.contains("serving") && !log.contains('\x1b'), "{log}");
+}
+
+/// The whole HTTP/1.0 answer to `GET path` on `addr`.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// A child process that cannot outlive a failed test.
