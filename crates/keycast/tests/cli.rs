@@ -274,6 +274,8 @@ fn operator_errors_name_what_is_wrong_and_what_to_do() {
     assert!(!other.path().join("controller.redb").exists(), "a controller that never ran left its database behind");
     let stranger = failure(run(other.path(), &["member", "--config", "member-1.toml", "--for-secs", "1"]));
     assert!(stranger.contains("not signed by this group's CA") && stranger.contains(&address), "{stranger}");
+    let foreign_admin = failure(run(other.path(), &["admin", "--config", "admin.toml", "list"]));
+    assert!(foreign_admin.contains("not signed by this group's CA") && foreign_admin.contains(&address), "{foreign_admin}");
     drop(server);
     let log = std::fs::read_to_string(group.path().join("server.log")).unwrap();
     assert!(log.contains("serving") && !log.contains('\x1b'), "{log}");
