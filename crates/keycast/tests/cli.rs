@@ -89,7 +89,18 @@ fn init_server_member_and_admin_work_together_on_loopback() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Up once the administrator is answered; a server that exited says why.
+    for _ in 0..100 {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            let mut log = String::new();
+            std::io::Read::read_to_string(server.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+            panic!("the server exited ({status}): {log}");
+        }
+        if run(&["admin", "--config", "admin.toml", "stats"]).status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let listener = Command::new(bin)
         .args(["member", "--config", "member-2.toml", "--for-secs", "30"])
         .current_dir(dir.path())
