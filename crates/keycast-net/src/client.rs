@@ -311,6 +311,11 @@ impl MemberClient {
         self.with(|s| s.rekey_seq())
     }
 
+    /// The controller's epoch as this member last heard it.
+    pub fn epoch(&self) -> u64 {
+        self.with(|s| s.epoch())
+    }
+
     /// What was received, and what was dropped because the event queue was full.
     pub fn stats(&self) -> ClientStats {
         let c = &self.shared;

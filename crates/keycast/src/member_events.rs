@@ -22,9 +22,11 @@ pub struct EventLine {
 }
 
 impl EventPrinter {
-    pub fn line(&mut self, event: &ClientEvent) -> EventLine {
+    /// `epoch` is the controller's epoch as the member last heard it: a rekey whose key takes
+    /// effect later is explained as delayed activation, one in force already (an eviction's) not.
+    pub fn line(&mut self, event: &ClientEvent, epoch: u64) -> EventLine {
         match event {
-            ClientEvent::Member(event) => self.member_event(event),
+            ClientEvent::Member(event) => self.member_event(event, epoch),
             ClientEvent::Data(bytes) => {
                 let text = String::from_utf8_lossy(bytes);
                 EventLine { text: format!("data: {text}"), json: json!({"event": "data", "text": text}) }
@@ -37,7 +39,7 @@ impl EventPrinter {
         }
     }
 
-    fn member_event(&mut self, event: &MemberEvent) -> EventLine {
+    fn member_event(&mut self, event: &MemberEvent, epoch: u64) -> EventLine {
         let (text, json) = match event {
             MemberEvent::Joined { member, rekey_seq } => (
                 format!("joined as member {member} with the keys of rekey {rekey_seq}", member = member.0),
@@ -45,11 +47,13 @@ impl EventPrinter {
             ),
             MemberEvent::Rekeyed { seq, group_key, activation } => {
                 self.first_key.get_or_insert(*group_key);
+                let when = if *activation > epoch {
+                    format!("in force from epoch {activation} (delayed activation: the key in force stays in use until then, so every member holds the new key before anyone seals with it)")
+                } else {
+                    format!("in force at once (epoch {activation}: an eviction's rekey does not wait)")
+                };
                 (
-                    format!(
-                        "rekey {seq}: new group key {group_key}, in force from epoch {activation} \
-                         (delayed activation: the key in force stays in use until then, so every member holds the new key before anyone seals with it)"
-                    ),
+                    format!("rekey {seq}: new group key {group_key}, {when}"),
                     json!({"event": "rekeyed", "seq": seq, "group_key": group_key.to_string(), "activation_epoch": activation}),
                 )
             }
@@ -139,23 +143,25 @@ mod tests {
     #[test]
     fn keys_read_as_refs_and_delayed_activation_is_explained() {
         let mut printer = EventPrinter::default();
-        let line = printer.line(&ClientEvent::Member(MemberEvent::Rekeyed { seq: 2, group_key: key(3), activation: 10 }));
+        let line = printer.line(&ClientEvent::Member(MemberEvent::Rekeyed { seq: 2, group_key: key(3), activation: 10 }), 9);
         assert!(line.text.contains("0x08000000v3r0") && line.text.contains("delayed activation"), "{}", line.text);
         assert_eq!(line.json["group_key"], "0x08000000v3r0");
         assert_eq!(line.json["activation_epoch"], 10);
+        let evicted = printer.line(&ClientEvent::Member(MemberEvent::Rekeyed { seq: 3, group_key: key(4), activation: 10 }), 10);
+        assert!(evicted.text.contains("in force at once") && !evicted.text.contains("delayed"), "{}", evicted.text);
     }
 
     #[test]
     fn traffic_from_before_the_join_says_so() {
         let mut printer = EventPrinter::default();
-        printer.line(&ClientEvent::Member(MemberEvent::Rekeyed { seq: 2, group_key: key(3), activation: 10 }));
-        let early = printer.line(&ClientEvent::Unreadable(TrafficError::UnknownKey(key(2))));
+        printer.line(&ClientEvent::Member(MemberEvent::Rekeyed { seq: 2, group_key: key(3), activation: 10 }), 9);
+        let early = printer.line(&ClientEvent::Unreadable(TrafficError::UnknownKey(key(2))), 9);
         assert!(early.text.contains("before this member joined"), "{}", early.text);
         assert_eq!(early.json["kind"], "before_join");
-        printer.line(&ClientEvent::Member(MemberEvent::KeyActivated { group_key: key(3), epoch: 10 }));
-        let late_but_old = printer.line(&ClientEvent::Unreadable(TrafficError::UnknownKey(key(2))));
+        printer.line(&ClientEvent::Member(MemberEvent::KeyActivated { group_key: key(3), epoch: 10 }), 10);
+        let late_but_old = printer.line(&ClientEvent::Unreadable(TrafficError::UnknownKey(key(2))), 9);
         assert_eq!(late_but_old.json["kind"], "before_join");
-        let missing = printer.line(&ClientEvent::Unreadable(TrafficError::UnknownKey(key(5))));
+        let missing = printer.line(&ClientEvent::Unreadable(TrafficError::UnknownKey(key(5))), 10);
         assert!(missing.text.contains("has not received"), "{}", missing.text);
         assert_eq!(missing.json["kind"], "unknown_key");
     }

@@ -281,7 +281,7 @@ pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
             tokio::select! {
                 event = events.recv() => match event {
                     Some(event) => {
-                        print(printer.line(&event));
+                        print(printer.line(&event, client.epoch()));
                         if !rejoin && event == ClientEvent::Member(MemberEvent::Evicted) {
                             return Ok(MemberEnd::Evicted);
                         }
