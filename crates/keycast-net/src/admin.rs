@@ -144,7 +144,7 @@ pub async fn request(server: SocketAddr, server_name: &str, tls: Arc<rustls::Cli
     let name = ServerName::try_from(server_name.to_owned()).map_err(|e| format!("server name {server_name:?}: {e}"))?;
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(server).await.map_err(|e| format!("cannot reach the controller at {server}: {e}; is `keycast server` running?"))?;
-        let mut stream = TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {server}: {e}; check the CA and certificate in the admin config"))?;
+        let mut stream = TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {server}: {e}; {}", crate::request::tls_advice(&e)))?;
         write_frame(&mut stream, &encode(request)).await.map_err(|e| format!("cannot send to {server}: {e}"))?;
         let frame = read_frame(&mut stream).await.map_err(|e| format!("{server} closed without an answer: {e}"))?;
         decode(&frame).map_err(|error| format!("{server}: {error}"))

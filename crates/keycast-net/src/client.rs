@@ -80,7 +80,7 @@ pub enum ClientError {
     Transport { addr: SocketAddr, stage: Stage, source: std::io::Error },
     #[error("{stage} the controller at {addr} timed out after {after_ms} ms")]
     TimedOut { addr: SocketAddr, stage: Stage, after_ms: u64 },
-    #[error("TLS with the controller at {addr} failed: {source}; check the member's ca, cert and key files and server_name")]
+    #[error("TLS with the controller at {addr} failed: {source}; {}", crate::request::tls_advice(source))]
     Tls { addr: SocketAddr, source: std::io::Error },
     #[error("gave up the {request} after {attempts} attempts in {waited_ms} ms (deadline {deadline_ms} ms): {last}; check that the controller runs at that address, or raise [requests] deadlines in the member config")]
     GaveUp { request: RequestKind, attempts: u32, waited_ms: u64, deadline_ms: u64, last: Box<ClientError> },
@@ -130,8 +130,8 @@ pub enum ClientEvent {
     Member(MemberEvent),
     /// Application data from the group, opened.
     Data(Vec<u8>),
-    /// Application data this member could not open (a key it does not hold, or forged).
-    Unreadable(String),
+    /// Application data this member could not open (a key it does not hold, forged, replayed).
+    Unreadable(TrafficError),
     /// Joined again after an eviction or expiry (`MemberSetup::rejoin`), as a new member.
     Rejoined { member: MemberId },
 }
@@ -321,6 +321,11 @@ impl MemberClient {
         self.with(|s| s.rekey_seq())
     }
 
+    /// The controller's epoch as this member last heard it.
+    pub fn epoch(&self) -> u64 {
+        self.with(|s| s.epoch())
+    }
+
     /// What was received, and what was dropped because the event queue was full.
     pub fn stats(&self) -> ClientStats {
         let c = &self.shared;
@@ -506,7 +511,7 @@ impl Follow {
                     }
                     Err(e) => {
                         bump(&shared.unreadable);
-                        self.events.data(ClientEvent::Unreadable(e.to_string()));
+                        self.events.data(ClientEvent::Unreadable(e));
                     }
                 }
             }

@@ -13,6 +13,7 @@ pub mod loss;
 pub mod pki;
 pub mod request;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod tls;
 

@@ -217,3 +217,20 @@ pub(crate) fn definite_tls(error: &std::io::Error) -> Option<&rustls::Error> {
     )
     .then_some(tls)
 }
+
+/// What an operator should check after a TLS failure with the controller, from what rustls saw.
+pub(crate) fn tls_advice(error: &std::io::Error) -> &'static str {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
+    match error.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(Cert::BadSignature | Cert::UnknownIssuer)) => {
+            "the controller's certificate is not signed by this group's CA: this config's `ca` is another group's, or another group's controller listens at this address"
+        }
+        Some(Error::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. })) => {
+            "the controller's certificate does not carry this config's `server_name`: set it to a name in that certificate"
+        }
+        Some(Error::AlertReceived(Alert::UnknownCA | Alert::BadCertificate | Alert::DecryptError | Alert::CertificateRequired)) => {
+            "the controller refused this certificate: it is not signed by the controller's CA (a certificate of another group?)"
+        }
+        _ => "check this config's ca, cert and key files and server_name",
+    }
+}

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::{self, AdminRequest, AdminResponse, MemberRow, Stats};
 use crate::config::MulticastConfig;
 use crate::pki::Fingerprint;
+use crate::status::{self, RecentRekeys, RekeyPoint};
 use crate::store::{DatabaseKey, Store, StoreError};
 use zeroize::Zeroizing;
 use crate::tls::{peer_certificate, peer_identity, read_frame, write_frame};
@@ -126,6 +127,8 @@ impl Drop for Server {
 struct Shared {
     stats: Mutex<Stats>,
     connections: Arc<Connections>,
+    /// For the status page's chart.
+    recent_rekeys: RecentRekeys,
 }
 
 impl Shared {
@@ -202,7 +205,7 @@ impl Server {
         tasks.push(tokio::spawn(accept_loop(listener, listener_context)));
         tasks.push(tokio::spawn(receive_udp_requests(udp_socket, udp_queue, shared.clone())));
         if let Some(metrics) = setup.metrics {
-            tasks.push(tokio::spawn(serve_metrics(metrics, shared.clone())));
+            tasks.push(tokio::spawn(serve_metrics(metrics, shared.clone(), commands.clone())));
         }
         tracing::info!(%addr, group = setup.policy.group.0, "controller listening");
         Ok(Server { addr, verifying_key, commands, shared, stopped, tasks })
@@ -533,6 +536,8 @@ impl ControllerTask {
                 Output::Departed { member, identity, why } => tracing::info!(member = member.0, %identity, ?why, "member removed"),
                 Output::Rekeyed { seq, epoch, wraps, packets, bytes, parity, parity_bytes } => {
                     tracing::info!(seq, epoch, wraps, packets, bytes, parity, "rekey sent");
+                    let members = self.controller.members().len() as u64;
+                    self.shared.recent_rekeys.push(RekeyPoint { seq, epoch, bytes: bytes as u64, members });
                     self.shared.update(|s| {
                         s.rekey_bytes += bytes as u64;
                         s.parity_packets += parity as u64;
@@ -976,19 +981,28 @@ async fn close_after_alert(mut tcp: TcpStream) {
 }
 
 /// Prometheus text format on GET (any path); off unless configured.
-async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>) {
+/// The Prometheus text and the status page (`status`) on the metrics address.
+async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>, commands: mpsc::Sender<Command>) {
     let Ok(listener) = TcpListener::bind(addr).await else {
         tracing::error!(%addr, "cannot bind the metrics endpoint");
         return;
     };
     accept_with_backoff(&listener, "metrics endpoint", |mut tcp, _| {
-        let s = shared.snapshot();
+        let (shared, commands) = (shared.clone(), commands.clone());
         tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut request = [0u8; 1024];
-            let _ = tokio::time::timeout(METRICS_TIMEOUT, tcp.read(&mut request)).await;
-            let body = metrics_text(&s);
-            let response = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            use tokio::io::AsyncWriteExt;
+            let mut request = Vec::new();
+            let _ = tokio::time::timeout(METRICS_TIMEOUT, status::read_head(&mut tcp, &mut request)).await;
+            let members = || async {
+                let (reply, answer) = oneshot::channel();
+                let asked = commands.send(Command::Admin { request: AdminRequest::List, reply }).await.is_ok();
+                match tokio::time::timeout(METRICS_TIMEOUT, answer).await {
+                    Ok(Ok(AdminResponse::Members(rows))) if asked => rows,
+                    _ => Vec::new(),
+                }
+            };
+            let (content_type, body) = status::answer(&request, shared.snapshot(), &shared.recent_rekeys, members, metrics_text).await;
+            let response = format!("HTTP/1.0 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
             let _ = tokio::time::timeout(METRICS_TIMEOUT, tcp.write_all(response.as_bytes())).await;
         });
     })

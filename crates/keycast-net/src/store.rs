@@ -17,6 +17,8 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub enum StoreError {
     #[error("database: {0}")]
     Db(String),
+    #[error("a controller is already running on this directory (lock on {}): stop it first, or give this one a database of its own", .0.display())]
+    AlreadyRunning(std::path::PathBuf),
     #[error("record {0} is corrupt")]
     Corrupt(u64),
     #[error("the database's secrets are sealed: give its key (database_key in the server config, or KEYCAST_DATABASE_KEY)")]
@@ -147,7 +149,10 @@ impl Store {
         if !path.exists() {
             create_private(path).map_err(failed)?;
         }
-        let db = Database::create(path).map_err(failed)?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyRunning(path.to_path_buf()),
+            e => failed(e),
+        })?;
         let txn = db.begin_write().map_err(failed)?;
         let mut records = Vec::new();
         let mut next = 0;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use keycast_core::protocol::traffic::TrafficError;
 use keycast_core::protocol::GroupPolicy;
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{GroupId, RefusalReason, MAX_MESSAGE_LEN};
@@ -128,7 +129,7 @@ async fn replayed_data_datagrams_are_delivered_once_and_refused_as_replays() {
     while Instant::now() < deadline {
         match timeout(Duration::from_millis(100), events.recv()).await {
             Ok(Some(ClientEvent::Data(bytes))) => delivered.push(String::from_utf8(bytes).unwrap()),
-            Ok(Some(ClientEvent::Unreadable(why))) if why.contains("replayed") => replays += 1,
+            Ok(Some(ClientEvent::Unreadable(TrafficError::Replayed { .. }))) => replays += 1,
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => {}
         }

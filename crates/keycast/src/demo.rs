@@ -333,7 +333,8 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         joined_seq: BTreeMap::new(),
     };
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(args.epochs as u64 + 1) };
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
+    // wide_msg is cut to the terminal's width: the line never wraps on 80 columns.
+    bar.set_style(ProgressStyle::with_template("{bar:20} {pos}/{len} {wide_msg}").expect("valid template"));
     bar.set_message(format!("{} members joining over TLS 1.3", args.members));
     demo.join(args.members).await?;
     let settle = Duration::from_millis(10 * args.epoch_ms);

@@ -4,9 +4,11 @@ mod bench;
 mod demo;
 mod figures;
 mod measure;
+mod member_events;
 mod net;
 mod sim;
 mod sim_delivery;
+mod stats_text;
 
 use clap::{Parser, Subcommand};
 

@@ -9,9 +9,11 @@ use keycast_net::admin::{self, AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
 use keycast_net::pki::{Authority, Credentials, RcgenError};
-use keycast_net::server::{Server, ServerSetup};
-use keycast_net::store::DatabaseKey;
+use keycast_net::server::{Server, ServerError, ServerSetup};
+use keycast_net::store::{DatabaseKey, StoreError};
 use keycast_net::tls::{client_config, server_config};
+
+use crate::member_events::{EventLine, EventPrinter};
 
 #[derive(Args)]
 pub struct InitArgs {
@@ -45,6 +47,10 @@ pub struct MemberArgs {
     /// Leave the group and stop after this many seconds (default: run until Ctrl-C).
     #[arg(long = "for-secs")]
     for_secs: Option<u64>,
+    /// One JSON object per event and line (`"event": "joined"`, `"rekeyed"`, `"data"`, ...)
+    /// instead of plain words.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -68,7 +74,11 @@ pub enum AdminCommand {
     #[command(subcommand)]
     Acl(AclCommand),
     /// Members, epoch, rekeys, bytes, joins, connections.
-    Stats,
+    Stats {
+        /// One JSON object, for programs.
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace the controller's signing key (e.g. after a suspected leak of the database):
     /// members follow the announcement, signed by the old key, without rejoining.
     RotateSigningKey,
@@ -93,7 +103,7 @@ impl AdminCommand {
             AdminCommand::Acl(AclCommand::Add { identity }) => AdminRequest::AclAdd { identity: identity.clone() },
             AdminCommand::Acl(AclCommand::Remove { identity }) => AdminRequest::AclRemove { identity: identity.clone() },
             AdminCommand::Acl(AclCommand::List) => AdminRequest::AclList,
-            AdminCommand::Stats => AdminRequest::Stats,
+            AdminCommand::Stats { .. } => AdminRequest::Stats,
             AdminCommand::RotateSigningKey => AdminRequest::RotateSigningKey,
         }
     }
@@ -149,7 +159,7 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     }
     let acl = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
     let server = format!(
-        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Its secrets (key seeds) are sealed under\n# database_key: keep that file apart from the database and its backups (another volume, a\n# secrets manager); KEYCAST_DATABASE_KEY (64 hex digits) takes precedence over the file.\ndatabase = \"controller.redb\"\ndatabase_key = \"database.key\"\n# Batches between snapshots: the log before a snapshot, and every older seed, is dropped.\nsnapshot_interval = 64\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint; off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n# Proactive FEC: rekey packets in blocks of fec_block, each sent with\n# ceil(k * proactivity_pct / 100) - k signed Reed-Solomon parity packets, so a member that\n# lost a few rebuilds them without asking. proactivity_pct is where it starts (100: no\n# parity); it adapts toward target_naks NAKs per rekey (members that cannot rebuild NAK once\n# over UDP and get a repair round).\nfec_block = 10\nproactivity_pct = 100\ntarget_naks = 20\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
+        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Its secrets (key seeds) are sealed under\n# database_key: keep that file apart from the database and its backups (another volume, a\n# secrets manager); KEYCAST_DATABASE_KEY (64 hex digits) takes precedence over the file.\ndatabase = \"controller.redb\"\ndatabase_key = \"database.key\"\n# Batches between snapshots: the log before a snapshot, and every older seed, is dropped.\nsnapshot_interval = 64\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint, and a status page at / (group, rekeys, members); off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n# Proactive FEC: rekey packets in blocks of fec_block, each sent with\n# ceil(k * proactivity_pct / 100) - k signed Reed-Solomon parity packets, so a member that\n# lost a few rebuilds them without asking. proactivity_pct is where it starts (100: no\n# parity); it adapts toward target_naks NAKs per rekey (members that cannot rebuild NAK once\n# over UDP and get a repair round).\nfec_block = 10\nproactivity_pct = 100\ntarget_naks = 20\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
         group = args.group,
         port = args.port
     );
@@ -170,7 +180,9 @@ pub fn logging() {
 /// Logs to stderr at `KEYCAST_LOG`'s level, or at `default` when it is not set.
 pub fn logging_or(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYCAST_LOG").unwrap_or_else(|_| default.into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colour only on a terminal: a log written to a file or a journal keeps no escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -179,7 +191,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 pub fn server(args: &ConfigArg) -> Result<(), String> {
     logging();
-    let config = ServerConfig::load(&args.config).map_err(|e| e.to_string())?;
+    // Absolute paths, so every message names the files wherever the server was started.
+    let config_path = std::fs::canonicalize(&args.config).unwrap_or_else(|_| args.config.clone());
+    let config = ServerConfig::load(&config_path).map_err(|e| e.to_string())?;
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
     let policy = config.policy.group_policy(config.group).map_err(|e| e.to_string())?;
     let setup = ServerSetup {
@@ -196,10 +210,18 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
         snapshot_interval: config.snapshot_interval.unwrap_or(DEFAULT_SNAPSHOT_EVERY),
         metrics: config.metrics,
     };
+    let fresh_database = !config.database.exists();
     runtime()?.block_on(async {
-        let server = Server::start(setup).await.map_err(|e| {
-            format!("cannot start the controller (log {}, TLS on {}): {e}; check that the log is writable and the address free", config.database.display(), config.listen)
-        })?;
+        let server = match Server::start(setup).await {
+            Ok(server) => server,
+            Err(error) => {
+                // A controller that never ran leaves no database behind.
+                if fresh_database {
+                    let _ = std::fs::remove_file(&config.database);
+                }
+                return Err(start_failure(&config, &config_path, &error));
+            }
+        };
         tracing::info!(addr = %server.addr, "serving; Ctrl-C stops");
         tokio::select! {
             reason = server.stopped() => Err(format!("the controller stopped: {reason}")),
@@ -210,6 +232,19 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
             }
         }
     })
+}
+
+/// Why the controller did not start, and what to do about it.
+fn start_failure(config: &ServerConfig, path: &Path, error: &ServerError) -> String {
+    match error {
+        ServerError::Io(e) if e.kind() == std::io::ErrorKind::AddrInUse => format!(
+            "cannot start the controller: {} is already in use (another controller or program listens there); stop it, or give this group another port (`listen` in {}, or `keycast init --port` for a new group)",
+            config.listen,
+            path.display()
+        ),
+        ServerError::Store(e @ StoreError::AlreadyRunning(_)) => format!("cannot start the controller: {e}"),
+        e => format!("cannot start the controller (log {}, TLS on {}): {e}; check that the log is writable and the address free", config.database.display(), config.listen),
+    }
 }
 
 /// How `keycast member` ended (its exit status: see `MEMBER_EXIT_STATUS`).
@@ -235,7 +270,9 @@ pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
     runtime()?.block_on(async {
         let (client, mut events) =
             MemberClient::join(setup).await.map_err(|e| format!("cannot join group {} at {}: {e}", config.group, config.server))?;
-        println!("joined as member {}", client.member().0);
+        let mut printer = EventPrinter::default();
+        let json = args.json;
+        let print = |line: EventLine| println!("{}", if json { line.json.to_string() } else { line.text });
         let stop = tokio::time::sleep(Duration::from_secs(args.for_secs.unwrap_or(u64::MAX / 4)));
         tokio::pin!(stop);
         let mut ticker = tokio::time::interval(Duration::from_millis(args.interval_ms.max(10)));
@@ -243,14 +280,12 @@ pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(ClientEvent::Data(bytes)) => println!("data: {}", String::from_utf8_lossy(&bytes)),
-                    Some(ClientEvent::Unreadable(why)) => println!("unreadable data: {why}"),
-                    Some(ClientEvent::Member(MemberEvent::Evicted)) if !rejoin => {
-                        println!("event: Evicted (the controller removed this member)");
-                        return Ok(MemberEnd::Evicted);
+                    Some(event) => {
+                        print(printer.line(&event, client.epoch()));
+                        if !rejoin && event == ClientEvent::Member(MemberEvent::Evicted) {
+                            return Ok(MemberEnd::Evicted);
+                        }
                     }
-                    Some(ClientEvent::Member(e)) => println!("event: {e:?}"),
-                    Some(ClientEvent::Rejoined { member }) => println!("rejoined as member {}", member.0),
                     // The client stops only once evicted for good (its rejoin failed).
                     None => return Ok(MemberEnd::Evicted),
                 },
@@ -258,7 +293,7 @@ pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
                     sent += 1;
                     let text = format!("test message {sent} from member {}", client.member().0);
                     if let Err(e) = client.send(text.as_bytes()).await {
-                        println!("send failed: {e}");
+                        print(EventLine { text: format!("send failed: {e}"), json: serde_json::json!({"event": "send_failed", "reason": e.to_string()}) });
                     }
                 }
                 _ = &mut stop => break,
@@ -266,7 +301,7 @@ pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
             }
         }
         client.leave().await.map_err(|e| format!("leave: {e}"))?;
-        println!("left the group");
+        print(EventLine { text: "left the group".into(), json: serde_json::json!({"event": "left"}) });
         Ok(MemberEnd::Left)
     })
 }
@@ -277,7 +312,12 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
     let tls = client_config(&credentials).map_err(|e| e.to_string())?;
     let request = args.command.request();
     let response = runtime()?.block_on(admin::request(config.server, &config.server_name, tls, &request))?;
-    println!("{}", describe(response)?);
+    match response {
+        AdminResponse::Stats(stats) if matches!(args.command, AdminCommand::Stats { json: true }) => {
+            println!("{}", serde_json::to_string_pretty(&stats).expect("plain values"))
+        }
+        response => println!("{}", describe(response)?),
+    }
     Ok(())
 }
 
@@ -314,7 +354,7 @@ fn describe(response: AdminResponse) -> Result<String, String> {
         AdminResponse::SigningKeyRotated { change, verifying_key } => {
             format!("signing key replaced (rotation {change}); members follow the announcement. New verifying key: {verifying_key}")
         }
-        AdminResponse::Stats(s) => serde_json::to_string_pretty(&s).expect("plain values"),
+        AdminResponse::Stats(s) => crate::stats_text::describe(&s),
         AdminResponse::Error(e) => return Err(e),
     })
 }

@@ -57,9 +57,9 @@ pub enum JoinPolicyArg {
 pub struct RekeyArgs {
     #[arg(long, value_enum, default_value = "tree")]
     scheme: SchemeArg,
-    /// Tree degree (tree scheme only).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=65536))]
-    degree: u32,
+    /// Tree degree (tree scheme only; default 4).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=65536))]
+    degree: Option<u32>,
     /// Members before the batch.
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(1 << 27)))]
     members: u64,
@@ -113,9 +113,15 @@ pub fn run(command: SimCommand) -> Result<(), String> {
 }
 
 fn config(args: &RekeyArgs) -> Result<GraphConfig, String> {
+    if args.degree.is_some() && !matches!(args.scheme, SchemeArg::Tree) {
+        return Err("--degree applies to --scheme tree only (a star is a tree of height 1; flat has --id-bits)".into());
+    }
+    if args.id_bits.is_some() && !matches!(args.scheme, SchemeArg::Flat) {
+        return Err("--id-bits applies to --scheme flat only".into());
+    }
     let scheme = match args.scheme {
         SchemeArg::Star => Scheme::Star,
-        SchemeArg::Tree => Scheme::Tree { degree: args.degree },
+        SchemeArg::Tree => Scheme::Tree { degree: args.degree.unwrap_or(4) },
         SchemeArg::Flat => {
             let needed = (64 - (args.members + args.joins).saturating_sub(1).leading_zeros()).max(1) as u8;
             let id_bits = args.id_bits.unwrap_or(needed);
@@ -200,7 +206,9 @@ fn rekey(args: &RekeyArgs) -> Result<(), String> {
     let wire_stats = wire.stats;
     let stats = graph.stats();
     let report = serde_json::json!({
-        "scheme": format!("{:?}", config.scheme),
+        "scheme": scheme_name(config.scheme),
+        "degree": match config.scheme { Scheme::Tree { degree } => Some(degree), _ => None },
+        "id_bits": match config.scheme { Scheme::Flat { id_bits, .. } => Some(id_bits), _ => None },
         "members_before": args.members,
         "joins": args.joins,
         "leaves": args.leaves,
@@ -222,7 +230,7 @@ fn rekey(args: &RekeyArgs) -> Result<(), String> {
     if args.json {
         println!("{report}");
     } else {
-        println!("scheme         {:?}, join policy {:?}", config.scheme, config.join_policy);
+        println!("scheme         {}, join policy {:?}", scheme_text(config.scheme), config.join_policy);
         println!("members        {} -> {} (height {})", args.members, stats.members, stats.height);
         println!("batch          {} joins, {} leaves ({} excluded with them)", args.joins, args.leaves, plan.excluded.len());
         println!("changed keys   {} ({} replaced, {} revised)", plan.changed_keys(), plan.replaced.len(), plan.revised.len());
@@ -239,4 +247,20 @@ fn rekey(args: &RekeyArgs) -> Result<(), String> {
         println!("time           {micros} us to plan the rekey, {encode_micros} us to packetise and sign it");
     }
     Ok(())
+}
+
+fn scheme_name(scheme: Scheme) -> &'static str {
+    match scheme {
+        Scheme::Star => "star",
+        Scheme::Tree { .. } => "tree",
+        Scheme::Flat { .. } => "flat",
+    }
+}
+
+fn scheme_text(scheme: Scheme) -> String {
+    match scheme {
+        Scheme::Star => "star".into(),
+        Scheme::Tree { degree } => format!("tree of degree {degree}"),
+        Scheme::Flat { id_bits, .. } => format!("flat table of {id_bits}-bit IDs"),
+    }
 }

@@ -14,6 +14,7 @@ fn sim_rekey_reports_the_closed_form_for_evenly_spread_leavers() {
     let report = keycast(&["sim", "rekey", "--scheme", "tree", "--degree", "4", "--members", "4096", "--leaves", "16", "--placement", "even", "--json"]);
     assert_eq!(report["wraps"], 260);
     assert_eq!(report["members_after"], 4080);
+    assert_eq!((&report["scheme"], &report["degree"]), (&serde_json::json!("tree"), &serde_json::json!(4)));
     for field in ["changed_keys", "bytes", "micros"] {
         assert!(report[field].is_u64(), "{field} missing: {report}");
     }
@@ -34,6 +35,10 @@ fn sim_rejects_impossible_batches_with_a_message() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("exceeds"));
+    // A degree means nothing to a star: refused, not ignored.
+    let out = Command::new(env!("CARGO_BIN_EXE_keycast")).args(["sim", "rekey", "--scheme", "star", "--degree", "8", "--members", "10"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--degree applies to --scheme tree only"), "{out:?}");
 }
 
 #[test]
@@ -97,6 +102,11 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && why.contains("not a certificate fingerprint"), "{why}");
 
+    // The metrics address, which also serves the status page.
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let with_metrics = server_toml.replace("# metrics = \"127.0.0.1:9464\"", &format!("metrics = \"{metrics}\""));
+    assert_ne!(with_metrics, server_toml);
+    std::fs::write(dir.path().join("server.toml"), with_metrics).unwrap();
     let mut server = KillOnDrop(
         Command::new(bin)
             .args(["server", "--config", "server.toml"])
@@ -106,17 +116,33 @@ fn init_server_member_and_admin_work_together_on_loopback() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Up once the administrator is answered; a server that exited says why.
+    for _ in 0..100 {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            let mut log = String::new();
+            std::io::Read::read_to_string(server.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+            panic!("the server exited ({status}): {log}");
+        }
+        if run(&["admin", "--config", "admin.toml", "stats"]).status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let listener = Command::new(bin)
         .args(["member", "--config", "member-2.toml", "--for-secs", "30"])
         .current_dir(dir.path())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let talker = run(&["member", "--config", "member-1.toml", "--send", "3", "--interval-ms", "300", "--for-secs", "4"]);
+    let talker = run(&["member", "--config", "member-1.toml", "--send", "3", "--interval-ms", "300", "--for-secs", "4", "--json"]);
     let talker_out = String::from_utf8_lossy(&talker.stdout).to_string();
     assert_eq!(talker.status.code(), Some(0), "{talker_out}{}", String::from_utf8_lossy(&talker.stderr));
-    assert!(talker_out.contains("joined as member") && talker_out.contains("left the group"), "{talker_out}");
+    // --json: one object per line and event, for programs.
+    let events: Vec<serde_json::Value> = talker_out.lines().map(|l| serde_json::from_str(l).expect("one JSON object a line")).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert!(kinds.first() == Some(&"joined") && kinds.last() == Some(&"left") && kinds.contains(&"key_activated"), "{talker_out}");
+    let activated = events.iter().find(|e| e["event"] == "key_activated").unwrap();
+    assert!(activated["group_key"].as_str().unwrap().starts_with("0x"), "keys are written as refs: {activated}");
 
     // The leave takes effect with the epoch's rekey (one-second epochs).
     let mut listed = String::new();
@@ -129,9 +155,21 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     }
     assert!(listed.contains("member-2") && !listed.contains("member-1"), "{listed}");
     assert!(listed.contains(" s ago"), "{listed}");
-    let stats: serde_json::Value = serde_json::from_slice(&run(&["admin", "--config", "admin.toml", "stats"]).stdout).unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&run(&["admin", "--config", "admin.toml", "stats", "--json"]).stdout).unwrap();
+    let stats_text = String::from_utf8_lossy(&run(&["admin", "--config", "admin.toml", "stats"]).stdout).to_string();
+    assert!(stats_text.contains("since this controller process started") && stats_text.contains("survive restarts"), "{stats_text}");
     assert_eq!(stats["members"], 1);
     assert!(stats["rekey_bytes"].as_u64().unwrap() > 0);
+    // The status page and the JSON it polls; the metrics still answer for Prometheus.
+    let page = http_get(&metrics, "/");
+    assert!(page.contains("Content-Type: text/html") && page.contains("<svg id=\"chart\"") && page.contains("status.json"), "{page}");
+    let status = http_get(&metrics, "/status.json?page=0");
+    let status: serde_json::Value = serde_json::from_str(status.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!((&status["members"], &status["member_page"]["rows"][0]["identity"]), (&serde_json::json!(1), &serde_json::json!("member-2")), "{status}");
+    assert_eq!(status["active_key"], stats["active_key"]);
+    let recent = status["recent_rekeys"].as_array().unwrap();
+    assert!(!recent.is_empty() && recent.iter().all(|r| r["bytes"].as_u64().unwrap() > 0), "{status}");
+    assert!(http_get(&metrics, "/metrics").contains("keycast_members 1"));
     // A rotated signing key: member-2 follows it and still hears its eviction, signed by it.
     let rotate = String::from_utf8_lossy(&run(&["admin", "--config", "admin.toml", "rotate-signing-key"]).stdout).to_string();
     assert!(rotate.contains("signing key replaced (rotation 1)"), "{rotate}");
@@ -147,7 +185,8 @@ fn init_server_member_and_admin_work_together_on_loopback() {
     let listened = listener.wait_with_output().unwrap();
     let heard = String::from_utf8_lossy(&listened.stdout).to_string();
     assert!(heard.contains("data: test message"), "member-2 heard no data: {heard}");
-    assert!(heard.contains("Evicted"), "member-2 was not told of its eviction: {heard}");
+    assert!(heard.contains("evicted: the controller removed this member"), "member-2 was not told of its eviction: {heard}");
+    assert!(heard.contains("delayed activation"), "rekeys are explained in plain words: {heard}");
     assert_eq!(listened.status.code(), Some(3), "an evicted member exits with status 3");
     server.0.kill().unwrap();
     let mut log = String::new();
@@ -241,6 +280,53 @@ fn member_without_a_controller_exits_1_naming_the_address() {
 
     let help = String::from_utf8_lossy(&run(&["member", "--help"]).stdout).to_string();
     assert!(help.contains("Exit status: 0") && help.contains("3 when the controller evicted"), "{help}");
+}
+
+/// The errors an operator meets first name the path, address or CA concerned and what to do;
+/// the controller's log, written to a file, carries no colour codes.
+#[test]
+fn operator_errors_name_what_is_wrong_and_what_to_do() {
+    let (group, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bin = env!("CARGO_BIN_EXE_keycast");
+    let run = |dir: &std::path::Path, args: &[&str]| Command::new(bin).args(args).current_dir(dir).output().unwrap();
+    for dir in [group.path(), other.path()] {
+        assert!(run(dir, &["init", ".", "--members", "1", "--port", &port.to_string()]).status.success());
+    }
+    let log = std::fs::File::create(group.path().join("server.log")).unwrap();
+    let server = KillOnDrop(Command::new(bin).args(["server", "--config", "server.toml"]).current_dir(group.path()).stderr(log).spawn().unwrap());
+    assert!((0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        run(group.path(), &["admin", "--config", "admin.toml", "stats"]).status.success()
+    }));
+    let failure = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let twice = failure(run(group.path(), &["server", "--config", "server.toml"]));
+    let database = std::fs::canonicalize(group.path()).unwrap().join("controller.redb");
+    assert!(twice.contains(&format!("a controller is already running on this directory (lock on {})", database.display())), "{twice}");
+    let address = format!("127.0.0.1:{port}");
+    let clash = failure(run(other.path(), &["server", "--config", "server.toml"]));
+    assert!(clash.contains(&format!("{address} is already in use")) && clash.contains("--port"), "{clash}");
+    assert!(!other.path().join("controller.redb").exists(), "a controller that never ran left its database behind");
+    let stranger = failure(run(other.path(), &["member", "--config", "member-1.toml", "--for-secs", "1"]));
+    assert!(stranger.contains("not signed by this group's CA") && stranger.contains(&address), "{stranger}");
+    let foreign_admin = failure(run(other.path(), &["admin", "--config", "admin.toml", "list"]));
+    assert!(foreign_admin.contains("not signed by this group's CA") && foreign_admin.contains(&address), "{foreign_admin}");
+    drop(server);
+    let log = std::fs::read_to_string(group.path().join("server.log")).unwrap();
+    assert!(log.contains("serving") && !log.contains('\x1b'), "{log}");
+}
+
+/// The whole HTTP/1.0 answer to `GET path` on `addr`.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// A child process that cannot outlive a failed test.

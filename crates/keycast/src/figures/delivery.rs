@@ -57,7 +57,7 @@ pub fn keystone(scale: Scale, progress: &Progress) -> Vec<Figure> {
             Series::reference("level the paper reports for rho (about 1.6)", paper_level),
         ],
     );
-    fig_rho.paper = "Zhang, Lam, Lee and Yang (ToN 2003), adaptive proactive FEC with 20% of users at 20% loss and the rest at 2%, k = 10, target 20 NAKs: in their plots rho converges to roughly 1.6 and the NAK count settles near the target (as summarised in issue 14; the paper is not in shared/papers).".into();
+    fig_rho.paper = "Zhang, Lam, Lee and Yang (ToN 2003), adaptive proactive FEC with 20% of users at 20% loss and the rest at 2%, k = 10, target 20 NAKs: in their plots rho converges to roughly 1.6 and the NAK count settles near the target (as summarised in issue 14; the paper is not in this repository).".into();
     let settled: Vec<f64> = rho[rho.len() / 4..].iter().map(|p| p.1).collect();
     let (lo, hi) = settled.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     fig_rho.measured = format!(

@@ -113,13 +113,18 @@ impl Figure {
                     .x_desc(&self.x_label)
                     .y_desc(&self.y_label)
                     .label_style(("sans-serif", 14))
+                    .x_label_formatter(&|v| tick(*v))
+                    .y_label_formatter(&|v| tick(*v))
                     .draw()
                     .map_err(|e| e.to_string())?;
-                for (i, s) in self.series.iter().enumerate() {
-                    let color = Palette99::pick(i).to_rgba();
+                // Closed forms and references last, so a measured line never hides them.
+                let mut order: Vec<(usize, &Series)> = self.series.iter().enumerate().collect();
+                order.sort_by_key(|(_, s)| s.reference);
+                for (i, s) in order {
+                    let color = SERIES_COLORS[i % SERIES_COLORS.len()].to_rgba();
                     let points = s.points.clone();
                     let drawn = if s.reference {
-                        chart.draw_series(points.into_iter().map(move |p| Cross::new(p, 4, color.stroke_width(1))))
+                        chart.draw_series(points.into_iter().map(move |p| Cross::new(p, 5, color.stroke_width(2))))
                     } else {
                         chart.draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(2))
                     };
@@ -147,6 +152,33 @@ impl Figure {
     }
 }
 
+/// Strong colours only (Tableau 10): Palette99 drew some series in pale yellow.
+const SERIES_COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// An axis tick as people write it: 1M, 250k, 4096, 0.5 (not 1000000.0).
+fn tick(value: f64) -> String {
+    let short = |v: f64| {
+        let text = format!("{v:.2}");
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    };
+    match value.abs() {
+        a if a >= 1e6 => format!("{}M", short(value / 1e6)),
+        a if a >= 1e4 => format!("{}k", short(value / 1e3)),
+        _ => short(value),
+    }
+}
+
 fn csv_field(text: &str) -> String {
     if text.contains([',', '"', '\n']) {
         format!("\"{}\"", text.replace('"', "\"\""))
@@ -164,4 +196,13 @@ fn register_font() {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ticks_read_as_people_write_numbers() {
+        let ticks: Vec<String> = [1_000_000.0, 1_500_000.0, 250_000.0, 4096.0, 0.5, 0.0, 12.25].into_iter().map(super::tick).collect();
+        assert_eq!(ticks, ["1M", "1.5M", "250k", "4096", "0.5", "0", "12.25"]);
+    }
 }
