@@ -96,10 +96,13 @@ impl EventPrinter {
                 format!("the controller replaced its signing key (rotation {change}); this member follows it"),
                 json!({"event": "signer_changed", "rotation": change}),
             ),
-            MemberEvent::Repaired { seq, packets } => (
-                format!("rekey {seq}: rebuilt {packets} lost packet(s) from FEC parity"),
-                json!({"event": "repaired", "seq": seq, "packets": packets}),
-            ),
+            MemberEvent::Repaired { seq, packets, after_nak } => {
+                let from = if *after_nak { "a repair round it asked for (NAK)" } else { "the parity sent with it" };
+                (
+                    format!("rekey {seq}: rebuilt {packets} lost packet(s) from {from}"),
+                    json!({"event": "repaired", "seq": seq, "packets": packets, "by": if *after_nak { "repair" } else { "fec" }}),
+                )
+            }
         };
         EventLine { text, json }
     }

@@ -621,7 +621,10 @@ impl MemberSession {
                 let key = self.keys.key(update.group_key).expect("apply holds the group key");
                 self.group_keys.insert(header.seq, (update.group_key, key, header.activation));
                 let mut events = vec![MemberEvent::Rekeyed { seq: header.seq, group_key: update.group_key, activation: header.activation }];
-                events.extend(self.switch_keys());
+                // The rekey names the controller's epoch: an eviction's key, in force in that
+                // very epoch, is used at once even before a heartbeat of that epoch arrives
+                // (sealing under the old key would let the evicted member read it).
+                events.extend(self.advance_epoch(header.epoch));
                 Ok(events)
             }
             Err(_) => Ok(Vec::new()),
