@@ -27,3 +27,10 @@ pub fn entropy() -> [u8; 32] {
     getrandom::fill(&mut bytes).expect("the operating system's random generator");
     bytes
 }
+
+/// A fresh random nonce for a data message's wrapped key.
+pub fn data_nonce() -> [u8; keycast_core::wire::control::DATA_NONCE_LEN] {
+    let mut bytes = [0u8; keycast_core::wire::control::DATA_NONCE_LEN];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator");
+    bytes
+}
