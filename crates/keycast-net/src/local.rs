@@ -12,6 +12,7 @@ use crate::admin::{AdminRequest, AdminResponse};
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use crate::config::{MulticastConfig, RequestPolicy, DEFAULT_TLS_REFRESH_EVERY};
 use crate::pki::{Authority, Credentials};
+use crate::relay::{Relay, RelayError, RelaySetup};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::store::DatabaseKey;
 use crate::tls::{client_config, server_config};
@@ -23,6 +24,8 @@ pub enum LocalError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
     #[error("certificates: {0}")]
     Pki(String),
 }
@@ -97,7 +100,21 @@ impl LocalGroup {
 
     /// Starts (or restarts, from the same log and address) the controller.
     pub async fn start_server(&mut self) -> Result<&Server, LocalError> {
-        let setup = ServerSetup {
+        let server = Server::start(self.server_setup()?).await?;
+        self.listen = server.addr;
+        Ok(self.server.insert(server))
+    }
+
+    /// Starts this group's controller inside a relay that joins a parent group with `parent`
+    /// (this group is then a subgroup; the relay owns its controller).
+    pub async fn start_relay(&mut self, parent: MemberSetup) -> Result<Relay, LocalError> {
+        let relay = Relay::start(RelaySetup { parent, subgroup: self.server_setup()? }).await?;
+        self.listen = relay.server.addr;
+        Ok(relay)
+    }
+
+    fn server_setup(&self) -> Result<ServerSetup, LocalError> {
+        Ok(ServerSetup {
             policy: self.policy,
             acl: self.acl.clone(),
             admins: vec![self.admin.fingerprint().map_err(LocalError::Pki)?],
@@ -110,10 +127,7 @@ impl LocalGroup {
             database_key: self.database_key.clone(),
             snapshot_interval: self.snapshot_interval,
             metrics: self.metrics,
-        };
-        let server = Server::start(setup).await?;
-        self.listen = server.addr;
-        Ok(self.server.insert(server))
+        })
     }
 
     /// Stops the controller at once, as a crash would.
