@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use keycast_core::protocol::{GroupPolicy, DEFAULT_SNAPSHOT_EVERY};
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::GroupId;
+use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
@@ -55,6 +58,22 @@ pub struct LocalGroup {
 }
 
 pub type Events = tokio::sync::mpsc::Receiver<ClientEvent>;
+
+/// A fast group for loopback tests: 150 ms epochs, keys in force one epoch after their rekey,
+/// 40 ms heartbeats, a degree-4 tree, immediate eviction, no membership deltas.
+pub fn loopback_policy(group: GroupId) -> GroupPolicy {
+    GroupPolicy {
+        group,
+        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: 150,
+        activation_delay: 1,
+        heartbeat_ms: 40,
+        refresh_timeout_ms: 5_000,
+        immediate_eviction: true,
+        membership_deltas: false,
+        packets: PacketConfig::default(),
+    }
+}
 
 impl LocalGroup {
     /// A controller for `policy` on loopback that admits `member-1` .. `member-<acl_size>` and
@@ -177,6 +196,21 @@ impl LocalGroup {
 
     pub async fn join(&self, identity: &str) -> Result<(MemberClient, Events), LocalError> {
         Ok(MemberClient::join(self.member_setup(identity)?).await?)
+    }
+
+    /// Joins `identities` concurrently, as members of one epoch would; in their order.
+    pub async fn join_all(&self, identities: impl IntoIterator<Item = impl Into<String>>) -> Result<Vec<(MemberClient, Events)>, LocalError> {
+        let mut joins = Vec::new();
+        for identity in identities {
+            let setup = self.member_setup(&identity.into())?;
+            joins.push(tokio::spawn(MemberClient::join(setup)));
+        }
+        let mut members = Vec::with_capacity(joins.len());
+        for join in joins {
+            let joined = join.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            members.push(joined?);
+        }
+        Ok(members)
     }
 }
 

@@ -6,13 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keycast_core::protocol::GroupPolicy;
-use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{Data, GroupId};
-use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 use keycast_core::protocol::traffic::TrafficError;
 use keycast_net::client::{ClientError, ClientEvent, MemberClient};
-use keycast_net::local::{Events, LocalGroup};
+use keycast_net::local::{loopback_policy, Events, LocalGroup};
 use keycast_net::relay::Relay;
 use keycast_net::server::Server;
 use tokio::net::UdpSocket;
@@ -23,25 +20,11 @@ const MIDDLE: GroupId = GroupId(43);
 const BOTTOM: GroupId = GroupId(44);
 const WAIT: Duration = Duration::from_secs(10);
 
-fn policy(group: GroupId) -> GroupPolicy {
-    GroupPolicy {
-        group,
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: 150,
-        activation_delay: 1,
-        heartbeat_ms: 40,
-        refresh_timeout_ms: 5_000,
-        immediate_eviction: true,
-        membership_deltas: false,
-        packets: PacketConfig::default(),
-    }
-}
-
 /// A group not started yet, admitting member-1..=members and `relay` (a relay of the level below).
 fn prepare(group: GroupId, members: usize, relay: Option<&str>, dir: &tempfile::TempDir) -> LocalGroup {
     let folder = dir.path().join(group.0.to_string());
     std::fs::create_dir_all(&folder).unwrap();
-    let mut local = LocalGroup::prepare(policy(group), members, folder).unwrap();
+    let mut local = LocalGroup::prepare(loopback_policy(group), members, folder).unwrap();
     local.acl.extend(relay.map(str::to_owned));
     local
 }
@@ -67,21 +50,6 @@ impl Hierarchy {
         let relay_bottom = bottom.start_relay(middle.member_setup("relay-44").unwrap()).await.unwrap();
         Hierarchy { top, middle, bottom, relay_middle, relay_bottom, _dir: dir }
     }
-}
-
-async fn join_all(group: &LocalGroup, names: &[&str]) -> Vec<(MemberClient, Events)> {
-    let handles: Vec<_> = names
-        .iter()
-        .map(|n| {
-            let setup = group.member_setup(n).unwrap();
-            tokio::spawn(async move { MemberClient::join(setup).await.unwrap() })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
 }
 
 /// Waits until every member holds, in force, the key its controller has in force.
@@ -128,9 +96,9 @@ fn once(payloads: &[&[u8]]) -> BTreeMap<Vec<u8>, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_crosses_two_nested_relays_each_way_and_every_member_receives_it_once() {
     let h = Hierarchy::start().await;
-    let mut top = join_all(&h.top, &["member-1", "member-2"]).await;
-    let mut middle = join_all(&h.middle, &["member-1", "member-2"]).await;
-    let mut bottom = join_all(&h.bottom, &["member-1"]).await;
+    let mut top = h.top.join_all(["member-1", "member-2"]).await.unwrap();
+    let mut middle = h.middle.join_all(["member-1", "member-2"]).await.unwrap();
+    let mut bottom = h.bottom.join_all(["member-1"]).await.unwrap();
     until_keyed(&[
         (h.top.server(), top.iter().map(|(m, _)| m).chain([h.relay_middle.parent()]).collect()),
         (&h.relay_middle.server, middle.iter().map(|(m, _)| m).chain([h.relay_bottom.parent()]).collect()),
@@ -191,8 +159,8 @@ fn keyed<'a>(h: &'a Hierarchy, top: &'a [(MemberClient, Events)], middle: &'a [(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_in_a_subgroup_rekeys_only_it_and_an_evicted_member_opens_nothing_sent_after_from_either_side() {
     let h = Hierarchy::start().await;
-    let top = join_all(&h.top, &["member-1"]).await;
-    let mut middle = join_all(&h.middle, &["member-1", "member-2", "member-3", "member-4"]).await;
+    let top = h.top.join_all(["member-1"]).await.unwrap();
+    let mut middle = h.middle.join_all(["member-1", "member-2", "member-3", "member-4"]).await.unwrap();
     until_keyed(&keyed(&h, &top, &middle)).await;
     let top_rekeys = h.top.server().stats().rekeys;
     let bottom_rekeys = h.relay_bottom.server.stats().rekeys;
@@ -200,7 +168,7 @@ async fn churn_in_a_subgroup_rekeys_only_it_and_an_evicted_member_opens_nothing_
 
     // A join, a leave and an eviction in the middle subgroup, each rekeying it.
     let rekeys = || h.relay_middle.server.stats().rekeys;
-    middle.extend(join_all(&h.middle, &["member-5"]).await);
+    middle.extend(h.middle.join_all(["member-5"]).await.unwrap());
     let after_join = until_above(rekeys, middle_rekeys).await;
     let (leaver, _) = middle.remove(3);
     leaver.leave().await.unwrap();
