@@ -7,25 +7,15 @@ use std::time::Duration;
 use keycast_core::protocol::{GroupPolicy, MemberEvent};
 use keycast_core::wire::rekey::{self, PacketConfig, RekeyContext};
 use keycast_core::wire::{encode_rekey, GroupId, Placement, RefusalReason, RekeyPacket, SignedHeartbeat, Signer, VerifyingKey};
-use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
+use keycast_core::{GraphConfig, KeyRef, Scheme};
 use keycast_net::client::{ClientError, ClientEvent, MemberClient};
-use keycast_net::local::LocalGroup;
+use keycast_net::local::{loopback_policy, LocalGroup};
 use keycast_net::pki::Authority;
 use keycast_net::tls::client_config;
 use tokio::time::{sleep, timeout, Instant};
 
 fn policy() -> GroupPolicy {
-    GroupPolicy {
-        group: GroupId(42),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: 150,
-        activation_delay: 1,
-        heartbeat_ms: 40,
-        refresh_timeout_ms: 5_000,
-        immediate_eviction: true,
-        membership_deltas: true,
-        packets: PacketConfig::default(),
-    }
+    GroupPolicy { membership_deltas: true, ..loopback_policy(GroupId(42)) }
 }
 
 async fn group(acl: usize) -> (LocalGroup, tempfile::TempDir) {
