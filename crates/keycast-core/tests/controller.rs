@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, LivenessAnswer, LivenessRefused, MemberEvent, MemberSession, Output, Record};
+use keycast_core::protocol::traffic::Fresh;
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{GroupId, JoinAnswer, RefusalReason};
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, MemberId, Scheme};
@@ -329,13 +330,13 @@ fn a_member_that_missed_an_evictions_rekey_refuses_to_seal_under_the_replaced_ke
         }
     }
     a.receive(&heartbeat.expect("a heartbeat"), h.now).unwrap();
-    match a.seal(b"after the eviction", [1; 16]) {
+    match a.seal(b"after the eviction", Fresh { message_key: [1; 32], nonce: [1; 12] }) {
         Err(keycast_core::protocol::traffic::TrafficError::StaleKey { held: k, .. }) => assert_eq!(k, held),
         other => panic!("sealed under the replaced key: {other:?}"),
     }
     let answer = h.controller.resync("a", a.member(), a.rekey_seq(), h.now).unwrap();
     a.resynced(answer, h.now);
-    assert!(a.seal(b"after the resync", [2; 16]).is_ok());
+    assert!(a.seal(b"after the resync", Fresh { message_key: [2; 32], nonce: [2; 12] }).is_ok());
 }
 
 /// The signing key rotates without any member rejoining: members follow the announcement

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, MemberEvent, MemberSession, Output, Record};
+use keycast_core::protocol::traffic::Fresh;
 use keycast_core::wire::rekey::{PacketConfig, Placement};
 use keycast_core::wire::{GroupId, JoinAnswer, Message, RefusalReason};
 use keycast_core::wrap::wrap_nonce;
@@ -423,7 +424,7 @@ impl World {
         for (id, m) in &mut self.members {
             let held = m.session.active_key().map(|(r, _)| r);
             assert_eq!(held, Some(active), "member {id:?} is not at the active key");
-            sealed.get_or_insert_with(|| m.session.seal(b"tick", [3; 16]).unwrap());
+            sealed.get_or_insert_with(|| m.session.seal(b"tick", Fresh { message_key: [3; 32], nonce: [3; 12] }).unwrap());
         }
         if let Some(data) = sealed {
             for m in self.members.values_mut() {

@@ -7,6 +7,7 @@
 //! Regenerate after a deliberate format change with
 //! `KEYCAST_REGENERATE_VECTORS=1 cargo test -p keycast-core --test vectors`.
 
+use keycast_core::protocol::traffic::{self, Fresh, WrapKey};
 use keycast_core::wire::rekey::RekeyContext;
 use keycast_core::wire::*;
 use keycast_core::wrap::key_check;
@@ -43,7 +44,10 @@ fn pending(p: Option<PendingKey>) -> Value {
 }
 
 fn data(d: &Data) -> Value {
-    json!({"group": d.group.0, "sender": d.sender.0, "seq": d.seq, "key": key_ref(d.key), "nonce": hex::encode(d.nonce), "ciphertext": hex::encode(&d.ciphertext)})
+    json!({
+        "group": d.group.0, "key": key_ref(d.key), "origin": d.origin.0, "sender": d.sender.0, "seq": d.seq, "hops": d.hops,
+        "nonce": hex::encode(d.nonce), "wrapped_key": hex::encode(d.wrapped_key), "ciphertext": hex::encode(&d.ciphertext),
+    })
 }
 
 /// The decoded value of a message, field by field.
@@ -91,7 +95,6 @@ fn describe(message: &Message) -> Value {
             "signer": hex::encode(r.signer.0),
         }}),
         Message::Data(d) => json!({"data": data(d)}),
-        Message::RelayedData(r) => json!({"relayed_data": {"origin": r.origin.0, "hops": r.hops, "data": data(&r.data)}}),
         Message::SignerChange(c) => json!({"signer_change": {
             "group": c.change.group.0, "change": c.change.change, "next": hex::encode(c.change.next.0), "signature": hex::encode(c.signature),
         }}),
@@ -240,22 +243,27 @@ fn generate() -> Value {
                 signer: public,
             }),
         ),
-        (
-            "data",
-            Message::Data(Data { group, sender: MemberId(9), seq: 7 << 40, key: active, nonce: [0xa5; 16], ciphertext: b"sealed application bytes".to_vec() }),
-        ),
-        (
-            "relayed data",
-            Message::RelayedData(RelayedData {
-                origin: GroupId(1),
-                hops: 1,
-                data: Data { group, sender: MemberId(3), seq: 1, key: active, nonce: [0x5a; 16], ciphertext: vec![1, 2, 3] },
-            }),
-        ),
     ];
     for (name, message) in unsigned {
         vectors.push(message_vector(name, message.encode(), &public));
     }
+    let (group_ref, group_key) = graph.group_key();
+    let group_wrap = WrapKey::derive(group, group_ref, group_key);
+    let fresh = Fresh { message_key: [0xa5; 32], nonce: [0x5a; 12] };
+    let sealed = traffic::seal((group, MemberId(9), 7 << 40), &group_wrap, fresh, DATA_PLAINTEXT).unwrap();
+    vectors.push(message_vector(
+        "data: \"sealed application bytes\" from member 9, message key a5..a5 sealed under AES-256-GCM (nonce 0), wrapped under HKDF(group key after, \"keycast/v2 data wrap key\" || group || key ref) with nonce 5a..5a",
+        sealed.encode(),
+        &public,
+    ));
+    let (subgroup, subgroup_ref) = (GroupId(0x6b64), KeyRef::new(KeyId(1), 1, 0));
+    let subgroup_wrap = WrapKey::derive(subgroup, subgroup_ref, &Key::from_bytes(SUBGROUP_KEY));
+    let relayed = traffic::rewrap(sealed, &group_wrap, &subgroup_wrap, [0x3c; 12]).unwrap();
+    vectors.push(message_vector(
+        "that data relayed into group 0x6b64: the message key re-wrapped under subgroup key 5b..5b (ref 1.1.0) with nonce 3c..3c, hops 1, payload unchanged",
+        relayed.encode(),
+        &public,
+    ));
     let liveness_key = LivenessKey::derive(&keys[0].1, group, MemberId(9));
     let liveness = Liveness { group, member: MemberId(9), resync: false, counter: 1_795_000_000_000, rekey_seq: 3 }.seal(&liveness_key);
     vectors.push(message_vector(
@@ -301,6 +309,9 @@ fn generate() -> Value {
         "vectors": vectors,
     })
 }
+
+const DATA_PLAINTEXT: &[u8] = b"sealed application bytes";
+const SUBGROUP_KEY: [u8; 32] = [0x5b; 32];
 
 fn hex_array<const N: usize>(v: &Value) -> [u8; N] {
     hex::decode(v.as_str().unwrap()).unwrap().try_into().unwrap()
@@ -363,4 +374,17 @@ fn committed_vectors_match_the_encoder_and_decode_as_recorded() {
     let (group_ref, group_key) = member.group_key().unwrap();
     assert_eq!(group_ref, parse_ref(&m["group_key_after"]["ref"]));
     assert!(group_key == Key::from_bytes(hex_array(&m["group_key_after"]["key"])));
+
+    // The data vectors open with that group key, and once relayed with the subgroup key.
+    let data: Vec<Data> = file["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["decoded"]["data"].is_object())
+        .map(|v| Data::decode(&hex::decode(v["hex"].as_str().unwrap()).unwrap()).unwrap())
+        .collect();
+    let [sealed, relayed] = &data[..] else { panic!("two data vectors") };
+    assert_eq!(traffic::open(sealed, &WrapKey::derive(sealed.group, group_ref, &group_key)).unwrap(), DATA_PLAINTEXT);
+    let subgroup_wrap = WrapKey::derive(relayed.group, relayed.key, &Key::from_bytes(SUBGROUP_KEY));
+    assert_eq!(traffic::open(relayed, &subgroup_wrap).unwrap(), DATA_PLAINTEXT);
 }

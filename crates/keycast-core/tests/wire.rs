@@ -108,8 +108,12 @@ fn heartbeat() -> impl Strategy<Value = SignedHeartbeat> {
 }
 
 fn data() -> impl Strategy<Value = Data> {
-    (any::<[u64; 3]>(), key_ref(), prop::array::uniform16(any::<u8>()), prop::collection::vec(any::<u8>(), 0..300))
-        .prop_map(|(f, key, nonce, ciphertext)| Data { group: GroupId(f[0]), sender: MemberId(f[1]), seq: f[2], key, nonce, ciphertext })
+    (any::<[u64; 4]>(), key_ref(), 0..=keycast_core::wire::control::MAX_HOPS, prop::array::uniform12(any::<u8>()), prop::array::uniform32(any::<u8>()), prop::collection::vec(any::<u8>(), 16..300))
+        .prop_map(|(f, key, hops, nonce, wrapped, ciphertext)| {
+            let mut wrapped_key = [0x77; 48];
+            wrapped_key[..32].copy_from_slice(&wrapped);
+            Data { group: GroupId(f[0]), key, origin: GroupId(f[1]), sender: MemberId(f[2]), seq: f[3], hops, nonce, wrapped_key, ciphertext }
+        })
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -173,11 +177,6 @@ fn message() -> impl Strategy<Value = Message> {
                 },
                 signature,
             })),
-        (any::<u64>(), 1u8..=16, data()).prop_map(|(o, hops, data)| Message::RelayedData(RelayedData {
-            origin: GroupId(o),
-            hops,
-            data
-        })),
     ]
 }
 
@@ -495,4 +494,27 @@ fn assembly_collects_one_rekey_and_names_what_is_missing() {
     }
     assert!(assembly.is_complete());
     assert_eq!(assembly.messages().len(), packets.len());
+}
+
+#[test]
+fn data_decoding_refuses_too_many_hops_a_ciphertext_shorter_than_its_tag_and_the_retired_relayed_type() {
+    let data = Data {
+        group: GroupId(1),
+        key: KeyRef::new(KeyId(1), 1, 0),
+        origin: GroupId(2),
+        sender: MemberId(3),
+        seq: 4,
+        hops: keycast_core::wire::control::MAX_HOPS,
+        nonce: [0; 12],
+        wrapped_key: [0; 48],
+        ciphertext: vec![0; 16],
+    };
+    assert_eq!(Data::decode(&data.encode()), Ok(data.clone()));
+    let too_far = Data { hops: data.hops + 1, ..data.clone() };
+    assert!(matches!(Data::decode(&too_far.encode()), Err(DecodeError::BadValue { field: "hops", .. })));
+    let short = Data { ciphertext: vec![0; 15], ..data.clone() };
+    assert!(matches!(Data::decode(&short.encode()), Err(DecodeError::BadValue { field: "ciphertext length", .. })));
+    let mut retired = data.encode();
+    retired[1] = 11;
+    assert_eq!(Message::decode(&retired), Err(DecodeError::UnknownType(11)));
 }

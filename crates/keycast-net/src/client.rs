@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use keycast_core::protocol::traffic::TrafficError;
+use keycast_core::protocol::traffic::{Fresh, TrafficError, TrafficKeys};
 use keycast_core::protocol::{MemberEvent, MemberSession, ResyncCauses};
 use keycast_core::wire::{
     message_type, Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, MessageType, Refresh, RefusalReason, ResyncAnswer,
@@ -353,9 +353,13 @@ impl MemberClient {
         if self.shared.out.load(Ordering::SeqCst) {
             return Err(ClientError::NotAMember);
         }
-        let mut nonce = [0u8; 16];
-        nonce.copy_from_slice(&entropy()[..16]);
-        Ok(self.with(|s| s.seal(plaintext, nonce))?.encode())
+        let fresh = Fresh { message_key: entropy(), nonce: crate::data_nonce() };
+        Ok(self.with(|s| s.seal(plaintext, fresh))?.encode())
+    }
+
+    /// The keys of this member's group as a relay needs them (see `relay`).
+    pub fn traffic_keys(&self) -> TrafficKeys {
+        self.with(|s| s.traffic_keys())
     }
 
     /// Opens an encoded data message.

@@ -315,6 +315,27 @@ impl RequestPolicy {
     }
 }
 
+/// A relay: the member config it joins its parent group with, and the server config of the
+/// subgroup it controls (paths relative to the relay config's folder).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub parent: PathBuf,
+    pub subgroup: PathBuf,
+}
+
+impl RelayConfig {
+    /// Both configs, checked: the subgroup needs a group id of its own.
+    pub fn load(path: &Path) -> Result<(MemberConfig, ServerConfig), ConfigError> {
+        let (c, base): (RelayConfig, _) = read(path)?;
+        let (parent, subgroup) = (MemberConfig::load(&base.join(&c.parent))?, ServerConfig::load(&base.join(&c.subgroup))?);
+        if parent.group == subgroup.group {
+            return Err(ConfigError::Invalid(format!("{}: the subgroup's group id must differ from the parent's ({})", path.display(), parent.group)));
+        }
+        Ok((parent, subgroup))
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {

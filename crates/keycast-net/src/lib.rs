@@ -11,6 +11,7 @@ pub mod multicast;
 pub mod local;
 pub mod loss;
 pub mod pki;
+pub mod relay;
 pub mod request;
 pub mod server;
 pub mod status;
@@ -25,6 +26,13 @@ pub fn now_ms() -> u64 {
 /// 32 bytes from the operating system's generator.
 pub fn entropy() -> [u8; 32] {
     let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator");
+    bytes
+}
+
+/// A fresh random nonce for a data message's wrapped key.
+pub fn data_nonce() -> [u8; keycast_core::wire::control::DATA_NONCE_LEN] {
+    let mut bytes = [0u8; keycast_core::wire::control::DATA_NONCE_LEN];
     getrandom::fill(&mut bytes).expect("the operating system's random generator");
     bytes
 }

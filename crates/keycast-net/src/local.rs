@@ -7,11 +7,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use keycast_core::protocol::{GroupPolicy, DEFAULT_SNAPSHOT_EVERY};
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::GroupId;
+use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use crate::config::{MulticastConfig, RequestPolicy, DEFAULT_TLS_REFRESH_EVERY};
 use crate::pki::{Authority, Credentials};
+use crate::relay::{Relay, RelayError, RelaySetup};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::store::DatabaseKey;
 use crate::tls::{client_config, server_config};
@@ -23,6 +27,8 @@ pub enum LocalError {
     Server(#[from] ServerError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
     #[error("certificates: {0}")]
     Pki(String),
 }
@@ -52,6 +58,22 @@ pub struct LocalGroup {
 }
 
 pub type Events = tokio::sync::mpsc::Receiver<ClientEvent>;
+
+/// A fast group for loopback tests: 150 ms epochs, keys in force one epoch after their rekey,
+/// 40 ms heartbeats, a degree-4 tree, immediate eviction, no membership deltas.
+pub fn loopback_policy(group: GroupId) -> GroupPolicy {
+    GroupPolicy {
+        group,
+        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: 150,
+        activation_delay: 1,
+        heartbeat_ms: 40,
+        refresh_timeout_ms: 5_000,
+        immediate_eviction: true,
+        membership_deltas: false,
+        packets: PacketConfig::default(),
+    }
+}
 
 impl LocalGroup {
     /// A controller for `policy` on loopback that admits `member-1` .. `member-<acl_size>` and
@@ -97,7 +119,21 @@ impl LocalGroup {
 
     /// Starts (or restarts, from the same log and address) the controller.
     pub async fn start_server(&mut self) -> Result<&Server, LocalError> {
-        let setup = ServerSetup {
+        let server = Server::start(self.server_setup()?).await?;
+        self.listen = server.addr;
+        Ok(self.server.insert(server))
+    }
+
+    /// Starts this group's controller inside a relay that joins a parent group with `parent`
+    /// (this group is then a subgroup; the relay owns its controller).
+    pub async fn start_relay(&mut self, parent: MemberSetup) -> Result<Relay, LocalError> {
+        let relay = Relay::start(RelaySetup { parent, subgroup: self.server_setup()? }).await?;
+        self.listen = relay.server.addr;
+        Ok(relay)
+    }
+
+    fn server_setup(&self) -> Result<ServerSetup, LocalError> {
+        Ok(ServerSetup {
             policy: self.policy,
             acl: self.acl.clone(),
             admins: vec![self.admin.fingerprint().map_err(LocalError::Pki)?],
@@ -110,10 +146,7 @@ impl LocalGroup {
             database_key: self.database_key.clone(),
             snapshot_interval: self.snapshot_interval,
             metrics: self.metrics,
-        };
-        let server = Server::start(setup).await?;
-        self.listen = server.addr;
-        Ok(self.server.insert(server))
+        })
     }
 
     /// Stops the controller at once, as a crash would.
@@ -163,6 +196,21 @@ impl LocalGroup {
 
     pub async fn join(&self, identity: &str) -> Result<(MemberClient, Events), LocalError> {
         Ok(MemberClient::join(self.member_setup(identity)?).await?)
+    }
+
+    /// Joins `identities` concurrently, as members of one epoch would; in their order.
+    pub async fn join_all(&self, identities: impl IntoIterator<Item = impl Into<String>>) -> Result<Vec<(MemberClient, Events)>, LocalError> {
+        let mut joins = Vec::new();
+        for identity in identities {
+            let setup = self.member_setup(&identity.into())?;
+            joins.push(tokio::spawn(MemberClient::join(setup)));
+        }
+        let mut members = Vec::with_capacity(joins.len());
+        for join in joins {
+            let joined = join.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+            members.push(joined?);
+        }
+        Ok(members)
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use keycast_core::protocol::traffic::TrafficKeys;
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, LivenessAnswer, Output, Refusal};
 use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
@@ -129,6 +130,8 @@ struct Shared {
     connections: Arc<Connections>,
     /// For the status page's chart.
     recent_rekeys: RecentRekeys,
+    /// The group keys data may be under, for a relay of this group (`Server::keys`).
+    traffic: Mutex<Option<TrafficKeys>>,
 }
 
 impl Shared {
@@ -238,6 +241,11 @@ impl Server {
         self.shared.snapshot()
     }
 
+    /// Where a relay reads this group's traffic keys as the controller task updates them.
+    pub fn keys(&self) -> GroupKeys {
+        GroupKeys(self.shared.clone())
+    }
+
     /// Evicts `member` (as `keycast admin evict` does).
     pub async fn evict(&self, member: MemberId) -> bool {
         matches!(self.admin(AdminRequest::Evict { member: member.0 }).await, Some(AdminResponse::Evicted { found: true, .. }))
@@ -255,6 +263,17 @@ impl Server {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Admin { request, reply }).await.ok()?;
         answer.await.ok()
+    }
+}
+
+/// A running controller's traffic keys (the active one to wrap under, and those members may
+/// wrap under now), as of the controller task's last step.
+#[derive(Clone)]
+pub struct GroupKeys(Arc<Shared>);
+
+impl GroupKeys {
+    pub fn get(&self) -> Option<TrafficKeys> {
+        self.0.traffic.lock().expect("traffic keys lock").clone()
     }
 }
 
@@ -392,6 +411,7 @@ impl ControllerTask {
             stats.active_key = self.controller.active_key(stats.epoch).to_string();
             stats.rho = self.controller.rho();
         });
+        *self.shared.traffic.lock().expect("traffic keys lock") = Some(self.controller.traffic_keys(now));
     }
 
     async fn handle(&mut self, command: Command, conn: ConnId) -> Result<(), StoreError> {

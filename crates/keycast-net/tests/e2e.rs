@@ -7,46 +7,20 @@ use std::time::Duration;
 use keycast_core::protocol::{GroupPolicy, MemberEvent};
 use keycast_core::wire::rekey::{self, PacketConfig, RekeyContext};
 use keycast_core::wire::{encode_rekey, GroupId, Placement, RefusalReason, RekeyPacket, SignedHeartbeat, Signer, VerifyingKey};
-use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
+use keycast_core::{GraphConfig, KeyRef, Scheme};
 use keycast_net::client::{ClientError, ClientEvent, MemberClient};
-use keycast_net::local::{Events, LocalGroup};
+use keycast_net::local::{loopback_policy, LocalGroup};
 use keycast_net::pki::Authority;
 use keycast_net::tls::client_config;
 use tokio::time::{sleep, timeout, Instant};
 
 fn policy() -> GroupPolicy {
-    GroupPolicy {
-        group: GroupId(42),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: 150,
-        activation_delay: 1,
-        heartbeat_ms: 40,
-        refresh_timeout_ms: 5_000,
-        immediate_eviction: true,
-        membership_deltas: true,
-        packets: PacketConfig::default(),
-    }
+    GroupPolicy { membership_deltas: true, ..loopback_policy(GroupId(42)) }
 }
 
 async fn group(acl: usize) -> (LocalGroup, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (LocalGroup::start(policy(), acl, dir.path().to_path_buf()).await.unwrap(), dir)
-}
-
-/// Joins concurrently, as members of one epoch would.
-async fn join_all(group: &LocalGroup, names: impl IntoIterator<Item = String>) -> Vec<(MemberClient, Events)> {
-    let handles: Vec<_> = names
-        .into_iter()
-        .map(|n| {
-            let setup = group.member_setup(&n).unwrap();
-            tokio::spawn(async move { MemberClient::join(setup).await.unwrap() })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
 }
 
 fn active(member: &MemberClient) -> Option<KeyRef> {
@@ -80,7 +54,7 @@ fn everyone_reads(from: &MemberClient, to: &[&MemberClient]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_share_traffic_and_a_leave_rekeys_them() {
     let (group, _dir) = group(8).await;
-    let mut members = join_all(&group, (1..=6).map(|i| format!("member-{i}"))).await;
+    let mut members = group.join_all((1..=6).map(|i| format!("member-{i}"))).await.unwrap();
     let seq = group.server().stats().rekeys;
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     let before = until_in_sync(&refs, seq, Duration::from_secs(5)).await;
@@ -127,7 +101,7 @@ async fn members_join_share_traffic_and_a_leave_rekeys_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_member_cannot_open_traffic_sealed_after_the_eviction() {
     let (group, _dir) = group(4).await;
-    let members = join_all(&group, (1..=4).map(|i| format!("member-{i}"))).await;
+    let members = group.join_all((1..=4).map(|i| format!("member-{i}"))).await.unwrap();
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     let seq = group.server().stats().rekeys;
     until_in_sync(&refs, seq, Duration::from_secs(5)).await;
@@ -159,7 +133,7 @@ async fn an_evicted_member_cannot_open_traffic_sealed_after_the_eviction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_at_any_point_restarts_and_members_stay_in_sync() {
     let (mut group, _dir) = group(40).await;
-    let mut members = join_all(&group, (1..=8).map(|i| format!("member-{i}"))).await;
+    let mut members = group.join_all((1..=8).map(|i| format!("member-{i}"))).await.unwrap();
     for round in 0..8u64 {
         // Churn, then a crash at a different point of the epoch each round.
         let joiner = format!("member-{}", 9 + round);
@@ -212,7 +186,7 @@ fn is_fatal_tls_alert(record: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_bad_certificates_and_garbage_are_refused_without_disturbing_members() {
     let (mut group, _dir) = group(3).await;
-    let members = join_all(&group, (1..=2).map(|i| format!("member-{i}"))).await;
+    let members = group.join_all((1..=2).map(|i| format!("member-{i}"))).await.unwrap();
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     let seq = group.server().stats().rekeys;
     until_in_sync(&refs, seq, Duration::from_secs(5)).await;
@@ -353,7 +327,7 @@ async fn forged_rekeys_are_refused_and_members_follow_the_next_real_one() {
     let dir = tempfile::tempdir().unwrap();
     let policy = small_packet_policy();
     let group = LocalGroup::start(policy, 6, dir.path().to_path_buf()).await.unwrap();
-    let mut members = join_all(&group, (1..=5).map(|i| format!("member-{i}"))).await;
+    let mut members = group.join_all((1..=5).map(|i| format!("member-{i}"))).await.unwrap();
     let refs: Vec<&MemberClient> = members.iter().map(|(m, _)| m).collect();
     let seq = group.server().stats().rekeys;
     until_in_sync(&refs, seq, Duration::from_secs(5)).await;

@@ -277,9 +277,10 @@ async fn a_flood_of_forged_data_is_bounded_counted_and_rekeys_still_arrive() {
     let socket = keycast_net::multicast::sender(&group.multicast).unwrap();
     let mut longest = 0;
     for i in 0..FORGED {
-        let mut nonce = [0u8; 16];
+        let mut nonce = [0u8; 12];
         nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        let forged = Data { group: GroupId(7), sender: MemberId(999), seq: i as u64, key, nonce, ciphertext: vec![0x5a; 64] }.encode();
+        let (origin, sender, seq, hops, wrapped_key, ciphertext) = (GroupId(7), MemberId(999), i as u64, 0, [0x5a; 48], vec![0x5a; 64]);
+        let forged = Data { group: GroupId(7), key, origin, sender, seq, hops, nonce, wrapped_key, ciphertext }.encode();
         socket.send_to(&forged, group.multicast.address).await.unwrap();
         if i % 200 == 0 {
             longest = longest.max(events.len());

@@ -6,25 +6,14 @@ use std::time::Duration;
 
 use keycast_core::protocol::traffic::TrafficError;
 use keycast_core::protocol::GroupPolicy;
-use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{GroupId, RefusalReason, MAX_MESSAGE_LEN};
-use keycast_core::{GraphConfig, JoinPolicy, KeyRef, Scheme};
+use keycast_core::KeyRef;
 use keycast_net::client::{ClientError, ClientEvent, MemberClient};
-use keycast_net::local::{Events, LocalError, LocalGroup};
+use keycast_net::local::{loopback_policy, Events, LocalError, LocalGroup};
 use tokio::time::{sleep, timeout, Instant};
 
 fn policy() -> GroupPolicy {
-    GroupPolicy {
-        group: GroupId(77),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: 150,
-        activation_delay: 1,
-        heartbeat_ms: 40,
-        refresh_timeout_ms: 5_000,
-        immediate_eviction: true,
-        membership_deltas: false,
-        packets: PacketConfig::default(),
-    }
+    loopback_policy(GroupId(77))
 }
 
 async fn group(acl: usize) -> (LocalGroup, tempfile::TempDir) {

@@ -33,6 +33,9 @@ enum Command {
     Init(net::InitArgs),
     /// Run a group's controller.
     Server(net::ConfigArg),
+    /// Run a relay: a member of its parent group and the controller of its subgroup, carrying
+    /// data between them.
+    Relay(net::ConfigArg),
     /// Join a group as a member, print its events, optionally send a test stream.
     #[command(after_help = net::MEMBER_EXIT_STATUS)]
     Member(net::MemberArgs),
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Init(args) => net::init(&args),
         Command::Server(args) => net::server(&args),
+        Command::Relay(args) => net::relay(&args),
         Command::Member(args) => match net::member(&args) {
             Ok(net::MemberEnd::Evicted) => return std::process::ExitCode::from(EXIT_EVICTED),
             other => other.map(drop),

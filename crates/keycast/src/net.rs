@@ -7,8 +7,9 @@ use clap::{Args, Subcommand};
 use keycast_core::protocol::{MemberEvent, DEFAULT_SNAPSHOT_EVERY};
 use keycast_net::admin::{self, AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
-use keycast_net::config::{AdminConfig, MemberConfig, ServerConfig};
-use keycast_net::pki::{Authority, Credentials, RcgenError};
+use keycast_net::config::{AdminConfig, MemberConfig, RelayConfig, ServerConfig};
+use keycast_net::pki::{Authority, Credentials, Fingerprint, RcgenError};
+use keycast_net::relay::{Relay, RelaySetup};
 use keycast_net::server::{Server, ServerError, ServerSetup};
 use keycast_net::store::{DatabaseKey, StoreError};
 use keycast_net::tls::{client_config, server_config};
@@ -27,6 +28,11 @@ pub struct InitArgs {
     /// TLS port of the controller; the multicast channel uses the next port.
     #[arg(long, default_value_t = 7400)]
     port: u16,
+    /// Relays under the controller (relay-1 .. relay-R), each the controller of a subgroup
+    /// (group id GROUP + r, ports PORT + 2r and the next); members are spread over the top
+    /// group and the subgroups.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=100))]
+    relays: u16,
 }
 
 #[derive(Args)]
@@ -127,9 +133,11 @@ fn addresses(port: u16) -> String {
     format!("server = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n")
 }
 
-fn multicast(port: u16) -> String {
+/// The multicast section of group `level` (0 the top group, r relay r's subgroup).
+fn multicast(port: u16, level: u16) -> String {
     format!(
-        "[multicast]\n# Group address and port. The interface is where datagrams leave and where members join;\n# TTL 1 keeps them on this host's link. Change both only for a real network.\naddress = \"239.255.42.1:{}\"\ninterface = \"127.0.0.1\"\nttl = 1\n",
+        "[multicast]\n# Group address and port. The interface is where datagrams leave and where members join;\n# TTL 1 keeps them on this host's link. Change both only for a real network.\naddress = \"239.255.42.{}:{}\"\ninterface = \"127.0.0.1\"\nttl = 1\n",
+        level + 1,
         port + 1
     )
 }
@@ -147,30 +155,64 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     write_credentials(&args.dir, "admin", &admin)?;
     let admin_fingerprint = admin.fingerprint()?;
     let names: Vec<String> = (1..=args.members).map(|i| format!("member-{i}")).collect();
-    args.port.checked_add(1).ok_or("--port must leave room for the multicast port")?;
-    let (addresses, multicast) = (addresses(args.port), multicast(args.port));
-    for name in &names {
+    let levels = args.relays + 1;
+    args.port.checked_add(2 * args.relays + 1).ok_or("--port must leave room for the multicast ports (and the relays')")?;
+    // member-i belongs to the top group (level 0) or to relay r's subgroup (level r).
+    let level_of = |i: u32| (i - 1) % u32::from(levels);
+    for (i, name) in (1..).zip(&names) {
         write_credentials(&args.dir, name, &ca.issue(name, false).map_err(pki)?)?;
-        let config = format!(
-            "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n# Refresh by one UDP datagram to the controller, tagged with a key derived from this member's\n# individual key; one refresh in tls_refresh_every also goes over TLS (its answer says whether\n# the controller still counts this member). If UDP may be blocked, keep refresh_ms times\n# tls_refresh_every below the controller's refresh_timeout_ms; raise it (fewer handshakes)\n# once UDP is known to pass. udp_refresh = false: every refresh over TLS.\nudp_refresh = true\ntls_refresh_every = 2\n# Join again by itself after an expiry (otherwise it stops, exit status 3; an evicted identity stays out until re-admitted).\nrejoin = false\n# Events the application has not read yet, at most; beyond, data events are dropped and counted.\nevent_capacity = 1024\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\n# Requests to the controller: each attempt's timeouts, then retries with jittered backoff\n# until the deadline (a join waits this long for a controller that is not up yet).\n[requests]\nconnect_timeout_ms = 3000\nhandshake_timeout_ms = 3000\n# A join is answered at the end of the controller's epoch: keep this above epoch_ms.\nanswer_timeout_ms = 5000\ndeadline_ms = 30000\njoin_deadline_ms = 60000\nbackoff_min_ms = 100\nbackoff_max_ms = 5000\n# A refresh or resync not answered after this long gets a second (and third) attempt beside\n# it: on a lossy link a fresh connection often wins over one TCP is still retransmitting.\nhedge_after_ms = 1000\n",
-            group = args.group
-        );
+        let level = level_of(i) as u16;
+        let config = member_toml(name, args.group + u64::from(level), args.port + 2 * level, level, name);
         write(&args.dir.join(format!("{name}.toml")), &config, false)?;
     }
-    let acl = names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
-    let server = format!(
-        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Its secrets (key seeds) are sealed under\n# database_key: keep that file apart from the database and its backups (another volume, a\n# secrets manager); KEYCAST_DATABASE_KEY (64 hex digits) takes precedence over the file.\ndatabase = \"controller.redb\"\ndatabase_key = \"database.key\"\n# Batches between snapshots: the log before a snapshot, and every older seed, is dropped.\nsnapshot_interval = 64\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint, and a status page at / (group, rekeys, members); off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n# Proactive FEC: rekey packets in blocks of fec_block, each sent with\n# ceil(k * proactivity_pct / 100) - k signed Reed-Solomon parity packets, so a member that\n# lost a few rebuilds them without asking. proactivity_pct is where it starts (100: no\n# parity); it adapts toward target_naks NAKs per rekey (members that cannot rebuild NAK once\n# over UDP and get a repair round).\nfec_block = 10\nproactivity_pct = 100\ntarget_naks = 20\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"controller.pem\"\nkey = \"controller.key\"\n",
-        group = args.group,
-        port = args.port
-    );
+    let acl_of = |level: u16| -> Vec<String> { (1..).zip(&names).filter(|(i, _)| level_of(*i) == u32::from(level)).map(|(_, n)| n.clone()).collect() };
+    let mut top_acl = acl_of(0);
+    top_acl.extend((1..=args.relays).map(|r| format!("relay-{r}")));
+    let server = server_toml(args.group, args.port, 0, &top_acl, &admin_fingerprint, "controller");
     write(&args.dir.join("server.toml"), &server, false)?;
+    for r in 1..=args.relays {
+        let name = format!("relay-{r}");
+        // Two certificates: the relay's identity in the parent's ACL, and its subgroup's TLS server.
+        write_credentials(&args.dir, &name, &ca.issue(&name, false).map_err(pki)?)?;
+        let controller = format!("{name}-controller");
+        write_credentials(&args.dir, &controller, &ca.issue(&controller, true).map_err(pki)?)?;
+        write(&args.dir.join(format!("{name}-parent.toml")), &member_toml(&name, args.group, args.port, 0, &name), false)?;
+        let subgroup = server_toml(args.group + u64::from(r), args.port + 2 * r, r, &acl_of(r), &admin_fingerprint, &controller);
+        write(&args.dir.join(format!("{name}-subgroup.toml")), &subgroup, false)?;
+        let key_file = args.dir.join(format!("{controller}.database.key"));
+        DatabaseKey::create_file(&key_file).map_err(|e| format!("cannot create {}: {e}", key_file.display()))?;
+        let relay = format!("# keycast relay {r}: `keycast relay --config {name}.toml`. It joins the top group as a member\n# (the parent config) and runs the controller of subgroup {} (the subgroup config), carrying\n# data between them by re-wrapping each message's key.\nparent = \"{name}-parent.toml\"\nsubgroup = \"{name}-subgroup.toml\"\n", args.group + u64::from(r));
+        write(&args.dir.join(format!("{name}.toml")), &relay, false)?;
+    }
     let key_file = args.dir.join("database.key");
     DatabaseKey::create_file(&key_file).map_err(|e| format!("cannot create {}: {e}", key_file.display()))?;
+    let addresses = addresses(args.port);
     let admin = format!("# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats|rotate-signing-key`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
     write(&args.dir.join("admin.toml"), &admin, false)?;
-    println!("created {}: ca.pem, server.toml, database.key, admin.toml and {} member configs", args.dir.display(), names.len());
+    println!("created {}: ca.pem, server.toml, database.key, admin.toml, {} member configs and {} relay configs", args.dir.display(), names.len(), args.relays);
     println!("next: keycast server --config {}/server.toml", args.dir.display());
     Ok(())
+}
+
+/// The config of member `name` of `group` (at level `level`: 0 the top group, r relay r's
+/// subgroup), presenting certificate `cert`.
+fn member_toml(name: &str, group: u64, port: u16, level: u16, cert: &str) -> String {
+    let (addresses, multicast) = (addresses(port), multicast(port, level));
+    format!(
+        "# keycast member {name}: `keycast member --config {name}.toml`\ngroup = {group}\n{addresses}\n# Soft state: refresh at least this often (the controller's timeout is longer).\nrefresh_ms = 2000\nheartbeat_ms = 500\n# Refresh by one UDP datagram to the controller, tagged with a key derived from this member's\n# individual key; one refresh in tls_refresh_every also goes over TLS (its answer says whether\n# the controller still counts this member). If UDP may be blocked, keep refresh_ms times\n# tls_refresh_every below the controller's refresh_timeout_ms; raise it (fewer handshakes)\n# once UDP is known to pass. udp_refresh = false: every refresh over TLS.\nudp_refresh = true\ntls_refresh_every = 2\n# Join again by itself after an expiry (otherwise it stops, exit status 3; an evicted identity stays out until re-admitted).\nrejoin = false\n# Events the application has not read yet, at most; beyond, data events are dropped and counted.\nevent_capacity = 1024\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{cert}.pem\"\nkey = \"{cert}.key\"\n\n# Requests to the controller: each attempt's timeouts, then retries with jittered backoff\n# until the deadline (a join waits this long for a controller that is not up yet).\n[requests]\nconnect_timeout_ms = 3000\nhandshake_timeout_ms = 3000\n# A join is answered at the end of the controller's epoch: keep this above epoch_ms.\nanswer_timeout_ms = 5000\ndeadline_ms = 30000\njoin_deadline_ms = 60000\nbackoff_min_ms = 100\nbackoff_max_ms = 5000\n# A refresh or resync not answered after this long gets a second (and third) attempt beside\n# it: on a lossy link a fresh connection often wins over one TCP is still retransmitting.\nhedge_after_ms = 1000\n"
+    )
+}
+
+/// The config of the controller of `group` (at level `level`) with certificate `cert`; a
+/// subgroup's log and database key are named after its relay.
+fn server_toml(group: u64, port: u16, level: u16, acl: &[String], admin_fingerprint: &Fingerprint, cert: &str) -> String {
+    let multicast = multicast(port, level);
+    let acl = acl.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    let (database, database_key) =
+        if level == 0 { ("controller.redb".to_owned(), "database.key".to_owned()) } else { (format!("{cert}.redb"), format!("{cert}.database.key")) };
+    format!(
+        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Its secrets (key seeds) are sealed under\n# database_key: keep that file apart from the database and its backups (another volume, a\n# secrets manager); KEYCAST_DATABASE_KEY (64 hex digits) takes precedence over the file.\ndatabase = \"{database}\"\ndatabase_key = \"{database_key}\"\n# Batches between snapshots: the log before a snapshot, and every older seed, is dropped.\nsnapshot_interval = 64\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint, and a status page at / (group, rekeys, members); off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# version: joiners' keys are replaced; revision: advanced one-way, no wrap for others.\njoin_policy = \"version\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\nmtu = 1200\n# Proactive FEC: rekey packets in blocks of fec_block, each sent with\n# ceil(k * proactivity_pct / 100) - k signed Reed-Solomon parity packets, so a member that\n# lost a few rebuilds them without asking. proactivity_pct is where it starts (100: no\n# parity); it adapts toward target_naks NAKs per rekey (members that cannot rebuild NAK once\n# over UDP and get a repair round).\nfec_block = 10\nproactivity_pct = 100\ntarget_naks = 20\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{cert}.pem\"\nkey = \"{cert}.key\"\n"
+    )
 }
 
 pub fn logging() {
@@ -189,14 +231,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())
 }
 
-pub fn server(args: &ConfigArg) -> Result<(), String> {
-    logging();
-    // Absolute paths, so every message names the files wherever the server was started.
-    let config_path = std::fs::canonicalize(&args.config).unwrap_or_else(|_| args.config.clone());
-    let config = ServerConfig::load(&config_path).map_err(|e| e.to_string())?;
+fn server_setup(config: &ServerConfig) -> Result<ServerSetup, String> {
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
     let policy = config.policy.group_policy(config.group).map_err(|e| e.to_string())?;
-    let setup = ServerSetup {
+    Ok(ServerSetup {
         policy,
         acl: config.acl.iter().cloned().collect(),
         admins: config.admin_fingerprints().map_err(|e| e.to_string())?,
@@ -209,7 +247,20 @@ pub fn server(args: &ConfigArg) -> Result<(), String> {
         database_key: config.load_database_key().map_err(|e| e.to_string())?,
         snapshot_interval: config.snapshot_interval.unwrap_or(DEFAULT_SNAPSHOT_EVERY),
         metrics: config.metrics,
-    };
+    })
+}
+
+fn member_setup(config: &MemberConfig) -> Result<MemberSetup, String> {
+    let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
+    Ok(MemberSetup::from_config(config, client_config(&credentials).map_err(|e| e.to_string())?))
+}
+
+pub fn server(args: &ConfigArg) -> Result<(), String> {
+    logging();
+    // Absolute paths, so every message names the files wherever the server was started.
+    let config_path = std::fs::canonicalize(&args.config).unwrap_or_else(|_| args.config.clone());
+    let config = ServerConfig::load(&config_path).map_err(|e| e.to_string())?;
+    let setup = server_setup(&config)?;
     let fresh_database = !config.database.exists();
     runtime()?.block_on(async {
         let server = match Server::start(setup).await {
@@ -247,6 +298,25 @@ fn start_failure(config: &ServerConfig, path: &Path, error: &ServerError) -> Str
     }
 }
 
+/// Runs a relay: a member of its parent group and the controller of its subgroup.
+pub fn relay(args: &ConfigArg) -> Result<(), String> {
+    logging();
+    let (parent, subgroup) = RelayConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let setup = RelaySetup { parent: member_setup(&parent)?, subgroup: server_setup(&subgroup)? };
+    runtime()?.block_on(async {
+        let relay = Relay::start(setup).await.map_err(|e| format!("cannot start the relay of group {} under group {}: {e}", subgroup.group, parent.group))?;
+        tracing::info!(addr = %relay.server.addr, member = relay.parent().member().0, "relaying; Ctrl-C stops");
+        tokio::select! {
+            reason = relay.server.stopped() => Err(format!("the subgroup's controller stopped: {reason}")),
+            signal = tokio::signal::ctrl_c() => {
+                signal.map_err(|e| e.to_string())?;
+                tracing::info!(stats = ?relay.stats(), "stopping");
+                Ok(())
+            }
+        }
+    })
+}
+
 /// How `keycast member` ended (its exit status: see `MEMBER_EXIT_STATUS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberEnd {
@@ -264,8 +334,7 @@ an evicted identity stays out until an administrator re-admits it), \
 pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
     logging();
     let config = MemberConfig::load(&args.config).map_err(|e| e.to_string())?;
-    let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
-    let setup = MemberSetup::from_config(&config, client_config(&credentials).map_err(|e| e.to_string())?);
+    let setup = member_setup(&config)?;
     let rejoin = setup.rejoin;
     runtime()?.block_on(async {
         let (client, mut events) =

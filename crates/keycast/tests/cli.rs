@@ -535,3 +535,34 @@ fn bench_quick_json_is_consistent_and_never_beats_its_floor() {
     assert!(report["keycast_remove_us"]["1000"].as_f64().is_some());
 }
 
+
+/// `init --relays 1`, then the top controller, the relay and a member on each level as
+/// separate processes: data sent at the top reaches the subgroup's member through the relay.
+#[test]
+fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bin = env!("CARGO_BIN_EXE_keycast");
+    let command = |args: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args(args).current_dir(dir.path()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        c
+    };
+    let init = command(&["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
+    assert!(init.status.success());
+    let top_acl = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
+    assert!(top_acl.contains("acl = [\"member-1\", \"relay-1\"]"), "the relay is admitted at the top: {top_acl}");
+    let mut server = command(&["server", "--config", "server.toml"]).spawn().unwrap();
+    let mut relay = command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap();
+    let below = command(&["member", "--config", "member-2.toml", "--for-secs", "10"]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    let above = command(&["member", "--config", "member-1.toml", "--for-secs", "6", "--send", "3", "--interval-ms", "800"]).output().unwrap();
+    let below = below.wait_with_output().unwrap();
+    for child in [&mut server, &mut relay] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let (above, below) = (String::from_utf8_lossy(&above.stdout), String::from_utf8_lossy(&below.stdout));
+    assert!(above.contains("data: test message 3 from member"), "the sender hears itself: {above}");
+    assert!(below.contains("data: test message 3 from member"), "the subgroup's member got nothing through the relay: {below}");
+}

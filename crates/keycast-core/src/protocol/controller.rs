@@ -23,6 +23,7 @@ use crate::wire::control::Nak;
 use crate::wire::{encode_parity, ParityRound, ParityShard};
 
 use super::rounds::Delivery;
+use super::traffic::TrafficKeys;
 use crate::wire::{seal_resync_answer, GroupId, Liveness, LivenessKey, MembershipDelta, Reject, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
@@ -539,6 +540,16 @@ impl Controller {
     /// The group key in force in `epoch`: the newest rekey's whose activation has come.
     pub fn active_key(&self, epoch: u64) -> KeyRef {
         self.active_entry(epoch).1 .0
+    }
+
+    /// The group keys members may wrap data under at `now_ms` (the active one and any pending
+    /// one) and the active one to wrap under: a relay's view of the subgroup it controls.
+    pub fn traffic_keys(&self, now_ms: u64) -> TrafficKeys {
+        TrafficKeys {
+            group: self.policy.group,
+            sealing: Some(self.active_key(self.epoch_at(now_ms))),
+            keys: self.group_keys.values().map(|(r, _, k)| (*r, k.clone())).collect(),
+        }
     }
 
     /// The rekey seq and entry of the group key in force in `epoch`.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::graph::MemberId;
 use crate::key::{Key, KeyRef};
 use crate::member::MemberKeys;
-use crate::wire::control::{Data, JoinAccepted, Nak, ResyncAnswer, DATA_NONCE_LEN};
+use crate::wire::control::{Data, JoinAccepted, Nak, ResyncAnswer};
 use crate::wire::guard::{Reject, ReplayGuard};
 use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
@@ -21,7 +21,7 @@ use crate::wire::{
     LIVENESS_LEN,
 };
 
-use super::traffic::{self, ReplayWindow, TrafficError};
+use super::traffic::{self, Fresh, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
 
 /// What the application hears from its member.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -673,31 +673,48 @@ impl MemberSession {
         events
     }
 
-    /// Seals application data under the active key as this member's next message; `nonce` must
-    /// be fresh random bytes.
-    /// Fails closed while the controller announces another key in force than the one this
-    /// member holds (its rekey was lost): the old key may be known to an evicted member.
-    pub fn seal(&mut self, plaintext: &[u8], nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
+    /// The group key to seal under: the active one, unless the controller announces another
+    /// key in force than the one this member holds (its rekey was lost): the old key may be
+    /// known to an evicted member, so sealing fails closed.
+    fn sealing_key(&self) -> Result<(KeyRef, Key), TrafficError> {
         let (key_ref, key) = self.active_key().ok_or(TrafficError::NoActiveKey)?;
-        if let Some(announced) = self.announced_active.filter(|a| *a != key_ref) {
-            return Err(TrafficError::StaleKey { held: key_ref, announced });
+        match self.announced_active.filter(|a| *a != key_ref) {
+            Some(announced) => Err(TrafficError::StaleKey { held: key_ref, announced }),
+            None => Ok((key_ref, key)),
         }
-        let data = traffic::seal((self.group, self.member, self.next_data_seq), key_ref, &key, nonce, plaintext)?;
+    }
+
+    /// The group keys data may be under (previous, active, next) and the one to seal under:
+    /// what a relay needs of the group it is a member of.
+    pub fn traffic_keys(&self) -> TrafficKeys {
+        TrafficKeys {
+            group: self.group,
+            sealing: self.sealing_key().ok().map(|(key_ref, _)| key_ref),
+            keys: self.group_keys.values().map(|(r, k, _)| (*r, k.clone())).collect(),
+        }
+    }
+
+    /// Seals application data under the sealing key as this member's next message; `fresh`
+    /// must be fresh random bytes.
+    pub fn seal(&mut self, plaintext: &[u8], fresh: Fresh) -> Result<Data, TrafficError> {
+        let (key_ref, key) = self.sealing_key()?;
+        let wrap_key = WrapKey::derive(self.group, key_ref, &key);
+        let data = traffic::seal((self.group, self.member, self.next_data_seq), &wrap_key, fresh, plaintext)?;
         self.next_data_seq += 1;
         Ok(data)
     }
 
-    /// Opens data sealed under the active key, the one before it, or the next one, once: a
-    /// replayed (sender, seq) is refused.
+    /// Opens data wrapped under the active key, the one before it, or the next one, once: a
+    /// replayed (origin, sender, seq) is refused, whichever intermediaries it crossed.
     pub fn open(&mut self, data: &Data) -> Result<Vec<u8>, TrafficError> {
         if data.group != self.group {
             return Err(TrafficError::WrongGroup(data.group));
         }
-        let (_, key, _) =
+        let (key_ref, key, _) =
             self.group_keys.values().find(|(r, _, _)| *r == data.key).ok_or(TrafficError::UnknownKey(data.key))?;
-        self.replays.check(data.sender, data.seq)?;
-        let plaintext = traffic::open(data, key)?;
-        self.replays.record(data.sender, data.seq);
+        self.replays.check(data.origin, data.sender, data.seq)?;
+        let plaintext = traffic::open(data, &WrapKey::derive(self.group, *key_ref, key))?;
+        self.replays.record(data.origin, data.sender, data.seq);
         Ok(plaintext)
     }
 }

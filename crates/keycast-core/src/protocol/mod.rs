@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod member;
+pub mod relay;
 mod repair;
 mod rounds;
 pub mod snapshot;

@@ -5,7 +5,7 @@ use crate::graph::{MemberId, Position};
 use crate::key::{Key, KeyRef};
 
 use super::auth::PUBLIC_KEY_LEN;
-use super::codec::{Reader, Writer};
+use super::codec::Writer;
 use super::heartbeat::PendingKey;
 use super::{open, start, DecodeError, GroupId, MessageType, VerifyingKey};
 
@@ -19,8 +19,6 @@ pub const MAX_REFUSAL_TEXT: usize = 256;
 pub const MAX_DATA_LEN: usize = 65_000;
 /// Most intermediaries a data message may cross.
 pub const MAX_HOPS: u8 = 16;
-/// Bytes of a data message's nonce.
-pub const DATA_NONCE_LEN: usize = 16;
 
 /// A member asks to join `group`; its identity is its TLS client certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,83 +355,70 @@ impl ResyncAnswer {
     }
 }
 
-/// Application data sealed under a key derived from group key `key` and `nonce`. `sender`
-/// and `seq` are authenticated: receivers refuse a (sender, seq) they have already opened.
+/// Bytes of a data message's wrap nonce (AES-GCM).
+pub const DATA_NONCE_LEN: usize = 12;
+/// Bytes of a wrapped message key: the 32-byte key and its 16-byte AES-GCM tag.
+pub const WRAPPED_MESSAGE_KEY_LEN: usize = 48;
+/// Bytes of a payload's AES-GCM tag: no ciphertext is shorter.
+pub const DATA_TAG_LEN: usize = 16;
+
+/// Application data with message-key indirection (Iolus): the payload is sealed under a fresh
+/// random message key, and that key is wrapped under the group key `key` of `group`, the group
+/// whose channel carries the message now. An intermediary re-wraps only the message key for the
+/// next group and counts the hop; `origin`, `sender` and `seq` name the message end to end (the
+/// payload authenticates them) and receivers refuse one they have already opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Data {
     pub group: GroupId,
-    /// The sending member's id.
+    pub key: KeyRef,
+    /// The group of the sending member.
+    pub origin: GroupId,
+    /// The sending member's id in `origin`.
     pub sender: MemberId,
     /// The sender's sequence number: increasing for each message it seals.
     pub seq: u64,
-    pub key: KeyRef,
+    /// Intermediaries crossed so far (0 from the sender), at most [`MAX_HOPS`].
+    pub hops: u8,
     pub nonce: [u8; DATA_NONCE_LEN],
+    pub wrapped_key: [u8; WRAPPED_MESSAGE_KEY_LEN],
     pub ciphertext: Vec<u8>,
 }
 
 impl Data {
+    /// Bytes of everything but the ciphertext.
+    pub const OVERHEAD: usize = 2 + 8 + KeyRef::ENCODED_LEN + 8 + 8 + 8 + 1 + DATA_NONCE_LEN + WRAPPED_MESSAGE_KEY_LEN + 4;
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = start(MessageType::Data, 58 + self.ciphertext.len());
-        self.put_body(&mut out);
+        let mut out = start(MessageType::Data, Data::OVERHEAD + self.ciphertext.len());
+        out.put_u64(self.group.0);
+        out.put_ref(self.key);
+        out.put_u64(self.origin.0);
+        out.put_u64(self.sender.0);
+        out.put_u64(self.seq);
+        out.put_u8(self.hops);
+        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(&self.wrapped_key);
+        out.put_u32(self.ciphertext.len() as u32);
+        out.extend_from_slice(&self.ciphertext);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = open(bytes, MessageType::Data)?;
-        let data = Data::read_body(&mut r)?;
-        r.finish()?;
-        Ok(data)
-    }
-
-    fn put_body(&self, out: &mut Vec<u8>) {
-        out.put_u64(self.group.0);
-        out.put_u64(self.sender.0);
-        out.put_u64(self.seq);
-        out.put_ref(self.key);
-        out.extend_from_slice(&self.nonce);
-        out.put_u32(self.ciphertext.len() as u32);
-        out.extend_from_slice(&self.ciphertext);
-    }
-
-    fn read_body(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let group = r.group()?;
-        let sender = r.member()?;
-        let seq = r.u64("data seq")?;
-        let key = r.key_ref("data key")?;
-        let nonce = r.array("nonce")?;
-        let len = r.count(4, MAX_DATA_LEN, 1, "ciphertext")?;
-        let ciphertext = r.take(len, "ciphertext")?.to_vec();
-        Ok(Data { group, sender, seq, key, nonce, ciphertext })
-    }
-}
-
-/// Data an intermediary relays into its subgroup (Iolus): re-sealed under the subgroup's key,
-/// with the group it came from and the number of intermediaries it crossed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RelayedData {
-    pub origin: GroupId,
-    pub hops: u8,
-    pub data: Data,
-}
-
-impl RelayedData {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = start(MessageType::RelayedData, 67 + self.data.ciphertext.len());
-        out.put_u64(self.origin.0);
-        out.put_u8(self.hops);
-        self.data.put_body(&mut out);
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = open(bytes, MessageType::RelayedData)?;
-        let origin = r.group()?;
+        let (group, key) = (r.group()?, r.key_ref("data key")?);
+        let (origin, sender, seq) = (r.group()?, r.member()?, r.u64("data seq")?);
         let hops = r.u8("hops")?;
-        if hops == 0 || hops > MAX_HOPS {
+        if hops > MAX_HOPS {
             return Err(DecodeError::BadValue { field: "hops", value: hops.into() });
         }
-        let data = Data::read_body(&mut r)?;
+        let nonce = r.array("nonce")?;
+        let wrapped_key = r.array("wrapped message key")?;
+        let len = r.count(4, MAX_DATA_LEN, 1, "ciphertext")?;
+        if len < DATA_TAG_LEN {
+            return Err(DecodeError::BadValue { field: "ciphertext length", value: len as u64 });
+        }
+        let ciphertext = r.take(len, "ciphertext")?.to_vec();
         r.finish()?;
-        Ok(RelayedData { origin, hops, data })
+        Ok(Data { group, key, origin, sender, seq, hops, nonce, wrapped_key, ciphertext })
     }
 }

@@ -20,7 +20,7 @@ pub mod roster;
 pub mod signer;
 
 pub use auth::{Signer, VerifiedRoots, VerifyingKey};
-pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, RelayedData, ResyncAnswer, ResyncRequest};
+pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
 pub use liveness::{open_resync_answer, peek_resync_answer, seal_resync_answer, Liveness, LivenessKey, ResyncAnswerKey, LIVENESS_LEN, LIVENESS_TAG_LEN};
@@ -54,7 +54,7 @@ pub enum MessageType {
     ResyncRequest = 8,
     ResyncAnswer = 9,
     Data = 10,
-    RelayedData = 11,
+    // 11 was data relayed by an intermediary: data messages now carry their origin and hops.
     MembershipDelta = 12,
     SignerChange = 13,
     RekeyParity = 14,
@@ -76,7 +76,6 @@ impl MessageType {
             Message::ResyncRequest(_) => MessageType::ResyncRequest,
             Message::ResyncAnswer(_) => MessageType::ResyncAnswer,
             Message::Data(_) => MessageType::Data,
-            Message::RelayedData(_) => MessageType::RelayedData,
             Message::MembershipDelta(_) => MessageType::MembershipDelta,
             Message::SignerChange(_) => MessageType::SignerChange,
             Message::RekeyParity(_) => MessageType::RekeyParity,
@@ -88,7 +87,7 @@ impl MessageType {
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, RelayedData, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -172,7 +171,6 @@ pub enum Message {
     ResyncRequest(ResyncRequest),
     ResyncAnswer(ResyncAnswer),
     Data(Data),
-    RelayedData(RelayedData),
     MembershipDelta(SignedDelta),
     SignerChange(SignedSignerChange),
     RekeyParity(ParityPacket),
@@ -197,7 +195,6 @@ impl Message {
             MessageType::ResyncRequest => Message::ResyncRequest(ResyncRequest::decode(bytes)?),
             MessageType::ResyncAnswer => Message::ResyncAnswer(ResyncAnswer::decode(bytes)?),
             MessageType::Data => Message::Data(Data::decode(bytes)?),
-            MessageType::RelayedData => Message::RelayedData(RelayedData::decode(bytes)?),
             MessageType::MembershipDelta => Message::MembershipDelta(SignedDelta::decode(bytes)?),
             MessageType::SignerChange => Message::SignerChange(SignedSignerChange::decode(bytes)?),
             MessageType::RekeyParity => Message::RekeyParity(ParityPacket::decode(bytes)?),
@@ -226,7 +223,6 @@ impl Message {
             Message::ResyncRequest(m) => m.encode(),
             Message::ResyncAnswer(m) => m.encode(),
             Message::Data(m) => m.encode(),
-            Message::RelayedData(m) => m.encode(),
             Message::MembershipDelta(m) => m.encode(),
             Message::SignerChange(m) => m.encode(),
             Message::RekeyParity(m) => m.encode(),

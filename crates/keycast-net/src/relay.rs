@@ -1,0 +1,208 @@
+//! The relay driver (an intermediary: Iolus's GSI, Mukkamalla and Katz 6.1): one process is a
+//! member of its parent group (a `MemberClient`, joined over TLS with its own certificate) and
+//! the controller of its subgroup (a `Server`: own key graph, epoch, listener, multicast
+//! address and log). A join, leave or eviction in the subgroup rekeys only the subgroup.
+//!
+//! One task carries data between the two multicast channels by re-wrapping the message key
+//! (`keycast_core::protocol::relay::Forwarder` decides, and stops loops). It receives from both
+//! channels, takes fresh keys on a timer and on the member's events, and never waits on a
+//! request: the member client and the server run their own requests, with deadlines, beside it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keycast_core::protocol::relay::{ForwardStats, Forwarder, Side};
+use keycast_core::protocol::MemberEvent;
+use keycast_core::wire::{message_type, Data, MessageType, MAX_MESSAGE_LEN};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
+use crate::config::MulticastConfig;
+use crate::server::{GroupKeys, Server, ServerError, ServerSetup};
+use crate::{data_nonce, multicast};
+
+/// How often the relay takes both sides' keys even without an event (a subgroup key activates
+/// with the epoch, which sends no event to the relay).
+const KEY_REFRESH: Duration = Duration::from_millis(50);
+
+pub struct RelaySetup {
+    /// The relay as a member of its parent group.
+    pub parent: MemberSetup,
+    /// The relay as the controller of its subgroup.
+    pub subgroup: ServerSetup,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the subgroup's controller: {0}")]
+    Subgroup(#[from] ServerError),
+    #[error("joining the parent group: {0}")]
+    Parent(#[from] ClientError),
+    #[error("a multicast socket of {addr}: {source}")]
+    Multicast { addr: std::net::SocketAddrV4, source: std::io::Error },
+    #[error("the subgroup must have its own group id, not the parent's ({0})")]
+    SameGroup(u64),
+}
+
+/// A running relay. Dropping it stops it (the subgroup's controller as by a crash).
+pub struct Relay {
+    pub server: Server,
+    parent: Arc<MemberClient>,
+    stats: Arc<Mutex<ForwardStats>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A channel's receiving and sending sockets.
+struct Channel {
+    receiver: UdpSocket,
+    sender: UdpSocket,
+    config: MulticastConfig,
+}
+
+impl Channel {
+    fn open(config: &MulticastConfig) -> Result<Channel, RelayError> {
+        let failed = |source| RelayError::Multicast { addr: config.address, source };
+        Ok(Channel { receiver: multicast::receiver(config).map_err(failed)?, sender: multicast::sender(config).map_err(failed)?, config: config.clone() })
+    }
+}
+
+impl Relay {
+    /// Starts the subgroup's controller, then joins the parent group (retrying until the
+    /// member's join deadline), then forwards.
+    pub async fn start(setup: RelaySetup) -> Result<Relay, RelayError> {
+        let (parent_group, subgroup) = (setup.parent.group, setup.subgroup.policy.group);
+        if parent_group == subgroup {
+            return Err(RelayError::SameGroup(subgroup.0));
+        }
+        // Listen on both channels first: nothing sent once the relay is up is missed.
+        let parent_channel = Channel::open(&setup.parent.multicast)?;
+        let subgroup_channel = Channel::open(&setup.subgroup.multicast)?;
+        let server = Server::start(setup.subgroup).await?;
+        let (client, events) = MemberClient::join(setup.parent).await?;
+        let parent = Arc::new(client);
+        let stats = Arc::new(Mutex::new(ForwardStats::default()));
+        let forwarding = Forwarding {
+            forwarder: Forwarder::new(parent_group, subgroup),
+            parent: parent.clone(),
+            subgroup_keys: server.keys(),
+            channels: [parent_channel, subgroup_channel],
+            stats: stats.clone(),
+        };
+        let task = tokio::spawn(forwarding.run(events));
+        tracing::info!(parent = parent_group.0, subgroup = subgroup.0, member = parent.member().0, "relay forwarding");
+        Ok(Relay { server, parent, stats, task })
+    }
+
+    /// What was forwarded each way and dropped.
+    pub fn stats(&self) -> ForwardStats {
+        *self.stats.lock().expect("relay stats lock")
+    }
+
+    /// The relay's membership of its parent group.
+    pub fn parent(&self) -> &MemberClient {
+        &self.parent
+    }
+}
+
+struct Forwarding {
+    forwarder: Forwarder,
+    parent: Arc<MemberClient>,
+    subgroup_keys: GroupKeys,
+    /// Parent's channel, then the subgroup's.
+    channels: [Channel; 2],
+    stats: Arc<Mutex<ForwardStats>>,
+}
+
+fn index(side: Side) -> usize {
+    match side {
+        Side::Parent => 0,
+        Side::Subgroup => 1,
+    }
+}
+
+impl Forwarding {
+    async fn run(mut self, mut events: mpsc::Receiver<ClientEvent>) {
+        let (mut parent_buf, mut subgroup_buf) = (vec![0u8; MAX_MESSAGE_LEN], vec![0u8; MAX_MESSAGE_LEN]);
+        let mut refresh = tokio::time::interval(KEY_REFRESH);
+        let mut member_events = true;
+        loop {
+            tokio::select! {
+                received = self.channels[0].receiver.recv_from(&mut parent_buf) => {
+                    if let Ok((len, _)) = received {
+                        self.relay(Side::Parent, &parent_buf[..len]);
+                    }
+                }
+                received = self.channels[1].receiver.recv_from(&mut subgroup_buf) => {
+                    if let Ok((len, _)) = received {
+                        self.relay(Side::Subgroup, &subgroup_buf[..len]);
+                    }
+                }
+                _ = refresh.tick() => {
+                    self.install(Side::Parent);
+                    self.install(Side::Subgroup);
+                }
+                event = events.recv(), if member_events => match event {
+                    Some(ClientEvent::Member(event)) => self.member_event(event),
+                    Some(_) => {}
+                    None => {
+                        tracing::error!("the relay's membership of its parent group ended: nothing more goes up or down");
+                        member_events = false;
+                    }
+                },
+            }
+        }
+    }
+
+    fn member_event(&mut self, event: MemberEvent) {
+        match event {
+            MemberEvent::Evicted => tracing::warn!("the parent group evicted this relay"),
+            MemberEvent::ControllerLost => tracing::warn!("the parent group's controller went silent"),
+            _ => tracing::debug!(?event, "parent group"),
+        }
+        self.install(Side::Parent);
+    }
+
+    fn install(&mut self, side: Side) {
+        let keys = match side {
+            Side::Parent => Some(self.parent.traffic_keys()),
+            Side::Subgroup => self.subgroup_keys.get(),
+        };
+        if let Some(keys) = keys {
+            self.forwarder.install(side, &keys);
+        }
+    }
+
+    /// One datagram from `from`'s channel: data goes to the other channel re-wrapped, once;
+    /// everything else on the channel (rekeys, heartbeats) is not the relay's to forward.
+    fn relay(&mut self, from: Side, bytes: &[u8]) {
+        if message_type(bytes) != Ok(MessageType::Data) {
+            return;
+        }
+        let data = match Data::decode(bytes) {
+            Ok(data) => data,
+            Err(e) => return tracing::debug!(reason = %e, ?from, "malformed data not relayed"),
+        };
+        if self.forwarder.lacks_key(from, &data) {
+            // A rekey may have come since the last refresh.
+            self.install(from);
+        }
+        match self.forwarder.forward(from, data, data_nonce()) {
+            Ok(forwarded) => {
+                let to = &self.channels[index(from.other())];
+                if let Err(e) = to.sender.try_send_to(&forwarded.encode(), to.config.address.into()) {
+                    tracing::debug!(error = %e, "relayed data not sent");
+                }
+            }
+            Err(why) => tracing::debug!(%why, ?from, "data not relayed"),
+        }
+        *self.stats.lock().expect("relay stats lock") = self.forwarder.stats();
+    }
+}

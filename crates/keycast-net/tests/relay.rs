@@ -1,0 +1,197 @@
+//! Relays end to end over real sockets on loopback: a top group, a relay whose subgroup holds
+//! members and a second relay, and that relay's own subgroup (two nested levels). Data crosses
+//! every level each way, once; churn in a subgroup rekeys only that subgroup; an evicted
+//! subgroup member opens nothing sent after its eviction, from either side.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keycast_core::wire::{Data, GroupId};
+use keycast_core::protocol::traffic::TrafficError;
+use keycast_net::client::{ClientError, ClientEvent, MemberClient};
+use keycast_net::local::{loopback_policy, Events, LocalGroup};
+use keycast_net::relay::Relay;
+use keycast_net::server::Server;
+use tokio::net::UdpSocket;
+use tokio::time::{sleep, timeout, Instant};
+
+const TOP: GroupId = GroupId(42);
+const MIDDLE: GroupId = GroupId(43);
+const BOTTOM: GroupId = GroupId(44);
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A group not started yet, admitting member-1..=members and `relay` (a relay of the level below).
+fn prepare(group: GroupId, members: usize, relay: Option<&str>, dir: &tempfile::TempDir) -> LocalGroup {
+    let folder = dir.path().join(group.0.to_string());
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut local = LocalGroup::prepare(loopback_policy(group), members, folder).unwrap();
+    local.acl.extend(relay.map(str::to_owned));
+    local
+}
+
+struct Hierarchy {
+    top: LocalGroup,
+    middle: LocalGroup,
+    bottom: LocalGroup,
+    relay_middle: Relay,
+    relay_bottom: Relay,
+    _dir: tempfile::TempDir,
+}
+
+impl Hierarchy {
+    /// top (42) <- relay "relay-43" <- middle (43) <- relay "relay-44" <- bottom (44).
+    async fn start() -> Hierarchy {
+        let dir = tempfile::tempdir().unwrap();
+        let mut top = prepare(TOP, 4, Some("relay-43"), &dir);
+        top.start_server().await.unwrap();
+        let mut middle = prepare(MIDDLE, 6, Some("relay-44"), &dir);
+        let relay_middle = middle.start_relay(top.member_setup("relay-43").unwrap()).await.unwrap();
+        let mut bottom = prepare(BOTTOM, 4, None, &dir);
+        let relay_bottom = bottom.start_relay(middle.member_setup("relay-44").unwrap()).await.unwrap();
+        Hierarchy { top, middle, bottom, relay_middle, relay_bottom, _dir: dir }
+    }
+}
+
+/// Waits until every member holds, in force, the key its controller has in force.
+async fn until_keyed(groups: &[(&Server, Vec<&MemberClient>)]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let agreed = groups.iter().all(|(server, members)| {
+            let wanted = server.stats().active_key;
+            members.iter().all(|m| m.getkey().map(|k| k.0.to_string()) == Some(wanted.clone()))
+        });
+        if agreed {
+            // Relays take their subgroup's keys every 50 ms.
+            sleep(Duration::from_millis(120)).await;
+            return;
+        }
+        assert!(Instant::now() < deadline, "the members never held their controllers' keys in force");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The data payloads a member receives until every one of `expected` came (or the wait ends),
+/// and a little longer so that duplicates would show: payload -> times received.
+async fn received(events: &mut Events, expected: &[&[u8]]) -> BTreeMap<Vec<u8>, usize> {
+    let mut counts = BTreeMap::new();
+    let deadline = Instant::now() + WAIT;
+    let mut settle: Option<Instant> = None;
+    loop {
+        let until = settle.unwrap_or(deadline).min(deadline);
+        match timeout(until.saturating_duration_since(Instant::now()), events.recv()).await {
+            Ok(Some(ClientEvent::Data(d))) => *counts.entry(d).or_insert(0) += 1,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return counts,
+        }
+        if settle.is_none() && expected.iter().all(|e| counts.contains_key(*e)) {
+            settle = Some(Instant::now() + Duration::from_millis(400));
+        }
+    }
+}
+
+fn once(payloads: &[&[u8]]) -> BTreeMap<Vec<u8>, usize> {
+    payloads.iter().map(|p| (p.to_vec(), 1)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_crosses_two_nested_relays_each_way_and_every_member_receives_it_once() {
+    let h = Hierarchy::start().await;
+    let mut top = h.top.join_all(["member-1", "member-2"]).await.unwrap();
+    let mut middle = h.middle.join_all(["member-1", "member-2"]).await.unwrap();
+    let mut bottom = h.bottom.join_all(["member-1"]).await.unwrap();
+    until_keyed(&[
+        (h.top.server(), top.iter().map(|(m, _)| m).chain([h.relay_middle.parent()]).collect()),
+        (&h.relay_middle.server, middle.iter().map(|(m, _)| m).chain([h.relay_bottom.parent()]).collect()),
+        (&h.relay_bottom.server, bottom.iter().map(|(m, _)| m).collect()),
+    ])
+    .await;
+
+    top[0].0.send(b"from the top").await.unwrap();
+    middle[0].0.send(b"from the middle").await.unwrap();
+    bottom[0].0.send(b"from the bottom").await.unwrap();
+    let all: [&[u8]; 3] = [b"from the top", b"from the middle", b"from the bottom"];
+    let (sender, others) = top.split_at_mut(1);
+    for (name, events) in [("top 1", &mut others[0].1), ("middle 1", &mut middle[1].1), ("bottom 1", &mut bottom[0].1), ("top 0, a sender", &mut sender[0].1)] {
+        assert_eq!(received(events, &all).await, once(&all), "{name}: each message once, from every level");
+    }
+    let (upper, lower) = (h.relay_middle.stats(), h.relay_bottom.stats());
+    assert_eq!((upper.up, upper.down), (2, 1), "the upper relay carried the middle's and bottom's message up, the top's down: {upper:?}");
+    assert_eq!((lower.up, lower.down), (1, 2), "{lower:?}");
+    assert_eq!(upper.dropped + lower.dropped, 0);
+}
+
+/// Waits until `count` passes `floor`; returns it.
+async fn until_above(count: impl Fn() -> u64, floor: u64) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = count();
+        if now > floor {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "no rekey after {floor}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The first data message that `socket` hears from `origin`, as bytes.
+async fn next_data_from(socket: &UdpSocket, origin: GroupId) -> Vec<u8> {
+    let mut buf = vec![0u8; 65_536];
+    timeout(WAIT, async {
+        loop {
+            let (len, _) = socket.recv_from(&mut buf).await.unwrap();
+            if Data::decode(&buf[..len]).is_ok_and(|d| d.origin == origin) {
+                return buf[..len].to_vec();
+            }
+        }
+    })
+    .await
+    .expect("no data from that group came")
+}
+
+/// The top group and the middle subgroup, each with the members that must hold its key.
+fn keyed<'a>(h: &'a Hierarchy, top: &'a [(MemberClient, Events)], middle: &'a [(MemberClient, Events)]) -> [(&'a Server, Vec<&'a MemberClient>); 2] {
+    [
+        (h.top.server(), top.iter().map(|(m, _)| m).chain([h.relay_middle.parent()]).collect()),
+        (&h.relay_middle.server, middle.iter().map(|(m, _)| m).collect()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_in_a_subgroup_rekeys_only_it_and_an_evicted_member_opens_nothing_sent_after_from_either_side() {
+    let h = Hierarchy::start().await;
+    let top = h.top.join_all(["member-1"]).await.unwrap();
+    let mut middle = h.middle.join_all(["member-1", "member-2", "member-3", "member-4"]).await.unwrap();
+    until_keyed(&keyed(&h, &top, &middle)).await;
+    let top_rekeys = h.top.server().stats().rekeys;
+    let bottom_rekeys = h.relay_bottom.server.stats().rekeys;
+    let middle_rekeys = h.relay_middle.server.stats().rekeys;
+
+    // A join, a leave and an eviction in the middle subgroup, each rekeying it.
+    let rekeys = || h.relay_middle.server.stats().rekeys;
+    middle.extend(h.middle.join_all(["member-5"]).await.unwrap());
+    let after_join = until_above(rekeys, middle_rekeys).await;
+    let (leaver, _) = middle.remove(3);
+    leaver.leave().await.unwrap();
+    let after_leave = until_above(rekeys, after_join).await;
+    let (evicted, _) = middle.remove(2);
+    assert!(h.relay_middle.server.evict(evicted.member()).await);
+    until_above(rekeys, after_leave).await;
+    until_keyed(&keyed(&h, &top, &middle)).await;
+    assert_eq!(h.top.server().stats().rekeys, top_rekeys, "the top group saw nothing");
+    assert_eq!(h.relay_bottom.server.stats().rekeys, bottom_rekeys, "nor did the sibling level below");
+
+    // What the evicted member would hear on the subgroup's channel, from above and from within.
+    let channel = keycast_net::multicast::receiver(&h.middle.multicast).unwrap();
+    top[0].0.send(b"from the top, after").await.unwrap();
+    let from_top = next_data_from(&channel, TOP).await;
+    middle[0].0.send(b"from the middle, after").await.unwrap();
+    let from_middle = next_data_from(&channel, MIDDLE).await;
+    for bytes in [&from_top, &from_middle] {
+        match evicted.open(bytes) {
+            Err(ClientError::Traffic(TrafficError::UnknownKey(_))) => {}
+            other => panic!("the evicted member holds the key of data sent after its eviction: {other:?}"),
+        }
+    }
+    let after: [&[u8]; 2] = [b"from the top, after", b"from the middle, after"];
+    assert_eq!(received(&mut middle[1].1, &after).await, once(&after), "a remaining member opens both");
+}
