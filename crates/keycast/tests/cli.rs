@@ -555,17 +555,33 @@ fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() 
     assert!(init.status.success());
     let top_acl = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
     assert!(top_acl.contains("acl = [\"member-1\", \"relay-1\"]"), "the relay is admitted at the top: {top_acl}");
-    let mut server = command(&["server", "--config", "server.toml"]).spawn().unwrap();
-    let mut relay = command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap();
-    let below = command(&["member", "--config", "member-2.toml", "--for-secs", "10"]).spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(3000));
-    let above = command(&["member", "--config", "member-1.toml", "--for-secs", "6", "--send", "3", "--interval-ms", "800"]).output().unwrap();
-    let below = below.wait_with_output().unwrap();
-    for child in [&mut server, &mut relay] {
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-    let (above, below) = (String::from_utf8_lossy(&above.stdout), String::from_utf8_lossy(&below.stdout));
+    // Not beside the demos under loss; and no fixed sleeps: each step waits for the last.
+    let _alone = timing_lock();
+    let _server = KillOnDrop(command(&["server", "--config", "server.toml"]).spawn().unwrap());
+    let _relay = KillOnDrop(command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap());
+    let mut below = KillOnDrop(command(&["member", "--config", "member-2.toml", "--for-secs", "120", "--json"]).spawn().unwrap());
+    let lines = {
+        let stdout = std::io::BufReader::new(below.0.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || std::io::BufRead::lines(stdout).map_while(Result::ok).try_for_each(|line| tx.send(line)));
+        rx
+    };
+    let mut heard = Vec::new();
+    let mut wait_for = |what: &str, within: std::time::Duration| {
+        let deadline = std::time::Instant::now() + within;
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            heard.push(line);
+            if heard.last().is_some_and(|l| l.contains(what)) {
+                return true;
+            }
+        }
+        false
+    };
+    // The subgroup's member holds a key in force (it joined through the relay's controller).
+    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(60)), "the subgroup's member never got a key in force");
+    let above = command(&["member", "--config", "member-1.toml", "--for-secs", "8", "--send", "5", "--interval-ms", "800"]).output().unwrap();
+    let above = String::from_utf8_lossy(&above.stdout).to_string();
     assert!(above.contains("data: test message 3 from member"), "the sender hears itself: {above}");
-    assert!(below.contains("data: test message 3 from member"), "the subgroup's member got nothing through the relay: {below}");
+    let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
+    assert!(through, "the subgroup's member got nothing through the relay: {heard:?}");
 }
