@@ -162,7 +162,7 @@ impl Server {
             Controller::restore(setup.policy, setup.acl.clone(), &log, now)?
         };
         controller.set_snapshot_interval(setup.snapshot_interval);
-        let listener = TcpListener::bind(setup.listen).await?;
+        let (listener, udp_socket) = bind_tcp_and_udp(setup.listen).await?;
         let addr = listener.local_addr()?;
         let socket = multicast::sender(&setup.multicast)?;
         // After a restart, send the last rekey again: members that missed it catch up.
@@ -175,7 +175,7 @@ impl Server {
         let (commands, rx) = mpsc::channel(1024);
         // Liveness datagrams come on the TLS listener's address, over UDP; a queue of their
         // own, so a flood of them never delays a join or an admin order.
-        let udp_socket = Arc::new(udp_request_socket(addr)?);
+        let udp_socket = Arc::new(udp_socket);
         let (udp_queue, udp_requests) = mpsc::channel(UDP_REQUEST_QUEUE);
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
         let driver = ControllerTask {
@@ -775,6 +775,21 @@ fn udp_request_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// The TLS listener and the UDP socket on the same address. With port 0 the kernel picks the
+/// TCP port, and that port may be taken for UDP (another process's ephemeral socket): then
+/// another port is tried, a few times.
+async fn bind_tcp_and_udp(listen: SocketAddr) -> std::io::Result<(TcpListener, UdpSocket)> {
+    let mut tries = if listen.port() == 0 { 16 } else { 1 };
+    loop {
+        let listener = TcpListener::bind(listen).await?;
+        match udp_request_socket(listener.local_addr()?) {
+            Ok(udp) => return Ok((listener, udp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 1 => tries -= 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// UDP requests waiting for the controller task, at most; more are dropped and counted.
