@@ -7,24 +7,17 @@ use std::time::Duration;
 use keycast_core::protocol::GroupPolicy;
 use keycast_core::wire::rekey::{FecConfig, PacketConfig};
 use keycast_core::wire::GroupId;
-use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 use keycast_net::client::MemberClient;
-use keycast_net::local::{Events, LocalGroup};
+use keycast_net::local::{loopback_policy, Events, LocalGroup};
 use keycast_net::loss::LossModel;
 use tokio::time::{sleep, Instant};
 
 fn policy() -> GroupPolicy {
     GroupPolicy {
-        group: GroupId(41),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: 150,
-        activation_delay: 1,
-        heartbeat_ms: 40,
         refresh_timeout_ms: 10_000,
-        immediate_eviction: true,
-        membership_deltas: false,
         // No parity at first; any NAK raises rho (a target of none).
         packets: PacketConfig { fec: FecConfig { block: 4, proactivity_pct: 100, target_naks: 0 }, ..PacketConfig::default() },
+        ..loopback_policy(GroupId(41))
     }
 }
 

@@ -8,12 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keycast_core::protocol::{GroupPolicy, MemberEvent};
-use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{Data, GroupId};
-use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
+use keycast_core::MemberId;
 use keycast_net::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::RequestPolicy;
-use keycast_net::local::{Events, LocalGroup};
+use keycast_net::local::{loopback_policy, Events, LocalGroup};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
@@ -22,15 +21,8 @@ const HEARTBEAT_MS: u64 = 100;
 
 fn policy() -> GroupPolicy {
     GroupPolicy {
-        group: GroupId(7),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: 150,
-        activation_delay: 1,
         heartbeat_ms: HEARTBEAT_MS,
-        refresh_timeout_ms: 5_000,
-        immediate_eviction: true,
-        membership_deltas: false,
-        packets: PacketConfig::default(),
+        ..loopback_policy(GroupId(7))
     }
 }
 

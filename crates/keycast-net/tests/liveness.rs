@@ -4,25 +4,18 @@
 use std::time::Duration;
 
 use keycast_core::protocol::GroupPolicy;
-use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{message_type, GroupId, Liveness, LivenessKey, MessageType, LIVENESS_LEN};
-use keycast_core::{GraphConfig, JoinPolicy, Key, MemberId, Scheme};
+use keycast_core::{Key, MemberId};
 use keycast_net::client::MemberClient;
-use keycast_net::local::{Events, LocalGroup};
+use keycast_net::local::{loopback_policy, Events, LocalGroup};
 use tokio::time::{sleep, Instant};
 
 /// Members expire after one second without a refresh.
 fn policy() -> GroupPolicy {
     GroupPolicy {
-        group: GroupId(31),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
         epoch_ms: 100,
-        activation_delay: 1,
-        heartbeat_ms: 40,
         refresh_timeout_ms: 1_000,
-        immediate_eviction: true,
-        membership_deltas: false,
-        packets: PacketConfig::default(),
+        ..loopback_policy(GroupId(31))
     }
 }
 

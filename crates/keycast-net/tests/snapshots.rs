@@ -6,22 +6,17 @@
 use std::collections::BTreeSet;
 
 use keycast_core::protocol::{Controller, GroupPolicy, JoinStatus, Output, Record};
-use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::GroupId;
-use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
+use keycast_core::MemberId;
+use keycast_net::local::loopback_policy;
 use keycast_net::store::Store;
 
 fn policy() -> GroupPolicy {
     GroupPolicy {
-        group: GroupId(3),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
         epoch_ms: 100,
-        activation_delay: 1,
         heartbeat_ms: 50,
         refresh_timeout_ms: 1_000_000,
-        immediate_eviction: true,
-        membership_deltas: false,
-        packets: PacketConfig::default(),
+        ..loopback_policy(GroupId(3))
     }
 }
 
