@@ -457,7 +457,7 @@ impl MemberSession {
                 if claimed.header.group == self.group && claimed.header.seq <= self.guard.rekey_seq() && !self.has_entry(&claimed) {
                     return Ok(Vec::new());
                 }
-                let packet = RekeyPacket::verify_cached(bytes, &self.signer, &mut self.roots)?;
+                let packet = claimed.verified(bytes, &self.signer, &mut self.roots)?;
                 if packet.header.group == self.group {
                     self.heard_of(packet.header.seq, now_ms);
                 }
@@ -475,7 +475,7 @@ impl MemberSession {
                 if claimed.header.group == self.group && claimed.header.seq <= self.guard.rekey_seq() {
                     return Ok(Vec::new());
                 }
-                let parity = ParityPacket::verify_cached(bytes, &self.signer, &mut self.roots)?;
+                let parity = claimed.verified(bytes, &self.signer, &mut self.roots)?;
                 let header = parity.header;
                 if header.group != self.group {
                     return Err(Reject::WrongGroup { expected: self.group, got: header.group }.into());

@@ -243,6 +243,12 @@ pub(crate) fn verify_in_block(
     root_from_path(leaf_hash(body), (index - first) as usize, size as usize, path).is_some_and(|root| roots.verify(domain, root, signature, signer))
 }
 
+/// The signed body of a packet whose `bytes` end in a signature and `path_nodes` path nodes
+/// (`None` if they are too short to).
+pub(crate) fn signed_body(bytes: &[u8], path_nodes: usize) -> Option<&[u8]> {
+    bytes.get(..bytes.len().checked_sub(SIGNATURE_LEN + path_nodes * NODE_LEN)?)
+}
+
 /// Reads what ends every signed packet: its block's signature and the path of packet
 /// `index` of `count` (blocks of 2^block_bits), which must take exactly the bytes left.
 pub(crate) fn read_signature_and_path(mut r: Reader<'_>, (index, count, block_bits): (u32, u32, u8)) -> Result<(Signature, Vec<Node>), DecodeError> {

@@ -85,10 +85,6 @@ impl ParityPacket {
 
     /// Decodes without checking the signature; see [`ParityPacket::verify`].
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Ok(ParityPacket::decode_parts(bytes)?.0)
-    }
-
-    fn decode_parts(bytes: &[u8]) -> Result<(Self, usize), DecodeError> {
         let mut r = open(bytes, MessageType::RekeyParity)?;
         let header = ParityHeader {
             group: r.group()?,
@@ -121,25 +117,25 @@ impl ParityPacket {
         }
         let len = r.count(2, u16::MAX as usize, 1, "shard")?;
         let shard = r.take(len, "shard")?.to_vec();
-        let body_len = r.offset();
         let (signature, path) = auth::read_signature_and_path(r, (header.index, header.count, header.block_bits))?;
-        Ok((ParityPacket { header, shard, signature, path }, body_len))
+        Ok(ParityPacket { header, shard, signature, path })
     }
 
     /// Decodes `bytes` and checks that its path leads to a parity root `signer` signed.
     pub fn verify(bytes: &[u8], signer: &VerifyingKey) -> Result<Self, Reject> {
-        ParityPacket::verify_cached(bytes, signer, &mut VerifiedRoots::default())
+        ParityPacket::decode(bytes)?.verified(bytes, signer, &mut VerifiedRoots::default())
     }
 
-    /// [`ParityPacket::verify`], checking the signature only if `roots` lacks the packet's root.
-    pub fn verify_cached(bytes: &[u8], signer: &VerifyingKey, roots: &mut VerifiedRoots) -> Result<Self, Reject> {
-        let (packet, body_len) = ParityPacket::decode_parts(bytes)?;
-        let ParityHeader { index, count, block_bits, .. } = packet.header;
-        let proof = (&packet.signature, &packet.path[..]);
-        if !auth::verify_in_block(&bytes[..body_len], (index, count, block_bits), proof, (PARITY_ROOT_DOMAIN, signer), roots) {
+    /// This packet, which must be `ParityPacket::decode(bytes)`, if its path leads to a parity
+    /// root `signer` signed.
+    pub(crate) fn verified(self, bytes: &[u8], signer: &VerifyingKey, roots: &mut VerifiedRoots) -> Result<Self, Reject> {
+        let ParityHeader { index, count, block_bits, .. } = self.header;
+        let body = auth::signed_body(bytes, self.path.len()).ok_or(Reject::BadSignature)?;
+        let proof = (&self.signature, &self.path[..]);
+        if !auth::verify_in_block(body, (index, count, block_bits), proof, (PARITY_ROOT_DOMAIN, signer), roots) {
             return Err(Reject::BadSignature);
         }
-        Ok(packet)
+        Ok(self)
     }
 }
 

@@ -97,11 +97,6 @@ impl RekeyPacket {
 
     /// Decodes without checking the signature; see [`RekeyPacket::verify`].
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Ok(RekeyPacket::decode_parts(bytes)?.0)
-    }
-
-    /// The packet and the length of its signed body.
-    fn decode_parts(bytes: &[u8]) -> Result<(Self, usize), DecodeError> {
         let mut r = open(bytes, MessageType::Rekey)?;
         let header = RekeyHeader {
             group: r.group()?,
@@ -125,9 +120,8 @@ impl RekeyPacket {
         for _ in 0..count {
             wraps.push(r.wrap(&header.salt)?);
         }
-        let body_len = r.offset();
         let (signature, path) = auth::read_signature_and_path(r, (header.index, header.count, header.block_bits))?;
-        Ok((RekeyPacket { header, wraps, signature, path }, body_len))
+        Ok(RekeyPacket { header, wraps, signature, path })
     }
 
     /// Decodes `bytes` and checks that its path leads to a root `signer` signed.
@@ -137,13 +131,19 @@ impl RekeyPacket {
 
     /// [`RekeyPacket::verify`], checking the signature only if `roots` lacks the packet's root.
     pub fn verify_cached(bytes: &[u8], signer: &VerifyingKey, roots: &mut VerifiedRoots) -> Result<Self, Reject> {
-        let (packet, body_len) = RekeyPacket::decode_parts(bytes)?;
-        let RekeyHeader { index, count, block_bits, .. } = packet.header;
-        let proof = (&packet.signature, &packet.path[..]);
-        if !auth::verify_in_block(&bytes[..body_len], (index, count, block_bits), proof, (REKEY_ROOT_DOMAIN, signer), roots) {
+        RekeyPacket::decode(bytes)?.verified(bytes, signer, roots)
+    }
+
+    /// This packet, which must be `RekeyPacket::decode(bytes)`, if its path leads to a root
+    /// `signer` signed (a member decodes first to pass over packets it has no use for).
+    pub(crate) fn verified(self, bytes: &[u8], signer: &VerifyingKey, roots: &mut VerifiedRoots) -> Result<Self, Reject> {
+        let RekeyHeader { index, count, block_bits, .. } = self.header;
+        let body = auth::signed_body(bytes, self.path.len()).ok_or(Reject::BadSignature)?;
+        let proof = (&self.signature, &self.path[..]);
+        if !auth::verify_in_block(body, (index, count, block_bits), proof, (REKEY_ROOT_DOMAIN, signer), roots) {
             return Err(Reject::BadSignature);
         }
-        Ok(packet)
+        Ok(self)
     }
 
     /// This packet's entries as a rekey message for [`crate::MemberKeys::apply`].
