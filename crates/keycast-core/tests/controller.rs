@@ -462,6 +462,50 @@ fn a_member_behind_resyncs_over_udp_and_an_old_answer_is_not_taken_again() {
     assert!(b.sealed_resync(&sealed, h.now).is_err());
 }
 
+#[test]
+fn a_departed_member_learns_over_udp_from_a_signed_refusal_and_nobody_else_takes_it() {
+    use keycast_core::protocol::DATAGRAM_REFUSALS_PER_SECOND;
+    use keycast_core::wire::{Liveness, LivenessKey};
+    let mut h = Harness::new(policy(tree()), &["a", "b", "c"]);
+    let (mut a, mut b) = (h.session("a"), h.session("b"));
+    h.evict(b.member());
+    let probe = b.liveness(h.now, true).unwrap();
+    let Ok(LivenessAnswer::Departed(member, refusal)) = h.controller.liveness(&probe, h.now, [0; 12]) else { panic!("no refusal") };
+    assert_eq!(member, b.member());
+    // Another member, a tampered copy, and the same refusal twice are refused.
+    assert!(a.datagram_refusal(&refusal).is_err(), "a took b's refusal");
+    let mut tampered = refusal.clone();
+    tampered[20] ^= 1;
+    assert!(b.datagram_refusal(&tampered).is_err(), "a tampered refusal was taken");
+    assert_eq!(b.datagram_refusal(&refusal).unwrap(), RefusalReason::NotMember);
+    assert!(b.datagram_refusal(&refusal).is_err(), "the refusal was taken twice");
+    // A refusal of an older request is not taken for a newer one.
+    b.liveness(h.now + 5, true).unwrap();
+    assert!(b.datagram_refusal(&refusal).is_err(), "an old refusal answered a new request");
+    // A refresh from the departed member, and probes under ids never issued, get nothing.
+    let refresh = b.liveness(h.now + 6, false).unwrap();
+    assert!(matches!(h.controller.liveness(&refresh, h.now, [0; 12]), Err(LivenessRefused::NotMember(_))));
+    for stranger in [MemberId(0), MemberId(1_000)] {
+        let key = LivenessKey::derive(&keycast_core::key::Key::from_bytes([7; 32]), h.policy.group, stranger);
+        let forged = Liveness { group: h.policy.group, member: stranger, resync: true, counter: 1, rekey_seq: 0 }.seal(&key);
+        assert!(matches!(h.controller.liveness(&forged, h.now, [0; 12]), Err(LivenessRefused::NotMember(m)) if m == stranger));
+    }
+    // Signatures answer at most DATAGRAM_REFUSALS_PER_SECOND requests a second, whoever asks.
+    let counted = |h: &mut Harness, b: &mut MemberSession, at: u64| {
+        (0..2 * DATAGRAM_REFUSALS_PER_SECOND)
+            .filter(|i| {
+                let probe = b.liveness(at + u64::from(*i), true).unwrap();
+                matches!(h.controller.liveness(&probe, at, [0; 12]), Ok(LivenessAnswer::Departed(..)))
+            })
+            .count()
+    };
+    let now = h.now + 10;
+    assert_eq!(counted(&mut h, &mut b, now) as u32, DATAGRAM_REFUSALS_PER_SECOND - 1, "budget of this second (one spent above)");
+    assert_eq!(counted(&mut h, &mut b, now + 1_000) as u32, DATAGRAM_REFUSALS_PER_SECOND, "a new second, a new budget");
+    let c = h.session("c");
+    assert!(h.controller.members().contains_key(&c.member()), "the flood cost c nothing");
+}
+
 /// A tree group with FEC blocks of four at `proactivity_pct`, never stepping rho down (a
 /// target of no NAKs), member `m0` admitted and 23 more waiting for the epoch's rekey, whose
 /// packets (MTU 400) then fill several blocks.

@@ -112,6 +112,10 @@ fn describe(message: &Message) -> Value {
             let (group, member, counter) = peek_resync_answer(bytes).expect("decoded");
             json!({"sealed_resync": {"group": group.0, "member": member.0, "counter": counter}})
         }
+        Message::DatagramRefusal(r) => json!({"datagram_refusal": {
+            "group": r.refusal.group.0, "member": r.refusal.member.0, "counter": r.refusal.counter,
+            "reason": format!("{:?}", r.refusal.reason), "signature": hex::encode(r.signature),
+        }}),
         Message::MembershipDelta(d) => json!({"membership_delta": {
             "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
             "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -129,6 +133,7 @@ fn verification(bytes: &[u8], signer: &VerifyingKey) -> String {
         Ok(Message::MembershipDelta(_)) => SignedDelta::verify(bytes, signer).map(|_| ()),
         Ok(Message::SignerChange(_)) => SignedSignerChange::verify(bytes, signer).map(|_| ()),
         Ok(Message::RekeyParity(_)) => ParityPacket::verify(bytes, signer).map(|_| ()),
+        Ok(Message::DatagramRefusal(_)) => SignedDatagramRefusal::verify(bytes, signer).map(|_| ()),
         Ok(_) => return "unsigned".into(),
         Err(e) => Err(Reject::Decode(e)),
     };
@@ -282,6 +287,8 @@ fn generate() -> Value {
         sealed,
         &public,
     ));
+    let refusal = DatagramRefusal { group, member: MemberId(5), counter: 1_795_000_000_003, reason: RefusalReason::NotMember }.sign(&signer);
+    vectors.push(message_vector("signed refusal over UDP of a resync request from member 5, which left", refusal, &public));
     let leave = Leave { group, member: MemberId(9) }.encode();
     let malformed: Vec<(&str, Vec<u8>)> = vec![
         ("unknown version", [&[WIRE_VERSION + 1][..], &leave[1..]].concat()),

@@ -81,6 +81,8 @@ pub struct Stats {
     pub resyncs: u64,
     /// Resyncs answered over UDP (one datagram each way, no handshake).
     pub udp_resyncs: u64,
+    /// Signed refusals sent over UDP: resync requests from members the group no longer counts.
+    pub udp_refusals: u64,
     /// Liveness datagrams (refreshes over UDP): counted, refused (forged, replayed, from a
     /// stranger, malformed), and dropped because the controller was behind.
     pub liveness_accepted: u64,

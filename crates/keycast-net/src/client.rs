@@ -459,12 +459,10 @@ impl Follow {
                     }
                     true
                 }
-                answer = self.unicast.recv_from(&mut unicast_buf) => {
-                    if let Ok((len, _)) = answer {
-                        self.sealed_resync(&unicast_buf[..len]);
-                    }
-                    true
-                }
+                answer = self.unicast.recv_from(&mut unicast_buf) => match answer {
+                    Ok((len, _)) => self.unicast_datagram(&unicast_buf[..len]),
+                    Err(_) => true,
+                },
                 _ = tokio::time::sleep(nak_in.unwrap_or_default()), if nak_in.is_some() => {
                     self.send_nak();
                     true
@@ -643,12 +641,34 @@ impl Follow {
         }
     }
 
-    /// A datagram on the unicast socket: a resync answer sealed to this member, or dropped.
-    fn sealed_resync(&mut self, bytes: &[u8]) {
-        if message_type(bytes) != Ok(MessageType::SealedResync) {
-            bump(&self.events.shared.rejected);
-            return;
+    /// A datagram on the unicast socket: a resync answer sealed to this member, or the
+    /// controller's signed refusal; anything else is dropped. False when the loop should end.
+    fn unicast_datagram(&mut self, bytes: &[u8]) -> bool {
+        match message_type(bytes) {
+            Ok(MessageType::SealedResync) => self.sealed_resync(bytes),
+            Ok(MessageType::DatagramRefusal) => return self.datagram_refusal(bytes),
+            _ => bump(&self.events.shared.rejected),
         }
+        true
+    }
+
+    /// The controller says over UDP, signed, that it no longer counts this member.
+    fn datagram_refusal(&mut self, bytes: &[u8]) -> bool {
+        let result = lock(&self.session).datagram_refusal(bytes);
+        match result {
+            Ok(reason) => {
+                (self.in_flight.udp_probes, self.in_flight.udp_probe_due) = (0, None);
+                self.evicted(&ClientError::Refused(reason, "signed refusal over UDP".into()))
+            }
+            Err(e) => {
+                bump(&self.events.shared.rejected);
+                tracing::debug!(reason = %e, "unicast datagram dropped");
+                true
+            }
+        }
+    }
+
+    fn sealed_resync(&mut self, bytes: &[u8]) {
         let result = lock(&self.session).sealed_resync(bytes, now_ms());
         match result {
             Ok(list) => {

@@ -385,6 +385,16 @@ impl ControllerTask {
                     tracing::debug!(error = %e, "resync answer not sent");
                 }
             }
+            Ok(LivenessAnswer::Departed(member, refusal)) => {
+                self.shared.update(|s| {
+                    s.liveness_refused += 1;
+                    s.udp_refusals += 1;
+                });
+                tracing::debug!(member = member.0, "resync over UDP refused: not a member");
+                if let Err(e) = self.unicast.send_to(&refusal, from).await {
+                    tracing::debug!(error = %e, "refusal not sent");
+                }
+            }
             Err(refused) => {
                 self.shared.update(|s| s.liveness_refused += 1);
                 tracing::debug!(%refused, "liveness datagram refused");
@@ -1047,7 +1057,7 @@ async fn serve_metrics(addr: SocketAddr, shared: Arc<Shared>, commands: mpsc::Se
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn metrics_text(s: &Stats) -> String {
-    let series: [(&str, &str, String); 20] = [
+    let series: [(&str, &str, String); 21] = [
         ("keycast_members", "gauge", s.members.to_string()),
         ("keycast_epoch", "gauge", s.epoch.to_string()),
         ("keycast_rekeys_total", "counter", s.rekeys.to_string()),
@@ -1058,6 +1068,7 @@ fn metrics_text(s: &Stats) -> String {
         ("keycast_liveness_refused_total", "counter", s.liveness_refused.to_string()),
         ("keycast_liveness_dropped_total", "counter", s.liveness_dropped.to_string()),
         ("keycast_udp_resyncs_total", "counter", s.udp_resyncs.to_string()),
+        ("keycast_udp_refusals_total", "counter", s.udp_refusals.to_string()),
         ("keycast_parity_packets_total", "counter", s.parity_packets.to_string()),
         ("keycast_naks_total", "counter", s.naks_received.to_string()),
         ("keycast_repair_packets_total", "counter", s.repair_packets.to_string()),

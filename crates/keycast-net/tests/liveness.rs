@@ -130,3 +130,29 @@ async fn a_member_that_misses_rekeys_resyncs_over_udp_without_tls() {
     assert!(client.udp_resyncs >= 1 && server.udp_resyncs >= client.udp_resyncs, "{server:?} {client:?}");
     assert_eq!(server.resyncs, 0, "no resync needed TLS: {server:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_member_learns_it_over_udp_from_a_signed_refusal() {
+    use keycast_core::protocol::MemberEvent;
+    use keycast_net::client::ClientEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let group = LocalGroup::start(policy(), 3, dir.path().to_path_buf()).await.unwrap();
+    let (a, mut events) = udp_only_member(&group, "member-1").await;
+    let (_b, _eb) = udp_only_member(&group, "member-2").await;
+    assert!(group.server().evict(a.member()).await);
+    // member-1 cannot open the eviction's rekey, asks for its keys over UDP and is told,
+    // signed, that it is no longer counted: no TLS request on either side.
+    let told = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.recv().await {
+            if event == ClientEvent::Member(MemberEvent::Evicted) {
+                return;
+            }
+        }
+    })
+    .await;
+    let (server, client) = (group.server().stats(), a.stats());
+    assert!(told.is_ok(), "never told of the eviction: {server:?} {client:?}");
+    assert!(server.udp_refusals >= 1, "{server:?}");
+    assert_eq!(server.resyncs, 0, "the refusal came over TLS: {server:?}");
+    assert!(!counted(&group, a.member()).await);
+}

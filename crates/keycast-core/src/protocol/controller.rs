@@ -24,7 +24,7 @@ use crate::wire::{encode_parity, ParityRound, ParityShard};
 
 use super::rounds::Delivery;
 use super::traffic::TrafficKeys;
-use crate::wire::{seal_resync_answer, GroupId, Liveness, LivenessKey, MembershipDelta, Reject, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
+use crate::wire::{seal_resync_answer, DatagramRefusal, GroupId, Liveness, LivenessKey, MembershipDelta, Reject, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
 use crate::wrap::{key_check, CHECK_LEN};
 use crate::wire::DecodeError;
 use zeroize::Zeroizing;
@@ -158,6 +158,9 @@ pub enum LivenessAnswer {
     Refreshed(MemberId),
     /// A resync request: this datagram goes back to where the request came from.
     Resync(MemberId, Vec<u8>),
+    /// A resync request from a member id this group no longer counts: this signed refusal
+    /// goes back to where the request came from.
+    Departed(MemberId, Vec<u8>),
 }
 
 /// Why a liveness datagram was not counted (the driver counts these; it never answers).
@@ -303,6 +306,32 @@ pub struct Controller {
     unpersisted_floor: Option<u64>,
     /// FEC parity of the last rekey, its NAKs and repair, and the proactivity factor.
     delivery: Delivery,
+    /// Signed refusals over UDP given in the current second.
+    refusals: RefusalBudget,
+}
+
+/// Signed refusals answer requests nobody can authenticate (the member's key is gone) and cost
+/// a signature each: at most this many a second, whoever asks. A refusal not sent costs the
+/// departed member nothing but time: after three unanswered requests it asks over TLS.
+pub const DATAGRAM_REFUSALS_PER_SECOND: u32 = 64;
+
+#[derive(Default)]
+struct RefusalBudget {
+    second_started_ms: u64,
+    spent: u32,
+}
+
+impl RefusalBudget {
+    fn take(&mut self, now_ms: u64) -> bool {
+        if now_ms >= self.second_started_ms.saturating_add(1000) {
+            (self.second_started_ms, self.spent) = (now_ms, 0);
+        }
+        if self.spent >= DATAGRAM_REFUSALS_PER_SECOND {
+            return false;
+        }
+        self.spent += 1;
+        true
+    }
 }
 
 impl Controller {
@@ -424,6 +453,7 @@ impl Controller {
             last_tick_ms: now_ms,
             unpersisted_floor: None,
             delivery: Delivery::new(policy.packets.fec),
+            refusals: RefusalBudget::default(),
         }
     }
 
@@ -682,7 +712,10 @@ impl Controller {
     pub fn liveness(&mut self, bytes: &[u8], now_ms: u64, nonce: [u8; 12]) -> Result<LivenessAnswer, LivenessRefused> {
         let claimed = Liveness::peek(bytes).map_err(LivenessRefused::Decode)?;
         let (member, group) = (claimed.member, self.policy.group);
-        let (live, individual) = self.authenticated(claimed.group, member, |key| Liveness::open(bytes, key), |l| l.counter)?;
+        let (live, individual) = match self.authenticated(claimed.group, member, |key| Liveness::open(bytes, key), |l| l.counter) {
+            Err(LivenessRefused::NotMember(_)) if claimed.resync => return self.refuse_departed(claimed, now_ms),
+            other => other?,
+        };
         let record = &self.members[&member];
         if live.resync && now_ms < record.udp_resync_ms.saturating_add(UDP_RESYNC_INTERVAL_MS) {
             return Err(LivenessRefused::TooSoon(member));
@@ -699,6 +732,18 @@ impl Controller {
         let answer = self.resync(&identity, member, live.rekey_seq, now_ms).map_err(|_| LivenessRefused::NotMember(member))?;
         let sealed = seal_resync_answer(&answer, live.counter, &ResyncAnswerKey::derive(&individual, group, member), nonce);
         Ok(LivenessAnswer::Resync(member, sealed))
+    }
+
+    /// A signed refusal of a resync request from a member id that was issued in this group but
+    /// is no longer in it (left, expired, evicted), within [`DATAGRAM_REFUSALS_PER_SECOND`].
+    /// Ids never issued get nothing: a stranger learns no more than it knew.
+    fn refuse_departed(&mut self, request: Liveness, now_ms: u64) -> Result<LivenessAnswer, LivenessRefused> {
+        let member = request.member;
+        if member.0 == 0 || member.0 >= self.next_member || !self.refusals.take(now_ms) {
+            return Err(LivenessRefused::NotMember(member));
+        }
+        let refusal = DatagramRefusal { group: request.group, member, counter: request.counter, reason: RefusalReason::NotMember };
+        Ok(LivenessAnswer::Departed(member, refusal.sign(&self.signer)))
     }
 
     /// A datagram claiming to come from `member` of `group` (a liveness datagram, resync

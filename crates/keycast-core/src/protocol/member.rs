@@ -17,7 +17,8 @@ use crate::wire::{ParityPacket, VerifiedRoots};
 
 use super::repair::RepairCollector;
 use crate::wire::{
-    message_type, open_resync_answer, GroupId, Liveness, LivenessKey, MessageType, ResyncAnswerKey, SignedDelta, SignedSignerChange, VerifyingKey,
+    message_type, open_resync_answer, GroupId, Liveness, LivenessKey, MessageType, RefusalReason, ResyncAnswerKey, SignedDatagramRefusal, SignedDelta,
+    SignedSignerChange, VerifyingKey,
     LIVENESS_LEN,
 };
 
@@ -278,6 +279,22 @@ impl MemberSession {
         }
         self.resync_probe = None;
         Ok(self.resynced(answer, now_ms))
+    }
+
+    /// The controller's signed refusal of this member's latest resync request over UDP: the
+    /// controller no longer counts it. Taken only under the signer in force, for this group and
+    /// member, and for the request last sent (an old refusal replayed is refused).
+    pub fn datagram_refusal(&mut self, bytes: &[u8]) -> Result<RefusalReason, MemberInputError> {
+        let refusal = SignedDatagramRefusal::verify(bytes, &self.signer)?;
+        if refusal.group != self.group || refusal.member != self.member {
+            return Err(Reject::WrongGroup { expected: self.group, got: refusal.group }.into());
+        }
+        let expected = self.resync_probe.ok_or(Reject::Replay { kind: "datagram refusal", seq: refusal.counter, last: 0 })?;
+        if refusal.counter != expected {
+            return Err(Reject::Replay { kind: "datagram refusal", seq: refusal.counter, last: expected }.into());
+        }
+        self.resync_probe = None;
+        Ok(refusal.reason)
     }
 
     /// When the next NAK is due, if one is.

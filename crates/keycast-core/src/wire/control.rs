@@ -71,7 +71,7 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
-    fn from_byte(byte: u8) -> Option<Self> {
+    pub(crate) fn from_byte(byte: u8) -> Option<Self> {
         use RefusalReason::*;
         [NotInAcl, UnknownGroup, AlreadyMember, GroupFull, Unavailable, Revoked, NotMember].into_iter().find(|r| *r as u8 == byte)
     }

@@ -15,6 +15,7 @@ pub mod guard;
 pub mod heartbeat;
 pub mod liveness;
 pub mod parity;
+pub mod refusal;
 pub mod rekey;
 pub mod roster;
 pub mod signer;
@@ -24,6 +25,7 @@ pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refre
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
 pub use liveness::{open_resync_answer, peek_resync_answer, seal_resync_answer, Liveness, LivenessKey, ResyncAnswerKey, LIVENESS_LEN, LIVENESS_TAG_LEN};
+pub use refusal::{DatagramRefusal, SignedDatagramRefusal, DATAGRAM_REFUSAL_LEN};
 pub use parity::{encode_parity, ParityHeader, ParityPacket, ParityRound, ParityShard};
 pub use roster::{MembershipDelta, SignedDelta};
 pub use signer::{SignedSignerChange, SignerChange};
@@ -61,6 +63,7 @@ pub enum MessageType {
     Liveness = 15,
     ResyncProbe = 16,
     SealedResync = 17,
+    DatagramRefusal = 18,
 }
 
 impl MessageType {
@@ -82,12 +85,13 @@ impl MessageType {
             Message::Liveness(l, _) if l.resync => MessageType::ResyncProbe,
             Message::Liveness(..) => MessageType::Liveness,
             Message::SealedResync(_) => MessageType::SealedResync,
+            Message::DatagramRefusal(_) => MessageType::DatagramRefusal,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync, DatagramRefusal]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -178,6 +182,8 @@ pub enum Message {
     Liveness(Liveness, [u8; LIVENESS_TAG_LEN]),
     /// A resync answer sealed to one member (opened by [`open_resync_answer`]), as bytes.
     SealedResync(Vec<u8>),
+    /// A controller's signed refusal of a resync request over UDP.
+    DatagramRefusal(SignedDatagramRefusal),
 }
 
 impl Message {
@@ -208,6 +214,7 @@ impl Message {
                 tag.copy_from_slice(&bytes[LIVENESS_LEN - LIVENESS_TAG_LEN..]);
                 Message::Liveness(liveness, tag)
             }
+            MessageType::DatagramRefusal => Message::DatagramRefusal(SignedDatagramRefusal::decode(bytes)?),
         })
     }
 
@@ -228,6 +235,11 @@ impl Message {
             Message::RekeyParity(m) => m.encode(),
             Message::Liveness(m, tag) => liveness::encode_with_tag(m, tag),
             Message::SealedResync(bytes) => bytes.clone(),
+            Message::DatagramRefusal(m) => {
+                let mut out = m.refusal.body();
+                out.extend_from_slice(&m.signature);
+                out
+            }
         }
     }
 }
