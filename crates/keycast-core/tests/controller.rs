@@ -432,7 +432,7 @@ fn liveness_datagrams_keep_a_member_in_and_forged_replayed_or_foreign_ones_do_no
         assert!(matches!(h.controller.liveness(&replayed, h.now, [0; 12]), Err(LivenessRefused::Replayed { .. })));
         // A datagram from the expired member, and one claiming to be `a` under another key.
         let from_b = b.liveness(h.now, false).unwrap();
-        assert!(matches!(h.controller.liveness(&from_b, h.now, [0; 12]), Err(LivenessRefused::NotMember(m)) if m == b.member()));
+        assert!(matches!(h.controller.liveness(&from_b, h.now, [0; 12]), Err(LivenessRefused::Departed(m)) if m == b.member()));
         let mut forged = a.liveness(h.now + 1, false).unwrap();
         forged[keycast_core::wire::LIVENESS_LEN - 1] ^= 1;
         assert!(matches!(h.controller.liveness(&forged, h.now, [0; 12]), Err(LivenessRefused::BadTag(m)) if m == a.member()));
@@ -484,11 +484,11 @@ fn a_departed_member_learns_over_udp_from_a_signed_refusal_and_nobody_else_takes
     assert!(b.datagram_refusal(&refusal).is_err(), "an old refusal answered a new request");
     // A refresh from the departed member, and probes under ids never issued, get nothing.
     let refresh = b.liveness(h.now + 6, false).unwrap();
-    assert!(matches!(h.controller.liveness(&refresh, h.now, [0; 12]), Err(LivenessRefused::NotMember(_))));
+    assert!(matches!(h.controller.liveness(&refresh, h.now, [0; 12]), Err(LivenessRefused::Departed(_))));
     for stranger in [MemberId(0), MemberId(1_000)] {
         let key = LivenessKey::derive(&keycast_core::key::Key::from_bytes([7; 32]), h.policy.group, stranger);
         let forged = Liveness { group: h.policy.group, member: stranger, resync: true, counter: 1, rekey_seq: 0 }.seal(&key);
-        assert!(matches!(h.controller.liveness(&forged, h.now, [0; 12]), Err(LivenessRefused::NotMember(m)) if m == stranger));
+        assert!(matches!(h.controller.liveness(&forged, h.now, [0; 12]), Err(LivenessRefused::Stranger(m)) if m == stranger));
     }
     // Signatures answer at most DATAGRAM_REFUSALS_PER_SECOND requests a second, whoever asks.
     let counted = |h: &mut Harness, b: &mut MemberSession, at: u64| {

@@ -170,8 +170,10 @@ pub enum LivenessRefused {
     Decode(DecodeError),
     #[error("for group {0:?}, not this one")]
     OtherGroup(GroupId),
-    #[error("member {0:?} is not in the group")]
-    NotMember(MemberId),
+    #[error("member {0:?} left the group (left, expired or evicted)")]
+    Departed(MemberId),
+    #[error("member id {0:?} was never issued in this group")]
+    Stranger(MemberId),
     #[error("member {0:?}'s tag does not verify")]
     BadTag(MemberId),
     #[error("member {member:?}'s counter {counter} is not above {last}: a replay")]
@@ -713,7 +715,7 @@ impl Controller {
         let claimed = Liveness::peek(bytes).map_err(LivenessRefused::Decode)?;
         let (member, group) = (claimed.member, self.policy.group);
         let (live, individual) = match self.authenticated(claimed.group, member, |key| Liveness::open(bytes, key), |l| l.counter) {
-            Err(LivenessRefused::NotMember(_)) if claimed.resync => return self.refuse_departed(claimed, now_ms),
+            Err(LivenessRefused::Departed(_)) if claimed.resync => return self.refuse_departed(claimed, now_ms),
             other => other?,
         };
         let record = &self.members[&member];
@@ -729,18 +731,17 @@ impl Controller {
             self.seen(member, live.rekey_seq, now_ms);
             return Ok(LivenessAnswer::Refreshed(member));
         }
-        let answer = self.resync(&identity, member, live.rekey_seq, now_ms).map_err(|_| LivenessRefused::NotMember(member))?;
+        let answer = self.resync(&identity, member, live.rekey_seq, now_ms).map_err(|_| LivenessRefused::Departed(member))?;
         let sealed = seal_resync_answer(&answer, live.counter, &ResyncAnswerKey::derive(&individual, group, member), nonce);
         Ok(LivenessAnswer::Resync(member, sealed))
     }
 
     /// A signed refusal of a resync request from a member id that was issued in this group but
     /// is no longer in it (left, expired, evicted), within [`DATAGRAM_REFUSALS_PER_SECOND`].
-    /// Ids never issued get nothing: a stranger learns no more than it knew.
     fn refuse_departed(&mut self, request: Liveness, now_ms: u64) -> Result<LivenessAnswer, LivenessRefused> {
         let member = request.member;
-        if member.0 == 0 || member.0 >= self.next_member || !self.refusals.take(now_ms) {
-            return Err(LivenessRefused::NotMember(member));
+        if !self.refusals.take(now_ms) {
+            return Err(LivenessRefused::Departed(member));
         }
         let refusal = DatagramRefusal { group: request.group, member, counter: request.counter, reason: RefusalReason::NotMember };
         Ok(LivenessAnswer::Departed(member, refusal.sign(&self.signer)))
@@ -760,8 +761,12 @@ impl Controller {
         if group != self.policy.group {
             return Err(LivenessRefused::OtherGroup(group));
         }
-        let individual = self.graph.individual_key(member).ok_or(LivenessRefused::NotMember(member))?;
-        let last = self.members.get(&member).ok_or(LivenessRefused::NotMember(member))?.liveness_counter;
+        let (Some(individual), Some(record)) = (self.graph.individual_key(member), self.members.get(&member)) else {
+            // Ids never issued get no signed refusal: a stranger learns no more than it knew.
+            let issued = (1..self.next_member).contains(&member.0);
+            return Err(if issued { LivenessRefused::Departed(member) } else { LivenessRefused::Stranger(member) });
+        };
+        let last = record.liveness_counter;
         let datagram = open(&LivenessKey::derive(&individual, group, member)).map_err(|_| LivenessRefused::BadTag(member))?;
         if counter(&datagram) <= last {
             return Err(LivenessRefused::Replayed { member, counter: counter(&datagram), last });
