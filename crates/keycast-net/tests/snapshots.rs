@@ -120,3 +120,112 @@ fn a_sealed_database_opens_only_with_its_key_and_holds_no_seed_in_the_clear() {
     assert_eq!(restored.active_key(restored.epoch_at(now)), controller.active_key(controller.epoch_at(now)));
     assert_eq!(restored.members().len(), 10);
 }
+
+/// The child's side of the kill test: a controller of a few thousand members that snapshots
+/// after every batch, churning until killed (at most 20 s). After each durable append it prints
+/// the rekey seq and a digest of one member's keys.
+#[test]
+fn snapshot_writer_for_the_kill_test() {
+    let Some(path) = std::env::var_os("KEYCAST_KILL_TEST_DB") else { return };
+    let path = std::path::PathBuf::from(path);
+    let (mut store, log) = Store::open(&path).unwrap();
+    let acl = kill_test_acl();
+    let now = |seq: u64| 1_000 + seq * policy().epoch_ms;
+    let mut controller = if log.is_empty() {
+        let (mut c, genesis) = Controller::create(policy(), acl.clone(), now(0), entropy(1), entropy(2)).unwrap();
+        persist(&mut store, vec![genesis]);
+        let _ = (0..KILL_TEST_MEMBERS).map(|i| c.join(i, &format!("m{i}"), policy().group, now(0))).count();
+        c
+    } else {
+        Controller::restore(policy(), acl, &log, now(0)).unwrap()
+    };
+    controller.set_snapshot_interval(1);
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(20) {
+        let seq = controller.rekey_seq() + 1;
+        let members: Vec<(MemberId, String)> = controller.members().iter().map(|(m, r)| (*m, r.identity.clone())).collect();
+        if let Some((m, identity)) = members.get(seq as usize * 7 % members.len().max(1)) {
+            persist(&mut store, controller.leave(identity, *m).unwrap());
+        }
+        let joining = (0..KILL_TEST_ACL).map(|i| format!("m{}", (seq * 13 + i) % KILL_TEST_ACL)).find(|id| !members.iter().any(|(_, m)| m == id));
+        if let Some(identity) = joining {
+            let _ = controller.join(seq, &identity, policy().group, now(seq));
+        }
+        println!("snapshot {seq} starts");
+        persist(&mut store, controller.tick(now(seq), entropy(seq << 8)).unwrap());
+        println!("committed {} {}", controller.rekey_seq(), keys_digest(&mut controller, now(seq)));
+    }
+}
+
+const KILL_TEST_MEMBERS: u64 = 4_000;
+const KILL_TEST_ACL: u64 = 5_000;
+
+fn kill_test_acl() -> BTreeSet<String> {
+    (0..KILL_TEST_ACL).map(|i| format!("m{i}")).collect()
+}
+
+/// A digest of the keys of the group's lowest member id, at its current rekey.
+fn keys_digest(controller: &mut Controller, now: u64) -> String {
+    let (member, identity) = controller.members().iter().next().map(|(m, r)| (*m, r.identity.clone())).unwrap();
+    let keys = controller.resync(&identity, member, 0, now).unwrap().keys;
+    let bytes: Vec<u8> = keys.iter().flat_map(|(r, k)| [r.to_string().into_bytes(), k.as_bytes().to_vec()].concat()).collect();
+    hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref()[..8])
+}
+
+/// A controller process killed (SIGKILL) again and again, most often while it writes a
+/// snapshot and compacts the log: every time the database opens, restores, holds every batch
+/// the process reported committed, and gives the same keys for it.
+#[test]
+fn a_controller_killed_during_snapshots_restores_every_committed_batch() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.redb");
+    let (mut kills, mut during_snapshot) = (0, 0);
+    let mut committed: Vec<(u64, String)> = Vec::new();
+    for round in 0..12u64 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "snapshot_writer_for_the_kill_test", "--nocapture", "--test-threads=1"])
+            .env("KEYCAST_KILL_TEST_DB", &path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Let it commit a few batches (more each round), then kill it in the next snapshot.
+        let wanted = 2 + round % 4;
+        let mut seen = 0;
+        let mut last_line = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("committed ") {
+                let (seq, digest) = rest.split_once(' ').unwrap();
+                committed.push((seq.parse().unwrap(), digest.to_string()));
+                seen += 1;
+            }
+            let starting = line.starts_with("snapshot ");
+            last_line = line;
+            if seen >= wanted && starting {
+                // Into the snapshot's write: its export and sealing take milliseconds.
+                std::thread::sleep(std::time::Duration::from_millis(round % 5));
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        during_snapshot += usize::from(last_line.starts_with("snapshot "));
+        let (_, log) = Store::open(&path).unwrap();
+        let restored = Controller::restore(policy(), kill_test_acl(), &log, 1_000);
+        let mut restored = restored.unwrap_or_else(|e| panic!("kill {kills}: the log does not restore: {e}"));
+        let last_seq = committed.last().expect("the writer committed batches").0;
+        assert!(restored.rekey_seq() >= last_seq, "kill {kills}: batch {last_seq} was reported committed, the log ends at {}", restored.rekey_seq());
+        let seq = restored.rekey_seq();
+        if let Some((_, digest)) = committed.iter().rev().find(|(s, _)| *s == seq) {
+            assert_eq!(&keys_digest(&mut restored, 1_000 + seq * policy().epoch_ms), digest, "kill {kills}: other keys for batch {seq}");
+        } else {
+            assert_eq!(seq, last_seq + 1, "kill {kills}: only the batch being written may be unreported");
+        }
+    }
+    println!("{kills} kills, {during_snapshot} while a snapshot was written; the log ends at batch {}", committed.last().unwrap().0);
+    assert!(during_snapshot >= kills / 2, "{during_snapshot} of {kills} kills landed while a snapshot was written");
+}
