@@ -2,6 +2,7 @@
 mod mls;
 mod floor;
 mod net;
+mod restart;
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -27,6 +28,10 @@ pub struct BenchArgs {
     /// eviction-to-rekey latency in a group of 100,000.
     #[arg(long)]
     net: bool,
+    /// Measure instead the controller's restart from its database: a group of 2^20 members
+    /// after 1,000 epochs of churn (with --quick: 4,096 members, 50 epochs).
+    #[arg(long, conflicts_with = "net")]
+    restart: bool,
 }
 
 const DEGREE: u32 = 4;
@@ -137,6 +142,15 @@ fn mb(bytes: usize) -> f64 {
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     if args.net {
         return net::run(args.json, args.quick);
+    }
+    if args.restart {
+        let sizes = match args.quick {
+            true => restart::RestartSizes { members: 1 << 12, epochs: 50, churn: 4 },
+            false => restart::RestartSizes { members: 1 << 20, epochs: 1_000, churn: 64 },
+        };
+        let report = restart::run(&sizes, args.json)?;
+        println!("{}", if args.json { report.to_string() } else { restart::describe(&report) });
+        return Ok(());
     }
     let sizes = if args.quick {
         Sizes { big_log2: 14, leave_reps: 21, batch_reps: 3, peer_sizes: &[100, 1000] }

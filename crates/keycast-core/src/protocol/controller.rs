@@ -22,6 +22,7 @@ use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, 
 use crate::wire::control::Nak;
 use crate::wire::{encode_parity, ParityRound, ParityShard};
 
+use super::pending::Pending;
 use super::rounds::Delivery;
 use super::traffic::TrafficKeys;
 use crate::wire::{seal_resync_answer, DatagramRefusal, GroupId, Liveness, LivenessKey, MembershipDelta, Reject, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
@@ -297,7 +298,7 @@ pub struct Controller {
     group_keys: BTreeMap<u64, (KeyRef, u64, Key)>,
     heartbeat_seq: u64,
     next_heartbeat_ms: u64,
-    pending: Vec<Request>,
+    pending: Pending,
     waiting_joins: BTreeMap<MemberId, ConnId>,
     /// The packets of the last rekey, for retransmission after a restart.
     last_rekey: Vec<Vec<u8>>,
@@ -449,7 +450,7 @@ impl Controller {
             rekey_seq: 0,
             heartbeat_seq: 0,
             next_heartbeat_ms: created_ms,
-            pending: Vec::new(),
+            pending: Pending::default(),
             waiting_joins: BTreeMap::new(),
             last_rekey: Vec::new(),
             last_tick_ms: now_ms,
@@ -475,7 +476,7 @@ impl Controller {
             c.by_identity.insert(identity.clone(), *member);
         }
         (c.next_member, c.epoch, c.rekey_seq) = (s.next_member, s.epoch, s.rekey_seq);
-        c.pending = s.pending.clone();
+        c.pending = Pending::from_requests(&s.pending);
         c.last_rekey = s.last_rekey.clone();
         c.signer_changes = s.signer_changes;
         if c.group_keys.is_empty() || c.members.keys().any(|m| !c.graph.contains(*m)) {
@@ -626,7 +627,7 @@ impl Controller {
 
     /// True while a leave or eviction of `member` waits for the epoch's batch.
     fn departing(&self, member: MemberId) -> bool {
-        self.pending.iter().any(|r| matches!(r, Request::Leave { member: m } | Request::Evict { member: m } if *m == member))
+        self.pending.departing(member)
     }
 
     /// A join request from the TLS identity `identity` on connection `conn`. A new member is
@@ -650,14 +651,11 @@ impl Controller {
                 return Ok(JoinStatus::Admitted(Box::new((self.acceptance(&keys), keys))));
             }
         }
-        let queued = self.pending.iter().find_map(|r| match r {
-            Request::Join { member, identity: i } if i == identity => Some(*member),
-            _ => None,
-        });
+        let queued = self.pending.queued_join(identity);
         let member = match queued {
             Some(member) => member,
             None => {
-                let joining = self.pending.iter().filter(|r| matches!(r, Request::Join { .. })).count() as u64;
+                let joining = self.pending.joins() as u64;
                 let most = self.graph.max_members();
                 if self.members.len() as u64 + joining >= most {
                     return Err(refuse(RefusalReason::GroupFull, format!("the group holds {most} members at most with its scheme; try again after a member leaves")));
@@ -851,10 +849,9 @@ impl Controller {
 
     /// Withdraws a join of `identity` waiting for the epoch, answering it with `refusal`.
     fn drop_queued_join(&mut self, identity: &str, refusal: Refusal) -> Vec<Output> {
-        let Some(index) = self.pending.iter().position(|r| matches!(r, Request::Join { identity: i, .. } if i == identity)) else {
+        let Some(member) = self.pending.remove_join(identity) else {
             return Vec::new();
         };
-        let member = self.pending.remove(index).member();
         let answer = JoinAnswer::Refused { reason: refusal.reason, detail: refusal.detail };
         self.waiting_joins.remove(&member).map(|conn| Output::JoinAnswer { conn, answer, keys: None }).into_iter().collect()
     }
@@ -910,7 +907,7 @@ impl Controller {
         let silent: Vec<MemberId> = self
             .members
             .iter()
-            .filter(|(m, r)| r.last_seen_ms < deadline && !self.pending.iter().any(|p| p.member() == **m))
+            .filter(|(m, r)| r.last_seen_ms < deadline && !self.pending.names(**m))
             .map(|(m, _)| *m)
             .collect();
         for member in silent {
@@ -984,7 +981,7 @@ impl Controller {
         self.epoch = epoch;
         // Nothing changes unless the rekey can be sent: the requests wait for a later epoch.
         self.policy.packets.check()?;
-        let requests = std::mem::take(&mut self.pending);
+        let requests = self.pending.take();
         let mut joins = Vec::new();
         let mut leaves = BTreeSet::new();
         let mut departures = Vec::new();
@@ -1091,7 +1088,10 @@ impl Controller {
             self.by_identity.insert(identity.clone(), *m);
             self.next_member = self.next_member.max(m.0 + 1);
         }
-        self.pending.retain(|r| !leaves.contains(&r.member()) && !joins.iter().any(|(m, _)| *m == r.member()));
+        if !self.pending.is_empty() {
+            let joined: BTreeSet<MemberId> = joins.iter().map(|(m, _)| *m).collect();
+            self.pending.retain(|r| !leaves.contains(&r.member()) && !joined.contains(&r.member()));
+        }
         self.rekey_seq = seq;
         self.epoch = self.epoch.max(epoch);
         self.group_keys.insert(seq, (plan.group_key, activation, self.graph.group_key().1.clone()));
@@ -1151,7 +1151,7 @@ impl Controller {
 }
 
 impl Request {
-    fn member(&self) -> MemberId {
+    pub(crate) fn member(&self) -> MemberId {
         match self {
             Request::Join { member, .. } | Request::Leave { member } | Request::Evict { member } => *member,
         }

@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod member;
 pub mod relay;
+mod pending;
 mod repair;
 mod rounds;
 pub mod snapshot;

@@ -30,14 +30,31 @@ fn policy(epoch_ms: u64) -> GroupPolicy {
     }
 }
 
-/// Runs `count` operations with at most `parallel` in flight; returns operations per second.
-async fn rate<F, Fut>(setups: &[MemberSetup], parallel: usize, op: F) -> Result<f64, String>
+/// Operations per second and CPU time per operation (this process: the controller and the
+/// clients, the same clients for every kind of operation).
+struct Rate {
+    per_second: f64,
+    cpu_us: f64,
+}
+
+/// CPU time this process has used (user and system), from /proc/self/stat (Linux's USER_HZ
+/// is 100 on every architecture keycast runs on).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3: utime is 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = fields.get(11..13).map(|f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum()).unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Runs `count` operations with at most `parallel` in flight.
+async fn rate<F, Fut>(setups: &[MemberSetup], parallel: usize, op: F) -> Result<Rate, String>
 where
     F: Fn(MemberSetup) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     let gate = Arc::new(Semaphore::new(parallel));
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), process_cpu());
     let mut tasks = Vec::with_capacity(setups.len());
     for setup in setups {
         let permit = gate.clone().acquire_owned().await.map_err(|e| e.to_string())?;
@@ -51,10 +68,13 @@ where
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
     }
-    Ok(setups.len() as f64 / start.elapsed().as_secs_f64())
+    let n = setups.len() as f64;
+    Ok(Rate { per_second: n / start.elapsed().as_secs_f64(), cpu_us: (process_cpu() - cpu).as_secs_f64() * 1e6 / n })
 }
 
-async fn joins(count: usize, epoch_ms: u64, parallel: usize) -> Result<(f64, f64), String> {
+/// Joins and bare handshakes with `parallel` in flight: enough that the cores, not the epoch
+/// a join waits for, are the limit.
+async fn joins(count: usize, epoch_ms: u64, parallel: usize) -> Result<(Rate, Rate), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let group = LocalGroup::start(policy(epoch_ms), count, dir.path().into()).await.map_err(|e| e.to_string())?;
     // Certificates are issued before the clock starts.
@@ -120,17 +140,19 @@ async fn leave_to_wire(members: u64, reps: usize) -> Result<(f64, f64, usize), S
 
 pub fn run(json_out: bool, quick: bool) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let (count, parallel, members, reps) = if quick { (200, 32, 5_000, 3) } else { (5_000, 128, 100_000, 11) };
+    let (count, parallel, members, reps) = if quick { (200, 100, 5_000, 3) } else { (5_000, 512, 100_000, 11) };
     let epoch_ms = 50;
-    let (join_rate, handshake_rate) = runtime.block_on(joins(count, epoch_ms, parallel))?;
+    let (join, handshake) = runtime.block_on(joins(count, epoch_ms, parallel))?;
     let (first_ms, last_ms, packets) = runtime.block_on(leave_to_wire(members, reps))?;
     let report = json!({
         "joins": count,
         "parallel": parallel,
         "epoch_ms": epoch_ms,
-        "joins_per_second": join_rate,
-        "handshakes_per_second": handshake_rate,
-        "join_handshake_ratio": handshake_rate / join_rate,
+        "joins_per_second": join.per_second,
+        "handshakes_per_second": handshake.per_second,
+        "join_handshake_ratio": handshake.per_second / join.per_second,
+        "join_cpu_us": join.cpu_us,
+        "handshake_cpu_us": handshake.cpu_us,
         "group_members": members,
         "leave_to_first_packet_ms": first_ms,
         "leave_to_last_packet_ms": last_ms,
@@ -150,9 +172,14 @@ fn print(r: &Value) {
         r["joins"], r["parallel"], r["epoch_ms"], r["joins_per_second"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "handshake    the TLS 1.3 handshake alone, same clients: {:.0} /s; a join costs {:.2} handshakes",
+        "handshake    the TLS 1.3 handshake alone, same clients: {:.0} /s; joins/s are {:.2}x handshakes/s",
         r["handshakes_per_second"].as_f64().unwrap_or(0.0),
-        r["join_handshake_ratio"].as_f64().unwrap_or(0.0)
+        1.0 / r["join_handshake_ratio"].as_f64().unwrap_or(f64::INFINITY)
+    );
+    println!(
+        "cpu          this process (controller and clients) per operation: join {:.0} us, handshake {:.0} us",
+        r["join_cpu_us"].as_f64().unwrap_or(0.0),
+        r["handshake_cpu_us"].as_f64().unwrap_or(0.0)
     );
     println!(
         "leave        eviction request to rekey on the wire, {} members: first packet {:.2} ms, all {} packets {:.2} ms (median)",
