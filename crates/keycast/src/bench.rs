@@ -29,7 +29,7 @@ pub struct BenchArgs {
     #[arg(long)]
     net: bool,
     /// Measure instead the controller's restart from its database: a group of 2^20 members
-    /// after 1,000 epochs of churn (with --quick: 4,096 members, 50 epochs).
+    /// after 1,000 epochs of churn (with --quick: 4,096 members, 100 epochs).
     #[arg(long, conflicts_with = "net")]
     restart: bool,
 }
@@ -145,7 +145,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     }
     if args.restart {
         let sizes = match args.quick {
-            true => restart::RestartSizes { members: 1 << 12, epochs: 50, churn: 4 },
+            true => restart::RestartSizes { members: 1 << 12, epochs: 100, churn: 4 },
             false => restart::RestartSizes { members: 1 << 20, epochs: 1_000, churn: 64 },
         };
         let report = restart::run(&sizes, args.json)?;

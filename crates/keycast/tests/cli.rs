@@ -538,6 +538,20 @@ fn bench_quick_json_is_consistent_and_never_beats_its_floor() {
     assert!(report["keycast_remove_us"]["1000"].as_f64().is_some());
 }
 
+#[test]
+fn bench_restart_restores_an_aged_group_with_the_same_keys() {
+    let report = keycast(&["bench", "--restart", "--quick", "--json"]);
+    assert_eq!(report["same_keys"], true, "{report}");
+    assert_eq!(report["members"], 1 << 12, "churn leaves the group's size: {report}");
+    // The first batch and 100 churn batches: the restored log is past all of them.
+    assert_eq!(report["rekey_seq"], 101, "{report}");
+    let (open, restart) = (number(&report, "open_s"), number(&report, "restart_s"));
+    assert!(open > 0.0 && restart >= open, "restart includes opening the database: {report}");
+    // 502 records without compaction (a batch and four leaves an epoch); a snapshot at batch 64
+    // dropped everything before it.
+    assert!(number(&report, "log_records") < 250.0, "snapshots compacted the log: {report}");
+}
+
 
 /// `init --relays 1`, then the top controller, the relay and a member on each level as
 /// separate processes: data sent at the top reaches the subgroup's member through the relay.
