@@ -241,6 +241,32 @@ struct Summary {
     seconds: f64,
 }
 
+/// A runtime with one worker thread for the controller, shut down without blocking when the
+/// demo ends (a runtime may not be dropped inside another's tasks).
+struct ControllerRuntime(Option<tokio::runtime::Runtime>);
+
+impl ControllerRuntime {
+    fn start() -> Result<ControllerRuntime, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("controller").enable_all().build();
+        Ok(ControllerRuntime(Some(runtime.map_err(|e| e.to_string())?)))
+    }
+
+    fn spawn<F: std::future::Future + Send + 'static>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F::Output: Send + 'static,
+    {
+        self.0.as_ref().expect("running until dropped").spawn(task)
+    }
+}
+
+impl Drop for ControllerRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 pub fn run(args: &DemoArgs) -> Result<(), String> {
     // Quiet unless asked (`KEYCAST_LOG=warn`): the demo's output is its summary.
     crate::net::logging_or("off");
@@ -312,7 +338,11 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         packets: PacketConfig { fec: FecConfig { block: args.fec_block, proactivity_pct: (args.rho * 100.0).round() as u16, target_naks: args.target_naks }, ..PacketConfig::default() },
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;
-    let group = LocalGroup::start(policy, acl, dir.path().to_path_buf()).await.map_err(|e| e.to_string())?;
+    // The controller runs on a thread of its own, as on its own machine: the members' thousands
+    // of tasks must not queue ahead of its timers and answers.
+    let controller = ControllerRuntime::start()?;
+    let folder = dir.path().to_path_buf();
+    let group = controller.spawn(LocalGroup::start(policy, acl, folder)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     if !(1.0..=4.0).contains(&args.rho) {
         return Err(format!("--rho {} must be between 1.0 (no parity) and 4.0", args.rho));
     }
