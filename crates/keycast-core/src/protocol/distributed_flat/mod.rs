@@ -29,6 +29,8 @@ use plan::{bit, contributor, kek_slot, own_kek_id, MAX_ID_ATTEMPTS};
 const TEK_ID: KeyId = KeyId(0);
 /// Announcements kept until the change they build on arrives.
 const MAX_PENDING: usize = 64;
+/// TEK grants kept until their exclusion arrives.
+const MAX_EARLY_GRANTS: usize = 8;
 
 /// Settings every participant of a group shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +190,8 @@ pub struct Participant {
     replay: BTreeMap<Identity, SeqWindow>,
     pending: Vec<(Announcement, ChangeDigest)>,
     early_keys: Vec<(Identity, (KeyRef, Key))>,
+    /// TEK grants that came before their exclusion.
+    early_teks: Vec<(Identity, ChangeDigest, (KeyRef, Key))>,
     /// IDs this participant must see removed (its own exclusions, whether evictions, and
     /// leaves it carries out): excluded again after a competing change won.
     watching: BTreeMap<u64, bool>,
@@ -258,6 +262,7 @@ impl Participant {
             replay: BTreeMap::new(),
             pending: Vec::new(),
             early_keys: Vec::new(),
+            early_teks: Vec::new(),
             watching: BTreeMap::new(),
             now_ms: 0,
             out: Vec::new(),
@@ -421,7 +426,10 @@ impl Participant {
             Private::JoinGrant(grant) => self.install_grant(from, grant)?,
             Private::KeyGrant { key } if self.phase == Phase::Joining => self.early_keys.push((from.clone(), key)),
             Private::KeyGrant { key } => self.accept_kek(from, key)?,
-            Private::TekGrant { change, tek } => self.accept_tek_grant(from, change, tek)?,
+            Private::TekGrant { change, tek } => match self.accept_tek_grant(from, change, tek.clone()) {
+                Err(Refused::Stale) if self.early_teks.len() < MAX_EARLY_GRANTS => self.early_teks.push((from.clone(), change, tek)),
+                other => other?,
+            },
         }
         self.recompute(entropy);
         Ok(self.drain())
@@ -725,6 +733,11 @@ impl Participant {
     /// lowest excluder ID, then digest) and that exclusion's relay messages; then does this
     /// participant's relay work for the winner, once it holds the new TEK.
     fn recompute(&mut self, entropy: &BatchSeed) {
+        for (from, change, tek) in std::mem::take(&mut self.early_teks) {
+            if let Err(Refused::Stale) = self.accept_tek_grant(&from, change, tek.clone()) {
+                self.early_teks.push((from, change, tek));
+            }
+        }
         let Some(round) = &self.round else { return };
         let Some((&(excluder, digest), (_, winner))) = round.exclusions.first_key_value() else { return };
         let before = self.state.tek.as_ref().map(|t| t.key_ref);
