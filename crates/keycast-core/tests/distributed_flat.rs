@@ -222,7 +222,9 @@ impl Net {
     }
 }
 
-/// Every key an outsider holding `known` derives from the logged announcements.
+/// Every key an outsider holding `known` derives from the logged announcements. It tries
+/// every value it knows for a key id, whatever its version (a replacement that reused old
+/// material would be found), advanced to the revision the wrap names.
 fn derive_all(known: &BTreeMap<KeyRef, Key>, log: &[Vec<u8>]) -> BTreeMap<KeyRef, Key> {
     let mut known = known.clone();
     let wraps: Vec<_> = log
@@ -234,18 +236,24 @@ fn derive_all(known: &BTreeMap<KeyRef, Key>, log: &[Vec<u8>]) -> BTreeMap<KeyRef
         })
         .flatten()
         .collect();
-    let at = |known: &BTreeMap<KeyRef, Key>, to: KeyRef| known.iter().find_map(|(r, k)| derive_revision(k, *r, to));
+    let candidates = |known: &BTreeMap<KeyRef, Key>, to: KeyRef| -> Vec<Key> {
+        let same_id = known.iter().filter(|(r, _)| r.id == to.id);
+        same_id.filter_map(|(r, k)| derive_revision(k, KeyRef { version: to.version, ..*r }, to)).collect()
+    };
     loop {
         let before = known.len();
         for w in &wraps {
             if known.contains_key(&w.key) {
                 continue;
             }
-            let wrapping = match w.under {
-                Wrapper::Key(under) => at(&known, under),
-                Wrapper::KekAndTek { kek, tek } => at(&known, kek).zip(known.get(&tek)).map(|(k, t)| flat_replacement_wrapping_key(&k, kek, t, tek)),
+            let wrapping: Vec<Key> = match w.under {
+                Wrapper::Key(under) => candidates(&known, under),
+                Wrapper::KekAndTek { kek, tek } => {
+                    let teks = candidates(&known, tek);
+                    candidates(&known, kek).iter().flat_map(|k| teks.iter().map(|t| flat_replacement_wrapping_key(k, kek, t, tek))).collect()
+                }
             };
-            if let Some(key) = wrapping.and_then(|k| w.open(&k).ok()) {
+            if let Some(key) = wrapping.iter().find_map(|k| w.open(k).ok()) {
                 known.insert(w.key, key);
             }
         }
@@ -316,7 +324,7 @@ fn run_history(id_bits: u8, seed: u64, steps: &[Step]) -> Net {
 }
 
 fn cases() -> u32 {
-    std::env::var("KEYCAST_DFLAT_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)
+    std::env::var("KEYCAST_DFLAT_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
 }
 
 proptest! {
