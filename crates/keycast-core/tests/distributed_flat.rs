@@ -468,7 +468,7 @@ fn measure(id_bits: u8, members: usize, seed: u64) -> (Traffic, Traffic, usize) 
     }
     let joined = net.live().len() - 1;
     let mut leaves = Traffic::default();
-    let rounds = 8;
+    let rounds = (members / 2).min(8);
     for r in 0..rounds {
         let live = net.live();
         let before = net.traffic;
@@ -498,7 +498,7 @@ fn scale(t: Traffic, n: usize) -> Traffic {
 fn message_counts_per_operation() {
     println!("| I | participants | central leave: wraps, bytes | distributed leave: multicasts, bytes, private grants | join: multicasts, private messages, bytes |");
     println!("| --- | --- | --- | --- | --- |");
-    for (id_bits, members) in [(8u8, 16usize), (12, 32), (16, 64)] {
+    for (id_bits, members) in [(8u8, 16usize), (12, 32), (16, 64), (16, 8)] {
         let (join, leave, _) = measure(id_bits, members, 1);
         let central_wraps = 2 * id_bits as usize;
         // I wraps of the TEK under one key (73 bytes) and I replacements under KEK and TEK (85).
