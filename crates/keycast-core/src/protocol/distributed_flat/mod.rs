@@ -327,10 +327,8 @@ impl Participant {
             }
         }
         let joined = Joined { base: self.state.change, joiner: joiner.clone(), attempt, joiner_id, tek, revised, created };
-        let bytes = self.announce(Body::Joined(joined.clone()));
-        let digest = message::change_digest(&bytes);
-        let ann = Announcement::decode(&bytes).expect("own announcement").0;
-        self.apply(ann, digest)?;
+        self.apply_joined(self.id, joined.clone())?;
+        let bytes = self.announce(Body::Joined(joined));
         let shared = (0..self.config.id_bits).filter(|&j| bit(self.id, j) == bit(joiner_id, j));
         let keks = shared.filter_map(|j| self.state.keks[j as usize].as_ref().map(Held::pair)).chain(created_keys).collect();
         let grant = JoinGrant {
@@ -700,6 +698,7 @@ impl Participant {
         };
         self.phase = Phase::Live;
         for (from, key) in std::mem::take(&mut self.early_keys) {
+            // A key that does not fit is dropped, as it would have been on arrival.
             let _ = self.accept_kek(&from, key);
         }
         Ok(())
@@ -787,8 +786,7 @@ impl Participant {
         let wraps = sources.iter().flat_map(|(_, wraps)| wraps.iter()).filter(|w| w.key == tek_ref);
         wraps.into_iter().find_map(|w| {
             let Wrapper::Key(under) = w.under else { return None };
-            let (j, value) = kek_slot(under.id, self.config.id_bits).filter(|&(j, v)| bit(self.id, j) == v)?;
-            let _ = value;
+            let (j, _) = kek_slot(under.id, self.config.id_bits).filter(|&(j, v)| bit(self.id, j) == v)?;
             let held = base.keks[j as usize].as_ref()?;
             w.open(&held.at(under)?).ok()
         })
@@ -815,16 +813,16 @@ impl Participant {
 
     /// This participant's wraps of an exclusion: the new TEK under each KEK it covers, and a
     /// new key for each tainted KEK it replaces, under f(old KEK, new TEK).
+    /// A KEK still awaited from its contributor is skipped: its holders are reached by the rest.
     fn relay_wraps(&self, plan: &RelayPlan, tek_ref: KeyRef, tek: &Key, base: &GroupState, entropy: &BatchSeed) -> Vec<Wrap> {
         let salt = nonce_salt(entropy);
         let mut keys = KeyGen::new(entropy, 1);
         let mut wraps = Vec::new();
-        for &j in plan.tek_wraps.get(&self.id).into_iter().flatten() {
-            let held = base.keks[j as usize].as_ref().expect("a relay holds the KEKs it covers");
+        let held = |j: &u8| base.keks[*j as usize].as_ref();
+        for held in plan.tek_wraps.get(&self.id).into_iter().flatten().filter_map(held) {
             wraps.push(Wrap::seal(&held.key, Wrapper::Key(held.key_ref), tek_ref, tek, &salt));
         }
-        for &j in plan.replacements.get(&self.id).into_iter().flatten() {
-            let old = base.keks[j as usize].as_ref().expect("a replacer holds the KEK it replaces");
+        for old in plan.replacements.get(&self.id).into_iter().flatten().filter_map(held) {
             let new_ref = KeyRef::new(old.key_ref.id, replacement_version(tek_ref.version), 0);
             let wrapping = flat_replacement_wrapping_key(&old.key, old.key_ref, tek, tek_ref);
             let under = Wrapper::KekAndTek { kek: old.key_ref, tek: tek_ref };
