@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use keycast_core::key::{Key, KeyId, KeyRef};
 use keycast_core::keygen::BatchSeed;
-use keycast_core::protocol::distributed_flat::{Announcement, Body, Config, Directory, Event, Identity, Output, Participant, Refused};
+use keycast_core::protocol::distributed_flat::message::change_digest;
+use keycast_core::protocol::distributed_flat::{Announcement, Body, ChangeDigest, Config, Directory, Event, Identity, Output, Participant, Refused};
 use keycast_core::wire::{GroupId, Signer};
 use keycast_core::wrap::{derive_revision, flat_replacement_wrapping_key, Wrapper};
 use proptest::prelude::*;
@@ -64,6 +65,8 @@ struct Net {
     /// Every TEK some settled participant held: the keys traffic may be sealed under (the
     /// TEK of an exclusion round still open is provisional, see docs/distributed-flat.md).
     teks_in_force: BTreeMap<KeyRef, Key>,
+    /// Participants that found another history ranking above theirs.
+    diverged: BTreeSet<Identity>,
 }
 
 impl Net {
@@ -85,6 +88,7 @@ impl Net {
             departed_at: BTreeMap::new(),
             cut: BTreeSet::new(),
             teks_in_force: BTreeMap::new(),
+            diverged: BTreeSet::new(),
         };
         let first = name(0);
         let p = Participant::create(config, first.clone(), Self::signer(&first), net.directory.clone(), &net.fresh()).unwrap();
@@ -139,6 +143,9 @@ impl Net {
                 Output::Timer { at_ms } => self.timers.push((at_ms, from.clone())),
                 Output::Event(Event::Departed { tek_version }) => {
                     self.departed_at.insert(from.clone(), tek_version);
+                }
+                Output::Event(Event::Diverged { .. }) => {
+                    self.diverged.insert(from.clone());
                 }
                 Output::Event(_) => {}
             }
@@ -389,25 +396,77 @@ fn two_departed_participants_with_complementary_ids_derive_later_teks_and_neithe
     assert_eq!(derived.get(&tek_ref), Some(tek), "the coalition the paper admits reads the TEK that removed b");
 }
 
-#[test]
-fn concurrent_exclusions_settle_on_the_lowest_excluder_and_the_loser_is_excluded_again() {
-    let mut net = Net::new(6, IDENTITIES, 5);
-    for i in 1..9 {
+/// The exclusions built on TEK version `version`, as (digest, departed ID), lowest first.
+fn exclusions_of(net: &Net, version: u32) -> Vec<(ChangeDigest, u64)> {
+    let mut found: Vec<_> = net
+        .log
+        .iter()
+        .filter_map(|bytes| match Announcement::decode(bytes).ok()?.0.body {
+            Body::Exclusion(e) if e.base.tek_version == version => Some((change_digest(bytes), e.departed)),
+            _ => None,
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn group_of(size: usize, seed: u64) -> Net {
+    let mut net = Net::new(6, IDENTITIES, seed);
+    for i in 1..size {
         net.join(name(i), &name(0)).unwrap();
         net.settle();
     }
-    let mut by_id: Vec<(u64, Identity)> = net.live().into_iter().map(|w| (net.nodes[&w].id(), w)).collect();
-    by_id.sort();
-    let (low, high) = (by_id[0].1.clone(), by_id[1].1.clone());
-    let (t1, t2) = (by_id[4].1.clone(), by_id[5].1.clone());
-    let version = net.nodes[&low].tek().unwrap().0.version;
-    net.evict(&t2, &high).unwrap();
-    net.evict(&t1, &low).unwrap();
+    net
+}
+
+#[test]
+fn concurrent_exclusions_settle_on_the_lowest_digest_and_the_loser_is_excluded_again() {
+    let mut net = group_of(9, 5);
+    let version = net.nodes[&name(0)].tek().unwrap().0.version;
+    let (t1, t2) = (name(4), name(5));
+    net.evict(&t2, &name(2)).unwrap();
+    net.evict(&t1, &name(1)).unwrap();
     net.settle();
     net.assert_agreement();
-    assert_eq!(net.departed_at[&t1], version + 1, "the lower excluder's change wins");
-    assert_eq!(net.departed_at[&t2], version + 2, "the losing excluder excluded its target again");
-    assert_eq!(net.nodes[&low].tek().unwrap().0.version, version + 2);
+    let competing = exclusions_of(&net, version);
+    assert_eq!(competing.len(), 2, "two exclusions of one TEK");
+    let id_of = |who: &Identity| net.nodes[who].id();
+    let (winner, loser) = if competing[0].1 == id_of(&t1) { (&t1, &t2) } else { (&t2, &t1) };
+    assert_eq!(net.departed_at[winner], version + 1, "the exclusion with the lower digest wins");
+    assert_eq!(net.departed_at[loser], version + 2, "the losing excluder excluded its target again");
+    assert_eq!(net.nodes[&name(0)].tek().unwrap().0.version, version + 2);
+}
+
+#[test]
+fn after_a_partition_heals_the_history_with_the_lower_digest_wins_and_the_other_side_diverges() {
+    let mut net = group_of(10, 8);
+    let version = net.nodes[&name(0)].tek().unwrap().0.version;
+    let side_b: BTreeSet<Identity> = (6..10).map(name).collect();
+    net.cut = side_b.clone();
+    net.evict(&name(5), &name(1)).unwrap();
+    net.evict(&name(9), &name(7)).unwrap();
+    net.settle();
+    let change_a = net.nodes[&name(0)].change();
+    let change_b = net.nodes[&name(6)].change();
+    assert_eq!((change_a.tek_version, change_b.tek_version), (version + 1, version + 1));
+    assert_ne!(change_a, change_b, "each side made its own change");
+    net.cut.clear();
+    // Each side speaks once after the partition heals.
+    net.leave(&name(4));
+    net.leave(&name(8));
+    net.settle();
+    let a_wins = change_a.change < change_b.change;
+    let (winners, losers): (Vec<Identity>, Vec<Identity>) = if a_wins {
+        ((0..5).map(name).collect(), vec![name(6), name(7), name(8)])
+    } else {
+        (vec![name(6), name(7)], (0..5).filter(|i| *i != 4).map(name).collect())
+    };
+    for who in &losers {
+        assert!(net.diverged.contains(who), "{who} kept a losing history");
+    }
+    for who in &winners {
+        assert!(!net.diverged.contains(who), "{who} left the winning history");
+    }
 }
 
 #[test]

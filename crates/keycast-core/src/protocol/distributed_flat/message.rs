@@ -106,6 +106,18 @@ pub enum Body {
     LeaveRequest { base: ChangeRef },
 }
 
+impl Body {
+    /// The change an announcement builds on (a relay names its exclusion instead).
+    pub fn base(&self) -> Option<ChangeRef> {
+        match self {
+            Body::Joined(j) => Some(j.base),
+            Body::Exclusion(e) => Some(e.base),
+            Body::LeaveRequest { base } => Some(*base),
+            Body::Relay(_) => None,
+        }
+    }
+}
+
 /// A multicast announcement, signed by its participant's certificate key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Announcement {

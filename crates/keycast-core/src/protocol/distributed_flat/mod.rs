@@ -61,6 +61,9 @@ pub enum Event {
     TekChanged(KeyRef),
     /// This participant is no longer in the group (the TEK version that removed it).
     Departed { tek_version: u32 },
+    /// Another history of the group (after a partition) ranks above this participant's: it
+    /// stops and must rejoin through an introducer of that history.
+    Diverged { winner: ChangeRef },
 }
 
 /// Why an input or an order was refused; the participant is unchanged.
@@ -137,8 +140,8 @@ impl GroupState {
 struct Round {
     base: GroupState,
     opened_ms: u64,
-    /// Competing exclusions of `base`, by rank: (excluder ID, digest); the first wins.
-    exclusions: BTreeMap<(u64, ChangeDigest), (Identity, Exclusion)>,
+    /// Competing exclusions of `base`, by rank: (digest, excluder ID); the first wins.
+    exclusions: BTreeMap<(ChangeDigest, u64), (Identity, Exclusion)>,
     relays: Vec<(u64, Relay)>,
     /// New TEKs known directly: made here or granted by their excluder.
     teks: BTreeMap<ChangeDigest, Key>,
@@ -174,6 +177,7 @@ enum Phase {
     Joining,
     Live,
     Departed,
+    Diverged,
 }
 
 /// One participant of a distributed flat group.
@@ -188,7 +192,8 @@ pub struct Participant {
     state: GroupState,
     round: Option<Round>,
     replay: BTreeMap<Identity, SeqWindow>,
-    pending: Vec<(Announcement, ChangeDigest)>,
+    /// With the time each arrived.
+    pending: Vec<(Announcement, ChangeDigest, u64)>,
     early_keys: Vec<(Identity, (KeyRef, Key))>,
     /// TEK grants that came before their exclusion.
     early_teks: Vec<(Identity, ChangeDigest, (KeyRef, Key))>,
@@ -284,6 +289,11 @@ impl Participant {
     /// Whether this participant holds the TEK and all its KEKs and no exclusion is settling.
     pub fn is_settled(&self) -> bool {
         self.is_live() && self.round.is_none() && self.state.tek.is_some() && self.state.keks.iter().all(Option::is_some)
+    }
+
+    /// The change that made the TEK version in force.
+    pub fn change(&self) -> ChangeRef {
+        self.state.change
     }
 
     /// The TEK in force, if this participant holds it.
@@ -407,6 +417,10 @@ impl Participant {
         if !self.replay.entry(ann.signer.clone()).or_default().accept(ann.seq) {
             return Err(Refused::Replay { signer: ann.signer, seq: ann.seq });
         }
+        if let Some(winner) = ann.body.base().filter(|base| self.ranks_below(*base)) {
+            self.diverge(winner);
+            return Ok(self.drain());
+        }
         let digest = message::change_digest(bytes);
         match self.apply(ann.clone(), digest) {
             Err(Refused::Stale) if self.builds_on_unknown(&ann.body) => self.stash(ann, digest),
@@ -449,6 +463,10 @@ impl Participant {
             }
         }
         self.retry_pending(entropy);
+        if let Some(winner) = self.longer_history(now_ms) {
+            self.diverge(winner);
+            return self.drain();
+        }
         self.watching.retain(|d, _| self.state.roster.contains_key(d));
         if let Some((&departed, &eviction)) = self.watching.iter().next() {
             if self.is_settled() {
@@ -490,7 +508,7 @@ impl Participant {
         match body {
             Body::Exclusion(e) => e.base.tek_version > self.state.change.tek_version,
             Body::Joined(j) => j.base.tek_version > self.state.change.tek_version,
-            Body::Relay(r) => self.round.as_ref().is_none_or(|round| !round.exclusions.keys().any(|(_, d)| *d == r.change)),
+            Body::Relay(r) => self.round.as_ref().is_none_or(|round| !round.exclusions.keys().any(|(d, _)| *d == r.change)),
             Body::LeaveRequest { base } => base.tek_version > self.state.change.tek_version,
         }
     }
@@ -499,16 +517,41 @@ impl Participant {
         if self.pending.len() == MAX_PENDING {
             self.pending.remove(0);
         }
-        self.pending.push((ann, digest));
+        self.pending.push((ann, digest, self.now_ms));
+        self.out.push(Output::Timer { at_ms: self.now_ms + self.config.settle_ms });
+    }
+
+    /// The history rule: of two histories, the one with the higher TEK version wins, then
+    /// the one whose last change has the lower digest (the rule of a round, lifted). True if
+    /// `base`, the change another participant builds on, is of a history that beats this one.
+    fn ranks_below(&self, base: ChangeRef) -> bool {
+        let mine = self.state.change;
+        let in_round = self.round.as_ref().is_some_and(|r| r.exclusions.keys().any(|(d, _)| *d == base.change));
+        base.tek_version == mine.tek_version && base.change < mine.change && !in_round
+    }
+
+    /// A change of a later TEK version that has been built on for a whole settle time and never
+    /// reached this participant: its history is longer and wins.
+    fn longer_history(&self, now_ms: u64) -> Option<ChangeRef> {
+        let overdue = self.pending.iter().filter(|(_, _, arrived)| now_ms >= arrived + self.config.settle_ms);
+        let bases = overdue.filter_map(|(ann, _, _)| ann.body.base()).filter(|b| b.tek_version > self.state.change.tek_version);
+        bases.max_by_key(|b| (b.tek_version, std::cmp::Reverse(b.change)))
+    }
+
+    fn diverge(&mut self, winner: ChangeRef) {
+        self.phase = Phase::Diverged;
+        self.round = None;
+        self.pending.clear();
+        self.out.push(Output::Event(Event::Diverged { winner }));
     }
 
     fn retry_pending(&mut self, entropy: &BatchSeed) {
         loop {
             let pending = std::mem::take(&mut self.pending);
             let before = pending.len();
-            for (ann, digest) in pending {
+            for (ann, digest, arrived) in pending {
                 match self.apply(ann.clone(), digest) {
-                    Err(Refused::Stale) if self.builds_on_unknown(&ann.body) => self.pending.push((ann, digest)),
+                    Err(Refused::Stale) if self.builds_on_unknown(&ann.body) => self.pending.push((ann, digest, arrived)),
                     _ => self.recompute(entropy),
                 }
             }
@@ -622,7 +665,7 @@ impl Participant {
         }
         match &mut self.round {
             Some(round) if competes => {
-                round.exclusions.insert((excluder, digest), (signer.clone(), exclusion));
+                round.exclusions.insert((digest, excluder), (signer.clone(), exclusion));
             }
             _ => self.open_round(excluder, signer.clone(), exclusion, digest),
         }
@@ -634,7 +677,7 @@ impl Participant {
         let round = Round {
             base: self.state.clone(),
             opened_ms: self.now_ms,
-            exclusions: BTreeMap::from([((excluder, digest), (signer, exclusion))]),
+            exclusions: BTreeMap::from([((digest, excluder), (signer, exclusion))]),
             relays: Vec::new(),
             teks: BTreeMap::new(),
             relayed: BTreeSet::new(),
@@ -645,7 +688,7 @@ impl Participant {
 
     fn apply_relay(&mut self, relay_id: u64, relay: Relay) -> Result<(), Refused> {
         let round = self.round.as_mut().ok_or(Refused::Stale)?;
-        if !round.exclusions.keys().any(|(_, d)| *d == relay.change) {
+        if !round.exclusions.keys().any(|(d, _)| *d == relay.change) {
             return Err(Refused::Stale);
         }
         if round.relays.iter().any(|(s, r)| *s == relay_id && r.change == relay.change) {
@@ -718,8 +761,8 @@ impl Participant {
     /// The new TEK of an exclusion, from its excluder, for a relay that could not open it.
     fn accept_tek_grant(&mut self, from: &Identity, change: ChangeDigest, (tek_ref, key): (KeyRef, Key)) -> Result<(), Refused> {
         let round = self.round.as_mut().ok_or(Refused::Stale)?;
-        let found = round.exclusions.iter().find(|((_, d), _)| *d == change);
-        let ((excluder, _), (signer, exclusion)) = found.ok_or(Refused::Stale)?;
+        let found = round.exclusions.iter().find(|((d, _), _)| *d == change);
+        let ((_, excluder), (signer, exclusion)) = found.ok_or(Refused::Stale)?;
         let plan = relay_plan(&round.base.live_without(exclusion.departed), self.config.id_bits, *excluder, exclusion.departed);
         if signer != from || exclusion.new_tek != tek_ref || !plan.grants.contains(&self.id) {
             return Err(Refused::Invalid("not a TEK grant this participant awaits from that excluder"));
@@ -729,7 +772,7 @@ impl Participant {
     }
 
     /// Recomputes the state in force from the open round: its base, the winning exclusion (the
-    /// lowest excluder ID, then digest) and that exclusion's relay messages; then does this
+    /// lowest digest) and that exclusion's relay messages; then does this
     /// participant's relay work for the winner, once it holds the new TEK.
     fn recompute(&mut self, entropy: &BatchSeed) {
         for (from, change, tek) in std::mem::take(&mut self.early_teks) {
@@ -738,7 +781,7 @@ impl Participant {
             }
         }
         let Some(round) = &self.round else { return };
-        let Some((&(excluder, digest), (_, winner))) = round.exclusions.first_key_value() else { return };
+        let Some((&(digest, excluder), (_, winner))) = round.exclusions.first_key_value() else { return };
         let before = self.state.tek.as_ref().map(|t| t.key_ref);
         self.state = self.settle_change(round, excluder, digest, winner);
         let after = self.state.tek.as_ref().map(|t| t.key_ref);
@@ -795,7 +838,7 @@ impl Participant {
     /// Sends this participant's relay message for the winning exclusion, once.
     fn relay_for_winner(&mut self, entropy: &BatchSeed) {
         let Some(round) = &self.round else { return };
-        let Some((&(excluder, digest), (_, winner))) = round.exclusions.first_key_value() else { return };
+        let Some((&(digest, excluder), (_, winner))) = round.exclusions.first_key_value() else { return };
         if excluder == self.id || round.relayed.contains(&digest) {
             return;
         }
