@@ -71,9 +71,19 @@ struct Net {
 
 impl Net {
     fn new(id_bits: u8, identities: usize, seed: u64) -> Net {
+        let mut net = Net::empty(id_bits, identities, seed);
+        let first = name(0);
+        let p = Participant::create(net.config, first.clone(), Self::signer(&first), net.directory.clone(), &net.fresh()).unwrap();
+        net.nodes.insert(first.clone(), p);
+        net.remember(&first);
+        net
+    }
+
+    /// A network with no participant yet.
+    fn empty(id_bits: u8, identities: usize, seed: u64) -> Net {
         let directory = (0..identities).map(|i| (name(i), Signer::from_seed(&signer_seed(&name(i))).verifying_key())).collect();
         let config = Config { group: GroupId(7), id_bits, settle_ms: SETTLE_MS };
-        let mut net = Net {
+        Net {
             config,
             directory,
             nodes: BTreeMap::new(),
@@ -89,12 +99,7 @@ impl Net {
             cut: BTreeSet::new(),
             teks_in_force: BTreeMap::new(),
             diverged: BTreeSet::new(),
-        };
-        let first = name(0);
-        let p = Participant::create(config, first.clone(), Self::signer(&first), net.directory.clone(), &net.fresh()).unwrap();
-        net.nodes.insert(first.clone(), p);
-        net.remember(&first);
-        net
+        }
     }
 
     fn signer(who: &Identity) -> Signer {
@@ -570,4 +575,56 @@ fn message_counts_per_operation() {
         assert!(leave.multicast_bytes >= central_bytes / 2, "a leave still carries the table's wraps");
         assert_eq!(join.multicast, 1, "a join is one announcement");
     }
+}
+
+/// Figure 6, centralized flat to distributed flat: a controller's members, with the keys they
+/// hold, continue without it; the group then admits and excludes on its own. The lost
+/// controller knew every KEK, so its table still opens the TEK of an exclusion made after the
+/// transition (the paper's footnote: the previous group manager cannot be expelled).
+#[test]
+fn a_centralized_flat_group_continues_as_distributed_flat_and_its_old_controller_cannot_be_expelled() {
+    use keycast_core::{new_graph, Batch, FlatIds, GraphConfig, JoinPolicy, MemberId, Position, Scheme};
+    let id_bits = 6;
+    let config = GraphConfig { scheme: Scheme::Flat { id_bits, ids: FlatIds::Sequential }, join_policy: JoinPolicy::Revision };
+    let mut graph = new_graph(config, &BatchSeed::from_u64(1)).unwrap();
+    graph.apply(&Batch { joins: (0..10).map(MemberId).collect(), leaves: vec![] }, &BatchSeed::from_u64(2)).unwrap();
+    graph.apply(&Batch { joins: vec![MemberId(10)], leaves: vec![MemberId(3)] }, &BatchSeed::from_u64(3)).unwrap();
+    graph.apply(&Batch { joins: vec![MemberId(11)], leaves: vec![] }, &BatchSeed::from_u64(4)).unwrap();
+    let members: Vec<MemberId> = (0..12).map(MemberId).filter(|m| graph.contains(*m)).collect();
+    let controller_knew: BTreeMap<KeyRef, Key> = members.iter().flat_map(|m| graph.member_keys(*m).unwrap().1).collect();
+
+    let mut net = Net::empty(id_bits, IDENTITIES, 9);
+    let mut outputs = Vec::new();
+    for m in &members {
+        let (Position::Flat { id, .. }, keys) = graph.member_keys(*m).unwrap() else { panic!("a flat position") };
+        let shares: Vec<(KeyRef, Key)> = keys.into_iter().filter(|(r, _)| r.id.0 <= 2 * id_bits as u32).collect();
+        let who = name(m.0 as usize);
+        let (p, out) = Participant::from_centralized(net.config, who.clone(), Net::signer(&who), net.directory.clone(), id, shares, 0).unwrap();
+        net.nodes.insert(who.clone(), p);
+        outputs.push((who, out));
+    }
+    drop(graph);
+    for (who, out) in outputs {
+        net.dispatch(&who, out);
+    }
+    net.settle();
+    net.assert_agreement();
+    assert_eq!(net.live().len(), members.len());
+    let before = net.nodes[&name(0)].tek().unwrap().0;
+
+    net.join(name(20), &name(1)).unwrap();
+    net.settle();
+    net.evict(&name(5), &name(2)).unwrap();
+    net.settle();
+    net.leave(&name(7));
+    net.settle();
+    net.assert_agreement();
+    let after = net.nodes[&name(20)].tek().unwrap().0;
+    assert_eq!(after.version, before.version + 2, "two exclusions after the transition");
+    for who in [name(5), name(7)] {
+        let derived = derive_all(&net.ever_held[&who], &net.log);
+        assert!(!derives_tek_from(&net, &derived, net.departed_at[&who]), "{who} alone");
+    }
+    let derived = derive_all(&controller_knew, &net.log);
+    assert!(derives_tek_from(&net, &derived, after.version), "the old controller's table reads the TEK in force");
 }

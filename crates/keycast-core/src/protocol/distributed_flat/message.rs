@@ -25,6 +25,7 @@ const JOINED: u8 = 0x30;
 const EXCLUSION: u8 = 0x31;
 const RELAY: u8 = 0x32;
 const LEAVE_REQUEST: u8 = 0x33;
+const HANDOVER: u8 = 0x34;
 const JOIN_GRANT: u8 = 0x38;
 const KEY_GRANT: u8 = 0x39;
 const TEK_GRANT: u8 = 0x3A;
@@ -104,6 +105,18 @@ pub enum Body {
     Relay(Relay),
     /// The signer asks to leave; the lowest other participant excludes it.
     LeaveRequest { base: ChangeRef },
+    /// A member of a centralized flat group whose controller is lost: its ID and the refs of
+    /// its keys, so that every participant rebuilds the roster and the key table.
+    Handover(Handover),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub base: ChangeRef,
+    pub id: u64,
+    pub tek: KeyRef,
+    /// One KEK per ID bit, bit 0 first.
+    pub keks: Vec<KeyRef>,
 }
 
 impl Body {
@@ -113,6 +126,7 @@ impl Body {
             Body::Joined(j) => Some(j.base),
             Body::Exclusion(e) => Some(e.base),
             Body::LeaveRequest { base } => Some(*base),
+            Body::Handover(h) => Some(h.base),
             Body::Relay(_) => None,
         }
     }
@@ -135,6 +149,7 @@ impl Announcement {
             Body::Exclusion(_) => EXCLUSION,
             Body::Relay(_) => RELAY,
             Body::LeaveRequest { .. } => LEAVE_REQUEST,
+            Body::Handover(_) => HANDOVER,
         };
         let mut out = vec![WIRE_VERSION, kind];
         out.put_u64(self.group.0);
@@ -163,6 +178,12 @@ impl Announcement {
                 put_wraps(&mut out, &r.wraps);
             }
             Body::LeaveRequest { base } => put_change(&mut out, *base),
+            Body::Handover(h) => {
+                put_change(&mut out, h.base);
+                out.put_u64(h.id);
+                out.put_ref(h.tek);
+                put_refs(&mut out, &h.keks);
+            }
         }
         out
     }
@@ -205,6 +226,12 @@ impl Announcement {
             }),
             RELAY => Body::Relay(Relay { change: r.array("change")?, wraps: read_wraps(&mut r)? }),
             LEAVE_REQUEST => Body::LeaveRequest { base: read_change(&mut r)? },
+            HANDOVER => Body::Handover(Handover {
+                base: read_change(&mut r)?,
+                id: r.u64("participant id")?,
+                tek: r.key_ref("tek")?,
+                keks: read_refs(&mut r, "handed over keys")?,
+            }),
             other => return Err(DecodeError::UnknownType(other)),
         };
         let signature = r.array::<SIGNATURE_LEN>("signature")?;

@@ -21,7 +21,7 @@ use crate::wire::auth::{Signer, VerifyingKey};
 use crate::wire::{DecodeError, GroupId};
 use crate::wrap::{derive_revision, flat_replacement_wrapping_key, Wrap, Wrapper};
 
-pub use message::{Announcement, Body, ChangeDigest, ChangeRef, Exclusion, Identity, JoinGrant, Joined, Private, Relay};
+pub use message::{Announcement, Body, ChangeDigest, ChangeRef, Exclusion, Handover, Identity, JoinGrant, Joined, Private, Relay};
 pub use plan::{participant_id, relay_plan, RelayPlan};
 
 use plan::{bit, contributor, kek_slot, own_kek_id, MAX_ID_ATTEMPTS};
@@ -201,6 +201,8 @@ pub struct Participant {
     /// leaves it carries out): excluded again after a competing change won.
     watching: BTreeMap<u64, bool>,
     now_ms: u64,
+    /// Set while the members of a centralized group hand over (until this time).
+    handover_until: Option<u64>,
     out: Vec<Output>,
 }
 
@@ -244,6 +246,57 @@ impl Participant {
         Ok(participant)
     }
 
+    /// A member of a centralized flat group whose controller is lost continues as a participant
+    /// with the keys it holds (figure 6): it multicasts its ID and key refs, collects the
+    /// others' for `settle_ms`, and then works as any participant. `keys` are the member's TEK
+    /// and KEKs (other keys, such as its individual key, are left out by the caller).
+    pub fn from_centralized(config: Config, me: Identity, signer: Signer, directory: Directory, id: u64, keys: Vec<(KeyRef, Key)>, now_ms: u64) -> Result<(Self, Vec<Output>), Refused> {
+        let bits = config.id_bits;
+        if !(1..=63).contains(&bits) || id >> bits != 0 {
+            return Err(Refused::Invalid("ID does not fit the ID bits"));
+        }
+        let mut participant = Participant::joining(config, me, signer, directory);
+        let (mut tek, mut keks) = (None, vec![None; bits as usize]);
+        for (key_ref, key) in keys {
+            match kek_slot(key_ref.id, bits) {
+                None if key_ref.id == TEK_ID && tek.is_none() => tek = Some(Held { key_ref, key }),
+                Some((j, v)) if bit(id, j) == v && keks[j as usize].is_none() => keks[j as usize] = Some(Held { key_ref, key }),
+                _ => return Err(Refused::Invalid("not one TEK and one KEK per ID bit of this ID")),
+            }
+        }
+        let tek = tek.ok_or(Refused::Invalid("no TEK"))?;
+        if keks.iter().any(Option::is_none) {
+            return Err(Refused::Invalid("a KEK of this ID is missing"));
+        }
+        let mut table = vec![[(KeyRef::default(), false); 2]; bits as usize];
+        for (j, held) in keks.iter().flatten().enumerate() {
+            table[j][bit(id, j as u8) as usize] = (held.key_ref, true);
+        }
+        let handover = Handover {
+            base: ChangeRef { tek_version: tek.key_ref.version, change: [0; 16] },
+            id,
+            tek: tek.key_ref,
+            keks: keks.iter().flatten().map(|h| h.key_ref).collect(),
+        };
+        participant.id = id;
+        participant.state = GroupState {
+            change: handover.base,
+            tek: Some(tek),
+            keks,
+            table,
+            roster: BTreeMap::from([(id, participant.me.clone())]),
+            revoked: BTreeSet::new(),
+        };
+        participant.phase = Phase::Live;
+        participant.now_ms = now_ms;
+        participant.handover_until = Some(now_ms + config.settle_ms);
+        let bytes = participant.announce(Body::Handover(handover));
+        participant.out.push(Output::Multicast(bytes));
+        participant.out.push(Output::Timer { at_ms: now_ms + config.settle_ms });
+        let outputs = participant.drain();
+        Ok((participant, outputs))
+    }
+
     /// A newcomer waiting for its introducer's grant.
     pub fn joining(config: Config, me: Identity, signer: Signer, directory: Directory) -> Self {
         let state = GroupState {
@@ -270,6 +323,7 @@ impl Participant {
             early_teks: Vec::new(),
             watching: BTreeMap::new(),
             now_ms: 0,
+            handover_until: None,
             out: Vec::new(),
         }
     }
@@ -288,7 +342,7 @@ impl Participant {
 
     /// Whether this participant holds the TEK and all its KEKs and no exclusion is settling.
     pub fn is_settled(&self) -> bool {
-        self.is_live() && self.round.is_none() && self.state.tek.is_some() && self.state.keks.iter().all(Option::is_some)
+        self.is_live() && self.round.is_none() && self.handover_until.is_none() && self.state.tek.is_some() && self.state.keks.iter().all(Option::is_some)
     }
 
     /// The change that made the TEK version in force.
@@ -451,6 +505,9 @@ impl Participant {
     /// exclusion this participant made but that lost is made again.
     pub fn tick(&mut self, entropy: &BatchSeed, now_ms: u64) -> Vec<Output> {
         self.now_ms = now_ms;
+        if self.handover_until.is_some_and(|until| now_ms >= until) {
+            self.finish_handover();
+        }
         if let Some(round) = &self.round {
             if now_ms >= round.opened_ms + self.config.settle_ms {
                 self.round = None;
@@ -510,6 +567,7 @@ impl Participant {
             Body::Joined(j) => j.base.tek_version > self.state.change.tek_version,
             Body::Relay(r) => self.round.as_ref().is_none_or(|round| !round.exclusions.keys().any(|(d, _)| *d == r.change)),
             Body::LeaveRequest { base } => base.tek_version > self.state.change.tek_version,
+            Body::Handover(_) => false,
         }
     }
 
@@ -563,6 +621,9 @@ impl Participant {
 
     /// Applies a verified announcement to the state (or its round).
     fn apply(&mut self, ann: Announcement, digest: ChangeDigest) -> Result<(), Refused> {
+        if let Body::Handover(handover) = ann.body {
+            return self.apply_handover(&ann.signer, handover);
+        }
         // A competing excluder may have been removed by the change its exclusion competes with.
         let in_round_base = self.round.as_ref().and_then(|r| r.base.id_of(&ann.signer));
         let signer_id = self.state.id_of(&ann.signer).or(in_round_base).ok_or_else(|| Refused::NotLive(ann.signer.clone()))?;
@@ -571,6 +632,46 @@ impl Participant {
             Body::Exclusion(exclusion) => self.apply_exclusion(&ann.signer, signer_id, exclusion, digest),
             Body::Relay(relay) => self.apply_relay(signer_id, relay),
             Body::LeaveRequest { base } => self.apply_leave_request(signer_id, base),
+            Body::Handover(handover) => self.apply_handover(&ann.signer, handover),
+        }
+    }
+
+    /// Another member's handover: it joins the roster and its refs the table (per slot the
+    /// latest revision). Only during the handover, from members at the same TEK version; of two
+    /// claims on one ID the first stays.
+    fn apply_handover(&mut self, signer: &Identity, handover: Handover) -> Result<(), Refused> {
+        if self.handover_until.is_none() || handover.base != self.state.change {
+            return Err(Refused::Stale);
+        }
+        let bits = self.config.id_bits;
+        if self.state.roster.contains_key(&handover.id) || self.state.id_of(signer).is_some() || handover.id >> bits != 0 {
+            return Err(Refused::Invalid("handover of a taken ID or by a participant already in"));
+        }
+        let fits = handover.keks.len() == bits as usize
+            && handover.keks.iter().enumerate().all(|(j, r)| kek_slot(r.id, bits) == Some((j as u8, bit(handover.id, j as u8))));
+        if !fits || handover.tek.id != TEK_ID {
+            return Err(Refused::Invalid("handed over keys are not one KEK per bit of the ID"));
+        }
+        for (j, key_ref) in handover.keks.iter().enumerate() {
+            let slot = &mut self.state.table[j][bit(handover.id, j as u8) as usize];
+            if !slot.1 || slot.0 < *key_ref {
+                *slot = (*key_ref, true);
+            }
+        }
+        if let Some(tek) = self.state.tek.as_mut().filter(|t| t.key_ref < handover.tek) {
+            *tek = advance(tek, handover.tek).ok_or(Refused::Invalid("handed over TEK is not a revision of this one"))?;
+        }
+        self.state.roster.insert(handover.id, signer.clone());
+        Ok(())
+    }
+
+    /// The handover is over: own KEKs advance to the latest revision any holder named.
+    fn finish_handover(&mut self) {
+        self.handover_until = None;
+        for j in 0..self.config.id_bits {
+            let slot_ref = self.state.table[j as usize][bit(self.id, j) as usize].0;
+            let held = self.state.keks[j as usize].take();
+            self.state.keks[j as usize] = held.and_then(|h| advance(&h, slot_ref));
         }
     }
 
