@@ -628,3 +628,23 @@ fn a_centralized_flat_group_continues_as_distributed_flat_and_its_old_controller
     let derived = derive_all(&controller_knew, &net.log);
     assert!(derives_tek_from(&net, &derived, after.version), "the old controller's table reads the TEK in force");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Hostile bytes on either channel are refused with an error, never a panic, and leave the
+    /// participant as it was.
+    #[test]
+    fn arbitrary_bytes_are_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), kind in 0x30u8..0x3B) {
+        let mut net = group_of(3, 1);
+        let mut message = vec![2u8, kind];
+        message.extend_from_slice(&bytes);
+        let entropy = BatchSeed::from_u64(3);
+        let p = net.nodes.get_mut(&name(0)).unwrap();
+        let tek = p.tek().map(|(r, _)| r);
+        prop_assert!(p.receive(&message, &entropy, 0).is_err());
+        prop_assert!(p.receive_private(&name(1), &message, &entropy, 0).is_err());
+        prop_assert_eq!(p.tek().map(|(r, _)| r), tek);
+        prop_assert!(p.is_settled());
+    }
+}

@@ -461,6 +461,29 @@ mod tests {
     }
 
     #[test]
+    fn every_announcement_kind_has_one_encoding() {
+        let signer = Signer::from_seed(&[4; 32]);
+        let base = ChangeRef { tek_version: 3, change: [1; 16] };
+        let key_ref = KeyRef::new(KeyId(3), 6, 1);
+        let wrap = Wrap::seal(&Key::from_bytes([1; 32]), crate::wrap::Wrapper::Key(key_ref), KeyRef::new(KeyId(0), 4, 0), &Key::from_bytes([2; 32]), &[9; 12]);
+        let who = Identity::new("p2").unwrap();
+        let bodies = [
+            Body::Joined(Joined { base, joiner: who.clone(), attempt: 1, joiner_id: 5, tek: KeyRef::new(KeyId(0), 3, 2), revised: vec![key_ref], created: vec![] }),
+            Body::Exclusion(Exclusion { base, departed: 5, departed_identity: who, eviction: true, new_tek: KeyRef::new(KeyId(0), 4, 0), wraps: vec![wrap.clone()] }),
+            Body::Relay(Relay { change: [8; 16], wraps: vec![wrap] }),
+            Body::LeaveRequest { base },
+            Body::Handover(Handover { base, id: 5, tek: KeyRef::new(KeyId(0), 3, 0), keks: vec![key_ref] }),
+        ];
+        for body in bodies {
+            let ann = Announcement { group: GroupId(1), signer: Identity::new("p1").unwrap(), seq: 1, body };
+            let bytes = ann.sign(&signer);
+            let (decoded, _) = Announcement::decode(&bytes).unwrap();
+            assert_eq!(decoded, ann);
+            assert_eq!(decoded.sign(&signer), bytes);
+        }
+    }
+
+    #[test]
     fn grants_decode_strictly() {
         let grant = Private::KeyGrant { key: (KeyRef::new(KeyId(3), 1, 2), Key::from_bytes([5; 32])) };
         let bytes = grant.encode(GroupId(1));

@@ -289,10 +289,10 @@ impl Participant {
         };
         participant.phase = Phase::Live;
         participant.now_ms = now_ms;
-        participant.handover_until = Some(now_ms + config.settle_ms);
+        participant.handover_until = Some(now_ms.saturating_add(config.settle_ms));
         let bytes = participant.announce(Body::Handover(handover));
         participant.out.push(Output::Multicast(bytes));
-        participant.out.push(Output::Timer { at_ms: now_ms + config.settle_ms });
+        participant.out.push(Output::Timer { at_ms: now_ms.saturating_add(config.settle_ms) });
         let outputs = participant.drain();
         Ok((participant, outputs))
     }
@@ -509,14 +509,14 @@ impl Participant {
             self.finish_handover();
         }
         if let Some(round) = &self.round {
-            if now_ms >= round.opened_ms + self.config.settle_ms {
+            if now_ms >= round.opened_ms.saturating_add(self.config.settle_ms) {
                 self.round = None;
                 if !self.state.roster.contains_key(&self.id) {
                     self.phase = Phase::Departed;
                     self.out.push(Output::Event(Event::Departed { tek_version: self.state.change.tek_version }));
                 }
             } else {
-                self.out.push(Output::Timer { at_ms: round.opened_ms + self.config.settle_ms });
+                self.out.push(Output::Timer { at_ms: round.opened_ms.saturating_add(self.config.settle_ms) });
             }
         }
         self.retry_pending(entropy);
@@ -576,7 +576,7 @@ impl Participant {
             self.pending.remove(0);
         }
         self.pending.push((ann, digest, self.now_ms));
-        self.out.push(Output::Timer { at_ms: self.now_ms + self.config.settle_ms });
+        self.out.push(Output::Timer { at_ms: self.now_ms.saturating_add(self.config.settle_ms) });
     }
 
     /// The history rule: of two histories, the one with the higher TEK version wins, then
@@ -591,7 +591,7 @@ impl Participant {
     /// A change of a later TEK version that has been built on for a whole settle time and never
     /// reached this participant: its history is longer and wins.
     fn longer_history(&self, now_ms: u64) -> Option<ChangeRef> {
-        let overdue = self.pending.iter().filter(|(_, _, arrived)| now_ms >= arrived + self.config.settle_ms);
+        let overdue = self.pending.iter().filter(|(_, _, arrived)| now_ms >= arrived.saturating_add(self.config.settle_ms));
         let bases = overdue.filter_map(|(ann, _, _)| ann.body.base()).filter(|b| b.tek_version > self.state.change.tek_version);
         bases.max_by_key(|b| (b.tek_version, std::cmp::Reverse(b.change)))
     }
@@ -784,7 +784,7 @@ impl Participant {
             relayed: BTreeSet::new(),
         };
         self.round = Some(round);
-        self.out.push(Output::Timer { at_ms: self.now_ms + self.config.settle_ms });
+        self.out.push(Output::Timer { at_ms: self.now_ms.saturating_add(self.config.settle_ms) });
     }
 
     fn apply_relay(&mut self, relay_id: u64, relay: Relay) -> Result<(), Refused> {
