@@ -3,6 +3,7 @@
 //! the I/O.
 
 pub mod controller;
+pub mod distributed_flat;
 pub mod member;
 pub mod relay;
 mod pending;

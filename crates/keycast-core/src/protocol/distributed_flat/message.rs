@@ -1,0 +1,496 @@
+//! Messages of distributed flat key management: signed multicast announcements and the
+//! private messages (keys in the clear) that the driver carries over the authenticated,
+//! encrypted channel between two participants. One encoding per value, strict decoding.
+
+use std::collections::BTreeSet;
+
+use aws_lc_rs::digest::{digest, SHA256};
+use zeroize::Zeroizing;
+
+use crate::key::{Key, KeyRef};
+use crate::wire::auth::{Signature, Signer, VerifyingKey, SIGNATURE_LEN};
+use crate::wire::codec::{Reader, Writer};
+use crate::wire::{DecodeError, GroupId, MAX_MESSAGE_LEN, WIRE_VERSION};
+use crate::wrap::{NonceSalt, Wrap};
+
+/// Longest identity (a certificate's name) in bytes.
+pub const MAX_IDENTITY_LEN: usize = 64;
+/// Most participants a join grant lists.
+pub const MAX_ROSTER: usize = 1 << 16;
+/// Most wraps one announcement carries: the TEK under every KEK and every KEK replaced.
+const MAX_WRAPS: usize = 2 * 64 + 1;
+const ANNOUNCEMENT_DOMAIN: &[u8] = b"keycast/v2 dflat announcement";
+
+const JOINED: u8 = 0x30;
+const EXCLUSION: u8 = 0x31;
+const RELAY: u8 = 0x32;
+const LEAVE_REQUEST: u8 = 0x33;
+const HANDOVER: u8 = 0x34;
+const JOIN_GRANT: u8 = 0x38;
+const KEY_GRANT: u8 = 0x39;
+const TEK_GRANT: u8 = 0x3A;
+
+/// A participant's certificate name: 1 to 64 printable ASCII bytes, so it has one encoding.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Identity(String);
+
+impl Identity {
+    pub fn new(name: &str) -> Result<Self, DecodeError> {
+        let printable = name.bytes().all(|b| b.is_ascii_graphic());
+        if name.is_empty() || name.len() > MAX_IDENTITY_LEN || !printable {
+            return Err(DecodeError::BadValue { field: "identity", value: name.len() as u64 });
+        }
+        Ok(Identity(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl core::fmt::Display for Identity {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// First 16 bytes of SHA-256 of a signed exclusion: names the change it makes.
+pub type ChangeDigest = [u8; 16];
+
+/// The change that made a TEK version: (version, digest of its exclusion; zeros for the
+/// keys the first participant created).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub struct ChangeRef {
+    pub tek_version: u32,
+    pub change: ChangeDigest,
+}
+
+/// An introducer admitted `joiner`: holders advance the listed keys to the listed revisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joined {
+    pub base: ChangeRef,
+    pub joiner: Identity,
+    pub attempt: u8,
+    pub joiner_id: u64,
+    pub tek: KeyRef,
+    /// The joiner's KEKs that exist, at their new revision.
+    pub revised: Vec<KeyRef>,
+    /// The joiner's KEKs nobody held: new keys, from the introducer.
+    pub created: Vec<KeyRef>,
+}
+
+/// An excluder removed `departed`: the new TEK and the wraps the excluder can make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exclusion {
+    pub base: ChangeRef,
+    pub departed: u64,
+    pub departed_identity: Identity,
+    /// An eviction also revokes the identity: no introducer admits it again.
+    pub eviction: bool,
+    pub new_tek: KeyRef,
+    pub wraps: Vec<Wrap>,
+}
+
+/// A key relay's share of exclusion `change`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relay {
+    pub change: ChangeDigest,
+    pub wraps: Vec<Wrap>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    Joined(Joined),
+    Exclusion(Exclusion),
+    Relay(Relay),
+    /// The signer asks to leave; the lowest other participant excludes it.
+    LeaveRequest { base: ChangeRef },
+    /// A member of a centralized flat group whose controller is lost: its ID and the refs of
+    /// its keys, so that every participant rebuilds the roster and the key table.
+    Handover(Handover),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub base: ChangeRef,
+    pub id: u64,
+    pub tek: KeyRef,
+    /// One KEK per ID bit, bit 0 first.
+    pub keks: Vec<KeyRef>,
+}
+
+impl Body {
+    /// The change an announcement builds on (a relay names its exclusion instead).
+    pub fn base(&self) -> Option<ChangeRef> {
+        match self {
+            Body::Joined(j) => Some(j.base),
+            Body::Exclusion(e) => Some(e.base),
+            Body::LeaveRequest { base } => Some(*base),
+            Body::Handover(h) => Some(h.base),
+            Body::Relay(_) => None,
+        }
+    }
+}
+
+/// A multicast announcement, signed by its participant's certificate key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    pub group: GroupId,
+    pub signer: Identity,
+    /// Per signer, from 1; a window of 64 refuses replays.
+    pub seq: u64,
+    pub body: Body,
+}
+
+impl Announcement {
+    fn body_bytes(&self) -> Vec<u8> {
+        let kind = match &self.body {
+            Body::Joined(_) => JOINED,
+            Body::Exclusion(_) => EXCLUSION,
+            Body::Relay(_) => RELAY,
+            Body::LeaveRequest { .. } => LEAVE_REQUEST,
+            Body::Handover(_) => HANDOVER,
+        };
+        let mut out = vec![WIRE_VERSION, kind];
+        out.put_u64(self.group.0);
+        put_identity(&mut out, &self.signer);
+        out.put_u64(self.seq);
+        match &self.body {
+            Body::Joined(j) => {
+                put_change(&mut out, j.base);
+                put_identity(&mut out, &j.joiner);
+                out.put_u8(j.attempt);
+                out.put_u64(j.joiner_id);
+                out.put_ref(j.tek);
+                put_refs(&mut out, &j.revised);
+                put_refs(&mut out, &j.created);
+            }
+            Body::Exclusion(e) => {
+                put_change(&mut out, e.base);
+                out.put_u64(e.departed);
+                put_identity(&mut out, &e.departed_identity);
+                out.put_u8(e.eviction as u8);
+                out.put_ref(e.new_tek);
+                put_wraps(&mut out, &e.wraps);
+            }
+            Body::Relay(r) => {
+                out.extend_from_slice(&r.change);
+                put_wraps(&mut out, &r.wraps);
+            }
+            Body::LeaveRequest { base } => put_change(&mut out, *base),
+            Body::Handover(h) => {
+                put_change(&mut out, h.base);
+                out.put_u64(h.id);
+                out.put_ref(h.tek);
+                put_refs(&mut out, &h.keks);
+            }
+        }
+        out
+    }
+
+    /// The signed bytes to multicast.
+    pub fn sign(&self, signer: &Signer) -> Vec<u8> {
+        let mut out = self.body_bytes();
+        let signature = signer.sign(ANNOUNCEMENT_DOMAIN, &out);
+        out.extend_from_slice(&signature);
+        out
+    }
+
+    /// Decodes without checking the signature (see [`Announcement::verify`]).
+    pub fn decode(bytes: &[u8]) -> Result<(Announcement, Signature), DecodeError> {
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(DecodeError::Oversized(bytes.len()));
+        }
+        let mut r = Reader::new(bytes);
+        let kind = read_version_and_kind(&mut r)?;
+        let group = r.group()?;
+        let signer = read_identity(&mut r)?;
+        let seq = r.u64("seq")?;
+        let body = match kind {
+            JOINED => Body::Joined(Joined {
+                base: read_change(&mut r)?,
+                joiner: read_identity(&mut r)?,
+                attempt: r.u8("attempt")?,
+                joiner_id: r.u64("joiner id")?,
+                tek: r.key_ref("tek")?,
+                revised: read_refs(&mut r, "revised keys")?,
+                created: read_refs(&mut r, "created keys")?,
+            }),
+            EXCLUSION => Body::Exclusion(Exclusion {
+                base: read_change(&mut r)?,
+                departed: r.u64("departed")?,
+                departed_identity: read_identity(&mut r)?,
+                eviction: r.flag("eviction")?,
+                new_tek: r.key_ref("new tek")?,
+                wraps: read_wraps(&mut r)?,
+            }),
+            RELAY => Body::Relay(Relay { change: r.array("change")?, wraps: read_wraps(&mut r)? }),
+            LEAVE_REQUEST => Body::LeaveRequest { base: read_change(&mut r)? },
+            HANDOVER => Body::Handover(Handover {
+                base: read_change(&mut r)?,
+                id: r.u64("participant id")?,
+                tek: r.key_ref("tek")?,
+                keks: read_refs(&mut r, "handed over keys")?,
+            }),
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        let signature = r.array::<SIGNATURE_LEN>("signature")?;
+        r.finish()?;
+        Ok((Announcement { group, signer, seq, body }, signature))
+    }
+
+    /// Whether `bytes` (this announcement, decoded) carry `key`'s signature.
+    pub fn verify(bytes: &[u8], signature: &Signature, key: &VerifyingKey) -> bool {
+        key.verify(ANNOUNCEMENT_DOMAIN, &bytes[..bytes.len() - SIGNATURE_LEN], signature)
+    }
+}
+
+/// The digest naming a signed exclusion.
+pub fn change_digest(signed: &[u8]) -> ChangeDigest {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest(&SHA256, signed).as_ref()[..16]);
+    out
+}
+
+/// What an introducer hands a joiner: its place, the keys they share, the created keys and
+/// the public state every participant keeps (key table, roster, revoked identities).
+#[derive(Clone, Debug)]
+pub struct JoinGrant {
+    pub attempt: u8,
+    pub change: ChangeRef,
+    pub tek: (KeyRef, Key),
+    pub keks: Vec<(KeyRef, Key)>,
+    /// Current ref of every KEK slot, bit by bit (value 0 then 1), and whether anyone holds it.
+    pub table: Vec<[(KeyRef, bool); 2]>,
+    pub roster: Vec<(u64, Identity)>,
+    pub revoked: Vec<Identity>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Private {
+    JoinGrant(JoinGrant),
+    /// A key holder hands a joiner one of its KEKs.
+    KeyGrant { key: (KeyRef, Key) },
+    /// An excluder hands a relay the new TEK of `change`.
+    TekGrant { change: ChangeDigest, tek: (KeyRef, Key) },
+}
+
+impl Private {
+    pub fn encode(&self, group: GroupId) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::new());
+        let kind = match self {
+            Private::JoinGrant(_) => JOIN_GRANT,
+            Private::KeyGrant { .. } => KEY_GRANT,
+            Private::TekGrant { .. } => TEK_GRANT,
+        };
+        out.extend_from_slice(&[WIRE_VERSION, kind]);
+        out.put_u64(group.0);
+        match self {
+            Private::JoinGrant(g) => {
+                out.put_u8(g.attempt);
+                put_change(&mut out, g.change);
+                put_key(&mut out, &g.tek);
+                out.put_u8(g.keks.len() as u8);
+                g.keks.iter().for_each(|k| put_key(&mut out, k));
+                out.put_u8(g.table.len() as u8);
+                for pair in &g.table {
+                    for (r, held) in pair {
+                        out.put_ref(*r);
+                        out.put_u8(*held as u8);
+                    }
+                }
+                out.put_u32(g.roster.len() as u32);
+                for (id, who) in &g.roster {
+                    out.put_u64(*id);
+                    put_identity(&mut out, who);
+                }
+                out.put_u32(g.revoked.len() as u32);
+                g.revoked.iter().for_each(|who| put_identity(&mut out, who));
+            }
+            Private::KeyGrant { key } => put_key(&mut out, key),
+            Private::TekGrant { change, tek } => {
+                out.extend_from_slice(change);
+                put_key(&mut out, tek);
+            }
+        }
+        out
+    }
+
+    /// Strict decoding: lists bounded, roster and revoked identities strictly ascending.
+    pub fn decode(bytes: &[u8], group: GroupId) -> Result<Private, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let kind = read_version_and_kind(&mut r)?;
+        let got = r.group()?;
+        if got != group {
+            return Err(DecodeError::BadValue { field: "group", value: got.0 });
+        }
+        let private = match kind {
+            JOIN_GRANT => Private::JoinGrant(read_join_grant(&mut r)?),
+            KEY_GRANT => Private::KeyGrant { key: read_key(&mut r)? },
+            TEK_GRANT => Private::TekGrant { change: r.array("change")?, tek: read_key(&mut r)? },
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(private)
+    }
+}
+
+fn read_join_grant(r: &mut Reader<'_>) -> Result<JoinGrant, DecodeError> {
+    let attempt = r.u8("attempt")?;
+    let change = read_change(r)?;
+    let tek = read_key(r)?;
+    let count = r.count(1, 64, KeyRef::ENCODED_LEN + 32, "granted keks")?;
+    let keks = (0..count).map(|_| read_key(r)).collect::<Result<_, _>>()?;
+    let bits = r.count(1, 64, 2 * (KeyRef::ENCODED_LEN + 1), "key table")?;
+    let mut table = Vec::with_capacity(bits);
+    for _ in 0..bits {
+        let mut slot = || -> Result<(KeyRef, bool), DecodeError> { Ok((r.key_ref("table key")?, r.flag("held")?)) };
+        table.push([slot()?, slot()?]);
+    }
+    let count = r.count(4, MAX_ROSTER, 10, "roster")?;
+    let mut roster: Vec<(u64, Identity)> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let entry = (r.u64("participant id")?, read_identity(r)?);
+        if roster.last().is_some_and(|last| last.0 >= entry.0) {
+            return Err(DecodeError::NotAscending("roster"));
+        }
+        roster.push(entry);
+    }
+    let identities: BTreeSet<&Identity> = roster.iter().map(|(_, who)| who).collect();
+    if identities.len() != roster.len() {
+        return Err(DecodeError::BadValue { field: "roster identity", value: 0 });
+    }
+    let count = r.count(4, MAX_ROSTER, 2, "revoked")?;
+    let mut revoked: Vec<Identity> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let who = read_identity(r)?;
+        if revoked.last().is_some_and(|last| *last >= who) {
+            return Err(DecodeError::NotAscending("revoked"));
+        }
+        revoked.push(who);
+    }
+    Ok(JoinGrant { attempt, change, tek, keks, table, roster, revoked })
+}
+
+fn read_version_and_kind(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
+    let version = r.u8("version")?;
+    if version != WIRE_VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    r.u8("type")
+}
+
+fn put_identity(out: &mut Vec<u8>, who: &Identity) {
+    out.put_u8(who.0.len() as u8);
+    out.extend_from_slice(who.0.as_bytes());
+}
+
+fn read_identity(r: &mut Reader<'_>) -> Result<Identity, DecodeError> {
+    let len = r.count(1, MAX_IDENTITY_LEN, 1, "identity")?;
+    let bytes = r.take(len, "identity")?;
+    Identity::new(core::str::from_utf8(bytes).map_err(|_| DecodeError::BadText)?)
+}
+
+fn put_change(out: &mut Vec<u8>, change: ChangeRef) {
+    out.put_u32(change.tek_version);
+    out.extend_from_slice(&change.change);
+}
+
+fn read_change(r: &mut Reader<'_>) -> Result<ChangeRef, DecodeError> {
+    Ok(ChangeRef { tek_version: r.u32("base version")?, change: r.array("base change")? })
+}
+
+fn put_refs(out: &mut Vec<u8>, refs: &[KeyRef]) {
+    out.put_u8(refs.len() as u8);
+    refs.iter().for_each(|r| out.put_ref(*r));
+}
+
+fn read_refs(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<KeyRef>, DecodeError> {
+    let count = r.count(1, 64, KeyRef::ENCODED_LEN, field)?;
+    (0..count).map(|_| r.key_ref(field)).collect()
+}
+
+/// One salt, then the wraps (every wrap of one announcement shares it).
+fn put_wraps(out: &mut Vec<u8>, wraps: &[Wrap]) {
+    let salt = wraps.first().map(|w| w.salt).unwrap_or_default();
+    out.extend_from_slice(&salt);
+    out.put_u8(wraps.len() as u8);
+    wraps.iter().for_each(|w| out.put_wrap(w));
+}
+
+fn read_wraps(r: &mut Reader<'_>) -> Result<Vec<Wrap>, DecodeError> {
+    let salt: NonceSalt = r.array("salt")?;
+    let count = r.count(1, MAX_WRAPS, crate::wire::codec::MIN_WRAP_LEN, "wraps")?;
+    (0..count).map(|_| r.wrap(&salt)).collect()
+}
+
+fn put_key(out: &mut Vec<u8>, (r, key): &(KeyRef, Key)) {
+    out.put_ref(*r);
+    out.extend_from_slice(key.as_bytes());
+}
+
+fn read_key(r: &mut Reader<'_>) -> Result<(KeyRef, Key), DecodeError> {
+    Ok((r.key_ref("key ref")?, r.key("key")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyId;
+
+    #[test]
+    fn announcements_round_trip_verify_and_refuse_tampering() {
+        let signer = Signer::from_seed(&[3; 32]);
+        let ann = Announcement {
+            group: GroupId(9),
+            signer: Identity::new("p1").unwrap(),
+            seq: 4,
+            body: Body::LeaveRequest { base: ChangeRef { tek_version: 2, change: [7; 16] } },
+        };
+        let bytes = ann.sign(&signer);
+        let (decoded, signature) = Announcement::decode(&bytes).unwrap();
+        assert_eq!(decoded, ann);
+        assert_eq!(decoded.sign(&signer), bytes, "one encoding per value");
+        assert!(Announcement::verify(&bytes, &signature, &signer.verifying_key()));
+        let mut forged = bytes.clone();
+        forged[12] ^= 1;
+        let (_, signature) = Announcement::decode(&forged).unwrap();
+        assert!(!Announcement::verify(&forged, &signature, &signer.verifying_key()));
+        assert!(Announcement::decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(Announcement::decode(&[bytes.clone(), vec![0]].concat()).is_err());
+    }
+
+    #[test]
+    fn every_announcement_kind_has_one_encoding() {
+        let signer = Signer::from_seed(&[4; 32]);
+        let base = ChangeRef { tek_version: 3, change: [1; 16] };
+        let key_ref = KeyRef::new(KeyId(3), 6, 1);
+        let wrap = Wrap::seal(&Key::from_bytes([1; 32]), crate::wrap::Wrapper::Key(key_ref), KeyRef::new(KeyId(0), 4, 0), &Key::from_bytes([2; 32]), &[9; 12]);
+        let who = Identity::new("p2").unwrap();
+        let bodies = [
+            Body::Joined(Joined { base, joiner: who.clone(), attempt: 1, joiner_id: 5, tek: KeyRef::new(KeyId(0), 3, 2), revised: vec![key_ref], created: vec![] }),
+            Body::Exclusion(Exclusion { base, departed: 5, departed_identity: who, eviction: true, new_tek: KeyRef::new(KeyId(0), 4, 0), wraps: vec![wrap.clone()] }),
+            Body::Relay(Relay { change: [8; 16], wraps: vec![wrap] }),
+            Body::LeaveRequest { base },
+            Body::Handover(Handover { base, id: 5, tek: KeyRef::new(KeyId(0), 3, 0), keks: vec![key_ref] }),
+        ];
+        for body in bodies {
+            let ann = Announcement { group: GroupId(1), signer: Identity::new("p1").unwrap(), seq: 1, body };
+            let bytes = ann.sign(&signer);
+            let (decoded, _) = Announcement::decode(&bytes).unwrap();
+            assert_eq!(decoded, ann);
+            assert_eq!(decoded.sign(&signer), bytes);
+        }
+    }
+
+    #[test]
+    fn grants_decode_strictly() {
+        let grant = Private::KeyGrant { key: (KeyRef::new(KeyId(3), 1, 2), Key::from_bytes([5; 32])) };
+        let bytes = grant.encode(GroupId(1));
+        assert!(matches!(Private::decode(&bytes, GroupId(1)), Ok(Private::KeyGrant { .. })));
+        assert!(Private::decode(&bytes, GroupId(2)).is_err(), "another group's grant");
+        assert!(Private::decode(&bytes[..bytes.len() - 1], GroupId(1)).is_err());
+        assert!(Identity::new("with space").is_err());
+        assert!(Identity::new("").is_err());
+    }
+}
