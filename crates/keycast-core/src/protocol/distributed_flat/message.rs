@@ -196,6 +196,13 @@ impl Announcement {
         out
     }
 
+    /// The announcement with a given signature (re-encoding a decoded one; not checked).
+    pub fn encode_with(&self, signature: &Signature) -> Vec<u8> {
+        let mut out = self.body_bytes();
+        out.extend_from_slice(signature);
+        out
+    }
+
     /// Decodes without checking the signature (see [`Announcement::verify`]).
     pub fn decode(bytes: &[u8]) -> Result<(Announcement, Signature), DecodeError> {
         if bytes.len() > MAX_MESSAGE_LEN {
