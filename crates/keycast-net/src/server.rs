@@ -318,8 +318,10 @@ impl ControllerTask {
                 },
                 _ = interval.tick() => self.tick().await,
                 Some(request) = self.udp_requests.recv() => {
+                    // Datagrams change no member, key or epoch: the published state stands
+                    // (a million members refresh tens of thousands of times a second).
                     self.udp_request(&request.bytes[..request.len], request.from).await;
-                    Ok(())
+                    continue;
                 }
             };
             if let Err(error) = step {
