@@ -428,6 +428,10 @@ fn put_wraps(out: &mut Vec<u8>, wraps: &[Wrap]) {
 fn read_wraps(r: &mut Reader<'_>) -> Result<Vec<Wrap>, DecodeError> {
     let salt: NonceSalt = r.array("salt")?;
     let count = r.count(1, MAX_WRAPS, crate::wire::codec::MIN_WRAP_LEN, "wraps")?;
+    // With no wrap the salt is unused: only zeros, so the bytes have one encoding.
+    if count == 0 && salt != NonceSalt::default() {
+        return Err(DecodeError::BadValue { field: "salt of no wraps", value: 1 });
+    }
     (0..count).map(|_| r.wrap(&salt)).collect()
 }
 
@@ -488,6 +492,20 @@ mod tests {
             assert_eq!(decoded, ann);
             assert_eq!(decoded.sign(&signer), bytes);
         }
+    }
+
+    /// Found by the fuzzer: a relay with no wrap carried a salt nothing uses, so two byte
+    /// strings decoded to one announcement.
+    #[test]
+    fn no_wraps_means_a_zero_salt() {
+        let signer = Signer::from_seed(&[4; 32]);
+        let ann = Announcement { group: GroupId(1), signer: Identity::new("p1").unwrap(), seq: 1, body: Body::Relay(Relay { change: [8; 16], wraps: vec![] }) };
+        let bytes = ann.sign(&signer);
+        assert_eq!(Announcement::decode(&bytes).unwrap().0, ann);
+        let salt_at = bytes.len() - SIGNATURE_LEN - 1 - crate::wrap::SALT_LEN;
+        let mut salted = bytes.clone();
+        salted[salt_at] = 1;
+        assert!(Announcement::decode(&salted).is_err(), "a salt beside no wraps decoded");
     }
 
     #[test]
