@@ -439,6 +439,9 @@ struct Follow {
     refreshes: u64,
 }
 
+/// Datagrams taken from the multicast socket's backlog before a NAK or resync is decided.
+const MAX_DRAINED: usize = 256;
+
 impl Follow {
     async fn run(mut self, socket: UdpSocket) {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
@@ -453,8 +456,7 @@ impl Follow {
             let go_on = tokio::select! {
                 received = socket.recv_from(&mut buf) => {
                     match received {
-                        Ok(_) if loss.as_mut().is_some_and(LossInjector::drops) => bump(&self.events.shared.lost),
-                        Ok((len, _)) => self.receive(&buf[..len]),
+                        Ok((len, _)) => self.multicast_datagram(&buf[..len], &mut loss),
                         Err(e) => tracing::debug!(error = %e, "multicast receive failed"),
                     }
                     true
@@ -464,10 +466,12 @@ impl Follow {
                     Err(_) => true,
                 },
                 _ = tokio::time::sleep(nak_in.unwrap_or_default()), if nak_in.is_some() => {
+                    self.drain(&socket, &mut buf, &mut loss);
                     self.send_nak();
                     true
                 }
                 _ = tick.tick() => {
+                    self.drain(&socket, &mut buf, &mut loss);
                     let list = lock(&self.session).tick(now_ms());
                     self.events.members(list);
                     true
@@ -631,6 +635,25 @@ impl Follow {
     }
 
     /// Sends the session's NAK, if one is due (over UDP, like liveness datagrams).
+    fn multicast_datagram(&mut self, bytes: &[u8], loss: &mut Option<LossInjector>) {
+        match loss.as_mut().is_some_and(LossInjector::drops) {
+            true => bump(&self.events.shared.lost),
+            false => self.receive(bytes),
+        }
+    }
+
+    /// Takes what has already arrived on the multicast socket (at most a bounded number, so a
+    /// flood cannot hold the timers off) before a NAK or a resync is decided: on a busy host a
+    /// repair may be waiting in the socket buffer when the timer fires.
+    fn drain(&mut self, socket: &UdpSocket, buf: &mut [u8], loss: &mut Option<LossInjector>) {
+        for _ in 0..MAX_DRAINED {
+            match socket.try_recv_from(buf) {
+                Ok((len, _)) => self.multicast_datagram(&buf[..len], loss),
+                Err(_) => return,
+            }
+        }
+    }
+
     fn send_nak(&self) {
         let nak = lock(&self.session).take_nak(now_ms());
         if let Some(nak) = nak {
