@@ -439,6 +439,15 @@ struct Follow {
     refreshes: u64,
 }
 
+/// When a member's first refresh is due: at a random point of its first period, so members
+/// that joined in one batch (thousands at once) refresh evenly spread, not together.
+fn refresh_phase(period: Duration) -> Duration {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&entropy()[..8]);
+    let period_ms = period.as_millis().max(1) as u64;
+    Duration::from_millis(1 + u64::from_le_bytes(bytes) % period_ms)
+}
+
 /// Datagrams taken from the multicast socket's backlog before a NAK or resync is decided.
 const MAX_DRAINED: usize = 256;
 
@@ -449,7 +458,7 @@ impl Follow {
         let mut unicast_buf = vec![0u8; MAX_MESSAGE_LEN];
         let mut tick = tokio::time::interval(Duration::from_millis(self.setup.heartbeat_ms.clamp(10, 1000) / 2));
         let period = Duration::from_millis(self.setup.refresh_ms.max(10));
-        let mut refresh = tokio::time::interval_at(Instant::now() + period, period);
+        let mut refresh = tokio::time::interval_at(Instant::now() + refresh_phase(period), period);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let nak_in = lock(&self.session).next_nak_ms().map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
@@ -787,5 +796,24 @@ impl Follow {
         let (setup, member) = (self.setup.clone(), self.member());
         self.requests.spawn(async move { Outcome { member, result: Finished::Rejoin(join_with_retries(&setup).await) } });
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of joiners spreads its first refreshes over the whole period: a thousand draws
+    /// land in every tenth of it, and none outside it.
+    #[test]
+    fn first_refreshes_spread_over_the_period() {
+        let period = Duration::from_millis(30_000);
+        let mut tenths = [0u32; 10];
+        for _ in 0..1_000 {
+            let phase = refresh_phase(period);
+            assert!(phase > Duration::ZERO && phase <= period, "{phase:?}");
+            tenths[(phase.as_millis() as usize * 10 / 30_001).min(9)] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n >= 50), "uneven: {tenths:?}");
     }
 }
