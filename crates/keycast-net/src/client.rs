@@ -51,6 +51,9 @@ pub struct MemberSetup {
     pub event_capacity: usize,
     /// Loss injected on the multicast receive path (tests, `keycast demo --loss`); none by default.
     pub loss: Option<LossModel>,
+    /// NAK lost rekey packets (on by default; off only for comparison runs, `keycast demo
+    /// --no-naks`: the member then relies on proactive parity and resyncs when that fails).
+    pub naks: bool,
 }
 
 impl MemberSetup {
@@ -70,6 +73,7 @@ impl MemberSetup {
             rejoin: config.rejoin,
             event_capacity: config.event_capacity,
             loss: None,
+            naks: true,
         }
     }
 }
@@ -461,7 +465,8 @@ impl Follow {
         let mut refresh = tokio::time::interval_at(Instant::now() + refresh_phase(period), period);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let nak_in = lock(&self.session).next_nak_ms().map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+            let nak_due = if self.setup.naks { lock(&self.session).next_nak_ms() } else { None };
+            let nak_in = nak_due.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
             let go_on = tokio::select! {
                 received = socket.recv_from(&mut buf) => {
                     match received {
@@ -664,6 +669,9 @@ impl Follow {
     }
 
     fn send_nak(&self) {
+        if !self.setup.naks {
+            return;
+        }
         let nak = lock(&self.session).take_nak(now_ms());
         if let Some(nak) = nak {
             bump(&self.events.shared.naks);

@@ -191,6 +191,7 @@ impl LocalGroup {
             rejoin: false,
             event_capacity: 1024,
             loss: None,
+            naks: true,
         })
     }
 

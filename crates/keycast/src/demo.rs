@@ -48,6 +48,10 @@ pub struct DemoArgs {
     /// NAKs per rekey the proactivity adapts toward.
     #[arg(long = "target-naks", default_value_t = 2)]
     target_naks: u16,
+    /// Members send no NAKs: proactive parity or a resync (for comparison runs; with --rho 1.0,
+    /// the resync-only path).
+    #[arg(long = "no-naks")]
+    no_naks: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -99,6 +103,7 @@ struct Demo {
     joins: usize,
     leaves: usize,
     loss: Option<LossModel>,
+    naks: bool,
     /// Rekeys lived through by members that left (the rest are counted at the end).
     departed_member_rekeys: u64,
     /// Delivery counters of members that left.
@@ -116,6 +121,7 @@ impl Demo {
             let name = format!("member-{}", self.next_identity);
             let mut setup = self.group.member_setup(&name).map_err(|e| e.to_string())?;
             setup.loss = self.loss.map(|model| model.for_receiver(self.next_identity));
+            setup.naks = self.naks;
             handles.push(tokio::spawn(async move { MemberClient::join(setup).await.map(|(c, e)| (name, c, e)) }));
         }
         for h in handles {
@@ -226,6 +232,8 @@ struct Summary {
     parity_packets: u64,
     repair_rounds: u64,
     repair_packets: u64,
+    /// Whether members sent NAKs (`--no-naks` turns them off).
+    member_naks: bool,
     /// NAKs the controller counted (and per rekey), and NAKs members sent.
     naks: u64,
     naks_per_rekey: f64,
@@ -358,6 +366,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         joins: 0,
         leaves: 0,
         loss,
+        naks: !args.no_naks,
         departed_member_rekeys: 0,
         departed: MemberTotals::default(),
         joined_seq: BTreeMap::new(),
@@ -446,6 +455,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         parity_packets: stats.parity_packets,
         repair_rounds: stats.repair_rounds,
         repair_packets: stats.repair_packets,
+        member_naks: !args.no_naks,
         naks: stats.naks_received,
         naks_per_rekey: ratio(stats.naks_received, stats.rekeys),
         naks_sent: totals.naks,
