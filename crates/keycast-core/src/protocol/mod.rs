@@ -3,6 +3,7 @@
 //! the I/O.
 
 pub mod controller;
+pub mod failover;
 pub mod member;
 pub mod relay;
 mod repair;
