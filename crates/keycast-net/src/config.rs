@@ -248,6 +248,10 @@ pub struct MemberConfig {
     pub event_capacity: usize,
     #[serde(default)]
     pub requests: RequestPolicy,
+    /// The subgroup's standby relays, by registration number (`[[standbys]]` with `server`
+    /// and `server_name`): the member joins them when its controller goes silent.
+    #[serde(default)]
+    pub standbys: Vec<crate::client::ControllerAddr>,
 }
 
 /// How a member's requests to the controller (join, leave, refresh, resync) are bounded:
@@ -345,7 +349,7 @@ pub struct AdminConfig {
     pub tls: TlsFiles,
 }
 
-fn localhost() -> String {
+pub(crate) fn localhost() -> String {
     "localhost".into()
 }
 

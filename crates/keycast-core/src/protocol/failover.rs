@@ -46,8 +46,9 @@ pub enum StandbyDecision {
 pub enum StandbyState {
     /// The active relay was last heard at `last_heard_ms`.
     Watching { last_heard_ms: u64 },
-    /// The alarm went off; this standby takes over at `take_over_at_ms` unless it hears one.
-    Alarmed { take_over_at_ms: u64 },
+    /// The alarm went off; this standby takes over at `take_over_at_ms` unless it hears a
+    /// relay after `last_heard_ms`.
+    Alarmed { last_heard_ms: u64, take_over_at_ms: u64 },
     /// This standby is the active relay now.
     Active,
 }
@@ -73,18 +74,19 @@ impl StandbyWatch {
         self.policy
     }
 
-    /// A verified heartbeat (or an accepted join) from the active relay at `heard_ms`.
+    /// A verified heartbeat (or an accepted join) from the active relay at `heard_ms`; a time
+    /// not after the last one heard changes nothing (drivers may report the same one again).
     pub fn heard_active(&mut self, heard_ms: u64) -> Option<StandbyDecision> {
         match self.state {
             StandbyState::Watching { last_heard_ms } => {
                 self.state = StandbyState::Watching { last_heard_ms: last_heard_ms.max(heard_ms) };
                 None
             }
-            StandbyState::Alarmed { .. } => {
+            StandbyState::Alarmed { last_heard_ms, .. } if heard_ms > last_heard_ms => {
                 self.state = StandbyState::Watching { last_heard_ms: heard_ms };
                 Some(StandbyDecision::StandDown)
             }
-            StandbyState::Active => None,
+            StandbyState::Alarmed { .. } | StandbyState::Active => None,
         }
     }
 
@@ -93,10 +95,10 @@ impl StandbyWatch {
         match self.state {
             StandbyState::Watching { last_heard_ms } if now_ms.saturating_sub(last_heard_ms) > self.policy.alarm_after_ms() => {
                 let take_over_at_ms = now_ms.saturating_add(self.policy.back_off_for_rank_ms());
-                self.state = StandbyState::Alarmed { take_over_at_ms };
+                self.state = StandbyState::Alarmed { last_heard_ms, take_over_at_ms };
                 Some(StandbyDecision::Alarm { take_over_at_ms })
             }
-            StandbyState::Alarmed { take_over_at_ms } if now_ms >= take_over_at_ms => {
+            StandbyState::Alarmed { take_over_at_ms, .. } if now_ms >= take_over_at_ms => {
                 self.state = StandbyState::Active;
                 Some(StandbyDecision::TakeOver)
             }
@@ -147,6 +149,7 @@ mod tests {
         );
         assert_eq!(first.tick(301), Some(StandbyDecision::TakeOver));
         assert_eq!(second.tick(1300), None, "still backing off");
+        assert_eq!(second.heard_active(0), None, "the silent relay's last heartbeat again");
         // The first's heartbeats reach the others: they stand down and watch it.
         assert_eq!(second.heard_active(700), Some(StandbyDecision::StandDown));
         assert_eq!(third.heard_active(700), Some(StandbyDecision::StandDown));
