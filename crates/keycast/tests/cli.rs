@@ -554,7 +554,7 @@ fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() 
     let init = command(&["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
     assert!(init.status.success());
     let top_acl = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
-    assert!(top_acl.contains("acl = [\"member-1\", \"relay-1\"]"), "the relay is admitted at the top: {top_acl}");
+    assert!(top_acl.contains("acl = [\"member-1\", \"relay-1\", \"relay-1-standby-1\"]"), "the relay and its standby are admitted at the top: {top_acl}");
     // Not beside the demos under loss; and no fixed sleeps: each step waits for the last.
     let _alone = timing_lock();
     let _server = KillOnDrop(command(&["server", "--config", "server.toml"]).spawn().unwrap());
