@@ -53,12 +53,15 @@ pub struct Relay {
     pub server: Server,
     parent: Arc<MemberClient>,
     stats: Arc<Mutex<ForwardStats>>,
-    task: JoinHandle<()>,
+    forwarding: AbortOnDrop,
 }
 
-impl Drop for Relay {
+/// A task that stops when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.task.abort();
+        self.0.abort();
     }
 }
 
@@ -100,7 +103,15 @@ impl Relay {
         };
         let task = tokio::spawn(forwarding.run(events));
         tracing::info!(parent = parent_group.0, subgroup = subgroup.0, member = parent.member().0, "relay forwarding");
-        Ok(Relay { server, parent, stats, task })
+        Ok(Relay { server, parent, stats, forwarding: AbortOnDrop(task) })
+    }
+
+    /// Stops at once, as a crash would, and waits until the subgroup's controller is gone (so
+    /// its log's lock is free for a restart in the same process).
+    pub async fn kill(self) {
+        let Relay { server, forwarding, .. } = self;
+        drop(forwarding);
+        server.kill().await;
     }
 
     /// What was forwarded each way and dropped.

@@ -296,3 +296,43 @@ async fn a_killed_relay_is_replaced_by_its_first_standby_and_its_subgroup_comes_
     tokio::time::sleep_until(past_back_off).await;
     assert!(second.active().is_none(), "standby 2 took over although standby 1 was active");
 }
+
+/// A relay that crashes (killed) and is started again from its own log, at the same address:
+/// its subgroup's members keep their member ids and keys (no rejoin), the restarted relay
+/// joins the parent again, and data crosses between the levels again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_from_its_log_keeps_its_subgroup_without_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut top = prepare(TOP, 2, Some("relay-43"), &dir);
+    top.start_server().await.unwrap();
+    let mut a = prepare(SUB_A, 2, None, &dir);
+    let relay = a.start_relay(top.member_setup("relay-43").unwrap()).await.unwrap();
+    let mut top_members = top.join_all(["member-1", "member-2"]).await.unwrap();
+    let mut a_members = a.join_all(["member-1", "member-2"]).await.unwrap();
+    until_keyed(&[
+        (top.server(), with_relays(&top_members, [relay.parent(), &top_members[0].0])),
+        (&relay.server, a_members.iter().map(|(m, _)| m).collect()),
+    ])
+    .await;
+    let (ids, key) = (a_members.iter().map(|(m, _)| m.member()).collect::<Vec<_>>(), relay.server.stats().active_key);
+    let rekeys = relay.server.stats().rekeys;
+
+    relay.kill().await;
+    let relay = a.start_relay(top.member_setup("relay-43").unwrap()).await.unwrap();
+    assert_eq!((relay.server.stats().active_key, relay.server.stats().rekeys), (key, rekeys), "restored from its log: same key in force, same rekeys");
+    until_keyed(&[
+        (top.server(), with_relays(&top_members, [relay.parent(), &top_members[0].0])),
+        (&relay.server, a_members.iter().map(|(m, _)| m).collect()),
+    ])
+    .await;
+    top_members[0].0.send(b"from the top, after the restart").await.unwrap();
+    a_members[0].0.send(b"from A, after the restart").await.unwrap();
+    let expected: [&[u8]; 1] = [b"from the top, after the restart"];
+    assert_eq!(each_once(&mut a_members[1].1, &expected).await, once(&expected));
+    let expected: [&[u8]; 1] = [b"from A, after the restart"];
+    assert_eq!(each_once(&mut top_members[1].1, &expected).await, once(&expected));
+    assert_eq!(a_members.iter().map(|(m, _)| m.member()).collect::<Vec<_>>(), ids, "no member of the subgroup rejoined");
+    while let Ok(event) = a_members[1].1.try_recv() {
+        assert!(!matches!(event, ClientEvent::Rejoined { .. } | ClientEvent::FailedOver { .. }), "{event:?}");
+    }
+}
