@@ -585,3 +585,22 @@ fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() 
     let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
     assert!(through, "the subgroup's member got nothing through the relay: {heard:?}");
 }
+
+/// `demo --relays 2`, small: churn in every group, relay 1 killed and replaced by its standby,
+/// data from every group reaching every other, and the evicted member opening nothing.
+#[test]
+fn demo_with_relays_fails_over_and_delivers_across_subgroups() {
+    let summary = {
+        let _alone = timing_lock();
+        keycast(&["demo", "--relays", "2", "--members", "30", "--epochs", "2", "--epoch-ms", "150", "--json"])
+    };
+    assert_eq!((summary["subgroups"].as_u64(), summary["relay_failovers"].as_u64()), (Some(2), Some(1)), "{summary}");
+    assert_eq!(summary["members_in_sync"], summary["members"], "{summary}");
+    assert_eq!(summary["cross_subgroup_delivered"], summary["cross_subgroup_expected"], "{summary}");
+    assert!(summary["cross_subgroup_expected"].as_u64().unwrap() > 0);
+    assert_eq!(summary["evicted_can_decrypt"], false);
+    assert!(summary["messages_tried_by_evicted"].as_u64().unwrap() > 0, "the evicted member heard data after its eviction: {summary}");
+    for field in ["failover_ms", "messages_lost_in_failover", "relay_hop_us"] {
+        assert!(summary[field].is_number(), "{field} missing: {summary}");
+    }
+}
