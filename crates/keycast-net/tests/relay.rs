@@ -227,6 +227,8 @@ async fn a_killed_relay_is_replaced_by_its_first_standby_and_its_subgroup_comes_
     top.acl.extend(["relay-43", "relay-45", "relay-43-standby-1", "relay-43-standby-2"].map(String::from));
     top.start_server().await.unwrap();
     let mut a = prepare(SUB_A, 3, None, &dir);
+    // The alive alarm at 300 ms: a loaded machine's scheduling gaps must not look like a death.
+    a.policy.heartbeat_ms = 100;
     a.add_standby().unwrap();
     a.add_standby().unwrap();
     let relay_a = a.start_relay(top.member_setup("relay-43").unwrap()).await.unwrap();

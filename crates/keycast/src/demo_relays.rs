@@ -107,7 +107,8 @@ pub fn run(args: &DemoArgs, relays: u16) -> Result<(), String> {
 
 fn policy(group: u64, epoch_ms: u64) -> keycast_core::protocol::GroupPolicy {
     let mut policy = loopback_policy(GroupId(group));
-    (policy.epoch_ms, policy.heartbeat_ms) = (epoch_ms, (epoch_ms / 4).max(20));
+    // Heartbeats of at least 50 ms: the alive alarm (three of them) must not ring on a busy host.
+    (policy.epoch_ms, policy.heartbeat_ms) = (epoch_ms, (epoch_ms / 4).max(50));
     policy
 }
 
