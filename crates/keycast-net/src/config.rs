@@ -520,6 +520,15 @@ mod tests {
     }
 
     #[test]
+    fn member_standbys_are_listed_in_order_and_none_by_default() {
+        assert!(load("").unwrap().standbys.is_empty());
+        let listed = load("[[standbys]]\nserver = \"127.0.0.1:7404\"\n[[standbys]]\nserver = \"127.0.0.1:7405\"\nserver_name = \"standby-2\"\n").unwrap();
+        let servers: Vec<_> = listed.standbys.iter().map(|s| (s.server.port(), s.server_name.as_str())).collect();
+        assert_eq!(servers, [(7404, "localhost"), (7405, "standby-2")]);
+        assert!(load("[[standbys]]\nserver = \"127.0.0.1:7404\"\nname = \"x\"\n").is_err(), "a misspelt field was ignored");
+    }
+
+    #[test]
     fn member_requests_default_and_bad_values_are_refused_with_the_file_named() {
         let config = load("").unwrap();
         assert_eq!(config.requests, RequestPolicy::default());
