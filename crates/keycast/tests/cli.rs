@@ -604,3 +604,52 @@ fn demo_with_relays_fails_over_and_delivers_across_subgroups() {
         assert!(summary[field].is_number(), "{field} missing: {summary}");
     }
 }
+
+/// `init --relays 1` writes a standby; as processes, relay-1 is killed (SIGKILL) and
+/// `keycast relay --config relay-1-standby-1.toml` takes over: the subgroup's member fails over
+/// to it by itself and hears the top group's data through it.
+#[test]
+fn a_standby_from_init_takes_over_a_killed_relay_and_its_member_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bin = env!("CARGO_BIN_EXE_keycast");
+    let command = |args: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args(args).current_dir(dir.path()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        c
+    };
+    let init = command(&["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
+    assert!(init.status.success());
+    let _alone = timing_lock();
+    let _server = KillOnDrop(command(&["server", "--config", "server.toml"]).spawn().unwrap());
+    let relay = KillOnDrop(command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap());
+    let _standby = KillOnDrop(command(&["relay", "--config", "relay-1-standby-1.toml"]).spawn().unwrap());
+    let mut below = KillOnDrop(command(&["member", "--config", "member-2.toml", "--for-secs", "120", "--json"]).spawn().unwrap());
+    let lines = {
+        let stdout = std::io::BufReader::new(below.0.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || std::io::BufRead::lines(stdout).map_while(Result::ok).try_for_each(|line| tx.send(line)));
+        rx
+    };
+    let mut heard = Vec::new();
+    let mut wait_for = |what: &str, within: std::time::Duration| {
+        let deadline = std::time::Instant::now() + within;
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            heard.push(line);
+            if heard.last().is_some_and(|l| l.contains(what)) {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(60)), "the subgroup's member never got a key in force");
+    drop(relay);
+    // The standby of relay r of R listens on PORT + 2R + 1 + r: here PORT + 4.
+    let failed_over = format!("\"server\":\"127.0.0.1:{}\"", port + 4);
+    assert!(wait_for(&failed_over, std::time::Duration::from_secs(60)), "the member never failed over to the standby");
+    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(30)), "no key in force from the standby");
+    let above = command(&["member", "--config", "member-1.toml", "--for-secs", "8", "--send", "5", "--interval-ms", "800"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&above.stdout).contains("data: test message 3 from member"));
+    let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
+    assert!(through, "the subgroup's member got nothing through the standby: {heard:?}");
+}
