@@ -54,6 +54,19 @@ pub struct MemberSetup {
     /// NAK lost rekey packets (on by default; off only for comparison runs, `keycast demo
     /// --no-naks`: the member then relies on proactive parity and resyncs when that fails).
     pub naks: bool,
+    /// The subgroup's standby relays, by registration number: when the controller is lost
+    /// (no heartbeat for three intervals) the member joins the first of them that answers,
+    /// then `server` (GSM fail-over). Empty: the member only waits for its controller.
+    pub standbys: Vec<ControllerAddr>,
+}
+
+/// Where a controller listens and the name its certificate carries.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerAddr {
+    pub server: SocketAddr,
+    #[serde(default = "crate::config::localhost")]
+    pub server_name: String,
 }
 
 impl MemberSetup {
@@ -74,6 +87,7 @@ impl MemberSetup {
             event_capacity: config.event_capacity,
             loss: None,
             naks: true,
+            standbys: config.standbys.clone(),
         }
     }
 }
@@ -138,6 +152,9 @@ pub enum ClientEvent {
     Unreadable(TrafficError),
     /// Joined again after an eviction or expiry (`MemberSetup::rejoin`), as a new member.
     Rejoined { member: MemberId },
+    /// Its controller was lost and this member joined the standby at `server` (a new
+    /// controller: new keys, a new member id).
+    FailedOver { server: SocketAddr, member: MemberId },
 }
 
 /// Counters of what the member received and what it could not queue for the application.
@@ -178,6 +195,8 @@ pub struct ClientStats {
 struct Shared {
     /// Set once the controller refused this member, cleared by a rejoin.
     out: std::sync::atomic::AtomicBool,
+    /// The standby this member failed over to, if it did: its requests go there.
+    failed_over_to: Mutex<Option<ControllerAddr>>,
     data: AtomicU64,
     unreadable: AtomicU64,
     rejected: AtomicU64,
@@ -250,6 +269,42 @@ fn join_answer(frames: &Frames) -> Result<(JoinAccepted, ResyncAnswer), ClientEr
     };
     let keys = frames.get(1).and_then(|f| ResyncAnswer::decode(f).ok()).ok_or(ClientError::Protocol("no keys after the join answer".into()))?;
     Ok((accepted, keys))
+}
+
+/// One join attempt at each of `candidates` in turn, round after round with jittered
+/// backoff, until one accepts (a standby listens only once it has taken over) or the join
+/// deadline passes. A refusal by one candidate moves on to the next.
+async fn join_any(setup: &MemberSetup, candidates: &[ControllerAddr]) -> Result<(ControllerAddr, JoinAccepted, ResyncAnswer), ClientError> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(setup.requests.join_deadline_ms);
+    let mut backoff = setup.requests.backoff_min_ms.max(1);
+    let (mut last, mut attempts) = (None, 0);
+    loop {
+        for candidate in candidates {
+            attempts += 1;
+            let attempt_setup = MemberSetup { server: candidate.server, server_name: candidate.server_name.clone(), ..setup.clone() };
+            match join_once(&attempt_setup).await {
+                Ok((accepted, keys)) => return Ok((candidate.clone(), accepted, keys)),
+                Err(e) => {
+                    tracing::debug!(server = %candidate.server, "fail-over join: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        let pause = Duration::from_millis(request::jittered(backoff));
+        if Instant::now() + pause >= deadline {
+            let last = last.unwrap_or(ClientError::Protocol("no standby to join".into()));
+            return Err(ClientError::GaveUp {
+                request: RequestKind::Join,
+                attempts,
+                waited_ms: started.elapsed().as_millis() as u64,
+                deadline_ms: setup.requests.join_deadline_ms,
+                last: Box::new(last),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        backoff = backoff.saturating_mul(2).min(setup.requests.backoff_max_ms.max(1));
+    }
 }
 
 /// A TLS 1.3 handshake with client certificate and nothing more (the floor of a join).
@@ -325,6 +380,17 @@ impl MemberClient {
         self.with(|s| s.rekey_seq())
     }
 
+    /// When this member last heard its controller (milliseconds since the Unix epoch): a
+    /// verified heartbeat, a resync answer or its join.
+    pub fn last_heard_ms(&self) -> u64 {
+        self.with(|s| s.last_heard_ms())
+    }
+
+    /// The controller this member follows now (its own, or the standby it failed over to).
+    pub fn controller(&self) -> SocketAddr {
+        self.shared.failed_over_to.lock().expect("fail-over lock").as_ref().map_or(self.setup.server, |c| c.server)
+    }
+
     /// The controller's epoch as this member last heard it.
     pub fn epoch(&self) -> u64 {
         self.with(|s| s.epoch())
@@ -385,7 +451,11 @@ impl MemberClient {
     pub async fn leave(self) -> Result<(), ClientError> {
         let member = self.member();
         let message = Leave { group: self.setup.group, member }.encode();
-        let answer = request::request(&self.setup, RequestKind::Leave, &message, |frames| match Leave::decode(&frames[0]) {
+        let mut setup = self.setup.clone();
+        if let Some(standby) = self.shared.failed_over_to.lock().expect("fail-over lock").clone() {
+            (setup.server, setup.server_name) = (standby.server, standby.server_name);
+        }
+        let answer = request::request(&setup, RequestKind::Leave, &message, |frames| match Leave::decode(&frames[0]) {
             Ok(_) => Ok(()),
             Err(_) => Err(refusal_or(&frames[0], "a leave acknowledgement")),
         })
@@ -410,6 +480,7 @@ enum Finished {
     Refresh(Result<(), ClientError>),
     Resync(Result<ResyncAnswer, ClientError>),
     Rejoin(Result<(JoinAccepted, ResyncAnswer), ClientError>),
+    FailOver(Result<(ControllerAddr, JoinAccepted, ResyncAnswer), ClientError>),
 }
 
 #[derive(Default)]
@@ -487,6 +558,9 @@ impl Follow {
                 _ = tick.tick() => {
                     self.drain(&socket, &mut buf, &mut loss);
                     let list = lock(&self.session).tick(now_ms());
+                    if list.contains(&MemberEvent::ControllerLost) {
+                        self.fail_over();
+                    }
                     self.events.members(list);
                     true
                 }
@@ -757,6 +831,19 @@ impl Follow {
                     }
                 }
             }
+            Finished::FailOver(result) => {
+                self.in_flight.rejoin = false;
+                match result {
+                    Ok((standby, accepted, keys)) => {
+                        self.failed_over(standby, accepted, keys);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!("no standby of the subgroup took this member: {e}; this member stops");
+                        false
+                    }
+                }
+            }
             Finished::Rejoin(result) => {
                 self.in_flight.rejoin = false;
                 match result {
@@ -776,6 +863,32 @@ impl Follow {
                 }
             }
         }
+    }
+
+    /// The controller went silent: join the subgroup's standbys in order (then the controller
+    /// itself, back from a restart), in a task, until one accepts or the join deadline passes.
+    fn fail_over(&mut self) {
+        if self.setup.standbys.is_empty() || self.in_flight.rejoin {
+            return;
+        }
+        tracing::warn!(controller = %self.setup.server, "the controller went silent: joining its standbys");
+        self.in_flight.rejoin = true;
+        let mut candidates = self.setup.standbys.clone();
+        candidates.push(ControllerAddr { server: self.setup.server, server_name: self.setup.server_name.clone() });
+        let (setup, member) = (self.setup.clone(), self.member());
+        self.requests.spawn(async move { Outcome { member, result: Finished::FailOver(join_any(&setup, &candidates).await) } });
+    }
+
+    /// Joined a standby: a new session under its keys, and every request goes there from now.
+    fn failed_over(&mut self, standby: ControllerAddr, accepted: JoinAccepted, keys: ResyncAnswer) {
+        let (session, joined) = MemberSession::join(&accepted, keys, self.setup.heartbeat_ms, now_ms());
+        *lock(&self.session) = session;
+        self.in_flight = InFlight::default();
+        tracing::info!(member = accepted.member.0, server = %standby.server, "failed over to a standby");
+        self.events.member(ClientEvent::FailedOver { server: standby.server, member: accepted.member });
+        self.events.members(joined);
+        (self.setup.server, self.setup.server_name) = (standby.server.to_owned(), standby.server_name.clone());
+        *self.events.shared.failed_over_to.lock().expect("fail-over lock") = Some(standby);
     }
 
     /// A resync answer, unless multicast already brought this member further meanwhile.

@@ -248,6 +248,10 @@ pub struct MemberConfig {
     pub event_capacity: usize,
     #[serde(default)]
     pub requests: RequestPolicy,
+    /// The subgroup's standby relays, by registration number (`[[standbys]]` with `server`
+    /// and `server_name`): the member joins them when its controller goes silent.
+    #[serde(default)]
+    pub standbys: Vec<crate::client::ControllerAddr>,
 }
 
 /// How a member's requests to the controller (join, leave, refresh, resync) are bounded:
@@ -322,17 +326,57 @@ impl RequestPolicy {
 pub struct RelayConfig {
     pub parent: PathBuf,
     pub subgroup: PathBuf,
+    /// Present for a standby relay: it watches the active relay and takes over when it goes
+    /// silent, then runs as `parent` and `subgroup` say.
+    #[serde(default)]
+    pub standby: Option<StandbyConfig>,
+}
+
+/// A standby relay's place in line and how it watches the active relay.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyConfig {
+    /// Registration number: 1 takes over first.
+    pub registration: u32,
+    /// Wait per place in line after the alive alarm.
+    #[serde(default = "back_off_ms")]
+    pub back_off_ms: u64,
+    /// The member config it joins the subgroup with to hear the active relay.
+    pub watch: PathBuf,
+}
+
+fn back_off_ms() -> u64 {
+    3000
+}
+
+/// A relay config with its parts loaded; `standby` with the config of its watch.
+pub struct LoadedRelay {
+    pub parent: MemberConfig,
+    pub subgroup: ServerConfig,
+    pub standby: Option<(StandbyConfig, MemberConfig)>,
 }
 
 impl RelayConfig {
-    /// Both configs, checked: the subgroup needs a group id of its own.
-    pub fn load(path: &Path) -> Result<(MemberConfig, ServerConfig), ConfigError> {
+    /// Every config it names, checked: the subgroup needs a group id of its own, and a
+    /// standby watches that subgroup.
+    pub fn load(path: &Path) -> Result<LoadedRelay, ConfigError> {
         let (c, base): (RelayConfig, _) = read(path)?;
         let (parent, subgroup) = (MemberConfig::load(&base.join(&c.parent))?, ServerConfig::load(&base.join(&c.subgroup))?);
+        let invalid = |what: String| ConfigError::Invalid(format!("{}: {what}", path.display()));
         if parent.group == subgroup.group {
-            return Err(ConfigError::Invalid(format!("{}: the subgroup's group id must differ from the parent's ({})", path.display(), parent.group)));
+            return Err(invalid(format!("the subgroup's group id must differ from the parent's ({})", parent.group)));
         }
-        Ok((parent, subgroup))
+        let standby = match c.standby {
+            Some(standby) => {
+                let watch = MemberConfig::load(&base.join(&standby.watch))?;
+                if watch.group != subgroup.group || standby.registration == 0 {
+                    return Err(invalid("a standby watches its own subgroup (watch's group) and is registered from 1".into()));
+                }
+                Some((standby, watch))
+            }
+            None => None,
+        };
+        Ok(LoadedRelay { parent, subgroup, standby })
     }
 }
 
@@ -345,7 +389,7 @@ pub struct AdminConfig {
     pub tls: TlsFiles,
 }
 
-fn localhost() -> String {
+pub(crate) fn localhost() -> String {
     "localhost".into()
 }
 
@@ -473,6 +517,15 @@ mod tests {
         let path = dir.path().join("member.toml");
         std::fs::write(&path, format!("{MEMBER}{extra}")).unwrap();
         MemberConfig::load(&path)
+    }
+
+    #[test]
+    fn member_standbys_are_listed_in_order_and_none_by_default() {
+        assert!(load("").unwrap().standbys.is_empty());
+        let listed = load("[[standbys]]\nserver = \"127.0.0.1:7404\"\n[[standbys]]\nserver = \"127.0.0.1:7405\"\nserver_name = \"standby-2\"\n").unwrap();
+        let servers: Vec<_> = listed.standbys.iter().map(|s| (s.server.port(), s.server_name.as_str())).collect();
+        assert_eq!(servers, [(7404, "localhost"), (7405, "standby-2")]);
+        assert!(load("[[standbys]]\nserver = \"127.0.0.1:7404\"\nname = \"x\"\n").is_err(), "a misspelt field was ignored");
     }
 
     #[test]

@@ -12,10 +12,10 @@ use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 
 use crate::admin::{AdminRequest, AdminResponse};
-use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
+use crate::client::{ClientError, ClientEvent, ControllerAddr, MemberClient, MemberSetup};
 use crate::config::{MulticastConfig, RequestPolicy, DEFAULT_TLS_REFRESH_EVERY};
 use crate::pki::{Authority, Credentials};
-use crate::relay::{Relay, RelayError, RelaySetup};
+use crate::relay::{Relay, RelayError, RelaySetup, Standby, StandbySetup};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::store::DatabaseKey;
 use crate::tls::{client_config, server_config};
@@ -53,6 +53,9 @@ pub struct LocalGroup {
     /// The administrator's certificate (identity "admin"); its fingerprint is the controller's
     /// only admin entry.
     pub admin: Credentials,
+    /// Listen addresses reserved for this group's standby relays, by registration number;
+    /// member setups list them.
+    pub standbys: Vec<ControllerAddr>,
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
 }
@@ -112,6 +115,7 @@ impl LocalGroup {
             metrics: None,
             identity_from_common_name: false,
             admin,
+            standbys: Vec::new(),
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             tls,
         })
@@ -130,6 +134,33 @@ impl LocalGroup {
         let relay = Relay::start(RelaySetup { parent, subgroup: self.server_setup()? }).await?;
         self.listen = relay.server.addr;
         Ok(relay)
+    }
+
+    /// Reserves an address for this group's next standby relay (`standby-N`, N its
+    /// registration number, admitted as a member to watch the active relay).
+    pub fn add_standby(&mut self) -> Result<ControllerAddr, LocalError> {
+        let port = free_port().map_err(ServerError::from)?;
+        let standby = ControllerAddr { server: SocketAddr::from((Ipv4Addr::LOCALHOST, port)), server_name: "localhost".into() };
+        self.standbys.push(standby.clone());
+        self.acl.insert(format!("standby-{}", self.standbys.len()));
+        Ok(standby)
+    }
+
+    /// Starts standby `registration` (from 1, reserved by `add_standby`): it joins this group
+    /// as `standby-N` to watch the active relay and, on taking over, joins the parent with
+    /// `parent` and runs a fresh controller of this group at its reserved address, with a
+    /// log of its own.
+    pub async fn start_standby(&self, registration: u32, parent: MemberSetup, back_off_ms: u64) -> Result<Standby, LocalError> {
+        let place = registration.checked_sub(1).map(|i| i as usize).filter(|i| *i < self.standbys.len());
+        let place = place.ok_or_else(|| LocalError::Pki(format!("no standby {registration} reserved")))?;
+        let mut watch = self.member_setup(&format!("standby-{registration}"))?;
+        watch.standbys.truncate(place);
+        let mut subgroup = self.server_setup()?;
+        subgroup.listen = self.standbys[place].server;
+        subgroup.database = self.database.with_file_name(format!("standby-{registration}.redb"));
+        subgroup.database_key = Some(DatabaseKey::generate());
+        let setup = StandbySetup { registration, back_off_ms, watch, relay: RelaySetup { parent, subgroup } };
+        Ok(Standby::start(setup).await?)
     }
 
     fn server_setup(&self) -> Result<ServerSetup, LocalError> {
@@ -192,6 +223,7 @@ impl LocalGroup {
             event_capacity: 1024,
             loss: None,
             naks: true,
+            standbys: self.standbys.clone(),
         })
     }
 

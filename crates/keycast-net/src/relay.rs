@@ -11,22 +11,24 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keycast_core::protocol::failover::{StandbyDecision, StandbyPolicy, StandbyWatch};
 use keycast_core::protocol::relay::{ForwardStats, Forwarder, Side};
 use keycast_core::protocol::MemberEvent;
 use keycast_core::wire::{message_type, Data, MessageType, MAX_MESSAGE_LEN};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use crate::config::MulticastConfig;
 use crate::server::{GroupKeys, Server, ServerError, ServerSetup};
-use crate::{data_nonce, multicast};
+use crate::{data_nonce, multicast, now_ms};
 
 /// How often the relay takes both sides' keys even without an event (a subgroup key activates
 /// with the epoch, which sends no event to the relay).
 const KEY_REFRESH: Duration = Duration::from_millis(50);
 
+#[derive(Clone)]
 pub struct RelaySetup {
     /// The relay as a member of its parent group.
     pub parent: MemberSetup,
@@ -51,12 +53,15 @@ pub struct Relay {
     pub server: Server,
     parent: Arc<MemberClient>,
     stats: Arc<Mutex<ForwardStats>>,
-    task: JoinHandle<()>,
+    forwarding: AbortOnDrop,
 }
 
-impl Drop for Relay {
+/// A task that stops when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.task.abort();
+        self.0.abort();
     }
 }
 
@@ -98,7 +103,15 @@ impl Relay {
         };
         let task = tokio::spawn(forwarding.run(events));
         tracing::info!(parent = parent_group.0, subgroup = subgroup.0, member = parent.member().0, "relay forwarding");
-        Ok(Relay { server, parent, stats, task })
+        Ok(Relay { server, parent, stats, forwarding: AbortOnDrop(task) })
+    }
+
+    /// Stops at once, as a crash would, and waits until the subgroup's controller is gone (so
+    /// its log's lock is free for a restart in the same process).
+    pub async fn kill(self) {
+        let Relay { server, forwarding, .. } = self;
+        drop(forwarding);
+        server.kill().await;
     }
 
     /// What was forwarded each way and dropped.
@@ -204,5 +217,116 @@ impl Forwarding {
             Err(why) => tracing::debug!(%why, ?from, "data not relayed"),
         }
         *self.stats.lock().expect("relay stats lock") = self.forwarder.stats();
+    }
+}
+
+/// A standby relay (GSM fail-over): a member of the subgroup, watching its active relay, and
+/// what it runs once it takes over.
+#[derive(Clone)]
+pub struct StandbySetup {
+    /// Registration number: 1 takes over first.
+    pub registration: u32,
+    /// Wait per place in line after the alive alarm (`StandbyPolicy::back_off_ms`).
+    pub back_off_ms: u64,
+    /// Its membership of the subgroup, through which it hears the active relay; its
+    /// `standbys` are those before it in line, whom it follows when they take over.
+    pub watch: MemberSetup,
+    /// The relay it becomes: its own certificate for the parent, and a fresh controller of
+    /// the subgroup (same group id and multicast channel, its own listener and log).
+    pub relay: RelaySetup,
+}
+
+/// A running standby. Dropping it stops it, and the relay it became.
+pub struct Standby {
+    active: watch::Receiver<Option<TookOver>>,
+    task: JoinHandle<()>,
+}
+
+/// The relay a standby became, and when its alarm let it take over (ms since the Unix epoch).
+#[derive(Clone)]
+pub struct TookOver {
+    pub relay: Arc<Relay>,
+    pub at_ms: u64,
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Standby {
+    /// Joins the subgroup as a member (retrying until its join deadline), then watches.
+    pub async fn start(setup: StandbySetup) -> Result<Standby, RelayError> {
+        let (client, events) = MemberClient::join(setup.watch.clone()).await?;
+        let policy = StandbyPolicy { registration: setup.registration, heartbeat_ms: setup.watch.heartbeat_ms, back_off_ms: setup.back_off_ms };
+        let alarm = StandbyWatch::new(policy, client.last_heard_ms());
+        let (report, active) = watch::channel(None);
+        let task = tokio::spawn(watch_then_take_over(alarm, client, events, setup.relay, report));
+        Ok(Standby { active, task })
+    }
+
+    /// The relay this standby became, once it took over.
+    pub fn active(&self) -> Option<TookOver> {
+        self.active.borrow().clone()
+    }
+
+    /// Waits until this standby has taken over (and joined the parent).
+    pub async fn until_active(&self) -> TookOver {
+        let mut active = self.active.clone();
+        let took_over = active.wait_for(Option::is_some).await.expect("the standby task holds its sender until it ends").clone();
+        took_over.expect("waited for Some")
+    }
+}
+
+/// The standby's one task: polls its membership's last heartbeat into the alarm (a few times
+/// a heartbeat interval) and acts on the alarm's decisions; taking over is its last step.
+async fn watch_then_take_over(
+    mut alarm: StandbyWatch,
+    client: MemberClient,
+    mut events: mpsc::Receiver<ClientEvent>,
+    relay: RelaySetup,
+    report: watch::Sender<Option<TookOver>>,
+) {
+    let registration = alarm.policy().registration;
+    let mut tick = tokio::time::interval(Duration::from_millis((alarm.policy().heartbeat_ms / 4).clamp(5, 250)));
+    let mut client = Some(client);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            event = events.recv(), if client.is_some() => match event {
+                Some(ClientEvent::FailedOver { server, .. }) => tracing::info!(registration, %server, "standby: following the relay that took over"),
+                Some(_) => {}
+                None => tracing::warn!(registration, "standby: its membership of the subgroup ended; it takes over when the alarm says"),
+            },
+        }
+        let now = now_ms();
+        if let Some(heard) = client.as_ref().map(MemberClient::last_heard_ms) {
+            if alarm.heard_active(heard) == Some(StandbyDecision::StandDown) {
+                tracing::info!(registration, "standby: another relay is active; standing down");
+            }
+        }
+        match alarm.tick(now) {
+            Some(StandbyDecision::Alarm { take_over_at_ms }) => {
+                tracing::warn!(registration, in_ms = take_over_at_ms.saturating_sub(now), "standby: the active relay is silent (alive alarm)");
+            }
+            Some(StandbyDecision::TakeOver) => {
+                // Its membership would only try to join this standby itself.
+                client = None;
+                match Relay::start(relay.clone()).await {
+                    Ok(started) => {
+                        tracing::warn!(registration, listen = %started.server.addr, "standby: took over the subgroup with new keys");
+                        let _ = report.send(Some(TookOver { relay: Arc::new(started), at_ms: now }));
+                        // The relay lives on in the report (dropped with the `Standby`).
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(registration, "standby: taking over failed: {e}; watching again");
+                        alarm.take_over_failed(now_ms());
+                    }
+                }
+            }
+            Some(StandbyDecision::StandDown) | None => {}
+        }
     }
 }

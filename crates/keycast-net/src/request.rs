@@ -146,7 +146,7 @@ fn gave_up(kind: RequestKind, policy: &RequestPolicy, attempts: u32, started: In
 }
 
 /// A pause between half and all of `ms`, from the operating system's generator.
-fn jittered(ms: u64) -> u64 {
+pub(crate) fn jittered(ms: u64) -> u64 {
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&entropy()[..8]);
     ms / 2 + u64::from_le_bytes(bytes) % (ms - ms / 2 + 1)

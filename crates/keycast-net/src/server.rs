@@ -62,6 +62,7 @@ impl Limits {
     }
 }
 
+#[derive(Clone)]
 pub struct ServerSetup {
     pub policy: GroupPolicy,
     pub acl: BTreeSet<String>,

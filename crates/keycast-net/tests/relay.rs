@@ -195,3 +195,146 @@ async fn churn_in_a_subgroup_rekeys_only_it_and_an_evicted_member_opens_nothing_
     let after: [&[u8]; 2] = [b"from the top, after", b"from the middle, after"];
     assert_eq!(received(&mut middle[1].1, &after).await, once(&after), "a remaining member opens both");
 }
+
+const SUB_A: GroupId = GroupId(43);
+const SUB_B: GroupId = GroupId(45);
+/// A standby's wait per place in line after the alarm.
+const BACK_OFF_MS: u64 = 2_000;
+
+/// Each expected payload's count among what `events` brings (older payloads still queued are
+/// left out): each must be 1.
+async fn each_once(events: &mut Events, expected: &[&[u8]]) -> BTreeMap<Vec<u8>, usize> {
+    let counts = received(events, expected).await;
+    expected.iter().map(|e| (e.to_vec(), counts.get(*e).copied().unwrap_or(0))).collect()
+}
+
+/// The clients of `members` and the relays' memberships.
+fn with_relays<'a>(members: &'a [(MemberClient, Events)], relays: [&'a MemberClient; 2]) -> Vec<&'a MemberClient> {
+    members.iter().map(|(m, _)| m).chain(relays).collect()
+}
+
+/// A two-level group: top (42) with subgroups A (43, relay-43 and two standbys) and B (45,
+/// relay-45). Relay-43 is dropped (as killed); standby 1 takes over with new keys, A's
+/// members follow it by themselves, data crosses subgroups again, standby 2 stands down, B and
+/// the top see only the parent's relay join and expiry, and the dead relay's keys open
+/// nothing sent after the take-over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_is_replaced_by_its_first_standby_and_its_subgroup_comes_back_under_new_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut top = prepare(TOP, 2, None, &dir);
+    // The dead relay's membership of the top group expires quickly.
+    top.policy.refresh_timeout_ms = 1_500;
+    top.acl.extend(["relay-43", "relay-45", "relay-43-standby-1", "relay-43-standby-2"].map(String::from));
+    top.start_server().await.unwrap();
+    let mut a = prepare(SUB_A, 3, None, &dir);
+    // The alive alarm at 300 ms: a loaded machine's scheduling gaps must not look like a death.
+    a.policy.heartbeat_ms = 100;
+    a.add_standby().unwrap();
+    a.add_standby().unwrap();
+    let relay_a = a.start_relay(top.member_setup("relay-43").unwrap()).await.unwrap();
+    let mut b = prepare(SUB_B, 2, None, &dir);
+    let relay_b = b.start_relay(top.member_setup("relay-45").unwrap()).await.unwrap();
+    let first = a.start_standby(1, top.member_setup("relay-43-standby-1").unwrap(), BACK_OFF_MS).await.unwrap();
+    let second = a.start_standby(2, top.member_setup("relay-43-standby-2").unwrap(), BACK_OFF_MS).await.unwrap();
+    let mut top_members = top.join_all(["member-1", "member-2"]).await.unwrap();
+    let mut a_members = a.join_all(["member-1", "member-2", "member-3"]).await.unwrap();
+    let mut b_members = b.join_all(["member-1", "member-2"]).await.unwrap();
+    until_keyed(&[
+        (top.server(), with_relays(&top_members, [relay_a.parent(), relay_b.parent()])),
+        (&relay_a.server, a_members.iter().map(|(m, _)| m).collect()),
+        (&relay_b.server, b_members.iter().map(|(m, _)| m).collect()),
+    ])
+    .await;
+    a_members[0].0.send(b"from A, before").await.unwrap();
+    assert_eq!(each_once(&mut b_members[1].1, &[b"from A, before"]).await, once(&[b"from A, before"]), "data crosses subgroups before the kill");
+
+    let (top_rekeys, b_rekeys, top_size) = (top.server().stats().rekeys, relay_b.server.stats().rekeys, top.server().stats().members);
+    let dead_keys = relay_a.server.keys().get().expect("relay-43's subgroup keys");
+    let killed = Instant::now();
+    drop(relay_a);
+
+    let took_over = timeout(WAIT, first.until_active()).await.expect("standby 1 never took over");
+    let relay = took_over.relay;
+    until_keyed(&[(&relay.server, a_members.iter().map(|(m, _)| m).collect())]).await;
+    let failover_ms = killed.elapsed().as_millis();
+    eprintln!("fail-over: every member of the subgroup holds the new relay's key in force {failover_ms} ms after the kill");
+    for (member, _) in &a_members {
+        assert_eq!(member.controller(), a.standbys[0].server, "every member of A follows standby 1");
+    }
+    until_keyed(&[(top.server(), with_relays(&top_members, [relay.parent(), relay_b.parent()]))]).await;
+
+    // Data across subgroups again, each way; the bytes on A's channel for the dead keys.
+    let channel = keycast_net::multicast::receiver(&a.multicast).unwrap();
+    top_members[0].0.send(b"from the top, after").await.unwrap();
+    b_members[0].0.send(b"from B, after").await.unwrap();
+    let from_top = next_data_from(&channel, TOP).await;
+    a_members[0].0.send(b"from A, after").await.unwrap();
+    let from_a = next_data_from(&channel, SUB_A).await;
+    let into_a: [&[u8]; 2] = [b"from the top, after", b"from B, after"];
+    for (i, (_, events)) in a_members.iter_mut().enumerate() {
+        assert_eq!(each_once(events, &into_a).await, once(&into_a), "member {i} of A after the take-over");
+    }
+    assert_eq!(each_once(&mut top_members[1].1, &[b"from A, after"]).await, once(&[b"from A, after"]));
+    assert_eq!(each_once(&mut b_members[1].1, &[b"from A, after"]).await, once(&[b"from A, after"]));
+    for bytes in [&from_top, &from_a] {
+        let data = Data::decode(bytes).unwrap();
+        for (key_ref, key) in &dead_keys.keys {
+            let opened = keycast_core::protocol::traffic::open(&data, &keycast_core::protocol::traffic::WrapKey::derive(SUB_A, *key_ref, key));
+            assert!(opened.is_err(), "the dead relay's key {key_ref} opens data sent after the take-over");
+        }
+    }
+
+    // The parent saw the new relay join and the dead one expire; B saw nothing.
+    let deadline = Instant::now() + WAIT;
+    while top.server().stats().members != top_size {
+        assert!(Instant::now() < deadline, "the dead relay never expired from the top group");
+        sleep(Duration::from_millis(20)).await;
+    }
+    let top_added = top.server().stats().rekeys - top_rekeys;
+    assert!((1..=2).contains(&top_added), "the top group rekeyed {top_added} times: only for the relays' join and expiry");
+    assert_eq!(relay_b.server.stats().rekeys, b_rekeys, "subgroup B saw no rekey");
+    // Standby 2 backed off and, hearing standby 1, stood down: past its own take-over time.
+    let past_back_off = killed + Duration::from_millis(BACK_OFF_MS + 500);
+    tokio::time::sleep_until(past_back_off).await;
+    assert!(second.active().is_none(), "standby 2 took over although standby 1 was active");
+}
+
+/// A relay that crashes (killed) and is started again from its own log, at the same address:
+/// its subgroup's members keep their member ids and keys (no rejoin), the restarted relay
+/// joins the parent again, and data crosses between the levels again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_from_its_log_keeps_its_subgroup_without_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut top = prepare(TOP, 2, Some("relay-43"), &dir);
+    top.start_server().await.unwrap();
+    let mut a = prepare(SUB_A, 2, None, &dir);
+    let relay = a.start_relay(top.member_setup("relay-43").unwrap()).await.unwrap();
+    let mut top_members = top.join_all(["member-1", "member-2"]).await.unwrap();
+    let mut a_members = a.join_all(["member-1", "member-2"]).await.unwrap();
+    until_keyed(&[
+        (top.server(), with_relays(&top_members, [relay.parent(), &top_members[0].0])),
+        (&relay.server, a_members.iter().map(|(m, _)| m).collect()),
+    ])
+    .await;
+    let (ids, key) = (a_members.iter().map(|(m, _)| m.member()).collect::<Vec<_>>(), relay.server.stats().active_key);
+    let rekeys = relay.server.stats().rekeys;
+
+    relay.kill().await;
+    let relay = a.start_relay(top.member_setup("relay-43").unwrap()).await.unwrap();
+    assert_eq!((relay.server.stats().active_key, relay.server.stats().rekeys), (key, rekeys), "restored from its log: same key in force, same rekeys");
+    until_keyed(&[
+        (top.server(), with_relays(&top_members, [relay.parent(), &top_members[0].0])),
+        (&relay.server, a_members.iter().map(|(m, _)| m).collect()),
+    ])
+    .await;
+    top_members[0].0.send(b"from the top, after the restart").await.unwrap();
+    a_members[0].0.send(b"from A, after the restart").await.unwrap();
+    let expected: [&[u8]; 1] = [b"from the top, after the restart"];
+    assert_eq!(each_once(&mut a_members[1].1, &expected).await, once(&expected));
+    let expected: [&[u8]; 1] = [b"from A, after the restart"];
+    assert_eq!(each_once(&mut top_members[1].1, &expected).await, once(&expected));
+    assert_eq!(a_members.iter().map(|(m, _)| m.member()).collect::<Vec<_>>(), ids, "no member of the subgroup rejoined");
+    while let Ok(event) = a_members[1].1.try_recv() {
+        assert!(!matches!(event, ClientEvent::Rejoined { .. } | ClientEvent::FailedOver { .. }), "{event:?}");
+    }
+}

@@ -23,15 +23,15 @@ use rand_core::{Rng, SeedableRng};
 pub struct DemoArgs {
     /// Members at the start.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(2..=2000))]
-    members: u64,
+    pub(crate) members: u64,
     /// Epochs of churn after the group is built.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(2..=100))]
-    epochs: u32,
+    pub(crate) epochs: u32,
     /// Epoch length in milliseconds.
     #[arg(long = "epoch-ms", default_value_t = 400, value_parser = clap::value_parser!(u64).range(50..=10_000))]
-    epoch_ms: u64,
+    pub(crate) epoch_ms: u64,
     #[arg(long, default_value_t = 7)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Loss injected on every member's multicast receive, each member its own (0 to 0.99).
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
@@ -54,7 +54,11 @@ pub struct DemoArgs {
     no_naks: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+    /// Run a hierarchy instead: a top group and this many subgroups, each under a relay with a
+    /// standby; relay 1 is killed and replaced by its standby (default 3 relays).
+    #[arg(long, num_args = 0..=1, default_missing_value = "3", value_parser = clap::value_parser!(u16).range(1..=16))]
+    relays: Option<u16>,
 }
 
 type Member = (String, MemberClient, Events);
@@ -276,6 +280,9 @@ impl Drop for ControllerRuntime {
 }
 
 pub fn run(args: &DemoArgs) -> Result<(), String> {
+    if let Some(relays) = args.relays {
+        return crate::demo_relays::run(args, relays);
+    }
     // Quiet unless asked (`KEYCAST_LOG=warn`): the demo's output is its summary.
     crate::net::logging_or("off");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod demo_relays;
 mod figures;
 mod measure;
 mod member_events;

@@ -36,6 +36,10 @@ impl EventPrinter {
                 text: format!("rejoined as member {} (the controller had expired this member; it joined again by itself)", member.0),
                 json: json!({"event": "rejoined", "member": member.0}),
             },
+            ClientEvent::FailedOver { server, member } => EventLine {
+                text: format!("failed over: the subgroup's relay went silent; joined its standby at {server} as member {}", member.0),
+                json: json!({"event": "failed_over", "server": server.to_string(), "member": member.0}),
+            },
         }
     }
 

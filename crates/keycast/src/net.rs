@@ -9,7 +9,7 @@ use keycast_net::admin::{self, AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
 use keycast_net::config::{AdminConfig, MemberConfig, RelayConfig, ServerConfig};
 use keycast_net::pki::{Authority, Credentials, Fingerprint, RcgenError};
-use keycast_net::relay::{Relay, RelaySetup};
+use keycast_net::relay::{Relay, RelaySetup, Standby, StandbySetup};
 use keycast_net::server::{Server, ServerError, ServerSetup};
 use keycast_net::store::{DatabaseKey, StoreError};
 use keycast_net::tls::{client_config, server_config};
@@ -29,8 +29,9 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 7400)]
     port: u16,
     /// Relays under the controller (relay-1 .. relay-R), each the controller of a subgroup
-    /// (group id GROUP + r, ports PORT + 2r and the next); members are spread over the top
-    /// group and the subgroups.
+    /// (group id GROUP + r, ports PORT + 2r and the next) with a standby (relay-R-standby-1,
+    /// TLS port PORT + 2R + 1 + r once it takes over); members are spread over the top group
+    /// and the subgroups.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=100))]
     relays: u16,
 }
@@ -156,18 +157,21 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     let admin_fingerprint = admin.fingerprint()?;
     let names: Vec<String> = (1..=args.members).map(|i| format!("member-{i}")).collect();
     let levels = args.relays + 1;
-    args.port.checked_add(2 * args.relays + 1).ok_or("--port must leave room for the multicast ports (and the relays')")?;
+    args.port.checked_add(3 * args.relays + 1).ok_or("--port must leave room for the multicast ports (and the relays')")?;
     // member-i belongs to the top group (level 0) or to relay r's subgroup (level r).
     let level_of = |i: u32| (i - 1) % u32::from(levels);
     for (i, name) in (1..).zip(&names) {
         write_credentials(&args.dir, name, &ca.issue(name, false).map_err(pki)?)?;
         let level = level_of(i) as u16;
-        let config = member_toml(name, args.group + u64::from(level), args.port + 2 * level, level, name);
+        let mut config = member_toml(name, args.group + u64::from(level), args.port + 2 * level, level, name);
+        if level > 0 {
+            config.push_str(&standbys_toml(standby_port(args, level)));
+        }
         write(&args.dir.join(format!("{name}.toml")), &config, false)?;
     }
     let acl_of = |level: u16| -> Vec<String> { (1..).zip(&names).filter(|(i, _)| level_of(*i) == u32::from(level)).map(|(_, n)| n.clone()).collect() };
     let mut top_acl = acl_of(0);
-    top_acl.extend((1..=args.relays).map(|r| format!("relay-{r}")));
+    top_acl.extend((1..=args.relays).flat_map(|r| [format!("relay-{r}"), format!("relay-{r}-standby-1")]));
     let server = server_toml(args.group, args.port, 0, &top_acl, &admin_fingerprint, "controller");
     write(&args.dir.join("server.toml"), &server, false)?;
     for r in 1..=args.relays {
@@ -177,10 +181,14 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
         let controller = format!("{name}-controller");
         write_credentials(&args.dir, &controller, &ca.issue(&controller, true).map_err(pki)?)?;
         write(&args.dir.join(format!("{name}-parent.toml")), &member_toml(&name, args.group, args.port, 0, &name), false)?;
-        let subgroup = server_toml(args.group + u64::from(r), args.port + 2 * r, r, &acl_of(r), &admin_fingerprint, &controller);
+        let standby = format!("{name}-standby-1");
+        let mut subgroup_acl = acl_of(r);
+        subgroup_acl.push(standby.clone());
+        let subgroup = server_toml(args.group + u64::from(r), args.port + 2 * r, r, &subgroup_acl, &admin_fingerprint, &controller);
         write(&args.dir.join(format!("{name}-subgroup.toml")), &subgroup, false)?;
         let key_file = args.dir.join(format!("{controller}.database.key"));
         DatabaseKey::create_file(&key_file).map_err(|e| format!("cannot create {}: {e}", key_file.display()))?;
+        write_standby(args, r, &ca, &subgroup)?;
         let relay = format!("# keycast relay {r}: `keycast relay --config {name}.toml`. It joins the top group as a member\n# (the parent config) and runs the controller of subgroup {} (the subgroup config), carrying\n# data between them by re-wrapping each message's key.\nparent = \"{name}-parent.toml\"\nsubgroup = \"{name}-subgroup.toml\"\n", args.group + u64::from(r));
         write(&args.dir.join(format!("{name}.toml")), &relay, false)?;
     }
@@ -192,6 +200,39 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     println!("created {}: ca.pem, server.toml, database.key, admin.toml, {} member configs and {} relay configs", args.dir.display(), names.len(), args.relays);
     println!("next: keycast server --config {}/server.toml", args.dir.display());
     Ok(())
+}
+
+/// The TLS port of relay `r`'s standby (after every group's two ports).
+fn standby_port(args: &InitArgs, r: u16) -> u16 {
+    args.port + 2 * args.relays + 1 + r
+}
+
+/// The `[[standbys]]` of a subgroup member's config: where its relay's standby listens.
+fn standbys_toml(port: u16) -> String {
+    format!("\n# The subgroup's standby relays, by registration number. When the relay goes silent for three\n# heartbeat intervals, a standby takes over with new keys, and this member joins the first\n# that answers, by itself.\n[[standbys]]\n{}", addresses(port))
+}
+
+/// Relay `r`'s standby: its certificate, the member config it watches the subgroup with,
+/// the parent config and subgroup config it takes over with (`subgroup` with its own
+/// listener and log), and `relay-R-standby-1.toml`.
+fn write_standby(args: &InitArgs, r: u16, ca: &Authority, subgroup: &str) -> Result<(), String> {
+    let (relay, subgroup_port) = (format!("relay-{r}"), args.port + 2 * r);
+    let name = format!("{relay}-standby-1");
+    write_credentials(&args.dir, &name, &ca.issue(&name, false).map_err(|e| e.to_string())?)?;
+    write(&args.dir.join(format!("{name}-parent.toml")), &member_toml(&name, args.group, args.port, 0, &name), false)?;
+    write(&args.dir.join(format!("{name}-watch.toml")), &member_toml(&name, args.group + u64::from(r), subgroup_port, r, &name), false)?;
+    let own = subgroup
+        .replace(&format!("listen = \"127.0.0.1:{subgroup_port}\""), &format!("listen = \"127.0.0.1:{}\"", standby_port(args, r)))
+        .replace(&format!("\"{relay}-controller.redb\""), &format!("\"{name}-controller.redb\""))
+        .replace(&format!("\"{relay}-controller.database.key\""), &format!("\"{name}-controller.database.key\""));
+    write(&args.dir.join(format!("{name}-subgroup.toml")), &own, false)?;
+    let key_file = args.dir.join(format!("{name}-controller.database.key"));
+    DatabaseKey::create_file(&key_file).map_err(|e| format!("cannot create {}: {e}", key_file.display()))?;
+    let config = format!(
+        "# keycast standby of relay {r}: `keycast relay --config {name}.toml`. It joins subgroup {} as a\n# member (the watch config) and listens to the relay's heartbeats. When they stop for three\n# intervals it takes over: joins the top group with its own certificate (the parent config) and\n# runs a fresh controller of the subgroup (new keys; the subgroup config: its own listener and\n# log). The subgroup's members join it by themselves.\nparent = \"{name}-parent.toml\"\nsubgroup = \"{name}-subgroup.toml\"\n\n[standby]\n# Registration number: 1 takes over first; number n waits (n - 1) * back_off_ms after the alarm\n# and stands down if it hears a relay that took over before it.\nregistration = 1\nback_off_ms = 3000\nwatch = \"{name}-watch.toml\"\n",
+        args.group + u64::from(r)
+    );
+    write(&args.dir.join(format!("{name}.toml")), &config, false)
 }
 
 /// The config of member `name` of `group` (at level `level`: 0 the top group, r relay r's
@@ -298,11 +339,17 @@ fn start_failure(config: &ServerConfig, path: &Path, error: &ServerError) -> Str
     }
 }
 
-/// Runs a relay: a member of its parent group and the controller of its subgroup.
+/// Runs a relay: a member of its parent group and the controller of its subgroup; or, with a
+/// `[standby]` section, a standby that takes over when the relay goes silent.
 pub fn relay(args: &ConfigArg) -> Result<(), String> {
     logging();
-    let (parent, subgroup) = RelayConfig::load(&args.config).map_err(|e| e.to_string())?;
-    let setup = RelaySetup { parent: member_setup(&parent)?, subgroup: server_setup(&subgroup)? };
+    let loaded = RelayConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let (parent, subgroup) = (&loaded.parent, &loaded.subgroup);
+    let setup = RelaySetup { parent: member_setup(parent)?, subgroup: server_setup(subgroup)? };
+    if let Some((standby, watch)) = &loaded.standby {
+        let setup = StandbySetup { registration: standby.registration, back_off_ms: standby.back_off_ms, watch: member_setup(watch)?, relay: setup };
+        return run_standby(setup);
+    }
     runtime()?.block_on(async {
         let relay = Relay::start(setup).await.map_err(|e| format!("cannot start the relay of group {} under group {}: {e}", subgroup.group, parent.group))?;
         tracing::info!(addr = %relay.server.addr, member = relay.parent().member().0, "relaying; Ctrl-C stops");
@@ -311,6 +358,28 @@ pub fn relay(args: &ConfigArg) -> Result<(), String> {
             signal = tokio::signal::ctrl_c() => {
                 signal.map_err(|e| e.to_string())?;
                 tracing::info!(stats = ?relay.stats(), "stopping");
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Runs a standby until Ctrl-C: it watches, and once it has taken over, relays.
+fn run_standby(setup: StandbySetup) -> Result<(), String> {
+    let registration = setup.registration;
+    runtime()?.block_on(async {
+        let standby = Standby::start(setup).await.map_err(|e| format!("standby {registration} cannot join the subgroup it watches: {e}"))?;
+        tracing::info!(registration, "standing by; Ctrl-C stops");
+        let took_over = tokio::select! {
+            took_over = standby.until_active() => took_over,
+            signal = tokio::signal::ctrl_c() => return signal.map_err(|e| e.to_string()),
+        };
+        tracing::info!(addr = %took_over.relay.server.addr, "took over; relaying");
+        tokio::select! {
+            reason = took_over.relay.server.stopped() => Err(format!("the subgroup's controller stopped: {reason}")),
+            signal = tokio::signal::ctrl_c() => {
+                signal.map_err(|e| e.to_string())?;
+                tracing::info!(stats = ?took_over.relay.stats(), "stopping");
                 Ok(())
             }
         }

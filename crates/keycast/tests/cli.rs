@@ -568,7 +568,7 @@ fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() 
     let init = command(&["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
     assert!(init.status.success());
     let top_acl = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
-    assert!(top_acl.contains("acl = [\"member-1\", \"relay-1\"]"), "the relay is admitted at the top: {top_acl}");
+    assert!(top_acl.contains("acl = [\"member-1\", \"relay-1\", \"relay-1-standby-1\"]"), "the relay and its standby are admitted at the top: {top_acl}");
     // Not beside the demos under loss; and no fixed sleeps: each step waits for the last.
     let _alone = timing_lock();
     let _server = KillOnDrop(command(&["server", "--config", "server.toml"]).spawn().unwrap());
@@ -598,4 +598,72 @@ fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() 
     assert!(above.contains("data: test message 3 from member"), "the sender hears itself: {above}");
     let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
     assert!(through, "the subgroup's member got nothing through the relay: {heard:?}");
+}
+
+/// `demo --relays 2`, small: churn in every group, relay 1 killed and replaced by its standby,
+/// data from every group reaching every other, and the evicted member opening nothing.
+#[test]
+fn demo_with_relays_fails_over_and_delivers_across_subgroups() {
+    let summary = {
+        let _alone = timing_lock();
+        keycast(&["demo", "--relays", "2", "--members", "30", "--epochs", "2", "--epoch-ms", "150", "--json"])
+    };
+    assert_eq!((summary["subgroups"].as_u64(), summary["relay_failovers"].as_u64()), (Some(2), Some(1)), "{summary}");
+    assert_eq!(summary["members_in_sync"], summary["members"], "{summary}");
+    assert_eq!(summary["cross_subgroup_delivered"], summary["cross_subgroup_expected"], "{summary}");
+    assert!(summary["cross_subgroup_expected"].as_u64().unwrap() > 0);
+    assert_eq!(summary["evicted_can_decrypt"], false);
+    assert!(summary["messages_tried_by_evicted"].as_u64().unwrap() > 0, "the evicted member heard data after its eviction: {summary}");
+    for field in ["failover_ms", "messages_lost_in_failover", "relay_hop_us"] {
+        assert!(summary[field].is_number(), "{field} missing: {summary}");
+    }
+}
+
+/// `init --relays 1` writes a standby; as processes, relay-1 is killed (SIGKILL) and
+/// `keycast relay --config relay-1-standby-1.toml` takes over: the subgroup's member fails over
+/// to it by itself and hears the top group's data through it.
+#[test]
+fn a_standby_from_init_takes_over_a_killed_relay_and_its_member_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bin = env!("CARGO_BIN_EXE_keycast");
+    let command = |args: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args(args).current_dir(dir.path()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        c
+    };
+    let init = command(&["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
+    assert!(init.status.success());
+    let _alone = timing_lock();
+    let _server = KillOnDrop(command(&["server", "--config", "server.toml"]).spawn().unwrap());
+    let relay = KillOnDrop(command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap());
+    let _standby = KillOnDrop(command(&["relay", "--config", "relay-1-standby-1.toml"]).spawn().unwrap());
+    let mut below = KillOnDrop(command(&["member", "--config", "member-2.toml", "--for-secs", "120", "--json"]).spawn().unwrap());
+    let lines = {
+        let stdout = std::io::BufReader::new(below.0.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || std::io::BufRead::lines(stdout).map_while(Result::ok).try_for_each(|line| tx.send(line)));
+        rx
+    };
+    let mut heard = Vec::new();
+    let mut wait_for = |what: &str, within: std::time::Duration| {
+        let deadline = std::time::Instant::now() + within;
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            heard.push(line);
+            if heard.last().is_some_and(|l| l.contains(what)) {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(60)), "the subgroup's member never got a key in force");
+    drop(relay);
+    // The standby of relay r of R listens on PORT + 2R + 1 + r: here PORT + 4.
+    let failed_over = format!("\"server\":\"127.0.0.1:{}\"", port + 4);
+    assert!(wait_for(&failed_over, std::time::Duration::from_secs(60)), "the member never failed over to the standby");
+    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(30)), "no key in force from the standby");
+    let above = command(&["member", "--config", "member-1.toml", "--for-secs", "8", "--send", "5", "--interval-ms", "800"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&above.stdout).contains("data: test message 3 from member"));
+    let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
+    assert!(through, "the subgroup's member got nothing through the standby: {heard:?}");
 }

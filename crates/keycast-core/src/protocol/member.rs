@@ -378,6 +378,11 @@ impl MemberSession {
         self.epoch
     }
 
+    /// When the controller was last heard: a verified heartbeat, a resync answer, or the join.
+    pub fn last_heard_ms(&self) -> u64 {
+        self.last_heartbeat_ms
+    }
+
     pub fn needs_resync(&self) -> bool {
         self.out_of_sync
     }

@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod distributed_flat;
+pub mod failover;
 pub mod member;
 pub mod relay;
 mod pending;
