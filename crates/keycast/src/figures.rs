@@ -4,6 +4,7 @@
 mod batch;
 mod caronni;
 mod delivery;
+mod iolus;
 mod plot;
 mod wong;
 
@@ -83,6 +84,7 @@ pub fn run(args: &FiguresArgs) -> Result<(), String> {
     figures.extend(batch::gsm(scale, &progress));
     figures.extend(delivery::keystone(scale, &progress));
     figures.push(delivery::million(scale, &progress));
+    figures.extend(iolus::hierarchy(scale, &progress));
     progress.0.set_message("writing plots");
     for figure in &figures {
         figure.write(&args.out)?;
