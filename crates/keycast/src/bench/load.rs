@@ -139,25 +139,34 @@ fn setup(options: &LoadOptions, joiners: &[String]) -> Result<Setup, String> {
     Ok(Setup { dir, config_path, config, authority, metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)) })
 }
 
+/// Batches the group is written in: the log holds a group built over time, and the restored
+/// controller keeps only the last batch's rekey (for retransmission), not one of N joins.
+const POPULATE_BATCHES: u64 = 16;
+
 /// Writes a group of `members` (member-1 ..) into the controller's log, as if they had joined
-/// in one batch, and rebuilds the same key graph here for their individual keys.
-/// Returns the keys and when the group was created (its epochs count from then).
+/// over TLS in `POPULATE_BATCHES` epochs just before the server starts, and rebuilds the same
+/// key graph here for their individual keys. Returns the keys and when the group was created
+/// (its epochs count from then).
 fn populate(config: &ServerConfig, members: u64) -> Result<(MemberKeysFile, u64), String> {
     let policy = config.policy.group_policy(config.group).map_err(|e| e.to_string())?;
-    let (graph_seed, signing_seed, batch_seed) = (entropy(), entropy(), entropy());
-    let created_ms = now_ms();
+    let (graph_seed, signing_seed) = (entropy(), entropy());
+    let created_ms = now_ms() - (POPULATE_BATCHES + 1) * EPOCH_MS;
     let (_, genesis) = Controller::create(policy, BTreeSet::new(), created_ms, graph_seed, signing_seed).map_err(|e| e.to_string())?;
     let Output::Persist(genesis) = genesis else { return Err("no genesis record".into()) };
-    let ids: Vec<MemberId> = (1..=members).map(MemberId).collect();
-    let joins = ids.iter().map(|m| (*m, format!("member-{}", m.0))).collect();
-    let batch = Record::Batch { seq: 1, epoch: 1, activation: 1, joins, leaves: vec![], seed: batch_seed };
+    let mut graph = new_graph(policy.graph, &BatchSeed::from_bytes(graph_seed)).map_err(|e| e.to_string())?;
+    let mut records = vec![genesis];
+    let chunk = members.div_ceil(POPULATE_BATCHES);
+    for (seq, first) in (1..).zip((1..=members).step_by(chunk as usize)) {
+        let ids: Vec<MemberId> = (first..(first + chunk).min(members + 1)).map(MemberId).collect();
+        let seed = entropy();
+        graph.apply(&Batch { joins: ids.clone(), leaves: vec![] }, &BatchSeed::from_bytes(seed)).map_err(|e| e.to_string())?;
+        let joins = ids.into_iter().map(|m| (m, format!("member-{}", m.0))).collect();
+        records.push(Record::Batch { seq, epoch: seq, activation: seq, joins, leaves: vec![], seed });
+    }
     let key = config.load_database_key().map_err(|e| e.to_string())?;
     let (mut store, _) = Store::open_sealed(&config.database, key).map_err(|e| e.to_string())?;
-    store.append(&[genesis, batch]).map_err(|e| e.to_string())?;
-    drop(store);
-    let mut graph = new_graph(policy.graph, &BatchSeed::from_bytes(graph_seed)).map_err(|e| e.to_string())?;
-    graph.apply(&Batch { joins: ids.clone(), leaves: vec![] }, &BatchSeed::from_bytes(batch_seed)).map_err(|e| e.to_string())?;
-    let members = ids.into_iter().map(|m| graph.individual_key(m).map(|k| (m, k)).ok_or("a member without an individual key")).collect::<Result<_, _>>()?;
+    store.append(&records).map_err(|e| e.to_string())?;
+    let members = (1..=members).map(MemberId).map(|m| graph.individual_key(m).map(|k| (m, k)).ok_or("a member without an individual key")).collect::<Result<_, _>>()?;
     Ok((MemberKeysFile { group: policy.group, members }, created_ms))
 }
 
@@ -558,6 +567,8 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     let dropped = stats.get("keycast_liveness_dropped_total").copied().unwrap_or(0.0);
     let accepted_total = stats.get("keycast_liveness_accepted_total").copied().unwrap_or(0.0);
     let members_lost = expected.saturating_sub(members);
+    let rss_end = rss_bytes(server.pid())?;
+    say(o.json, format!("memory   controller RSS {} MB after the churn (its TLS joins and leaves included): {:.0} bytes per member", rss_end >> 20, rss_end.saturating_sub(rss_empty) as f64 / expected as f64));
     say(o.json, format!("churn    {leaves} left over TLS ({leaves_refused} refused), {silenced} stopped refreshing: {members} members held, {expected} expected, {members_lost} lost"));
 
     // Kill -9 and restart from the database.
@@ -613,6 +624,8 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
         "resyncs_failed": resyncs_failed,
         "rss_empty_bytes": rss_empty,
         "rss_bytes": rss_loaded,
+        "rss_end_bytes": rss_end,
+        "bytes_per_member_end": rss_end.saturating_sub(rss_empty) as f64 / expected as f64,
         "bytes_per_member": bytes_per_member,
         "heartbeat_ms": o.heartbeat_ms,
         "tick_ms": o.tick_ms(),
