@@ -522,15 +522,18 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
 
     // Refreshes alone, one whole interval: every member refreshes once.
     let load_from_ms = now_ms();
-    let (cpu_before, accepted_before) = (cpu_us(server.pid())?, metric(setup.metrics, "keycast_liveness_accepted_total").await?);
+    let before = metrics(setup.metrics).await?;
+    let cpu_before = cpu_us(server.pid())?;
     run_for(Duration::from_millis(o.refresh_ms()), &progress(o.json, 1, "refresh")).await;
-    let (cpu_after, accepted_after) = (cpu_us(server.pid())?, metric(setup.metrics, "keycast_liveness_accepted_total").await?);
-    let accepted = accepted_after - accepted_before;
+    let cpu_after = cpu_us(server.pid())?;
+    let after = metrics(setup.metrics).await?;
+    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    let (accepted, phase_dropped) = (delta("keycast_liveness_accepted_total"), delta("keycast_liveness_dropped_total"));
     let refresh_cpu_us = (cpu_after - cpu_before) as f64 / accepted.max(1.0);
     let cpu_share = (cpu_after - cpu_before) as f64 / (o.refresh_ms() as f64 * 1000.0);
     let rss_loaded = rss_bytes(server.pid())?;
     let bytes_per_member = (rss_loaded.saturating_sub(rss_empty)) as f64 / n as f64;
-    say(o.json, format!("refresh  {accepted} refreshes over UDP in {} s ({:.0}/s): {refresh_cpu_us:.1} us of controller CPU each ({:.0}% of one core)", o.refresh_s, accepted / o.refresh_s as f64, cpu_share * 100.0));
+    say(o.json, format!("refresh  {accepted} refreshes over UDP accepted in {} s ({:.0}/s), {phase_dropped} dropped by a full queue: {refresh_cpu_us:.1} us of controller CPU each ({:.0}% of one core)", o.refresh_s, accepted / o.refresh_s as f64, cpu_share * 100.0));
     say(o.json, format!("memory   controller RSS {} MB with the group, {} MB empty: {bytes_per_member:.0} bytes per member", rss_loaded >> 20, rss_empty >> 20));
 
     // A sample joins over TLS while the refreshes go on.
@@ -577,12 +580,14 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     let started = Instant::now();
     let mut server = spawn_server(&setup)?;
     server.serving(&log).await?;
-    let members_after_restart = answering(setup.metrics).await?.get("keycast_members").copied().unwrap_or(0.0) as u64;
-    let restart_s = started.elapsed().as_secs_f64();
+    answering(setup.metrics).await?;
+    // The count is published after the controller's first step, not when it starts serving.
     let bar = progress(o.json, 1, "restart");
+    let members_after_restart = wait_metric(setup.metrics, "keycast_members", START_DEADLINE, &bar, |m| m >= members as f64).await? as u64;
+    let restart_s = started.elapsed().as_secs_f64();
     let refreshes_after_restart = wait_metric(setup.metrics, "keycast_liveness_accepted_total", Duration::from_secs(30), &bar, |a| a > 0.0).await?;
     bar.finish_and_clear();
-    say(o.json, format!("restart  kill -9 to answering again: {restart_s:.2} s, {members_after_restart} members; {refreshes_after_restart} refreshes accepted since"));
+    say(o.json, format!("restart  kill -9 to answering again with its members: {restart_s:.2} s, {members_after_restart} members; {refreshes_after_restart} refreshes accepted since"));
     let sent = sim.ask("stop").await?;
     drop(sim);
     drop(server);
@@ -618,6 +623,7 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
         "refreshes_dropped": dropped,
         "refreshes_sent": sent["refreshes_sent"],
         "refresh_phase_accepted": accepted,
+        "refresh_phase_dropped": phase_dropped,
         "refresh_cpu_us": refresh_cpu_us,
         "refresh_cpu_share": cpu_share,
         "resyncs_answered": resyncs_answered,
