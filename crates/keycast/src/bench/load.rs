@@ -534,7 +534,7 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     let rss_loaded = rss_bytes(server.pid())?;
     let bytes_per_member = (rss_loaded.saturating_sub(rss_empty)) as f64 / n as f64;
     say(o.json, format!("refresh  {accepted} refreshes over UDP accepted in {} s ({:.0}/s), {phase_dropped} dropped by a full queue: {refresh_cpu_us:.1} us of controller CPU each ({:.0}% of one core)", o.refresh_s, accepted / o.refresh_s as f64, cpu_share * 100.0));
-    say(o.json, format!("memory   controller RSS {} MB with the group, {} MB empty: {bytes_per_member:.0} bytes per member", rss_loaded >> 20, rss_empty >> 20));
+    say(o.json, format!("memory   controller RSS {:.1} MB with the group, {:.1} MB empty: {bytes_per_member:.0} bytes per member", rss_loaded as f64 / 1e6, rss_empty as f64 / 1e6));
 
     // A sample joins over TLS while the refreshes go on.
     let setups: Vec<MemberSetup> = joiner_names
@@ -571,7 +571,7 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     let accepted_total = stats.get("keycast_liveness_accepted_total").copied().unwrap_or(0.0);
     let members_lost = expected.saturating_sub(members);
     let rss_end = rss_bytes(server.pid())?;
-    say(o.json, format!("memory   controller RSS {} MB after the churn (its TLS joins and leaves included): {:.0} bytes per member", rss_end >> 20, rss_end.saturating_sub(rss_empty) as f64 / expected as f64));
+    say(o.json, format!("memory   controller RSS {:.1} MB after the churn (its TLS joins and leaves included): {:.0} bytes per member", rss_end as f64 / 1e6, rss_end.saturating_sub(rss_empty) as f64 / expected as f64));
     say(o.json, format!("churn    {leaves} left over TLS ({leaves_refused} refused), {silenced} stopped refreshing: {members} members held, {expected} expected, {members_lost} lost"));
 
     // Kill -9 and restart from the database.
