@@ -342,6 +342,45 @@ fn heartbeat_lateness(wire: &Wire, heartbeat_ms: u64, from: u64, to: u64) -> (f6
     (sent, arrived, beats.len())
 }
 
+/// The rekeys completed on the wire in [from, to): each one's time from its epoch's start to its
+/// last packet (sorted), and their mean bytes.
+fn rekey_figures(wire: &Wire, created_ms: u64, from: u64, to: u64) -> (Vec<f64>, f64) {
+    let rekeys: Vec<&RekeySeen> = wire.rekeys.values().filter(|r| r.done_ms.is_some_and(|d| (from..to).contains(&d))).collect();
+    // A rekey closes the epoch it is numbered with, at that epoch's start.
+    let epoch_start = |epoch: u64| created_ms + epoch.saturating_sub(1) * EPOCH_MS;
+    let mut times: Vec<f64> = rekeys.iter().filter_map(|r| Some(r.done_ms?.saturating_sub(epoch_start(r.epoch)) as f64)).collect();
+    times.sort_by(f64::total_cmp);
+    let bytes = rekeys.iter().map(|r| r.bytes).sum::<u64>() as f64 / rekeys.len().max(1) as f64;
+    (times, bytes)
+}
+
+/// What the controller did over one refresh interval of refreshes alone.
+struct RefreshPhase {
+    accepted: f64,
+    dropped: f64,
+    /// Its CPU over the phase per refresh accepted.
+    cpu_us_each: f64,
+    /// Its CPU over the phase's length (1.0: one core).
+    cpu_share: f64,
+}
+
+/// One whole refresh interval, in which every member refreshes once.
+async fn refresh_phase(o: &LoadOptions, pid: u32, metrics_addr: SocketAddr) -> Result<RefreshPhase, String> {
+    let before = metrics(metrics_addr).await?;
+    let cpu_before = cpu_us(pid)?;
+    run_for(Duration::from_millis(o.refresh_ms()), &progress(o.json, 1, "refresh")).await;
+    let cpu = (cpu_us(pid)? - cpu_before) as f64;
+    let after = metrics(metrics_addr).await?;
+    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    let accepted = delta("keycast_liveness_accepted_total");
+    Ok(RefreshPhase {
+        accepted,
+        dropped: delta("keycast_liveness_dropped_total"),
+        cpu_us_each: cpu / accepted.max(1.0),
+        cpu_share: cpu / (o.refresh_ms() as f64 * 1000.0),
+    })
+}
+
 /// The simulated members' process and its answers.
 struct Simulator {
     /// Killed when the simulator is dropped.
@@ -520,17 +559,9 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     let mut sim = Simulator::spawn(&keys_path, config.listen, o.refresh_ms())?;
     sim.next().await?;
 
-    // Refreshes alone, one whole interval: every member refreshes once.
     let load_from_ms = now_ms();
-    let before = metrics(setup.metrics).await?;
-    let cpu_before = cpu_us(server.pid())?;
-    run_for(Duration::from_millis(o.refresh_ms()), &progress(o.json, 1, "refresh")).await;
-    let cpu_after = cpu_us(server.pid())?;
-    let after = metrics(setup.metrics).await?;
-    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
-    let (accepted, phase_dropped) = (delta("keycast_liveness_accepted_total"), delta("keycast_liveness_dropped_total"));
-    let refresh_cpu_us = (cpu_after - cpu_before) as f64 / accepted.max(1.0);
-    let cpu_share = (cpu_after - cpu_before) as f64 / (o.refresh_ms() as f64 * 1000.0);
+    let refresh = refresh_phase(o, server.pid(), setup.metrics).await?;
+    let (accepted, phase_dropped, refresh_cpu_us, cpu_share) = (refresh.accepted, refresh.dropped, refresh.cpu_us_each, refresh.cpu_share);
     let rss_loaded = rss_bytes(server.pid())?;
     let bytes_per_member = (rss_loaded.saturating_sub(rss_empty)) as f64 / n as f64;
     say(o.json, format!("refresh  {accepted} refreshes over UDP accepted in {} s ({:.0}/s), {phase_dropped} dropped by a full queue: {refresh_cpu_us:.1} us of controller CPU each ({:.0}% of one core)", o.refresh_s, accepted / o.refresh_s as f64, cpu_share * 100.0));
@@ -562,7 +593,7 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     let deadline = Duration::from_millis(o.refresh_timeout_ms() + 5 * EPOCH_MS) + Duration::from_secs(30);
     let members = wait_metric(setup.metrics, "keycast_members", deadline, &bar, |m| m <= expected as f64).await? as u64;
     bar.finish_and_clear();
-    // One more epoch: a member wrongly expired after the others would show here.
+    // Two more epochs: a member wrongly expired just after the silenced ones would show here.
     tokio::time::sleep(Duration::from_millis(2 * EPOCH_MS)).await;
     let members = members.min(metric(setup.metrics, "keycast_members").await? as u64);
     let stats = metrics(setup.metrics).await?;
@@ -595,13 +626,7 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
 
     let wire = wire.lock().unwrap_or_else(|p| p.into_inner());
     let (late_ms, arrival_late_ms, heartbeats) = heartbeat_lateness(&wire, o.heartbeat_ms, load_from_ms, kill_ms);
-    let rekeys: Vec<(&u64, &RekeySeen)> = wire.rekeys.iter().filter(|(_, r)| r.done_ms.is_some_and(|d| (churn_from_ms..kill_ms).contains(&d))).collect();
-    // A rekey closes the epoch it is numbered with, at that epoch's start.
-    let epoch_start = |epoch: u64| created_ms + epoch.saturating_sub(1) * EPOCH_MS;
-    let mut rekey_ms: Vec<f64> = rekeys.iter().filter_map(|(_, r)| Some(r.done_ms?.saturating_sub(epoch_start(r.epoch)) as f64)).collect();
-    rekey_ms.sort_by(f64::total_cmp);
-    let rekey_bytes: Vec<u64> = rekeys.iter().map(|(_, r)| r.bytes).collect();
-    let bytes_per_epoch = rekey_bytes.iter().sum::<u64>() as f64 / rekey_bytes.len().max(1) as f64;
+    let (rekey_ms, bytes_per_epoch) = rekey_figures(&wire, created_ms, churn_from_ms, kill_ms);
     say(o.json, format!(
         "rekey    {} rekeys in the churn: epoch start to last packet on the wire {:.0} ms max ({:.0} median), {bytes_per_epoch:.0} bytes per epoch",
         rekey_ms.len(), rekey_ms.last().copied().unwrap_or(0.0), rekey_ms.get(rekey_ms.len() / 2).copied().unwrap_or(0.0)
