@@ -307,6 +307,17 @@ async fn join_any(setup: &MemberSetup, candidates: &[ControllerAddr]) -> Result<
     }
 }
 
+/// One leave outside a session (load tests), with retries until the deadline: done once the
+/// controller acknowledges it.
+pub async fn leave_once(setup: &MemberSetup, member: MemberId) -> Result<(), ClientError> {
+    let message = Leave { group: setup.group, member }.encode();
+    request::request(setup, RequestKind::Leave, &message, |frames| match Leave::decode(&frames[0]) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(refusal_or(&frames[0], "a leave acknowledgement")),
+    })
+    .await
+}
+
 /// A TLS 1.3 handshake with client certificate and nothing more (the floor of a join).
 pub async fn handshake_only(setup: &MemberSetup) -> Result<(), ClientError> {
     let mut tls = request::connect(setup).await?;

@@ -1,8 +1,10 @@
 #[cfg(feature = "mls-peer")]
 mod mls;
 mod floor;
+mod load;
 mod net;
 mod restart;
+pub mod simulated;
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -32,6 +34,16 @@ pub struct BenchArgs {
     /// after 1,000 epochs of churn (with --quick: 4,096 members, 100 epochs).
     #[arg(long, conflicts_with = "net")]
     restart: bool,
+    /// With --net: a real controller process carrying this many members simulated by another
+    /// process (refreshes and resyncs over UDP, joins and leaves over TLS, expiries, a restart).
+    #[arg(long, requires = "net", value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
+    members: Option<u64>,
+    /// With --members: each member refreshes once in this many seconds, spread evenly.
+    #[arg(long = "refresh-s", default_value_t = 30, requires = "members")]
+    refresh_s: u64,
+    /// With --members: the controller's heartbeat interval.
+    #[arg(long = "heartbeat-ms", default_value_t = 100, requires = "members")]
+    heartbeat_ms: u64,
 }
 
 const DEGREE: u32 = 4;
@@ -140,6 +152,9 @@ fn mb(bytes: usize) -> f64 {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
+    if let Some(members) = args.members {
+        return load::run(&load::LoadOptions { members, refresh_s: args.refresh_s, heartbeat_ms: args.heartbeat_ms, json: args.json });
+    }
     if args.net {
         return net::run(args.json, args.quick);
     }

@@ -47,6 +47,9 @@ enum Command {
     Sim(sim::SimCommand),
     /// Rekey costs against the crypto floor (and against MLS with the mls-peer feature).
     Bench(bench::BenchArgs),
+    /// The simulated members of `bench --net --members` (started by the bench).
+    #[command(hide = true)]
+    LoadMembers(bench::simulated::SimulatedArgs),
 }
 
 /// Exit status of `keycast member` when the controller evicted it (1 is any failure).
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Command::Admin(args) => net::admin(&args),
         Command::Sim(command) => sim::run(command),
         Command::Bench(args) => bench::run(&args),
+        Command::LoadMembers(args) => bench::simulated::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

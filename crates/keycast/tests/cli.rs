@@ -667,3 +667,31 @@ fn a_standby_from_init_takes_over_a_killed_relay_and_its_member_follows() {
     let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
     assert!(through, "the subgroup's member got nothing through the standby: {heard:?}");
 }
+
+/// `bench --net --members`: a real controller process and 2,000 members simulated by another
+/// process. The refreshes over UDP keep every member that keeps refreshing (the test lasts
+/// longer than the controller's refresh timeout, so a refresh not counted loses members), the
+/// silenced ones expire, the TLS sample joins and leaves, the UDP resyncs open, and the
+/// restarted controller holds the same members and accepts refreshes again.
+#[test]
+fn bench_net_members_holds_every_refreshing_member_through_churn_and_a_restart() {
+    let report = {
+        let _alone = timing_lock();
+        keycast(&["bench", "--net", "--members", "2000", "--refresh-s", "2", "--json"])
+    };
+    let count = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("{key}: {report}"));
+    assert_eq!(count("expiries"), 20, "{report}");
+    assert_eq!(count("members_expected"), 2000 - 20, "{report}");
+    assert_eq!(count("members"), count("members_expected"), "{report}");
+    assert_eq!(count("members_lost"), 0, "{report}");
+    assert_eq!(count("members_after_restart"), count("members"), "the restarted controller holds other members: {report}");
+    assert_eq!((count("joins"), count("leaves"), count("leaves_refused")), (200, 200, 0), "{report}");
+    assert_eq!((count("resyncs_answered"), count("resyncs_failed")), (100, 0), "{report}");
+    assert_eq!(number(&report, "refreshes_refused"), 0.0, "{report}");
+    // One refresh interval: about one refresh per member (not every one lands in the window).
+    assert!(number(&report, "refresh_phase_accepted") >= 1000.0, "{report}");
+    assert!(number(&report, "refreshes_accepted") >= number(&report, "refresh_phase_accepted"), "{report}");
+    assert!(number(&report, "refreshes_after_restart") > 0.0, "no refresh accepted after the restart: {report}");
+    assert!(number(&report, "refresh_cpu_us") > 0.0 && number(&report, "restart_s") > 0.0, "{report}");
+    assert!(count("heartbeats") > 0 && count("rekeys") > 0, "{report}");
+}

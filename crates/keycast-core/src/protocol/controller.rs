@@ -149,6 +149,10 @@ impl core::fmt::Debug for Record {
     }
 }
 
+/// Looks for silent members per refresh timeout: a member expires at most 1/16 of the timeout
+/// late.
+const EXPIRY_SCANS_PER_TIMEOUT: u64 = 16;
+
 /// Least time between two resync answers over UDP to one member.
 pub const UDP_RESYNC_INTERVAL_MS: u64 = 50;
 
@@ -305,6 +309,9 @@ pub struct Controller {
     /// The last tick: a longer gap than a heartbeat interval means the controller was not
     /// running (paused, stalled), and that time does not count against members' liveness.
     last_tick_ms: u64,
+    /// When `tick` next looks for silent members: every member is read, so not on every tick
+    /// (at a million members one look costs about as much as a 20 ms tick allows).
+    next_expiry_scan_ms: u64,
     /// A rekey seq floor members reported, to persist with the next tick.
     unpersisted_floor: Option<u64>,
     /// FEC parity of the last rekey, its NAKs and repair, and the proactivity factor.
@@ -454,6 +461,7 @@ impl Controller {
             waiting_joins: BTreeMap::new(),
             last_rekey: Vec::new(),
             last_tick_ms: now_ms,
+            next_expiry_scan_ms: 0,
             unpersisted_floor: None,
             delivery: Delivery::new(policy.packets.fec),
             refusals: RefusalBudget::default(),
@@ -903,15 +911,9 @@ impl Controller {
         if let Some(floor) = self.unpersisted_floor.take() {
             out.push(Output::Persist(Record::SeqFloor(floor)));
         }
-        let deadline = now_ms.saturating_sub(self.policy.refresh_timeout_ms);
-        let silent: Vec<MemberId> = self
-            .members
-            .iter()
-            .filter(|(m, r)| r.last_seen_ms < deadline && !self.pending.names(**m))
-            .map(|(m, _)| *m)
-            .collect();
-        for member in silent {
-            out.extend(self.request(Request::Leave { member }));
+        if now_ms >= self.next_expiry_scan_ms {
+            self.next_expiry_scan_ms = now_ms + self.policy.refresh_timeout_ms / EXPIRY_SCANS_PER_TIMEOUT;
+            out.extend(self.expire_silent(now_ms));
         }
         if self.epoch_at(now_ms) > self.epoch {
             out.extend(self.close_epoch(now_ms, entropy, false)?);
@@ -921,6 +923,18 @@ impl Controller {
             out.extend(self.heartbeat(now_ms));
         }
         Ok(out)
+    }
+
+    /// Leave requests for the members not heard from for the refresh timeout.
+    fn expire_silent(&mut self, now_ms: u64) -> Vec<Output> {
+        let deadline = now_ms.saturating_sub(self.policy.refresh_timeout_ms);
+        let silent: Vec<MemberId> = self
+            .members
+            .iter()
+            .filter(|(m, r)| r.last_seen_ms < deadline && !self.pending.names(**m))
+            .map(|(m, _)| *m)
+            .collect();
+        silent.into_iter().flat_map(|member| self.request(Request::Leave { member })).collect()
     }
 
     /// Liveness counts only time the controller was running: after a gap between ticks longer
