@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// With --members: the controller's heartbeat interval.
     #[arg(long = "heartbeat-ms", default_value_t = 100, requires = "members")]
     heartbeat_ms: u64,
+    /// With --members: forged refreshes a second sent beside the load for one refresh interval
+    /// (0: none).
+    #[arg(long = "flood-per-s", default_value_t = 0, requires = "members")]
+    flood_per_s: u64,
 }
 
 const DEGREE: u32 = 4;
@@ -153,7 +157,7 @@ fn mb(bytes: usize) -> f64 {
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     if let Some(members) = args.members {
-        return load::run(&load::LoadOptions { members, refresh_s: args.refresh_s, heartbeat_ms: args.heartbeat_ms, json: args.json });
+        return load::run(&load::LoadOptions { members, refresh_s: args.refresh_s, heartbeat_ms: args.heartbeat_ms, flood_per_s: args.flood_per_s, json: args.json });
     }
     if args.net {
         return net::run(args.json, args.quick);

@@ -47,6 +47,8 @@ pub struct LoadOptions {
     pub members: u64,
     pub refresh_s: u64,
     pub heartbeat_ms: u64,
+    /// Forged refreshes a second for one refresh interval after the refresh phase (0: none).
+    pub flood_per_s: u64,
     pub json: bool,
 }
 
@@ -381,6 +383,43 @@ async fn refresh_phase(o: &LoadOptions, pid: u32, metrics_addr: SocketAddr) -> R
     })
 }
 
+/// What a flood of forged refreshes beside the load did at the controller.
+#[derive(Default)]
+struct FloodPhase {
+    sent: f64,
+    refused: f64,
+    dropped: f64,
+    /// Real refreshes accepted during the flood (about one interval's worth when none is lost).
+    accepted: f64,
+    cpu_share: f64,
+}
+
+/// One refresh interval of forged refreshes at `o.flood_per_s` beside the real ones.
+async fn flood_phase(o: &LoadOptions, sim: &mut Simulator, pid: u32, metrics_addr: SocketAddr) -> Result<FloodPhase, String> {
+    if o.flood_per_s == 0 {
+        return Ok(FloodPhase::default());
+    }
+    let before = metrics(metrics_addr).await?;
+    let cpu_before = cpu_us(pid)?;
+    let started = Instant::now();
+    let answer = sim.ask(&format!("flood {} {}", o.flood_per_s, o.refresh_s)).await?;
+    let cpu = (cpu_us(pid)? - cpu_before) as f64;
+    let after = metrics(metrics_addr).await?;
+    let delta = |name: &str| after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0);
+    let phase = FloodPhase {
+        sent: answer["flood_sent"].as_f64().unwrap_or(0.0),
+        refused: delta("keycast_liveness_refused_total"),
+        dropped: delta("keycast_liveness_dropped_total"),
+        accepted: delta("keycast_liveness_accepted_total"),
+        cpu_share: cpu / (started.elapsed().as_secs_f64() * 1e6),
+    };
+    say(o.json, format!(
+        "flood    {:.0} forged refreshes in {} s ({:.0}/s): {:.0} refused, {:.0} dropped by a full queue; {:.0} real refreshes accepted meanwhile; controller at {:.0}% of one core",
+        phase.sent, o.refresh_s, phase.sent / o.refresh_s as f64, phase.refused, phase.dropped, phase.accepted, phase.cpu_share * 100.0
+    ));
+    Ok(phase)
+}
+
 /// The simulated members' process and its answers.
 struct Simulator {
     /// Killed when the simulator is dropped.
@@ -569,6 +608,8 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     say(o.json, format!("refresh  {accepted} refreshes over UDP accepted in {} s ({:.0}/s), {phase_dropped} dropped by a full queue: {refresh_cpu_us:.1} us of controller CPU each ({:.0}% of one core)", o.refresh_s, accepted / o.refresh_s as f64, cpu_share * 100.0));
     say(o.json, format!("memory   controller RSS {:.1} MB with the group, {:.1} MB empty: {bytes_per_member:.0} bytes per member", rss_loaded as f64 / 1e6, rss_empty as f64 / 1e6));
 
+    let flood = flood_phase(o, &mut sim, server.pid(), setup.metrics).await?;
+
     // A sample joins over TLS while the refreshes go on.
     let setups: Vec<MemberSetup> = joiner_names
         .iter()
@@ -635,7 +676,7 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     ));
     say(o.json, format!("beats    {heartbeats} heartbeats every {} ms (tick {} ms): at most {late_ms:.0} ms late by the controller's clock, {arrival_late_ms:.0} ms by arrival here", o.heartbeat_ms, o.tick_ms()));
     say(o.json, format!("refused  {refused} liveness datagrams refused, {dropped} dropped by a full queue; {} members lost", members_lost));
-    Ok(json!({
+    let mut report = json!({
         "members": members,
         "members_expected": expected,
         "members_lost": members_lost,
@@ -674,5 +715,17 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
         "restart_s": restart_s,
         "members_after_restart": members_after_restart,
         "refreshes_after_restart": refreshes_after_restart,
-    }))
+    });
+    let flood = json!({
+        "flood_per_s": o.flood_per_s,
+        "flood_sent": flood.sent,
+        "flood_refused": flood.refused,
+        "flood_dropped": flood.dropped,
+        "flood_real_accepted": flood.accepted,
+        "flood_cpu_share": flood.cpu_share,
+    });
+    if let (Some(report), Some(flood)) = (report.as_object_mut(), flood.as_object()) {
+        report.extend(flood.clone());
+    }
+    Ok(report)
 }

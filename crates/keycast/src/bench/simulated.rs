@@ -1,7 +1,8 @@
 //! `keycast load-members` (hidden): the simulated members of `keycast bench --net --members`.
 //! Each member is only what refreshing and resyncing over UDP need: its id, its individual key
 //! (from a 0600 file the bench wrote) and its liveness counter. The bench drives it by lines
-//! on stdin (`resync K`, `silence K`, `stop`) and reads one JSON line per answer on stdout.
+//! on stdin (`resync K`, `silence K`, `flood RATE SECONDS`, `stop`) and reads one JSON line per
+//! answer on stdout.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -181,6 +182,29 @@ impl Simulation {
     }
 }
 
+impl Simulation {
+    /// Forged refreshes at `per_second` for `length`: real member ids under a wrong tag and
+    /// ids never issued, in turn (what an attacker without keys can send). Returns how many.
+    fn flood(&self, per_second: u64, length: Duration) -> Result<u64, String> {
+        let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let n = self.members.len() as u64;
+        let (start, mut sent) = (Instant::now(), 0u64);
+        while start.elapsed() < length {
+            let due = (start.elapsed().as_micros() as u64).saturating_mul(per_second) / 1_000_000;
+            for i in sent..due {
+                let member = if i % 2 == 0 { self.members[(i / 2 % n) as usize].0 } else { MemberId(u64::MAX - i) };
+                let forged = Liveness { group: self.group, member, resync: false, counter: now_ms() + i, rekey_seq: 0 };
+                let mut datagram = forged.seal(&LivenessKey::derive(&Key::from_bytes([0x5a; 32]), self.group, member));
+                datagram[keycast_core::wire::LIVENESS_LEN - 1] ^= (i as u8) | 1;
+                let _ = socket.send_to(&datagram, self.server);
+            }
+            sent = sent.max(due);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(sent)
+    }
+}
+
 /// Prints one JSON line and flushes it (the bench reads it at once).
 fn answer(line: serde_json::Value) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
@@ -226,6 +250,11 @@ pub fn run(args: &SimulatedArgs) -> Result<(), String> {
                 let active = n.saturating_sub(count);
                 sim.active.store(active, Ordering::Relaxed);
                 answer(json!({ "silenced": n - active }))?;
+            }
+            "flood" => {
+                let seconds = words.next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(1);
+                let sent = sim.flood(count as u64, Duration::from_secs(seconds))?;
+                answer(json!({ "flood_sent": sent }))?;
             }
             "stop" => break,
             other => return Err(format!("unknown command {other:?}")),
