@@ -399,7 +399,7 @@ fn sim_figures_quick_writes_every_figure_with_the_papers_shapes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let page = std::fs::read_to_string(dir.join("figures.md")).unwrap();
     let stems: Vec<&str> = page.lines().filter_map(|l| l.strip_prefix("- Data: [`")?.split('.').next()).collect();
-    assert_eq!(stems.len(), 19, "one entry per figure: {stems:?}");
+    assert_eq!(stems.len(), 21, "one entry per figure: {stems:?}");
     for stem in &stems {
         for ext in ["csv", "svg", "png"] {
             let bytes = std::fs::read(dir.join(format!("{stem}.{ext}"))).unwrap_or_else(|_| panic!("{stem}.{ext}"));
@@ -409,6 +409,13 @@ fn sim_figures_quick_writes_every_figure_with_the_papers_shapes() {
     }
     assert!(std::fs::read(dir.join("fig1a_wong_time_vs_size.png")).unwrap().starts_with(b"\x89PNG"));
     assert!(!page.contains("NaN"), "every measured line has numbers");
+
+    // Iolus: at the largest n a leave under subgroups costs less than under one tree, and
+    // less with more subgroups; the relay work is S re-wraps per data packet at every n.
+    let largest = |series: &str| csv_series(&dir, "iolus_leave_bytes", series).last().copied().unwrap();
+    let (tree, s16, s256) = (largest("one tree"), largest("S = 16 subgroups of n / 16"), largest("S = 256 subgroups of n / 256"));
+    assert!(tree.0 == s16.0 && s16.0 == s256.0 && s256.1 < s16.1 && s16.1 < tree.1, "{tree:?} {s16:?} {s256:?}");
+    assert!(csv_series(&dir, "iolus_member_traffic", "S = 16: relay re-wraps per data packet").iter().all(|p| p.1 == 16.0));
 
     // Figure 1: a leave costs d·h - 1 wraps, so it grows with log n, not with n.
     let leave = csv_series(&dir, "fig1c_wong_wraps_vs_size", "leave");
