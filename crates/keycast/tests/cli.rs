@@ -560,6 +560,33 @@ fn bench_restart_restores_an_aged_group_with_the_same_keys() {
 }
 
 
+/// What a child process prints, line by line (read on a thread), kept as heard.
+struct Lines {
+    lines: std::sync::mpsc::Receiver<String>,
+    heard: Vec<String>,
+}
+
+impl Lines {
+    fn of(child: &mut std::process::Child) -> Lines {
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || std::io::BufRead::lines(stdout).map_while(Result::ok).try_for_each(|line| tx.send(line)));
+        Lines { lines, heard: Vec::new() }
+    }
+
+    /// Whether a line holding `what` comes within `within`.
+    fn wait_for(&mut self, what: &str, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            self.heard.push(line);
+            if self.heard.last().is_some_and(|l| l.contains(what)) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// `init --relays 1`, then the top controller, the relay and a member on each level as
 /// separate processes: data sent at the top reaches the subgroup's member through the relay.
 #[test]
@@ -581,30 +608,14 @@ fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() 
     let _server = KillOnDrop(command(&["server", "--config", "server.toml"]).spawn().unwrap());
     let _relay = KillOnDrop(command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap());
     let mut below = KillOnDrop(command(&["member", "--config", "member-2.toml", "--for-secs", "120", "--json"]).spawn().unwrap());
-    let lines = {
-        let stdout = std::io::BufReader::new(below.0.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || std::io::BufRead::lines(stdout).map_while(Result::ok).try_for_each(|line| tx.send(line)));
-        rx
-    };
-    let mut heard = Vec::new();
-    let mut wait_for = |what: &str, within: std::time::Duration| {
-        let deadline = std::time::Instant::now() + within;
-        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-            heard.push(line);
-            if heard.last().is_some_and(|l| l.contains(what)) {
-                return true;
-            }
-        }
-        false
-    };
+    let mut lines = Lines::of(&mut below.0);
     // The subgroup's member holds a key in force (it joined through the relay's controller).
-    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(60)), "the subgroup's member never got a key in force");
+    assert!(lines.wait_for("\"key_activated\"", std::time::Duration::from_secs(60)), "the subgroup's member never got a key in force");
     let above = command(&["member", "--config", "member-1.toml", "--for-secs", "8", "--send", "5", "--interval-ms", "800"]).output().unwrap();
     let above = String::from_utf8_lossy(&above.stdout).to_string();
     assert!(above.contains("data: test message 3 from member"), "the sender hears itself: {above}");
-    let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
-    assert!(through, "the subgroup's member got nothing through the relay: {heard:?}");
+    let through = lines.wait_for("test message 3 from member", std::time::Duration::from_secs(20));
+    assert!(through, "the subgroup's member got nothing through the relay: {:?}", lines.heard);
 }
 
 /// `demo --relays 2`, small: churn in every group, relay 1 killed and replaced by its standby,
@@ -646,33 +657,17 @@ fn a_standby_from_init_takes_over_a_killed_relay_and_its_member_follows() {
     let relay = KillOnDrop(command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap());
     let _standby = KillOnDrop(command(&["relay", "--config", "relay-1-standby-1.toml"]).spawn().unwrap());
     let mut below = KillOnDrop(command(&["member", "--config", "member-2.toml", "--for-secs", "120", "--json"]).spawn().unwrap());
-    let lines = {
-        let stdout = std::io::BufReader::new(below.0.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || std::io::BufRead::lines(stdout).map_while(Result::ok).try_for_each(|line| tx.send(line)));
-        rx
-    };
-    let mut heard = Vec::new();
-    let mut wait_for = |what: &str, within: std::time::Duration| {
-        let deadline = std::time::Instant::now() + within;
-        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-            heard.push(line);
-            if heard.last().is_some_and(|l| l.contains(what)) {
-                return true;
-            }
-        }
-        false
-    };
-    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(60)), "the subgroup's member never got a key in force");
+    let mut lines = Lines::of(&mut below.0);
+    assert!(lines.wait_for("\"key_activated\"", std::time::Duration::from_secs(60)), "the subgroup's member never got a key in force");
     drop(relay);
     // The standby of relay r of R listens on PORT + 2R + 1 + r: here PORT + 4.
     let failed_over = format!("\"server\":\"127.0.0.1:{}\"", port + 4);
-    assert!(wait_for(&failed_over, std::time::Duration::from_secs(60)), "the member never failed over to the standby");
-    assert!(wait_for("\"key_activated\"", std::time::Duration::from_secs(30)), "no key in force from the standby");
+    assert!(lines.wait_for(&failed_over, std::time::Duration::from_secs(60)), "the member never failed over to the standby");
+    assert!(lines.wait_for("\"key_activated\"", std::time::Duration::from_secs(30)), "no key in force from the standby");
     let above = command(&["member", "--config", "member-1.toml", "--for-secs", "8", "--send", "5", "--interval-ms", "800"]).output().unwrap();
     assert!(String::from_utf8_lossy(&above.stdout).contains("data: test message 3 from member"));
-    let through = wait_for("test message 3 from member", std::time::Duration::from_secs(20));
-    assert!(through, "the subgroup's member got nothing through the standby: {heard:?}");
+    let through = lines.wait_for("test message 3 from member", std::time::Duration::from_secs(20));
+    assert!(through, "the subgroup's member got nothing through the standby: {:?}", lines.heard);
 }
 
 /// `bench --net --members`: a real controller process and 2,000 members simulated by another
