@@ -462,6 +462,26 @@ fn a_member_behind_resyncs_over_udp_and_an_old_answer_is_not_taken_again() {
     assert!(b.sealed_resync(&sealed, h.now).is_err());
 }
 
+/// The expiry scan reads a slice of the members per tick, yet every silent member is still
+/// removed within the refresh timeout plus a sixteenth of it (and an epoch for the batch), and
+/// none before the timeout.
+#[test]
+fn silent_members_expire_within_a_sixteenth_of_the_timeout_though_each_tick_reads_a_slice() {
+    let names: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let acl: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut h = Harness::new(policy(tree()), &acl);
+    for name in &names {
+        h.join(name).unwrap();
+    }
+    h.run(h.policy.epoch_ms * 2);
+    assert_eq!(h.controller.members().len(), 300);
+    let timeout = h.policy.refresh_timeout_ms;
+    h.run(timeout - 2 * h.policy.epoch_ms - 50);
+    assert_eq!(h.controller.members().len(), 300, "a member expired before the refresh timeout");
+    h.run(2 * h.policy.epoch_ms + timeout / 16 + 2 * h.policy.epoch_ms);
+    assert!(h.controller.members().is_empty(), "{} silent members still counted", h.controller.members().len());
+}
+
 #[test]
 fn a_departed_member_learns_over_udp_from_a_signed_refusal_and_nobody_else_takes_it() {
     use keycast_core::protocol::DATAGRAM_REFUSALS_PER_SECOND;

@@ -149,8 +149,8 @@ impl core::fmt::Debug for Record {
     }
 }
 
-/// Looks for silent members per refresh timeout: a member expires at most 1/16 of the timeout
-/// late.
+/// Passes over every member looking for silent ones per refresh timeout: a member expires at
+/// most 1/16 of the timeout late.
 const EXPIRY_SCANS_PER_TIMEOUT: u64 = 16;
 
 /// Least time between two resync answers over UDP to one member.
@@ -309,9 +309,11 @@ pub struct Controller {
     /// The last tick: a longer gap than a heartbeat interval means the controller was not
     /// running (paused, stalled), and that time does not count against members' liveness.
     last_tick_ms: u64,
-    /// When `tick` next looks for silent members: every member is read, so not on every tick
-    /// (at a million members one look costs about as much as a 20 ms tick allows).
-    next_expiry_scan_ms: u64,
+    /// The expiry scan goes over the members a slice per tick, from here, so that no tick reads
+    /// them all (at a million members that read takes tens of ms, and heartbeats would wait).
+    expiry_cursor: MemberId,
+    expiry_pass_members: usize,
+    last_expiry_scan_ms: u64,
     /// A rekey seq floor members reported, to persist with the next tick.
     unpersisted_floor: Option<u64>,
     /// FEC parity of the last rekey, its NAKs and repair, and the proactivity factor.
@@ -461,7 +463,9 @@ impl Controller {
             waiting_joins: BTreeMap::new(),
             last_rekey: Vec::new(),
             last_tick_ms: now_ms,
-            next_expiry_scan_ms: 0,
+            expiry_cursor: MemberId(0),
+            expiry_pass_members: 0,
+            last_expiry_scan_ms: now_ms,
             unpersisted_floor: None,
             delivery: Delivery::new(policy.packets.fec),
             refusals: RefusalBudget::default(),
@@ -918,10 +922,7 @@ impl Controller {
         if let Some(floor) = self.unpersisted_floor.take() {
             out.push(Output::Persist(Record::SeqFloor(floor)));
         }
-        if now_ms >= self.next_expiry_scan_ms {
-            self.next_expiry_scan_ms = now_ms + self.policy.refresh_timeout_ms / EXPIRY_SCANS_PER_TIMEOUT;
-            out.extend(self.expire_silent(now_ms));
-        }
+        out.extend(self.expire_silent(now_ms));
         if self.epoch_at(now_ms) > self.epoch {
             out.extend(self.close_epoch(now_ms, entropy, false)?);
         }
@@ -932,15 +933,29 @@ impl Controller {
         Ok(out)
     }
 
-    /// Leave requests for the members not heard from for the refresh timeout.
+    /// Leave requests for the members not heard from for the refresh timeout, among the slice
+    /// of members this tick's share of a pass covers (a whole pass every timeout / 16).
     fn expire_silent(&mut self, now_ms: u64) -> Vec<Output> {
+        let pass_ms = (self.policy.refresh_timeout_ms / EXPIRY_SCANS_PER_TIMEOUT).max(1);
+        let elapsed = now_ms.saturating_sub(self.last_expiry_scan_ms);
+        // The pace is set by the members the pass started with: members leaving behind the
+        // cursor must not slow the visit of those ahead of it.
+        let per_pass = self.members.len().max(self.expiry_pass_members) as u64;
+        let share = (per_pass.saturating_mul(elapsed).div_ceil(pass_ms)).min(self.members.len() as u64) as usize;
+        if share == 0 {
+            return Vec::new();
+        }
+        self.last_expiry_scan_ms = now_ms;
         let deadline = now_ms.saturating_sub(self.policy.refresh_timeout_ms);
-        let silent: Vec<MemberId> = self
-            .members
-            .iter()
-            .filter(|(m, r)| r.last_seen_ms < deadline && !self.pending.names(**m))
-            .map(|(m, _)| *m)
-            .collect();
+        let mut slice: Vec<(MemberId, u64)> = self.members.range(self.expiry_cursor..).take(share).map(|(m, r)| (*m, r.last_seen_ms)).collect();
+        if slice.len() < share {
+            // The pass is over: the next one starts from the lowest id, paced by today's count.
+            self.expiry_pass_members = self.members.len();
+            let more = share - slice.len();
+            slice.extend(self.members.range(..self.expiry_cursor).take(more).map(|(m, r)| (*m, r.last_seen_ms)));
+        }
+        self.expiry_cursor = slice.last().map_or(MemberId(0), |(m, _)| MemberId(m.0 + 1));
+        let silent: Vec<MemberId> = slice.into_iter().filter(|(m, seen)| *seen < deadline && !self.pending.names(*m)).map(|(m, _)| m).collect();
         silent.into_iter().flat_map(|member| self.request(Request::Leave { member })).collect()
     }
 
