@@ -309,10 +309,7 @@ impl ControllerTask {
         let mut interval = tokio::time::interval(tick);
         let mut next_conn: ConnId = 0;
         loop {
-            // At least a millisecond: a tick that fails before its heartbeat must not spin.
-            let until_deadline = Duration::from_millis(self.controller.next_deadline_ms().saturating_sub(now_ms()).max(1));
             let step = tokio::select! {
-                _ = tokio::time::sleep(until_deadline) => self.tick().await,
                 command = commands.recv() => match command {
                     None => return "the server was dropped".into(),
                     Some(command) => {

@@ -907,13 +907,6 @@ impl Controller {
         Ok(out)
     }
 
-    /// When `tick` next has work that must be on time: the next heartbeat or the epoch's end.
-    /// Drivers wake then (and on their own regular tick for the rest), so heartbeats are not
-    /// late by up to a tick.
-    pub fn next_deadline_ms(&self) -> u64 {
-        self.next_heartbeat_ms.min(self.epoch_start_ms(self.epoch + 1))
-    }
-
     /// Advances time: expires silent members, closes the epoch when it is over, and sends a
     /// heartbeat when one is due.
     pub fn tick(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
