@@ -560,6 +560,22 @@ fn bench_restart_restores_an_aged_group_with_the_same_keys() {
 }
 
 
+/// A temp dir holding what `init --members 2 --relays 1` writes on a free port.
+fn init_one_relay() -> (tempfile::TempDir, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let init = keycast_in(dir.path(), &["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
+    assert!(init.status.success());
+    (dir, port)
+}
+
+/// `keycast args` run in `dir`, its output piped, its log dropped.
+fn keycast_in(dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keycast"));
+    c.args(args).current_dir(dir).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+    c
+}
+
 /// What a child process prints, line by line (read on a thread), kept as heard.
 struct Lines {
     lines: std::sync::mpsc::Receiver<String>,
@@ -591,16 +607,8 @@ impl Lines {
 /// separate processes: data sent at the top reaches the subgroup's member through the relay.
 #[test]
 fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let bin = env!("CARGO_BIN_EXE_keycast");
-    let command = |args: &[&str]| {
-        let mut c = Command::new(bin);
-        c.args(args).current_dir(dir.path()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-        c
-    };
-    let init = command(&["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
-    assert!(init.status.success());
+    let (dir, _) = init_one_relay();
+    let command = |args: &[&str]| keycast_in(dir.path(), args);
     let top_acl = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
     assert!(top_acl.contains("acl = [\"member-1\", \"relay-1\", \"relay-1-standby-1\"]"), "the relay and its standby are admitted at the top: {top_acl}");
     // Not beside the demos under loss; and no fixed sleeps: each step waits for the last.
@@ -642,16 +650,8 @@ fn demo_with_relays_fails_over_and_delivers_across_subgroups() {
 /// to it by itself and hears the top group's data through it.
 #[test]
 fn a_standby_from_init_takes_over_a_killed_relay_and_its_member_follows() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let bin = env!("CARGO_BIN_EXE_keycast");
-    let command = |args: &[&str]| {
-        let mut c = Command::new(bin);
-        c.args(args).current_dir(dir.path()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
-        c
-    };
-    let init = command(&["init", ".", "--members", "2", "--relays", "1", "--port", &port.to_string()]).output().unwrap();
-    assert!(init.status.success());
+    let (dir, port) = init_one_relay();
+    let command = |args: &[&str]| keycast_in(dir.path(), args);
     let _alone = timing_lock();
     let _server = KillOnDrop(command(&["server", "--config", "server.toml"]).spawn().unwrap());
     let relay = KillOnDrop(command(&["relay", "--config", "relay-1.toml"]).spawn().unwrap());

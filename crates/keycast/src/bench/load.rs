@@ -275,7 +275,7 @@ async fn wait_metric(addr: SocketAddr, name: &str, deadline: Duration, bar: &Pro
 }
 
 /// utime + stime of `pid`, in microseconds.
-fn cpu_us(pid: u32) -> Result<u64, String> {
+pub(super) fn cpu_us(pid: u32) -> Result<u64, String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
     let fields: Vec<&str> = stat.rsplit_once(')').ok_or("bad /proc stat")?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).ok_or("bad /proc stat");

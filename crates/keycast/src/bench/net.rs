@@ -37,16 +37,6 @@ struct Rate {
     cpu_us: f64,
 }
 
-/// CPU time this process has used (user and system), from /proc/self/stat (Linux's USER_HZ
-/// is 100 on every architecture keycast runs on).
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at field 3: utime is 14, stime 15.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks: u64 = fields.get(11..13).map(|f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum()).unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
 /// Runs `count` operations with at most `parallel` in flight.
 async fn rate<F, Fut>(setups: &[MemberSetup], parallel: usize, op: F) -> Result<Rate, String>
 where
@@ -54,7 +44,7 @@ where
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     let gate = Arc::new(Semaphore::new(parallel));
-    let (start, cpu) = (Instant::now(), process_cpu());
+    let (start, cpu) = (Instant::now(), super::load::cpu_us(std::process::id())?);
     let mut tasks = Vec::with_capacity(setups.len());
     for setup in setups {
         let permit = gate.clone().acquire_owned().await.map_err(|e| e.to_string())?;
@@ -69,7 +59,7 @@ where
         t.await.map_err(|e| e.to_string())??;
     }
     let n = setups.len() as f64;
-    Ok(Rate { per_second: n / start.elapsed().as_secs_f64(), cpu_us: (process_cpu() - cpu).as_secs_f64() * 1e6 / n })
+    Ok(Rate { per_second: n / start.elapsed().as_secs_f64(), cpu_us: (super::load::cpu_us(std::process::id())? - cpu) as f64 / n })
 }
 
 /// Joins and bare handshakes with `parallel` in flight: enough that the cores, not the epoch
