@@ -273,11 +273,7 @@ impl MemberSession {
         if answer.group != self.group || answer.member != self.member {
             return Err(Reject::WrongGroup { expected: self.group, got: answer.group }.into());
         }
-        let expected = self.resync_probe.ok_or(Reject::Replay { kind: "resync answer", seq: counter, last: 0 })?;
-        if counter != expected {
-            return Err(Reject::Replay { kind: "resync answer", seq: counter, last: expected }.into());
-        }
-        self.resync_probe = None;
+        self.answers_probe("resync answer", counter)?;
         Ok(self.resynced(answer, now_ms))
     }
 
@@ -289,12 +285,19 @@ impl MemberSession {
         if refusal.group != self.group || refusal.member != self.member {
             return Err(Reject::WrongGroup { expected: self.group, got: refusal.group }.into());
         }
-        let expected = self.resync_probe.ok_or(Reject::Replay { kind: "datagram refusal", seq: refusal.counter, last: 0 })?;
-        if refusal.counter != expected {
-            return Err(Reject::Replay { kind: "datagram refusal", seq: refusal.counter, last: expected }.into());
+        self.answers_probe("datagram refusal", refusal.counter)?;
+        Ok(refusal.reason)
+    }
+
+    /// Takes an answer naming `counter` only if it answers the latest resync request sent over
+    /// UDP (an older answer replayed is refused); that request is then answered.
+    fn answers_probe(&mut self, kind: &'static str, counter: u64) -> Result<(), Reject> {
+        let expected = self.resync_probe.ok_or(Reject::Replay { kind, seq: counter, last: 0 })?;
+        if counter != expected {
+            return Err(Reject::Replay { kind, seq: counter, last: expected });
         }
         self.resync_probe = None;
-        Ok(refusal.reason)
+        Ok(())
     }
 
     /// When the next NAK is due, if one is.
