@@ -119,6 +119,25 @@ impl Harness {
 }
 
 #[test]
+fn a_join_before_the_first_tick_waits_for_the_epochs_end_as_after_a_restart() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    // Queued in the first epoch, before any tick: answered at its end, not at the first tick.
+    let Ok(JoinStatus::Queued(_)) = h.join("a") else { panic!("a queued") };
+    h.run(h.policy.epoch_ms - 10);
+    assert!(h.answers.is_empty(), "a join was batched before its epoch ended: {:?}", h.answers);
+    h.run(20);
+    assert_eq!(h.answers.len(), 1, "the join was not answered when its epoch ended");
+    // The same after a restart with nothing pending, in the middle of an epoch.
+    h.run(h.policy.epoch_ms / 2 - 10); // 50 ms into the epoch
+    h.restart();
+    let Ok(JoinStatus::Queued(_)) = h.join("b") else { panic!("b queued") };
+    h.run(h.policy.epoch_ms / 2 - 20);
+    assert_eq!(h.answers.len(), 1, "a join after a restart was batched before its epoch ended");
+    h.run(h.policy.epoch_ms);
+    assert_eq!(h.answers.len(), 2);
+}
+
+#[test]
 fn an_evicted_identity_is_refused_until_readmitted_across_restarts() {
     let mut h = Harness::new(policy(tree()), &["a", "b"]);
     let a = h.admit("a");

@@ -421,6 +421,13 @@ impl Controller {
                 c.pending.push(Request::Evict { member });
             }
         }
+        // With nothing waiting, the epoch under way counts as closed: a request that arrives now
+        // waits for the epoch's end like any other (a fresh group's first tick would otherwise
+        // batch it at once). Requests restored from the log have waited already: the first
+        // tick serves them.
+        if c.pending.is_empty() {
+            c.epoch = c.epoch.max(c.epoch_at(now_ms));
+        }
         if let Some((plan, seq, epoch, activation)) = last_batch {
             c.last_rekey = c.encode(&plan, seq, epoch, activation)?.0;
         }
