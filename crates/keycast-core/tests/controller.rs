@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use keycast_core::protocol::{Controller, ControllerError, Departure, GroupPolicy, JoinStatus, LivenessAnswer, LivenessRefused, MemberEvent, MemberSession, Output, Record};
 use keycast_core::protocol::traffic::Fresh;
 use keycast_core::wire::rekey::PacketConfig;
-use keycast_core::wire::{GroupId, JoinAnswer, RefusalReason};
+use keycast_core::wire::{message_type, GroupId, JoinAnswer, MessageType, RefusalReason};
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, MemberId, Scheme};
 
 const T0: u64 = 1_000_000;
@@ -135,6 +135,63 @@ fn a_join_before_the_first_tick_waits_for_the_epochs_end_as_after_a_restart() {
     assert_eq!(h.answers.len(), 1, "a join after a restart was batched before its epoch ended");
     h.run(h.policy.epoch_ms);
     assert_eq!(h.answers.len(), 2);
+}
+
+/// Heartbeats handed over to a driver's timer say, byte for byte, what the controller's own
+/// would: across joins, an eviction, the activation of each key and a new signing key.
+#[test]
+fn handed_over_heartbeats_are_the_controllers_own_byte_for_byte() {
+    let mut h = Harness::new(policy(tree()), &["a", "b", "c"]);
+    let mut twin = Controller::restore(h.policy, h.acl.clone(), &h.log, h.now).unwrap();
+    let mut handed = twin.hand_over_heartbeats().expect("heartbeats to hand over");
+    let mut generation = twin.heartbeat_generation();
+    let (mut own, mut theirs, mut announcements) = (Vec::new(), Vec::new(), 0);
+    for step in 0..120u64 {
+        h.now += 10;
+        let e = h.entropy();
+        match step {
+            5 => drop(h.join("a")),
+            6 => drop(h.join("b")),
+            40 => drop(h.join("c")),
+            70 => {
+                let b = h.controller.member_by_identity("b").unwrap();
+                let e = h.entropy();
+                let outputs = h.controller.evict(b, h.now, e).unwrap();
+                h.take(outputs);
+                twin.evict(b, h.now, e).unwrap();
+            }
+            90 => {
+                h.controller.rotate_signing_key([7; 32]);
+                twin.rotate_signing_key([7; 32]);
+            }
+            _ => {}
+        }
+        if matches!(step, 5 | 6 | 40) {
+            let identity = ["a", "b", "c"][usize::from(step == 6) + 2 * usize::from(step == 40)];
+            twin.join(h.conn, identity, h.policy.group, h.now).unwrap();
+        }
+        let outputs = h.controller.tick(h.now, e).unwrap();
+        own.extend(outputs.into_iter().filter_map(|o| match o {
+            Output::Multicast(bytes) if matches!(message_type(&bytes), Ok(MessageType::Heartbeat | MessageType::SignerChange)) => Some(bytes),
+            _ => None,
+        }));
+        for output in twin.tick(h.now, e).unwrap() {
+            assert!(!matches!(&output, Output::Multicast(bytes) if message_type(bytes) == Ok(MessageType::Heartbeat)), "the twin handed its heartbeats over");
+        }
+        if twin.heartbeat_generation() != generation {
+            generation = twin.heartbeat_generation();
+            handed.update(twin.heartbeat_content());
+        }
+        for bytes in handed.beat(h.now) {
+            announcements += usize::from(message_type(&bytes) == Ok(MessageType::SignerChange));
+            theirs.push(bytes);
+        }
+    }
+    assert_eq!(h.controller.members().len(), 2, "a and c are members");
+    assert!(own.len() > 20, "{} heartbeats", own.len());
+    assert!(announcements > 0, "the new signing key was announced with the heartbeats");
+    let differ = own.iter().zip(&theirs).position(|(a, b)| a != b);
+    assert!(own.len() == theirs.len() && differ.is_none(), "the handed-over heartbeats differ from the controller's own: {} against {}, first at {differ:?}", own.len(), theirs.len());
 }
 
 #[test]

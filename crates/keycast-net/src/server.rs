@@ -1,6 +1,8 @@
 //! The controller driver: a TLS listener for joins, leaves, refreshes, resyncs and admin; a
 //! multicast sender for rekeys and heartbeats; the redb log; a clock. One task owns the
-//! `Controller` and processes its outputs in order, persisting before it sends.
+//! `Controller` and processes its outputs in order, persisting before it sends. Heartbeats
+//! leave from a task of their own, fed with each change before the change's first datagram,
+//! so a long step of the controller (a rekey at a million members) does not delay them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
@@ -10,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keycast_core::protocol::traffic::TrafficKeys;
+use keycast_core::protocol::heartbeats::Heartbeats;
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, LivenessAnswer, Output, Refusal};
 use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
@@ -165,11 +168,16 @@ impl Server {
         controller.set_snapshot_interval(setup.snapshot_interval);
         let (listener, udp_socket) = bind_tcp_and_udp(setup.listen).await?;
         let addr = listener.local_addr()?;
-        let socket = multicast::sender(&setup.multicast)?;
+        let socket = Arc::new(multicast::sender(&setup.multicast)?);
         // After a restart, send the last rekey again: members that missed it catch up.
         for packet in controller.last_rekey() {
             socket.send_to(packet, setup.multicast.address).await?;
         }
+        let heartbeats = HeartbeatTask {
+            heartbeats: Arc::new(tokio::sync::Mutex::new(controller.hand_over_heartbeats().expect("a restored controller sends heartbeats"))),
+            socket: socket.clone(),
+            group: setup.multicast.address,
+        };
         let verifying_key = controller.verifying_key();
         let shared = Arc::new(Shared::default());
         shared.update(|s| s.group = setup.policy.group.0);
@@ -180,6 +188,8 @@ impl Server {
         let (udp_queue, udp_requests) = mpsc::channel(UDP_REQUEST_QUEUE);
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
         let driver = ControllerTask {
+            heartbeat_generation: controller.heartbeat_generation(),
+            heartbeats: heartbeats.heartbeats.clone(),
             controller,
             store,
             database: setup.database.clone(),
@@ -198,6 +208,8 @@ impl Server {
             tracing::error!(%reason, "controller stopped");
             let _ = stop.send(Some(reason));
         })];
+        let controller_stopped = tasks[0].abort_handle();
+        tasks.push(tokio::spawn(heartbeats.run(controller_stopped)));
         let listener_context = Arc::new(Listener {
             acceptor: TlsAcceptor::from(setup.tls.clone()),
             commands: commands.clone(),
@@ -284,11 +296,39 @@ struct WaitingJoin {
     since: Instant,
 }
 
+/// Sends the heartbeats on time, whatever the controller task is doing.
+struct HeartbeatTask {
+    heartbeats: Arc<tokio::sync::Mutex<Heartbeats>>,
+    socket: Arc<UdpSocket>,
+    group: SocketAddrV4,
+}
+
+impl HeartbeatTask {
+    /// Runs while the controller task does (a controller that stopped sends nothing more).
+    async fn run(self, controller: tokio::task::AbortHandle) {
+        while !controller.is_finished() {
+            let next_ms = self.heartbeats.lock().await.next_ms();
+            tokio::time::sleep(Duration::from_millis(next_ms.saturating_sub(now_ms()))).await;
+            // Held while sending: the controller task waits for it to install a change, so
+            // no heartbeat of the state before a rekey leaves after the rekey's packets.
+            let mut heartbeats = self.heartbeats.lock().await;
+            for bytes in heartbeats.beat(now_ms()) {
+                if let Err(e) = self.socket.send_to(&bytes, self.group).await {
+                    tracing::warn!(error = %e, "heartbeat not sent");
+                }
+            }
+        }
+    }
+}
+
 struct ControllerTask {
     controller: Controller,
+    /// The heartbeats' state, shared with their task, and the controller's state they carry.
+    heartbeats: Arc<tokio::sync::Mutex<Heartbeats>>,
+    heartbeat_generation: (u64, usize, u64),
     store: Store,
     database: PathBuf,
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     group: SocketAddrV4,
     shared: Arc<Shared>,
     /// Every connection waiting for a member's join answer (one identity may hold several:
@@ -552,6 +592,7 @@ impl ControllerTask {
             match output {
                 Output::Persist(_) => unreachable!("handled above"),
                 Output::Multicast(bytes) => {
+                    self.renew_heartbeats().await;
                     if let Err(e) = self.socket.send_to(&bytes, self.group).await {
                         tracing::warn!(error = %e, "multicast send failed");
                     }
@@ -579,7 +620,20 @@ impl ControllerTask {
                 }
             }
         }
-        self.store.append(&records)
+        self.store.append(&records)?;
+        self.renew_heartbeats().await;
+        Ok(())
+    }
+
+    /// Gives the heartbeats the controller's changed state (a rekey, a signing key). Called
+    /// after the change is persisted and before its first datagram: a heartbeat that names a
+    /// rekey never precedes the rekey's record, and none naming the state before follows it.
+    async fn renew_heartbeats(&mut self) {
+        let generation = self.controller.heartbeat_generation();
+        if generation != self.heartbeat_generation {
+            self.heartbeat_generation = generation;
+            self.heartbeats.lock().await.update(self.controller.heartbeat_content());
+        }
     }
 
     /// Sends a join's answer to every connection waiting for that member.
@@ -1096,14 +1150,16 @@ mod tests {
     use keycast_core::{GraphConfig, JoinPolicy, Scheme};
     use redb::backends::InMemoryBackend;
 
-    /// A disk in memory that refuses every write once `broken` is set.
-    #[derive(Debug)]
-    struct FailingDisk {
+    /// A disk in memory that refuses every write once `broken` is set, and whose syncs take
+    /// `stall_ms` (a slow fsync, blocking the thread as a real one does).
+    #[derive(Debug, Default)]
+    struct TestDisk {
         memory: InMemoryBackend,
         broken: Arc<AtomicBool>,
+        stall_ms: Arc<AtomicU64>,
     }
 
-    impl FailingDisk {
+    impl TestDisk {
         fn check(&self) -> std::io::Result<()> {
             match self.broken.load(Ordering::Relaxed) {
                 true => Err(std::io::Error::other("disk unplugged")),
@@ -1112,7 +1168,7 @@ mod tests {
         }
     }
 
-    impl redb::StorageBackend for FailingDisk {
+    impl redb::StorageBackend for TestDisk {
         fn len(&self) -> std::io::Result<u64> {
             self.memory.len()
         }
@@ -1125,6 +1181,7 @@ mod tests {
         }
         fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
             self.check()?;
+            std::thread::sleep(Duration::from_millis(self.stall_ms.load(Ordering::Relaxed)));
             self.memory.sync_data(eventual)
         }
         fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -1139,8 +1196,9 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), answer).await.expect("an answer or a stop in time").ok()
     }
 
-    #[tokio::test]
-    async fn only_a_log_failure_stops_the_controller_and_its_reason_names_the_log() {
+    /// A controller of group 7 (epochs of 50 ms, heartbeats every 20 ms) on `disk`, its
+    /// heartbeats, and the multicast group they go to.
+    async fn controller_on(disk: TestDisk) -> (ControllerTask, HeartbeatTask, MulticastConfig) {
         let policy = GroupPolicy {
             group: GroupId(7),
             graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
@@ -1153,15 +1211,21 @@ mod tests {
             packets: PacketConfig::default(),
         };
         let acl = BTreeSet::from(["member-1".to_string(), "member-2".to_string()]);
-        let (controller, _genesis) = Controller::create(policy, acl, now_ms(), entropy(), entropy()).unwrap();
-        let broken = Arc::new(AtomicBool::new(false));
-        let store = Store::with_backend(FailingDisk { memory: InMemoryBackend::new(), broken: broken.clone() });
+        let (mut controller, _genesis) = Controller::create(policy, acl, now_ms(), entropy(), entropy()).unwrap();
         let port = multicast::free_port().unwrap();
         let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8), port);
-        let socket = multicast::sender(&MulticastConfig { address: group, interface: Ipv4Addr::LOCALHOST, ttl: 1 }).unwrap();
+        let config = MulticastConfig { address: group, interface: Ipv4Addr::LOCALHOST, ttl: 1 };
+        let socket = Arc::new(multicast::sender(&config).unwrap());
+        let heartbeats = HeartbeatTask {
+            heartbeats: Arc::new(tokio::sync::Mutex::new(controller.hand_over_heartbeats().unwrap())),
+            socket: socket.clone(),
+            group,
+        };
         let task = ControllerTask {
+            heartbeat_generation: controller.heartbeat_generation(),
+            heartbeats: heartbeats.heartbeats.clone(),
             controller,
-            store,
+            store: Store::with_backend(disk),
             database: PathBuf::from("/srv/keycast/controller.redb"),
             socket,
             group,
@@ -1172,6 +1236,14 @@ mod tests {
             udp_requests: mpsc::channel(1).1,
             unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
         };
+        (task, heartbeats, config)
+    }
+
+    #[tokio::test]
+    async fn only_a_log_failure_stops_the_controller_and_its_reason_names_the_log() {
+        let disk = TestDisk::default();
+        let broken = disk.broken.clone();
+        let (task, _, _) = controller_on(disk).await;
         let (commands, rx) = mpsc::channel(8);
         let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));
 
@@ -1182,6 +1254,38 @@ mod tests {
         assert_eq!(join(&commands, "member-2").await, None, "a batch the log refused was answered");
         let reason = tokio::time::timeout(Duration::from_secs(5), run).await.expect("the controller stopped").unwrap();
         assert!(reason.contains("cannot write the controller's log /srv/keycast/controller.redb") && reason.contains("disk unplugged"), "{reason}");
+    }
+
+    /// A step of the controller that takes long (here a batch whose fsync stalls 600 ms) does
+    /// not hold the heartbeats back: they leave every 20 ms meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heartbeats_leave_on_time_while_a_stalled_disk_holds_the_controller() {
+        const STALL: Duration = Duration::from_millis(600);
+        let disk = TestDisk::default();
+        let stall_ms = disk.stall_ms.clone();
+        let (task, heartbeats, config) = controller_on(disk).await;
+        let receiver = multicast::receiver(&config).unwrap();
+        let (commands, rx) = mpsc::channel(8);
+        let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));
+        let beats = tokio::spawn(heartbeats.run(run.abort_handle()));
+        assert!(join(&commands, "member-1").await.is_some(), "admitted while the disk is fast");
+
+        stall_ms.store(STALL.as_millis() as u64, Ordering::Relaxed);
+        let commands_for_join = commands.clone();
+        let stalled_join = tokio::spawn(async move { join(&commands_for_join, "member-2").await });
+        // Heartbeats heard over the stall and a while after it.
+        let (mut arrivals, mut buf, listen_until) = (Vec::new(), [0u8; 2048], Instant::now() + 2 * STALL);
+        while let Ok(Ok((len, _))) = tokio::time::timeout_at(listen_until.into(), receiver.recv_from(&mut buf)).await {
+            if keycast_core::wire::message_type(&buf[..len]) == Ok(MessageType::Heartbeat) {
+                arrivals.push(Instant::now());
+            }
+        }
+        assert!(stalled_join.await.unwrap().is_some(), "the join of the stalled batch was answered");
+        let longest = arrivals.windows(2).map(|w| w[1] - w[0]).max().expect("heartbeats were heard");
+        // Sent from the controller's own step, heartbeats would pause for the whole stall.
+        assert!(longest < STALL / 2, "{} heartbeats, {longest:?} between two of them during a {STALL:?} stall", arrivals.len());
+        run.abort();
+        beats.abort();
     }
 
     #[test]

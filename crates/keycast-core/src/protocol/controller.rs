@@ -12,21 +12,23 @@
 //! deterministic for a batch and its seed, so replay rebuilds the same keys.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::graph::{import_graph, new_graph, Batch, GraphConfig, GraphError, KeyGraph, MemberId, RekeyPlan};
 use crate::key::{Key, KeyRef};
 use crate::keygen::BatchSeed;
 use crate::wire::control::{JoinAccepted, JoinAnswer, RefusalReason, ResyncAnswer};
-use crate::wire::heartbeat::{Heartbeat, PendingKey};
+use crate::wire::heartbeat::PendingKey;
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, RekeyContext};
 use crate::wire::control::Nak;
 use crate::wire::{encode_parity, ParityRound, ParityShard};
 
+use super::heartbeats::{epoch_at, HeartbeatContent, Heartbeats};
 use super::pending::Pending;
 use super::rounds::Delivery;
 use super::traffic::TrafficKeys;
 use crate::wire::{seal_resync_answer, DatagramRefusal, GroupId, Liveness, LivenessKey, MembershipDelta, Reject, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
-use crate::wrap::{key_check, CHECK_LEN};
+use crate::wrap::key_check;
 use crate::wire::DecodeError;
 use zeroize::Zeroizing;
 
@@ -262,9 +264,6 @@ fn revoked(identity: &str) -> Refusal {
     refuse(RefusalReason::Revoked, format!("{identity} was evicted; it stays out until an administrator re-admits it (keycast admin readmit {identity})"))
 }
 
-/// Heartbeats that repeat a signing-key announcement.
-const SIGNER_ANNOUNCEMENTS: u32 = 16;
-
 /// Batches between snapshots by default.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 64;
 
@@ -278,13 +277,13 @@ pub struct Controller {
     /// Evicted identities: refused until re-admitted.
     revoked: BTreeSet<String>,
     graph: Box<dyn KeyGraph>,
-    signer: Signer,
+    /// Shared with the heartbeats (see [`HeartbeatContent`]).
+    signer: Arc<Signer>,
     /// Kept for snapshots (the key pair does not give its seed back).
     signing_seed: Zeroizing<[u8; 32]>,
-    /// Signing-key rotations so far, and the latest announcement with the heartbeats it is
-    /// still repeated with.
+    /// Signing-key rotations so far, and the latest announcement (the heartbeats repeat it).
     signer_changes: u64,
-    announcement: Option<(Vec<u8>, u32)>,
+    announcement: Option<Arc<Vec<u8>>>,
     /// Run-time changes to the configured ACL, net.
     acl_added: BTreeSet<String>,
     acl_removed: BTreeSet<String>,
@@ -300,8 +299,8 @@ pub struct Controller {
     rekey_seq: u64,
     /// Group keys by rekey seq, with their activation epoch.
     group_keys: BTreeMap<u64, (KeyRef, u64, Key)>,
-    heartbeat_seq: u64,
-    next_heartbeat_ms: u64,
+    /// Sent from `tick` unless a driver took them over (see [`Controller::hand_over_heartbeats`]).
+    heartbeats: Option<Heartbeats>,
     pending: Pending,
     waiting_joins: BTreeMap<MemberId, ConnId>,
     /// The packets of the last rekey, for retransmission after a restart.
@@ -409,7 +408,6 @@ impl Controller {
                 Record::SigningKey { change, seed } => c.install_signer(*change, seed),
             }
         }
-        c.next_heartbeat_ms = now_ms;
         for record in c.members.values_mut() {
             record.last_seen_ms = now_ms;
         }
@@ -431,6 +429,7 @@ impl Controller {
         if let Some((plan, seq, epoch, activation)) = last_batch {
             c.last_rekey = c.encode(&plan, seq, epoch, activation)?.0;
         }
+        c.heartbeats = Some(Heartbeats::new(c.heartbeat_content(), now_ms));
         Ok(c)
     }
 
@@ -450,7 +449,7 @@ impl Controller {
             revoked: BTreeSet::new(),
             group_keys,
             graph,
-            signer: Signer::from_seed(signing_seed),
+            signer: Arc::new(Signer::from_seed(signing_seed)),
             signing_seed: Zeroizing::new(*signing_seed),
             signer_changes: 0,
             announcement: None,
@@ -464,8 +463,7 @@ impl Controller {
             next_member: 1,
             epoch: 0,
             rekey_seq: 0,
-            heartbeat_seq: 0,
-            next_heartbeat_ms: created_ms,
+            heartbeats: None,
             pending: Pending::default(),
             waiting_joins: BTreeMap::new(),
             last_rekey: Vec::new(),
@@ -532,12 +530,12 @@ impl Controller {
         let next = Signer::from_seed(&seed).verifying_key();
         let announcement = SignerChange { group: self.policy.group, change, next }.sign(&self.signer).encode();
         self.install_signer(change, &seed);
-        self.announcement = Some((announcement.clone(), SIGNER_ANNOUNCEMENTS));
+        self.announcement = Some(Arc::new(announcement.clone()));
         vec![Output::Persist(Record::SigningKey { change, seed }), Output::Multicast(announcement)]
     }
 
     fn install_signer(&mut self, change: u64, seed: &[u8; 32]) {
-        self.signer = Signer::from_seed(seed);
+        self.signer = Arc::new(Signer::from_seed(seed));
         self.signing_seed = Zeroizing::new(*seed);
         self.signer_changes = change;
     }
@@ -581,17 +579,41 @@ impl Controller {
 
     /// The epoch the clock says it is.
     pub fn epoch_at(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.created_ms) / self.policy.epoch_ms.max(1) + 1
-    }
-
-    /// When `epoch` begins (the inverse of `epoch_at`).
-    fn epoch_start_ms(&self, epoch: u64) -> u64 {
-        self.created_ms.saturating_add(epoch.saturating_sub(1).saturating_mul(self.policy.epoch_ms.max(1)))
+        epoch_at(self.created_ms, self.policy.epoch_ms, now_ms)
     }
 
     /// The group key in force in `epoch`: the newest rekey's whose activation has come.
     pub fn active_key(&self, epoch: u64) -> KeyRef {
         self.active_entry(epoch).1 .0
+    }
+
+    /// What the heartbeats say until the next batch or signing key.
+    pub fn heartbeat_content(&self) -> HeartbeatContent {
+        let (from, _) = self.active_entry(self.epoch);
+        HeartbeatContent {
+            group: self.policy.group,
+            created_ms: self.created_ms,
+            epoch_ms: self.policy.epoch_ms,
+            heartbeat_ms: self.policy.heartbeat_ms,
+            rekey_seq: self.rekey_seq,
+            group_size: self.members.len() as u64,
+            keys: self.group_keys.range(from..).map(|(_, (r, activation, key))| (*r, *activation, key_check(key, *r))).collect(),
+            signer: self.signer.clone(),
+            announcement: self.announcement.clone(),
+        }
+    }
+
+    /// Changes whenever [`Controller::heartbeat_content`] would: a driver that sends the
+    /// heartbeats itself asks for new content only then.
+    pub fn heartbeat_generation(&self) -> (u64, usize, u64) {
+        (self.rekey_seq, self.members.len(), self.signer_changes)
+    }
+
+    /// Stops `tick` from sending heartbeats and returns them, to be sent on a timer of the
+    /// driver's (fed with [`Controller::heartbeat_content`] after each change, before the
+    /// change's first datagram goes out).
+    pub fn hand_over_heartbeats(&mut self) -> Option<Heartbeats> {
+        self.heartbeats.take()
     }
 
     /// The group keys members may wrap data under at `now_ms` (the active one and any pending
@@ -927,8 +949,11 @@ impl Controller {
             out.extend(self.close_epoch(now_ms, entropy, false)?);
         }
         out.extend(self.repair(now_ms));
-        if now_ms >= self.next_heartbeat_ms {
-            out.extend(self.heartbeat(now_ms));
+        if self.heartbeats.as_ref().is_some_and(|h| now_ms >= h.next_ms()) {
+            let content = self.heartbeat_content();
+            let heartbeats = self.heartbeats.as_mut().expect("checked above");
+            heartbeats.update(content);
+            out.extend(heartbeats.beat(now_ms).into_iter().map(Output::Multicast));
         }
         Ok(out)
     }
@@ -971,44 +996,6 @@ impl Controller {
         for record in self.members.values_mut() {
             record.last_seen_ms = record.last_seen_ms.saturating_add(gap).min(now_ms);
         }
-    }
-
-    fn heartbeat(&mut self, now_ms: u64) -> Vec<Output> {
-        let mut out = Vec::new();
-        // The clock's milliseconds: a restart, even from an older copy of the log, never
-        // repeats a seq members have seen (a log could not promise that).
-        self.heartbeat_seq = (self.heartbeat_seq + 1).max(now_ms);
-        self.next_heartbeat_ms = now_ms + self.policy.heartbeat_ms;
-        let epoch = self.epoch_at(now_ms);
-        let (_, (active, _, active_key)) = self.active_entry(epoch);
-        let pending = self.pending_key(epoch);
-        let pending_check = match (pending, self.group_keys.last_key_value()) {
-            (Some(p), Some((_, (_, _, key)))) => key_check(key, p.key),
-            _ => [0; CHECK_LEN],
-        };
-        let beat = Heartbeat {
-            group: self.policy.group,
-            epoch,
-            seq: self.heartbeat_seq,
-            rekey_seq: self.rekey_seq,
-            active: *active,
-            active_check: key_check(active_key, *active),
-            pending,
-            pending_check,
-            group_size: self.members.len() as u64,
-            sent_ms: now_ms,
-            activates_in_ms: pending.map_or(0, |p| self.epoch_start_ms(p.activation).saturating_sub(now_ms).min(u64::from(u32::MAX)) as u32),
-        };
-        // A member that lost the announcement of a new signing key hears it again here.
-        if let Some((announcement, left)) = &mut self.announcement {
-            out.push(Output::Multicast(announcement.clone()));
-            *left -= 1;
-            if *left == 0 {
-                self.announcement = None;
-            }
-        }
-        out.push(Output::Multicast(beat.sign(&self.signer).encode()));
-        out
     }
 
     /// Applies the pending requests as one batch and sends its rekey.

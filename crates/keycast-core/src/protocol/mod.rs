@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod distributed_flat;
 pub mod failover;
+pub mod heartbeats;
 pub mod member;
 pub mod relay;
 mod pending;

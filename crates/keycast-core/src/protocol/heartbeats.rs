@@ -1,0 +1,133 @@
+//! Heartbeats on their own clock. What a heartbeat says changes only when the controller does
+//! (a batch, a new signing key); between changes it follows from the time alone. So a driver
+//! can hand the heartbeats to a timer of their own, fed with each change, and they leave on
+//! time while the controller spends tens of milliseconds on a rekey at a million members.
+
+use std::sync::Arc;
+
+use crate::key::KeyRef;
+use crate::wire::heartbeat::{Heartbeat, PendingKey};
+use crate::wire::{GroupId, Signer};
+use crate::wrap::{KeyCheck, CHECK_LEN};
+
+/// Heartbeats that repeat a signing-key announcement.
+const SIGNER_ANNOUNCEMENTS: u32 = 16;
+
+/// What the controller's heartbeats say until its state changes again.
+#[derive(Clone)]
+pub struct HeartbeatContent {
+    pub(crate) group: GroupId,
+    pub(crate) created_ms: u64,
+    pub(crate) epoch_ms: u64,
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) rekey_seq: u64,
+    pub(crate) group_size: u64,
+    /// The group keys from the one in force when this was made on, oldest first: ref,
+    /// activation epoch and key check (the keys themselves stay with the controller).
+    pub(crate) keys: Vec<(KeyRef, u64, KeyCheck)>,
+    pub(crate) signer: Arc<Signer>,
+    /// The latest signing-key announcement, signed by the key before.
+    pub(crate) announcement: Option<Arc<Vec<u8>>>,
+}
+
+impl core::fmt::Debug for HeartbeatContent {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HeartbeatContent")
+            .field("group", &self.group)
+            .field("rekey_seq", &self.rekey_seq)
+            .field("group_size", &self.group_size)
+            .field("keys", &self.keys.iter().map(|(r, a, _)| (*r, *a)).collect::<Vec<_>>())
+            .field("signer", &self.signer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The epoch at `now_ms` of a group created at `created_ms` (epochs count from 1).
+pub(crate) fn epoch_at(created_ms: u64, epoch_ms: u64, now_ms: u64) -> u64 {
+    now_ms.saturating_sub(created_ms) / epoch_ms.max(1) + 1
+}
+
+impl HeartbeatContent {
+    /// When `epoch` begins (the inverse of `epoch_at`).
+    fn epoch_start_ms(&self, epoch: u64) -> u64 {
+        self.created_ms.saturating_add(epoch.saturating_sub(1).saturating_mul(self.epoch_ms.max(1)))
+    }
+
+    /// The heartbeat of `now_ms` (unsigned), numbered `seq`.
+    fn heartbeat(&self, now_ms: u64, seq: u64) -> Heartbeat {
+        let epoch = epoch_at(self.created_ms, self.epoch_ms, now_ms);
+        let (active, _, active_check) = *self.keys.iter().rev().find(|(_, a, _)| *a <= epoch).unwrap_or(&self.keys[0]);
+        let newest = self.keys.last().filter(|(_, activation, _)| *activation > epoch);
+        let pending = newest.map(|(key, activation, _)| PendingKey { key: *key, activation: *activation });
+        Heartbeat {
+            group: self.group,
+            epoch,
+            seq,
+            rekey_seq: self.rekey_seq,
+            active,
+            active_check,
+            pending,
+            pending_check: newest.map_or([0; CHECK_LEN], |(_, _, check)| *check),
+            group_size: self.group_size,
+            sent_ms: now_ms,
+            activates_in_ms: pending.map_or(0, |p| self.epoch_start_ms(p.activation).saturating_sub(now_ms).min(u64::from(u32::MAX)) as u32),
+        }
+    }
+}
+
+/// The heartbeats' own state: their sequence numbers, when the next is due and how many more
+/// times the latest signing-key announcement goes out with them.
+#[derive(Clone, Debug)]
+pub struct Heartbeats {
+    content: HeartbeatContent,
+    seq: u64,
+    next_ms: u64,
+    announcements_left: u32,
+}
+
+impl Heartbeats {
+    /// Heartbeats starting at `now_ms` (the first is due at once).
+    pub fn new(content: HeartbeatContent, now_ms: u64) -> Self {
+        let announcements_left = if content.announcement.is_some() { SIGNER_ANNOUNCEMENTS } else { 0 };
+        Heartbeats { content, seq: 0, next_ms: now_ms, announcements_left }
+    }
+
+    /// Takes the controller's changed state; a new announcement goes out with the next
+    /// heartbeats.
+    pub fn update(&mut self, content: HeartbeatContent) {
+        let same = match (&self.content.announcement, &content.announcement) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.announcements_left = SIGNER_ANNOUNCEMENTS;
+        }
+        self.content = content;
+    }
+
+    /// When the next heartbeat is due.
+    pub fn next_ms(&self) -> u64 {
+        self.next_ms
+    }
+
+    /// The datagrams to multicast at `now_ms` if a heartbeat is due (none otherwise): the
+    /// announcement while it repeats, then the signed heartbeat.
+    pub fn beat(&mut self, now_ms: u64) -> Vec<Vec<u8>> {
+        if now_ms < self.next_ms {
+            return Vec::new();
+        }
+        // The clock's milliseconds: a restart, even from an older copy of the log, never
+        // repeats a seq members have seen (a log could not promise that).
+        self.seq = (self.seq + 1).max(now_ms);
+        self.next_ms = now_ms + self.content.heartbeat_ms;
+        let mut out = Vec::with_capacity(2);
+        // A member that lost the announcement of a new signing key hears it again here.
+        if let Some(announcement) = self.content.announcement.as_ref().filter(|_| self.announcements_left > 0) {
+            out.push(announcement.to_vec());
+            self.announcements_left -= 1;
+        }
+        out.push(self.content.heartbeat(now_ms, self.seq).sign(&self.content.signer).encode());
+        out
+    }
+}
