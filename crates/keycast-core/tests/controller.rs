@@ -194,6 +194,35 @@ fn handed_over_heartbeats_are_the_controllers_own_byte_for_byte() {
     assert!(own.len() == theirs.len() && differ.is_none(), "the handed-over heartbeats differ from the controller's own: {} against {}, first at {differ:?}", own.len(), theirs.len());
 }
 
+/// While a change's datagrams go out, no heartbeat leaves (neither the state before it nor
+/// the change itself); the change's content ends the hold.
+#[test]
+fn held_heartbeats_wait_for_the_changes_content_and_name_no_epoch_not_yet_closed() {
+    let mut h = Harness::new(policy(tree()), &["a"]);
+    let mut heartbeats = h.controller.hand_over_heartbeats().unwrap();
+    assert!(!heartbeats.beat(h.now).is_empty(), "the first heartbeat is due at once");
+    h.admit("a");
+    heartbeats.hold();
+    assert!(heartbeats.beat(h.now).is_empty(), "a held heartbeat left");
+    heartbeats.update(h.controller.heartbeat_content());
+    let beat = |heartbeats: &mut keycast_core::protocol::heartbeats::Heartbeats, at: u64| {
+        let sent = heartbeats.beat(at);
+        assert_eq!(sent.len(), 1, "one heartbeat due at {at}");
+        keycast_core::wire::heartbeat::SignedHeartbeat::decode(&sent[0]).unwrap().heartbeat
+    };
+    let first = beat(&mut heartbeats, h.now);
+    assert_eq!((first.rekey_seq, first.group_size), (h.controller.rekey_seq(), 1), "the heartbeat names the change");
+    // Past the epoch's end, until the controller closed it, heartbeats name the epoch before:
+    // the batch closing it may admit a member that must not take them for a contradiction.
+    let next_epoch_ms = T0 + first.epoch * h.policy.epoch_ms;
+    assert_eq!(h.controller.epoch_at(next_epoch_ms), first.epoch + 1);
+    assert_eq!(beat(&mut heartbeats, next_epoch_ms).epoch, first.epoch, "a heartbeat named an epoch the controller had not closed");
+    let e = h.entropy();
+    h.controller.tick(next_epoch_ms, e).unwrap();
+    heartbeats.update(h.controller.heartbeat_content());
+    assert_eq!(beat(&mut heartbeats, next_epoch_ms + h.policy.heartbeat_ms).epoch, first.epoch + 1);
+}
+
 #[test]
 fn an_evicted_identity_is_refused_until_readmitted_across_restarts() {
     let mut h = Harness::new(policy(tree()), &["a", "b"]);

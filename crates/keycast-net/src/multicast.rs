@@ -10,13 +10,19 @@ use tokio::net::UdpSocket;
 use crate::config::MulticastConfig;
 
 pub fn sender(config: &MulticastConfig) -> std::io::Result<UdpSocket> {
+    let socket = blocking_sender(config)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// A sender for a thread of its own (the controller's heartbeats).
+pub fn blocking_sender(config: &MulticastConfig) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_multicast_if_v4(&config.interface)?;
     socket.set_multicast_ttl_v4(config.ttl)?;
     socket.set_multicast_loop_v4(true)?;
     socket.bind(&SocketAddr::V4(SocketAddrV4::new(config.interface, 0)).into())?;
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 pub fn receiver(config: &MulticastConfig) -> std::io::Result<UdpSocket> {

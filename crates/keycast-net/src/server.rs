@@ -1,8 +1,9 @@
 //! The controller driver: a TLS listener for joins, leaves, refreshes, resyncs and admin; a
 //! multicast sender for rekeys and heartbeats; the redb log; a clock. One task owns the
 //! `Controller` and processes its outputs in order, persisting before it sends. Heartbeats
-//! leave from a task of their own, fed with each change before the change's first datagram,
-//! so a long step of the controller (a rekey at a million members) does not delay them.
+//! leave from a thread of their own, fed with each change before the change's first datagram,
+//! so neither a long step of the controller (a rekey at a million members, a slow fsync) nor
+//! busy runtime workers (TLS handshakes) delay them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
@@ -173,11 +174,8 @@ impl Server {
         for packet in controller.last_rekey() {
             socket.send_to(packet, setup.multicast.address).await?;
         }
-        let heartbeats = HeartbeatTask {
-            heartbeats: Arc::new(tokio::sync::Mutex::new(controller.hand_over_heartbeats().expect("a restored controller sends heartbeats"))),
-            socket: socket.clone(),
-            group: setup.multicast.address,
-        };
+        let heartbeats = Arc::new(Mutex::new(controller.hand_over_heartbeats().expect("a restored controller sends heartbeats")));
+        spawn_heartbeats(&heartbeats, multicast::blocking_sender(&setup.multicast)?, setup.multicast.address)?;
         let verifying_key = controller.verifying_key();
         let shared = Arc::new(Shared::default());
         shared.update(|s| s.group = setup.policy.group.0);
@@ -189,7 +187,7 @@ impl Server {
         let tick = (setup.policy.epoch_ms.min(setup.policy.heartbeat_ms) / 5).clamp(2, 100);
         let driver = ControllerTask {
             heartbeat_generation: controller.heartbeat_generation(),
-            heartbeats: heartbeats.heartbeats.clone(),
+            heartbeats,
             controller,
             store,
             database: setup.database.clone(),
@@ -208,8 +206,6 @@ impl Server {
             tracing::error!(%reason, "controller stopped");
             let _ = stop.send(Some(reason));
         })];
-        let controller_stopped = tasks[0].abort_handle();
-        tasks.push(tokio::spawn(heartbeats.run(controller_stopped)));
         let listener_context = Arc::new(Listener {
             acceptor: TlsAcceptor::from(setup.tls.clone()),
             commands: commands.clone(),
@@ -296,36 +292,42 @@ struct WaitingJoin {
     since: Instant,
 }
 
-/// Sends the heartbeats on time, whatever the controller task is doing.
-struct HeartbeatTask {
-    heartbeats: Arc<tokio::sync::Mutex<Heartbeats>>,
-    socket: Arc<UdpSocket>,
-    group: SocketAddrV4,
-}
+/// Longest sleep of the heartbeat thread: how soon it notices that the controller stopped.
+const HEARTBEAT_STOP_CHECK: Duration = Duration::from_millis(50);
+/// How often the heartbeat thread looks whether a held change has gone out.
+const HEARTBEAT_HOLD_CHECK: Duration = Duration::from_millis(1);
 
-impl HeartbeatTask {
-    /// Runs while the controller task does (a controller that stopped sends nothing more).
-    async fn run(self, controller: tokio::task::AbortHandle) {
-        while !controller.is_finished() {
-            let next_ms = self.heartbeats.lock().await.next_ms();
-            tokio::time::sleep(Duration::from_millis(next_ms.saturating_sub(now_ms()))).await;
-            // Held while sending: the controller task waits for it to install a change, so
-            // no heartbeat of the state before a rekey leaves after the rekey's packets.
-            let mut heartbeats = self.heartbeats.lock().await;
-            for bytes in heartbeats.beat(now_ms()) {
-                if let Err(e) = self.socket.send_to(&bytes, self.group).await {
+/// Starts the thread that sends the heartbeats on time, whatever the runtime's workers are
+/// doing. It runs while the controller task holds `heartbeats` (a controller that stopped
+/// sends nothing more).
+fn spawn_heartbeats(heartbeats: &Arc<Mutex<Heartbeats>>, socket: std::net::UdpSocket, group: SocketAddrV4) -> std::io::Result<()> {
+    let heartbeats = Arc::downgrade(heartbeats);
+    std::thread::Builder::new().name("heartbeats".into()).spawn(move || {
+        while let Some(heartbeats) = heartbeats.upgrade() {
+            // Locked while sending: a change held after this heartbeat left.
+            let mut beats = heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+            for bytes in beats.beat(now_ms()) {
+                if let Err(e) = socket.send_to(&bytes, group) {
                     tracing::warn!(error = %e, "heartbeat not sent");
                 }
             }
+            let wait = match beats.held() {
+                true => HEARTBEAT_HOLD_CHECK,
+                false => Duration::from_millis(beats.next_ms().saturating_sub(now_ms())),
+            };
+            drop(beats);
+            drop(heartbeats);
+            std::thread::sleep(wait.min(HEARTBEAT_STOP_CHECK));
         }
-    }
+    })?;
+    Ok(())
 }
 
 struct ControllerTask {
     controller: Controller,
     /// The heartbeats' state, shared with their task, and the controller's state they carry.
-    heartbeats: Arc<tokio::sync::Mutex<Heartbeats>>,
-    heartbeat_generation: (u64, usize, u64),
+    heartbeats: Arc<Mutex<Heartbeats>>,
+    heartbeat_generation: [u64; 4],
     store: Store,
     database: PathBuf,
     socket: Arc<UdpSocket>,
@@ -583,16 +585,26 @@ impl ControllerTask {
     /// Carries out outputs in order; records are made durable before anything after them.
     async fn deliver(&mut self, outputs: Vec<Output>) -> Result<(), StoreError> {
         let mut records = Vec::new();
+        // A change's heartbeats are held from its first datagram to its last (see
+        // `renew_heartbeats`), before anything else reveals it (a join's answer).
+        let (mut hold, mut held) = (self.controller.heartbeat_generation() != self.heartbeat_generation, false);
         for output in outputs {
             if let Output::Persist(record) = output {
                 records.push(record);
                 continue;
             }
             self.store.append(&std::mem::take(&mut records))?;
+            if held && !matches!(output, Output::Multicast(_)) {
+                held = false;
+                self.renew_heartbeats();
+            }
             match output {
                 Output::Persist(_) => unreachable!("handled above"),
                 Output::Multicast(bytes) => {
-                    self.renew_heartbeats().await;
+                    if std::mem::take(&mut hold) {
+                        held = true;
+                        self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).hold();
+                    }
                     if let Err(e) = self.socket.send_to(&bytes, self.group).await {
                         tracing::warn!(error = %e, "multicast send failed");
                     }
@@ -621,18 +633,19 @@ impl ControllerTask {
             }
         }
         self.store.append(&records)?;
-        self.renew_heartbeats().await;
+        self.renew_heartbeats();
         Ok(())
     }
 
-    /// Gives the heartbeats the controller's changed state (a rekey, a signing key). Called
-    /// after the change is persisted and before its first datagram: a heartbeat that names a
-    /// rekey never precedes the rekey's record, and none naming the state before follows it.
-    async fn renew_heartbeats(&mut self) {
+    /// Gives the heartbeats the controller's changed state (a rekey, a signing key), once the
+    /// change is persisted and its datagrams are out (they were held meanwhile): a heartbeat
+    /// never names a rekey before its packets, and none naming the state before follows them.
+    fn renew_heartbeats(&mut self) {
         let generation = self.controller.heartbeat_generation();
         if generation != self.heartbeat_generation {
             self.heartbeat_generation = generation;
-            self.heartbeats.lock().await.update(self.controller.heartbeat_content());
+            let content = self.controller.heartbeat_content();
+            self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).update(content);
         }
     }
 
@@ -1198,7 +1211,7 @@ mod tests {
 
     /// A controller of group 7 (epochs of 50 ms, heartbeats every 20 ms) on `disk`, its
     /// heartbeats, and the multicast group they go to.
-    async fn controller_on(disk: TestDisk) -> (ControllerTask, HeartbeatTask, MulticastConfig) {
+    async fn controller_on(disk: TestDisk) -> (ControllerTask, MulticastConfig) {
         let policy = GroupPolicy {
             group: GroupId(7),
             graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
@@ -1215,19 +1228,15 @@ mod tests {
         let port = multicast::free_port().unwrap();
         let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8), port);
         let config = MulticastConfig { address: group, interface: Ipv4Addr::LOCALHOST, ttl: 1 };
-        let socket = Arc::new(multicast::sender(&config).unwrap());
-        let heartbeats = HeartbeatTask {
-            heartbeats: Arc::new(tokio::sync::Mutex::new(controller.hand_over_heartbeats().unwrap())),
-            socket: socket.clone(),
-            group,
-        };
+        let heartbeats = Arc::new(Mutex::new(controller.hand_over_heartbeats().unwrap()));
+        spawn_heartbeats(&heartbeats, multicast::blocking_sender(&config).unwrap(), group).unwrap();
         let task = ControllerTask {
             heartbeat_generation: controller.heartbeat_generation(),
-            heartbeats: heartbeats.heartbeats.clone(),
+            heartbeats,
             controller,
             store: Store::with_backend(disk),
             database: PathBuf::from("/srv/keycast/controller.redb"),
-            socket,
+            socket: Arc::new(multicast::sender(&config).unwrap()),
             group,
             shared: Arc::new(Shared::default()),
             joins: HashMap::new(),
@@ -1236,14 +1245,14 @@ mod tests {
             udp_requests: mpsc::channel(1).1,
             unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
         };
-        (task, heartbeats, config)
+        (task, config)
     }
 
     #[tokio::test]
     async fn only_a_log_failure_stops_the_controller_and_its_reason_names_the_log() {
         let disk = TestDisk::default();
         let broken = disk.broken.clone();
-        let (task, _, _) = controller_on(disk).await;
+        let (task, _) = controller_on(disk).await;
         let (commands, rx) = mpsc::channel(8);
         let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));
 
@@ -1263,29 +1272,35 @@ mod tests {
         const STALL: Duration = Duration::from_millis(600);
         let disk = TestDisk::default();
         let stall_ms = disk.stall_ms.clone();
-        let (task, heartbeats, config) = controller_on(disk).await;
-        let receiver = multicast::receiver(&config).unwrap();
+        let (task, config) = controller_on(disk).await;
+        // Heard on a thread of the test's own: the runtime's workers are what the stall blocks.
+        let receiver = multicast::receiver(&config).unwrap().into_std().unwrap();
+        receiver.set_nonblocking(false).unwrap();
+        receiver.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let (commands, rx) = mpsc::channel(8);
         let run = tokio::spawn(task.run(rx, Duration::from_millis(5)));
-        let beats = tokio::spawn(heartbeats.run(run.abort_handle()));
         assert!(join(&commands, "member-1").await.is_some(), "admitted while the disk is fast");
 
         stall_ms.store(STALL.as_millis() as u64, Ordering::Relaxed);
-        let commands_for_join = commands.clone();
-        let stalled_join = tokio::spawn(async move { join(&commands_for_join, "member-2").await });
-        // Heartbeats heard over the stall and a while after it.
-        let (mut arrivals, mut buf, listen_until) = (Vec::new(), [0u8; 2048], Instant::now() + 2 * STALL);
-        while let Ok(Ok((len, _))) = tokio::time::timeout_at(listen_until.into(), receiver.recv_from(&mut buf)).await {
-            if keycast_core::wire::message_type(&buf[..len]) == Ok(MessageType::Heartbeat) {
-                arrivals.push(Instant::now());
+        let listen = std::thread::spawn(move || {
+            let (mut arrivals, mut buf, until) = (Vec::new(), [0u8; 2048], Instant::now() + 2 * STALL);
+            while Instant::now() < until {
+                if let Ok(len) = receiver.recv(&mut buf) {
+                    if keycast_core::wire::message_type(&buf[..len]) == Ok(MessageType::Heartbeat) {
+                        arrivals.push(Instant::now());
+                    }
+                }
             }
-        }
-        assert!(stalled_join.await.unwrap().is_some(), "the join of the stalled batch was answered");
+            arrivals
+        });
+        let stalled = Instant::now();
+        assert!(join(&commands, "member-2").await.is_some(), "the join of the stalled batch was answered");
+        assert!(stalled.elapsed() >= STALL, "the batch's fsync did not stall");
+        let arrivals = listen.join().unwrap();
         let longest = arrivals.windows(2).map(|w| w[1] - w[0]).max().expect("heartbeats were heard");
         // Sent from the controller's own step, heartbeats would pause for the whole stall.
         assert!(longest < STALL / 2, "{} heartbeats, {longest:?} between two of them during a {STALL:?} stall", arrivals.len());
         run.abort();
-        beats.abort();
     }
 
     #[test]

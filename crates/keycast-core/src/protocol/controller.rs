@@ -595,6 +595,7 @@ impl Controller {
             created_ms: self.created_ms,
             epoch_ms: self.policy.epoch_ms,
             heartbeat_ms: self.policy.heartbeat_ms,
+            epoch: self.epoch,
             rekey_seq: self.rekey_seq,
             group_size: self.members.len() as u64,
             keys: self.group_keys.range(from..).map(|(_, (r, activation, key))| (*r, *activation, key_check(key, *r))).collect(),
@@ -605,8 +606,8 @@ impl Controller {
 
     /// Changes whenever [`Controller::heartbeat_content`] would: a driver that sends the
     /// heartbeats itself asks for new content only then.
-    pub fn heartbeat_generation(&self) -> (u64, usize, u64) {
-        (self.rekey_seq, self.members.len(), self.signer_changes)
+    pub fn heartbeat_generation(&self) -> [u64; 4] {
+        [self.epoch, self.rekey_seq, self.members.len() as u64, self.signer_changes]
     }
 
     /// Stops `tick` from sending heartbeats and returns them, to be sent on a timer of the

@@ -20,6 +20,10 @@ pub struct HeartbeatContent {
     pub(crate) created_ms: u64,
     pub(crate) epoch_ms: u64,
     pub(crate) heartbeat_ms: u64,
+    /// The last epoch the controller closed: heartbeats name no later one, so none says an
+    /// epoch has begun before its batch went out (a member that joined in that batch would
+    /// take the heartbeat's older rekey seq for a contradiction).
+    pub(crate) epoch: u64,
     pub(crate) rekey_seq: u64,
     pub(crate) group_size: u64,
     /// The group keys from the one in force when this was made on, oldest first: ref,
@@ -34,6 +38,7 @@ impl core::fmt::Debug for HeartbeatContent {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HeartbeatContent")
             .field("group", &self.group)
+            .field("epoch", &self.epoch)
             .field("rekey_seq", &self.rekey_seq)
             .field("group_size", &self.group_size)
             .field("keys", &self.keys.iter().map(|(r, a, _)| (*r, *a)).collect::<Vec<_>>())
@@ -55,7 +60,7 @@ impl HeartbeatContent {
 
     /// The heartbeat of `now_ms` (unsigned), numbered `seq`.
     fn heartbeat(&self, now_ms: u64, seq: u64) -> Heartbeat {
-        let epoch = epoch_at(self.created_ms, self.epoch_ms, now_ms);
+        let epoch = epoch_at(self.created_ms, self.epoch_ms, now_ms).min(self.epoch);
         let (active, _, active_check) = *self.keys.iter().rev().find(|(_, a, _)| *a <= epoch).unwrap_or(&self.keys[0]);
         let newest = self.keys.last().filter(|(_, activation, _)| *activation > epoch);
         let pending = newest.map(|(key, activation, _)| PendingKey { key: *key, activation: *activation });
@@ -83,18 +88,32 @@ pub struct Heartbeats {
     seq: u64,
     next_ms: u64,
     announcements_left: u32,
+    /// A change is on its way to the wire: no heartbeat until its content comes.
+    held: bool,
 }
 
 impl Heartbeats {
     /// Heartbeats starting at `now_ms` (the first is due at once).
     pub fn new(content: HeartbeatContent, now_ms: u64) -> Self {
         let announcements_left = if content.announcement.is_some() { SIGNER_ANNOUNCEMENTS } else { 0 };
-        Heartbeats { content, seq: 0, next_ms: now_ms, announcements_left }
+        Heartbeats { content, seq: 0, next_ms: now_ms, announcements_left, held: false }
     }
 
-    /// Takes the controller's changed state; a new announcement goes out with the next
-    /// heartbeats.
+    /// Holds the heartbeats while a change's datagrams go out: one that named the state before
+    /// would contradict the change at members that have it, one that named the change would
+    /// send members after packets still on their way.
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// Takes the controller's changed state (and ends a hold); a new announcement goes out
+    /// with the next heartbeats.
     pub fn update(&mut self, content: HeartbeatContent) {
+        self.held = false;
         let same = match (&self.content.announcement, &content.announcement) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
             (None, None) => true,
@@ -111,10 +130,10 @@ impl Heartbeats {
         self.next_ms
     }
 
-    /// The datagrams to multicast at `now_ms` if a heartbeat is due (none otherwise): the
-    /// announcement while it repeats, then the signed heartbeat.
+    /// The datagrams to multicast at `now_ms` if a heartbeat is due and not held (none
+    /// otherwise): the announcement while it repeats, then the signed heartbeat.
     pub fn beat(&mut self, now_ms: u64) -> Vec<Vec<u8>> {
-        if now_ms < self.next_ms {
+        if now_ms < self.next_ms || self.held {
             return Vec::new();
         }
         // The clock's milliseconds: a restart, even from an older copy of the log, never
