@@ -11,6 +11,7 @@ pub mod multicast;
 pub mod local;
 pub mod loss;
 pub mod pki;
+pub mod priority;
 pub mod relay;
 pub mod request;
 pub mod server;

@@ -303,6 +303,7 @@ const HEARTBEAT_HOLD_CHECK: Duration = Duration::from_millis(1);
 fn spawn_heartbeats(heartbeats: &Arc<Mutex<Heartbeats>>, socket: std::net::UdpSocket, group: SocketAddrV4) -> std::io::Result<()> {
     let heartbeats = Arc::downgrade(heartbeats);
     std::thread::Builder::new().name("heartbeats".into()).spawn(move || {
+        crate::priority::run_ahead_of_the_rest("heartbeats");
         while let Some(heartbeats) = heartbeats.upgrade() {
             // Locked while sending: a change held after this heartbeat left.
             let mut beats = heartbeats.lock().unwrap_or_else(|p| p.into_inner());

@@ -308,30 +308,49 @@ struct RekeySeen {
     done_ms: Option<u64>,
 }
 
-fn listen(config: &MulticastConfig, wire: Arc<Mutex<Wire>>) -> Result<tokio::task::JoinHandle<()>, String> {
-    let socket = multicast::receiver(config).map_err(|e| e.to_string())?;
-    Ok(tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((len, _)) = socket.recv_from(&mut buf).await {
-            let arrival = now_ms();
-            let mut wire = wire.lock().unwrap_or_else(|p| p.into_inner());
-            match Message::decode(&buf[..len]) {
-                Ok(Message::Heartbeat(h)) => wire.heartbeats.push((h.heartbeat.sent_ms, arrival)),
-                Ok(Message::Rekey(p)) => {
-                    let seen = wire.rekeys.entry(p.header.seq).or_default();
-                    if seen.done_ms.is_none() {
-                        (seen.epoch, seen.count) = (p.header.epoch, p.header.count);
-                        seen.packets += 1;
-                        seen.bytes += len as u64;
-                        if seen.packets >= seen.count {
-                            seen.done_ms = Some(arrival);
+/// A multicast listener on a thread of its own (under real-time priority where allowed), so
+/// arrival times are the network's, not this process's scheduling; stops when dropped.
+struct Listener(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn listen(config: &MulticastConfig, wire: Arc<Mutex<Wire>>) -> Result<Listener, String> {
+    let socket = multicast::receiver(config).and_then(|s| s.into_std()).map_err(|e| e.to_string())?;
+    socket.set_nonblocking(false).and_then(|()| socket.set_read_timeout(Some(Duration::from_millis(100)))).map_err(|e| e.to_string())?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::Builder::new()
+        .name("listener".into())
+        .spawn(move || {
+            keycast_net::priority::run_ahead_of_the_rest("the bench's multicast listener");
+            let mut buf = vec![0u8; 65_536];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(len) = socket.recv(&mut buf) else { continue };
+                let arrival = now_ms();
+                let mut wire = wire.lock().unwrap_or_else(|p| p.into_inner());
+                match Message::decode(&buf[..len]) {
+                    Ok(Message::Heartbeat(h)) => wire.heartbeats.push((h.heartbeat.sent_ms, arrival)),
+                    Ok(Message::Rekey(p)) => {
+                        let seen = wire.rekeys.entry(p.header.seq).or_default();
+                        if seen.done_ms.is_none() {
+                            (seen.epoch, seen.count) = (p.header.epoch, p.header.count);
+                            seen.packets += 1;
+                            seen.bytes += len as u64;
+                            if seen.packets >= seen.count {
+                                seen.done_ms = Some(arrival);
+                            }
                         }
                     }
+                    _ => {}
                 }
-                _ => {}
             }
-        }
-    }))
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(Listener(stop))
 }
 
 /// The largest lateness of consecutive heartbeats sent in [from, to): by the controller's own
@@ -665,7 +684,7 @@ async fn load(o: &LoadOptions) -> Result<Value, String> {
     let sent = sim.ask("stop").await?;
     drop(sim);
     drop(server);
-    listener.abort();
+    drop(listener);
 
     let wire = wire.lock().unwrap_or_else(|p| p.into_inner());
     let (late_ms, arrival_late_ms, heartbeats) = heartbeat_lateness(&wire, o.heartbeat_ms, load_from_ms, kill_ms);
