@@ -14,7 +14,7 @@ use std::time::Duration;
 use keycast_core::protocol::failover::{StandbyDecision, StandbyPolicy, StandbyWatch};
 use keycast_core::protocol::relay::{ForwardStats, Forwarder, Side};
 use keycast_core::protocol::MemberEvent;
-use keycast_core::wire::{message_type, Data, MessageType, MAX_MESSAGE_LEN};
+use keycast_core::wire::{message_type, Data, GroupId, MessageType, MAX_MESSAGE_LEN};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -88,22 +88,41 @@ impl Relay {
             return Err(RelayError::SameGroup(subgroup.0));
         }
         // Listen on both channels first: nothing sent once the relay is up is missed.
-        let parent_channel = Channel::open(&setup.parent.multicast)?;
-        let subgroup_channel = Channel::open(&setup.subgroup.multicast)?;
+        let channels = [Channel::open(&setup.parent.multicast)?, Channel::open(&setup.subgroup.multicast)?];
         let server = Server::start(setup.subgroup).await?;
-        let (client, events) = MemberClient::join(setup.parent).await?;
+        let parent = MemberClient::join(setup.parent).await?;
+        Ok(Relay::forward(server, parent, channels, (parent_group, subgroup)))
+    }
+
+    /// A standby's take-over: a fresh controller of the subgroup beside the standby's
+    /// membership of the parent (joined while it watched). The subgroup's `rejoining` members
+    /// are batched as soon as they are all back.
+    async fn take_over(setup: RelaySetup, parent: (MemberClient, mpsc::Receiver<ClientEvent>), rejoining: usize) -> Result<Relay, RelayError> {
+        let groups = (setup.parent.group, setup.subgroup.policy.group);
+        let channels = [Channel::open(&setup.parent.multicast)?, Channel::open(&setup.subgroup.multicast)?];
+        let server = Server::start(setup.subgroup).await?;
+        server.expect_rejoins(rejoining).await;
+        Ok(Relay::forward(server, parent, channels, groups))
+    }
+
+    fn forward(
+        server: Server,
+        (client, events): (MemberClient, mpsc::Receiver<ClientEvent>),
+        channels: [Channel; 2],
+        (parent_group, subgroup): (GroupId, GroupId),
+    ) -> Relay {
         let parent = Arc::new(client);
         let stats = Arc::new(Mutex::new(ForwardStats::default()));
         let forwarding = Forwarding {
             forwarder: Forwarder::new(parent_group, subgroup),
             parent: parent.clone(),
             subgroup_keys: server.keys(),
-            channels: [parent_channel, subgroup_channel],
+            channels,
             stats: stats.clone(),
         };
         let task = tokio::spawn(forwarding.run(events));
         tracing::info!(parent = parent_group.0, subgroup = subgroup.0, member = parent.member().0, "relay forwarding");
-        Ok(Relay { server, parent, stats, forwarding: AbortOnDrop(task) })
+        Relay { server, parent, stats, forwarding: AbortOnDrop(task) }
     }
 
     /// Stops at once, as a crash would, and waits until the subgroup's controller is gone (so
@@ -256,13 +275,16 @@ impl Drop for Standby {
 }
 
 impl Standby {
-    /// Joins the subgroup as a member (retrying until its join deadline), then watches.
+    /// Joins the subgroup as a member and the parent group as the relay it may become (each
+    /// retrying until its join deadline), then watches. Joined in advance, a take-over needs
+    /// no parent epoch: data flows as soon as the fresh controller runs.
     pub async fn start(setup: StandbySetup) -> Result<Standby, RelayError> {
         let (client, events) = MemberClient::join(setup.watch.clone()).await?;
+        let parent = MemberClient::join(setup.relay.parent.clone()).await?;
         let policy = StandbyPolicy { registration: setup.registration, heartbeat_ms: setup.watch.heartbeat_ms, back_off_ms: setup.back_off_ms };
         let alarm = StandbyWatch::new(policy, client.last_heard_ms());
         let (report, active) = watch::channel(None);
-        let task = tokio::spawn(watch_then_take_over(alarm, client, events, setup.relay, report));
+        let task = tokio::spawn(watch_then_take_over(alarm, (client, events), parent, setup.relay, report));
         Ok(Standby { active, task })
     }
 
@@ -271,7 +293,7 @@ impl Standby {
         self.active.borrow().clone()
     }
 
-    /// Waits until this standby has taken over (and joined the parent).
+    /// Waits until this standby has taken over.
     pub async fn until_active(&self) -> TookOver {
         let mut active = self.active.clone();
         let took_over = active.wait_for(Option::is_some).await.expect("the standby task holds its sender until it ends").clone();
@@ -279,18 +301,16 @@ impl Standby {
     }
 }
 
+type Membership = (MemberClient, mpsc::Receiver<ClientEvent>);
+
 /// The standby's one task: polls its membership's last heartbeat into the alarm (a few times
 /// a heartbeat interval) and acts on the alarm's decisions; taking over is its last step.
-async fn watch_then_take_over(
-    mut alarm: StandbyWatch,
-    client: MemberClient,
-    mut events: mpsc::Receiver<ClientEvent>,
-    relay: RelaySetup,
-    report: watch::Sender<Option<TookOver>>,
-) {
+async fn watch_then_take_over(mut alarm: StandbyWatch, watching: Membership, parent: Membership, relay: RelaySetup, report: watch::Sender<Option<TookOver>>) {
     let registration = alarm.policy().registration;
     let mut tick = tokio::time::interval(Duration::from_millis((alarm.policy().heartbeat_ms / 4).clamp(5, 250)));
+    let (client, mut events) = watching;
     let mut client = Some(client);
+    let mut parent = Some(parent);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -299,6 +319,8 @@ async fn watch_then_take_over(
                 Some(_) => {}
                 None => tracing::warn!(registration, "standby: its membership of the subgroup ended; it takes over when the alarm says"),
             },
+            // Nothing to forward yet: the parent's events are read only so they do not pile up.
+            Some(_) = async { parent.as_mut()?.1.recv().await }, if parent.is_some() => {}
         }
         let now = now_ms();
         if let Some(heard) = client.as_ref().map(MemberClient::last_heard_ms) {
@@ -311,11 +333,21 @@ async fn watch_then_take_over(
                 tracing::warn!(registration, in_ms = take_over_at_ms.saturating_sub(now), "standby: the active relay is silent (alive alarm)");
             }
             Some(StandbyDecision::TakeOver) => {
+                // Every member the silent relay last counted rejoins, but this standby.
+                let rejoining = client.as_ref().map_or(0, |c| c.group_size().saturating_sub(1) as usize);
                 // Its membership would only try to join this standby itself.
                 client = None;
-                match Relay::start(relay.clone()).await {
+                let membership = match parent.take() {
+                    Some(membership) => Ok(membership),
+                    None => MemberClient::join(relay.parent.clone()).await,
+                };
+                let started = match membership {
+                    Ok(membership) => Relay::take_over(relay.clone(), membership, rejoining).await,
+                    Err(e) => Err(e.into()),
+                };
+                match started {
                     Ok(started) => {
-                        tracing::warn!(registration, listen = %started.server.addr, "standby: took over the subgroup with new keys");
+                        tracing::warn!(registration, rejoining, listen = %started.server.addr, "standby: took over the subgroup with new keys");
                         let _ = report.send(Some(TookOver { relay: Arc::new(started), at_ms: now }));
                         // The relay lives on in the report (dropped with the `Standby`).
                         return;

@@ -104,6 +104,8 @@ enum Command {
     Refresh { identity: String, member: MemberId, rekey_seq: u64, reply: oneshot::Sender<Frames> },
     Resync { identity: String, member: MemberId, rekey_seq: u64, reply: oneshot::Sender<Frames> },
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
+    /// A standby took over with this controller (`Controller::expect_rejoins`).
+    ExpectRejoins(usize),
 }
 
 /// A running controller. Dropping it stops every task at once (as a crash would).
@@ -250,6 +252,12 @@ impl Server {
     /// Evicts `member` (as `keycast admin evict` does).
     pub async fn evict(&self, member: MemberId) -> bool {
         matches!(self.admin(AdminRequest::Evict { member: member.0 }).await, Some(AdminResponse::Evicted { found: true, .. }))
+    }
+
+    /// This controller took over a subgroup whose `members` rejoin now: their batch closes
+    /// once they are all in (`Controller::expect_rejoins`).
+    pub async fn expect_rejoins(&self, members: usize) {
+        let _ = self.commands.send(Command::ExpectRejoins(members)).await;
     }
 
     /// The controller's members, by id and identity.
@@ -469,6 +477,7 @@ impl ControllerTask {
                 let response = self.admin(request).await?;
                 let _ = reply.send(response);
             }
+            Command::ExpectRejoins(members) => self.controller.expect_rejoins(members),
         }
         Ok(())
     }
