@@ -11,10 +11,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keycast_core::protocol::failover::{StandbyDecision, StandbyPolicy, StandbyWatch};
+use keycast_core::protocol::failover::{IncumbentDecision, IncumbentGuard, StandbyDecision, StandbyPolicy, StandbyWatch, SILENT_INTERVALS};
 use keycast_core::protocol::relay::{ForwardStats, Forwarder, Side};
 use keycast_core::protocol::MemberEvent;
-use keycast_core::wire::{message_type, Data, GroupId, MessageType, MAX_MESSAGE_LEN};
+use keycast_core::wire::heartbeat::SignedHeartbeat;
+use keycast_core::wire::{message_type, Data, GroupId, MessageType, VerifyingKey, MAX_MESSAGE_LEN};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -54,6 +55,7 @@ pub struct Relay {
     parent: Arc<MemberClient>,
     stats: Arc<Mutex<ForwardStats>>,
     forwarding: AbortOnDrop,
+    stepped_down: watch::Receiver<bool>,
 }
 
 /// A task that stops when its handle is dropped.
@@ -89,9 +91,10 @@ impl Relay {
         }
         // Listen on both channels first: nothing sent once the relay is up is missed.
         let channels = [Channel::open(&setup.parent.multicast)?, Channel::open(&setup.subgroup.multicast)?];
+        let heartbeat_ms = setup.subgroup.policy.heartbeat_ms;
         let server = Server::start(setup.subgroup).await?;
         let parent = MemberClient::join(setup.parent).await?;
-        Ok(Relay::forward(server, parent, channels, (parent_group, subgroup)))
+        Ok(Relay::forward(server, parent, channels, (parent_group, subgroup), heartbeat_ms))
     }
 
     /// A standby's take-over: a fresh controller of the subgroup beside the standby's
@@ -100,9 +103,10 @@ impl Relay {
     async fn take_over(setup: RelaySetup, parent: (MemberClient, mpsc::Receiver<ClientEvent>), rejoining: usize) -> Result<Relay, RelayError> {
         let groups = (setup.parent.group, setup.subgroup.policy.group);
         let channels = [Channel::open(&setup.parent.multicast)?, Channel::open(&setup.subgroup.multicast)?];
+        let heartbeat_ms = setup.subgroup.policy.heartbeat_ms;
         let server = Server::start(setup.subgroup).await?;
         server.expect_rejoins(rejoining).await;
-        Ok(Relay::forward(server, parent, channels, groups))
+        Ok(Relay::forward(server, parent, channels, groups, heartbeat_ms))
     }
 
     fn forward(
@@ -110,19 +114,41 @@ impl Relay {
         (client, events): (MemberClient, mpsc::Receiver<ClientEvent>),
         channels: [Channel; 2],
         (parent_group, subgroup): (GroupId, GroupId),
+        heartbeat_ms: u64,
     ) -> Relay {
         let parent = Arc::new(client);
         let stats = Arc::new(Mutex::new(ForwardStats::default()));
+        let (step_down, stepped_down) = watch::channel(false);
         let forwarding = Forwarding {
             forwarder: Forwarder::new(parent_group, subgroup),
             parent: parent.clone(),
             subgroup_keys: server.keys(),
             channels,
             stats: stats.clone(),
+            guard: Guard {
+                incumbent: IncumbentGuard::new(heartbeat_ms, now_ms()),
+                subgroup,
+                controller: server.verifying_key,
+                controller_tasks: server.abort_handles(),
+                step_down,
+            },
         };
         let task = tokio::spawn(forwarding.run(events));
         tracing::info!(parent = parent_group.0, subgroup = subgroup.0, member = parent.member().0, "relay forwarding");
-        Relay { server, parent, stats, forwarding: AbortOnDrop(task) }
+        Relay { server, parent, stats, forwarding: AbortOnDrop(task), stepped_down }
+    }
+
+    /// Resolves once this relay has stepped down (a standby took over while it was cut off):
+    /// its subgroup's controller is stopped and it is leaving the parent group.
+    pub async fn until_stepped_down(&self) {
+        let mut stepped_down = self.stepped_down.clone();
+        // The sender lives in the forwarding task, which ends only by stepping down (or with
+        // the relay): either way it relays no more.
+        let _ = stepped_down.wait_for(|down| *down).await;
+    }
+
+    pub fn stepped_down(&self) -> bool {
+        *self.stepped_down.borrow()
     }
 
     /// Stops at once, as a crash would, and waits until the subgroup's controller is gone (so
@@ -151,6 +177,17 @@ struct Forwarding {
     /// Parent's channel, then the subgroup's.
     channels: [Channel; 2],
     stats: Arc<Mutex<ForwardStats>>,
+    guard: Guard,
+}
+
+/// The relay's side of `IncumbentGuard`: what it needs to tell its own controller's
+/// heartbeats from another's, and to step down.
+struct Guard {
+    incumbent: IncumbentGuard,
+    subgroup: GroupId,
+    controller: VerifyingKey,
+    controller_tasks: Vec<tokio::task::AbortHandle>,
+    step_down: watch::Sender<bool>,
 }
 
 fn index(side: Side) -> usize {
@@ -166,31 +203,88 @@ impl Forwarding {
         let mut refresh = tokio::time::interval(KEY_REFRESH);
         let mut member_events = true;
         loop {
-            tokio::select! {
+            self.guard.incumbent.ran(now_ms());
+            let go_on = tokio::select! {
                 received = self.channels[0].receiver.recv_from(&mut parent_buf) => {
                     if let Ok((len, _)) = received {
                         self.relay(Side::Parent, &parent_buf[..len]);
                     }
+                    true
                 }
-                received = self.channels[1].receiver.recv_from(&mut subgroup_buf) => {
-                    if let Ok((len, _)) = received {
-                        self.relay(Side::Subgroup, &subgroup_buf[..len]);
-                    }
-                }
+                received = self.channels[1].receiver.recv_from(&mut subgroup_buf) => match received {
+                    Ok((len, _)) => self.subgroup_datagram(&subgroup_buf[..len]),
+                    Err(_) => true,
+                },
                 _ = refresh.tick() => {
                     self.install(Side::Parent);
                     self.install(Side::Subgroup);
+                    self.parent_silence();
+                    true
                 }
-                event = events.recv(), if member_events => match event {
-                    Some(ClientEvent::Member(event)) => self.member_event(event),
-                    Some(_) => {}
-                    None => {
-                        tracing::error!("the relay's membership of its parent group ended: nothing more goes up or down");
-                        member_events = false;
+                event = events.recv(), if member_events => {
+                    match event {
+                        Some(ClientEvent::Member(event)) => self.member_event(event),
+                        Some(_) => {}
+                        None => {
+                            tracing::error!("the relay's membership of its parent group ended: nothing more goes up or down");
+                            member_events = false;
+                        }
                     }
-                },
+                    true
+                }
+            };
+            if !go_on {
+                return;
             }
         }
+    }
+
+    /// A datagram on the subgroup's channel: data is relayed; a heartbeat for the subgroup
+    /// that this relay's controller did not sign goes to the guard. False once it stepped down.
+    fn subgroup_datagram(&mut self, bytes: &[u8]) -> bool {
+        if message_type(bytes) != Ok(MessageType::Heartbeat) {
+            self.relay(Side::Subgroup, bytes);
+            return true;
+        }
+        let ours = SignedHeartbeat::decode(bytes).is_ok_and(|b| b.heartbeat.group == self.guard.subgroup);
+        if !ours || SignedHeartbeat::verify(bytes, &self.guard.controller).is_ok() {
+            return true;
+        }
+        match self.guard.incumbent.foreign_heartbeat(now_ms()) {
+            Some(IncumbentDecision::StepDown) => {
+                self.step_down();
+                false
+            }
+            Some(IncumbentDecision::Conflict) => {
+                tracing::warn!(subgroup = self.guard.subgroup.0, "another controller's heartbeat for this subgroup, though this relay was never cut off: check for a second relay");
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Not hearing the parent for as long as the alive alarm cuts this relay off too.
+    fn parent_silence(&mut self) {
+        let (heard, now) = (self.parent.last_heard_ms(), now_ms());
+        if now.saturating_sub(heard) > SILENT_INTERVALS * self.parent.heartbeat_ms() {
+            self.guard.incumbent.silent(heard, now);
+        }
+    }
+
+    /// A standby took over while this relay was cut off: its controller stops at once (the
+    /// members have rejoined the standby's), and it leaves the parent group.
+    fn step_down(&mut self) {
+        tracing::warn!(subgroup = self.guard.subgroup.0, "a standby took over this subgroup while this relay was cut off: stepping down");
+        for task in &self.guard.controller_tasks {
+            task.abort();
+        }
+        let parent = self.parent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = parent.leave_shared().await {
+                tracing::warn!("leaving the parent group after stepping down: {e}; the membership expires instead");
+            }
+        });
+        let _ = self.guard.step_down.send(true);
     }
 
     fn member_event(&mut self, event: MemberEvent) {

@@ -244,6 +244,11 @@ impl Server {
         self.shared.snapshot()
     }
 
+    /// Handles that stop this controller's tasks (a relay that steps down holds them).
+    pub fn abort_handles(&self) -> Vec<tokio::task::AbortHandle> {
+        self.tasks.iter().map(JoinHandle::abort_handle).collect()
+    }
+
     /// Where a relay reads this group's traffic keys as the controller task updates them.
     pub fn keys(&self) -> GroupKeys {
         GroupKeys(self.shared.clone())

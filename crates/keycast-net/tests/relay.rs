@@ -360,3 +360,62 @@ async fn a_relay_restarted_from_its_log_keeps_its_subgroup_without_rejoins() {
         assert!(!matches!(event, ClientEvent::Rejoined { .. } | ClientEvent::FailedOver { .. }), "{event:?}");
     }
 }
+
+/// A relay paused (as by SIGSTOP) for longer than the alive alarm: its standby takes over and
+/// the members follow it. When the old relay runs again it hears the new controller's
+/// heartbeats, steps down (its controller stops, it leaves the parent group), and the members
+/// stay with the standby: never two controllers of one subgroup for longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_relay_that_comes_back_after_its_standby_took_over_steps_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut top = prepare(TOP, 1, None, &dir);
+    top.acl.extend(["relay-43", "relay-43-standby-1"].map(String::from));
+    top.start_server().await.unwrap();
+    let mut a = prepare(SUB_A, 2, None, &dir);
+    a.policy.heartbeat_ms = 100;
+    a.add_standby().unwrap();
+    let parent = top.member_setup("relay-43").unwrap();
+    // The relay runs on a runtime of its own, on a thread of its own: blocking that thread
+    // freezes all of the relay's tasks (controller, forwarding, parent membership) at once.
+    let (pause, mut pauses) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+    let (started, relay) = tokio::sync::oneshot::channel();
+    let relay_thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let relay = a.start_relay(parent).await.unwrap();
+            let _ = started.send((a, std::sync::Arc::new(relay)));
+            while let Some(pause) = pauses.recv().await {
+                std::thread::sleep(pause);
+            }
+        });
+    });
+    let (a, relay) = relay.await.unwrap();
+    let standby = a.start_standby(1, top.member_setup("relay-43-standby-1").unwrap(), BACK_OFF_MS).await.unwrap();
+    let a_members = a.join_all(["member-1", "member-2"]).await.unwrap();
+    until_keyed(&[(&relay.server, a_members.iter().map(|(m, _)| m).collect())]).await;
+    let top_size = top.server().stats().members;
+
+    let paused = Instant::now();
+    pause.send(Duration::from_millis(1_500)).unwrap();
+    let took_over = timeout(WAIT, standby.until_active()).await.expect("the standby never took over");
+    until_in_force(&took_over.relay.server, &a_members).await;
+    assert!(paused.elapsed() < Duration::from_millis(1_500), "the members followed the standby only after the pause");
+    assert!(!relay.stepped_down(), "stepped down while paused");
+
+    timeout(WAIT, relay.until_stepped_down()).await.expect("the old relay never stepped down");
+    let stepped_down_ms = paused.elapsed().as_millis();
+    eprintln!("the paused relay stepped down {stepped_down_ms} ms after its pause began (1500 ms pause)");
+    timeout(Duration::from_secs(1), relay.server.stopped()).await.expect("the old relay's controller still runs");
+    let deadline = Instant::now() + WAIT;
+    while top.server().stats().members != top_size - 1 {
+        assert!(Instant::now() < deadline, "the old relay never left the parent group");
+        sleep(Duration::from_millis(20)).await;
+    }
+    until_in_force(&took_over.relay.server, &a_members).await;
+    for (member, _) in &a_members {
+        assert_eq!(member.controller(), a.standbys[0].server, "a member went back to the old relay");
+    }
+    assert!(!took_over.relay.stepped_down(), "the standby that took over stepped down");
+    drop(pause);
+    relay_thread.join().unwrap();
+}
