@@ -373,12 +373,15 @@ impl Standby {
     /// retrying until its join deadline), then watches. Joined in advance, a take-over needs
     /// no parent epoch: data flows as soon as the fresh controller runs.
     pub async fn start(setup: StandbySetup) -> Result<Standby, RelayError> {
+        // Before its memberships bind sockets of their own, one of which could get the port.
+        let listen = setup.relay.subgroup.listen;
+        let reserved = Reserved::bind(listen).map_err(|e| RelayError::Subgroup(ServerError::Io(e)))?;
         let (client, events) = MemberClient::join(setup.watch.clone()).await?;
         let parent = MemberClient::join(setup.relay.parent.clone()).await?;
         let policy = StandbyPolicy { registration: setup.registration, heartbeat_ms: setup.watch.heartbeat_ms, back_off_ms: setup.back_off_ms };
         let alarm = StandbyWatch::new(policy, client.last_heard_ms());
         let (report, active) = watch::channel(None);
-        let task = tokio::spawn(watch_then_take_over(alarm, (client, events), parent, setup.relay, report));
+        let task = tokio::spawn(watch_then_take_over(alarm, (client, events), parent, (setup.relay, reserved), report));
         Ok(Standby { active, task })
     }
 
@@ -397,10 +400,38 @@ impl Standby {
 
 type Membership = (MemberClient, mpsc::Receiver<ClientEvent>);
 
+/// A standby's listen address (TCP and UDP), bound until it takes over so that no other
+/// socket gets the port meanwhile; not listening, so members' connections are refused at once.
+struct Reserved {
+    _tcp: Option<tokio::net::TcpSocket>,
+    _udp: Option<std::net::UdpSocket>,
+}
+
+impl Reserved {
+    /// Nothing to hold for a port the system picks (0).
+    fn bind(addr: std::net::SocketAddr) -> std::io::Result<Reserved> {
+        if addr.port() == 0 {
+            return Ok(Reserved { _tcp: None, _udp: None });
+        }
+        let tcp = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        tcp.bind(addr)?;
+        Ok(Reserved { _tcp: Some(tcp), _udp: Some(std::net::UdpSocket::bind(addr)?) })
+    }
+}
+
 /// The standby's one task: polls its membership's last heartbeat into the alarm (a few times
 /// a heartbeat interval) and acts on the alarm's decisions; taking over is its last step.
-async fn watch_then_take_over(mut alarm: StandbyWatch, watching: Membership, parent: Membership, relay: RelaySetup, report: watch::Sender<Option<TookOver>>) {
+async fn watch_then_take_over(
+    mut alarm: StandbyWatch,
+    watching: Membership,
+    parent: Membership,
+    (relay, reserved): (RelaySetup, Reserved),
+    report: watch::Sender<Option<TookOver>>,
+) {
     let registration = alarm.policy().registration;
+    let mut reserved = Some(reserved);
+    // Every member the silent relay last counted rejoins, but this standby.
+    let mut rejoining = 0;
     let mut tick = tokio::time::interval(Duration::from_millis((alarm.policy().heartbeat_ms / 4).clamp(5, 250)));
     let (client, mut events) = watching;
     let mut client = Some(client);
@@ -417,20 +448,21 @@ async fn watch_then_take_over(mut alarm: StandbyWatch, watching: Membership, par
             Some(_) = async { parent.as_mut()?.1.recv().await }, if parent.is_some() => {}
         }
         let now = now_ms();
-        if let Some(heard) = client.as_ref().map(MemberClient::last_heard_ms) {
-            if alarm.heard_active(heard) == Some(StandbyDecision::StandDown) {
+        if let Some(client) = &client {
+            if alarm.heard_active(client.last_heard_ms()) == Some(StandbyDecision::StandDown) {
                 tracing::info!(registration, "standby: another relay is active; standing down");
             }
+            rejoining = client.group_size().saturating_sub(1) as usize;
         }
         match alarm.tick(now) {
             Some(StandbyDecision::Alarm { take_over_at_ms }) => {
                 tracing::warn!(registration, in_ms = take_over_at_ms.saturating_sub(now), "standby: the active relay is silent (alive alarm)");
             }
             Some(StandbyDecision::TakeOver) => {
-                // Every member the silent relay last counted rejoins, but this standby.
-                let rejoining = client.as_ref().map_or(0, |c| c.group_size().saturating_sub(1) as usize);
                 // Its membership would only try to join this standby itself.
                 client = None;
+                // The controller binds the port now (a failed take-over holds it no more).
+                drop(reserved.take());
                 let membership = match parent.take() {
                     Some(membership) => Ok(membership),
                     None => MemberClient::join(relay.parent.clone()).await,

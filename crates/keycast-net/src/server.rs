@@ -194,6 +194,8 @@ impl Server {
             udp_requests,
             unicast: udp_socket.clone(),
         };
+        // Stats and keys from the start: a relay restarted from its log reads them at once.
+        driver.publish_stats();
         let (stop, stopped) = watch::channel(None);
         let mut tasks = vec![tokio::spawn(async move {
             let reason = driver.run(rx, Duration::from_millis(tick)).await;
