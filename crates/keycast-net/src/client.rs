@@ -309,7 +309,9 @@ async fn join_any(setup: &MemberSetup, candidates: &[ControllerAddr]) -> Result<
             });
         }
         tokio::time::sleep(pause).await;
-        backoff = backoff.saturating_mul(2).min(setup.requests.backoff_max_ms.max(1));
+        // Until the standby had an alarm's time to take over, at most half a heartbeat apart.
+        let most = if Instant::now() < own_after { setup.heartbeat_ms / 2 } else { setup.requests.backoff_max_ms };
+        backoff = backoff.saturating_mul(2).min(most.max(1));
     }
 }
 

@@ -131,6 +131,8 @@ impl Relay {
                 controller: server.verifying_key,
                 controller_tasks: server.abort_handles(),
                 step_down,
+                own_heard_ms: None,
+                own_epoch: 0,
             },
         };
         let task = tokio::spawn(forwarding.run(events));
@@ -188,6 +190,9 @@ struct Guard {
     controller: VerifyingKey,
     controller_tasks: Vec<tokio::task::AbortHandle>,
     step_down: watch::Sender<bool>,
+    /// When its own controller's last heartbeat came back on the channel, and its epoch.
+    own_heard_ms: Option<u64>,
+    own_epoch: u64,
 }
 
 fn index(side: Side) -> usize {
@@ -246,11 +251,17 @@ impl Forwarding {
             self.relay(Side::Subgroup, bytes);
             return true;
         }
-        let ours = SignedHeartbeat::decode(bytes).is_ok_and(|b| b.heartbeat.group == self.guard.subgroup);
-        if !ours || SignedHeartbeat::verify(bytes, &self.guard.controller).is_ok() {
+        let Some(beat) = SignedHeartbeat::decode(bytes).ok().filter(|b| b.heartbeat.group == self.guard.subgroup) else { return true };
+        let now = now_ms();
+        if SignedHeartbeat::verify(bytes, &self.guard.controller).is_ok() {
+            // Its own controller's: a gap between them is a silence its members saw too.
+            if let Some(last) = self.guard.own_heard_ms.replace(now) {
+                self.guard.incumbent.silent(last, now);
+            }
+            self.guard.own_epoch = beat.heartbeat.epoch;
             return true;
         }
-        match self.guard.incumbent.foreign_heartbeat(now_ms()) {
+        match self.guard.incumbent.foreign_heartbeat(now, beat.heartbeat.epoch < self.guard.own_epoch) {
             Some(IncumbentDecision::StepDown) => {
                 self.step_down();
                 false
@@ -414,6 +425,8 @@ impl Reserved {
             return Ok(Reserved { _tcp: None, _udp: None });
         }
         let tcp = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As the controller's listener binds: outgoing connections' ports do not conflict.
+        tcp.set_reuseaddr(true)?;
         tcp.bind(addr)?;
         Ok(Reserved { _tcp: Some(tcp), _udp: Some(std::net::UdpSocket::bind(addr)?) })
     }

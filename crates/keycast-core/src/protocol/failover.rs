@@ -10,7 +10,7 @@
 //! active relay that was cut off for as long as the alive alarm (paused, or not hearing its
 //! parent) and then hears heartbeats for its subgroup that its own controller did not sign has
 //! been replaced: it steps down (`IncumbentGuard`), so two controllers never keep serving one
-//! subgroup.
+//! subgroup. Silence counts as the members see it too: a gap in the relay's own heartbeats.
 
 /// Heartbeat intervals without a heartbeat before the alive alarm (as members count them).
 pub const SILENT_INTERVALS: u64 = 3;
@@ -159,8 +159,9 @@ impl IncumbentGuard {
         REPLACED_WINDOW_INTERVALS * self.heartbeat_ms
     }
 
-    /// The relay was silent from `from_ms` to `to_ms` (its driver did not run, or it did not
-    /// hear its parent): longer than the alive alarm, its standbys may have taken over.
+    /// The relay was silent from `from_ms` to `to_ms` (its driver did not run, it did not hear
+    /// its parent, or its own heartbeats did not come): longer than the alive alarm, its
+    /// standbys may have taken over.
     pub fn silent(&mut self, from_ms: u64, to_ms: u64) {
         if to_ms.saturating_sub(from_ms) > SILENT_INTERVALS * self.heartbeat_ms {
             let until = to_ms.saturating_add(self.window_ms());
@@ -176,10 +177,13 @@ impl IncumbentGuard {
         self.silent(last, now_ms);
     }
 
-    /// A heartbeat for this subgroup that this relay's controller did not sign, at `now_ms`.
-    pub fn foreign_heartbeat(&mut self, now_ms: u64) -> Option<IncumbentDecision> {
+    /// A heartbeat for this subgroup that this relay's controller did not sign, at `now_ms`,
+    /// from a controller created after this relay's (`newer`: a lower epoch number at the same
+    /// time; epochs have one length in a group). Only a newer one can be the relay that
+    /// replaced this one: should both have been silent, only the older steps down.
+    pub fn foreign_heartbeat(&mut self, now_ms: u64, newer: bool) -> Option<IncumbentDecision> {
         self.ran(now_ms);
-        if self.replaced_until_ms.is_some_and(|until| now_ms <= until) {
+        if newer && self.replaced_until_ms.is_some_and(|until| now_ms <= until) {
             return Some(IncumbentDecision::StepDown);
         }
         if now_ms < self.quiet_until_ms {
@@ -263,22 +267,30 @@ mod tests {
         }
         // Paused from 1000 to 1400: longer than three heartbeat intervals.
         guard.ran(1400);
-        assert_eq!(guard.foreign_heartbeat(1401), Some(IncumbentDecision::StepDown), "a heartbeat that waited in the socket");
-        assert_eq!(guard.foreign_heartbeat(1400 + 10 * 100), Some(IncumbentDecision::StepDown), "the window's last moment");
+        assert_eq!(guard.foreign_heartbeat(1401, true), Some(IncumbentDecision::StepDown), "a heartbeat that waited in the socket");
+        assert_eq!(guard.foreign_heartbeat(1400 + 10 * 100, true), Some(IncumbentDecision::StepDown), "the window's last moment");
+    }
+
+    #[test]
+    fn a_relay_never_steps_down_for_an_older_controller() {
+        let mut guard = incumbent();
+        guard.ran(1400);
+        assert_eq!(guard.foreign_heartbeat(1401, false), Some(IncumbentDecision::Conflict), "the relay it replaced, back too");
+        assert_eq!(guard.foreign_heartbeat(1402, true), Some(IncumbentDecision::StepDown));
     }
 
     #[test]
     fn a_pause_no_longer_than_the_alarm_or_long_ago_is_no_proof_of_a_take_over() {
         let mut guard = incumbent();
         guard.ran(300);
-        assert_eq!(guard.foreign_heartbeat(301), Some(IncumbentDecision::Conflict), "300 ms is not yet silence");
-        assert_eq!(guard.foreign_heartbeat(400), None, "a conflict is reported once per window");
+        assert_eq!(guard.foreign_heartbeat(301, true), Some(IncumbentDecision::Conflict), "300 ms is not yet silence");
+        assert_eq!(guard.foreign_heartbeat(400, true), None, "a conflict is reported once per window");
         let mut guard = incumbent();
         guard.ran(1000);
         for at in (1025..=2100).step_by(25) {
             guard.ran(at);
         }
-        assert_eq!(guard.foreign_heartbeat(2101), Some(IncumbentDecision::Conflict), "the silence ended more than ten intervals ago");
+        assert_eq!(guard.foreign_heartbeat(2101, true), Some(IncumbentDecision::Conflict), "the silence ended more than ten intervals ago");
     }
 
     #[test]
@@ -288,8 +300,8 @@ mod tests {
             guard.ran(at);
         }
         guard.silent(1500, 1800);
-        assert_eq!(guard.foreign_heartbeat(2000), Some(IncumbentDecision::Conflict), "exactly the alarm's length is not a silence");
+        assert_eq!(guard.foreign_heartbeat(2000, true), Some(IncumbentDecision::Conflict), "exactly the alarm's length is not a silence");
         guard.silent(1500, 1801);
-        assert_eq!(guard.foreign_heartbeat(2001), Some(IncumbentDecision::StepDown));
+        assert_eq!(guard.foreign_heartbeat(2001, true), Some(IncumbentDecision::StepDown));
     }
 }
