@@ -56,10 +56,12 @@ struct Level {
 
 impl Level {
     /// The key in force at this level's controller: the top's, its relay's, or the standby's
-    /// that took over.
+    /// that took over (the relay stepped down or was killed).
     fn active_key(&self) -> Option<String> {
         match (&self.relay, &self.standby) {
-            (Some(relay), _) => Some(relay.server.stats().active_key),
+            (Some(relay), _) if !relay.stepped_down() => Some(relay.server.stats().active_key),
+            (Some(_), Some(standby)) => standby.active().map(|t| t.relay.server.stats().active_key),
+            (Some(_), None) => None,
             (None, Some(standby)) => standby.active().map(|t| t.relay.server.stats().active_key),
             (None, None) => self.group.server.as_ref().map(|s| s.stats().active_key),
         }
