@@ -223,6 +223,55 @@ fn held_heartbeats_wait_for_the_changes_content_and_name_no_epoch_not_yet_closed
     assert_eq!(beat(&mut heartbeats, next_epoch_ms + h.policy.heartbeat_ms).epoch, first.epoch + 1);
 }
 
+/// A standby's fresh controller: the old subgroup's members rejoin at once. Its first batch
+/// closes as soon as the expected joins are all in (not at the epoch's end), and its key is
+/// in force at once (nobody held the key before it); with one missing, the epoch's end.
+#[test]
+fn a_take_over_batches_the_rejoins_once_all_are_in_and_puts_their_key_in_force_at_once() {
+    let mut h = Harness::new(policy(tree()), &["a", "b", "c"]);
+    h.controller.expect_rejoins(3);
+    for identity in ["a", "b"] {
+        let Ok(JoinStatus::Queued(_)) = h.join(identity) else { panic!("{identity} queued") };
+    }
+    h.run(30);
+    assert!(h.answers.is_empty(), "two of three rejoins were batched");
+    let Ok(JoinStatus::Queued(_)) = h.join("c") else { panic!("c queued") };
+    h.run(10);
+    assert_eq!(h.answers.len(), 3, "the third rejoin did not close the batch at the next tick");
+    let epoch = h.controller.epoch_at(h.now);
+    assert!(h.now < T0 + h.policy.epoch_ms, "closed at the epoch's end, not early");
+    assert_eq!(h.controller.rekey_seq(), 1);
+    let JoinAnswer::Accepted(accepted) = &h.answers[0].1 else { panic!("accepted") };
+    let keys = h.controller.resync("a", accepted.member, 0, h.now).unwrap();
+    assert_eq!(keys.active, h.controller.active_key(epoch), "the joiners' key is not in force at once");
+    assert_eq!(keys.pending, None);
+
+    // One of three never comes: the batch waits for the epoch's end, as any other.
+    let mut h = Harness::new(policy(tree()), &["a", "b", "c"]);
+    h.controller.expect_rejoins(3);
+    for identity in ["a", "b"] {
+        let Ok(JoinStatus::Queued(_)) = h.join(identity) else { panic!("{identity} queued") };
+    }
+    h.run(h.policy.epoch_ms - 10);
+    assert!(h.answers.is_empty(), "batched before the epoch's end without the third rejoin");
+    h.run(20);
+    assert_eq!(h.answers.len(), 2);
+}
+
+/// Once a group has members, a batch's key waits `activation_delay` epochs, so they receive
+/// the rekey before it is in force.
+#[test]
+fn a_batch_into_a_group_with_members_keeps_the_activation_delay() {
+    let mut h = Harness::new(policy(tree()), &["a", "b"]);
+    h.admit("a");
+    let Ok(JoinStatus::Queued(_)) = h.join("b") else { panic!("b queued") };
+    h.run(h.policy.epoch_ms);
+    let epoch = h.controller.epoch_at(h.now);
+    let JoinAnswer::Accepted(accepted) = &h.answers[1].1 else { panic!("accepted") };
+    let keys = h.controller.resync("b", accepted.member, 0, h.now).unwrap();
+    assert_eq!(keys.pending.map(|p| p.activation), Some(epoch + h.policy.activation_delay));
+}
+
 #[test]
 fn an_evicted_identity_is_refused_until_readmitted_across_restarts() {
     let mut h = Harness::new(policy(tree()), &["a", "b"]);

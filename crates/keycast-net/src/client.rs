@@ -273,14 +273,20 @@ fn join_answer(frames: &Frames) -> Result<(JoinAccepted, ResyncAnswer), ClientEr
 
 /// One join attempt at each of `candidates` in turn, round after round with jittered
 /// backoff, until one accepts (a standby listens only once it has taken over) or the join
-/// deadline passes. A refusal by one candidate moves on to the next.
+/// deadline passes. A refusal by one candidate moves on to the next. The last candidate, the
+/// lost controller itself, is tried only after an alive alarm's time: a paused controller's
+/// listener accepts connections and would hold each round until its handshake timeout.
 async fn join_any(setup: &MemberSetup, candidates: &[ControllerAddr]) -> Result<(ControllerAddr, JoinAccepted, ResyncAnswer), ClientError> {
     let started = Instant::now();
+    let own_after = started + Duration::from_millis(3 * setup.heartbeat_ms);
     let deadline = started + Duration::from_millis(setup.requests.join_deadline_ms);
-    let mut backoff = setup.requests.backoff_min_ms.max(1);
+    // The standby listens tens of ms after its alarm, which rings with this member's: retry
+    // within a quarter heartbeat at first, not after the usual backoff (refusals cost nothing).
+    let mut backoff = (setup.heartbeat_ms / 4).clamp(1, setup.requests.backoff_min_ms.max(1));
     let (mut last, mut attempts) = (None, 0);
     loop {
-        for candidate in candidates {
+        let tried = if Instant::now() < own_after { candidates.len().saturating_sub(1).max(1) } else { candidates.len() };
+        for candidate in &candidates[..tried] {
             attempts += 1;
             let attempt_setup = MemberSetup { server: candidate.server, server_name: candidate.server_name.clone(), ..setup.clone() };
             match join_once(&attempt_setup).await {
@@ -303,7 +309,9 @@ async fn join_any(setup: &MemberSetup, candidates: &[ControllerAddr]) -> Result<
             });
         }
         tokio::time::sleep(pause).await;
-        backoff = backoff.saturating_mul(2).min(setup.requests.backoff_max_ms.max(1));
+        // Until the standby had an alarm's time to take over, at most half a heartbeat apart.
+        let most = if Instant::now() < own_after { setup.heartbeat_ms / 2 } else { setup.requests.backoff_max_ms };
+        backoff = backoff.saturating_mul(2).min(most.max(1));
     }
 }
 
@@ -397,6 +405,16 @@ impl MemberClient {
         self.with(|s| s.last_heard_ms())
     }
 
+    /// The group's heartbeat interval.
+    pub fn heartbeat_ms(&self) -> u64 {
+        self.setup.heartbeat_ms
+    }
+
+    /// The group's size by the controller's latest heartbeat.
+    pub fn group_size(&self) -> u64 {
+        self.with(|s| s.group_size())
+    }
+
     /// The controller this member follows now (its own, or the standby it failed over to).
     pub fn controller(&self) -> SocketAddr {
         self.shared.failed_over_to.lock().expect("fail-over lock").as_ref().map_or(self.setup.server, |c| c.server)
@@ -460,6 +478,11 @@ impl MemberClient {
     /// Leaves the group, retrying until `requests.deadline_ms`; done once the controller
     /// acknowledges it, or says this member is not in the group anyway.
     pub async fn leave(self) -> Result<(), ClientError> {
+        self.leave_shared().await
+    }
+
+    /// As `leave`, for a client others hold too (a relay stepping down).
+    pub async fn leave_shared(&self) -> Result<(), ClientError> {
         let member = self.member();
         let message = Leave { group: self.setup.group, member }.encode();
         let mut setup = self.setup.clone();
@@ -542,7 +565,9 @@ impl Follow {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
         let mut loss = self.setup.loss.map(LossInjector::new);
         let mut unicast_buf = vec![0u8; MAX_MESSAGE_LEN];
-        let mut tick = tokio::time::interval(Duration::from_millis(self.setup.heartbeat_ms.clamp(10, 1000) / 2));
+        // A quarter heartbeat: the lost controller is noticed at most that late (as the standby
+        // notices it), for a fail-over within three heartbeat intervals plus an epoch.
+        let mut tick = tokio::time::interval(Duration::from_millis(self.setup.heartbeat_ms.clamp(20, 1000) / 4));
         let period = Duration::from_millis(self.setup.refresh_ms.max(10));
         let mut refresh = tokio::time::interval_at(Instant::now() + refresh_phase(period), period);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -108,6 +108,8 @@ enum Command {
     Refresh { identity: String, member: MemberId, rekey_seq: u64, reply: oneshot::Sender<Frames> },
     Resync { identity: String, member: MemberId, rekey_seq: u64, reply: oneshot::Sender<Frames> },
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
+    /// A standby took over with this controller (`Controller::expect_rejoins`).
+    ExpectRejoins(usize),
 }
 
 /// A running controller. Dropping it stops every task at once (as a crash would).
@@ -200,6 +202,8 @@ impl Server {
             udp_requests,
             unicast: udp_socket.clone(),
         };
+        // Stats and keys from the start: a relay restarted from its log reads them at once.
+        driver.publish_stats();
         let (stop, stopped) = watch::channel(None);
         let mut tasks = vec![tokio::spawn(async move {
             let reason = driver.run(rx, Duration::from_millis(tick)).await;
@@ -250,6 +254,11 @@ impl Server {
         self.shared.snapshot()
     }
 
+    /// Handles that stop this controller's tasks (a relay that steps down holds them).
+    pub fn abort_handles(&self) -> Vec<tokio::task::AbortHandle> {
+        self.tasks.iter().map(JoinHandle::abort_handle).collect()
+    }
+
     /// Where a relay reads this group's traffic keys as the controller task updates them.
     pub fn keys(&self) -> GroupKeys {
         GroupKeys(self.shared.clone())
@@ -258,6 +267,12 @@ impl Server {
     /// Evicts `member` (as `keycast admin evict` does).
     pub async fn evict(&self, member: MemberId) -> bool {
         matches!(self.admin(AdminRequest::Evict { member: member.0 }).await, Some(AdminResponse::Evicted { found: true, .. }))
+    }
+
+    /// This controller took over a subgroup whose `members` rejoin now: their batch closes
+    /// once they are all in (`Controller::expect_rejoins`).
+    pub async fn expect_rejoins(&self, members: usize) {
+        let _ = self.commands.send(Command::ExpectRejoins(members)).await;
     }
 
     /// The controller's members, by id and identity.
@@ -512,6 +527,7 @@ impl ControllerTask {
                 let response = self.admin(request).await?;
                 let _ = reply.send(response);
             }
+            Command::ExpectRejoins(members) => self.controller.expect_rejoins(members),
         }
         Ok(())
     }

@@ -354,6 +354,8 @@ pub fn relay(args: &ConfigArg) -> Result<(), String> {
         let relay = Relay::start(setup).await.map_err(|e| format!("cannot start the relay of group {} under group {}: {e}", subgroup.group, parent.group))?;
         tracing::info!(addr = %relay.server.addr, member = relay.parent().member().0, "relaying; Ctrl-C stops");
         tokio::select! {
+            biased;
+            _ = relay.until_stepped_down() => Err(STEPPED_DOWN.into()),
             reason = relay.server.stopped() => Err(format!("the subgroup's controller stopped: {reason}")),
             signal = tokio::signal::ctrl_c() => {
                 signal.map_err(|e| e.to_string())?;
@@ -363,6 +365,9 @@ pub fn relay(args: &ConfigArg) -> Result<(), String> {
         }
     })
 }
+
+const STEPPED_DOWN: &str = "stepped down: a standby took over the subgroup while this relay was cut off (paused, or not hearing its parent); \
+its members follow the standby now. Run this relay again as a standby of that one, if wanted";
 
 /// Runs a standby until Ctrl-C: it watches, and once it has taken over, relays.
 fn run_standby(setup: StandbySetup) -> Result<(), String> {
@@ -376,6 +381,8 @@ fn run_standby(setup: StandbySetup) -> Result<(), String> {
         };
         tracing::info!(addr = %took_over.relay.server.addr, "took over; relaying");
         tokio::select! {
+            biased;
+            _ = took_over.relay.until_stepped_down() => Err(STEPPED_DOWN.into()),
             reason = took_over.relay.server.stopped() => Err(format!("the subgroup's controller stopped: {reason}")),
             signal = tokio::signal::ctrl_c() => {
                 signal.map_err(|e| e.to_string())?;

@@ -319,6 +319,9 @@ pub struct Controller {
     delivery: Delivery,
     /// Signed refusals over UDP given in the current second.
     refusals: RefusalBudget,
+    /// A standby's fresh controller: the members of the subgroup it took over rejoin at once,
+    /// so the first batch closes when this many joins wait, not at the epoch's end.
+    rejoins_expected: Option<usize>,
 }
 
 /// Signed refusals answer requests nobody can authenticate (the member's key is gone) and cost
@@ -474,6 +477,7 @@ impl Controller {
             unpersisted_floor: None,
             delivery: Delivery::new(policy.packets.fec),
             refusals: RefusalBudget::default(),
+            rejoins_expected: None,
         }
     }
 
@@ -937,6 +941,13 @@ impl Controller {
         Ok(out)
     }
 
+    /// A standby took over with this controller: `members` of the old relay's subgroup are
+    /// rejoining now. The next batch closes as soon as that many joins wait (or at the epoch's
+    /// end, if some never come).
+    pub fn expect_rejoins(&mut self, members: usize) {
+        self.rejoins_expected = Some(members);
+    }
+
     /// Advances time: expires silent members, closes the epoch when it is over, and sends a
     /// heartbeat when one is due.
     pub fn tick(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
@@ -946,7 +957,9 @@ impl Controller {
             out.push(Output::Persist(Record::SeqFloor(floor)));
         }
         out.extend(self.expire_silent(now_ms));
-        if self.epoch_at(now_ms) > self.epoch {
+        let rejoined = self.rejoins_expected.is_some_and(|n| self.pending.joins() >= n.max(1));
+        if self.epoch_at(now_ms) > self.epoch || rejoined {
+            self.rejoins_expected = None;
             out.extend(self.close_epoch(now_ms, entropy, false)?);
         }
         out.extend(self.repair(now_ms));
@@ -1032,7 +1045,9 @@ impl Controller {
             return Ok(Vec::new());
         }
         let seq = self.rekey_seq + 1;
-        let activation = if immediate { epoch } else { epoch + self.policy.activation_delay };
+        // The delay lets members receive the rekey before its key is in force; a group with no
+        // member yet has nobody to wait for (its joiners get the key in their answers).
+        let activation = if immediate || self.members.is_empty() { epoch } else { epoch + self.policy.activation_delay };
         let leaves: Vec<MemberId> = leaves.into_iter().collect();
         let departed: Vec<(MemberId, String, Departure)> =
             departures.into_iter().map(|(m, why)| (m, self.members[&m].identity.clone(), why)).collect();

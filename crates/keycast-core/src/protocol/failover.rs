@@ -5,6 +5,12 @@
 //! relay's heartbeats; after three silent heartbeat intervals (the alive alarm) standby `r`
 //! waits `(r - 1) * back_off_ms` and takes over unless it hears an active relay meanwhile (a
 //! standby before it in line took over first): then it stands down and watches the new one.
+//!
+//! The take-over is announced by the new controller's heartbeats on the subgroup's channel. An
+//! active relay that was cut off for as long as the alive alarm (paused, or not hearing its
+//! parent) and then hears heartbeats for its subgroup that its own controller did not sign has
+//! been replaced: it steps down (`IncumbentGuard`), so two controllers never keep serving one
+//! subgroup. Silence counts as the members see it too: a gap in the relay's own heartbeats.
 
 /// Heartbeat intervals without a heartbeat before the alive alarm (as members count them).
 pub const SILENT_INTERVALS: u64 = 3;
@@ -115,6 +121,79 @@ impl StandbyWatch {
     }
 }
 
+/// Heartbeat intervals after a relay's silence during which another controller's heartbeat
+/// means it was replaced (long enough for the standby's next heartbeats, and those that
+/// waited in the socket while the relay was paused).
+pub const REPLACED_WINDOW_INTERVALS: u64 = 10;
+
+/// What an active relay must do about another controller of its subgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IncumbentDecision {
+    /// A standby took over while this relay was cut off: stop the subgroup's controller and
+    /// leave the parent group.
+    StepDown,
+    /// Another controller's heartbeat without a silence of this relay: not proof of a take-over
+    /// (anyone on the channel can send one); the operator is told, once per window.
+    Conflict,
+}
+
+/// An active relay's guard against a second active relay of its subgroup. Time is an input;
+/// the driver reports when it ran and when it last heard its parent, and the heartbeats of
+/// its subgroup that its controller did not sign.
+#[derive(Clone, Debug)]
+pub struct IncumbentGuard {
+    heartbeat_ms: u64,
+    last_ran_ms: u64,
+    /// Until when another controller's heartbeat means this relay was replaced.
+    replaced_until_ms: Option<u64>,
+    /// Until when a conflict is not reported again.
+    quiet_until_ms: u64,
+}
+
+impl IncumbentGuard {
+    pub fn new(heartbeat_ms: u64, now_ms: u64) -> IncumbentGuard {
+        IncumbentGuard { heartbeat_ms, last_ran_ms: now_ms, replaced_until_ms: None, quiet_until_ms: 0 }
+    }
+
+    fn window_ms(&self) -> u64 {
+        REPLACED_WINDOW_INTERVALS * self.heartbeat_ms
+    }
+
+    /// The relay was silent from `from_ms` to `to_ms` (its driver did not run, it did not hear
+    /// its parent, or its own heartbeats did not come): longer than the alive alarm, its
+    /// standbys may have taken over.
+    pub fn silent(&mut self, from_ms: u64, to_ms: u64) {
+        if to_ms.saturating_sub(from_ms) > SILENT_INTERVALS * self.heartbeat_ms {
+            let until = to_ms.saturating_add(self.window_ms());
+            self.replaced_until_ms = Some(self.replaced_until_ms.map_or(until, |u| u.max(until)));
+        }
+    }
+
+    /// The driver runs at `now_ms` (at least every heartbeat interval): a gap since its last
+    /// run is a silence (a paused process).
+    pub fn ran(&mut self, now_ms: u64) {
+        let last = self.last_ran_ms;
+        self.last_ran_ms = last.max(now_ms);
+        self.silent(last, now_ms);
+    }
+
+    /// A heartbeat for this subgroup that this relay's controller did not sign, at `now_ms`,
+    /// from a controller created after this relay's (`newer`: a lower epoch number at the same
+    /// time; epochs have one length in a group). Only a newer one can be the relay that
+    /// replaced this one: should both have been silent, only the older steps down.
+    pub fn foreign_heartbeat(&mut self, now_ms: u64, newer: bool) -> Option<IncumbentDecision> {
+        self.ran(now_ms);
+        if newer && self.replaced_until_ms.is_some_and(|until| now_ms <= until) {
+            return Some(IncumbentDecision::StepDown);
+        }
+        if now_ms < self.quiet_until_ms {
+            return None;
+        }
+        self.quiet_until_ms = now_ms.saturating_add(self.window_ms());
+        Some(IncumbentDecision::Conflict)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +253,55 @@ mod tests {
         first.take_over_failed(500);
         assert_eq!(first.tick(800), None);
         assert!(matches!(first.tick(801), Some(StandbyDecision::Alarm { .. })));
+    }
+
+    fn incumbent() -> IncumbentGuard {
+        IncumbentGuard::new(100, 0)
+    }
+
+    #[test]
+    fn a_relay_paused_longer_than_the_alarm_steps_down_on_another_controllers_heartbeat() {
+        let mut guard = incumbent();
+        for at in (25..=1000).step_by(25) {
+            guard.ran(at);
+        }
+        // Paused from 1000 to 1400: longer than three heartbeat intervals.
+        guard.ran(1400);
+        assert_eq!(guard.foreign_heartbeat(1401, true), Some(IncumbentDecision::StepDown), "a heartbeat that waited in the socket");
+        assert_eq!(guard.foreign_heartbeat(1400 + 10 * 100, true), Some(IncumbentDecision::StepDown), "the window's last moment");
+    }
+
+    #[test]
+    fn a_relay_never_steps_down_for_an_older_controller() {
+        let mut guard = incumbent();
+        guard.ran(1400);
+        assert_eq!(guard.foreign_heartbeat(1401, false), Some(IncumbentDecision::Conflict), "the relay it replaced, back too");
+        assert_eq!(guard.foreign_heartbeat(1402, true), Some(IncumbentDecision::StepDown));
+    }
+
+    #[test]
+    fn a_pause_no_longer_than_the_alarm_or_long_ago_is_no_proof_of_a_take_over() {
+        let mut guard = incumbent();
+        guard.ran(300);
+        assert_eq!(guard.foreign_heartbeat(301, true), Some(IncumbentDecision::Conflict), "300 ms is not yet silence");
+        assert_eq!(guard.foreign_heartbeat(400, true), None, "a conflict is reported once per window");
+        let mut guard = incumbent();
+        guard.ran(1000);
+        for at in (1025..=2100).step_by(25) {
+            guard.ran(at);
+        }
+        assert_eq!(guard.foreign_heartbeat(2101, true), Some(IncumbentDecision::Conflict), "the silence ended more than ten intervals ago");
+    }
+
+    #[test]
+    fn a_relay_that_did_not_hear_its_parent_for_the_alarm_steps_down_too() {
+        let mut guard = incumbent();
+        for at in (25..=2000).step_by(25) {
+            guard.ran(at);
+        }
+        guard.silent(1500, 1800);
+        assert_eq!(guard.foreign_heartbeat(2000, true), Some(IncumbentDecision::Conflict), "exactly the alarm's length is not a silence");
+        guard.silent(1500, 1801);
+        assert_eq!(guard.foreign_heartbeat(2001, true), Some(IncumbentDecision::StepDown));
     }
 }

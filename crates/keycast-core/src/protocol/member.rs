@@ -81,6 +81,8 @@ pub struct MemberSession {
     waiting: Vec<RekeyPacket>,
     heartbeat_ms: u64,
     last_heartbeat_ms: u64,
+    /// Members the controller counted in its latest verified heartbeat.
+    group_size: u64,
     out_of_sync: bool,
     controller_lost: bool,
     /// The next rekey, once this member heard it was sent and while it does not hold it.
@@ -193,6 +195,7 @@ impl MemberSession {
             waiting: Vec::new(),
             heartbeat_ms,
             last_heartbeat_ms: now_ms,
+            group_size: 0,
             out_of_sync: false,
             controller_lost: false,
             behind: None,
@@ -386,6 +389,11 @@ impl MemberSession {
         self.last_heartbeat_ms
     }
 
+    /// The group's size by the controller's latest verified heartbeat (0 before the first).
+    pub fn group_size(&self) -> u64 {
+        self.group_size
+    }
+
     pub fn needs_resync(&self) -> bool {
         self.out_of_sync
     }
@@ -449,6 +457,7 @@ impl MemberSession {
                 self.guard.accept_heartbeat(&beat)?;
                 self.unverifiable_heartbeats = 0;
                 self.last_heartbeat_ms = now_ms;
+                self.group_size = beat.group_size;
                 self.controller_lost = false;
                 self.announced_active = Some(beat.active);
                 let mut events = self.advance_epoch(beat.epoch);
