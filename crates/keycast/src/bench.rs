@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Small groups and few repetitions, for tests (not a measurement).
     #[arg(long, hide = true)]
     quick: bool,
+    /// Profiling aid (mls-peer feature): only build the MLS peer's group of this many members
+    /// and its remove commit many times, on a thread named `mls-remove`.
+    #[arg(long = "mls-profile", hide = true, conflicts_with_all = ["net", "restart"])]
+    mls_profile: Option<u64>,
     /// Measure the networked system on loopback instead: joins per second over TLS 1.3, and
     /// eviction-to-rekey latency in a group of 100,000.
     #[arg(long)]
@@ -161,6 +165,9 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     }
     if args.net {
         return net::run(args.json, args.quick);
+    }
+    if let Some(n) = args.mls_profile {
+        return mls_profile(n);
     }
     if args.restart {
         let sizes = match args.quick {
@@ -305,6 +312,20 @@ fn mls_remove(n: u64, quick: bool, bar: &ProgressBar) -> Result<Option<(f64, f64
     let result = mls::remove_one(n, if quick { 3 } else { 21 }, bar)?;
     let detail = format!("{} updates to populate the tree, commit {} bytes", result.committers, result.commit_bytes);
     Ok(Some((result.setup.as_secs_f64(), micros(result.remove), detail)))
+}
+
+/// The removes of `--mls-profile` (about 10 s at n = 10,000 beside its setup).
+#[cfg(feature = "mls-peer")]
+fn mls_profile(n: u64) -> Result<(), String> {
+    const REPS: usize = 500;
+    let median = mls::profile_remove(n, REPS)?;
+    println!("mls-rs n = {n}: {REPS} removes built on thread mls-remove, median {:.1} us", micros(median));
+    Ok(())
+}
+
+#[cfg(not(feature = "mls-peer"))]
+fn mls_profile(_: u64) -> Result<(), String> {
+    Err("--mls-profile needs the mls-peer feature".into())
 }
 
 #[cfg(not(feature = "mls-peer"))]

@@ -78,6 +78,32 @@ fn err(e: MlsError) -> String {
 /// Builds an n-member group as described above and times removing one member.
 pub fn remove_one(n: u64, reps: usize, bar: &ProgressBar) -> Result<MlsRemove, String> {
     let started = Instant::now();
+    let (mut group, removed, committers) = populated_group(n, bar)?;
+    let setup = started.elapsed();
+    bar.set_message(format!("mls-rs n = {n}: timing the remove"));
+    let (times, commit_bytes) = time_removes(&mut group, removed, reps)?;
+    Ok(MlsRemove { setup, remove: crate::measure::middle(times), committers, commit_bytes })
+}
+
+/// For profiling (`keycast bench --mls-profile N`): builds the group as `remove_one` does, then
+/// builds its remove commit `reps` times on a thread named `mls-remove`, so that
+/// `perf report --comm mls-remove` shows the removes without the setup.
+pub fn profile_remove(n: u64, reps: usize) -> Result<Duration, String> {
+    let (mut group, removed, _) = populated_group(n, &ProgressBar::hidden())?;
+    let timed = std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("mls-remove".into())
+            .spawn_scoped(s, || time_removes(&mut group, removed, reps))
+            .map_err(|e| e.to_string())?
+            .join()
+            .map_err(|_| "the remove thread panicked".to_string())?
+    })?;
+    Ok(crate::measure::middle(timed.0))
+}
+
+/// The committer's group with both paths populated, the leaf to remove and how many members
+/// committed updates to populate them.
+fn populated_group(n: u64, bar: &ProgressBar) -> Result<(Group<impl MlsConfig>, u32, usize), String> {
     let mut group = client(0).map_err(err)?.create_group(Default::default(), Default::default(), None).map_err(err)?;
     bar.set_message(format!("mls-rs n = {n}: key packages"));
     let clients: Vec<_> = (1..n).into_par_iter().map(client).collect::<Result<_, _>>().map_err(err)?;
@@ -114,8 +140,12 @@ pub fn remove_one(n: u64, reps: usize, bar: &ProgressBar) -> Result<MlsRemove, S
         }).map_err(err)?;
         group.process_incoming_message(update.commit_message).map_err(err)?;
     }
-    let setup = started.elapsed();
-    bar.set_message(format!("mls-rs n = {n}: timing the remove"));
+    Ok((group, removed, owners.len()))
+}
+
+/// `reps` builds of the commit removing `removed`, each discarded: their times and the
+/// commit's bytes.
+fn time_removes<C: MlsConfig>(group: &mut Group<C>, removed: u32, reps: usize) -> Result<(Vec<Duration>, usize), String> {
     let mut times = Vec::with_capacity(reps);
     let mut commit_bytes = 0;
     for _ in 0..reps {
@@ -125,7 +155,7 @@ pub fn remove_one(n: u64, reps: usize, bar: &ProgressBar) -> Result<MlsRemove, S
         commit_bytes = commit.commit_message.to_bytes().map_err(err)?.len();
         group.clear_pending_commit();
     }
-    Ok(MlsRemove { setup, remove: crate::measure::middle(times), committers: owners.len(), commit_bytes })
+    Ok((times, commit_bytes))
 }
 
 #[cfg(test)]
