@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keycast_core::protocol::traffic::TrafficKeys;
-use keycast_core::protocol::heartbeats::Heartbeats;
+use keycast_core::protocol::heartbeats::{controller_alive, Heartbeats};
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, LivenessAnswer, Output, Refusal};
 use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
@@ -177,7 +177,8 @@ impl Server {
             socket.send_to(packet, setup.multicast.address).await?;
         }
         let heartbeats = Arc::new(Mutex::new(controller.hand_over_heartbeats().expect("a restored controller sends heartbeats")));
-        spawn_heartbeats(&heartbeats, multicast::blocking_sender(&setup.multicast)?, setup.multicast.address)?;
+        let steps = Steps::new();
+        spawn_heartbeats(&heartbeats, &steps, multicast::blocking_sender(&setup.multicast)?, setup.multicast.address)?;
         let verifying_key = controller.verifying_key();
         let shared = Arc::new(Shared::default());
         shared.update(|s| s.group = setup.policy.group.0);
@@ -190,6 +191,7 @@ impl Server {
         let driver = ControllerTask {
             heartbeat_generation: controller.heartbeat_generation(),
             heartbeats,
+            steps,
             controller,
             store,
             database: setup.database.clone(),
@@ -307,27 +309,57 @@ struct WaitingJoin {
     since: Instant,
 }
 
+/// When the controller task last finished a step, and since when it is in one (0: none), for
+/// the heartbeat thread: its heartbeats stop when the task stops stepping.
+struct Steps {
+    last_ms: AtomicU64,
+    since_ms: AtomicU64,
+}
+
+impl Steps {
+    fn new() -> Arc<Steps> {
+        Arc::new(Steps { last_ms: AtomicU64::new(now_ms()), since_ms: AtomicU64::new(0) })
+    }
+
+    fn begin(&self) {
+        self.since_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+        self.since_ms.store(0, Ordering::Relaxed);
+    }
+
+    fn alive(&self, now_ms: u64, heartbeat_ms: u64) -> bool {
+        let since = Some(self.since_ms.load(Ordering::Relaxed)).filter(|s| *s > 0);
+        controller_alive(now_ms, heartbeat_ms, self.last_ms.load(Ordering::Relaxed), since)
+    }
+}
+
 /// Longest sleep of the heartbeat thread: how soon it notices that the controller stopped.
 const HEARTBEAT_STOP_CHECK: Duration = Duration::from_millis(50);
-/// How often the heartbeat thread looks whether a held change has gone out.
+/// How often the heartbeat thread looks whether a held change has gone out (or a stalled
+/// controller steps again).
 const HEARTBEAT_HOLD_CHECK: Duration = Duration::from_millis(1);
 
 /// Starts the thread that sends the heartbeats on time, whatever the runtime's workers are
 /// doing. It runs while the controller task holds `heartbeats` (a controller that stopped
 /// sends nothing more).
-fn spawn_heartbeats(heartbeats: &Arc<Mutex<Heartbeats>>, socket: std::net::UdpSocket, group: SocketAddrV4) -> std::io::Result<()> {
+fn spawn_heartbeats(heartbeats: &Arc<Mutex<Heartbeats>>, steps: &Arc<Steps>, socket: std::net::UdpSocket, group: SocketAddrV4) -> std::io::Result<()> {
     let heartbeats = Arc::downgrade(heartbeats);
+    let steps = steps.clone();
     std::thread::Builder::new().name("heartbeats".into()).spawn(move || {
         crate::priority::run_ahead_of_the_rest("heartbeats");
         while let Some(heartbeats) = heartbeats.upgrade() {
             // Locked while sending: a change held after this heartbeat left.
             let mut beats = heartbeats.lock().unwrap_or_else(|p| p.into_inner());
-            for bytes in beats.beat(now_ms()) {
+            let alive = steps.alive(now_ms(), beats.interval_ms());
+            for bytes in beats.beat(now_ms()).into_iter().filter(|_| alive) {
                 if let Err(e) = socket.send_to(&bytes, group) {
                     tracing::warn!(error = %e, "heartbeat not sent");
                 }
             }
-            let wait = match beats.held() {
+            let wait = match beats.held() || !alive {
                 true => HEARTBEAT_HOLD_CHECK,
                 false => Duration::from_millis(beats.next_ms().saturating_sub(now_ms())),
             };
@@ -344,6 +376,8 @@ struct ControllerTask {
     /// The heartbeats' state, shared with their task, and the controller's state they carry.
     heartbeats: Arc<Mutex<Heartbeats>>,
     heartbeat_generation: [u64; 4],
+    /// Its steps, as the heartbeat thread sees them.
+    steps: Arc<Steps>,
     store: Store,
     database: PathBuf,
     socket: Arc<UdpSocket>,
@@ -372,17 +406,23 @@ impl ControllerTask {
                     None => return "the server was dropped".into(),
                     Some(command) => {
                         next_conn += 1;
+                        self.steps.begin();
                         self.handle(command, next_conn).await
                     }
                 },
-                _ = interval.tick() => self.tick().await,
+                _ = interval.tick() => {
+                    self.steps.begin();
+                    self.tick().await
+                }
                 Some(request) = self.udp_requests.recv() => {
                     // Datagrams change no member, key or epoch: the published state stands
                     // (a million members refresh tens of thousands of times a second).
                     self.udp_request(&request.bytes[..request.len], request.from).await;
+                    self.steps.end();
                     continue;
                 }
             };
+            self.steps.end();
             if let Err(error) = step {
                 // A controller that cannot persist must not send anything more.
                 return format!(
@@ -1246,10 +1286,12 @@ mod tests {
         let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8), port);
         let config = MulticastConfig { address: group, interface: Ipv4Addr::LOCALHOST, ttl: 1 };
         let heartbeats = Arc::new(Mutex::new(controller.hand_over_heartbeats().unwrap()));
-        spawn_heartbeats(&heartbeats, multicast::blocking_sender(&config).unwrap(), group).unwrap();
+        let steps = Steps::new();
+        spawn_heartbeats(&heartbeats, &steps, multicast::blocking_sender(&config).unwrap(), group).unwrap();
         let task = ControllerTask {
             heartbeat_generation: controller.heartbeat_generation(),
             heartbeats,
+            steps,
             controller,
             store: Store::with_backend(disk),
             database: PathBuf::from("/srv/keycast/controller.redb"),

@@ -13,6 +13,25 @@ use crate::wrap::{KeyCheck, CHECK_LEN};
 /// Heartbeats that repeat a signing-key announcement.
 const SIGNER_ANNOUNCEMENTS: u32 = 16;
 
+/// Intervals without a step after which heartbeats sent apart from the controller stop: fewer
+/// than the three of a standby's alive alarm, so a frozen controller is replaced.
+const IDLE_INTERVALS: u64 = 2;
+/// How long one step may run with heartbeats still leaving (a slow fsync, a huge rekey): past
+/// it, the step counts as stuck.
+const STUCK_STEP_MS: u64 = 5_000;
+
+/// Whether heartbeats sent on a timer apart from the controller still speak for it. They are
+/// its liveness (members and standbys act on their silence), so they stop when it stops:
+/// `last_step_ms` is when its driver last finished a step, `step_since_ms` when the step under
+/// way began, if one is. A long step keeps them going (up to a bound); a frozen driver that
+/// runs no step at all does not.
+pub fn controller_alive(now_ms: u64, heartbeat_ms: u64, last_step_ms: u64, step_since_ms: Option<u64>) -> bool {
+    match step_since_ms {
+        Some(since) => now_ms.saturating_sub(since) <= STUCK_STEP_MS.max(IDLE_INTERVALS * heartbeat_ms),
+        None => now_ms.saturating_sub(last_step_ms) <= IDLE_INTERVALS * heartbeat_ms,
+    }
+}
+
 /// What the controller's heartbeats say until its state changes again.
 #[derive(Clone)]
 pub struct HeartbeatContent {
@@ -125,6 +144,10 @@ impl Heartbeats {
         self.content = content;
     }
 
+    pub fn interval_ms(&self) -> u64 {
+        self.content.heartbeat_ms
+    }
+
     /// When the next heartbeat is due.
     pub fn next_ms(&self) -> u64 {
         self.next_ms
@@ -148,5 +171,20 @@ impl Heartbeats {
         }
         out.push(self.content.heartbeat(now_ms, self.seq).sign(&self.content.signer).encode());
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::controller_alive;
+
+    #[test]
+    fn heartbeats_speak_for_a_controller_only_while_it_steps() {
+        // Idle between steps: two intervals, then silence (a standby's alarm is three).
+        assert!(controller_alive(1_200, 100, 1_000, None));
+        assert!(!controller_alive(1_201, 100, 1_000, None));
+        // In a long step (a slow fsync): up to five seconds, then the step counts as stuck.
+        assert!(controller_alive(5_900, 100, 0, Some(1_000)));
+        assert!(!controller_alive(6_001, 100, 0, Some(1_000)));
     }
 }
