@@ -150,9 +150,15 @@ fn handed_over_heartbeats_are_the_controllers_own_byte_for_byte() {
         h.now += 10;
         let e = h.entropy();
         match step {
-            5 => drop(h.join("a")),
-            6 => drop(h.join("b")),
-            40 => drop(h.join("c")),
+            5 | 6 | 40 => {
+                let identity = match step {
+                    5 => "a",
+                    6 => "b",
+                    _ => "c",
+                };
+                drop(h.join(identity));
+                twin.join(h.conn, identity, h.policy.group, h.now).unwrap();
+            }
             70 => {
                 let b = h.controller.member_by_identity("b").unwrap();
                 let e = h.entropy();
@@ -165,10 +171,6 @@ fn handed_over_heartbeats_are_the_controllers_own_byte_for_byte() {
                 twin.rotate_signing_key([7; 32]);
             }
             _ => {}
-        }
-        if matches!(step, 5 | 6 | 40) {
-            let identity = ["a", "b", "c"][usize::from(step == 6) + 2 * usize::from(step == 40)];
-            twin.join(h.conn, identity, h.policy.group, h.now).unwrap();
         }
         let outputs = h.controller.tick(h.now, e).unwrap();
         own.extend(outputs.into_iter().filter_map(|o| match o {

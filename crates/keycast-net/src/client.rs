@@ -9,7 +9,7 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keycast_core::protocol::traffic::{Fresh, TrafficError, TrafficKeys};
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::config::{MemberConfig, MulticastConfig, RequestPolicy, EVENT_CAPACITY};
 use crate::loss::{LossInjector, LossModel};
 use crate::request::{self, definite, definite_tls, refusal_or, Frames, RequestKind, Stage};
-use crate::{entropy, multicast, now_ms};
+use crate::{entropy, lock, multicast, now_ms};
 
 #[derive(Clone)]
 pub struct MemberSetup {
@@ -345,12 +345,6 @@ impl Drop for MemberClient {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// The session, even if a thread panicked while holding it (its state stays consistent:
-/// every method completes its update before returning).
-fn lock(session: &Mutex<MemberSession>) -> MutexGuard<'_, MemberSession> {
-    session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl MemberClient {

@@ -19,6 +19,13 @@ pub mod status;
 pub mod store;
 pub mod tls;
 
+/// The value behind `mutex`, even if a thread panicked while holding it: every state the
+/// drivers share this way (a member session, the heartbeats, the recent rekeys) completes
+/// each update before the lock is released, so it stays consistent.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Milliseconds since the Unix epoch: the drivers' only clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

@@ -196,6 +196,12 @@ impl LocalGroup {
         self.listen
     }
 
+    /// A standby took over at `addr`: members set up from now on join it (a member's first
+    /// join goes to its configured controller only).
+    pub fn controller_moved_to(&mut self, addr: SocketAddr) {
+        self.listen = addr;
+    }
+
     /// Connection settings for `identity`, with a fresh certificate from this group's CA. A
     /// join is answered at the end of an epoch, so the answer timeout covers two epochs.
     pub fn member_setup(&self, identity: &str) -> Result<MemberSetup, LocalError> {

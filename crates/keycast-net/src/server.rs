@@ -30,7 +30,7 @@ use crate::status::{self, RecentRekeys, RekeyPoint};
 use crate::store::{DatabaseKey, Store, StoreError};
 use zeroize::Zeroizing;
 use crate::tls::{peer_certificate, peer_identity, read_frame, write_frame};
-use crate::{entropy, multicast, now_ms};
+use crate::{entropy, lock, multicast, now_ms};
 
 /// A connection the controller holds open for an answer (the core's `ConnId`).
 type ConnId = u64;
@@ -171,7 +171,7 @@ impl Server {
         controller.set_snapshot_interval(setup.snapshot_interval);
         let (listener, udp_socket) = bind_tcp_and_udp(setup.listen).await?;
         let addr = listener.local_addr()?;
-        let socket = Arc::new(multicast::sender(&setup.multicast)?);
+        let socket = multicast::sender(&setup.multicast)?;
         // After a restart, send the last rekey again: members that missed it catch up.
         for packet in controller.last_rekey() {
             socket.send_to(packet, setup.multicast.address).await?;
@@ -352,9 +352,11 @@ fn spawn_heartbeats(heartbeats: &Arc<Mutex<Heartbeats>>, steps: &Arc<Steps>, soc
         crate::priority::run_ahead_of_the_rest("heartbeats");
         while let Some(heartbeats) = heartbeats.upgrade() {
             // Locked while sending: a change held after this heartbeat left.
-            let mut beats = heartbeats.lock().unwrap_or_else(|p| p.into_inner());
-            let alive = steps.alive(now_ms(), beats.interval_ms());
-            for bytes in beats.beat(now_ms()).into_iter().filter(|_| alive) {
+            let mut beats = lock(&heartbeats);
+            let now = now_ms();
+            // A stalled controller's heartbeats are not sent, nor counted as sent.
+            let alive = steps.alive(now, beats.interval_ms());
+            for bytes in if alive { beats.beat(now) } else { Vec::new() } {
                 if let Err(e) = socket.send_to(&bytes, group) {
                     tracing::warn!(error = %e, "heartbeat not sent");
                 }
@@ -373,14 +375,14 @@ fn spawn_heartbeats(heartbeats: &Arc<Mutex<Heartbeats>>, steps: &Arc<Steps>, soc
 
 struct ControllerTask {
     controller: Controller,
-    /// The heartbeats' state, shared with their task, and the controller's state they carry.
+    /// The heartbeats' state, shared with their thread, and the controller's state they carry.
     heartbeats: Arc<Mutex<Heartbeats>>,
     heartbeat_generation: [u64; 4],
     /// Its steps, as the heartbeat thread sees them.
     steps: Arc<Steps>,
     store: Store,
     database: PathBuf,
-    socket: Arc<UdpSocket>,
+    socket: UdpSocket,
     group: SocketAddrV4,
     shared: Arc<Shared>,
     /// Every connection waiting for a member's join answer (one identity may hold several:
@@ -660,7 +662,7 @@ impl ControllerTask {
                 Output::Multicast(bytes) => {
                     if std::mem::take(&mut hold) {
                         held = true;
-                        self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).hold();
+                        lock(&self.heartbeats).hold();
                     }
                     if let Err(e) = self.socket.send_to(&bytes, self.group).await {
                         tracing::warn!(error = %e, "multicast send failed");
@@ -702,7 +704,7 @@ impl ControllerTask {
         if generation != self.heartbeat_generation {
             self.heartbeat_generation = generation;
             let content = self.controller.heartbeat_content();
-            self.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).update(content);
+            lock(&self.heartbeats).update(content);
         }
     }
 
@@ -1295,7 +1297,7 @@ mod tests {
             controller,
             store: Store::with_backend(disk),
             database: PathBuf::from("/srv/keycast/controller.redb"),
-            socket: Arc::new(multicast::sender(&config).unwrap()),
+            socket: multicast::sender(&config).unwrap(),
             group,
             shared: Arc::new(Shared::default()),
             joins: HashMap::new(),

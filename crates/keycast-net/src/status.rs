@@ -32,7 +32,7 @@ pub struct RecentRekeys(Mutex<VecDeque<RekeyPoint>>);
 
 impl RecentRekeys {
     pub fn push(&self, point: RekeyPoint) {
-        let mut recent = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut recent = crate::lock(&self.0);
         if recent.len() == RECENT_REKEYS {
             recent.pop_front();
         }
@@ -40,7 +40,7 @@ impl RecentRekeys {
     }
 
     pub fn list(&self) -> Vec<RekeyPoint> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().copied().collect()
+        crate::lock(&self.0).iter().copied().collect()
     }
 }
 

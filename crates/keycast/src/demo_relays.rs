@@ -74,18 +74,13 @@ impl Level {
 
     async fn join(&mut self, count: usize) -> Result<(), String> {
         // After a take-over (a loaded host may ring a standby's alarm before the kill), new
-        // members join the standby: a member's first join goes to its configured controller.
-        let took_over = self.standby.as_ref().and_then(Standby::active).map(|t| t.relay.server.addr);
-        let mut joins = Vec::new();
-        for i in 0..count {
-            let mut setup = self.group.member_setup(&format!("member-{}", self.next_identity + i + 1)).map_err(|e| e.to_string())?;
-            setup.server = took_over.unwrap_or(setup.server);
-            joins.push(tokio::spawn(MemberClient::join(setup)));
+        // members join the standby.
+        if let Some(took_over) = self.standby.as_ref().and_then(Standby::active) {
+            self.group.controller_moved_to(took_over.relay.server.addr);
         }
+        let names: Vec<String> = (0..count).map(|i| format!("member-{}", self.next_identity + i + 1)).collect();
         self.next_identity += count;
-        for join in joins {
-            self.members.push(join.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
-        }
+        self.members.extend(self.group.join_all(names).await.map_err(|e| e.to_string())?);
         Ok(())
     }
 }
