@@ -46,6 +46,8 @@ struct LastRekey {
     /// The most shards any NAK asked for, per block.
     needs: BTreeMap<u32, u16>,
     nakers: BTreeSet<MemberId>,
+    /// Members that NAKed this rekey in any round: each lacked something after round 1.
+    ever_naked: BTreeSet<MemberId>,
     repair_at: Option<u64>,
     /// Repair rounds sent so far.
     repairs: u8,
@@ -58,8 +60,9 @@ pub(crate) struct Delivery {
     block: usize,
     proactivity: Proactivity,
     last: Option<LastRekey>,
-    /// Per NAK before the last rekey's first repair, the most shards it asked for in one
-    /// block (rho's input).
+    /// Per member that NAKed the last rekey, the most shards its first NAK asked for in one
+    /// block (rho's input). A member NAKing only after a repair round (its backoff was longer,
+    /// or its first NAK was lost) still failed round 1: leaving it out made rho sink.
     needed: Vec<u16>,
 }
 
@@ -122,6 +125,7 @@ impl Delivery {
             blocks: if keep { blocks } else { BTreeMap::new() },
             needs: BTreeMap::new(),
             nakers: BTreeSet::new(),
+            ever_naked: BTreeSet::new(),
             repair_at: None,
             repairs: 0,
             receivers,
@@ -151,7 +155,7 @@ impl Delivery {
             let entry = last.needs.entry(first).or_default();
             *entry = (*entry).max(needed);
         }
-        if last.repairs == 0 {
+        if last.ever_naked.len() < MAX_NAKERS && last.ever_naked.insert(member) {
             self.needed.push(most);
         }
         last.repair_at.get_or_insert(now_ms + wait_ms);
@@ -184,5 +188,37 @@ impl Delivery {
             block.sent = to;
         }
         Some(Repair { seq: last.seq, round: 1 + last.repairs, shards, naks })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::GroupId;
+
+    fn nak(member: u64, needs: Vec<(u32, u16)>) -> Nak {
+        Nak { group: GroupId(1), member: MemberId(member), counter: 1, seq: 1, needs, tag: [0; 32] }
+    }
+
+    #[test]
+    fn members_first_naking_after_a_repair_round_count_toward_rho() {
+        let mut delivery = Delivery::new(FecConfig { block: 4, proactivity_pct: 125, target_naks: 1 });
+        let packets = vec![vec![7u8; 200]; 4];
+        delivery.first_round(1, &packets, 1_000);
+        let rho_before = delivery.rho();
+        // One member lost one packet and NAKs at once: round 2 goes out.
+        delivery.nak(MemberId(1), &nak(1, vec![(0, 1)]), 0, 10).unwrap();
+        assert!(delivery.due_repair(10).is_some());
+        // Two lost the whole block and NAK only now (longer backoffs): three members failed
+        // round 1, two more than the target.
+        for member in [2, 3] {
+            delivery.nak(MemberId(member), &nak(member, vec![(0, 4)]), 20, 10).unwrap();
+        }
+        assert!(delivery.due_repair(30).is_some());
+        delivery.first_round(2, &packets, 1_000);
+        // Rho rises by the second-largest ask (four packets per block), as if all three NAKs
+        // had come before the first repair.
+        let raised = ((delivery.rho() - rho_before) * 4.0).round();
+        assert!(raised >= 4.0, "rho {rho_before} -> {}: {raised} packets more per block of 4", delivery.rho());
     }
 }

@@ -61,9 +61,13 @@ impl ReplayGuard {
         Ok(())
     }
 
-    /// Accepts a packet of a rekey not applied yet.
+    /// Accepts a packet of a rekey not applied yet, whatever epoch it names: rekeys are
+    /// ordered by their seq, and the next one may come (repaired, or on a slow host) after a
+    /// heartbeat of a later epoch.
     pub fn check_rekey(&self, header: &RekeyHeader) -> Result<(), Reject> {
-        self.check(header.group, header.epoch)?;
+        if header.group != self.group {
+            return Err(Reject::WrongGroup { expected: self.group, got: header.group });
+        }
         if header.seq <= self.rekey_seq {
             return Err(Reject::Replay { kind: "rekey", seq: header.seq, last: self.rekey_seq });
         }

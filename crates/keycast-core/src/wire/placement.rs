@@ -350,15 +350,14 @@ impl Forest {
     fn of(plan: &RekeyPlan) -> Option<Forest> {
         let wraps = &plan.wraps;
         // Each pass over a large plan's wraps reads tens of MB: they are spread over every core.
-        let run_start = |i: usize| (i == 0 || wraps[i - 1].key != wraps[i].key).then_some(i as u32);
-        let mut starts: Vec<u32> = if wraps.len() < PARALLEL_LINKS {
-            (0..wraps.len()).filter_map(run_start).collect()
+        let run_start = |i: usize| (i == 0 || wraps[i - 1].key != wraps[i].key).then(|| (i as u32, wraps[i].key));
+        let (mut starts, keys): (Vec<u32>, Vec<KeyRef>) = if wraps.len() < PARALLEL_LINKS {
+            (0..wraps.len()).filter_map(run_start).unzip()
         } else {
-            (0..wraps.len()).into_par_iter().with_min_len(PARALLEL_LINKS).filter_map(run_start).collect()
+            (0..wraps.len()).into_par_iter().with_min_len(PARALLEL_LINKS).filter_map(run_start).unzip()
         };
         starts.push(wraps.len() as u32);
-        let runs = starts.len() - 1;
-        let keys: Vec<KeyRef> = starts[..runs].iter().map(|&i| wraps[i as usize].key).collect();
+        let runs = keys.len();
         let index = RunIndex::new(keys)?;
         let revised: FxHashSet<KeyRef> = plan.revised.iter().copied().collect();
         // For each wrap: the run delivering the key it is sealed under, if that key is new.
