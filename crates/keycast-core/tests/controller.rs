@@ -687,7 +687,7 @@ fn a_departed_member_learns_over_udp_from_a_signed_refusal_and_nobody_else_takes
 /// packets (MTU 400) then fill several blocks.
 fn fec_group(proactivity_pct: u16) -> (Harness, MemberSession) {
     let mut policy = policy(tree());
-    policy.packets.fec = keycast_core::wire::rekey::FecConfig { block: 4, proactivity_pct, target_naks: 0 };
+    policy.packets.fec = keycast_core::wire::rekey::FecConfig { block: 4, proactivity_pct, target_naks: 0, ..Default::default() };
     policy.packets.mtu = 400;
     let names: Vec<String> = (0..24).map(|i| format!("m{i}")).collect();
     let acl: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -793,7 +793,7 @@ fn a_nak_flood_gets_bounded_repairs_and_heartbeats_stay_on_time() {
     use keycast_core::Key;
     const MEMBERS: usize = 120;
     let mut p = policy(tree());
-    p.packets.fec = keycast_core::wire::rekey::FecConfig { block: 4, proactivity_pct: 150, target_naks: 20 };
+    p.packets.fec = keycast_core::wire::rekey::FecConfig { block: 4, proactivity_pct: 150, target_naks: 20, ..Default::default() };
     p.packets.mtu = 400;
     let identities: Vec<String> = (0..MEMBERS).map(|i| format!("m{i}")).collect();
     let mut h = Harness::new(p, &identities.iter().map(String::as_str).collect::<Vec<_>>());

@@ -156,6 +156,8 @@ pub struct PolicyConfig {
     pub proactivity_pct: u16,
     /// NAKs per rekey the proactivity adapts toward.
     pub target_naks: u16,
+    /// The most the proactivity may rise to (100: never any proactive parity).
+    pub max_proactivity_pct: u16,
 }
 
 impl Default for PolicyConfig {
@@ -175,6 +177,7 @@ impl Default for PolicyConfig {
             fec_block: FecConfig::default().block,
             proactivity_pct: FecConfig::default().proactivity_pct,
             target_naks: FecConfig::default().target_naks,
+            max_proactivity_pct: FecConfig::default().max_proactivity_pct,
         }
     }
 }
@@ -201,7 +204,12 @@ impl PolicyConfig {
             mtu: self.mtu,
             block_bits: DEFAULT_BLOCK_BITS,
             placement: Placement::default(),
-            fec: FecConfig { block: self.fec_block, proactivity_pct: self.proactivity_pct, target_naks: self.target_naks },
+            fec: FecConfig {
+                block: self.fec_block,
+                proactivity_pct: self.proactivity_pct,
+                target_naks: self.target_naks,
+                max_proactivity_pct: self.max_proactivity_pct,
+            },
         };
         packets.check().map_err(|e| ConfigError::Invalid(format!("[policy]: {e}")))?;
         Ok(GroupPolicy {

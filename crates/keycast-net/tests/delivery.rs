@@ -16,7 +16,7 @@ fn policy() -> GroupPolicy {
     GroupPolicy {
         refresh_timeout_ms: 10_000,
         // No parity at first; any NAK raises rho (a target of none).
-        packets: PacketConfig { fec: FecConfig { block: 4, proactivity_pct: 100, target_naks: 0 }, ..PacketConfig::default() },
+        packets: PacketConfig { fec: FecConfig { block: 4, proactivity_pct: 100, target_naks: 0, ..FecConfig::default() }, ..PacketConfig::default() },
         ..loopback_policy(GroupId(41))
     }
 }

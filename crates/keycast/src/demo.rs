@@ -48,6 +48,9 @@ pub struct DemoArgs {
     /// NAKs per rekey the proactivity adapts toward.
     #[arg(long = "target-naks", default_value_t = 2)]
     target_naks: u16,
+    /// The most rho may rise to (1.0 pins it: no proactive parity, NAKs and repairs alone).
+    #[arg(long = "rho-max", default_value_t = 4.0)]
+    rho_max: f64,
     /// Members send no NAKs: proactive parity or a resync (for comparison runs; with --rho 1.0,
     /// the resync-only path).
     #[arg(long = "no-naks")]
@@ -232,6 +235,7 @@ struct Summary {
     resyncs_silence: u64,
     /// FEC: rho at the start and the end, round-1 parity packets, repair rounds and their packets.
     rho: f64,
+    rho_max: f64,
     rho_final: f64,
     parity_packets: u64,
     repair_rounds: u64,
@@ -338,7 +342,15 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn fec_config(args: &DemoArgs) -> FecConfig {
+    let pct = |rho: f64| (rho * 100.0).round() as u16;
+    FecConfig { block: args.fec_block, proactivity_pct: pct(args.rho), target_naks: args.target_naks, max_proactivity_pct: pct(args.rho_max) }
+}
+
 async fn demo(args: &DemoArgs) -> Result<Summary, String> {
+    if !(1.0..=4.0).contains(&args.rho_max) || !(1.0..=args.rho_max).contains(&args.rho) {
+        return Err(format!("--rho {} and --rho-max {}: 1.0 (no parity) <= rho <= rho-max <= 4.0", args.rho, args.rho_max));
+    }
     let started = Instant::now();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let policy = GroupPolicy {
@@ -350,7 +362,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         refresh_timeout_ms: 20 * args.epoch_ms,
         immediate_eviction: true,
         membership_deltas: false,
-        packets: PacketConfig { fec: FecConfig { block: args.fec_block, proactivity_pct: (args.rho * 100.0).round() as u16, target_naks: args.target_naks }, ..PacketConfig::default() },
+        packets: PacketConfig { fec: fec_config(args), ..PacketConfig::default() },
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;
     // The controller runs on a thread of its own, as on its own machine: the members' thousands
@@ -358,9 +370,6 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     let controller = ControllerRuntime::start()?;
     let folder = dir.path().to_path_buf();
     let group = controller.spawn(LocalGroup::start(policy, acl, folder)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-    if !(1.0..=4.0).contains(&args.rho) {
-        return Err(format!("--rho {} must be between 1.0 (no parity) and 4.0", args.rho));
-    }
     let loss = (args.loss > 0.0).then_some(LossModel { rate: args.loss, burst: args.burst, seed: args.seed });
     if let Some(model) = &loss {
         model.check().map_err(|e| format!("--loss/--burst: {e}"))?;
@@ -458,6 +467,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         resyncs_gap: totals.resyncs_gap,
         resyncs_silence: totals.resyncs_silence,
         rho: args.rho,
+        rho_max: args.rho_max,
         rho_final: stats.rho,
         parity_packets: stats.parity_packets,
         repair_rounds: stats.repair_rounds,

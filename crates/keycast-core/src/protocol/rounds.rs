@@ -77,8 +77,8 @@ pub(crate) struct Repair {
 impl Delivery {
     pub(crate) fn new(fec: FecConfig) -> Delivery {
         let block = usize::from(fec.block.max(1));
-        let rho = f64::from(fec.proactivity_pct.clamp(100, MAX_PROACTIVITY_PCT)) / 100.0;
-        let rho_max = f64::from(MAX_PROACTIVITY_PCT) / 100.0;
+        let rho = f64::from(fec.proactivity_pct.clamp(100, fec.max_proactivity_pct.clamp(100, MAX_PROACTIVITY_PCT))) / 100.0;
+        let rho_max = f64::from(fec.max_proactivity_pct.clamp(100, MAX_PROACTIVITY_PCT)) / 100.0;
         let proactivity = Proactivity::new(block, u32::from(fec.target_naks), rho, rho_max)
             .unwrap_or_else(|_| Proactivity::new(block, u32::from(fec.target_naks), 1.0, rho_max).expect("rho 1 is always valid"));
         Delivery { block, proactivity, last: None, needed: Vec::new() }
@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn members_first_naking_after_a_repair_round_count_toward_rho() {
-        let mut delivery = Delivery::new(FecConfig { block: 4, proactivity_pct: 125, target_naks: 1 });
+        let mut delivery = Delivery::new(FecConfig { block: 4, proactivity_pct: 125, target_naks: 1, ..FecConfig::default() });
         let packets = vec![vec![7u8; 200]; 4];
         delivery.first_round(1, &packets, 1_000);
         let rho_before = delivery.rho();

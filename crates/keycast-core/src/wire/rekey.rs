@@ -177,6 +177,9 @@ pub struct FecConfig {
     pub proactivity_pct: u16,
     /// NAKs per rekey that rho adapts toward (Zhang et al. use 20).
     pub target_naks: u16,
+    /// The most rho may rise to, in percent: 100 pins it at 1 (no proactive parity: repairs
+    /// answer NAKs alone).
+    pub max_proactivity_pct: u16,
 }
 
 /// Largest FEC block, and the most proactivity a group may configure.
@@ -185,7 +188,7 @@ pub const MAX_PROACTIVITY_PCT: u16 = 400;
 
 impl Default for FecConfig {
     fn default() -> Self {
-        FecConfig { block: 10, proactivity_pct: 100, target_naks: 20 }
+        FecConfig { block: 10, proactivity_pct: 100, target_naks: 20, max_proactivity_pct: MAX_PROACTIVITY_PCT }
     }
 }
 
@@ -199,9 +202,9 @@ impl FecConfig {
 impl PacketConfig {
     /// Whether packets of this shape can carry any rekey (checked before a batch changes keys).
     pub fn check(&self) -> Result<(), PacketiseError> {
-        let FecConfig { block, proactivity_pct, .. } = self.fec;
-        if !(1..=MAX_FEC_BLOCK).contains(&block) || !(100..=MAX_PROACTIVITY_PCT).contains(&proactivity_pct) {
-            return Err(PacketiseError::Fec { block, proactivity_pct });
+        let FecConfig { block, proactivity_pct, max_proactivity_pct, .. } = self.fec;
+        if !(1..=MAX_FEC_BLOCK).contains(&block) || !(100..=MAX_PROACTIVITY_PCT).contains(&max_proactivity_pct) || !(100..=max_proactivity_pct).contains(&proactivity_pct) {
+            return Err(PacketiseError::Fec { block, proactivity_pct, max_proactivity_pct });
         }
         if self.block_bits > MAX_BLOCK_BITS {
             return Err(PacketiseError::BlockBits(self.block_bits));
@@ -222,8 +225,8 @@ pub enum PacketiseError {
     BlockBits(u8),
     #[error("a rekey of {0} packets is more than a packet index can number")]
     TooManyPackets(usize),
-    #[error("FEC blocks of {block} packets with {proactivity_pct}% proactivity: blocks hold 1 to {MAX_FEC_BLOCK} packets, proactivity is 100% (no parity) to {MAX_PROACTIVITY_PCT}%")]
-    Fec { block: u16, proactivity_pct: u16 },
+    #[error("FEC blocks of {block} packets with {proactivity_pct}% proactivity, at most {max_proactivity_pct}%: blocks hold 1 to {MAX_FEC_BLOCK} packets, proactivity is 100% (no parity) to its maximum, at most {MAX_PROACTIVITY_PCT}%")]
+    Fec { block: u16, proactivity_pct: u16, max_proactivity_pct: u16 },
 }
 
 /// Which rekey these packets carry.
