@@ -236,29 +236,36 @@ impl Tree {
         leavers.par_iter().with_min_len(PARALLEL_LOOKUPS).map(position).collect()
     }
 
-    /// Empties the leaves of `leavers` (at `positions`) and returns the positions, sorted.
-    /// Large batches forget the leavers' ids on one core while their leaves are emptied.
-    fn remove_leaves(&mut self, leavers: &[MemberId], mut positions: Vec<u32>) -> Vec<u32> {
-        let Tree { leaf_of, levels, free_leaves, .. } = self;
-        let mut forget = || {
-            for member in leavers {
-                leaf_of.remove(member);
-            }
-        };
-        let mut empty = || {
-            positions.sort_unstable();
-            let leaves = &mut levels[0];
-            update_sorted(&mut leaves.nodes, &positions, |&p| p as usize, |node, _| node.key.zeroize());
-            update_sorted(&mut leaves.members, &positions, |&p| p as usize, |members, _| *members = 0);
-            free_leaves.extend(positions.iter().map(|&p| Reverse(p)));
-        };
-        if leavers.len() < PARALLEL_LOOKUPS {
-            forget();
-            empty();
-        } else {
-            rayon::join(forget, empty);
-        }
+    /// Empties the leaves at `positions` and returns them, sorted. (The member index forgets
+    /// the leavers later, in [`Tree::with_index_updated`].)
+    fn empty_leaves(&mut self, mut positions: Vec<u32>) -> Vec<u32> {
+        positions.sort_unstable();
+        let leaves = &mut self.levels[0];
+        update_sorted(&mut leaves.nodes, &positions, |&p| p as usize, |node, _| node.key.zeroize());
+        update_sorted(&mut leaves.members, &positions, |&p| p as usize, |members, _| *members = 0);
+        self.free_leaves.extend(positions.iter().map(|&p| Reverse(p)));
         positions
+    }
+
+    /// Runs `rekey` while the member index forgets `leavers` and learns `joined` (member,
+    /// leaf): for a large batch on another core, since each update is a cache miss and the
+    /// rekey needs only the levels. A batch never has a member both leave and join.
+    fn with_index_updated<R: Send>(&mut self, leavers: &[MemberId], joined: &[(MemberId, u32)], rekey: impl FnOnce(&mut Self) -> R + Send) -> R {
+        let mut index = std::mem::take(&mut self.leaf_of);
+        let update = |index: &mut FxHashMap<MemberId, u32>| {
+            for member in leavers {
+                index.remove(member);
+            }
+            index.extend(joined.iter().copied());
+        };
+        let out = if leavers.len() + joined.len() < PARALLEL_LOOKUPS {
+            update(&mut index);
+            rekey(self)
+        } else {
+            rayon::join(|| rekey(self), || update(&mut index)).0
+        };
+        self.leaf_of = index;
+        out
     }
 
     /// Takes the leftmost free leaf (keeping the tree compact and shallow), growing if full.
@@ -290,7 +297,6 @@ impl Tree {
         let individual_key = leaf.key.clone();
         self.levels[0].members[position as usize] = 1;
         let individual = self.node_ref(0, position);
-        self.leaf_of.insert(member, position);
         Welcome { member, position: Position::Tree { leaf: position, degree: self.degree }, individual, individual_key }
     }
 
@@ -477,14 +483,16 @@ impl KeyGraph for Tree {
 
         // Leaves first; counts above the leaves are settled from the touched lists below.
         let mut leaf_touches = Vec::with_capacity(batch.joins.len() + batch.leaves.len());
-        let removed = self.remove_leaves(&batch.leaves, positions);
+        let removed = self.empty_leaves(positions);
         leaf_touches.extend(removed.into_iter().map(|position| Touch { position, leaves: 1, ..Touch::default() }));
         let mut keys = KeyGen::new(seed, 0);
         let mut welcomes = Vec::with_capacity(batch.joins.len());
+        let mut joined = Vec::with_capacity(batch.joins.len());
         for &member in &batch.joins {
             let welcome = self.add_leaf(member, version, &mut keys);
             if let Position::Tree { leaf, .. } = welcome.position {
                 leaf_touches.push(Touch { position: leaf, joins: 1, ..Touch::default() });
+                joined.push((member, leaf));
             }
             welcomes.push(welcome);
         }
@@ -542,14 +550,16 @@ impl KeyGraph for Tree {
         }
         plan.wraps.reserve((1..=height).map(|level| self.wrap_bound(level, live.level(level as usize).len())).sum());
         plan.replaced.reserve(live.nodes.len());
-        let mut scratch = (Vec::new(), Vec::new());
-        for level in 1..=height {
-            let force = force_root && level == height;
-            let (nodes, below) = (live.level(level as usize), touched.level(level as usize - 1));
-            self.rekey_level(level, version, nodes, below, force, seed, &mut keys, (&mut plan.wraps, plan.salt), &mut scratch);
-            self.install(level, &mut scratch.0, &mut plan);
-        }
-        plan.group_key = self.node_ref(height, 0);
+        self.with_index_updated(&batch.leaves, &joined, |tree| {
+            let mut scratch = (Vec::new(), Vec::new());
+            for level in 1..=height {
+                let force = force_root && level == height;
+                let (nodes, below) = (live.level(level as usize), touched.level(level as usize - 1));
+                tree.rekey_level(level, version, nodes, below, force, seed, &mut keys, (&mut plan.wraps, plan.salt), &mut scratch);
+                tree.install(level, &mut scratch.0, &mut plan);
+            }
+            plan.group_key = tree.node_ref(height, 0);
+        });
         Ok(plan)
     }
 
