@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use keycast_core::protocol::GroupPolicy;
+use keycast_core::delivery::proactivity::Proactivity;
 use keycast_core::wire::rekey::{FecConfig, PacketConfig};
 use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
@@ -42,9 +43,10 @@ pub struct DemoArgs {
     #[arg(long = "fec-block", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=256))]
     fec_block: u16,
     /// FEC proactivity rho at the start: packets sent per block over k (1.0: no parity until
-    /// NAKs raise it).
-    #[arg(long, default_value_t = 1.0)]
-    rho: f64,
+    /// NAKs raise it). Default: the smallest rho whose expected first-round NAKs are within
+    /// --target-naks at --loss, as an operator would set it from a measured loss.
+    #[arg(long)]
+    rho: Option<f64>,
     /// NAKs per rekey the proactivity adapts toward.
     #[arg(long = "target-naks", default_value_t = 2)]
     target_naks: u16,
@@ -342,14 +344,28 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn fec_config(args: &DemoArgs) -> FecConfig {
+/// Where rho starts: `--rho`, else the sane start for the injected loss (1.0 without loss).
+fn starting_rho(args: &DemoArgs) -> Result<f64, String> {
+    match args.rho {
+        Some(rho) => Ok(rho),
+        None => Proactivity::for_loss(args.fec_block.into(), args.target_naks.into(), args.rho_max, args.loss, args.members)
+            .map(|p| p.rho())
+            .map_err(|e| format!("--loss/--rho-max/--fec-block: {e}")),
+    }
+}
+
+fn fec_config(args: &DemoArgs, rho: f64) -> FecConfig {
     let pct = |rho: f64| (rho * 100.0).round() as u16;
-    FecConfig { block: args.fec_block, proactivity_pct: pct(args.rho), target_naks: args.target_naks, max_proactivity_pct: pct(args.rho_max) }
+    FecConfig { block: args.fec_block, proactivity_pct: pct(rho), target_naks: args.target_naks, max_proactivity_pct: pct(args.rho_max) }
 }
 
 async fn demo(args: &DemoArgs) -> Result<Summary, String> {
-    if !(1.0..=4.0).contains(&args.rho_max) || !(1.0..=args.rho_max).contains(&args.rho) {
-        return Err(format!("--rho {} and --rho-max {}: 1.0 (no parity) <= rho <= rho-max <= 4.0", args.rho, args.rho_max));
+    if !(1.0..=4.0).contains(&args.rho_max) {
+        return Err(format!("--rho-max {} must be between 1.0 (no parity) and 4.0", args.rho_max));
+    }
+    let rho = starting_rho(args)?;
+    if !(1.0..=args.rho_max).contains(&rho) {
+        return Err(format!("--rho {rho} must be between 1.0 (no parity) and --rho-max {}", args.rho_max));
     }
     let started = Instant::now();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -362,7 +378,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         refresh_timeout_ms: 20 * args.epoch_ms,
         immediate_eviction: true,
         membership_deltas: false,
-        packets: PacketConfig { fec: fec_config(args), ..PacketConfig::default() },
+        packets: PacketConfig { fec: fec_config(args, rho), ..PacketConfig::default() },
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;
     // The controller runs on a thread of its own, as on its own machine: the members' thousands
@@ -466,7 +482,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         resyncs_repairs_exhausted: totals.resyncs_repairs_exhausted,
         resyncs_gap: totals.resyncs_gap,
         resyncs_silence: totals.resyncs_silence,
-        rho: args.rho,
+        rho,
         rho_max: args.rho_max,
         rho_final: stats.rho,
         parity_packets: stats.parity_packets,

@@ -81,6 +81,20 @@ fn demo_under_loss_keeps_every_member_in_sync_with_almost_no_unicast() {
     }
 }
 
+/// `--rho-max 1` pins rho: no proactive parity, whatever the NAKs; repairs answer them and
+/// every member stays in sync (the NAK-only comparison run).
+#[test]
+fn demo_with_rho_pinned_at_one_sends_no_proactive_parity_and_repairs_by_naks() {
+    let summary = {
+        let _alone = timing_lock();
+        keycast(&["demo", "--json", "--members", "60", "--epochs", "4", "--loss", "0.2", "--rho-max", "1"])
+    };
+    assert_eq!(summary["members_in_sync"], summary["members"], "{summary}");
+    assert_eq!((summary["rho"].as_f64(), summary["rho_final"].as_f64()), (Some(1.0), Some(1.0)), "{summary}");
+    assert_eq!(summary["parity_packets"], 0, "{summary}");
+    assert!(summary["naks"].as_u64().unwrap() > 0 && summary["repair_packets"].as_u64().unwrap() > 0, "{summary}");
+}
+
 /// `init`, `server`, `member` and `admin` as separate processes, as the README shows them.
 #[test]
 fn init_server_member_and_admin_work_together_on_loopback() {
