@@ -99,6 +99,16 @@ pub struct Stats {
     pub answers_timed_out: u64,
     /// Errors of the controller while handling a request or a tick (it went on).
     pub controller_errors: u64,
+    /// Set when this controller runs a relay's subgroup: its membership of the parent group.
+    pub parent: Option<ParentLink>,
+}
+
+/// A relay's membership of its parent group, as its subgroup's controller reports it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentLink {
+    pub group: u64,
+    /// This relay's member id in the parent group.
+    pub member: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

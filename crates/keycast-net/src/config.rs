@@ -395,6 +395,19 @@ pub struct AdminConfig {
     #[serde(default = "localhost")]
     pub server_name: String,
     pub tls: TlsFiles,
+    /// Subgroup controllers (relays and their standbys) that `keycast admin tree` asks too.
+    #[serde(default)]
+    pub relays: Vec<SubgroupAddress>,
+}
+
+/// Where a relay's subgroup controller (or a standby's, once it took over) answers admins.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubgroupAddress {
+    pub name: String,
+    pub server: SocketAddr,
+    #[serde(default = "localhost")]
+    pub server_name: String,
 }
 
 pub(crate) fn localhost() -> String {

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::client::{ClientError, ClientEvent, MemberClient, MemberSetup};
 use crate::config::MulticastConfig;
 use crate::server::{GroupKeys, Server, ServerError, ServerSetup};
+use crate::admin::ParentLink;
 use crate::{data_nonce, multicast, now_ms};
 
 /// How often the relay takes both sides' keys even without an event (a subgroup key activates
@@ -117,6 +118,7 @@ impl Relay {
         heartbeat_ms: u64,
     ) -> Relay {
         let parent = Arc::new(client);
+        server.set_parent(ParentLink { group: parent_group.0, member: parent.member().0 });
         let stats = Arc::new(Mutex::new(ForwardStats::default()));
         let (step_down, stepped_down) = watch::channel(false);
         let forwarding = Forwarding {

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::{self, AdminRequest, AdminResponse, MemberRow, Stats};
+use crate::admin::{self, AdminRequest, AdminResponse, MemberRow, ParentLink, Stats};
 use crate::config::MulticastConfig;
 use crate::pki::Fingerprint;
 use crate::status::{self, RecentRekeys, RekeyPoint};
@@ -254,6 +254,11 @@ impl Server {
 
     pub fn stats(&self) -> Stats {
         self.shared.snapshot()
+    }
+
+    /// Records that this controller runs a relay's subgroup (reported to admins).
+    pub fn set_parent(&self, link: ParentLink) {
+        self.shared.update(|stats| stats.parent = Some(link));
     }
 
     /// Handles that stop this controller's tasks (a relay that steps down holds them).

@@ -1,5 +1,6 @@
 //! `keycast`: scalable group key management for secure multicast.
 
+mod admin_tree;
 mod bench;
 mod demo;
 mod demo_relays;

@@ -89,6 +89,13 @@ pub enum AdminCommand {
     /// Replace the controller's signing key (e.g. after a suspected leak of the database):
     /// members follow the announcement, signed by the old key, without rejoining.
     RotateSigningKey,
+    /// The tree of relays: the top group and every subgroup listed under `[[relays]]` in the
+    /// admin config, each with its size, placed under the parent its relay reports.
+    Tree {
+        /// One JSON object, for programs.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +119,7 @@ impl AdminCommand {
             AdminCommand::Acl(AclCommand::List) => AdminRequest::AclList,
             AdminCommand::Stats { .. } => AdminRequest::Stats,
             AdminCommand::RotateSigningKey => AdminRequest::RotateSigningKey,
+            AdminCommand::Tree { .. } => AdminRequest::Stats,
         }
     }
 }
@@ -195,11 +203,28 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     let key_file = args.dir.join("database.key");
     DatabaseKey::create_file(&key_file).map_err(|e| format!("cannot create {}: {e}", key_file.display()))?;
     let addresses = addresses(args.port);
-    let admin = format!("# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats|rotate-signing-key`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n");
+    let admin = format!(
+        "# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats|rotate-signing-key|tree`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n{}",
+        relays_toml(args)
+    );
     write(&args.dir.join("admin.toml"), &admin, false)?;
     println!("created {}: ca.pem, server.toml, database.key, admin.toml, {} member configs and {} relay configs", args.dir.display(), names.len(), args.relays);
     println!("next: keycast server --config {}/server.toml", args.dir.display());
     Ok(())
+}
+
+/// The admin config's `[[relays]]`: each subgroup's controller and its standby, for `tree`.
+fn relays_toml(args: &InitArgs) -> String {
+    let mut out = String::new();
+    if args.relays > 0 {
+        out.push_str("\n# Subgroup controllers `keycast admin tree` asks besides the top one: each relay's, and its\n# standby's (which answers only once it has taken over).\n");
+    }
+    for r in 1..=args.relays {
+        for (name, port) in [(format!("relay-{r}"), args.port + 2 * r), (format!("relay-{r}-standby-1"), standby_port(args, r))] {
+            out.push_str(&format!("[[relays]]\nname = \"{name}\"\n{}", addresses(port)));
+        }
+    }
+    out
 }
 
 /// The TLS port of relay `r`'s standby (after every group's two ports).
@@ -455,6 +480,14 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
     let config = AdminConfig::load(&args.config).map_err(|e| e.to_string())?;
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
     let tls = client_config(&credentials).map_err(|e| e.to_string())?;
+    if let AdminCommand::Tree { json } = args.command {
+        let answers = runtime()?.block_on(crate::admin_tree::gather(&config, tls));
+        match json {
+            true => println!("{}", serde_json::to_string_pretty(&crate::admin_tree::to_json(&answers)).expect("plain values")),
+            false => println!("{}", crate::admin_tree::describe(&answers)),
+        }
+        return Ok(());
+    }
     let request = args.command.request();
     let response = runtime()?.block_on(admin::request(config.server, &config.server_name, tls, &request))?;
     match response {

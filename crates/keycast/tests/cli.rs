@@ -638,6 +638,21 @@ fn init_writes_a_relay_that_carries_data_from_the_top_group_into_its_subgroup() 
     assert!(above.contains("data: test message 3 from member"), "the sender hears itself: {above}");
     let through = lines.wait_for("test message 3 from member", std::time::Duration::from_secs(20));
     assert!(through, "the subgroup's member got nothing through the relay: {:?}", lines.heard);
+    // `admin tree`: the relay's subgroup under the top group, with its member; the standby
+    // (not started) listed as not answering.
+    let tree = command(&["admin", "--config", "admin.toml", "tree", "--json"]).output().unwrap();
+    assert!(tree.status.success(), "{}", String::from_utf8_lossy(&tree.stderr));
+    let tree: serde_json::Value = serde_json::from_slice(&tree.stdout).unwrap();
+    let top = &tree["top"];
+    let subgroup = &top["subgroups"][0];
+    assert_eq!((top["subgroups"].as_array().map(Vec::len), subgroup["name"].as_str()), (Some(1), Some("relay-1")), "{tree}");
+    assert_eq!(subgroup["group"].as_u64(), top["group"].as_u64().map(|g| g + 1), "{tree}");
+    assert_eq!(subgroup["members"], 1, "member-2 in the subgroup: {tree}");
+    assert!(subgroup["member_in_parent"].is_u64() && top["members"].as_u64() >= Some(1), "the relay is a member at the top: {tree}");
+    assert_eq!(tree["not_answering"][0]["name"], "relay-1-standby-1", "{tree}");
+    let text = command(&["admin", "--config", "admin.toml", "tree"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("└─ group") && text.contains("relay relay-1, member"), "{text}");
 }
 
 /// `demo --relays 2`, small: churn in every group, relay 1 killed and replaced by its standby,
