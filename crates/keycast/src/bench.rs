@@ -241,7 +241,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     let peer = peer(&sizes, &floor, args.quick, quiet, &say)?;
     if args.json {
         let report = json!({
-            "n": n, "degree": DEGREE, "threads": cores,
+            "n": n, "degree": DEGREE, "threads": cores, "allocator_purge_delay_ms": crate::allocator::purge_delay_ms(),
             "wrap_ns": wrap_ns, "sign_us": sign_us,
             "leave_us": micros(leave.cost.time), "leave_wraps": leave.cost.wraps, "leave_packets": leave.cost.packets,
             "leave_floor_us": micros(leave.floor), "leave_floor_ratio": leave.ratio(), "leave_hashing_us": micros(leave.hashing),

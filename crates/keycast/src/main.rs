@@ -14,9 +14,12 @@ mod stats_text;
 
 use clap::{Parser, Subcommand};
 
+mod allocator;
+
 /// A rekey of a large batch allocates about 100 MB (its wraps and packets). glibc hands such
 /// blocks back to the kernel when freed, so every rekey took them again as fresh zeroed pages:
-/// at 10% of 2^20 members that cost 0.3-0.4 of the crypto floor. mimalloc keeps them for reuse.
+/// at 10% of 2^20 members that cost 0.3-0.4 of the crypto floor. mimalloc keeps them for reuse
+/// (for how long: `allocator::keep_freed_memory`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -57,6 +60,7 @@ enum Command {
 const EXIT_EVICTED: u8 = 3;
 
 fn main() -> std::process::ExitCode {
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
