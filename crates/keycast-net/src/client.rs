@@ -271,6 +271,26 @@ fn join_answer(frames: &Frames) -> Result<(JoinAccepted, ResyncAnswer), ClientEr
     Ok((accepted, keys))
 }
 
+/// A member's first join: its controller; if that cannot be reached and the subgroup has
+/// standbys, the standbys (one may have taken over while this member was away), then the
+/// controller again, as after a fail-over. Returns where it joined.
+async fn first_join(setup: &MemberSetup) -> Result<(ControllerAddr, JoinAccepted, ResyncAnswer), ClientError> {
+    let controller = ControllerAddr { server: setup.server, server_name: setup.server_name.clone() };
+    if setup.standbys.is_empty() {
+        return join_with_retries(setup).await.map(|(accepted, keys)| (controller, accepted, keys));
+    }
+    match join_once(setup).await {
+        Ok((accepted, keys)) => Ok((controller, accepted, keys)),
+        Err(e) if e.is_transient() => {
+            tracing::info!(controller = %setup.server, "the controller did not answer the join ({e}): trying its standbys");
+            let mut candidates = setup.standbys.clone();
+            candidates.push(controller);
+            join_any(setup, &candidates).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// One join attempt at each of `candidates` in turn, round after round with jittered
 /// backoff, until one accepts (a standby listens only once it has taken over) or the join
 /// deadline passes. A refusal by one candidate moves on to the next. The last candidate, the
@@ -350,11 +370,12 @@ impl Drop for MemberClient {
 impl MemberClient {
     /// Joins the group, retrying until `requests.join_deadline_ms`; returns once this member
     /// holds its keys (after the epoch's rekey), with the event queue.
-    pub async fn join(setup: MemberSetup) -> Result<(MemberClient, mpsc::Receiver<ClientEvent>), ClientError> {
+    pub async fn join(mut setup: MemberSetup) -> Result<(MemberClient, mpsc::Receiver<ClientEvent>), ClientError> {
         // Listen before asking, so no rekey after the join is missed.
         let receiver = multicast::receiver(&setup.multicast).map_err(|e| ClientError::multicast(&setup.multicast, e))?;
         let sender = multicast::sender(&setup.multicast).map_err(|e| ClientError::multicast(&setup.multicast, e))?;
-        let (accepted, keys) = join_with_retries(&setup).await?;
+        let (joined_at, accepted, keys) = first_join(&setup).await?;
+        (setup.server, setup.server_name) = (joined_at.server, joined_at.server_name);
         let (session, joined) = MemberSession::join(&accepted, keys, setup.heartbeat_ms, now_ms());
         let capacity = setup.event_capacity.clamp(*EVENT_CAPACITY.start(), *EVENT_CAPACITY.end());
         let (queue, events) = mpsc::channel(capacity);

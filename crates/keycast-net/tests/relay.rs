@@ -241,7 +241,8 @@ async fn a_killed_relay_is_replaced_by_its_first_standby_and_its_subgroup_comes_
     top.policy.refresh_timeout_ms = 1_500;
     top.acl.extend(["relay-43", "relay-45", "relay-43-standby-1", "relay-43-standby-2"].map(String::from));
     top.start_server().await.unwrap();
-    let mut a = prepare(SUB_A, 3, None, &dir);
+    // member-4 joins only after the take-over.
+    let mut a = prepare(SUB_A, 4, None, &dir);
     // The alive alarm at 300 ms: a loaded machine's scheduling gaps must not look like a death.
     a.policy.heartbeat_ms = 100;
     a.add_standby().unwrap();
@@ -283,6 +284,10 @@ async fn a_killed_relay_is_replaced_by_its_first_standby_and_its_subgroup_comes_
     for (member, _) in &a_members {
         assert_eq!(member.controller(), a.standbys[0].server, "every member of A follows standby 1");
     }
+    // A member joining now with the config it would have had before (the dead relay first)
+    // finds the standby by itself.
+    let (late, _late_events) = a.join("member-4").await.expect("a first join after the take-over");
+    assert_eq!(late.controller(), a.standbys[0].server, "the first join went to the standby");
     until_keyed(&[(top.server(), with_relays(&top_members, [relay.parent(), relay_b.parent()]))]).await;
 
     // Data across subgroups again, each way; the bytes on A's channel for the dead keys.
