@@ -350,6 +350,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         refresh_timeout_ms: 20 * args.epoch_ms,
         immediate_eviction: true,
         membership_deltas: false,
+        reflector: false,
         packets: PacketConfig { fec: FecConfig { block: args.fec_block, proactivity_pct: (args.rho * 100.0).round() as u16, target_naks: args.target_naks }, ..PacketConfig::default() },
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;

@@ -8,7 +8,7 @@
 //! for every member to receive each message once.
 
 use crate::key::KeyRef;
-use crate::wire::control::{Data, DATA_NONCE_LEN};
+use crate::wire::control::{Data, DATA_NONCE_LEN, JOINERS_KEY_ID};
 use crate::wire::GroupId;
 
 use super::traffic::{self, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
@@ -41,6 +41,8 @@ pub enum NotForwarded {
     BackToOrigin,
     #[error("already forwarded (or too old to tell)")]
     Seen,
+    #[error("reflected to its group's joiners: for them only")]
+    Reflected,
     #[error("no key to wrap under on that side yet")]
     NoSealingKey,
     #[error(transparent)]
@@ -78,7 +80,8 @@ impl Shelf {
 pub struct ForwardStats {
     pub up: u64,
     pub down: u64,
-    /// Echoes of its own forwards and messages heading back where they started.
+    /// Echoes of its own forwards, messages heading back where they started, and data
+    /// reflected to a group's joiners.
     pub looped: u64,
     /// Unknown key, forged, too many hops, or no key to wrap under yet.
     pub dropped: u64,
@@ -117,7 +120,7 @@ impl Forwarder {
     /// Whether a message from `from` names a key the relay does not hold (the driver then
     /// takes that side's keys again and retries once: a rekey may have just arrived).
     pub fn lacks_key(&self, from: Side, data: &Data) -> bool {
-        data.group == self.shelf(from).group && self.shelf(from).find(data.key).is_none()
+        data.group == self.shelf(from).group && data.key.id != JOINERS_KEY_ID && self.shelf(from).find(data.key).is_none()
     }
 
     /// The message to send on the other side, re-wrapped with `nonce` (fresh random bytes).
@@ -126,7 +129,7 @@ impl Forwarder {
         match &result {
             Ok(_) if from == Side::Parent => self.stats.down += 1,
             Ok(_) => self.stats.up += 1,
-            Err(NotForwarded::BackToOrigin | NotForwarded::Seen) => self.stats.looped += 1,
+            Err(NotForwarded::BackToOrigin | NotForwarded::Seen | NotForwarded::Reflected) => self.stats.looped += 1,
             Err(_) => self.stats.dropped += 1,
         }
         result
@@ -139,6 +142,9 @@ impl Forwarder {
         }
         if data.origin == target.group {
             return Err(NotForwarded::BackToOrigin);
+        }
+        if data.key.id == JOINERS_KEY_ID {
+            return Err(NotForwarded::Reflected);
         }
         self.seen.check(data.origin, data.sender, data.seq).map_err(|_| NotForwarded::Seen)?;
         let from_key = source.find(data.key).ok_or(TrafficError::UnknownKey(data.key))?;
