@@ -214,34 +214,17 @@ fn generate() -> Value {
         vectors.push(message_vector("membership delta of rekey 3", part.sign(&signer).encode(), &public));
     }
     let (pos, keys) = graph.member_keys(MemberId(9)).unwrap();
-    let individual = keys[0].0;
+    // Member 9's acceptance, with the joiners' key `joiners_key`.
+    let accepted = |joiners_key: Option<(KeyRef, Key)>| {
+        let (individual, individual_key) = keys[0].clone();
+        JoinAnswer::Accepted(JoinAccepted { group, member: MemberId(9), position: pos, individual, individual_key, signer: public, rekey_seq: 4, joiners_key })
+    };
     let unsigned: Vec<(&str, Message)> = vec![
         ("join request", Message::JoinRequest(JoinRequest { group })),
-        (
-            "join accepted",
-            Message::JoinAnswer(JoinAnswer::Accepted(JoinAccepted {
-                group,
-                member: MemberId(9),
-                position: pos,
-                individual,
-                individual_key: keys[0].1.clone(),
-                signer: public,
-                rekey_seq: 4,
-                joiners_key: None,
-            })),
-        ),
+        ("join accepted", Message::JoinAnswer(accepted(None))),
         (
             "join accepted with the joiners' key of its batch (reflector on)",
-            Message::JoinAnswer(JoinAnswer::Accepted(JoinAccepted {
-                group,
-                member: MemberId(9),
-                position: pos,
-                individual,
-                individual_key: keys[0].1.clone(),
-                signer: public,
-                rekey_seq: 4,
-                joiners_key: Some((joiners_key_ref(4), Key::from_bytes([0x4a; 32]))),
-            })),
+            Message::JoinAnswer(accepted(Some((joiners_key_ref(4), Key::from_bytes([0x4a; 32]))))),
         ),
         (
             "join refused",
@@ -306,18 +289,7 @@ fn generate() -> Value {
     let refusal = DatagramRefusal { group, member: MemberId(5), counter: 1_795_000_000_003, reason: RefusalReason::NotMember }.sign(&signer);
     vectors.push(message_vector("signed refusal over UDP of a resync request from member 5, which left", refusal, &public));
     let leave = Leave { group, member: MemberId(9) }.encode();
-    let (pos, keys) = graph.member_keys(MemberId(9)).unwrap();
-    let stray_joiners_key = JoinAnswer::Accepted(JoinAccepted {
-        group,
-        member: MemberId(9),
-        position: pos,
-        individual: keys[0].0,
-        individual_key: keys[0].1.clone(),
-        signer: public,
-        rekey_seq: 4,
-        joiners_key: Some((KeyRef::new(KeyId(5), 4, 0), Key::from_bytes([0x4a; 32]))),
-    })
-    .encode();
+    let stray_joiners_key = accepted(Some((KeyRef::new(KeyId(5), 4, 0), Key::from_bytes([0x4a; 32])))).encode();
     let malformed: Vec<(&str, Vec<u8>)> = vec![
         ("unknown version", [&[WIRE_VERSION + 1][..], &leave[1..]].concat()),
         ("unknown type", [&leave[..1], &[200u8][..], &leave[2..]].concat()),
