@@ -154,7 +154,7 @@ fn a_joiner_reads_data_sent_after_its_acceptance_through_the_reflector_until_its
     let mut g = group_with_a_joiner_queued();
     g.next_epoch();
     let accepted = g.accepted["c"].clone();
-    let (joiners_ref, _) = accepted.joiners_key.clone().expect("c's acceptance carries its batch's joiners' key");
+    let (joiners_ref, _) = accepted.joiners_key.as_deref().cloned().expect("c's acceptance carries its batch's joiners' key");
     assert!(g.member("c").holds_joiners_key() && g.member("c").active_key().is_none(), "c waits for its key");
     assert!(g.reflector.active());
 
@@ -203,8 +203,8 @@ fn an_evicted_joiner_reads_no_reflected_data_of_a_later_epoch() {
     let mut g = group_with_a_joiner_queued();
     g.join(&["d"]);
     g.next_epoch();
-    let first_batch = g.accepted["c"].joiners_key.clone().unwrap();
-    assert_eq!(g.accepted["d"].joiners_key, Some(first_batch.clone()), "one joiners' key per batch");
+    let first_batch = g.accepted["c"].joiners_key.as_deref().cloned().unwrap();
+    assert_eq!(g.accepted["d"].joiners_key.as_deref(), Some(&first_batch), "one joiners' key per batch");
     // d is evicted while it waits: the eviction's key is in force at once and every remaining
     // member holds it, so the batch's joiners' key is retired at once.
     g.evict("d");
@@ -219,7 +219,7 @@ fn an_evicted_joiner_reads_no_reflected_data_of_a_later_epoch() {
     g.next_epoch();
     g.join(&["e"]);
     g.next_epoch();
-    let second_batch = g.accepted["e"].joiners_key.clone().unwrap();
+    let second_batch = g.accepted["e"].joiners_key.as_deref().cloned().unwrap();
     assert!(second_batch.0 != first_batch.0 && second_batch.1 != first_batch.1);
     let news = g.send("b", "for e");
     let copies = g.reflect(&news);

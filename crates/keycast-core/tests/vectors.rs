@@ -76,7 +76,7 @@ fn describe(message: &Message) -> Value {
             "group": a.group.0, "member": a.member.0, "position": position(a.position),
             "individual": key_ref(a.individual), "individual_key": hex::encode(a.individual_key.as_bytes()),
             "signer": hex::encode(a.signer.0), "rekey_seq": a.rekey_seq,
-            "joiners_key": a.joiners_key.as_ref().map(|(r, k)| json!({"ref": key_ref(*r), "key": hex::encode(k.as_bytes())})),
+            "joiners_key": a.joiners_key.as_deref().map(|(r, k)| json!({"ref": key_ref(*r), "key": hex::encode(k.as_bytes())})),
         }}),
         Message::JoinAnswer(JoinAnswer::Refused { reason, detail }) => {
             json!({"join_refused": {"reason": *reason as u8, "detail": detail}})
@@ -217,7 +217,7 @@ fn generate() -> Value {
     // Member 9's acceptance, with the joiners' key `joiners_key`.
     let accepted = |joiners_key: Option<(KeyRef, Key)>| {
         let (individual, individual_key) = keys[0].clone();
-        JoinAnswer::Accepted(JoinAccepted { group, member: MemberId(9), position: pos, individual, individual_key, signer: public, rekey_seq: 4, joiners_key })
+        JoinAnswer::Accepted(JoinAccepted { group, member: MemberId(9), position: pos, individual, individual_key, signer: public, rekey_seq: 4, joiners_key: joiners_key.map(Box::new) })
     };
     let unsigned: Vec<(&str, Message)> = vec![
         ("join request", Message::JoinRequest(JoinRequest { group })),

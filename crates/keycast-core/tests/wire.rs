@@ -138,7 +138,7 @@ fn message() -> impl Strategy<Value = Message> {
                 individual_key,
                 signer: VerifyingKey(signer),
                 rekey_seq: f[2],
-                joiners_key: joiners.map(|(batch, key)| (joiners_key_ref(batch.into()), key)),
+                joiners_key: joiners.map(|(batch, key)| Box::new((joiners_key_ref(batch.into()), key))),
             }))
         ),
         (reason, "\\PC{0,60}").prop_map(|(reason, detail)| Message::JoinAnswer(JoinAnswer::Refused { reason, detail })),

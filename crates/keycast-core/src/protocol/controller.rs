@@ -744,7 +744,7 @@ impl Controller {
             individual_key: keys.keys[0].1.clone(),
             signer: self.signer.verifying_key(),
             rekey_seq: keys.rekey_seq,
-            joiners_key: self.members.get(&keys.member).and_then(|m| self.joiners.of_batch(m.joined_seq)),
+            joiners_key: self.members.get(&keys.member).and_then(|m| self.joiners.of_batch(m.joined_seq)).map(Box::new),
         })
     }
 

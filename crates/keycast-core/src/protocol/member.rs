@@ -217,7 +217,7 @@ impl MemberSession {
             last_key_late: None,
             announced_pending: None,
             unverifiable_heartbeats: 0,
-            joiners_key: accepted.joiners_key.clone(),
+            joiners_key: accepted.joiners_key.as_deref().cloned(),
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));

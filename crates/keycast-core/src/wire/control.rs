@@ -58,8 +58,9 @@ pub struct JoinAccepted {
     pub rekey_seq: u64,
     /// With the reflector on: the key shared by the joiners of this member's batch, under
     /// which the controller re-wraps the group's data until their group key is in force.
-    /// Its ref is (`JOINERS_KEY_ID`, the batch's rekey seq, 0).
-    pub joiners_key: Option<(KeyRef, Key)>,
+    /// Its ref is (`JOINERS_KEY_ID`, the batch's rekey seq, 0). Boxed: most acceptances
+    /// carry none, and they travel in the controller's outputs.
+    pub joiners_key: Option<Box<(KeyRef, Key)>>,
 }
 
 /// Why a join was refused.
@@ -122,7 +123,7 @@ impl JoinAnswer {
                 out.extend_from_slice(a.individual_key.as_bytes());
                 out.extend_from_slice(&a.signer.0);
                 out.put_u64(a.rekey_seq);
-                match &a.joiners_key {
+                match a.joiners_key.as_deref() {
                     None => out.put_u8(0),
                     Some((key_ref, key)) => {
                         out.put_u8(1);
@@ -171,7 +172,7 @@ impl JoinAnswer {
 }
 
 /// The optional joiners' key of an acceptance: its ref must name a joiners' key.
-fn read_joiners_key(r: &mut super::codec::Reader<'_>) -> Result<Option<(KeyRef, Key)>, DecodeError> {
+fn read_joiners_key(r: &mut super::codec::Reader<'_>) -> Result<Option<Box<(KeyRef, Key)>>, DecodeError> {
     if !r.flag("joiners key flag")? {
         return Ok(None);
     }
@@ -179,7 +180,7 @@ fn read_joiners_key(r: &mut super::codec::Reader<'_>) -> Result<Option<(KeyRef, 
     if key_ref.id != JOINERS_KEY_ID || key_ref.revision != 0 {
         return Err(DecodeError::BadValue { field: "joiners key ref", value: key_ref.id.0.into() });
     }
-    Ok(Some((key_ref, r.key("joiners key")?)))
+    Ok(Some(Box::new((key_ref, r.key("joiners key")?))))
 }
 
 /// At most `max` bytes of `text`, cut at a character boundary.
