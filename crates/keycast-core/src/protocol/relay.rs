@@ -239,6 +239,16 @@ mod tests {
     }
 
     #[test]
+    fn data_reflected_to_a_groups_joiners_is_never_forwarded() {
+        let mut relay = relay(TOP, SUB);
+        let joiners = TrafficKeys { group: SUB, sealing: None, keys: vec![(crate::protocol::reflector::joiners_key_ref(2), Key::from_bytes([9; 32]))] };
+        let reflected = traffic::rewrap(message(SUB, 4, 1, b"for joiners"), &wrap_key(&keys(SUB, 1)), &wrap_key(&joiners), [2; 12]).unwrap();
+        assert!(!relay.lacks_key(Side::Subgroup, &reflected), "no key to fetch for it");
+        assert_eq!(relay.forward(Side::Subgroup, reflected, [3; 12]), Err(NotForwarded::Reflected));
+        assert!(relay.forward(Side::Subgroup, message(SUB, 4, 1, b"original"), [3; 12]).is_ok(), "its original still crosses");
+    }
+
+    #[test]
     fn a_relay_keeps_a_few_old_keys_for_late_messages_and_forgets_older_ones() {
         let mut relay = relay(TOP, SUB);
         for version in 2..=6 {
