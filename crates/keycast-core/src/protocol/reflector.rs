@@ -134,7 +134,7 @@ impl Reflector {
         }
     }
 
-    /// Whether any joiner waits for its key (the driver reflects only then, but hears always).
+    /// Whether a batch of joiners waits for its key (otherwise messages are only heard).
     pub fn active(&self) -> bool {
         !self.joiners.is_empty()
     }
