@@ -1,9 +1,12 @@
 //! What one relay hop adds per data packet: decoding, unwrapping the 32-byte message key under
 //! the source group's key, wrapping it under the target's, and encoding; against the floor of
-//! one AES-256-GCM open plus one seal of 32 bytes. Figures in docs/hierarchy.md.
+//! one AES-256-GCM open plus one seal of 32 bytes. The joiners' reflector's cost per packet is
+//! the same kind of hop (to a joiners' key, on the group's own channel). Figures in
+//! docs/hierarchy.md.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use keycast_core::key::{Key, KeyId, KeyRef};
+use keycast_core::protocol::reflector::{joiners_key_ref, ReflectionKeys, Reflector};
 use keycast_core::protocol::relay::{Forwarder, Side};
 use keycast_core::protocol::traffic::{self, Fresh, TrafficKeys, WrapKey};
 use keycast_core::wire::{Data, GroupId};
@@ -28,6 +31,16 @@ fn message(seq: u64, len: usize) -> Data {
     traffic::seal((SUBGROUP, MemberId(3), seq), &wrap_key(SUBGROUP), fresh, &vec![0x42; len]).unwrap()
 }
 
+/// A reflector of the subgroup whose key in force is made by rekey 1, with the joiners of
+/// batch 2 waiting or none.
+fn reflector(waiting: bool) -> Reflector {
+    let (key_ref, key) = keys(SUBGROUP).keys.remove(0);
+    let joiners = if waiting { vec![(2, joiners_key_ref(2), Key::from_bytes([0x77; 32]))] } else { Vec::new() };
+    let mut reflector = Reflector::new(SUBGROUP);
+    reflector.install(&ReflectionKeys { group: SUBGROUP, group_keys: vec![(1, key_ref, key)], joiners });
+    reflector
+}
+
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("relay_hop");
     for len in [64usize, 1200] {
@@ -45,6 +58,22 @@ fn bench(c: &mut Criterion) {
                 BatchSize::SmallInput,
             )
         });
+        for (waiting, what) in [(true, "a batch of joiners waits"), (false, "no joiner waits: authenticated only")] {
+            let mut reflector = reflector(waiting);
+            group.bench_function(format!("decode + reflect + encode, {len}-byte payload, {what}"), |b| {
+                b.iter_batched(
+                    || {
+                        seq += 1;
+                        message(seq, len).encode()
+                    },
+                    |bytes| {
+                        let copies = reflector.reflect(&Data::decode(&bytes).unwrap(), || [9; 12]).unwrap();
+                        black_box(copies.iter().map(Data::encode).collect::<Vec<_>>())
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
         let (from, to) = (wrap_key(SUBGROUP), wrap_key(PARENT));
         group.bench_function(format!("traffic::rewrap alone, {len}-byte payload"), |b| {
             b.iter_batched(|| message(1, len), |data| black_box(traffic::rewrap(data, &from, &to, [9; 12]).unwrap()), BatchSize::SmallInput)

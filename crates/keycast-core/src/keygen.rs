@@ -57,6 +57,15 @@ pub fn nonce_salt(seed: &BatchSeed) -> crate::wrap::NonceSalt {
     salt
 }
 
+/// Key stream of a batch's joiners' key (the reflector's), apart from every other stream.
+const JOINERS_STREAM: u64 = u64::MAX - 3;
+
+/// The joiners' key of the batch made from `seed`: as fresh as the batch's keys, independent of
+/// them, and drawn again when a logged batch is replayed.
+pub fn joiners_key(seed: &BatchSeed) -> Key {
+    KeyGen::new(seed, JOINERS_STREAM).next_key()
+}
+
 /// A stream of fresh keys.
 pub struct KeyGen {
     rng: ChaCha20Rng,

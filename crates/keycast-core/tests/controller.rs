@@ -22,6 +22,7 @@ fn policy(scheme: Scheme) -> GroupPolicy {
         refresh_timeout_ms: 10_000,
         immediate_eviction: true,
         membership_deltas: false,
+        reflector: false,
         packets: PacketConfig::default(),
     }
 }

@@ -72,6 +72,7 @@ fn policy(group: GroupId, scheme: Scheme) -> GroupPolicy {
         refresh_timeout_ms: 400,
         immediate_eviction: false,
         membership_deltas: false,
+        reflector: false,
         packets: PacketConfig::default(),
     }
 }

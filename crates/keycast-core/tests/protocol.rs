@@ -61,6 +61,7 @@ fn policy(scheme: Scheme, immediate_eviction: bool, placement: Placement) -> Gro
         refresh_timeout_ms: 1_000,
         immediate_eviction,
         membership_deltas: true,
+        reflector: false,
         packets: PacketConfig { mtu: 600, placement, ..PacketConfig::default() },
     }
 }

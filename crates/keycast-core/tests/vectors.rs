@@ -7,6 +7,7 @@
 //! Regenerate after a deliberate format change with
 //! `KEYCAST_REGENERATE_VECTORS=1 cargo test -p keycast-core --test vectors`.
 
+use keycast_core::protocol::reflector::joiners_key_ref;
 use keycast_core::protocol::traffic::{self, Fresh, WrapKey};
 use keycast_core::wire::rekey::RekeyContext;
 use keycast_core::wire::*;
@@ -75,6 +76,7 @@ fn describe(message: &Message) -> Value {
             "group": a.group.0, "member": a.member.0, "position": position(a.position),
             "individual": key_ref(a.individual), "individual_key": hex::encode(a.individual_key.as_bytes()),
             "signer": hex::encode(a.signer.0), "rekey_seq": a.rekey_seq,
+            "joiners_key": a.joiners_key.as_deref().map(|(r, k)| json!({"ref": key_ref(*r), "key": hex::encode(k.as_bytes())})),
         }}),
         Message::JoinAnswer(JoinAnswer::Refused { reason, detail }) => {
             json!({"join_refused": {"reason": *reason as u8, "detail": detail}})
@@ -212,20 +214,17 @@ fn generate() -> Value {
         vectors.push(message_vector("membership delta of rekey 3", part.sign(&signer).encode(), &public));
     }
     let (pos, keys) = graph.member_keys(MemberId(9)).unwrap();
-    let individual = keys[0].0;
+    // Member 9's acceptance, with the joiners' key `joiners_key`.
+    let accepted = |joiners_key: Option<(KeyRef, Key)>| {
+        let (individual, individual_key) = keys[0].clone();
+        JoinAnswer::Accepted(JoinAccepted { group, member: MemberId(9), position: pos, individual, individual_key, signer: public, rekey_seq: 4, joiners_key: joiners_key.map(Box::new) })
+    };
     let unsigned: Vec<(&str, Message)> = vec![
         ("join request", Message::JoinRequest(JoinRequest { group })),
+        ("join accepted", Message::JoinAnswer(accepted(None))),
         (
-            "join accepted",
-            Message::JoinAnswer(JoinAnswer::Accepted(JoinAccepted {
-                group,
-                member: MemberId(9),
-                position: pos,
-                individual,
-                individual_key: keys[0].1.clone(),
-                signer: public,
-                rekey_seq: 4,
-            })),
+            "join accepted with the joiners' key of its batch (reflector on)",
+            Message::JoinAnswer(accepted(Some((joiners_key_ref(4), Key::from_bytes([0x4a; 32]))))),
         ),
         (
             "join refused",
@@ -290,11 +289,13 @@ fn generate() -> Value {
     let refusal = DatagramRefusal { group, member: MemberId(5), counter: 1_795_000_000_003, reason: RefusalReason::NotMember }.sign(&signer);
     vectors.push(message_vector("signed refusal over UDP of a resync request from member 5, which left", refusal, &public));
     let leave = Leave { group, member: MemberId(9) }.encode();
+    let stray_joiners_key = accepted(Some((KeyRef::new(KeyId(5), 4, 0), Key::from_bytes([0x4a; 32])))).encode();
     let malformed: Vec<(&str, Vec<u8>)> = vec![
         ("unknown version", [&[WIRE_VERSION + 1][..], &leave[1..]].concat()),
         ("unknown type", [&leave[..1], &[200u8][..], &leave[2..]].concat()),
         ("trailing byte", [&leave[..], &[0u8][..]].concat()),
         ("truncated", leave[..12].to_vec()),
+        ("joiners key under a key graph's id", stray_joiners_key),
         ("nak blocks out of order", Nak { group, member: MemberId(9), counter: 1, seq: 3, needs: vec![(10, 1), (0, 2)], tag: [0; 32] }.encode()),
     ];
     for (name, bytes) in malformed {

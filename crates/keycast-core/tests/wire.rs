@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use keycast_core::protocol::reflector::joiners_key_ref;
 use keycast_core::wire::auth::{path_len, Node, NODE_LEN};
 use keycast_core::wire::guard::Offer;
 use keycast_core::wire::rekey::{PacketiseError, RekeyContext};
@@ -128,8 +129,8 @@ fn message() -> impl Strategy<Value = Message> {
         rekey_packet().prop_map(Message::Rekey),
         heartbeat().prop_map(Message::Heartbeat),
         any::<u64>().prop_map(|g| Message::JoinRequest(JoinRequest { group: GroupId(g) })),
-        (any::<[u64; 3]>(), position(), key_ref(), key(), prop::array::uniform32(any::<u8>())).prop_map(
-            |(f, position, individual, individual_key, signer)| Message::JoinAnswer(JoinAnswer::Accepted(JoinAccepted {
+        (any::<[u64; 3]>(), position(), key_ref(), key(), prop::array::uniform32(any::<u8>()), prop::option::of((any::<u32>(), key()))).prop_map(
+            |(f, position, individual, individual_key, signer, joiners)| Message::JoinAnswer(JoinAnswer::Accepted(JoinAccepted {
                 group: GroupId(f[0]),
                 member: MemberId(f[1]),
                 position,
@@ -137,6 +138,7 @@ fn message() -> impl Strategy<Value = Message> {
                 individual_key,
                 signer: VerifyingKey(signer),
                 rekey_seq: f[2],
+                joiners_key: joiners.map(|(batch, key)| Box::new((joiners_key_ref(batch.into()), key))),
             }))
         ),
         (reason, "\\PC{0,60}").prop_map(|(reason, detail)| Message::JoinAnswer(JoinAnswer::Refused { reason, detail })),

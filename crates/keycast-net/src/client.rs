@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keycast_core::protocol::traffic::{Fresh, TrafficError, TrafficKeys};
+use keycast_core::wire::control::JOINERS_KEY_ID;
 use keycast_core::protocol::{MemberEvent, MemberSession, ResyncCauses};
 use keycast_core::wire::{
     message_type, Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, MessageType, Refresh, RefusalReason, ResyncAnswer,
@@ -654,6 +655,8 @@ impl Follow {
                         bump(&shared.data);
                         self.events.data(ClientEvent::Data(plain));
                     }
+                    // Copies the controller reflects to other joiners are not this member's.
+                    Err(TrafficError::UnknownKey(key)) if key.id == JOINERS_KEY_ID => {}
                     Err(e) => {
                         bump(&shared.unreadable);
                         self.events.data(ClientEvent::Unreadable(e));

@@ -149,6 +149,10 @@ pub struct PolicyConfig {
     pub immediate_eviction: bool,
     /// Multicast who joined and left after each rekey (conferencing groups).
     pub membership_deltas: bool,
+    /// The joiners' reflector (docs/hierarchy.md): joiners read the group's data from their
+    /// acceptance, at the cost of a second copy of each data packet while they wait. Off by
+    /// default: it doubles the channel's data in every epoch with joins.
+    pub reflector: bool,
     pub mtu: usize,
     /// Proactive FEC: rekey packets in blocks of `fec_block`, each sent with
     /// ceil(k · proactivity_pct / 100) − k parity packets (100: none).
@@ -173,6 +177,7 @@ impl Default for PolicyConfig {
             join_policy: "version".into(),
             immediate_eviction: true,
             membership_deltas: false,
+            reflector: false,
             mtu: DEFAULT_MTU,
             fec_block: FecConfig::default().block,
             proactivity_pct: FecConfig::default().proactivity_pct,
@@ -221,6 +226,7 @@ impl PolicyConfig {
             refresh_timeout_ms: self.refresh_timeout_ms,
             immediate_eviction: self.immediate_eviction,
             membership_deltas: self.membership_deltas,
+            reflector: self.reflector,
             packets,
         })
     }

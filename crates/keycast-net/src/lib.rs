@@ -12,6 +12,7 @@ pub mod local;
 pub mod loss;
 pub mod pki;
 pub mod priority;
+mod reflector;
 pub mod relay;
 pub mod request;
 pub mod server;

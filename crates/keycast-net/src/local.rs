@@ -74,6 +74,7 @@ pub fn loopback_policy(group: GroupId) -> GroupPolicy {
         refresh_timeout_ms: 5_000,
         immediate_eviction: true,
         membership_deltas: false,
+        reflector: false,
         packets: PacketConfig::default(),
     }
 }

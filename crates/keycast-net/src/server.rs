@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::{self, AdminRequest, AdminResponse, MemberRow, ParentLink, Stats};
 use crate::config::MulticastConfig;
 use crate::pki::Fingerprint;
+use crate::reflector::{self, ReflectionFeed};
 use crate::status::{self, RecentRekeys, RekeyPoint};
 use crate::store::{DatabaseKey, Store, StoreError};
 use zeroize::Zeroizing;
@@ -139,6 +140,8 @@ struct Shared {
     recent_rekeys: RecentRekeys,
     /// The group keys data may be under, for a relay of this group (`Server::keys`).
     traffic: Mutex<Option<TrafficKeys>>,
+    /// The keys of the joiners' reflector (with `policy.reflector` on).
+    reflection: Arc<ReflectionFeed>,
 }
 
 impl Shared {
@@ -222,6 +225,9 @@ impl Server {
         });
         tasks.push(tokio::spawn(accept_loop(listener, listener_context)));
         tasks.push(tokio::spawn(receive_udp_requests(udp_socket, udp_queue, shared.clone())));
+        if setup.policy.reflector {
+            tasks.push(reflector::spawn(&setup.multicast, setup.policy.group, shared.reflection.clone())?);
+        }
         if let Some(metrics) = setup.metrics {
             tasks.push(tokio::spawn(serve_metrics(metrics, shared.clone(), commands.clone())));
         }
@@ -530,6 +536,7 @@ impl ControllerTask {
             stats.rho = self.controller.rho();
         });
         *self.shared.traffic.lock().expect("traffic keys lock") = Some(self.controller.traffic_keys(now));
+        self.shared.reflection.publish(self.controller.reflection_keys(now));
     }
 
     async fn handle(&mut self, command: Command, conn: ConnId) -> Result<(), StoreError> {
@@ -1285,6 +1292,7 @@ mod tests {
             refresh_timeout_ms: 10_000,
             immediate_eviction: true,
             membership_deltas: false,
+            reflector: false,
             packets: PacketConfig::default(),
         };
         let acl = BTreeSet::from(["member-1".to_string(), "member-2".to_string()]);

@@ -14,7 +14,7 @@ use keycast_core::delivery::proactivity::Proactivity;
 use keycast_core::wire::rekey::{FecConfig, PacketConfig};
 use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
-use keycast_net::client::{ClientStats, MemberClient};
+use keycast_net::client::{ClientEvent, ClientStats, MemberClient};
 use keycast_net::local::{Events, LocalGroup};
 use keycast_net::loss::LossModel;
 use rand_chacha::ChaCha8Rng;
@@ -64,6 +64,9 @@ pub struct DemoArgs {
     /// standby; relay 1 is killed and replaced by its standby (default 3 relays).
     #[arg(long, num_args = 0..=1, default_missing_value = "3", value_parser = clap::value_parser!(u16).range(1..=16))]
     relays: Option<u16>,
+    /// Turn the joiners' reflector on: joiners read the group's data from their acceptance.
+    #[arg(long)]
+    reflector: bool,
 }
 
 type Member = (String, MemberClient, Events);
@@ -174,6 +177,34 @@ impl Demo {
         current + self.departed_member_rekeys
     }
 
+    /// How soon one more member reads the group's data: from its acceptance, another member
+    /// sends every 10 ms for at most three epochs, until the joiner opened one and holds its key.
+    async fn joiner_reads(&mut self, epoch_ms: u64) -> Result<JoinerReads, String> {
+        self.join(1).await?;
+        let accepted = Instant::now();
+        let id = *self.members.keys().max().expect("just joined");
+        let (name, joiner, mut events) = self.members.remove(&id).expect("just joined");
+        let (_, sender, _) = self.members.values().next().ok_or("no member to send")?;
+        let mut reads = JoinerReads::default();
+        for n in 0..3 * epoch_ms / 10 {
+            let since = || Some(accepted.elapsed().as_millis() as u64);
+            reads.key_in_force_ms = reads.key_in_force_ms.or_else(|| joiner.getkey().and_then(|_| since()));
+            while let Ok(event) = events.try_recv() {
+                if matches!(event, ClientEvent::Data(_)) {
+                    reads.first_data_ms = reads.first_data_ms.or_else(since);
+                }
+            }
+            if reads.first_data_ms.is_some() && reads.key_in_force_ms.is_some() {
+                break;
+            }
+            // A seal refused (the sender's rekey is late) only skips one tick.
+            let _ = sender.send(format!("tick {n}").as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.members.insert(id, (name, joiner, events));
+        Ok(reads)
+    }
+
     /// Members holding the controller's active key, after waiting up to `within` for them.
     async fn in_sync(&self, within: Duration) -> usize {
         let deadline = Instant::now() + within;
@@ -190,6 +221,12 @@ impl Demo {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+#[derive(Default)]
+struct JoinerReads {
+    first_data_ms: Option<u64>,
+    key_in_force_ms: Option<u64>,
 }
 
 #[derive(serde::Serialize)]
@@ -256,6 +293,11 @@ struct Summary {
     joins: usize,
     leaves: usize,
     mean_join_latency_ms: f64,
+    /// Whether the joiners' reflector was on; for one last joiner while a member sends every
+    /// 10 ms, ms from its acceptance to the first message it opened and to its key in force.
+    reflector: bool,
+    joiner_first_data_ms: Option<u64>,
+    joiner_key_in_force_ms: Option<u64>,
     seconds: f64,
 }
 
@@ -340,6 +382,13 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
             );
         }
         println!("mean join latency {:.0} ms (joins wait for their epoch); {:.1} s in all", summary.mean_join_latency_ms, summary.seconds);
+        let ms = |v: Option<u64>| v.map_or("never (within three epochs)".to_string(), |v| format!("{v} ms"));
+        println!(
+            "a joiner (reflector {}) opened its first message {} after its acceptance; its key came into force after {}",
+            if summary.reflector { "on" } else { "off" },
+            ms(summary.joiner_first_data_ms),
+            ms(summary.joiner_key_in_force_ms)
+        );
     }
     Ok(())
 }
@@ -378,6 +427,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         refresh_timeout_ms: 20 * args.epoch_ms,
         immediate_eviction: true,
         membership_deltas: false,
+        reflector: args.reflector,
         packets: PacketConfig { fec: fec_config(args, rho), ..PacketConfig::default() },
     };
     let acl = (args.members + 10 * args.epochs as u64) as usize;
@@ -450,6 +500,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let joiner = demo.joiner_reads(args.epoch_ms).await?;
     let members_in_sync = demo.in_sync(final_settle).await;
     let counted: Vec<u64> = demo.group.server().members().await.iter().map(|row| row.member).collect();
     let members_expired = demo.members.keys().filter(|id| !counted.contains(id)).count();
@@ -498,6 +549,9 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         joins: demo.joins,
         leaves: demo.leaves,
         mean_join_latency_ms: stats.mean_join_latency_ms,
+        reflector: args.reflector,
+        joiner_first_data_ms: joiner.first_data_ms,
+        joiner_key_in_force_ms: joiner.key_in_force_ms,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -54,6 +54,25 @@ fn demo_keeps_members_in_sync_and_the_evicted_member_out() {
     assert!(summary["rekey_bytes"].as_u64().unwrap() > 0);
 }
 
+/// With the joiners' reflector on, the demo's last joiner opens the group's data before its
+/// own key is in force; without it, not before.
+#[test]
+fn demo_joiner_reads_before_its_key_is_in_force_only_with_the_reflector() {
+    for reflector in [true, false] {
+        let mut args = vec!["demo", "--json", "--members", "30", "--epochs", "2"];
+        if reflector {
+            args.push("--reflector");
+        }
+        let summary = {
+            let _alone = timing_lock();
+            keycast(&args)
+        };
+        assert_eq!(summary["reflector"], reflector);
+        let (read, in_force) = (number(&summary, "joiner_first_data_ms"), number(&summary, "joiner_key_in_force_ms"));
+        assert_eq!(read < in_force, reflector, "read at {read} ms, key in force at {in_force} ms");
+    }
+}
+
 /// 300 members, 20 epochs of churn, each member losing its own share of the multicast
 /// channel: FEC parity, NAKs and repair rounds bring the rekeys, and almost none resync.
 #[test]

@@ -25,6 +25,7 @@ use crate::wire::{encode_parity, ParityRound, ParityShard};
 
 use super::heartbeats::{epoch_at, HeartbeatContent, Heartbeats};
 use super::pending::Pending;
+use super::reflector::{JoinersKeys, ReflectionKeys};
 use super::rounds::Delivery;
 use super::traffic::TrafficKeys;
 use crate::wire::{seal_resync_answer, DatagramRefusal, GroupId, Liveness, LivenessKey, MembershipDelta, Reject, ResyncAnswerKey, Signer, SignerChange, VerifyingKey};
@@ -49,6 +50,9 @@ pub struct GroupPolicy {
     pub immediate_eviction: bool,
     /// After each rekey, multicast who joined and left (conferencing groups, Mukkamalla 4.3).
     pub membership_deltas: bool,
+    /// Give each batch's joiners a temporary key and reflect the group's data to them until
+    /// their group key is in force (Mukkamalla 4.4; docs/hierarchy.md).
+    pub reflector: bool,
     pub packets: PacketConfig,
 }
 
@@ -322,6 +326,8 @@ pub struct Controller {
     /// A standby's fresh controller: the members of the subgroup it took over rejoin at once,
     /// so the first batch closes when this many joins wait, not at the epoch's end.
     rejoins_expected: Option<usize>,
+    /// The joiners' keys of the batches whose joiners wait for their key (reflector on).
+    joiners: JoinersKeys,
 }
 
 /// Signed refusals answer requests nobody can authenticate (the member's key is gone) and cost
@@ -478,6 +484,7 @@ impl Controller {
             delivery: Delivery::new(policy.packets.fec),
             refusals: RefusalBudget::default(),
             rejoins_expected: None,
+            joiners: JoinersKeys::default(),
         }
     }
 
@@ -631,6 +638,17 @@ impl Controller {
         }
     }
 
+    /// What the reflector needs at `now_ms`: the group keys and the joiners' keys in use
+    /// (`None` with the reflector off).
+    pub fn reflection_keys(&self, now_ms: u64) -> Option<ReflectionKeys> {
+        let in_force = self.active_entry(self.epoch_at(now_ms)).0;
+        self.policy.reflector.then(|| ReflectionKeys {
+            group: self.policy.group,
+            group_keys: self.group_keys.iter().map(|(seq, (r, _, k))| (*seq, *r, k.clone())).collect(),
+            joiners: self.joiners.live().filter(|(seq, _, _)| *seq > in_force).collect(),
+        })
+    }
+
     /// The rekey seq and entry of the group key in force in `epoch`.
     fn active_entry(&self, epoch: u64) -> (u64, &(KeyRef, u64, Key)) {
         let (seq, entry) = self.group_keys.iter().rev().find(|(_, (_, a, _))| *a <= epoch).expect("the first key is active");
@@ -726,6 +744,7 @@ impl Controller {
             individual_key: keys.keys[0].1.clone(),
             signer: self.signer.verifying_key(),
             rekey_seq: keys.rekey_seq,
+            joiners_key: self.members.get(&keys.member).and_then(|m| self.joiners.of_batch(m.joined_seq)).map(Box::new),
         })
     }
 
@@ -963,6 +982,7 @@ impl Controller {
             out.extend(self.close_epoch(now_ms, entropy, false)?);
         }
         out.extend(self.repair(now_ms));
+        self.joiners.retire(self.active_entry(self.epoch_at(now_ms)).0);
         if self.heartbeats.as_ref().is_some_and(|h| now_ms >= h.next_ms()) {
             let content = self.heartbeat_content();
             let heartbeats = self.heartbeats.as_mut().expect("checked above");
@@ -1116,7 +1136,11 @@ impl Controller {
         now_ms: u64,
     ) -> Result<RekeyPlan, ControllerError> {
         let batch = Batch { joins: joins.iter().map(|(m, _)| *m).collect(), leaves: leaves.to_vec() };
-        let plan = self.graph.apply(&batch, &BatchSeed::from_bytes(*seed))?;
+        let seed = BatchSeed::from_bytes(*seed);
+        let plan = self.graph.apply(&batch, &seed)?;
+        if self.policy.reflector && !joins.is_empty() {
+            self.joiners.draw(seq, &seed);
+        }
         for m in leaves.iter().chain(&plan.excluded) {
             if let Some(record) = self.members.remove(m) {
                 self.by_identity.remove(&record.identity);
@@ -1137,6 +1161,7 @@ impl Controller {
         // Keys superseded by a newer active key are never used again.
         let active_seq = self.active_entry(epoch).0;
         self.group_keys.retain(|s, _| *s >= active_seq);
+        self.joiners.retire(active_seq);
         Ok(plan)
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::graph::MemberId;
 use crate::key::{Key, KeyRef};
 use crate::member::MemberKeys;
-use crate::wire::control::{Data, JoinAccepted, Nak, ResyncAnswer};
+use crate::wire::control::{Data, JoinAccepted, Nak, ResyncAnswer, JOINERS_KEY_ID};
 use crate::wire::guard::{Reject, ReplayGuard};
 use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
 use crate::wrap::key_check;
@@ -119,6 +119,8 @@ pub struct MemberSession {
     announced_pending: Option<KeyRef>,
     /// Heartbeats whose signature failed since the last one that verified.
     unverifiable_heartbeats: u32,
+    /// The joiners' key of this member's batch (reflector on), until its group key is in force.
+    joiners_key: Option<(KeyRef, Key)>,
 }
 
 /// Why a member went out of sync (each resync counted once, by its first cause).
@@ -215,6 +217,7 @@ impl MemberSession {
             last_key_late: None,
             announced_pending: None,
             unverifiable_heartbeats: 0,
+            joiners_key: accepted.joiners_key.as_deref().cloned(),
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -683,6 +686,8 @@ impl MemberSession {
         let previous = self.active.and_then(|r| self.group_keys.iter().find(|(_, (k, _, _))| *k == r).map(|(s, _)| *s));
         self.group_keys.retain(|s, _| *s >= seq || Some(*s) == previous);
         self.active = Some(key);
+        // Reflected data is for joiners without a key in force (dropped: zeroized).
+        self.joiners_key = None;
         vec![MemberEvent::KeyActivated { group_key: key, epoch: self.epoch }]
     }
 
@@ -738,14 +743,24 @@ impl MemberSession {
         Ok(data)
     }
 
-    /// Opens data wrapped under the active key, the one before it, or the next one, once: a
-    /// replayed (origin, sender, seq) is refused, whichever intermediaries it crossed.
+    /// Whether this member holds a joiners' key (it reads reflected data until its group key
+    /// is in force).
+    pub fn holds_joiners_key(&self) -> bool {
+        self.joiners_key.is_some()
+    }
+
+    /// Opens data wrapped under the active key, the one before it, or the next one, or reflected
+    /// under this member's joiners' key, once: a replayed (origin, sender, seq) is refused,
+    /// whichever intermediaries it crossed (a reflected copy of data opened is a replay).
     pub fn open(&mut self, data: &Data) -> Result<Vec<u8>, TrafficError> {
         if data.group != self.group {
             return Err(TrafficError::WrongGroup(data.group));
         }
-        let (key_ref, key, _) =
-            self.group_keys.values().find(|(r, _, _)| *r == data.key).ok_or(TrafficError::UnknownKey(data.key))?;
+        let held = match data.key.id {
+            JOINERS_KEY_ID => self.joiners_key.as_ref().filter(|(r, _)| *r == data.key).map(|(r, k)| (r, k)),
+            _ => self.group_keys.values().find(|(r, _, _)| *r == data.key).map(|(r, k, _)| (r, k)),
+        };
+        let (key_ref, key) = held.ok_or(TrafficError::UnknownKey(data.key))?;
         self.replays.check(data.origin, data.sender, data.seq)?;
         let plaintext = traffic::open(data, &WrapKey::derive(self.group, *key_ref, key))?;
         self.replays.record(data.origin, data.sender, data.seq);

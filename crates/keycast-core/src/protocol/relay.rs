@@ -8,7 +8,7 @@
 //! for every member to receive each message once.
 
 use crate::key::KeyRef;
-use crate::wire::control::{Data, DATA_NONCE_LEN};
+use crate::wire::control::{Data, DATA_NONCE_LEN, JOINERS_KEY_ID};
 use crate::wire::GroupId;
 
 use super::traffic::{self, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
@@ -41,6 +41,8 @@ pub enum NotForwarded {
     BackToOrigin,
     #[error("already forwarded (or too old to tell)")]
     Seen,
+    #[error("reflected to its group's joiners: for them only")]
+    Reflected,
     #[error("no key to wrap under on that side yet")]
     NoSealingKey,
     #[error(transparent)]
@@ -78,7 +80,8 @@ impl Shelf {
 pub struct ForwardStats {
     pub up: u64,
     pub down: u64,
-    /// Echoes of its own forwards and messages heading back where they started.
+    /// Echoes of its own forwards, messages heading back where they started, and data
+    /// reflected to a group's joiners.
     pub looped: u64,
     /// Unknown key, forged, too many hops, or no key to wrap under yet.
     pub dropped: u64,
@@ -117,7 +120,7 @@ impl Forwarder {
     /// Whether a message from `from` names a key the relay does not hold (the driver then
     /// takes that side's keys again and retries once: a rekey may have just arrived).
     pub fn lacks_key(&self, from: Side, data: &Data) -> bool {
-        data.group == self.shelf(from).group && self.shelf(from).find(data.key).is_none()
+        data.group == self.shelf(from).group && data.key.id != JOINERS_KEY_ID && self.shelf(from).find(data.key).is_none()
     }
 
     /// The message to send on the other side, re-wrapped with `nonce` (fresh random bytes).
@@ -126,7 +129,7 @@ impl Forwarder {
         match &result {
             Ok(_) if from == Side::Parent => self.stats.down += 1,
             Ok(_) => self.stats.up += 1,
-            Err(NotForwarded::BackToOrigin | NotForwarded::Seen) => self.stats.looped += 1,
+            Err(NotForwarded::BackToOrigin | NotForwarded::Seen | NotForwarded::Reflected) => self.stats.looped += 1,
             Err(_) => self.stats.dropped += 1,
         }
         result
@@ -139,6 +142,9 @@ impl Forwarder {
         }
         if data.origin == target.group {
             return Err(NotForwarded::BackToOrigin);
+        }
+        if data.key.id == JOINERS_KEY_ID {
+            return Err(NotForwarded::Reflected);
         }
         self.seen.check(data.origin, data.sender, data.seq).map_err(|_| NotForwarded::Seen)?;
         let from_key = source.find(data.key).ok_or(TrafficError::UnknownKey(data.key))?;
@@ -230,6 +236,16 @@ mod tests {
         silent.install(Side::Subgroup, &keys(SUB, 1));
         silent.install(Side::Parent, &TrafficKeys { sealing: None, ..keys(TOP, 1) });
         assert_eq!(silent.forward(Side::Subgroup, message(SUB, 4, 1, b"z"), [0; 12]), Err(NotForwarded::NoSealingKey));
+    }
+
+    #[test]
+    fn data_reflected_to_a_groups_joiners_is_never_forwarded() {
+        let mut relay = relay(TOP, SUB);
+        let joiners = TrafficKeys { group: SUB, sealing: None, keys: vec![(crate::protocol::reflector::joiners_key_ref(2), Key::from_bytes([9; 32]))] };
+        let reflected = traffic::rewrap(message(SUB, 4, 1, b"for joiners"), &wrap_key(&keys(SUB, 1)), &wrap_key(&joiners), [2; 12]).unwrap();
+        assert!(!relay.lacks_key(Side::Subgroup, &reflected), "no key to fetch for it");
+        assert_eq!(relay.forward(Side::Subgroup, reflected, [3; 12]), Err(NotForwarded::Reflected));
+        assert!(relay.forward(Side::Subgroup, message(SUB, 4, 1, b"original"), [3; 12]).is_ok(), "its original still crosses");
     }
 
     #[test]

@@ -183,14 +183,37 @@ pub fn open(data: &Data, wrap_key: &WrapKey) -> Result<Vec<u8>, TrafficError> {
 
 /// What an intermediary does: unwraps the message key of `data` with `from` and wraps it under
 /// `to` with a fresh `nonce`, one hop further; the payload is moved, never read.
-pub fn rewrap(mut data: Data, from: &WrapKey, to: &WrapKey, nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
-    let message_key = from.unwrap(&data)?;
+pub fn rewrap(data: Data, from: &WrapKey, to: &WrapKey, nonce: [u8; DATA_NONCE_LEN]) -> Result<Data, TrafficError> {
+    let message_key = next_hop_key(&data, from)?;
+    Ok(wrapped_for(data, &message_key, to, nonce))
+}
+
+/// What a reflector does: copies of `data` (authenticated under `from`) with the message key
+/// re-wrapped under each of `to`, one hop further, each with a nonce from `nonce`. The message
+/// key is opened once, also when `to` is empty (the message is then only authenticated).
+pub fn rewrap_to_each(
+    data: &Data,
+    from: &WrapKey,
+    to: &[&WrapKey],
+    mut nonce: impl FnMut() -> [u8; DATA_NONCE_LEN],
+) -> Result<Vec<Data>, TrafficError> {
+    let message_key = next_hop_key(data, from)?;
+    Ok(to.iter().map(|to| wrapped_for(data.clone(), &message_key, to, nonce())).collect())
+}
+
+/// The message key of `data`, if it is authentic under `from` and may cross one more hop.
+fn next_hop_key(data: &Data, from: &WrapKey) -> Result<Key, TrafficError> {
+    let message_key = from.unwrap(data)?;
     if data.hops >= MAX_HOPS {
         return Err(TrafficError::TooManyHops);
     }
+    Ok(message_key)
+}
+
+fn wrapped_for(mut data: Data, message_key: &Key, to: &WrapKey, nonce: [u8; DATA_NONCE_LEN]) -> Data {
     (data.group, data.key, data.hops, data.nonce) = (to.group, to.key_ref, data.hops + 1, nonce);
-    to.wrap(&mut data, &message_key);
-    Ok(data)
+    to.wrap(&mut data, message_key);
+    data
 }
 
 /// Senders whose windows a receiver keeps; past this the lowest sender id is forgotten (only
@@ -217,6 +240,11 @@ impl ReplayWindow {
             Some(&(top, seen)) if seen & (1 << (top - seq)) != 0 => Err(refused),
             Some(_) => Ok(()),
         }
+    }
+
+    /// The highest seq recorded from (origin, sender), if any.
+    pub fn newest(&self, origin: GroupId, sender: MemberId) -> Option<u64> {
+        self.senders.get(&(origin, sender)).map(|&(top, _)| top)
     }
 
     /// Records an opened (origin, sender, seq); call only after [`ReplayWindow::check`] and a

@@ -2,7 +2,7 @@
 //! and application data (sealed under a group key; relayed by intermediaries).
 
 use crate::graph::{MemberId, Position};
-use crate::key::{Key, KeyRef};
+use crate::key::{Key, KeyId, KeyRef};
 
 use super::auth::PUBLIC_KEY_LEN;
 use super::codec::Writer;
@@ -19,6 +19,9 @@ pub const MAX_REFUSAL_TEXT: usize = 256;
 pub const MAX_DATA_LEN: usize = 65_000;
 /// Most intermediaries a data message may cross.
 pub const MAX_HOPS: u8 = 16;
+/// Key id of the joiners' keys (Mukkamalla and Katz 4.4): no key graph issues it (tree ids stay
+/// below 28 << 27, flat ids below 2^31), so data wrapped under one is known as reflected.
+pub const JOINERS_KEY_ID: KeyId = KeyId(u32::MAX);
 
 /// A member asks to join `group`; its identity is its TLS client certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +56,11 @@ pub struct JoinAccepted {
     pub signer: VerifyingKey,
     /// Sequence number of the rekey that delivers this member's path keys.
     pub rekey_seq: u64,
+    /// With the reflector on: the key shared by the joiners of this member's batch, under
+    /// which the controller re-wraps the group's data until their group key is in force.
+    /// Its ref is (`JOINERS_KEY_ID`, the batch's rekey seq, 0). Boxed: most acceptances
+    /// carry none, and they travel in the controller's outputs.
+    pub joiners_key: Option<Box<(KeyRef, Key)>>,
 }
 
 /// Why a join was refused.
@@ -115,6 +123,14 @@ impl JoinAnswer {
                 out.extend_from_slice(a.individual_key.as_bytes());
                 out.extend_from_slice(&a.signer.0);
                 out.put_u64(a.rekey_seq);
+                match a.joiners_key.as_deref() {
+                    None => out.put_u8(0),
+                    Some((key_ref, key)) => {
+                        out.put_u8(1);
+                        out.put_ref(*key_ref);
+                        out.extend_from_slice(key.as_bytes());
+                    }
+                }
             }
             JoinAnswer::Refused { reason, detail } => {
                 out.put_u8(1);
@@ -138,6 +154,7 @@ impl JoinAnswer {
                 individual_key: r.key("individual key")?,
                 signer: VerifyingKey(r.array::<PUBLIC_KEY_LEN>("signer")?),
                 rekey_seq: r.u64("rekey seq")?,
+                joiners_key: read_joiners_key(&mut r)?,
             }),
             1 => {
                 let code = r.u8("refusal reason")?;
@@ -152,6 +169,18 @@ impl JoinAnswer {
         r.finish()?;
         Ok(answer)
     }
+}
+
+/// The optional joiners' key of an acceptance: its ref must name a joiners' key.
+fn read_joiners_key(r: &mut super::codec::Reader<'_>) -> Result<Option<Box<(KeyRef, Key)>>, DecodeError> {
+    if !r.flag("joiners key flag")? {
+        return Ok(None);
+    }
+    let key_ref = r.key_ref("joiners key ref")?;
+    if key_ref.id != JOINERS_KEY_ID || key_ref.revision != 0 {
+        return Err(DecodeError::BadValue { field: "joiners key ref", value: key_ref.id.0.into() });
+    }
+    Ok(Some(Box::new((key_ref, r.key("joiners key")?))))
 }
 
 /// At most `max` bytes of `text`, cut at a character boundary.

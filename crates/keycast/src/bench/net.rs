@@ -26,6 +26,7 @@ fn policy(epoch_ms: u64) -> GroupPolicy {
         refresh_timeout_ms: 3_600_000,
         immediate_eviction: true,
         membership_deltas: false,
+        reflector: false,
         packets: PacketConfig::default(),
     }
 }
