@@ -105,10 +105,14 @@ impl Proactivity {
     }
 
     /// Packets to send in round 1 for a block of `originals` packets (the last block of a
-    /// rekey may be short): ceil(rho * originals), at least the originals.
+    /// rekey may be short, and a small rekey is one short block): the originals and as many
+    /// parity packets as a full block gets. A member fails a block when it lost its own packet
+    /// and more of the others than there are parity packets; with the same parity a short block
+    /// has fewer packets to lose, so it is never less protected than a full one. (Scaling the
+    /// parity with the block, ceil(rho * originals), left a one-packet rekey at rho 1.7 one
+    /// parity packet: 4% of members failed it at 20% loss, against 0.5% for a full block.)
     pub fn round_one_packets(&self, originals: usize) -> usize {
-        let scaled = (originals as u64 * u64::from(self.per_block)).div_ceil(u64::from(self.block));
-        (scaled as usize).max(originals)
+        originals + (self.per_block - self.block) as usize
     }
 
     /// Adapts rho to one rekey's first-round NAKs, each the packets one member still needed
@@ -169,7 +173,7 @@ mod tests {
         assert_eq!(rho.update(&[5, 1, 2, 9, 2]), Adjustment::Raised { by_packets: 2 });
         assert_eq!(rho.rho(), 1.2);
         assert_eq!(rho.round_one_packets(10), 12);
-        assert_eq!(rho.round_one_packets(3), 4, "a short last block gets ceil(rho * 3)");
+        assert_eq!(rho.round_one_packets(3), 5, "a short block gets a full block's parity");
     }
 
     #[test]
@@ -214,6 +218,23 @@ mod tests {
         rho.raise_for_loss(0.01, 300);
         rho.raise_for_loss(f64::NAN, 300);
         assert_eq!(rho.rho(), before);
+    }
+
+    /// A member's chance to miss its packet of a block sent as `sent` packets of `originals`.
+    fn member_fails(sent: usize, originals: usize, loss: f64) -> f64 {
+        loss * binomial_cdf(sent as u32 - 1, 1.0 - loss, originals as u32 - 1)
+    }
+
+    #[test]
+    fn no_short_block_is_less_protected_than_a_full_one() {
+        for loss in [0.02, 0.2, 0.4] {
+            let rho = Proactivity::for_loss(10, 20, 4.0, loss, 2000).unwrap();
+            let full = member_fails(rho.round_one_packets(10), 10, loss);
+            for originals in 1..10 {
+                let short = member_fails(rho.round_one_packets(originals), originals, loss);
+                assert!(short <= full, "loss {loss}: a block of {originals} fails {short}, a full block {full}");
+            }
+        }
     }
 
     #[test]
