@@ -1,0 +1,93 @@
+//! Distributed flat key management over real sockets on loopback: announcements and presences
+//! on a multicast address, grants and join requests over mutual TLS between participants.
+//! A group of 22 participants is built by joins through introducers found from presences,
+//! then two leave and one is evicted; every step waits (with a deadline) until the live
+//! participants agree, and those removed hold no later TEK.
+
+use std::time::Duration;
+
+use keycast_core::protocol::distributed_flat::{Config, Event};
+use keycast_core::wire::GroupId;
+use keycast_net::distributed::{loopback_setups, wait_agreed, DistributedError, DistributedParticipant, DistributedSetup, Introducer};
+
+const PARTICIPANTS: usize = 22;
+/// Generous for a loaded 2-core machine: each wait ends as soon as the group agrees.
+const STEP: Duration = Duration::from_secs(30);
+
+fn setups(count: usize) -> Vec<DistributedSetup> {
+    let config = Config { group: GroupId(41), id_bits: 12, settle_ms: 200 };
+    loopback_setups(config, count, 200, 20_000).unwrap()
+}
+
+fn live<'a>(all: &'a [DistributedParticipant], removed: &[usize]) -> Vec<&'a DistributedParticipant> {
+    all.iter().enumerate().filter(|(i, _)| !removed.contains(i)).map(|(_, p)| p).collect()
+}
+
+/// Joins participant after participant, each through a live participant whose presence the
+/// first one heard (rotating), waiting for agreement after each join.
+async fn build_group(setups: &[DistributedSetup]) -> Vec<DistributedParticipant> {
+    let mut all = vec![DistributedParticipant::create(setups[0].clone()).await.unwrap()];
+    for (i, setup) in setups.iter().enumerate().skip(1) {
+        let introducer = if i == 1 { all[0].introducer() } else { heard_introducer(&all[0], i).await };
+        all.push(DistributedParticipant::join(setup.clone(), &introducer).await.unwrap());
+        assert!(wait_agreed(&live(&all, &[]), STEP).await, "the group did not agree after participant-{i} joined");
+    }
+    all
+}
+
+/// The `i`-th (modulo) live participant whose presence `first` heard, waiting for one.
+async fn heard_introducer(first: &DistributedParticipant, i: usize) -> Introducer {
+    for _ in 0..3_000 {
+        let known = first.known_introducers();
+        if !known.is_empty() {
+            return known[i % known.len()].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} heard no presence of a live participant", first.identity());
+}
+
+/// Whether `removed` holds, or ever held, the TEK `live` agree on.
+fn holds_tek_of(removed: &DistributedParticipant, live: &DistributedParticipant) -> bool {
+    let (tek_ref, tek) = live.tek().expect("a TEK");
+    removed.tek().is_some_and(|(_, k)| k == tek) || removed.ever_held().get(&tek_ref).is_some_and(|k| *k == tek)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_over_multicast_and_tls_agrees_through_joins_leaves_and_an_eviction() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let setups = setups(PARTICIPANTS);
+        let mut all = build_group(&setups).await;
+        let mut removed = Vec::new();
+        let mut departures = all[5].events().unwrap();
+        for leaver in [5, 11] {
+            all[leaver].leave().await.unwrap();
+            removed.push(leaver);
+            assert!(wait_agreed(&live(&all, &removed), STEP).await, "no agreement after participant-{leaver} left");
+        }
+        assert!(
+            std::iter::from_fn(|| departures.try_recv().ok()).any(|e| matches!(e, Event::Departed { .. })),
+            "participant-5 was not told it departed"
+        );
+        let target = all[17].status().id;
+        all[3].evict(target).await.unwrap();
+        removed.push(17);
+        let group = live(&all, &removed);
+        assert!(wait_agreed(&group, STEP).await, "no agreement after the eviction");
+        assert_eq!(group[0].status().roster.len(), PARTICIPANTS - 3);
+        for &gone in &removed {
+            assert!(!all[gone].status().live, "participant-{gone} is still live");
+            assert!(!holds_tek_of(&all[gone], group[0]), "participant-{gone} holds the group's TEK");
+        }
+        let traffic: u64 = all.iter().map(|p| p.traffic().private_failed).sum();
+        assert_eq!(traffic, 0, "private messages were given up");
+
+        // The evicted identity is revoked: no introducer admits it again.
+        let mut again = setups[17].clone();
+        again.deadline_ms = 3_000;
+        let refused = DistributedParticipant::join(again, &all[0].introducer()).await;
+        assert!(matches!(refused, Err(DistributedError::Join { .. })), "the evicted identity was admitted again");
+    })
+    .await
+    .expect("the test ran out of time");
+}
