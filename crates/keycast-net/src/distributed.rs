@@ -126,12 +126,16 @@ pub struct Status {
     pub change: ChangeRef,
     pub tek: Option<KeyRef>,
     pub roster: BTreeMap<u64, Identity>,
+    /// Whether an exclusion round is open, and the ID bits whose KEK is awaited.
+    pub awaiting: (bool, Vec<u8>),
 }
 
 /// What the participant's task shares with the handle and its sending tasks.
 struct Shared {
     status: Status,
     tek: Option<Key>,
+    /// The TEK and KEKs held now.
+    held: Vec<(KeyRef, Key)>,
     /// Every key this participant ever held: what it could still use if it were removed.
     ever_held: BTreeMap<KeyRef, Key>,
     traffic: Traffic,
@@ -199,6 +203,7 @@ impl DistributedParticipant {
         let shared = Arc::new(Mutex::new(Shared {
             status: status_of(&participant),
             tek: participant.tek().map(|(_, k)| k.clone()),
+            held: participant.held_keys(),
             ever_held: participant.held_keys().into_iter().collect(),
             traffic: Traffic::default(),
             addresses: BTreeMap::new(),
@@ -247,6 +252,11 @@ impl DistributedParticipant {
     pub fn tek(&self) -> Option<(KeyRef, Key)> {
         let shared = lock(&self.shared);
         shared.status.tek.zip(shared.tek.clone())
+    }
+
+    /// The TEK and KEKs held now (secret: for audits and tests).
+    pub fn held_keys(&self) -> Vec<(KeyRef, Key)> {
+        lock(&self.shared).held.clone()
     }
 
     /// Every key this participant ever held (secret: for audits and tests).
@@ -299,6 +309,7 @@ fn status_of(participant: &Participant) -> Status {
         change: participant.change(),
         tek: participant.tek().map(|(r, _)| r),
         roster: participant.roster().clone(),
+        awaiting: participant.awaiting(),
     }
 }
 
@@ -344,7 +355,6 @@ impl Actor {
                     next_presence = Instant::now() + Duration::from_millis(jittered(self.setup.presence_ms.max(2)));
                 }
             }
-            self.publish();
         }
     }
 
@@ -361,17 +371,18 @@ impl Actor {
         }
     }
 
-    /// A verified presence newer than the signer's last one updates its listener address.
+    /// A verified presence newer than the signer's last one updates its listener address. One
+    /// that repeats the known address changes nothing and is not verified: with N participants
+    /// every presence interval brings N² presences.
     fn on_presence(&mut self, bytes: &[u8]) {
         let Ok((presence, signature)) = Presence::decode(bytes) else { return };
-        let Some(key) = self.setup.directory.get(&presence.signer) else { return };
-        if presence.group != self.setup.config.group || !Presence::verify(bytes, &signature, key) {
+        let known = lock(&self.shared).addresses.get(&presence.signer).copied();
+        if known.is_some_and(|(at, addr)| addr == SocketAddr::V4(presence.listener) || at >= presence.at_ms) {
             return;
         }
-        let mut shared = lock(&self.shared);
-        let newer = shared.addresses.get(&presence.signer).is_none_or(|(at, _)| *at < presence.at_ms);
-        if newer {
-            shared.addresses.insert(presence.signer, (presence.at_ms, SocketAddr::V4(presence.listener)));
+        let Some(key) = self.setup.directory.get(&presence.signer) else { return };
+        if presence.group == self.setup.config.group && Presence::verify(bytes, &signature, key) {
+            lock(&self.shared).addresses.insert(presence.signer, (presence.at_ms, SocketAddr::V4(presence.listener)));
         }
     }
 
@@ -439,12 +450,14 @@ impl Actor {
         for output in outputs {
             match output {
                 Output::Multicast(bytes) => {
+                    tracing::debug!(identity = %self.participant.identity(), kind = bytes[1], len = bytes.len(), "announcement");
                     if self.sender.send_to(&bytes, self.group_addr).await.is_ok() {
                         lock(&self.shared).traffic.announcements += 1;
                         lock(&self.shared).traffic.announcement_bytes += bytes.len() as u64;
                     }
                 }
                 Output::Private { to, bytes } => {
+                    tracing::debug!(identity = %self.participant.identity(), %to, kind = bytes[1], "private message");
                     let (channel, shared, deadline) = (self.channel.clone(), self.shared.clone(), self.setup.deadline_ms);
                     tokio::spawn(async move { channel.deliver(&shared, to, bytes, deadline).await });
                 }
@@ -456,6 +469,7 @@ impl Actor {
                 }
             }
         }
+        self.publish();
     }
 
     async fn send_presence(&mut self) {
@@ -468,11 +482,14 @@ impl Actor {
         }
     }
 
+    /// Shares the participant's state after a step (presences change nothing here, and with
+    /// N participants they are most of the datagrams).
     fn publish(&self) {
         let mut shared = lock(&self.shared);
         shared.status = status_of(&self.participant);
         shared.tek = self.participant.tek().map(|(_, k)| k.clone());
-        let held = self.participant.held_keys();
+        shared.held = self.participant.held_keys();
+        let held = shared.held.clone();
         shared.ever_held.extend(held);
     }
 }
@@ -632,8 +649,8 @@ pub fn loopback_setups(config: Config, count: usize, presence_ms: u64, deadline_
     Ok(credentials.into_iter().map(setup).collect())
 }
 
-/// Whether `participants` are live and settled, hold one TEK (same ref and value) and each
-/// lists exactly them as the roster.
+/// Whether `participants` are live and settled, hold one TEK (same ref and value), each lists
+/// exactly them as the roster, and their KEKs agree.
 pub fn agreed(participants: &[&DistributedParticipant]) -> bool {
     let Some(first) = participants.first().and_then(|p| p.tek()) else { return false };
     let identities: BTreeSet<&Identity> = participants.iter().map(|p| p.identity()).collect();
@@ -641,6 +658,15 @@ pub fn agreed(participants: &[&DistributedParticipant]) -> bool {
         let status = p.status();
         let roster: BTreeSet<&Identity> = status.roster.values().collect();
         status.live && status.settled && p.tek().as_ref() == Some(&first) && roster == identities
+    }) && keks_agree(participants)
+}
+
+/// Whether every KEK has one ref and value among the participants that hold it.
+pub fn keks_agree(participants: &[&DistributedParticipant]) -> bool {
+    let mut slots: BTreeMap<keycast_core::key::KeyId, (KeyRef, Key)> = BTreeMap::new();
+    participants.iter().flat_map(|p| p.held_keys().into_iter().skip(1)).all(|(key_ref, key)| {
+        let first = slots.entry(key_ref.id).or_insert_with(|| (key_ref, key.clone()));
+        *first == (key_ref, key)
     })
 }
 

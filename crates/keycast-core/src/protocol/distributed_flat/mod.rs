@@ -346,6 +346,13 @@ impl Participant {
         self.is_live() && self.round.is_none() && self.handover_until.is_none() && self.state.tek.is_some() && self.state.keks.iter().all(Option::is_some)
     }
 
+    /// Why this participant is not settled, for diagnostics: whether an exclusion round is
+    /// open, and the ID bits whose KEK it awaits.
+    pub fn awaiting(&self) -> (bool, Vec<u8>) {
+        let missing = (0..self.config.id_bits).filter(|&j| self.state.keks[j as usize].is_none()).collect();
+        (self.round.is_some(), missing)
+    }
+
     /// The change that made the TEK version in force.
     pub fn change(&self) -> ChangeRef {
         self.state.change
