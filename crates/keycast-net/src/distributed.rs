@@ -394,6 +394,8 @@ impl Actor {
                     let (grant, rest): (Vec<_>, Vec<_>) = outputs.into_iter().partition(|o| matches!(o, Output::Private { to, .. } if *to == from));
                     self.dispatch(rest).await;
                     if let Some(Output::Private { bytes, .. }) = grant.into_iter().next() {
+                        // Counted when handed to the connection that asked: it answers with it.
+                        count_private(&self.shared, true, bytes.len());
                         let _ = reply.send(Ok(bytes));
                     }
                 }

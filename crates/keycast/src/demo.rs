@@ -300,6 +300,19 @@ impl Drop for ControllerRuntime {
     }
 }
 
+/// Runs a demo on a runtime of its own, quiet unless asked (`KEYCAST_LOG=warn`): the demo's
+/// output is its summary. With --json it is printed here; otherwise returned for the text.
+pub(crate) fn run_quietly<S: serde::Serialize>(args: &DemoArgs, demo: impl std::future::Future<Output = Result<S, String>>) -> Result<Option<S>, String> {
+    crate::net::logging_or("off");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let summary = runtime.block_on(demo)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary).expect("plain values"));
+        return Ok(None);
+    }
+    Ok(Some(summary))
+}
+
 pub fn run(args: &DemoArgs) -> Result<(), String> {
     if args.relays.is_some() && args.scheme == DemoScheme::DistributedFlat {
         return Err("--relays builds a hierarchy of controllers; distributed flat has none".into());
@@ -310,13 +323,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
     if args.scheme == DemoScheme::DistributedFlat {
         return crate::demo_distributed::run(args);
     }
-    // Quiet unless asked (`KEYCAST_LOG=warn`): the demo's output is its summary.
-    crate::net::logging_or("off");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let summary = runtime.block_on(demo(args))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary).expect("plain values"));
-    } else {
+    if let Some(summary) = run_quietly(args, demo(args))? {
         println!(
             "{} members after {} epochs ({} joins, {} leaves, 1 eviction); {} rekeys, {} bytes on the wire",
             summary.members, summary.epochs, summary.joins, summary.leaves, summary.rekeys, summary.rekey_bytes

@@ -64,12 +64,7 @@ struct PerOperation {
 }
 
 pub fn run(args: &DemoArgs) -> Result<(), String> {
-    crate::net::logging_or("off");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let summary = runtime.block_on(demo(args))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary).expect("plain values"));
-    } else {
+    if let Some(summary) = crate::demo::run_quietly(args, demo(args))? {
         println!(
             "{} participants after {} rounds ({} joins, {} leaves, {} eviction), no controller; {:.0}% live participants at the common TEK",
             summary.members,

@@ -86,12 +86,7 @@ impl Level {
 }
 
 pub fn run(args: &DemoArgs, relays: u16) -> Result<(), String> {
-    crate::net::logging_or("off");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let summary = runtime.block_on(demo(args, relays))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary).expect("plain values"));
-    } else {
+    if let Some(summary) = crate::demo::run_quietly(args, demo(args, relays))? {
         println!(
             "{} members in a top group and {} subgroups after {} epochs ({} joins, {} leaves, 1 eviction); {} at their controller's key",
             summary.members, summary.subgroups, summary.epochs, summary.joins, summary.leaves, summary.members_in_sync

@@ -193,17 +193,12 @@ impl Announcement {
 
     /// The signed bytes to multicast.
     pub fn sign(&self, signer: &Signer) -> Vec<u8> {
-        let mut out = self.body_bytes();
-        let signature = signer.sign(ANNOUNCEMENT_DOMAIN, &out);
-        out.extend_from_slice(&signature);
-        out
+        signed(self.body_bytes(), ANNOUNCEMENT_DOMAIN, signer)
     }
 
     /// The announcement with a given signature (re-encoding a decoded one; not checked).
     pub fn encode_with(&self, signature: &Signature) -> Vec<u8> {
-        let mut out = self.body_bytes();
-        out.extend_from_slice(signature);
-        out
+        [self.body_bytes(), signature.to_vec()].concat()
     }
 
     /// Decodes without checking the signature (see [`Announcement::verify`]).
@@ -286,17 +281,12 @@ impl Presence {
     }
 
     pub fn sign(&self, signer: &Signer) -> Vec<u8> {
-        let mut out = self.body_bytes();
-        let signature = signer.sign(PRESENCE_DOMAIN, &out);
-        out.extend_from_slice(&signature);
-        out
+        signed(self.body_bytes(), PRESENCE_DOMAIN, signer)
     }
 
     /// The presence with a given signature (re-encoding a decoded one; not checked).
     pub fn encode_with(&self, signature: &Signature) -> Vec<u8> {
-        let mut out = self.body_bytes();
-        out.extend_from_slice(signature);
-        out
+        [self.body_bytes(), signature.to_vec()].concat()
     }
 
     /// Decodes without checking the signature (see [`Presence::verify`]).
@@ -446,6 +436,13 @@ fn read_join_grant(r: &mut Reader<'_>) -> Result<JoinGrant, DecodeError> {
         revoked.push(who);
     }
     Ok(JoinGrant { attempt, change, tek, keks, table, roster, revoked })
+}
+
+/// `body` followed by `signer`'s signature over `domain` and it.
+fn signed(mut body: Vec<u8>, domain: &[u8], signer: &Signer) -> Vec<u8> {
+    let signature = signer.sign(domain, &body);
+    body.extend_from_slice(&signature);
+    body
 }
 
 fn read_version_and_kind(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
