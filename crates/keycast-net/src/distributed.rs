@@ -683,3 +683,41 @@ pub async fn wait_agreed(participants: &[&DistributedParticipant], within: Durat
     }
     agreed(participants)
 }
+
+/// Records every announcement on a group's multicast address, as an outsider would (for audits
+/// of removed participants: tests and the demo). At most `MAX_RECORDED`; stops when dropped.
+pub struct Recorder {
+    log: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: JoinHandle<()>,
+}
+
+const MAX_RECORDED: usize = 200_000;
+
+impl Recorder {
+    pub fn start(multicast: &MulticastConfig) -> std::io::Result<Recorder> {
+        let socket = multicast::receiver(multicast)?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let recording = log.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok((len, _)) = socket.recv_from(&mut buf).await {
+                let mut log = lock(&recording);
+                if !Presence::is_presence(&buf[..len]) && log.len() < MAX_RECORDED {
+                    log.push(buf[..len].to_vec());
+                }
+            }
+        });
+        Ok(Recorder { log, task })
+    }
+
+    /// The announcements recorded so far.
+    pub fn announcements(&self) -> Vec<Vec<u8>> {
+        lock(&self.log).clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

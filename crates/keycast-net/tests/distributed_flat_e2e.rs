@@ -2,13 +2,17 @@
 //! on a multicast address, grants and join requests over mutual TLS between participants.
 //! A group of 22 participants is built by joins through introducers found from presences,
 //! then two leave and one is evicted; every step waits (with a deadline) until the live
-//! participants agree, and those removed hold no later TEK.
+//! participants agree, and those removed neither hold nor derive (from every key they held
+//! and every announcement recorded) a later TEK.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use keycast_core::key::{Key, KeyRef};
+use keycast_core::protocol::distributed_flat::audit;
 use keycast_core::protocol::distributed_flat::{Config, Event};
 use keycast_core::wire::GroupId;
-use keycast_net::distributed::{loopback_setups, wait_agreed, DistributedError, DistributedParticipant, DistributedSetup, Introducer};
+use keycast_net::distributed::{loopback_setups, wait_agreed, DistributedError, DistributedParticipant, DistributedSetup, Introducer, Recorder};
 
 const PARTICIPANTS: usize = 22;
 /// Generous for a loaded 2-core machine: each wait ends as soon as the group agrees.
@@ -54,10 +58,18 @@ fn holds_tek_of(removed: &DistributedParticipant, live: &DistributedParticipant)
     removed.tek().is_some_and(|(_, k)| k == tek) || removed.ever_held().get(&tek_ref).is_some_and(|k| *k == tek)
 }
 
+/// Whether `removed`, with every key it ever held and every announcement recorded, derives a
+/// TEK that `live` held after the last one `removed` held.
+fn derives_later_tek(removed: &DistributedParticipant, live: &DistributedParticipant, recorded: &[Vec<u8>]) -> bool {
+    let group_teks: BTreeMap<KeyRef, Key> = live.ever_held().into_iter().filter(|(r, _)| r.id.0 == 0).collect();
+    audit::derives_later_tek(&removed.ever_held(), &group_teks, recorded)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_over_multicast_and_tls_agrees_through_joins_leaves_and_an_eviction() {
     tokio::time::timeout(Duration::from_secs(300), async {
         let setups = setups(PARTICIPANTS);
+        let recorder = Recorder::start(&setups[0].multicast).unwrap();
         let mut all = build_group(&setups).await;
         let mut removed = Vec::new();
         let mut departures = all[5].events().unwrap();
@@ -79,6 +91,7 @@ async fn a_group_over_multicast_and_tls_agrees_through_joins_leaves_and_an_evict
         for &gone in &removed {
             assert!(!all[gone].status().live, "participant-{gone} is still live");
             assert!(!holds_tek_of(&all[gone], group[0]), "participant-{gone} holds the group's TEK");
+            assert!(!derives_later_tek(&all[gone], group[0], &recorder.announcements()), "participant-{gone} derives a later TEK");
         }
         let traffic: u64 = all.iter().map(|p| p.traffic().private_failed).sum();
         assert_eq!(traffic, 0, "private messages were given up");

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use keycast_core::key::{Key, KeyRef};
-use keycast_core::protocol::distributed_flat::audit::derive_keys;
-use keycast_core::protocol::distributed_flat::{Config, Presence};
+use keycast_core::protocol::distributed_flat::audit;
+use keycast_core::protocol::distributed_flat::Config;
 use keycast_core::wire::GroupId;
-use keycast_net::distributed::{loopback_setups, wait_agreed, DistributedParticipant, DistributedSetup, Traffic};
+use keycast_net::distributed::{loopback_setups, wait_agreed, DistributedParticipant, DistributedSetup, Recorder, Traffic};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use serde::Serialize;
@@ -26,8 +26,6 @@ const PRESENCE_MS: u64 = 2_000;
 const DEADLINE_MS: u64 = 20_000;
 /// How long the group may take to agree after one operation.
 const AGREE_WITHIN: Duration = Duration::from_secs(30);
-/// Announcements the observer records, at most.
-const MAX_RECORDED: usize = 200_000;
 
 #[derive(Serialize)]
 struct Summary {
@@ -217,26 +215,13 @@ fn mean((count, sum): (usize, Traffic)) -> PerOperation {
     }
 }
 
-/// Records every announcement on the group's address (an outsider's view), until aborted.
-async fn observe(socket: tokio::net::UdpSocket, log: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
-    let mut buf = vec![0u8; 65_536];
-    while let Ok((len, _)) = socket.recv_from(&mut buf).await {
-        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-        if !Presence::is_presence(&buf[..len]) && log.len() < MAX_RECORDED {
-            log.push(buf[..len].to_vec());
-        }
-    }
-}
-
 async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     let started = Instant::now();
     let members = args.members() as usize;
     let config = Config { group: GroupId(1), id_bits: ID_BITS, settle_ms: args.settle_ms };
     let capacity = members + 3 * args.epochs as usize + 1;
     let setups = loopback_setups(config, capacity, PRESENCE_MS, DEADLINE_MS).map_err(|e| e.to_string())?;
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let socket = keycast_net::multicast::receiver(&setups[0].multicast).map_err(|e| e.to_string())?;
-    let observer = tokio::spawn(observe(socket, log.clone()));
+    let recorder = Recorder::start(&setups[0].multicast).map_err(|e| e.to_string())?;
     let first = DistributedParticipant::create(setups[0].clone()).await.map_err(|e| e.to_string())?;
     let mut group = Group {
         setups,
@@ -274,8 +259,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    observer.abort();
-    let recorded = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
+    let recorded = recorder.announcements();
     let total = group.total();
     Ok(Summary {
         members: group.live.len(),
@@ -309,9 +293,6 @@ fn in_sync(group: &Group) -> f64 {
 /// Whether `gone`, with every key it ever held and the recorded announcements, derives a TEK
 /// some live participant held, of a version after the last TEK `gone` held.
 fn derives_later_tek(gone: &DistributedParticipant, group: &Group, recorded: &[Vec<u8>]) -> bool {
-    let held = gone.ever_held();
-    let last_version = held.keys().filter(|r| r.id.0 == 0).map(|r| r.version).max().unwrap_or(0);
-    let derived = derive_keys(&held, recorded);
-    let later = group.live.values().flat_map(|p| p.ever_held()).filter(|(r, _)| r.id.0 == 0 && r.version > last_version);
-    later.into_iter().any(|(r, k)| derived.get(&r) == Some(&k))
+    let group_teks: BTreeMap<KeyRef, Key> = group.live.values().flat_map(|p| p.ever_held()).filter(|(r, _)| r.id.0 == 0).collect();
+    audit::derives_later_tek(&gone.ever_held(), &group_teks, recorded)
 }

@@ -8,7 +8,17 @@ use std::collections::BTreeMap;
 use crate::key::{Key, KeyRef};
 use crate::wrap::{derive_revision, flat_replacement_wrapping_key, Wrap, Wrapper};
 
-use super::{Announcement, Body};
+use super::{Announcement, Body, TEK_ID};
+
+/// Whether a removed participant that held `held` (every key it ever held) derives, from
+/// `announcements`, one of `group_teks` (TEKs the group used) of a version after the last TEK
+/// it held.
+pub fn derives_later_tek(held: &BTreeMap<KeyRef, Key>, group_teks: &BTreeMap<KeyRef, Key>, announcements: &[Vec<u8>]) -> bool {
+    let last_version = held.keys().filter(|r| r.id == TEK_ID).map(|r| r.version).max().unwrap_or(0);
+    let derived = derive_keys(held, announcements);
+    let later = group_teks.iter().filter(|(r, _)| r.id == TEK_ID && r.version > last_version);
+    later.into_iter().any(|(r, k)| derived.get(r) == Some(k))
+}
 
 /// Every key derivable from `known` and the wraps of `announcements` (undecodable bytes and
 /// presences are skipped; signatures are not checked: an outsider would not either).
