@@ -133,7 +133,6 @@ pub struct Status {
 /// What the participant's task shares with the handle and its sending tasks.
 struct Shared {
     status: Status,
-    tek: Option<Key>,
     /// The TEK and KEKs held now.
     held: Vec<(KeyRef, Key)>,
     /// Every key this participant ever held: what it could still use if it were removed.
@@ -202,7 +201,6 @@ impl DistributedParticipant {
         let (events_out, events) = mpsc::channel(EVENT_CAPACITY);
         let shared = Arc::new(Mutex::new(Shared {
             status: status_of(&participant),
-            tek: participant.tek().map(|(_, k)| k.clone()),
             held: participant.held_keys(),
             ever_held: participant.held_keys().into_iter().collect(),
             traffic: Traffic::default(),
@@ -251,7 +249,7 @@ impl DistributedParticipant {
     /// The TEK in force, if held (secret: for sealing data, audits and tests).
     pub fn tek(&self) -> Option<(KeyRef, Key)> {
         let shared = lock(&self.shared);
-        shared.status.tek.zip(shared.tek.clone())
+        shared.held.iter().find(|(r, _)| Some(*r) == shared.status.tek).cloned()
     }
 
     /// The TEK and KEKs held now (secret: for audits and tests).
@@ -489,7 +487,6 @@ impl Actor {
     fn publish(&self) {
         let mut shared = lock(&self.shared);
         shared.status = status_of(&self.participant);
-        shared.tek = self.participant.tek().map(|(_, k)| k.clone());
         shared.held = self.participant.held_keys();
         let held = shared.held.clone();
         shared.ever_held.extend(held);
