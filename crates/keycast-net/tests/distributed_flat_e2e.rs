@@ -105,3 +105,36 @@ async fn a_group_over_multicast_and_tls_agrees_through_joins_leaves_and_an_evict
     .await
     .expect("the test ran out of time");
 }
+
+/// A certificate of the group's CA outside the directory (refused by the introducer's
+/// listener) and one of another CA naming the introducer itself (no TLS handshake completes,
+/// and its presences do not verify) cannot join: both give up at their deadline; the group
+/// stays as it was and admits a participant of its directory next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_at_the_listener_and_the_group_goes_on() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut setups = setups(3);
+        let stranger = setups.pop().unwrap();
+        for setup in &mut setups {
+            setup.directory.retain(|who, _| who.as_str() != "participant-2");
+        }
+        let mut other_ca = setups_of_another_group();
+        other_ca.multicast = setups[0].multicast.clone();
+        let first = DistributedParticipant::create(setups[0].clone()).await.unwrap();
+        for mut outsider in [stranger, other_ca] {
+            outsider.deadline_ms = 1_500;
+            let refused = DistributedParticipant::join(outsider, &first.introducer()).await;
+            assert!(matches!(refused, Err(DistributedError::Join { .. })), "an outsider joined");
+        }
+        assert_eq!(first.status().roster.len(), 1);
+        let second = DistributedParticipant::join(setups[1].clone(), &first.introducer()).await.unwrap();
+        assert!(wait_agreed(&[&first, &second], STEP).await, "the group did not agree after a legitimate join");
+    })
+    .await
+    .expect("the test ran out of time");
+}
+
+/// A participant of another group's CA (named participant-0) whose own directory lists it.
+fn setups_of_another_group() -> DistributedSetup {
+    setups(1).pop().unwrap()
+}
