@@ -31,6 +31,8 @@ const AGREE_WITHIN: Duration = Duration::from_secs(30);
 struct Summary {
     members: usize,
     rounds: u32,
+    /// The step after which the participants did not agree in time (the churn stopped there).
+    stopped: Option<String>,
     joins: usize,
     leaves: usize,
     evictions: usize,
@@ -63,6 +65,9 @@ struct PerOperation {
 
 pub fn run(args: &DemoArgs) -> Result<(), String> {
     if let Some(summary) = crate::demo::run_quietly(args, demo(args))? {
+        if let Some(reason) = &summary.stopped {
+            println!("stopped early: {reason}");
+        }
         println!(
             "{} participants after {} rounds ({} joins, {} leaves, {} eviction), no controller; {:.0}% live participants at the common TEK",
             summary.members,
@@ -236,34 +241,41 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     bar.set_style(ProgressStyle::with_template("{bar:20} {pos}/{len} {wide_msg}").expect("valid template"));
     bar.set_message(format!("{members} participants joining through each other over TLS 1.3"));
     bar.inc(1);
-    for _ in 1..members {
-        group.join().await?;
-        bar.inc(1);
-    }
+    // A step the group does not agree after ends the churn: the summary reports it and what
+    // the participants hold then.
     let (mut leaves, mut evictions) = (0, 0);
-    for round in 1..=args.epochs {
-        bar.set_message(format!("round {round}: leaves, joins{}", if round == args.epochs / 2 { ", an eviction" } else { "" }));
-        for _ in 0..1 + group.rng.next_u64() % 3 {
-            if group.live.len() > 2 {
-                group.leave().await?;
-                leaves += 1;
-            }
-        }
-        if round == args.epochs / 2 {
-            group.evict().await?;
-            evictions += 1;
-        }
-        for _ in 0..1 + group.rng.next_u64() % 3 {
+    let churn = async {
+        for _ in 1..members {
             group.join().await?;
+            bar.inc(1);
         }
-        bar.inc(1);
-    }
+        for round in 1..=args.epochs {
+            bar.set_message(format!("round {round}: leaves, joins{}", if round == args.epochs / 2 { ", an eviction" } else { "" }));
+            for _ in 0..1 + group.rng.next_u64() % 3 {
+                if group.live.len() > 2 {
+                    leaves += 1;
+                    group.leave().await?;
+                }
+            }
+            if round == args.epochs / 2 {
+                evictions += 1;
+                group.evict().await?;
+            }
+            for _ in 0..1 + group.rng.next_u64() % 3 {
+                group.join().await?;
+            }
+            bar.inc(1);
+        }
+        Ok::<(), String>(())
+    };
+    let stopped = churn.await.err();
     bar.finish_and_clear();
     let recorded = recorder.announcements();
     let total = group.total();
     Ok(Summary {
         members: group.live.len(),
         rounds: args.epochs,
+        stopped,
         joins: group.joins.0,
         leaves,
         evictions,

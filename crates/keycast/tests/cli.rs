@@ -62,6 +62,7 @@ fn demo_of_distributed_flat_keeps_participants_in_sync_and_removed_ones_out() {
         let _alone = timing_lock();
         keycast(&["demo", "--scheme", "distributed-flat", "--members", "30", "--epochs", "2", "--json"])
     };
+    assert_eq!(summary["stopped"], serde_json::Value::Null, "{summary}");
     assert_eq!(summary["members_in_sync"], 1.0, "{summary}");
     assert_eq!(summary["evicted_can_decrypt"], false, "{summary}");
     assert_eq!(summary["evictions"], 1, "{summary}");
