@@ -6,12 +6,14 @@
 //! and every announcement recorded) a later TEK.
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use keycast_core::key::{Key, KeyRef};
 use keycast_core::protocol::distributed_flat::audit;
-use keycast_core::protocol::distributed_flat::{Config, Event};
-use keycast_core::wire::GroupId;
+use keycast_core::protocol::distributed_flat::{Config, Event, Presence};
+use keycast_core::wire::{GroupId, Signer};
+use keycast_net::pki::participant_signing_seed;
 use keycast_net::distributed::{loopback_setups, wait_agreed, DistributedError, DistributedParticipant, DistributedSetup, Introducer, Recorder};
 
 const PARTICIPANTS: usize = 22;
@@ -137,4 +139,40 @@ async fn strangers_are_refused_at_the_listener_and_the_group_goes_on() {
 /// A participant of another group's CA (named participant-0) whose own directory lists it.
 fn setups_of_another_group() -> DistributedSetup {
     setups(1).pop().unwrap()
+}
+
+/// Garbage, a presence forged under another participant's key and one of another group, all
+/// moving participant-2's listener to a dead address, disturb nobody: a leave after them
+/// settles and participant-2's address stays its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_datagrams_on_the_group_address_move_no_listener_and_stop_no_change() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let setups = setups(3);
+        let mut all = vec![DistributedParticipant::create(setups[0].clone()).await.unwrap()];
+        for setup in &setups[1..] {
+            all.push(DistributedParticipant::join(setup.clone(), &all[0].introducer()).await.unwrap());
+            assert!(wait_agreed(&live(&all, &[]), STEP).await);
+        }
+        let victim = all[2].identity().clone();
+        let dead: SocketAddrV4 = "127.0.0.1:9".parse().unwrap();
+        let signer_of = |i: usize| Signer::from_seed(&participant_signing_seed(&setups[i].credentials).unwrap());
+        let presence = |group, at_ms| Presence { group, signer: victim.clone(), at_ms, listener: dead };
+        let config = setups[0].config;
+        let hostile = [
+            vec![0xff; 40],
+            presence(config.group, u64::MAX / 2).sign(&signer_of(1)),
+            presence(GroupId(config.group.0 + 1), u64::MAX / 2).sign(&signer_of(2)),
+        ];
+        let socket = keycast_net::multicast::sender(&setups[0].multicast).unwrap();
+        for bytes in &hostile {
+            socket.send_to(bytes, SocketAddr::V4(setups[0].multicast.address)).await.unwrap();
+        }
+        // Sent after the hostile datagrams: once it settles, they were read.
+        all[1].leave().await.unwrap();
+        assert!(wait_agreed(&live(&all, &[1]), STEP).await, "the leave did not settle");
+        let heard = all[0].known_introducers().into_iter().find(|i| i.identity == victim).expect("participant-2's presence");
+        assert_eq!(heard.addr, all[2].introducer().addr, "a hostile presence moved participant-2's listener");
+    })
+    .await
+    .expect("the test ran out of time");
 }
