@@ -3,7 +3,8 @@
 //! A group of 22 participants is built by joins through introducers found from presences,
 //! then two leave and one is evicted; every step waits (with a deadline) until the live
 //! participants agree, and those removed neither hold nor derive (from every key they held
-//! and every announcement recorded) a later TEK.
+//! and every announcement recorded) a later TEK. Strangers and hostile datagrams are refused
+//! without disturbing the group.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, SocketAddrV4};
