@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use keycast_core::key::{Key, KeyId, KeyRef};
 use keycast_core::keygen::BatchSeed;
+use keycast_core::protocol::distributed_flat::audit::derive_keys;
 use keycast_core::protocol::distributed_flat::message::change_digest;
 use keycast_core::protocol::distributed_flat::{Announcement, Body, ChangeDigest, Config, Directory, Event, Identity, Output, Participant, Refused};
 use keycast_core::wire::{GroupId, Signer};
-use keycast_core::wrap::{derive_revision, flat_replacement_wrapping_key, Wrapper};
 use proptest::prelude::*;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
@@ -234,47 +234,6 @@ impl Net {
     }
 }
 
-/// Every key an outsider holding `known` derives from the logged announcements. It tries
-/// every value it knows for a key id, whatever its version (a replacement that reused old
-/// material would be found), advanced to the revision the wrap names.
-fn derive_all(known: &BTreeMap<KeyRef, Key>, log: &[Vec<u8>]) -> BTreeMap<KeyRef, Key> {
-    let mut known = known.clone();
-    let wraps: Vec<_> = log
-        .iter()
-        .filter_map(|bytes| match Announcement::decode(bytes).ok()?.0.body {
-            Body::Exclusion(e) => Some(e.wraps),
-            Body::Relay(r) => Some(r.wraps),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    let candidates = |known: &BTreeMap<KeyRef, Key>, to: KeyRef| -> Vec<Key> {
-        let same_id = known.iter().filter(|(r, _)| r.id == to.id);
-        same_id.filter_map(|(r, k)| derive_revision(k, KeyRef { version: to.version, ..*r }, to)).collect()
-    };
-    loop {
-        let before = known.len();
-        for w in &wraps {
-            if known.contains_key(&w.key) {
-                continue;
-            }
-            let wrapping: Vec<Key> = match w.under {
-                Wrapper::Key(under) => candidates(&known, under),
-                Wrapper::KekAndTek { kek, tek } => {
-                    let teks = candidates(&known, tek);
-                    candidates(&known, kek).iter().flat_map(|k| teks.iter().map(|t| flat_replacement_wrapping_key(k, kek, t, tek))).collect()
-                }
-            };
-            if let Some(key) = wrapping.iter().find_map(|k| w.open(k).ok()) {
-                known.insert(w.key, key);
-            }
-        }
-        if known.len() == before {
-            return known;
-        }
-    }
-}
-
 /// Whether `derived` holds a TEK that was in force, of `version` or later.
 fn derives_tek_from(net: &Net, derived: &BTreeMap<KeyRef, Key>, version: u32) -> bool {
     derived.iter().any(|(r, k)| r.id == TEK_ID && r.version >= version && net.teks_in_force.get(r) == Some(k))
@@ -353,7 +312,7 @@ proptest! {
     ) {
         let net = run_history(id_bits, seed, &steps);
         for (who, &version) in &net.departed_at {
-            let derived = derive_all(&net.ever_held[who], &net.log);
+            let derived = derive_keys(&net.ever_held[who], &net.log);
             prop_assert!(!derives_tek_from(&net, &derived, version), "{} derives a TEK of version {} or later", who, version);
         }
     }
@@ -389,13 +348,13 @@ fn two_departed_participants_with_complementary_ids_derive_later_teks_and_neithe
     net.settle();
     net.assert_agreement();
     let version_b = net.departed_at[&b];
-    let alone_a = derive_all(&net.ever_held[&a], &net.log);
-    let alone_b = derive_all(&net.ever_held[&b], &net.log);
+    let alone_a = derive_keys(&net.ever_held[&a], &net.log);
+    let alone_b = derive_keys(&net.ever_held[&b], &net.log);
     assert!(!derives_tek_from(&net, &alone_a, net.departed_at[&a]), "a alone");
     assert!(!derives_tek_from(&net, &alone_b, version_b), "b alone");
     let mut together = net.ever_held[&a].clone();
     together.extend(net.ever_held[&b].clone());
-    let derived = derive_all(&together, &net.log);
+    let derived = derive_keys(&together, &net.log);
     let (tek_ref, tek) = net.nodes[&name(0)].tek().unwrap();
     assert_eq!(tek_ref.version, version_b);
     assert_eq!(derived.get(&tek_ref), Some(tek), "the coalition the paper admits reads the TEK that removed b");
@@ -622,10 +581,10 @@ fn a_centralized_flat_group_continues_as_distributed_flat_and_its_old_controller
     let after = net.nodes[&name(20)].tek().unwrap().0;
     assert_eq!(after.version, before.version + 2, "two exclusions after the transition");
     for who in [name(5), name(7)] {
-        let derived = derive_all(&net.ever_held[&who], &net.log);
+        let derived = derive_keys(&net.ever_held[&who], &net.log);
         assert!(!derives_tek_from(&net, &derived, net.departed_at[&who]), "{who} alone");
     }
-    let derived = derive_all(&controller_knew, &net.log);
+    let derived = derive_keys(&controller_knew, &net.log);
     assert!(derives_tek_from(&net, &derived, after.version), "the old controller's table reads the TEK in force");
 }
 

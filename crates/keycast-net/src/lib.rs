@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod client;
 pub mod config;
+pub mod distributed;
 pub mod multicast;
 pub mod local;
 pub mod loss;

@@ -2,7 +2,7 @@
 //! a folder, and members. Used by `keycast demo` and the end-to-end tests.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use crate::relay::{Relay, RelayError, RelaySetup, Standby, StandbySetup};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::store::DatabaseKey;
 use crate::tls::{client_config, server_config};
-use crate::multicast::free_port;
+use crate::multicast::{free_port, loopback_group};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -95,10 +95,7 @@ impl LocalGroup {
         let credentials = authority.issue("keycast-controller", true).map_err(pki)?;
         let admin = authority.issue("admin", false).map_err(pki)?;
         let tls = server_config(&credentials).map_err(|e| LocalError::Pki(e.to_string()))?;
-        let port = free_port().map_err(ServerError::from)?;
-        // A group address per run, so concurrent runs on one host do not hear each other.
-        let group_ip = Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8);
-        let multicast = MulticastConfig { address: SocketAddrV4::new(group_ip, port), interface: Ipv4Addr::LOCALHOST, ttl: 1 };
+        let multicast = loopback_group().map_err(ServerError::from)?;
         let acl = (1..=acl_size).map(|i| format!("member-{i}")).collect();
         // Every member of a local group connects from 127.0.0.1: only the total caps them.
         let mut limits = Limits::for_policy(&policy);

@@ -37,6 +37,14 @@ pub fn receiver(config: &MulticastConfig) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// A group address and port of their own on loopback, for tests and demos: the address is
+/// drawn from the port, so concurrent runs on one host do not hear each other.
+pub fn loopback_group() -> std::io::Result<MulticastConfig> {
+    let port = free_port()?;
+    let group_ip = std::net::Ipv4Addr::new(239, 255, (port >> 8) as u8, port as u8);
+    Ok(MulticastConfig { address: SocketAddrV4::new(group_ip, port), interface: std::net::Ipv4Addr::LOCALHOST, ttl: 1 })
+}
+
 /// A free port on the loopback interface, for tests and the demo.
 pub fn free_port() -> std::io::Result<u16> {
     let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;

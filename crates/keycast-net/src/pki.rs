@@ -62,6 +62,20 @@ impl Authority {
         Ok(Credentials { ca_pem: self.ca_pem(), cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
     }
 
+    /// A distributed flat participant's certificate: an Ed25519 key from `seed` (the key its
+    /// announcements are signed with, see [`participant_signing_seed`]), its identity as a DNS
+    /// name, valid for client and server authentication (participants connect to each other).
+    pub fn issue_participant(&self, identity: &str, seed: &[u8; 32]) -> Result<Credentials, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(identity);
+        params.subject_alt_names = vec![SanType::DnsName(identity.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+        let der = Zeroizing::new([&ED25519_PKCS8_V1_PREFIX[..], seed].concat());
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(&der[..].into(), &rcgen::PKCS_ED25519)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Credentials { ca_pem: self.ca_pem(), cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+    }
+
     /// A certificate for `common_name`: the controller's (`server`: valid for localhost and
     /// 127.0.0.1) or a client's (member or administrator; the name is its identity).
     pub fn issue(&self, common_name: &str, server: bool) -> Result<Credentials, rcgen::Error> {
@@ -81,6 +95,32 @@ impl Authority {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Credentials { ca_pem: self.ca_pem(), cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
     }
+}
+
+/// PKCS#8 v1 (RFC 8410) of an Ed25519 key, before its 32-byte seed.
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+
+/// The Ed25519 seed of a participant's private key (PKCS#8 v1, as `issue_participant` writes).
+pub fn participant_signing_seed(credentials: &Credentials) -> Result<Zeroizing<[u8; 32]>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(credentials.key_pem.as_bytes()).map_err(|e| format!("no PKCS#8 key: {e}"))?;
+    let der = der.secret_pkcs8_der();
+    let seed = der.strip_prefix(&ED25519_PKCS8_V1_PREFIX[..]).filter(|s| s.len() == 32).ok_or("the key is not a PKCS#8 v1 Ed25519 key")?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(seed);
+    Ok(out)
+}
+
+/// The Ed25519 public key a participant certificate (PEM) carries.
+pub fn participant_public_key(cert_pem: &str) -> Result<[u8; 32], String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| format!("no certificate: {e}"))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("unparsable certificate: {e}"))?;
+    let spki = &parsed.tbs_certificate.subject_pki;
+    if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
+        return Err("the certificate's key is not Ed25519".into());
+    }
+    spki.subject_public_key.data.as_ref().try_into().map_err(|_| "an Ed25519 public key is 32 bytes".into())
 }
 
 /// The SHA-256 fingerprint of a DER certificate: what `admins` in server.toml lists.
@@ -152,5 +192,16 @@ mod tests {
         }
         let other = Authority::new("test CA").unwrap().issue("admin", false).unwrap().fingerprint().unwrap();
         assert!(fingerprint.matches(&fingerprint) && !fingerprint.matches(&other));
+    }
+
+    #[test]
+    fn a_participant_certificate_carries_the_key_of_its_seed() {
+        let authority = Authority::new("test CA").unwrap();
+        let participant = authority.issue_participant("participant-1", &[7; 32]).unwrap();
+        assert_eq!(*participant_signing_seed(&participant).unwrap(), [7; 32]);
+        let signer = keycast_core::wire::Signer::from_seed(&[7; 32]);
+        assert_eq!(participant_public_key(&participant.cert_pem).unwrap(), signer.verifying_key().0);
+        let member = authority.issue("member-1", false).unwrap();
+        assert!(participant_signing_seed(&member).is_err() && participant_public_key(&member.cert_pem).is_err());
     }
 }

@@ -22,12 +22,20 @@ use rand_core::{Rng, SeedableRng};
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Members at the start.
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(2..=2000))]
-    pub(crate) members: u64,
-    /// Epochs of churn after the group is built.
+    /// Members at the start (default 200; 100 participants with --scheme distributed-flat).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=2000))]
+    members: Option<u64>,
+    /// A controller and its members (tree), or a group with no controller whose participants
+    /// admit and exclude each other (distributed-flat, Caronni et al.).
+    #[arg(long, value_enum, default_value_t = DemoScheme::Tree)]
+    pub(crate) scheme: DemoScheme,
+    /// Epochs of churn after the group is built (rounds of churn with --scheme distributed-flat).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(2..=100))]
     pub(crate) epochs: u32,
+    /// With --scheme distributed-flat: how long an exclusion round stays open (competing
+    /// exclusions are awaited, and every relay must reach every participant meanwhile).
+    #[arg(long = "settle-ms", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub(crate) settle_ms: u64,
     /// Epoch length in milliseconds.
     #[arg(long = "epoch-ms", default_value_t = 400, value_parser = clap::value_parser!(u64).range(50..=10_000))]
     pub(crate) epoch_ms: u64,
@@ -67,6 +75,19 @@ pub struct DemoArgs {
     /// Turn the joiners' reflector on: joiners read the group's data from their acceptance.
     #[arg(long)]
     reflector: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum DemoScheme {
+    Tree,
+    DistributedFlat,
+}
+
+impl DemoArgs {
+    pub(crate) fn members(&self) -> u64 {
+        let default = if self.scheme == DemoScheme::DistributedFlat { 100 } else { 200 };
+        self.members.unwrap_or(default)
+    }
 }
 
 type Member = (String, MemberClient, Events);
@@ -327,17 +348,30 @@ impl Drop for ControllerRuntime {
     }
 }
 
+/// Runs a demo on a runtime of its own, quiet unless asked (`KEYCAST_LOG=warn`): the demo's
+/// output is its summary. With --json it is printed here; otherwise returned for the text.
+pub(crate) fn run_quietly<S: serde::Serialize>(args: &DemoArgs, demo: impl std::future::Future<Output = Result<S, String>>) -> Result<Option<S>, String> {
+    crate::net::logging_or("off");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let summary = runtime.block_on(demo)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary).expect("plain values"));
+        return Ok(None);
+    }
+    Ok(Some(summary))
+}
+
 pub fn run(args: &DemoArgs) -> Result<(), String> {
+    if args.relays.is_some() && args.scheme == DemoScheme::DistributedFlat {
+        return Err("--relays builds a hierarchy of controllers; distributed flat has none".into());
+    }
     if let Some(relays) = args.relays {
         return crate::demo_relays::run(args, relays);
     }
-    // Quiet unless asked (`KEYCAST_LOG=warn`): the demo's output is its summary.
-    crate::net::logging_or("off");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let summary = runtime.block_on(demo(args))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary).expect("plain values"));
-    } else {
+    if args.scheme == DemoScheme::DistributedFlat {
+        return crate::demo_distributed::run(args);
+    }
+    if let Some(summary) = run_quietly(args, demo(args))? {
         println!(
             "{} members after {} epochs ({} joins, {} leaves, 1 eviction); {} rekeys, {} bytes on the wire",
             summary.members, summary.epochs, summary.joins, summary.leaves, summary.rekeys, summary.rekey_bytes
@@ -397,7 +431,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
 fn starting_rho(args: &DemoArgs) -> Result<f64, String> {
     match args.rho {
         Some(rho) => Ok(rho),
-        None => Proactivity::for_loss(args.fec_block.into(), args.target_naks.into(), args.rho_max, args.loss, args.members)
+        None => Proactivity::for_loss(args.fec_block.into(), args.target_naks.into(), args.rho_max, args.loss, args.members())
             .map(|p| p.rho())
             .map_err(|e| format!("--loss/--rho-max/--fec-block: {e}")),
     }
@@ -430,7 +464,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         reflector: args.reflector,
         packets: PacketConfig { fec: fec_config(args, rho), ..PacketConfig::default() },
     };
-    let acl = (args.members + 10 * args.epochs as u64) as usize;
+    let acl = (args.members() + 10 * args.epochs as u64) as usize;
     // The controller runs on a thread of its own, as on its own machine: the members' thousands
     // of tasks must not queue ahead of its timers and answers.
     let controller = ControllerRuntime::start()?;
@@ -456,8 +490,8 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(args.epochs as u64 + 1) };
     // wide_msg is cut to the terminal's width: the line never wraps on 80 columns.
     bar.set_style(ProgressStyle::with_template("{bar:20} {pos}/{len} {wide_msg}").expect("valid template"));
-    bar.set_message(format!("{} members joining over TLS 1.3", args.members));
-    demo.join(args.members).await?;
+    bar.set_message(format!("{} members joining over TLS 1.3", args.members()));
+    demo.join(args.members()).await?;
     let settle = Duration::from_millis(10 * args.epoch_ms);
     // At the end, time for members whose last rekey was lost to resync over a lossy network.
     let final_settle = settle.max(Duration::from_secs(15));

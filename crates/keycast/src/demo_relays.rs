@@ -86,12 +86,7 @@ impl Level {
 }
 
 pub fn run(args: &DemoArgs, relays: u16) -> Result<(), String> {
-    crate::net::logging_or("off");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let summary = runtime.block_on(demo(args, relays))?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary).expect("plain values"));
-    } else {
+    if let Some(summary) = crate::demo::run_quietly(args, demo(args, relays))? {
         println!(
             "{} members in a top group and {} subgroups after {} epochs ({} joins, {} leaves, 1 eviction); {} at their controller's key",
             summary.members, summary.subgroups, summary.epochs, summary.joins, summary.leaves, summary.members_in_sync
@@ -123,7 +118,7 @@ fn policy(group: u64, epoch_ms: u64) -> keycast_core::protocol::GroupPolicy {
 /// Starts the top controller, then each relay and its standby.
 async fn build(args: &DemoArgs, relays: u16, folder: &std::path::Path) -> Result<Vec<Level>, String> {
     let err = |e: keycast_net::local::LocalError| e.to_string();
-    let size = args.members as usize;
+    let size = args.members() as usize;
     let mut top = LocalGroup::prepare(policy(TOP, args.epoch_ms), size, folder.join("top")).map_err(err)?;
     top.policy.refresh_timeout_ms = 8 * args.epoch_ms;
     for r in 1..=relays {
@@ -171,7 +166,7 @@ async fn demo(args: &DemoArgs, relays: u16) -> Result<Summary, String> {
     let started = Instant::now();
     let folder = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut levels = build(args, relays, folder.path()).await?;
-    let per_level = (args.members as usize / levels.len()).max(3);
+    let per_level = (args.members() as usize / levels.len()).max(3);
     for level in &mut levels {
         level.join(per_level).await?;
     }

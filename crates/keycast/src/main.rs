@@ -3,6 +3,7 @@
 mod admin_tree;
 mod bench;
 mod demo;
+mod demo_distributed;
 mod demo_relays;
 mod figures;
 mod measure;
@@ -32,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a controller and 200 members on loopback under churn and report what happened.
+    /// Run a controller and 200 members (or 100 participants of a distributed flat group) on
+    /// loopback under churn and report what happened.
     Demo(demo::DemoArgs),
     /// Create a CA, certificates for a controller, members and an admin, and commented configs.
     Init(net::InitArgs),

@@ -73,6 +73,24 @@ fn demo_joiner_reads_before_its_key_is_in_force_only_with_the_reflector() {
     }
 }
 
+/// A distributed flat group (no controller) of 30 participants through two rounds of churn:
+/// everyone live at one TEK, no removed participant derives a later one.
+#[test]
+fn demo_of_distributed_flat_keeps_participants_in_sync_and_removed_ones_out() {
+    let summary = {
+        let _alone = timing_lock();
+        keycast(&["demo", "--scheme", "distributed-flat", "--members", "30", "--epochs", "2", "--json"])
+    };
+    assert_eq!(summary["stopped"], serde_json::Value::Null, "{summary}");
+    assert_eq!(summary["members_in_sync"], summary["members"], "{summary}");
+    assert_eq!(summary["evicted_can_decrypt"], false, "{summary}");
+    assert_eq!(summary["evictions"], 1, "{summary}");
+    // At least one leave a round and the eviction.
+    assert!(summary["removed_checked"].as_u64().unwrap() >= 3, "{summary}");
+    assert_eq!(summary["per_join"]["announcements"], 1.0, "{summary}");
+    assert_eq!(summary["private_failed"], 0, "{summary}");
+}
+
 /// 300 members, 20 epochs of churn, each member losing its own share of the multicast
 /// channel: FEC parity, NAKs and repair rounds bring the rekeys, and almost none resync.
 #[test]

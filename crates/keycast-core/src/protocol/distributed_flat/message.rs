@@ -3,6 +3,7 @@
 //! encrypted channel between two participants. One encoding per value, strict decoding.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddrV4;
 
 use aws_lc_rs::digest::{digest, SHA256};
 use zeroize::Zeroizing;
@@ -29,6 +30,8 @@ const HANDOVER: u8 = 0x34;
 const JOIN_GRANT: u8 = 0x38;
 const KEY_GRANT: u8 = 0x39;
 const TEK_GRANT: u8 = 0x3A;
+const PRESENCE: u8 = 0x3B;
+const PRESENCE_DOMAIN: &[u8] = b"keycast/v2 dflat presence";
 
 /// A participant's certificate name: 1 to 64 printable ASCII bytes, so it has one encoding.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -190,17 +193,12 @@ impl Announcement {
 
     /// The signed bytes to multicast.
     pub fn sign(&self, signer: &Signer) -> Vec<u8> {
-        let mut out = self.body_bytes();
-        let signature = signer.sign(ANNOUNCEMENT_DOMAIN, &out);
-        out.extend_from_slice(&signature);
-        out
+        signed(self.body_bytes(), ANNOUNCEMENT_DOMAIN, signer)
     }
 
     /// The announcement with a given signature (re-encoding a decoded one; not checked).
     pub fn encode_with(&self, signature: &Signature) -> Vec<u8> {
-        let mut out = self.body_bytes();
-        out.extend_from_slice(signature);
-        out
+        [self.body_bytes(), signature.to_vec()].concat()
     }
 
     /// Decodes without checking the signature (see [`Announcement::verify`]).
@@ -257,6 +255,67 @@ pub fn change_digest(signed: &[u8]) -> ChangeDigest {
     let mut out = [0u8; 16];
     out.copy_from_slice(&digest(&SHA256, signed).as_ref()[..16]);
     out
+}
+
+/// A participant's heartbeat on the multicast channel: where its private channel listens, so
+/// that others can send it grants and joiners find an introducer. Signed, and newer than any
+/// earlier one of the same signer (`at_ms`, its clock), so a replay cannot move an address
+/// back; the channel itself proves the identity, so a false address costs a failed connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub group: GroupId,
+    pub signer: Identity,
+    pub at_ms: u64,
+    pub listener: SocketAddrV4,
+}
+
+impl Presence {
+    fn body_bytes(&self) -> Vec<u8> {
+        let mut out = vec![WIRE_VERSION, PRESENCE];
+        out.put_u64(self.group.0);
+        put_identity(&mut out, &self.signer);
+        out.put_u64(self.at_ms);
+        out.extend_from_slice(&self.listener.ip().octets());
+        out.put_u16(self.listener.port());
+        out
+    }
+
+    pub fn sign(&self, signer: &Signer) -> Vec<u8> {
+        signed(self.body_bytes(), PRESENCE_DOMAIN, signer)
+    }
+
+    /// The presence with a given signature (re-encoding a decoded one; not checked).
+    pub fn encode_with(&self, signature: &Signature) -> Vec<u8> {
+        [self.body_bytes(), signature.to_vec()].concat()
+    }
+
+    /// Decodes without checking the signature (see [`Presence::verify`]).
+    pub fn decode(bytes: &[u8]) -> Result<(Presence, Signature), DecodeError> {
+        let mut r = Reader::new(bytes);
+        let kind = read_version_and_kind(&mut r)?;
+        if kind != PRESENCE {
+            return Err(DecodeError::UnknownType(kind));
+        }
+        let group = r.group()?;
+        let signer = read_identity(&mut r)?;
+        let at_ms = r.u64("presence time")?;
+        let ip: [u8; 4] = r.array("listener address")?;
+        let port = r.u16("listener port")?;
+        let signature = r.array::<SIGNATURE_LEN>("signature")?;
+        r.finish()?;
+        let listener = SocketAddrV4::new(ip.into(), port);
+        Ok((Presence { group, signer, at_ms, listener }, signature))
+    }
+
+    /// Whether `bytes` (this presence, decoded) carry `key`'s signature.
+    pub fn verify(bytes: &[u8], signature: &Signature, key: &VerifyingKey) -> bool {
+        key.verify(PRESENCE_DOMAIN, &bytes[..bytes.len() - SIGNATURE_LEN], signature)
+    }
+
+    /// Whether `bytes` are a presence rather than an announcement (dispatch on the kind byte).
+    pub fn is_presence(bytes: &[u8]) -> bool {
+        bytes.get(1) == Some(&PRESENCE)
+    }
 }
 
 /// What an introducer hands a joiner: its place, the keys they share, the created keys and
@@ -377,6 +436,13 @@ fn read_join_grant(r: &mut Reader<'_>) -> Result<JoinGrant, DecodeError> {
         revoked.push(who);
     }
     Ok(JoinGrant { attempt, change, tek, keks, table, roster, revoked })
+}
+
+/// `body` followed by `signer`'s signature over `domain` and it.
+fn signed(mut body: Vec<u8>, domain: &[u8], signer: &Signer) -> Vec<u8> {
+    let signature = signer.sign(domain, &body);
+    body.extend_from_slice(&signature);
+    body
 }
 
 fn read_version_and_kind(r: &mut Reader<'_>) -> Result<u8, DecodeError> {
@@ -506,6 +572,24 @@ mod tests {
         let mut salted = bytes.clone();
         salted[salt_at] = 1;
         assert!(Announcement::decode(&salted).is_err(), "a salt beside no wraps decoded");
+    }
+
+    #[test]
+    fn a_presence_has_one_encoding_and_its_signature_covers_the_address() {
+        let signer = Signer::from_seed(&[6; 32]);
+        let presence = Presence { group: GroupId(2), signer: Identity::new("p3").unwrap(), at_ms: 77, listener: "127.0.0.1:4000".parse().unwrap() };
+        let bytes = presence.sign(&signer);
+        assert!(Presence::is_presence(&bytes) && Announcement::decode(&bytes).is_err());
+        let (decoded, signature) = Presence::decode(&bytes).unwrap();
+        assert_eq!(decoded, presence);
+        assert_eq!(decoded.encode_with(&signature), bytes);
+        assert!(Presence::verify(&bytes, &signature, &signer.verifying_key()));
+        let mut moved = bytes.clone();
+        moved[bytes.len() - SIGNATURE_LEN - 1] ^= 1;
+        let (_, signature) = Presence::decode(&moved).unwrap();
+        assert!(!Presence::verify(&moved, &signature, &signer.verifying_key()), "a changed port still verifies");
+        assert!(Presence::decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(Presence::decode(&[bytes, vec![0]].concat()).is_err());
     }
 
     #[test]

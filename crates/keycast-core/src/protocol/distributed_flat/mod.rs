@@ -7,6 +7,7 @@
 //! exclude, leave), entropy and the time. Outputs are messages to send and timers to set.
 //! See docs/distributed-flat.md for the protocol, the conflict rule and the costs.
 
+pub mod audit;
 pub mod message;
 pub mod plan;
 
@@ -21,7 +22,7 @@ use crate::wire::auth::{Signer, VerifyingKey};
 use crate::wire::{DecodeError, GroupId};
 use crate::wrap::{derive_revision, flat_replacement_wrapping_key, Wrap, Wrapper};
 
-pub use message::{Announcement, Body, ChangeDigest, ChangeRef, Exclusion, Handover, Identity, JoinGrant, Joined, Private, Relay};
+pub use message::{Announcement, Body, ChangeDigest, ChangeRef, Exclusion, Handover, Identity, JoinGrant, Joined, Presence, Private, Relay};
 pub use plan::{participant_id, relay_plan, RelayPlan};
 
 use plan::{bit, contributor, kek_slot, own_kek_id, MAX_ID_ATTEMPTS};
@@ -345,6 +346,13 @@ impl Participant {
         self.is_live() && self.round.is_none() && self.handover_until.is_none() && self.state.tek.is_some() && self.state.keks.iter().all(Option::is_some)
     }
 
+    /// Why this participant is not settled, for diagnostics: whether an exclusion round is
+    /// open, and the ID bits whose KEK it awaits.
+    pub fn awaiting(&self) -> (bool, Vec<u8>) {
+        let missing = (0..self.config.id_bits).filter(|&j| self.state.keks[j as usize].is_none()).collect();
+        (self.round.is_some(), missing)
+    }
+
     /// The change that made the TEK version in force.
     pub fn change(&self) -> ChangeRef {
         self.state.change
@@ -358,6 +366,11 @@ impl Participant {
     /// Every key held (TEK first), for audits and tests: this is secret material.
     pub fn held_keys(&self) -> Vec<(KeyRef, Key)> {
         self.state.tek.iter().chain(self.state.keks.iter().flatten()).map(Held::pair).collect()
+    }
+
+    /// This participant's signed presence: its private channel listens at `listener`.
+    pub fn presence(&self, listener: std::net::SocketAddrV4, now_ms: u64) -> Vec<u8> {
+        Presence { group: self.config.group, signer: self.me.clone(), at_ms: now_ms, listener }.sign(&self.signer)
     }
 
     /// Live participants as this participant knows them.

@@ -1,0 +1,720 @@
+//! The tokio driver of a distributed flat participant
+//! (`keycast_core::protocol::distributed_flat`, docs/distributed-flat.md). One task owns the
+//! sans-IO participant and steps it on every input: announcements and presences from the
+//! group's multicast address, private messages and join requests from its TLS listener (mutual
+//! TLS with the group's participant certificates; the peer is the identity its certificate
+//! proves), orders from the application, and its timers. Private messages to peers go out in
+//! tasks of their own, each under a deadline with jittered retries: the task never awaits a peer.
+//!
+//! A participant multicasts a signed [`Presence`] (its identity and listener address) every
+//! `presence_ms`: that is how participants find each other's listeners and a joiner finds
+//! introducers. A joiner asks an introducer over TLS; the introducer admits it and answers with
+//! the join grant on the same connection.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keycast_core::key::{Key, KeyRef};
+use keycast_core::keygen::BatchSeed;
+use keycast_core::protocol::distributed_flat::{ChangeRef, Config, Directory, Event, Identity, Output, Participant, Presence, Refused};
+use keycast_core::wire::auth::VerifyingKey;
+use keycast_core::wire::Signer;
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use zeroize::Zeroizing;
+
+use crate::config::MulticastConfig;
+use crate::pki::{participant_public_key, participant_signing_seed, Credentials};
+use crate::request::jittered;
+use crate::tls::{client_config, peer_certificate, peer_identity, read_frame, server_config, write_frame, TlsSetupError};
+use crate::{entropy, lock, multicast, now_ms};
+
+/// First byte of a request on the private channel.
+const JOIN_REQUEST: u8 = 1;
+const PRIVATE_MESSAGE: u8 = 2;
+/// First byte of an answer.
+const ANSWER_OK: u8 = 0;
+const ANSWER_BUSY: u8 = 1;
+const ANSWER_REFUSED: u8 = 2;
+
+/// Longest datagram read from the multicast address (announcements fit in one datagram).
+const MAX_DATAGRAM: usize = 65_536;
+/// Announcements kept while joining, replayed once the grant is installed.
+const MAX_EARLY_ANNOUNCEMENTS: usize = 64;
+/// TLS connections served at once by one participant.
+const MAX_CONNECTIONS: usize = 64;
+/// One attempt of a private exchange: connect, handshake, request and answer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+const BACKOFF_MIN_MS: u64 = 20;
+const BACKOFF_MAX_MS: u64 = 1_000;
+const EVENT_CAPACITY: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistributedError {
+    #[error("certificate: {0}")]
+    Certificate(String),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("join through {introducer}: {reason}")]
+    Join { introducer: Identity, reason: String },
+    #[error("the participant's task has stopped")]
+    Stopped,
+}
+
+/// What one participant needs: the group's settings, its certificate, the ACL's certificates
+/// and the multicast address of the group.
+#[derive(Clone)]
+pub struct DistributedSetup {
+    pub config: Config,
+    pub credentials: Credentials,
+    /// The verifying keys of the ACL's participant certificates (see [`directory_entry`]).
+    pub directory: Directory,
+    pub multicast: MulticastConfig,
+    /// Pause between two presences (jittered).
+    pub presence_ms: u64,
+    /// How long a private message or a join request is retried.
+    pub deadline_ms: u64,
+}
+
+/// A participant certificate's entry in the directory: the identity it proves and its key.
+pub fn directory_entry(cert_pem: &str) -> Result<(Identity, VerifyingKey), DistributedError> {
+    use rustls::pki_types::pem::PemObject;
+    let certificate = |e: String| DistributedError::Certificate(e);
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| certificate(e.to_string()))?;
+    let name = peer_identity(der.as_ref(), false).map_err(|e| certificate(e.to_string()))?;
+    let identity = Identity::new(&name).map_err(|e| certificate(e.to_string()))?;
+    Ok((identity, VerifyingKey(participant_public_key(cert_pem).map_err(certificate)?)))
+}
+
+/// A participant's listener, as its presences announce it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Introducer {
+    pub identity: Identity,
+    pub addr: SocketAddr,
+}
+
+/// What a participant sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub announcements: u64,
+    pub announcement_bytes: u64,
+    pub presences: u64,
+    pub presence_bytes: u64,
+    /// Private messages delivered (acknowledged by their recipient), and their bytes.
+    pub private: u64,
+    pub private_bytes: u64,
+    /// Private messages given up on after their deadline, or refused by their recipient.
+    pub private_failed: u64,
+}
+
+/// A participant's state as its task last published it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub live: bool,
+    pub settled: bool,
+    pub id: u64,
+    pub change: ChangeRef,
+    pub tek: Option<KeyRef>,
+    pub roster: BTreeMap<u64, Identity>,
+    /// Whether an exclusion round is open, and the ID bits whose KEK is awaited.
+    pub awaiting: (bool, Vec<u8>),
+}
+
+/// What the participant's task shares with the handle and its sending tasks.
+struct Shared {
+    status: Status,
+    /// The TEK and KEKs held now.
+    held: Vec<(KeyRef, Key)>,
+    /// Every key this participant ever held: what it could still use if it were removed.
+    ever_held: BTreeMap<KeyRef, Key>,
+    traffic: Traffic,
+    /// Each participant's newest presence: (its time, its listener).
+    addresses: BTreeMap<Identity, (u64, SocketAddr)>,
+}
+
+enum Command {
+    Join { from: Identity, reply: oneshot::Sender<Result<Zeroizing<Vec<u8>>, Refused>> },
+    Private { from: Identity, bytes: Zeroizing<Vec<u8>>, reply: oneshot::Sender<Result<(), Refused>> },
+    Exclude { id: u64, eviction: bool, reply: oneshot::Sender<Result<(), Refused>> },
+    Leave { reply: oneshot::Sender<Result<(), Refused>> },
+}
+
+/// A running participant. Dropping it stops its tasks.
+pub struct DistributedParticipant {
+    identity: Identity,
+    listener: SocketAddr,
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Mutex<Shared>>,
+    events: Option<mpsc::Receiver<Event>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for DistributedParticipant {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+impl DistributedParticipant {
+    /// The first participant of a new group.
+    pub async fn create(setup: DistributedSetup) -> Result<Self, DistributedError> {
+        let (identity, signer) = own_identity(&setup)?;
+        let seed = BatchSeed::from_bytes(entropy());
+        let participant = Participant::create(setup.config, identity, signer, setup.directory.clone(), &seed)?;
+        Self::start(setup, participant).await
+    }
+
+    /// Joins through `introducer`: retried while it is busy (an exclusion settling) until the
+    /// deadline; returns once the grant is installed.
+    pub async fn join(setup: DistributedSetup, introducer: &Introducer) -> Result<Self, DistributedError> {
+        let (identity, signer) = own_identity(&setup)?;
+        let participant = Participant::joining(setup.config, identity, signer, setup.directory.clone());
+        let deadline = Instant::now() + Duration::from_millis(setup.deadline_ms);
+        let this = Self::start(setup.clone(), participant).await?;
+        let channel = Channel::new(&setup.credentials)?;
+        let join_error = |reason: String| DistributedError::Join { introducer: introducer.identity.clone(), reason };
+        let grant = channel.join(introducer, deadline).await.map_err(join_error)?;
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Private { from: introducer.identity.clone(), bytes: grant, reply };
+        this.commands.send(command).await.map_err(|_| DistributedError::Stopped)?;
+        answer.await.map_err(|_| DistributedError::Stopped)??;
+        Ok(this)
+    }
+
+    async fn start(setup: DistributedSetup, participant: Participant) -> Result<Self, DistributedError> {
+        let identity = participant.identity().clone();
+        let tcp = TcpListener::bind((setup.multicast.interface, 0)).await?;
+        let listener = tcp.local_addr()?;
+        let receiver = multicast::receiver(&setup.multicast)?;
+        let sender = multicast::sender(&setup.multicast)?;
+        let (commands, inbox) = mpsc::channel(256);
+        let (events_out, events) = mpsc::channel(EVENT_CAPACITY);
+        let shared = Arc::new(Mutex::new(Shared {
+            status: status_of(&participant),
+            held: participant.held_keys(),
+            ever_held: participant.held_keys().into_iter().collect(),
+            traffic: Traffic::default(),
+            addresses: BTreeMap::new(),
+        }));
+        let channel = Arc::new(Channel::new(&setup.credentials)?);
+        let acceptor = TlsAcceptor::from(server_config(&setup.credentials)?);
+        let actor = Actor {
+            participant,
+            sender,
+            group_addr: SocketAddr::V4(setup.multicast.address),
+            listener,
+            shared: shared.clone(),
+            channel,
+            timers: BTreeSet::new(),
+            early: Vec::new(),
+            joined: false,
+            events: events_out,
+            setup: setup.clone(),
+        };
+        let serve = serve_listener(tcp, acceptor, commands.clone(), setup.directory.clone());
+        let tasks = vec![tokio::spawn(actor.run(inbox, receiver)), tokio::spawn(serve)];
+        Ok(DistributedParticipant { identity, listener, commands, shared, events: Some(events), tasks })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// This participant's listener, for joiners that ask it to introduce them.
+    pub fn introducer(&self) -> Introducer {
+        Introducer { identity: self.identity.clone(), addr: self.listener }
+    }
+
+    /// Live participants whose presence this one has heard: introducers for a joiner.
+    pub fn known_introducers(&self) -> Vec<Introducer> {
+        let shared = lock(&self.shared);
+        let live = |who: &Identity| shared.status.roster.values().any(|w| w == who);
+        shared.addresses.iter().filter(|(who, _)| live(who)).map(|(who, (_, addr))| Introducer { identity: who.clone(), addr: *addr }).collect()
+    }
+
+    pub fn status(&self) -> Status {
+        lock(&self.shared).status.clone()
+    }
+
+    /// The TEK in force, if held (secret: for sealing data, audits and tests).
+    pub fn tek(&self) -> Option<(KeyRef, Key)> {
+        let shared = lock(&self.shared);
+        shared.held.iter().find(|(r, _)| Some(*r) == shared.status.tek).cloned()
+    }
+
+    /// The TEK and KEKs held now (secret: for audits and tests).
+    pub fn held_keys(&self) -> Vec<(KeyRef, Key)> {
+        lock(&self.shared).held.clone()
+    }
+
+    /// Every key this participant ever held (secret: for audits and tests).
+    pub fn ever_held(&self) -> BTreeMap<KeyRef, Key> {
+        lock(&self.shared).ever_held.clone()
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        lock(&self.shared).traffic
+    }
+
+    /// The participant's events (once: later calls return None). Events beyond the
+    /// channel's capacity are dropped while nobody reads them.
+    pub fn events(&mut self) -> Option<mpsc::Receiver<Event>> {
+        self.events.take()
+    }
+
+    /// Removes participant `id` and revokes its identity, as its excluder.
+    pub async fn evict(&self, id: u64) -> Result<(), DistributedError> {
+        self.order(|reply| Command::Exclude { id, eviction: true, reply }).await
+    }
+
+    /// Asks to leave: the lowest other participant excludes this one.
+    pub async fn leave(&self) -> Result<(), DistributedError> {
+        self.order(|reply| Command::Leave { reply }).await
+    }
+
+    async fn order(&self, command: impl FnOnce(oneshot::Sender<Result<(), Refused>>) -> Command) -> Result<(), DistributedError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).await.map_err(|_| DistributedError::Stopped)?;
+        Ok(answer.await.map_err(|_| DistributedError::Stopped)??)
+    }
+}
+
+fn own_identity(setup: &DistributedSetup) -> Result<(Identity, Signer), DistributedError> {
+    let (identity, key) = directory_entry(&setup.credentials.cert_pem)?;
+    let seed = participant_signing_seed(&setup.credentials).map_err(DistributedError::Certificate)?;
+    let signer = Signer::from_seed(&seed);
+    if signer.verifying_key() != key || setup.directory.get(&identity) != Some(&key) {
+        return Err(DistributedError::Certificate(format!("{identity}'s key is not the directory's key of {identity}")));
+    }
+    Ok((identity, signer))
+}
+
+fn status_of(participant: &Participant) -> Status {
+    Status {
+        live: participant.is_live(),
+        settled: participant.is_settled(),
+        id: participant.id(),
+        change: participant.change(),
+        tek: participant.tek().map(|(r, _)| r),
+        roster: participant.roster().clone(),
+        awaiting: participant.awaiting(),
+    }
+}
+
+/// The task that owns the participant.
+struct Actor {
+    participant: Participant,
+    sender: UdpSocket,
+    group_addr: SocketAddr,
+    listener: SocketAddr,
+    shared: Arc<Mutex<Shared>>,
+    channel: Arc<Channel>,
+    /// When the participant asked to be ticked (Unix ms).
+    timers: BTreeSet<u64>,
+    /// Announcements heard before the join grant came.
+    early: Vec<Vec<u8>>,
+    /// Whether the participant has been live (a joiner until its grant is installed).
+    joined: bool,
+    events: mpsc::Sender<Event>,
+    setup: DistributedSetup,
+}
+
+impl Actor {
+    async fn run(mut self, mut inbox: mpsc::Receiver<Command>, receiver: UdpSocket) {
+        let own = self.sender.local_addr().ok();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut next_presence = Instant::now();
+        self.joined = self.participant.is_live();
+        loop {
+            let timer = self.timers.first().map(|&at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
+            tokio::select! {
+                received = receiver.recv_from(&mut buf) => match received {
+                    Ok((len, from)) if Some(from) != own => self.on_datagram(&buf[..len]).await,
+                    Ok(_) => {}
+                    Err(error) => tracing::debug!(%error, "multicast receive failed"),
+                },
+                command = inbox.recv() => match command {
+                    Some(command) => self.on_command(command).await,
+                    None => return,
+                },
+                _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => self.on_timer().await,
+                _ = sleep_until(next_presence) => {
+                    self.send_presence().await;
+                    next_presence = Instant::now() + Duration::from_millis(jittered(self.setup.presence_ms.max(2)));
+                }
+            }
+        }
+    }
+
+    async fn on_datagram(&mut self, bytes: &[u8]) {
+        if Presence::is_presence(bytes) {
+            self.on_presence(bytes);
+        } else if !self.joined {
+            if self.early.len() < MAX_EARLY_ANNOUNCEMENTS {
+                self.early.push(bytes.to_vec());
+            }
+        } else {
+            let result = self.participant.receive(bytes, &BatchSeed::from_bytes(entropy()), now_ms());
+            self.handle(result).await;
+        }
+    }
+
+    /// A verified presence newer than the signer's last one updates its listener address. One
+    /// that repeats the known address changes nothing and is not verified: with N participants
+    /// every presence interval brings N² presences.
+    fn on_presence(&mut self, bytes: &[u8]) {
+        let Ok((presence, signature)) = Presence::decode(bytes) else { return };
+        let known = lock(&self.shared).addresses.get(&presence.signer).copied();
+        if known.is_some_and(|(at, addr)| addr == SocketAddr::V4(presence.listener) || at >= presence.at_ms) {
+            return;
+        }
+        let Some(key) = self.setup.directory.get(&presence.signer) else { return };
+        if presence.group == self.setup.config.group && Presence::verify(bytes, &signature, key) {
+            lock(&self.shared).addresses.insert(presence.signer, (presence.at_ms, SocketAddr::V4(presence.listener)));
+        }
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        let seed = BatchSeed::from_bytes(entropy());
+        match command {
+            Command::Join { from, reply } => match self.participant.admit(&from, &seed, now_ms()) {
+                Ok(outputs) => {
+                    let (grant, rest): (Vec<_>, Vec<_>) = outputs.into_iter().partition(|o| matches!(o, Output::Private { to, .. } if *to == from));
+                    self.dispatch(rest).await;
+                    if let Some(Output::Private { bytes, .. }) = grant.into_iter().next() {
+                        // Counted when handed to the connection that asked: it answers with it.
+                        count_private(&self.shared, true, bytes.len());
+                        let _ = reply.send(Ok(bytes));
+                    }
+                }
+                Err(refused) => {
+                    let _ = reply.send(Err(refused));
+                }
+            },
+            Command::Private { from, bytes, reply } => {
+                let result = self.participant.receive_private(&from, &bytes, &seed, now_ms());
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                self.handle(result).await;
+                self.replay_early().await;
+            }
+            Command::Exclude { id, eviction, reply } => {
+                let result = self.participant.exclude(id, eviction, &seed, now_ms());
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                self.handle(result).await;
+            }
+            Command::Leave { reply } => {
+                let result = self.participant.leave(now_ms());
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                self.handle(result).await;
+            }
+        }
+    }
+
+    /// Once the grant is installed, the announcements heard while joining are applied.
+    async fn replay_early(&mut self) {
+        if self.joined || !self.participant.is_live() {
+            return;
+        }
+        self.joined = true;
+        for bytes in std::mem::take(&mut self.early) {
+            let result = self.participant.receive(&bytes, &BatchSeed::from_bytes(entropy()), now_ms());
+            self.handle(result).await;
+        }
+    }
+
+    async fn on_timer(&mut self) {
+        let now = now_ms();
+        self.timers.retain(|&at| at > now);
+        let outputs = self.participant.tick(&BatchSeed::from_bytes(entropy()), now);
+        self.dispatch(outputs).await;
+    }
+
+    async fn handle(&mut self, result: Result<Vec<Output>, Refused>) {
+        match result {
+            Ok(outputs) => self.dispatch(outputs).await,
+            Err(refused) => tracing::debug!(identity = %self.participant.identity(), %refused, "input refused"),
+        }
+    }
+
+    async fn dispatch(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Multicast(bytes) => {
+                    tracing::debug!(identity = %self.participant.identity(), kind = bytes[1], len = bytes.len(), "announcement");
+                    if self.sender.send_to(&bytes, self.group_addr).await.is_ok() {
+                        lock(&self.shared).traffic.announcements += 1;
+                        lock(&self.shared).traffic.announcement_bytes += bytes.len() as u64;
+                    }
+                }
+                Output::Private { to, bytes } => {
+                    tracing::debug!(identity = %self.participant.identity(), %to, kind = bytes[1], "private message");
+                    let (channel, shared, deadline) = (self.channel.clone(), self.shared.clone(), self.setup.deadline_ms);
+                    tokio::spawn(async move { channel.deliver(&shared, to, bytes, deadline).await });
+                }
+                Output::Timer { at_ms } => {
+                    self.timers.insert(at_ms);
+                }
+                Output::Event(event) => {
+                    let _ = self.events.try_send(event);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    async fn send_presence(&mut self) {
+        let SocketAddr::V4(listener) = self.listener else { return };
+        let bytes = self.participant.presence(listener, now_ms());
+        if self.sender.send_to(&bytes, self.group_addr).await.is_ok() {
+            let mut shared = lock(&self.shared);
+            shared.traffic.presences += 1;
+            shared.traffic.presence_bytes += bytes.len() as u64;
+        }
+    }
+
+    /// Shares the participant's state after a step (presences change nothing here, and with
+    /// N participants they are most of the datagrams).
+    fn publish(&self) {
+        let mut shared = lock(&self.shared);
+        shared.status = status_of(&self.participant);
+        shared.held = self.participant.held_keys();
+        let held = shared.held.clone();
+        shared.ever_held.extend(held);
+    }
+}
+
+/// The client side of the private channel: one TLS connection per request.
+struct Channel {
+    connector: TlsConnector,
+}
+
+impl Channel {
+    fn new(credentials: &Credentials) -> Result<Channel, DistributedError> {
+        Ok(Channel { connector: TlsConnector::from(client_config(credentials)?) })
+    }
+
+    /// Delivers a private message to `to` before the deadline, waiting for its address if no
+    /// presence of it came yet; counts it as sent or failed.
+    async fn deliver(&self, shared: &Mutex<Shared>, to: Identity, bytes: Zeroizing<Vec<u8>>, deadline_ms: u64) {
+        let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+        let request = Zeroizing::new([&[PRIVATE_MESSAGE][..], &bytes].concat());
+        let mut backoff = BACKOFF_MIN_MS;
+        loop {
+            let addr = lock(shared).addresses.get(&to).map(|(_, addr)| *addr);
+            let answer = match addr {
+                Some(addr) => self.exchange(addr, &to, &request).await,
+                None => Err(format!("no presence of {to} yet")),
+            };
+            match answer.as_deref().map(|a| a.first()) {
+                Ok(Some(&ANSWER_OK)) => return count_private(shared, true, bytes.len()),
+                Ok(Some(&ANSWER_REFUSED)) => return count_private(shared, false, 0),
+                other => tracing::debug!(%to, ?other, "private message not delivered yet"),
+            }
+            let pause = Duration::from_millis(jittered(backoff));
+            if Instant::now() + pause >= deadline {
+                tracing::warn!(%to, "private message given up after its deadline");
+                return count_private(shared, false, 0);
+            }
+            sleep(pause).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX_MS);
+        }
+    }
+
+    /// Asks `introducer` to admit this participant until it answers or the deadline passes.
+    async fn join(&self, introducer: &Introducer, deadline: Instant) -> Result<Zeroizing<Vec<u8>>, String> {
+        let mut backoff = BACKOFF_MIN_MS;
+        loop {
+            let error = match self.exchange(introducer.addr, &introducer.identity, &[JOIN_REQUEST]).await {
+                Ok(answer) => match answer.split_first() {
+                    Some((&ANSWER_OK, grant)) => return Ok(Zeroizing::new(grant.to_vec())),
+                    Some((&ANSWER_REFUSED, reason)) => return Err(format!("refused: {}", String::from_utf8_lossy(reason))),
+                    Some((&ANSWER_BUSY, _)) => "busy".to_string(),
+                    _ => "unknown answer".to_string(),
+                },
+                Err(error) => error,
+            };
+            let pause = Duration::from_millis(jittered(backoff));
+            if Instant::now() + pause >= deadline {
+                return Err(format!("no grant before the deadline (last: {error})"));
+            }
+            sleep(pause).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX_MS);
+        }
+    }
+
+    /// One attempt: connect, TLS handshake (the listener must prove `to`), request, answer.
+    async fn exchange(&self, addr: SocketAddr, to: &Identity, request: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+        let name = ServerName::try_from(to.as_str().to_owned()).map_err(|e| format!("{to} is not a DNS name: {e}"))?;
+        let attempt = async {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let mut tls = self.connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+            write_frame(&mut tls, request).await.map_err(|e| e.to_string())?;
+            let answer = Zeroizing::new(read_frame(&mut tls).await.map_err(|e| e.to_string())?);
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+            Ok(answer)
+        };
+        timeout(ATTEMPT_TIMEOUT, attempt).await.map_err(|_| "timed out".to_string())?
+    }
+}
+
+fn count_private(shared: &Mutex<Shared>, delivered: bool, len: usize) {
+    let traffic = &mut lock(shared).traffic;
+    if delivered {
+        traffic.private += 1;
+        traffic.private_bytes += len as u64;
+    } else {
+        traffic.private_failed += 1;
+    }
+}
+
+/// Accepts TLS connections (at most `MAX_CONNECTIONS` at once) and serves each in a task.
+async fn serve_listener(tcp: TcpListener, acceptor: TlsAcceptor, commands: mpsc::Sender<Command>, directory: Directory) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let directory = Arc::new(directory);
+    loop {
+        let Ok((stream, peer)) = tcp.accept().await else {
+            sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let (acceptor, commands, directory) = (acceptor.clone(), commands.clone(), directory.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(reason) = timeout(ATTEMPT_TIMEOUT, serve_connection(stream, acceptor, commands, &directory)).await.unwrap_or_else(|_| Err("timed out".into())) {
+                tracing::debug!(%peer, %reason, "private connection refused");
+            }
+        });
+    }
+}
+
+async fn serve_connection(tcp: TcpStream, acceptor: TlsAcceptor, commands: mpsc::Sender<Command>, directory: &Directory) -> Result<(), String> {
+    let mut tls = acceptor.accept(tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
+    let certificate = peer_certificate(tls.get_ref().1).map_err(|e| e.to_string())?;
+    let name = peer_identity(certificate, false).map_err(|e| e.to_string())?;
+    let from = Identity::new(&name).ok().filter(|who| directory.contains_key(who)).ok_or_else(|| format!("{name} is not in the directory"))?;
+    let request = Zeroizing::new(read_frame(&mut tls).await.map_err(|e| e.to_string())?);
+    let answer = match request.split_first() {
+        Some((&JOIN_REQUEST, [])) => {
+            let (reply, answer) = oneshot::channel();
+            commands.send(Command::Join { from, reply }).await.map_err(|_| "stopped")?;
+            match answer.await.map_err(|_| "stopped")? {
+                Ok(grant) => Zeroizing::new([&[ANSWER_OK][..], &grant].concat()),
+                Err(refused) => refusal(&refused),
+            }
+        }
+        Some((&PRIVATE_MESSAGE, bytes)) => {
+            let (reply, answer) = oneshot::channel();
+            commands.send(Command::Private { from, bytes: Zeroizing::new(bytes.to_vec()), reply }).await.map_err(|_| "stopped")?;
+            match answer.await.map_err(|_| "stopped")? {
+                Ok(()) => Zeroizing::new(vec![ANSWER_OK]),
+                Err(refused) => refusal(&refused),
+            }
+        }
+        _ => return Err("unknown request".into()),
+    };
+    write_frame(&mut tls, &answer).await.map_err(|e| e.to_string())?;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    Ok(())
+}
+
+/// Busy (an exclusion settling) is worth retrying; anything else is definite.
+fn refusal(refused: &Refused) -> Zeroizing<Vec<u8>> {
+    match refused {
+        Refused::Busy => Zeroizing::new(vec![ANSWER_BUSY]),
+        other => Zeroizing::new([&[ANSWER_REFUSED][..], other.to_string().as_bytes()].concat()),
+    }
+}
+
+/// Setups of `count` participants `participant-0` .. of one group on loopback: a CA of
+/// their own, an Ed25519 certificate each, the directory of all of them and a multicast
+/// address of their own. For tests and the demo.
+pub fn loopback_setups(config: Config, count: usize, presence_ms: u64, deadline_ms: u64) -> Result<Vec<DistributedSetup>, DistributedError> {
+    let pki = |e: rcgen::Error| DistributedError::Certificate(e.to_string());
+    let authority = crate::pki::Authority::new("keycast distributed flat CA").map_err(pki)?;
+    let multicast = multicast::loopback_group()?;
+    let credentials = (0..count).map(|i| authority.issue_participant(&format!("participant-{i}"), &entropy())).collect::<Result<Vec<_>, _>>().map_err(pki)?;
+    let directory = credentials.iter().map(|c| directory_entry(&c.cert_pem)).collect::<Result<Directory, _>>()?;
+    let setup = |credentials| DistributedSetup { config, credentials, directory: directory.clone(), multicast: multicast.clone(), presence_ms, deadline_ms };
+    Ok(credentials.into_iter().map(setup).collect())
+}
+
+/// Whether `participants` are live and settled, hold one TEK (same ref and value), each lists
+/// exactly them as the roster, and their KEKs agree.
+pub fn agreed(participants: &[&DistributedParticipant]) -> bool {
+    let Some(first) = participants.first().and_then(|p| p.tek()) else { return false };
+    let identities: BTreeSet<&Identity> = participants.iter().map(|p| p.identity()).collect();
+    participants.iter().all(|p| {
+        let status = p.status();
+        let roster: BTreeSet<&Identity> = status.roster.values().collect();
+        status.live && status.settled && p.tek().as_ref() == Some(&first) && roster == identities
+    }) && keks_agree(participants)
+}
+
+/// Whether every KEK has one ref and value among the participants that hold it.
+pub fn keks_agree(participants: &[&DistributedParticipant]) -> bool {
+    let mut slots: BTreeMap<keycast_core::key::KeyId, (KeyRef, Key)> = BTreeMap::new();
+    participants.iter().flat_map(|p| p.held_keys().into_iter().skip(1)).all(|(key_ref, key)| {
+        let first = slots.entry(key_ref.id).or_insert_with(|| (key_ref, key.clone()));
+        *first == (key_ref, key)
+    })
+}
+
+/// Waits (polling every 10 ms) until `participants` have [`agreed`], for at most `within`.
+pub async fn wait_agreed(participants: &[&DistributedParticipant], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if agreed(participants) {
+            return true;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    agreed(participants)
+}
+
+/// Records every announcement on a group's multicast address, as an outsider would (for audits
+/// of removed participants: tests and the demo). At most `MAX_RECORDED`; stops when dropped.
+pub struct Recorder {
+    log: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: JoinHandle<()>,
+}
+
+const MAX_RECORDED: usize = 200_000;
+
+impl Recorder {
+    pub fn start(multicast: &MulticastConfig) -> std::io::Result<Recorder> {
+        let socket = multicast::receiver(multicast)?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let recording = log.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok((len, _)) = socket.recv_from(&mut buf).await {
+                let mut log = lock(&recording);
+                if !Presence::is_presence(&buf[..len]) && log.len() < MAX_RECORDED {
+                    log.push(buf[..len].to_vec());
+                }
+            }
+        });
+        Ok(Recorder { log, task })
+    }
+
+    /// The announcements recorded so far.
+    pub fn announcements(&self) -> Vec<Vec<u8>> {
+        lock(&self.log).clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
