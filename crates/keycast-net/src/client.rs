@@ -242,7 +242,12 @@ impl EventSink {
     }
 
     fn members(&self, events: Vec<MemberEvent>) {
-        events.into_iter().for_each(|e| self.member(ClientEvent::Member(e)));
+        for event in events {
+            if let MemberEvent::OutOfSync { reason } = &event {
+                tracing::debug!(%reason, "out of sync: resyncing");
+            }
+            self.member(ClientEvent::Member(event));
+        }
     }
 }
 

@@ -143,16 +143,22 @@ enum ResyncCause {
 }
 
 /// A rekey this member heard was sent (a packet of another member's, its parity, a heartbeat
-/// naming it) and does not hold: after round 1 has had half a heartbeat interval to arrive it
-/// NAKs, an interval later it NAKs again, and an interval after that it resyncs, about two
-/// and a half intervals after the rekey went out and well before its key activates (an
-/// epoch is at least four heartbeat intervals). Counted from the member's own clock, so lost
-/// heartbeats do not delay it.
+/// naming it) and does not hold: once round 1 has been quiet for half a heartbeat interval it
+/// NAKs; once the repair round that answers (sent a quarter interval after the first NAK of
+/// the group) has been quiet as long it NAKs again, and after the second repair it resyncs:
+/// about two intervals after the last packet, well before its key activates (an epoch is at
+/// least four heartbeat intervals). Counted from the member's own clock, so lost heartbeats
+/// do not delay it.
 #[derive(Debug, Clone, Copy)]
 struct Behind {
     seq: u64,
-    since_ms: u64,
+    /// The last verified packet or parity shard of the rekey heard: a round takes as long as
+    /// its sender needs to send it (at thousands of receivers on one host, multicast's copies
+    /// take hundreds of ms), and a NAK before its end asks for what is on its way.
+    quiet_from_ms: u64,
     naks: u32,
+    /// When the last NAK went (0: none): a repair lost whole must not hold the next NAK off.
+    last_nak_ms: u64,
     /// When its key activates, as a heartbeat said: the member resyncs a heartbeat interval
     /// before, however late it heard of the rekey.
     activation_ms: Option<u64>,
@@ -261,6 +267,7 @@ impl MemberSession {
         let behind = self.behind.as_mut()?;
         let seq = behind.seq;
         behind.naks += 1;
+        behind.last_nak_ms = now_ms;
         if behind.naks == 1 {
             self.count_late(seq);
         }
@@ -310,7 +317,7 @@ impl MemberSession {
     pub fn next_nak_ms(&self) -> Option<u64> {
         let b = self.behind.filter(|b| b.seq > self.guard.rekey_seq() && b.naks < NAKS_BEFORE_RESYNC)?;
         let spread = nak_spread(self.member, b.seq, b.naks, self.heartbeat_ms / 4);
-        Some(b.since_ms + self.round_one_ms() + u64::from(b.naks) * self.heartbeat_ms + spread)
+        Some(b.quiet_from_ms.max(b.last_nak_ms) + self.round_one_ms() + spread)
     }
 
     /// Time given round 1 of a rekey (its packets and proactive parity) to arrive.
@@ -318,17 +325,29 @@ impl MemberSession {
         self.heartbeat_ms / 2
     }
 
-    /// Notes that rekey `seq` was sent: the next one starts the NAK and resync schedule.
+    /// Notes that rekey `seq` was sent (a heartbeat named it): the next one starts the NAK and
+    /// resync schedule.
     fn heard_of(&mut self, seq: u64, now_ms: u64) {
         if seq == self.guard.rekey_seq() + 1 && self.behind.is_none_or(|b| b.seq != seq) {
-            self.behind = Some(Behind { seq, since_ms: now_ms, naks: 0, activation_ms: None });
+            self.behind = Some(Behind { seq, quiet_from_ms: now_ms, naks: 0, last_nak_ms: 0, activation_ms: None });
+        }
+    }
+
+    /// A verified packet or parity shard of rekey `seq` arrived: its round is still going.
+    fn heard_packet_of(&mut self, seq: u64, now_ms: u64) {
+        self.heard_of(seq, now_ms);
+        if let Some(b) = self.behind.as_mut().filter(|b| b.seq == seq) {
+            b.quiet_from_ms = b.quiet_from_ms.max(now_ms);
         }
     }
 
     /// Resyncs once the NAKs' repair rounds have had their time and the rekey is still missing.
     fn check_behind(&mut self, now_ms: u64) -> Vec<MemberEvent> {
         let Some(b) = self.behind.filter(|b| b.seq > self.guard.rekey_seq()) else { return Vec::new() };
-        let repairs_over = b.since_ms + self.round_one_ms() + u64::from(NAKS_BEFORE_RESYNC) * self.heartbeat_ms;
+        // Each NAK not sent yet (none if this member sends none) has its round's time; the
+        // last repair a quarter interval more to come.
+        let rounds_left = u64::from(1 + NAKS_BEFORE_RESYNC.saturating_sub(b.naks));
+        let repairs_over = b.quiet_from_ms.max(b.last_nak_ms) + rounds_left * self.round_one_ms() + self.heartbeat_ms / 4;
         let activation_near = b.activation_ms.is_some_and(|at| now_ms + self.heartbeat_ms >= at);
         if now_ms < repairs_over && !activation_near {
             return Vec::new();
@@ -496,7 +515,7 @@ impl MemberSession {
                 }
                 let packet = claimed.verified(bytes, &self.signer, &mut self.roots)?;
                 if packet.header.group == self.group {
-                    self.heard_of(packet.header.seq, now_ms);
+                    self.heard_packet_of(packet.header.seq, now_ms);
                 }
                 let rebuilt = match self.repair_for(packet.header.group, packet.header.seq) {
                     Some(repair) => repair.packet(packet.header.index, bytes),
@@ -517,7 +536,7 @@ impl MemberSession {
                 if header.group != self.group {
                     return Err(Reject::WrongGroup { expected: self.group, got: header.group }.into());
                 }
-                self.heard_of(header.seq, now_ms);
+                self.heard_packet_of(header.seq, now_ms);
                 let Some(repair) = self.repair_for(header.group, header.seq) else { return Ok(Vec::new()) };
                 let rebuilt = repair.parity(&header, parity.shard);
                 Ok(self.rebuilt(rebuilt))

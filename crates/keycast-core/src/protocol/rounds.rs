@@ -100,13 +100,18 @@ impl Delivery {
             self.proactivity.update(&needed);
             self.proactivity.raise_for_loss(loss_floor.min(0.9), receivers);
         }
+        let keep = packets.len() <= MAX_REPAIRABLE_PACKETS;
+        // Room for every repair round to answer a member that lost a whole full block (rho
+        // times what NAKs ask; a short block is protected like a full one): with less, the
+        // last rounds of a rekey many members NAKed went out empty, and those members resynced.
+        // A rekey kept for no repair codes its proactive parity alone.
+        let repair_room = if keep { usize::from(MAX_REPAIR_ROUNDS) * self.block } else { 0 };
         let mut blocks = BTreeMap::new();
         let mut shards = Vec::new();
         for (b, chunk) in packets.chunks(self.block).enumerate() {
             let first = (b * self.block) as u32;
             let proactive = self.proactivity.round_one_packets(chunk.len()) - chunk.len();
-            // Room for two more blocks' worth of shards in repairs (rho times what NAKs ask).
-            let capacity = (proactive + 2 * chunk.len()).min(MAX_PARITY.max(proactive));
+            let capacity = (proactive + repair_room).min(MAX_PARITY.max(proactive));
             let Ok(encoded) = BlockCode::new(chunk.len(), capacity).and_then(|code| encode_block(code, chunk)) else { continue };
             let shape = |i: usize, shard: Vec<u8>| ParityShard {
                 fec_block: b as u32,
@@ -119,7 +124,6 @@ impl Delivery {
             shards.extend(encoded.parity.iter().take(proactive).cloned().enumerate().map(|(i, s)| shape(i, s)));
             blocks.insert(first, Block { originals: chunk.len() as u16, capacity: capacity as u16, parity: encoded.parity, sent: proactive });
         }
-        let keep = packets.len() <= MAX_REPAIRABLE_PACKETS;
         self.last = Some(LastRekey {
             seq,
             blocks: if keep { blocks } else { BTreeMap::new() },
