@@ -742,6 +742,31 @@ fn multicast_for(h: &mut Harness, ms: u64) -> Vec<Vec<u8>> {
     datagrams
 }
 
+/// A member NAKs once a rekey's round has gone quiet, not half a heartbeat after its first
+/// datagram: on a host copying each datagram to thousands of sockets a round lasts long, and
+/// a NAK before its end asks for what is on its way.
+#[test]
+fn a_member_waits_for_the_round_to_go_quiet_before_it_naks() {
+    use keycast_core::wire::{message_type, MessageType};
+    let (mut h, mut a) = fec_group(150);
+    let epoch_ms = h.policy.epoch_ms;
+    let half = h.policy.heartbeat_ms / 2;
+    let datagrams = multicast_for(&mut h, 2 * epoch_ms);
+    let parity: Vec<&Vec<u8>> = datagrams.iter().filter(|d| message_type(d) == Ok(MessageType::RekeyParity)).collect();
+    assert!(parity.len() >= 2, "{} parity packets", parity.len());
+    // Two shards, a heartbeat interval apart: not enough to rebuild a block of four.
+    let first = h.now;
+    a.receive(parity[0], first).unwrap();
+    let nak_after_first = a.next_nak_ms().expect("behind after a shard of the next rekey");
+    assert!(nak_after_first >= first + half);
+    let last = first + 2 * half;
+    a.receive(parity[1], last).unwrap();
+    assert_ne!(a.rekey_seq(), h.controller.rekey_seq(), "two shards rebuild nothing");
+    let nak = a.next_nak_ms().expect("still behind");
+    assert!(nak >= last + half, "NAK due at {nak} ms, the round's last shard came at {last} ms");
+    assert_eq!(a.take_nak(last + half - 1), None, "a NAK before the round has been quiet for half an interval");
+}
+
 #[test]
 fn a_nak_brings_a_repair_round_that_completes_the_member_and_raises_rho() {
     use keycast_core::wire::{message_type, MessageType};
