@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::graph::MemberId;
 use crate::key::{Key, KeyRef};
-use crate::member::MemberKeys;
+use crate::member::{MemberError, MemberKeys};
 use crate::wire::control::{Data, JoinAccepted, Nak, ResyncAnswer, JOINERS_KEY_ID};
 use crate::wire::guard::{Reject, ReplayGuard};
 use crate::wire::heartbeat::{Heartbeat, SignedHeartbeat};
@@ -79,6 +79,9 @@ pub struct MemberSession {
     active: Option<KeyRef>,
     /// Packets of the next rekey that did not yet give this member its keys.
     waiting: Vec<RekeyPacket>,
+    /// Why the next rekey's packets so far did not apply (rekey, packets kept, error): named
+    /// in the reason of a resync for it.
+    apply_failed: Option<(u64, usize, MemberError)>,
     heartbeat_ms: u64,
     last_heartbeat_ms: u64,
     /// Members the controller counted in its latest verified heartbeat.
@@ -201,6 +204,7 @@ impl MemberSession {
             epoch: 0,
             active: None,
             waiting: Vec::new(),
+            apply_failed: None,
             heartbeat_ms,
             last_heartbeat_ms: now_ms,
             group_size: 0,
@@ -353,7 +357,10 @@ impl MemberSession {
             return Vec::new();
         }
         self.count_late(b.seq);
-        let reason = format!("rekey {} still missing after {} NAKs and their repair rounds", b.seq, b.naks);
+        let mut reason = format!("rekey {} still missing after {} NAKs and their repair rounds", b.seq, b.naks);
+        if let Some((_, kept, e)) = self.apply_failed.as_ref().filter(|(seq, _, _)| *seq == b.seq) {
+            reason += &format!(" ({kept} packets held for it did not apply: {e})");
+        }
         self.lost(ResyncCause::RepairsExhausted, reason)
     }
 
@@ -683,7 +690,10 @@ impl MemberSession {
                 events.extend(self.advance_epoch(header.epoch));
                 Ok(events)
             }
-            Err(_) => Ok(Vec::new()),
+            Err(e) => {
+                self.apply_failed = Some((header.seq, self.waiting.len(), e));
+                Ok(Vec::new())
+            }
         }
     }
 
