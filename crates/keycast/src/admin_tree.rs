@@ -26,18 +26,20 @@ pub struct Answer {
 pub async fn gather(config: &AdminConfig, tls: Arc<ClientConfig>) -> Vec<Answer> {
     let top = (None, config.server, config.server_name.clone());
     let subgroups = config.relays.iter().map(|r| (Some(r.name.clone()), r.server, r.server_name.clone()));
+    let targets: Vec<(Option<String>, SocketAddr, String)> = std::iter::once(top).chain(subgroups).collect();
     let mut asks = tokio::task::JoinSet::new();
-    for (i, (name, server, server_name)) in std::iter::once(top).chain(subgroups).enumerate() {
+    for (i, (_, server, server_name)) in targets.iter().cloned().enumerate() {
         let tls = tls.clone();
-        asks.spawn(async move { (i, Answer { name, server, stats: ask(server, &server_name, tls).await }) });
+        asks.spawn(async move { (i, ask(server, &server_name, tls).await) });
     }
-    let mut answers = Vec::new();
+    // In the config's order, the top first; a task that failed leaves its controller's error.
+    let mut stats: Vec<Result<Stats, String>> = targets.iter().map(|_| Err("its request task failed".into())).collect();
     while let Some(done) = asks.join_next().await {
-        answers.push(done.map_err(|e| e.to_string()));
+        if let Ok((i, answer)) = done {
+            stats[i] = answer;
+        }
     }
-    let mut answers: Vec<(usize, Answer)> = answers.into_iter().flatten().collect();
-    answers.sort_by_key(|(i, _)| *i);
-    answers.into_iter().map(|(_, answer)| answer).collect()
+    targets.into_iter().zip(stats).map(|((name, server, _), stats)| Answer { name, server, stats }).collect()
 }
 
 async fn ask(server: SocketAddr, server_name: &str, tls: Arc<ClientConfig>) -> Result<Stats, String> {

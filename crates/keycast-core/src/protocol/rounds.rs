@@ -77,8 +77,9 @@ pub(crate) struct Repair {
 impl Delivery {
     pub(crate) fn new(fec: FecConfig) -> Delivery {
         let block = usize::from(fec.block.max(1));
-        let rho = f64::from(fec.proactivity_pct.clamp(100, fec.max_proactivity_pct.clamp(100, MAX_PROACTIVITY_PCT))) / 100.0;
-        let rho_max = f64::from(fec.max_proactivity_pct.clamp(100, MAX_PROACTIVITY_PCT)) / 100.0;
+        let max_pct = fec.max_proactivity_pct.clamp(100, MAX_PROACTIVITY_PCT);
+        let rho = f64::from(fec.proactivity_pct.clamp(100, max_pct)) / 100.0;
+        let rho_max = f64::from(max_pct) / 100.0;
         let proactivity = Proactivity::new(block, u32::from(fec.target_naks), rho, rho_max)
             .unwrap_or_else(|_| Proactivity::new(block, u32::from(fec.target_naks), 1.0, rho_max).expect("rho 1 is always valid"));
         Delivery { block, proactivity, last: None, needed: Vec::new() }
