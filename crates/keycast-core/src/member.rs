@@ -104,15 +104,24 @@ impl MemberKeys {
 
     /// True if `message` holds an entry for this member: a wrap sealed under a key on its
     /// path that it holds, or that the message itself does not deliver (under tiered
-    /// placement that key arrives in the member's other packet of the same rekey).
+    /// placement that key arrives in the member's other packet of the same rekey); or, when
+    /// the group key only advanced a revision (a batch of joins alone), the header itself.
     pub fn has_entry(&self, message: &RekeyMessage<'_>) -> bool {
         let delivered_elsewhere = |r: KeyRef| {
             self.needs(r.id, message.group_key) && !message.wraps.iter().any(|d| d.key == r)
         };
-        message.wraps.iter().any(|w| match w.under {
-            Wrapper::Key(r) => self.ring.holds(r) || delivered_elsewhere(r),
-            Wrapper::KekAndTek { kek, tek } => self.ring.holds(kek) && (self.ring.holds(tek) || delivered_elsewhere(tek)),
-        })
+        self.derives_new_revision(message.group_key)
+            || message.wraps.iter().any(|w| match w.under {
+                Wrapper::Key(r) => self.ring.holds(r) || delivered_elsewhere(r),
+                Wrapper::KekAndTek { kek, tek } => self.ring.holds(kek) && (self.ring.holds(tek) || delivered_elsewhere(tek)),
+            })
+    }
+
+    /// True if `group_key` is a later revision of the group key this member holds: it derives
+    /// the key itself, and every key below it on its path changed by revision at most.
+    fn derives_new_revision(&self, group_key: KeyRef) -> bool {
+        let held = self.group_key.filter(|g| g.id == group_key.id && g.version == group_key.version);
+        held.is_some_and(|g| g.revision < group_key.revision && self.ring.holds(group_key))
     }
 
     /// Applies the messages of one rekey; the state changes only if the member ends with
@@ -134,11 +143,14 @@ impl MemberKeys {
             .chain([group_key])
             .collect();
         let newest = ring.newest(&named);
-        let mentioned = wraps.map(|w| w.key).chain([group_key]).filter(|r| self.needs(r.id, group_key));
-        for wanted in mentioned {
+        // Every version of a path key the rekey names, as wrapped key or as wrapper, is one
+        // this member must end with: a wrap sealed under a new version it lacks means another
+        // packet of the rekey (its lower tier) is still missing, even when the old versions
+        // it holds already opened the group key.
+        for wanted in named.iter().filter(|r| self.needs(r.id, group_key)) {
             match newest.get(&wanted.id) {
                 Some(held) if (held.version, held.revision) >= (wanted.version, wanted.revision) => {}
-                _ => return Err(MemberError::MissingKey(wanted)),
+                _ => return Err(MemberError::MissingKey(*wanted)),
             }
         }
         ring.retain_exactly(newest.into_values().filter(|r| self.needs(r.id, group_key)));

@@ -51,10 +51,11 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn policy(scheme: Scheme, immediate_eviction: bool, placement: Placement) -> GroupPolicy {
+fn policy(scheme: Scheme, immediate_eviction: bool, placement: Placement, revisions: bool) -> GroupPolicy {
+    let join_policy = if revisions { JoinPolicy::Revision } else { JoinPolicy::NewVersion };
     GroupPolicy {
         group: GroupId(9),
-        graph: GraphConfig { scheme, join_policy: JoinPolicy::NewVersion },
+        graph: GraphConfig { scheme, join_policy },
         epoch_ms: 100,
         activation_delay: 1,
         heartbeat_ms: 30,
@@ -452,9 +453,10 @@ proptest! {
         tree in any::<bool>(),
         immediate in any::<bool>(),
         placement in prop_oneof![Just(Placement::Auto), Just(Placement::UserOriented), Just(Placement::Tiered)],
+        revisions in any::<bool>(),
     ) {
         let scheme = if tree { Scheme::Tree { degree: 3 } } else { Scheme::Star };
-        let mut world = World::new(policy(scheme, immediate, placement), seed);
+        let mut world = World::new(policy(scheme, immediate, placement, revisions), seed);
         for (i, step) in steps.into_iter().enumerate() {
             world.run(step);
             if i % 8 == 7 {
@@ -473,9 +475,10 @@ proptest! {
         seed in any::<u64>(),
         tree in any::<bool>(),
         placement in prop_oneof![Just(Placement::Auto), Just(Placement::UserOriented), Just(Placement::Tiered)],
+        revisions in any::<bool>(),
     ) {
         let scheme = if tree { Scheme::Tree { degree: 3 } } else { Scheme::Star };
-        let mut world = World::new(policy(scheme, false, placement), seed);
+        let mut world = World::new(policy(scheme, false, placement, revisions), seed);
         for step in steps {
             world.run(step);
         }
@@ -486,3 +489,15 @@ proptest! {
 
 
 
+
+/// A joiner is admitted holding its batch's key, pending: the next batch of joins alone only
+/// advances that key's revision, which the joiner must derive from the key it holds.
+#[test]
+fn a_joiner_derives_the_next_revision_of_the_key_it_was_admitted_with() {
+    let mut world = World::new(policy(Scheme::Star, false, Placement::Auto, true), 0);
+    for step in [Step::Join, Step::Wait { ms: 100, loss: 0 }, Step::Leave(0), Step::Join, Step::Wait { ms: 100, loss: 0 }, Step::Join] {
+        world.run(step);
+    }
+    world.check();
+    assert_eq!(world.resyncs, 0);
+}

@@ -9,7 +9,7 @@ use keycast_core::wire::guard::Offer;
 use keycast_core::wire::rekey::{PacketiseError, RekeyContext};
 use keycast_core::wire::*;
 use keycast_core::{
-    new_graph, Batch, BatchSeed, FlatIds, GraphConfig, JoinPolicy, Key, KeyGraph, KeyId, KeyRef, MemberId, MemberKeys,
+    new_graph, Batch, BatchSeed, FlatIds, GraphConfig, JoinPolicy, Key, KeyGraph, KeyId, KeyRef, MemberError, MemberId, MemberKeys,
     Position, RekeyPlan, Scheme, Wrap, Wrapper,
 };
 use proptest::prelude::*;
@@ -263,8 +263,12 @@ struct Group {
 
 /// A populated group whose members hold their keys.
 fn group(scheme: Scheme, n: u64) -> Group {
+    group_with(scheme, n, JoinPolicy::NewVersion)
+}
+
+fn group_with(scheme: Scheme, n: u64, join_policy: JoinPolicy) -> Group {
     let seed = BatchSeed::from_u64(n);
-    let mut graph = new_graph(GraphConfig { scheme, join_policy: JoinPolicy::NewVersion }, &seed).unwrap();
+    let mut graph = new_graph(GraphConfig { scheme, join_policy }, &seed).unwrap();
     graph.apply(&Batch { joins: (0..n).map(MemberId).collect(), leaves: vec![] }, &seed.next()).unwrap();
     let group_key = graph.group_key().0;
     let members = (0..n)
@@ -335,6 +339,75 @@ fn under_user_oriented_placement_each_member_needs_only_the_one_packet_holding_i
 fn under_tiered_placement_each_tree_member_needs_at_most_two_packets() {
     // A star has one level: nothing to cut.
     assert_eq!(each_member_needs_at_most(Placement::Tiered, 2), [2, 2, 1]);
+}
+
+#[test]
+fn a_tree_member_holding_only_one_of_its_two_tiered_packets_applies_nothing() {
+    // New versions for joiners re-wrap each changed key under its old version, so a member
+    // can open every upper key from its upper packet alone; it must still wait for its lower
+    // packet, whose keys the upper wraps are sealed under, or its next rekey fails.
+    for (join_policy, leaving) in [(JoinPolicy::NewVersion, 0), (JoinPolicy::NewVersion, 10), (JoinPolicy::Revision, 10)] {
+        let mut g = group_with(Scheme::Tree { degree: 4 }, 1000, join_policy);
+        let leaves: Vec<MemberId> = g.members.keys().copied().filter(|m| leaving > 0 && m.0 % leaving == 3).collect();
+        for m in &leaves {
+            g.members.remove(m);
+        }
+        let joins = (10_000..11_000).map(MemberId).collect();
+        let plan = g.graph.apply(&Batch { joins, leaves }, &BatchSeed::from_u64(5)).unwrap();
+        let packets = verified_packets(&plan, Placement::Tiered);
+        let mut members_with_two = 0;
+        for (id, member) in &g.members {
+            let mine: Vec<_> = packets.iter().filter(|p| member.has_entry(&p.message())).map(RekeyPacket::message).collect();
+            if mine.len() < 2 {
+                continue;
+            }
+            members_with_two += 1;
+            for alone in &mine {
+                let result = member.clone().apply(std::slice::from_ref(alone));
+                assert!(matches!(result, Err(MemberError::MissingKey(_))), "{id:?} applied one of its two packets: {result:?}");
+            }
+            let mut whole = member.clone();
+            whole.apply(&mine).unwrap();
+            assert_eq!(whole.refs(), path_refs(&*g.graph, *id), "{id:?}");
+        }
+        assert!(members_with_two > 10, "{join_policy:?}, 1 in {leaving} leaving: {members_with_two}");
+    }
+}
+
+#[test]
+fn after_joins_alone_under_revisions_any_packet_of_the_rekey_brings_a_member_up_to_date() {
+    // Existing members get no wrap: each derives the group key's new revision from the header
+    // of whichever packet it hears, and every key below it when a later rekey names one.
+    let mut g = group_with(Scheme::Tree { degree: 4 }, 1000, JoinPolicy::Revision);
+    // 20 joins fill free leaves: the tree keeps its height, so its root only advances a revision.
+    let plan = g.graph.apply(&Batch { joins: (10_000..10_020).map(MemberId).collect(), leaves: vec![] }, &BatchSeed::from_u64(5)).unwrap();
+    let packets = verified_packets(&plan, Placement::Auto);
+    assert!(packets.len() > 1);
+    let (_, group_key) = g.graph.group_key();
+    for (id, member) in &g.members {
+        for packet in [&packets[0], &packets[packets.len() - 1]] {
+            assert!(member.has_entry(&packet.message()), "{id:?} {:?} {:?}", member.group_key().map(|g| g.0), packet.header.group_key);
+            let mut updated = member.clone();
+            updated.apply(&[packet.message()]).unwrap_or_else(|e| panic!("{id:?}: {e}"));
+            assert!(updated.group_key().unwrap().1 == *group_key);
+            assert_eq!(updated.refs().last(), path_refs(&*g.graph, *id).last());
+        }
+    }
+}
+
+fn verified_packets(plan: &RekeyPlan, placement: Placement) -> Vec<RekeyPacket> {
+    let config = PacketConfig { placement, ..PacketConfig::default() };
+    let rekey = encode_rekey(plan, context(1), config, &signer()).unwrap();
+    let key = signer().verifying_key();
+    rekey.packets.iter().map(|p| RekeyPacket::verify(p, &key).unwrap()).collect()
+}
+
+/// The refs of the keys on `member`'s path, sorted.
+fn path_refs(graph: &dyn KeyGraph, member: MemberId) -> Vec<KeyRef> {
+    let (_, keys) = graph.member_keys(member).unwrap();
+    let mut refs: Vec<KeyRef> = keys.iter().map(|(r, _)| *r).collect();
+    refs.sort();
+    refs
 }
 
 #[test]

@@ -144,7 +144,8 @@ pub struct PolicyConfig {
     pub scheme: String,
     pub degree: u32,
     pub flat_id_bits: u8,
-    /// "version" (new key versions for joiners) or "revision" (one-way revisions).
+    /// "revision" (default: one-way revisions, no wrap for existing members) or "version"
+    /// (new key versions for joiners, Wong's join).
     pub join_policy: String,
     pub immediate_eviction: bool,
     /// Multicast who joined and left after each rekey (conferencing groups).
@@ -174,7 +175,7 @@ impl Default for PolicyConfig {
             scheme: "tree".into(),
             degree: 4,
             flat_id_bits: 20,
-            join_policy: "version".into(),
+            join_policy: "revision".into(),
             immediate_eviction: true,
             membership_deltas: false,
             reflector: false,

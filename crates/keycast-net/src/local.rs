@@ -63,11 +63,12 @@ pub struct LocalGroup {
 pub type Events = tokio::sync::mpsc::Receiver<ClientEvent>;
 
 /// A fast group for loopback tests: 150 ms epochs, keys in force one epoch after their rekey,
-/// 40 ms heartbeats, a degree-4 tree, immediate eviction, no membership deltas.
+/// 40 ms heartbeats, a degree-4 tree whose joins advance revisions (the default policy),
+/// immediate eviction, no membership deltas.
 pub fn loopback_policy(group: GroupId) -> GroupPolicy {
     GroupPolicy {
         group,
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
+        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::Revision },
         epoch_ms: 150,
         activation_delay: 1,
         heartbeat_ms: 40,

@@ -13,7 +13,7 @@ use keycast_core::protocol::GroupPolicy;
 use keycast_core::delivery::proactivity::Proactivity;
 use keycast_core::wire::rekey::{FecConfig, PacketConfig};
 use keycast_core::wire::GroupId;
-use keycast_core::{GraphConfig, JoinPolicy, Scheme};
+use keycast_core::{GraphConfig, Scheme};
 use keycast_net::client::{ClientEvent, ClientStats, MemberClient};
 use keycast_net::local::{Events, LocalGroup};
 use keycast_net::loss::LossModel;
@@ -36,9 +36,11 @@ pub struct DemoArgs {
     /// exclusions are awaited, and every relay must reach every participant meanwhile).
     #[arg(long = "settle-ms", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub(crate) settle_ms: u64,
-    /// Epoch length in milliseconds.
-    #[arg(long = "epoch-ms", default_value_t = 400, value_parser = clap::value_parser!(u64).range(50..=10_000))]
-    pub(crate) epoch_ms: u64,
+    /// Epoch length in milliseconds. Default: 400, or half a millisecond per member above 800
+    /// members: every member here shares this machine's cores and checks each heartbeat's
+    /// signature (four per epoch), so a longer epoch keeps that load within them.
+    #[arg(long = "epoch-ms", value_parser = clap::value_parser!(u64).range(50..=10_000))]
+    epoch_ms: Option<u64>,
     #[arg(long, default_value_t = 7)]
     pub(crate) seed: u64,
     /// Loss injected on every member's multicast receive, each member its own (0 to 0.99).
@@ -75,6 +77,10 @@ pub struct DemoArgs {
     /// Turn the joiners' reflector on: joiners read the group's data from their acceptance.
     #[arg(long)]
     reflector: bool,
+    /// How joins change the keys above the joiners: revision (one-way, no wrap for the other
+    /// members) or version (Wong's new versions, wrapped under the old ones).
+    #[arg(long = "join-policy", value_enum, default_value = "revision")]
+    join_policy: crate::sim::JoinPolicyArg,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -84,6 +90,10 @@ pub(crate) enum DemoScheme {
 }
 
 impl DemoArgs {
+    pub(crate) fn epoch_ms(&self) -> u64 {
+        self.epoch_ms.unwrap_or((self.members() / 2).max(400))
+    }
+
     pub(crate) fn members(&self) -> u64 {
         let default = if self.scheme == DemoScheme::DistributedFlat { 100 } else { 200 };
         self.members.unwrap_or(default)
@@ -254,6 +264,8 @@ struct JoinerReads {
 struct Summary {
     members: usize,
     epochs: u32,
+    epoch_ms: u64,
+    join_policy: &'static str,
     members_in_sync: usize,
     /// Members the controller removed although they never left (expired: refreshes lost).
     members_expired: usize,
@@ -373,8 +385,8 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
     }
     if let Some(summary) = run_quietly(args, demo(args))? {
         println!(
-            "{} members after {} epochs ({} joins, {} leaves, 1 eviction); {} rekeys, {} bytes on the wire",
-            summary.members, summary.epochs, summary.joins, summary.leaves, summary.rekeys, summary.rekey_bytes
+            "{} members after {} epochs of {} ms ({} joins, {} leaves, 1 eviction); {} rekeys, {} bytes on the wire",
+            summary.members, summary.epochs, summary.epoch_ms, summary.joins, summary.leaves, summary.rekeys, summary.rekey_bytes
         );
         println!(
             "members at the controller's active key: {}/{} ({} expired by the controller)",
@@ -454,11 +466,11 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let policy = GroupPolicy {
         group: GroupId(1),
-        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: args.epoch_ms,
+        graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: args.join_policy.policy() },
+        epoch_ms: args.epoch_ms(),
         activation_delay: 1,
-        heartbeat_ms: (args.epoch_ms / 4).max(20),
-        refresh_timeout_ms: 20 * args.epoch_ms,
+        heartbeat_ms: (args.epoch_ms() / 4).max(20),
+        refresh_timeout_ms: 20 * args.epoch_ms(),
         immediate_eviction: true,
         membership_deltas: false,
         reflector: args.reflector,
@@ -492,7 +504,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     bar.set_style(ProgressStyle::with_template("{bar:20} {pos}/{len} {wide_msg}").expect("valid template"));
     bar.set_message(format!("{} members joining over TLS 1.3", args.members()));
     demo.join(args.members()).await?;
-    let settle = Duration::from_millis(10 * args.epoch_ms);
+    let settle = Duration::from_millis(10 * args.epoch_ms());
     // At the end, time for members whose last rekey was lost to resync over a lossy network.
     let final_settle = settle.max(Duration::from_secs(15));
     demo.in_sync(settle).await;
@@ -534,7 +546,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let joiner = demo.joiner_reads(args.epoch_ms).await?;
+    let joiner = demo.joiner_reads(args.epoch_ms()).await?;
     let members_in_sync = demo.in_sync(final_settle).await;
     let counted: Vec<u64> = demo.group.server().members().await.iter().map(|row| row.member).collect();
     let members_expired = demo.members.keys().filter(|id| !counted.contains(id)).count();
@@ -543,6 +555,11 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     Ok(Summary {
         members: demo.members.len(),
         epochs: args.epochs,
+        epoch_ms: args.epoch_ms(),
+        join_policy: match args.join_policy.policy() {
+            keycast_core::JoinPolicy::NewVersion => "version",
+            keycast_core::JoinPolicy::Revision => "revision",
+        },
         members_in_sync,
         members_expired,
         evicted_can_decrypt: opened > 0,

@@ -119,8 +119,8 @@ fn policy(group: u64, epoch_ms: u64) -> keycast_core::protocol::GroupPolicy {
 async fn build(args: &DemoArgs, relays: u16, folder: &std::path::Path) -> Result<Vec<Level>, String> {
     let err = |e: keycast_net::local::LocalError| e.to_string();
     let size = args.members() as usize;
-    let mut top = LocalGroup::prepare(policy(TOP, args.epoch_ms), size, folder.join("top")).map_err(err)?;
-    top.policy.refresh_timeout_ms = 8 * args.epoch_ms;
+    let mut top = LocalGroup::prepare(policy(TOP, args.epoch_ms()), size, folder.join("top")).map_err(err)?;
+    top.policy.refresh_timeout_ms = 8 * args.epoch_ms();
     for r in 1..=relays {
         top.acl.extend([format!("relay-{r}"), format!("relay-{r}-standby-1")]);
     }
@@ -130,7 +130,7 @@ async fn build(args: &DemoArgs, relays: u16, folder: &std::path::Path) -> Result
     for r in 1..=relays {
         let dir = folder.join(format!("sub-{r}"));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut group = LocalGroup::prepare(policy(TOP + u64::from(r), args.epoch_ms), size, dir).map_err(err)?;
+        let mut group = LocalGroup::prepare(policy(TOP + u64::from(r), args.epoch_ms()), size, dir).map_err(err)?;
         group.add_standby().map_err(err)?;
         let relay = group.start_relay(top.member_setup(&format!("relay-{r}")).map_err(err)?).await.map_err(err)?;
         let standby = group.start_standby(1, top.member_setup(&format!("relay-{r}-standby-1")).map_err(err)?, BACK_OFF_MS).await.map_err(err)?;
@@ -180,7 +180,7 @@ async fn demo(args: &DemoArgs, relays: u16) -> Result<Summary, String> {
             client.leave().await.map_err(|e| e.to_string())?;
             (joins, leaves) = (joins + 1, leaves + 1);
         }
-        tokio::time::sleep(Duration::from_millis(args.epoch_ms)).await;
+        tokio::time::sleep(Duration::from_millis(args.epoch_ms())).await;
     }
     // One eviction in the last subgroup; it keeps its client to try what is sent after.
     let last = levels.len() - 1;
@@ -192,7 +192,7 @@ async fn demo(args: &DemoArgs, relays: u16) -> Result<Summary, String> {
 
     let (failover_ms, lost) = fail_over(&mut levels).await?;
     let members_in_sync = until_in_sync(&levels, SETTLE).await;
-    tokio::time::sleep(Duration::from_millis(args.epoch_ms)).await;
+    tokio::time::sleep(Duration::from_millis(args.epoch_ms())).await;
 
     // Data from every group: one message from the first member of each level.
     for level in &mut levels {
@@ -201,7 +201,7 @@ async fn demo(args: &DemoArgs, relays: u16) -> Result<Summary, String> {
     for (i, level) in levels.iter().enumerate() {
         level.members[0].0.send(format!("from level {i}").as_bytes()).await.map_err(|e| e.to_string())?;
     }
-    tokio::time::sleep(Duration::from_millis(500 + 2 * args.epoch_ms)).await;
+    tokio::time::sleep(Duration::from_millis(500 + 2 * args.epoch_ms())).await;
     let (mut delivered, mut expected) = (0, 0);
     for (i, level) in levels.iter_mut().enumerate() {
         for (_, events) in &mut level.members {

@@ -53,6 +53,15 @@ pub enum JoinPolicyArg {
     Revision,
 }
 
+impl JoinPolicyArg {
+    pub(crate) fn policy(self) -> JoinPolicy {
+        match self {
+            JoinPolicyArg::Version => JoinPolicy::NewVersion,
+            JoinPolicyArg::Revision => JoinPolicy::Revision,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct RekeyArgs {
     #[arg(long, value_enum, default_value = "tree")]
@@ -131,11 +140,7 @@ fn config(args: &RekeyArgs) -> Result<GraphConfig, String> {
             Scheme::Flat { id_bits, ids: FlatIds::Sequential }
         }
     };
-    let join_policy = match args.join_policy {
-        JoinPolicyArg::Version => JoinPolicy::NewVersion,
-        JoinPolicyArg::Revision => JoinPolicy::Revision,
-    };
-    Ok(GraphConfig { scheme, join_policy })
+    Ok(GraphConfig { scheme, join_policy: args.join_policy.policy() })
 }
 
 /// Builds a group of `members` (member i joins i-th) in batches, with a progress bar.

@@ -445,7 +445,9 @@ impl MemberSession {
 
     /// Takes the keys, sequence and epoch of `answer` as this member's whole state.
     fn install(&mut self, answer: ResyncAnswer) -> Vec<MemberEvent> {
-        self.keys = MemberKeys::from_snapshot(answer.position, answer.keys, answer.active);
+        // The answer's keys are the graph's now: its group key is the newest (pending) one.
+        let newest = answer.pending.map_or(answer.active, |p| p.key);
+        self.keys = MemberKeys::from_snapshot(answer.position, answer.keys, newest);
         self.announced_active = Some(answer.active);
         // The answer comes over TLS from the controller itself: its signer is the one in force
         // (also after the controller's log was restored to before a rotation).
