@@ -433,6 +433,21 @@ impl MemberSession {
         self.group_keys.values().find(|(r, _, _)| *r == active).map(|(r, k, _)| (*r, k.clone()))
     }
 
+    /// A flat member's ID, its ID bits and its shares of the flat table: the newest group key it
+    /// holds (the TEK) and the newest KEK of each of its ID bits. What it takes into a
+    /// distributed flat group when the controller is lost (Caronni et al., figure 6). None for
+    /// a tree member, or while it misses the TEK or a KEK. Secret: no Debug of its own.
+    pub fn flat_shares(&self) -> Option<(u64, u8, Vec<(KeyRef, Key)>)> {
+        let crate::graph::Position::Flat { id, id_bits } = self.keys.position() else { return None };
+        let mut shares = vec![self.keys.group_key()?];
+        let newest = |key_id| self.keys.keyring().refs().filter(|r| r.id == key_id).max_by_key(|r| (r.version, r.revision));
+        for j in 0..id_bits {
+            let key_ref = newest(crate::graph::flat::flat_kek_id(j, ((id >> j) & 1) as u8))?;
+            shares.push((key_ref, self.keys.key(key_ref)?));
+        }
+        Some((id, id_bits, shares))
+    }
+
     /// Installs the controller's full answer after a gap; the answer counts as hearing from
     /// the controller at `now_ms`.
     pub fn resynced(&mut self, answer: ResyncAnswer, now_ms: u64) -> Vec<MemberEvent> {
