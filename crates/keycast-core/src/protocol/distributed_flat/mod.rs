@@ -8,6 +8,7 @@
 //! See docs/distributed-flat.md for the protocol, the conflict rule and the costs.
 
 pub mod audit;
+pub mod handback;
 pub mod message;
 pub mod plan;
 
