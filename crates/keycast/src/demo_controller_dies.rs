@@ -55,6 +55,8 @@ struct Summary {
     eviction: Cost,
     leave: Cost,
     handover_seconds: f64,
+    /// How long the members took to start as participants (each handover window opens then).
+    conversion_seconds: f64,
     seconds: f64,
 }
 
@@ -132,12 +134,15 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     all_names.push("newcomer".into());
     let setups = setups_of(&group.authority, &all_names, config, PRESENCE_MS, DEADLINE_MS).map_err(|e| e.to_string())?;
     let recorder = Recorder::start(&setups[0].multicast).map_err(|e| e.to_string())?;
+    // All at once: a member's handover window opens when it converts, and one that converts
+    // after another's window closed is not listed by it.
     let handover_started = Instant::now();
+    let conversions: Vec<_> = shares.into_iter().enumerate().map(|(i, (id, _, keys))| tokio::spawn(DistributedParticipant::from_centralized(setups[i].clone(), id, keys))).collect();
     let mut live = BTreeMap::new();
-    for (i, (id, _, keys)) in shares.into_iter().enumerate() {
-        let participant = DistributedParticipant::from_centralized(setups[i].clone(), id, keys).await.map_err(|e| e.to_string())?;
-        live.insert(i, participant);
+    for (i, conversion) in conversions.into_iter().enumerate() {
+        live.insert(i, conversion.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
     }
+    let conversion_seconds = handover_started.elapsed().as_secs_f64();
     let mut run = Run { live, removed: BTreeMap::new(), before: Traffic::default() };
     let mut costs = [Cost::default(); 4];
     let mut handed_over = 0;
@@ -187,6 +192,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         eviction: costs[2],
         leave: costs[3],
         handover_seconds,
+        conversion_seconds,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -203,7 +209,12 @@ impl Run {
         let live: Vec<&DistributedParticipant> = self.live.values().collect();
         match wait_agreed(&live, AGREE_WITHIN).await {
             true => Ok(()),
-            false => Err(format!("the participants did not agree within {} s after {after}", AGREE_WITHIN.as_secs())),
+            false => {
+                let statuses: Vec<_> = live.iter().map(|p| p.status()).collect();
+                let rosters: std::collections::BTreeSet<usize> = statuses.iter().map(|s| s.roster.len()).collect();
+                let unsettled = statuses.iter().filter(|s| !s.settled).count();
+                Err(format!("the participants did not agree within {} s after {after}: roster sizes {rosters:?}, {unsettled} not settled", AGREE_WITHIN.as_secs()))
+            }
         }
     }
 
