@@ -418,7 +418,7 @@ impl MemberClient {
 
     /// A flat member's ID, ID bits, TEK and KEKs, to continue as a distributed flat
     /// participant once the controller is lost (`MemberSession::flat_shares`). Secret.
-    pub fn flat_shares(&self) -> Option<(u64, u8, Vec<(KeyRef, Key)>)> {
+    pub fn flat_shares(&self) -> Option<keycast_core::protocol::member::FlatShares> {
         self.with(|s| s.flat_shares())
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use keycast_core::key::{Key, KeyRef};
 use keycast_core::protocol::distributed_flat::{audit, Config};
+use keycast_core::protocol::member::FlatShares;
 use keycast_core::wire::GroupId;
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, Scheme};
 use keycast_net::client::MemberClient;
@@ -127,8 +128,8 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     group.kill_server().await;
     drop(clients);
 
-    let tek_version_at_handover = shares[0].2[0].0.version;
-    let controller_table: BTreeMap<KeyRef, Key> = shares.iter().flat_map(|(_, _, keys)| keys.iter().cloned()).collect();
+    let tek_version_at_handover = shares[0].keys[0].0.version;
+    let controller_table: BTreeMap<KeyRef, Key> = shares.iter().flat_map(|s| s.keys.iter().cloned()).collect();
     let config = Config { group: GroupId(1), id_bits: ID_BITS, settle_ms: args.settle_ms };
     let mut all_names = names[..count].to_vec();
     all_names.push("newcomer".into());
@@ -137,7 +138,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     // All at once: a member's handover window opens when it converts, and one that converts
     // after another's window closed is not listed by it.
     let handover_started = Instant::now();
-    let conversions: Vec<_> = shares.into_iter().enumerate().map(|(i, (id, _, keys))| tokio::spawn(DistributedParticipant::from_centralized(setups[i].clone(), id, keys))).collect();
+    let conversions: Vec<_> = shares.into_iter().enumerate().map(|(i, s)| tokio::spawn(DistributedParticipant::from_centralized(setups[i].clone(), s.id, s.keys))).collect();
     let mut live = BTreeMap::new();
     for (i, conversion) in conversions.into_iter().enumerate() {
         live.insert(i, conversion.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
@@ -234,11 +235,11 @@ impl Run {
 }
 
 /// Every member's flat ID, ID bits and keys once all hold the same TEK, waiting for it.
-async fn one_tek(clients: &[MemberClient]) -> Result<Vec<(u64, u8, Vec<(KeyRef, Key)>)>, String> {
+async fn one_tek(clients: &[MemberClient]) -> Result<Vec<FlatShares>, String> {
     let deadline = Instant::now() + AGREE_WITHIN;
     loop {
         let shares: Option<Vec<_>> = clients.iter().map(MemberClient::flat_shares).collect();
-        if let Some(shares) = shares.filter(|s| s.iter().all(|(_, _, keys)| keys[0] == s[0].2[0])) {
+        if let Some(shares) = shares.filter(|s| s.iter().all(|one| one.id_bits == ID_BITS && one.keys[0] == s[0].keys[0])) {
             return Ok(shares);
         }
         if Instant::now() > deadline {
