@@ -447,6 +447,15 @@ fn forged_replayed_and_foreign_announcements_are_refused() {
     let mut forged = joined.clone();
     let last = forged.len() - 70;
     forged[last] ^= 1;
+    // A seen seq is refused before the signature is checked.
+    assert!(matches!(p.receive(&forged, &entropy, 0), Err(Refused::Replay { .. })));
+    // A fresh one (2's leave request, not delivered) with one byte changed fails the signature.
+    let fresh = net.nodes.get_mut(&name(2)).unwrap().leave(0).unwrap();
+    let Output::Multicast(fresh) = &fresh[0] else { panic!("a multicast") };
+    let mut forged = fresh.clone();
+    let last = forged.len() - 70;
+    forged[last] ^= 1;
+    let p = net.nodes.get_mut(&name(0)).unwrap();
     assert!(matches!(p.receive(&forged, &entropy, 0), Err(Refused::BadSignature(_)) | Err(Refused::Decode(_))));
     // An identity outside the directory, with a well-formed signature of its own.
     let stranger = Identity::new("stranger").unwrap();
