@@ -631,7 +631,7 @@ mod handback {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases() / 2))]
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
 
         /// Distributed flat back to centralized flat after a random history: the participants
         /// that hand over become members of the new controller with the keys they hold (plus an
