@@ -447,6 +447,15 @@ fn forged_replayed_and_foreign_announcements_are_refused() {
     let mut forged = joined.clone();
     let last = forged.len() - 70;
     forged[last] ^= 1;
+    // A seen seq is refused before the signature is checked.
+    assert!(matches!(p.receive(&forged, &entropy, 0), Err(Refused::Replay { .. })));
+    // A fresh one (2's leave request, not delivered) with one byte changed fails the signature.
+    let fresh = net.nodes.get_mut(&name(2)).unwrap().leave(0).unwrap();
+    let Output::Multicast(fresh) = &fresh[0] else { panic!("a multicast") };
+    let mut forged = fresh.clone();
+    let last = forged.len() - 70;
+    forged[last] ^= 1;
+    let p = net.nodes.get_mut(&name(0)).unwrap();
     assert!(matches!(p.receive(&forged, &entropy, 0), Err(Refused::BadSignature(_)) | Err(Refused::Decode(_))));
     // An identity outside the directory, with a well-formed signature of its own.
     let stranger = Identity::new("stranger").unwrap();
@@ -605,5 +614,103 @@ proptest! {
         prop_assert!(p.receive_private(&name(1), &message, &entropy, 0).is_err());
         prop_assert_eq!(p.tek().map(|(r, _)| r), tek);
         prop_assert!(p.is_settled());
+    }
+}
+
+mod handback {
+    use super::*;
+    use keycast_core::protocol::distributed_flat::audit::derive_from_wraps;
+    use keycast_core::protocol::distributed_flat::handback::{HandbackRefused, TableCollector};
+    use keycast_core::strategy::Strategy as Packaging;
+    use keycast_core::{package, JoinPolicy, MemberKeys};
+
+    /// The appointed controller's collector for `net`'s live participants, at their TEK.
+    fn collector(net: &Net, id_bits: u8) -> TableCollector {
+        let appointed = &net.nodes[&net.live()[0]];
+        TableCollector::new(id_bits, appointed.roster().clone(), appointed.tek().unwrap().0)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Distributed flat back to centralized flat after a random history: the participants
+        /// that hand over become members of the new controller with the keys they hold (plus an
+        /// individual key), follow its first rekeys and hold exactly its keys for them; none of
+        /// those that did not hand over derives the TEK after them from every key it ever held.
+        #[test]
+        fn handing_participants_follow_the_new_controller_and_the_others_are_out(
+            id_bits in 5u8..=8,
+            seed in any::<u64>(),
+            steps in proptest::collection::vec(step(), 1..16),
+            keep in any::<u64>(),
+        ) {
+            let net = run_history(id_bits, seed, &steps);
+            let live = net.live();
+            let tek_before = net.nodes[&live[0]].tek().unwrap().0;
+            let (handing, staying): (Vec<_>, Vec<_>) = live.iter().enumerate().partition(|(i, _)| *i == 0 || keep >> (i % 64) & 1 == 1);
+            let mut collector = collector(&net, id_bits);
+            for (_, who) in &handing {
+                let p = &net.nodes[*who];
+                collector.hand_over(who, p.id(), &p.held_keys()).unwrap();
+            }
+            let handback = collector.build(JoinPolicy::Revision, &BatchSeed::from_u64(seed)).unwrap();
+            prop_assert_eq!(handback.removed.len(), staying.len());
+            prop_assert_eq!(handback.rekeys.len(), staying.len());
+            let (group_ref, group_key) = handback.graph.group_key();
+            for (_, who) in &handing {
+                let p = &net.nodes[*who];
+                let (member, individual) = &handback.members[*who];
+                let (position, controller_keys) = handback.graph.member_keys(*member).unwrap();
+                let mut keys = vec![individual.clone()];
+                keys.extend(p.held_keys());
+                let mut state = MemberKeys::from_snapshot(position, keys, tek_before);
+                for plan in &handback.rekeys {
+                    state.apply(&package(plan, Packaging::GroupOriented)).unwrap();
+                }
+                prop_assert!(state.group_key() == Some((group_ref, group_key.clone())), "{} follows the first rekey", who);
+                for (key_ref, key) in controller_keys {
+                    prop_assert!(state.key(key_ref) == Some(key), "{} holds the controller's {}", who, key_ref);
+                }
+            }
+            if !staying.is_empty() {
+                prop_assert!(group_ref.version > tek_before.version);
+                let wraps: Vec<_> = handback.rekeys.iter().flat_map(|plan| plan.wraps.iter().cloned()).collect();
+                for (_, who) in &staying {
+                    let derived = derive_from_wraps(&net.ever_held[*who], &wraps);
+                    prop_assert!(derived.get(&group_ref) != Some(group_key), "{} did not hand over and reads the new TEK", who);
+                }
+            }
+        }
+    }
+
+    /// The collector checks each handover against the others and the roster: a KEK that
+    /// disagrees with an earlier holder's, keys of another TEK, an identity that is not the
+    /// live participant of that ID and a second handover are refused, and refused handovers
+    /// change nothing.
+    #[test]
+    fn inconsistent_handovers_are_refused() {
+        let mut net = group_of(8, 5);
+        net.evict(&name(7), &name(1)).unwrap();
+        net.settle();
+        let id_bits = net.config.id_bits;
+        let live = net.live();
+        let (a, b) = (&net.nodes[&live[0]], &net.nodes[&live[1]]);
+        let mut collector = collector(&net, id_bits);
+        collector.hand_over(&live[0], a.id(), &a.held_keys()).unwrap();
+        let shared = (0..id_bits).find(|&j| (a.id() >> j) & 1 == (b.id() >> j) & 1).expect("two IDs share a bit value");
+        let mut forged = b.held_keys();
+        forged[1 + shared as usize].1 = Key::from_bytes([7; 32]);
+        assert!(matches!(collector.hand_over(&live[1], b.id(), &forged), Err(HandbackRefused::Conflict(_))));
+        let mut other_tek = b.held_keys();
+        other_tek[0].0.version += 1;
+        assert!(matches!(collector.hand_over(&live[1], b.id(), &other_tek), Err(HandbackRefused::OtherTek(_))));
+        assert!(matches!(collector.hand_over(&live[2], b.id(), &b.held_keys()), Err(HandbackRefused::NotInRoster(..))));
+        assert!(matches!(collector.hand_over(&name(7), b.id(), &b.held_keys()), Err(HandbackRefused::NotInRoster(..))));
+        assert!(matches!(collector.hand_over(&live[0], a.id(), &a.held_keys()), Err(HandbackRefused::Duplicate(_))));
+        assert_eq!(collector.handed().len(), 1);
+        collector.hand_over(&live[1], b.id(), &b.held_keys()).unwrap();
+        let handback = collector.build(JoinPolicy::Revision, &BatchSeed::from_u64(1)).unwrap();
+        assert_eq!(handback.members.len(), 2);
+        assert_eq!(handback.removed.len(), live.len() - 2);
     }
 }

@@ -416,6 +416,12 @@ impl MemberClient {
         self.with(|s| s.active_key())
     }
 
+    /// A flat member's ID, ID bits, TEK and KEKs, to continue as a distributed flat
+    /// participant once the controller is lost (`MemberSession::flat_shares`). Secret.
+    pub fn flat_shares(&self) -> Option<keycast_core::protocol::member::FlatShares> {
+        self.with(|s| s.flat_shares())
+    }
+
     pub fn rekey_seq(&self) -> u64 {
         self.with(|s| s.rekey_seq())
     }

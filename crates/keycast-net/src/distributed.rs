@@ -147,6 +147,8 @@ enum Command {
     Private { from: Identity, bytes: Zeroizing<Vec<u8>>, reply: oneshot::Sender<Result<(), Refused>> },
     Exclude { id: u64, eviction: bool, reply: oneshot::Sender<Result<(), Refused>> },
     Leave { reply: oneshot::Sender<Result<(), Refused>> },
+    /// Announcements to multicast again at these times (Unix ms).
+    Repeat(Vec<(u64, Vec<u8>)>),
 }
 
 /// A running participant. Dropping it stops its tasks.
@@ -171,7 +173,28 @@ impl DistributedParticipant {
         let (identity, signer) = own_identity(&setup)?;
         let seed = BatchSeed::from_bytes(entropy());
         let participant = Participant::create(setup.config, identity, signer, setup.directory.clone(), &seed)?;
-        Self::start(setup, participant).await
+        Self::start(setup, participant, Vec::new()).await
+    }
+
+    /// A member of a centralized flat group whose controller is lost continues as a
+    /// participant (figure 6; `Participant::from_centralized`): `id` is its flat ID and `keys`
+    /// its TEK and the KEKs of its ID bits (`MemberClient::flat_shares`). It multicasts its
+    /// handover at once and again at a quarter, half and three quarters of the settle time, so
+    /// members that bound their sockets a little later hear it (a repeat is a replay to those
+    /// that did); after the settle time it admits and excludes as any participant.
+    pub async fn from_centralized(setup: DistributedSetup, id: u64, keys: Vec<(KeyRef, Key)>) -> Result<Self, DistributedError> {
+        let (identity, signer) = own_identity(&setup)?;
+        let now = now_ms();
+        let (participant, outputs) = Participant::from_centralized(setup.config, identity, signer, setup.directory.clone(), id, keys, now)?;
+        let settle_ms = setup.config.settle_ms;
+        let handover = outputs.iter().find_map(|o| match o {
+            Output::Multicast(bytes) => Some(bytes.clone()),
+            _ => None,
+        });
+        let repeats = handover.into_iter().flat_map(|bytes| (1..4).map(move |k| (now + settle_ms * k / 4, bytes.clone()))).collect();
+        let this = Self::start(setup, participant, outputs).await?;
+        this.commands.send(Command::Repeat(repeats)).await.map_err(|_| DistributedError::Stopped)?;
+        Ok(this)
     }
 
     /// Joins through `introducer`: retried while it is busy (an exclusion settling) until the
@@ -180,7 +203,7 @@ impl DistributedParticipant {
         let (identity, signer) = own_identity(&setup)?;
         let participant = Participant::joining(setup.config, identity, signer, setup.directory.clone());
         let deadline = Instant::now() + Duration::from_millis(setup.deadline_ms);
-        let this = Self::start(setup.clone(), participant).await?;
+        let this = Self::start(setup.clone(), participant, Vec::new()).await?;
         let channel = Channel::new(&setup.credentials)?;
         let join_error = |reason: String| DistributedError::Join { introducer: introducer.identity.clone(), reason };
         let grant = channel.join(introducer, deadline).await.map_err(join_error)?;
@@ -191,7 +214,8 @@ impl DistributedParticipant {
         Ok(this)
     }
 
-    async fn start(setup: DistributedSetup, participant: Participant) -> Result<Self, DistributedError> {
+    /// Starts the participant's tasks; its task first sends `initial` (outputs of its creation).
+    async fn start(setup: DistributedSetup, participant: Participant, initial: Vec<Output>) -> Result<Self, DistributedError> {
         let identity = participant.identity().clone();
         let tcp = TcpListener::bind((setup.multicast.interface, 0)).await?;
         let listener = tcp.local_addr()?;
@@ -218,6 +242,8 @@ impl DistributedParticipant {
             timers: BTreeSet::new(),
             early: Vec::new(),
             joined: false,
+            initial,
+            repeats: Vec::new(),
             events: events_out,
             setup: setup.clone(),
         };
@@ -325,6 +351,10 @@ struct Actor {
     early: Vec<Vec<u8>>,
     /// Whether the participant has been live (a joiner until its grant is installed).
     joined: bool,
+    /// Outputs of the participant's creation, sent when the task starts.
+    initial: Vec<Output>,
+    /// Announcements to multicast again, at their time (Unix ms).
+    repeats: Vec<(u64, Vec<u8>)>,
     events: mpsc::Sender<Event>,
     setup: DistributedSetup,
 }
@@ -335,6 +365,8 @@ impl Actor {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut next_presence = Instant::now();
         self.joined = self.participant.is_live();
+        let initial = std::mem::take(&mut self.initial);
+        self.dispatch(initial).await;
         loop {
             let timer = self.timers.first().map(|&at| Instant::now() + Duration::from_millis(at.saturating_sub(now_ms())));
             tokio::select! {
@@ -417,6 +449,10 @@ impl Actor {
                 let _ = reply.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
                 self.handle(result).await;
             }
+            Command::Repeat(repeats) => {
+                self.timers.extend(repeats.iter().map(|(at, _)| *at));
+                self.repeats.extend(repeats);
+            }
         }
     }
 
@@ -435,6 +471,10 @@ impl Actor {
     async fn on_timer(&mut self) {
         let now = now_ms();
         self.timers.retain(|&at| at > now);
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.repeats).into_iter().partition(|(at, _)| *at <= now);
+        self.repeats = later;
+        let due = due.into_iter().map(|(_, bytes)| Output::Multicast(bytes)).collect();
+        self.dispatch(due).await;
         let outputs = self.participant.tick(&BatchSeed::from_bytes(entropy()), now);
         self.dispatch(outputs).await;
     }
@@ -641,8 +681,17 @@ fn refusal(refused: &Refused) -> Zeroizing<Vec<u8>> {
 pub fn loopback_setups(config: Config, count: usize, presence_ms: u64, deadline_ms: u64) -> Result<Vec<DistributedSetup>, DistributedError> {
     let pki = |e: rcgen::Error| DistributedError::Certificate(e.to_string());
     let authority = crate::pki::Authority::new("keycast distributed flat CA").map_err(pki)?;
+    let names: Vec<String> = (0..count).map(|i| format!("participant-{i}")).collect();
+    setups_of(&authority, &names, config, presence_ms, deadline_ms)
+}
+
+/// Setups of the participants `names` (the directory is all of them) with certificates of
+/// `authority` (e.g. a `LocalGroup`'s, for its members after its controller is lost) and a
+/// loopback multicast address of their own. For tests and demos.
+pub fn setups_of(authority: &crate::pki::Authority, names: &[String], config: Config, presence_ms: u64, deadline_ms: u64) -> Result<Vec<DistributedSetup>, DistributedError> {
+    let pki = |e: rcgen::Error| DistributedError::Certificate(e.to_string());
     let multicast = multicast::loopback_group()?;
-    let credentials = (0..count).map(|i| authority.issue_participant(&format!("participant-{i}"), &entropy())).collect::<Result<Vec<_>, _>>().map_err(pki)?;
+    let credentials = names.iter().map(|name| authority.issue_participant(name, &entropy())).collect::<Result<Vec<_>, _>>().map_err(pki)?;
     let directory = credentials.iter().map(|c| directory_entry(&c.cert_pem)).collect::<Result<Directory, _>>()?;
     let setup = |credentials| DistributedSetup { config, credentials, directory: directory.clone(), multicast: multicast.clone(), presence_ms, deadline_ms };
     Ok(credentials.into_iter().map(setup).collect())

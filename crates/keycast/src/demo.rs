@@ -67,6 +67,11 @@ pub struct DemoArgs {
     /// the resync-only path).
     #[arg(long = "no-naks")]
     no_naks: bool,
+    /// Run a centralized flat group whose controller is killed: its members continue as a
+    /// distributed flat group from the keys they hold (Caronni et al., figure 6), admit a
+    /// newcomer, evict one and let one leave (default 30 members).
+    #[arg(long = "controller-dies")]
+    pub(crate) controller_dies: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub(crate) json: bool,
@@ -95,7 +100,13 @@ impl DemoArgs {
     }
 
     pub(crate) fn members(&self) -> u64 {
-        let default = if self.scheme == DemoScheme::DistributedFlat { 100 } else { 200 };
+        let default = if self.controller_dies {
+            30
+        } else if self.scheme == DemoScheme::DistributedFlat {
+            100
+        } else {
+            200
+        };
         self.members.unwrap_or(default)
     }
 }
@@ -376,6 +387,12 @@ pub(crate) fn run_quietly<S: serde::Serialize>(args: &DemoArgs, demo: impl std::
 pub fn run(args: &DemoArgs) -> Result<(), String> {
     if args.relays.is_some() && args.scheme == DemoScheme::DistributedFlat {
         return Err("--relays builds a hierarchy of controllers; distributed flat has none".into());
+    }
+    if args.controller_dies && (args.relays.is_some() || args.scheme == DemoScheme::DistributedFlat) {
+        return Err("--controller-dies starts from one centralized flat group (no --relays, no --scheme distributed-flat)".into());
+    }
+    if args.controller_dies {
+        return crate::demo_controller_dies::run(args);
     }
     if let Some(relays) = args.relays {
         return crate::demo_relays::run(args, relays);

@@ -3,6 +3,7 @@
 mod admin_tree;
 mod bench;
 mod demo;
+mod demo_controller_dies;
 mod demo_distributed;
 mod demo_relays;
 mod figures;

@@ -91,6 +91,28 @@ fn demo_of_distributed_flat_keeps_participants_in_sync_and_removed_ones_out() {
     assert_eq!(summary["private_failed"], 0, "{summary}");
 }
 
+/// A centralized flat group whose controller is killed continues as a distributed flat group
+/// (figure 6): every member hands over, and after a join, an eviction and a leave with no
+/// controller all live participants share one TEK that neither removed one derives; the killed
+/// controller's table still does (it cannot be expelled).
+#[test]
+fn demo_controller_dies_members_continue_as_distributed_flat() {
+    let summary = {
+        let _alone = timing_lock();
+        keycast(&["demo", "--controller-dies", "--members", "12", "--json"])
+    };
+    assert_eq!(summary["stopped"], serde_json::Value::Null, "{summary}");
+    assert_eq!(summary["centralized_members"], 11, "{summary}");
+    assert_eq!(summary["handed_over"], 11, "{summary}");
+    assert_eq!(summary["members"], 10, "{summary}");
+    assert_eq!(summary["members_in_sync"], 10, "{summary}");
+    assert_eq!(summary["evicted_can_decrypt"], false, "{summary}");
+    assert_eq!(summary["left_can_decrypt"], false, "{summary}");
+    assert_eq!(summary["old_controller_reads_later_tek"], true, "{summary}");
+    let versions = (summary["tek_version_at_handover"].as_u64().unwrap(), summary["tek_version_at_end"].as_u64().unwrap());
+    assert_eq!(versions.1, versions.0 + 2, "two exclusions after the handover: {summary}");
+}
+
 /// 300 members, 20 epochs of churn, each member losing its own share of the multicast
 /// channel: FEC parity, NAKs and repair rounds bring the rekeys, and almost none resync.
 #[test]

@@ -24,6 +24,21 @@ use crate::wire::{
 
 use super::traffic::{self, Fresh, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
 
+/// A flat member's ID, its ID bits, and the newest group key it holds (the TEK, first) and the
+/// newest KEK of each of its ID bits. Secret: its Debug shows the ID and the refs only.
+pub struct FlatShares {
+    pub id: u64,
+    pub id_bits: u8,
+    pub keys: Vec<(KeyRef, Key)>,
+}
+
+impl core::fmt::Debug for FlatShares {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let refs: Vec<KeyRef> = self.keys.iter().map(|(r, _)| *r).collect();
+        f.debug_struct("FlatShares").field("id", &self.id).field("id_bits", &self.id_bits).field("keys", &refs).finish()
+    }
+}
+
 /// What the application hears from its member.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemberEvent {
@@ -431,6 +446,20 @@ impl MemberSession {
     pub fn active_key(&self) -> Option<(KeyRef, Key)> {
         let active = self.active?;
         self.group_keys.values().find(|(r, _, _)| *r == active).map(|(r, k, _)| (*r, k.clone()))
+    }
+
+    /// A flat member's ID and its shares of the flat table: what it takes into a distributed
+    /// flat group when the controller is lost (Caronni et al., figure 6). None for a tree
+    /// member, or while it misses the TEK or a KEK.
+    pub fn flat_shares(&self) -> Option<FlatShares> {
+        let crate::graph::Position::Flat { id, id_bits } = self.keys.position() else { return None };
+        let mut shares = vec![self.keys.group_key()?];
+        let newest = |key_id| self.keys.keyring().refs().filter(|r| r.id == key_id).max_by_key(|r| (r.version, r.revision));
+        for j in 0..id_bits {
+            let key_ref = newest(crate::graph::flat::flat_kek_id(j, ((id >> j) & 1) as u8))?;
+            shares.push((key_ref, self.keys.key(key_ref)?));
+        }
+        Some(FlatShares { id, id_bits, keys: shares })
     }
 
     /// Installs the controller's full answer after a gap; the answer counts as hearing from

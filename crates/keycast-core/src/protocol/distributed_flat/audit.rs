@@ -23,7 +23,6 @@ pub fn derives_later_tek(held: &BTreeMap<KeyRef, Key>, group_teks: &BTreeMap<Key
 /// Every key derivable from `known` and the wraps of `announcements` (undecodable bytes and
 /// presences are skipped; signatures are not checked: an outsider would not either).
 pub fn derive_keys(known: &BTreeMap<KeyRef, Key>, announcements: &[Vec<u8>]) -> BTreeMap<KeyRef, Key> {
-    let mut known = known.clone();
     let wraps: Vec<Wrap> = announcements
         .iter()
         .filter_map(|bytes| match Announcement::decode(bytes).ok()?.0.body {
@@ -33,9 +32,15 @@ pub fn derive_keys(known: &BTreeMap<KeyRef, Key>, announcements: &[Vec<u8>]) -> 
         })
         .flatten()
         .collect();
+    derive_from_wraps(known, &wraps)
+}
+
+/// Every key derivable from `known` and `wraps` (any wraps: e.g. a controller's rekey).
+pub fn derive_from_wraps(known: &BTreeMap<KeyRef, Key>, wraps: &[Wrap]) -> BTreeMap<KeyRef, Key> {
+    let mut known = known.clone();
     loop {
         let before = known.len();
-        for w in &wraps {
+        for w in wraps {
             if known.contains_key(&w.key) {
                 continue;
             }

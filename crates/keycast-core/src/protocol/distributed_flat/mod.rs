@@ -8,6 +8,7 @@
 //! See docs/distributed-flat.md for the protocol, the conflict rule and the costs.
 
 pub mod audit;
+pub mod handback;
 pub mod message;
 pub mod plan;
 
@@ -156,6 +157,12 @@ struct SeqWindow {
 }
 
 impl SeqWindow {
+    /// Whether `accept` would take `seq` (changes nothing).
+    fn fresh(&self, seq: u64) -> bool {
+        let back = self.highest.saturating_sub(seq);
+        seq > self.highest || (back < 64 && (self.seen >> back) & 1 == 0)
+    }
+
     /// Accepts each seq once, and none more than 64 behind the highest.
     fn accept(&mut self, seq: u64) -> bool {
         if seq > self.highest {
@@ -478,6 +485,11 @@ impl Participant {
             return Err(Refused::WrongGroup(ann.group));
         }
         let key = self.directory.get(&ann.signer).ok_or_else(|| Refused::UnknownSigner(ann.signer.clone()))?;
+        // A seq the window would refuse is refused before the signature check (a repeated
+        // handover comes N times to each of N participants); the window changes only after it.
+        if self.replay.get(&ann.signer).is_some_and(|w| !w.fresh(ann.seq)) {
+            return Err(Refused::Replay { signer: ann.signer, seq: ann.seq });
+        }
         if !Announcement::verify(bytes, &signature, key) {
             return Err(Refused::BadSignature(ann.signer));
         }

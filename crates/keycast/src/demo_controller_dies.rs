@@ -1,0 +1,256 @@
+//! `keycast demo --controller-dies`: Caronni et al.'s transition from centralized flat to
+//! distributed flat (figure 6) over real sockets on loopback. A controller runs a flat table
+//! (16-bit IDs) for its members (MemberClients over TLS and multicast); after some traffic the
+//! controller is killed for good, and every member continues as a distributed flat
+//! participant from the TEK and KEKs it holds and its flat ID. The group then admits a
+//! newcomer, evicts one participant and lets one leave, with no controller.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use keycast_core::key::{Key, KeyRef};
+use keycast_core::protocol::distributed_flat::{audit, Config};
+use keycast_core::protocol::member::FlatShares;
+use keycast_core::wire::GroupId;
+use keycast_core::{FlatIds, GraphConfig, JoinPolicy, Scheme};
+use keycast_net::client::MemberClient;
+use keycast_net::distributed::{setups_of, wait_agreed, DistributedParticipant, Recorder, Traffic};
+use keycast_net::local::{loopback_policy, LocalGroup};
+use serde::Serialize;
+
+use crate::demo::DemoArgs;
+
+const ID_BITS: u8 = 16;
+const PRESENCE_MS: u64 = 2_000;
+const DEADLINE_MS: u64 = 20_000;
+const EPOCH_MS: u64 = 200;
+/// How long the members may take to reach one key, and the participants to agree.
+const AGREE_WITHIN: Duration = Duration::from_secs(30);
+
+#[derive(Serialize)]
+struct Summary {
+    /// Members of the centralized group when its controller was killed (one of those that
+    /// joined left before).
+    centralized_members: usize,
+    /// The TEK version the members held then, and the one in force at the end.
+    tek_version_at_handover: u32,
+    tek_version_at_end: u32,
+    /// Participants every participant listed after the handover.
+    handed_over: usize,
+    /// The step after which the participants did not agree in time (the demo stopped there).
+    stopped: Option<String>,
+    /// Live participants at the end, and how many are settled at the TEK most of them hold.
+    members: usize,
+    members_in_sync: usize,
+    /// Whether the evicted participant, or the one that left, derives a TEK made after its
+    /// removal from every key it held as a participant and every recorded announcement.
+    evicted_can_decrypt: bool,
+    left_can_decrypt: bool,
+    /// Whether the killed controller's table (every member's keys at the handover) derives
+    /// the TEK in force at the end: it cannot be expelled (figure 6's consequence).
+    old_controller_reads_later_tek: bool,
+    /// What the handover sent (signed announcements, each sent four times), and the three
+    /// operations after it.
+    handover: Cost,
+    join: Cost,
+    eviction: Cost,
+    leave: Cost,
+    handover_seconds: f64,
+    /// How long the members took to start as participants (each handover window opens then).
+    conversion_seconds: f64,
+    seconds: f64,
+}
+
+#[derive(Serialize, Default, Clone, Copy)]
+struct Cost {
+    announcements: u64,
+    announcement_bytes: u64,
+    private_messages: u64,
+    private_bytes: u64,
+}
+
+fn cost(before: Traffic, after: Traffic) -> Cost {
+    Cost {
+        announcements: after.announcements - before.announcements,
+        announcement_bytes: after.announcement_bytes - before.announcement_bytes,
+        private_messages: after.private - before.private,
+        private_bytes: after.private_bytes - before.private_bytes,
+    }
+}
+
+pub fn run(args: &DemoArgs) -> Result<(), String> {
+    if let Some(s) = crate::demo::run_quietly(args, demo(args))? {
+        if let Some(reason) = &s.stopped {
+            println!("stopped early: {reason}");
+        }
+        println!(
+            "controller killed with {} members at TEK version {}; {} handed over as distributed flat participants in {:.1} s ({} announcements, {} bytes)",
+            s.centralized_members, s.tek_version_at_handover, s.handed_over, s.handover_seconds, s.handover.announcements, s.handover.announcement_bytes
+        );
+        println!(
+            "then a join, an eviction and a leave with no controller: {}/{} live participants at the common TEK (version {})",
+            s.members_in_sync, s.members, s.tek_version_at_end
+        );
+        println!(
+            "evicted participant derives a later TEK: {}; the one that left: {}; the killed controller's table: {} (it cannot be expelled)",
+            s.evicted_can_decrypt, s.left_can_decrypt, s.old_controller_reads_later_tek
+        );
+        println!("{:.1} s in all", s.seconds);
+    }
+    Ok(())
+}
+
+async fn demo(args: &DemoArgs) -> Result<Summary, String> {
+    let started = Instant::now();
+    let count = args.members() as usize;
+    if count < 4 {
+        return Err("--controller-dies needs at least 4 members (one is evicted, one leaves)".into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut policy = loopback_policy(GroupId(1));
+    policy.graph = GraphConfig { scheme: Scheme::Flat { id_bits: ID_BITS, ids: FlatIds::Sequential }, join_policy: JoinPolicy::Revision };
+    policy.epoch_ms = EPOCH_MS;
+    policy.heartbeat_ms = EPOCH_MS / 4;
+    let mut group = LocalGroup::start(policy, count, dir.path().to_path_buf()).await.map_err(|e| e.to_string())?;
+    let names: Vec<String> = (1..=count).map(|i| format!("member-{i}")).collect();
+    let members = group.join_all(names.clone()).await.map_err(|e| e.to_string())?;
+    let mut clients: Vec<MemberClient> = members.into_iter().map(|(client, _)| client).collect();
+    // An epoch or two of traffic under the controller, and one leave (a new TEK version and
+    // replaced KEKs), then every member at one TEK.
+    let leaver = clients.pop().expect("members");
+    leaver.leave().await.map_err(|e| e.to_string())?;
+    let count = clients.len();
+    for n in 0..2 {
+        let _ = clients[n % count].send(format!("before the controller dies {n}").as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(EPOCH_MS)).await;
+    }
+    let shares = one_tek(&clients).await?;
+    group.kill_server().await;
+    drop(clients);
+
+    let tek_version_at_handover = shares[0].keys[0].0.version;
+    let controller_table: BTreeMap<KeyRef, Key> = shares.iter().flat_map(|s| s.keys.iter().cloned()).collect();
+    let config = Config { group: GroupId(1), id_bits: ID_BITS, settle_ms: args.settle_ms };
+    let mut all_names = names[..count].to_vec();
+    all_names.push("newcomer".into());
+    let setups = setups_of(&group.authority, &all_names, config, PRESENCE_MS, DEADLINE_MS).map_err(|e| e.to_string())?;
+    let recorder = Recorder::start(&setups[0].multicast).map_err(|e| e.to_string())?;
+    // All at once: a member's handover window opens when it converts, and one that converts
+    // after another's window closed is not listed by it.
+    let handover_started = Instant::now();
+    let conversions: Vec<_> = shares.into_iter().enumerate().map(|(i, s)| tokio::spawn(DistributedParticipant::from_centralized(setups[i].clone(), s.id, s.keys))).collect();
+    let mut live = BTreeMap::new();
+    for (i, conversion) in conversions.into_iter().enumerate() {
+        live.insert(i, conversion.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+    }
+    let conversion_seconds = handover_started.elapsed().as_secs_f64();
+    let mut run = Run { live, removed: BTreeMap::new(), before: Traffic::default() };
+    let mut costs = [Cost::default(); 4];
+    let mut handed_over = 0;
+    let steps = async {
+        run.agree("the handover").await?;
+        costs[0] = run.step_cost();
+        handed_over = run.live[&0].status().roster.len();
+        let handover_seconds = handover_started.elapsed().as_secs_f64();
+        let introducer = run.live[&0].introducer();
+        let newcomer = DistributedParticipant::join(setups[count].clone(), &introducer).await.map_err(|e| e.to_string())?;
+        run.live.insert(count, newcomer);
+        run.agree("the newcomer joined").await?;
+        costs[1] = run.step_cost();
+        let evicted = run.live.remove(&(count / 2)).expect("a member");
+        run.live[&1].evict(evicted.status().id).await.map_err(|e| e.to_string())?;
+        run.removed.insert("evicted", evicted);
+        run.agree("the eviction").await?;
+        costs[2] = run.step_cost();
+        let leaver = run.live.remove(&2).expect("a member");
+        leaver.leave().await.map_err(|e| e.to_string())?;
+        run.removed.insert("left", leaver);
+        run.agree("the leave").await?;
+        costs[3] = run.step_cost();
+        Ok::<f64, String>(handover_seconds)
+    };
+    let (handover_seconds, stopped) = match steps.await {
+        Ok(seconds) => (seconds, None),
+        Err(reason) => (handover_started.elapsed().as_secs_f64(), Some(reason)),
+    };
+    let recorded = recorder.announcements();
+    let group_teks: BTreeMap<KeyRef, Key> = run.live.values().flat_map(|p| p.ever_held()).filter(|(r, _)| r.id.0 == 0).collect();
+    let removed_reads = |which: &str| run.removed.get(which).is_some_and(|gone| audit::derives_later_tek(&gone.ever_held(), &group_teks, &recorded));
+    let in_force = run.live.values().find_map(|p| p.tek()).map_or(0, |(r, _)| r.version);
+    Ok(Summary {
+        centralized_members: count,
+        tek_version_at_handover,
+        tek_version_at_end: in_force,
+        handed_over,
+        stopped,
+        members: run.live.len(),
+        members_in_sync: in_sync(&run.live),
+        evicted_can_decrypt: removed_reads("evicted"),
+        left_can_decrypt: removed_reads("left"),
+        old_controller_reads_later_tek: audit::derives_later_tek(&controller_table, &group_teks, &recorded),
+        handover: costs[0],
+        join: costs[1],
+        eviction: costs[2],
+        leave: costs[3],
+        handover_seconds,
+        conversion_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Participants by index, the removed ones by what removed them, and the traffic at the last step.
+struct Run {
+    live: BTreeMap<usize, DistributedParticipant>,
+    removed: BTreeMap<&'static str, DistributedParticipant>,
+    before: Traffic,
+}
+
+impl Run {
+    async fn agree(&self, after: &str) -> Result<(), String> {
+        let live: Vec<&DistributedParticipant> = self.live.values().collect();
+        match wait_agreed(&live, AGREE_WITHIN).await {
+            true => Ok(()),
+            false => {
+                let statuses: Vec<_> = live.iter().map(|p| p.status()).collect();
+                let rosters: std::collections::BTreeSet<usize> = statuses.iter().map(|s| s.roster.len()).collect();
+                let unsettled = statuses.iter().filter(|s| !s.settled).count();
+                Err(format!("the participants did not agree within {} s after {after}: roster sizes {rosters:?}, {unsettled} not settled", AGREE_WITHIN.as_secs()))
+            }
+        }
+    }
+
+    /// What every participant sent since the last step.
+    fn step_cost(&mut self) -> Cost {
+        let mut total = Traffic::default();
+        for t in self.live.values().chain(self.removed.values()).map(DistributedParticipant::traffic) {
+            total.announcements += t.announcements;
+            total.announcement_bytes += t.announcement_bytes;
+            total.private += t.private;
+            total.private_bytes += t.private_bytes;
+        }
+        let step = cost(self.before, total);
+        self.before = total;
+        step
+    }
+}
+
+/// Every member's flat ID, ID bits and keys once all hold the same TEK, waiting for it.
+async fn one_tek(clients: &[MemberClient]) -> Result<Vec<FlatShares>, String> {
+    let deadline = Instant::now() + AGREE_WITHIN;
+    loop {
+        let shares: Option<Vec<_>> = clients.iter().map(MemberClient::flat_shares).collect();
+        if let Some(shares) = shares.filter(|s| s.iter().all(|one| one.id_bits == ID_BITS && one.keys[0] == s[0].keys[0])) {
+            return Ok(shares);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the members did not reach one TEK within {} s under the controller", AGREE_WITHIN.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Live participants, settled, holding the TEK most of them hold.
+fn in_sync(live: &BTreeMap<usize, DistributedParticipant>) -> usize {
+    let teks: Vec<Option<(KeyRef, Key)>> = live.values().map(|p| p.tek().filter(|_| p.status().settled)).collect();
+    teks.iter().flatten().map(|t| teks.iter().filter(|o| o.as_ref() == Some(t)).count()).max().unwrap_or(0)
+}
