@@ -1,6 +1,7 @@
 //! The member's side of a key graph: the keys on its path, updated from rekey messages.
 
 use crate::graph::flat::flat_member_needs;
+use crate::graph::merge::{Subtree, MERGED_ROOT_ID};
 use crate::graph::tree::{ancestor, tree_key_position};
 use crate::graph::{Position, Welcome};
 use crate::key::{Key, KeyId, KeyRef};
@@ -37,6 +38,8 @@ pub struct MemberKeys {
     individual: KeyId,
     group_key: Option<KeyRef>,
     ring: KeyRing,
+    /// The side of a merged group this member sits on, if its group is merged.
+    subtree: Option<Subtree>,
 }
 
 impl MemberKeys {
@@ -44,7 +47,7 @@ impl MemberKeys {
     pub fn from_welcome(welcome: &Welcome) -> Self {
         let mut ring = KeyRing::new();
         ring.insert(welcome.individual, welcome.individual_key.clone());
-        MemberKeys { position: welcome.position, individual: welcome.individual.id, group_key: None, ring }
+        MemberKeys { position: welcome.position, individual: welcome.individual.id, group_key: None, ring, subtree: None }
     }
 
     /// A full state handed over the unicast channel (resync), as from `KeyGraph::member_keys`
@@ -55,7 +58,7 @@ impl MemberKeys {
         for (r, k) in keys {
             ring.insert(r, k);
         }
-        MemberKeys { position, individual, group_key: Some(group_key), ring }
+        MemberKeys { position, individual, group_key: Some(group_key), ring, subtree: None }
     }
 
     pub fn position(&self) -> Position {
@@ -90,12 +93,59 @@ impl MemberKeys {
         refs
     }
 
+    /// The side of a merged group this member sits on, if its group is merged.
+    pub fn subtree(&self) -> Option<Subtree> {
+        self.subtree
+    }
+
+    /// Enters a merged group on `subtree` (told by the merge notice): the keys held are renamed
+    /// to the merged group's ids, so the merge rekey and every later one can name them.
+    pub fn merge_into(&mut self, subtree: Subtree) {
+        self.rename(|id| subtree.merged_id(id));
+        self.subtree = Some(subtree);
+    }
+
+    /// Marks a joiner of a merged group (its welcome already names merged ids) as on `subtree`.
+    pub fn joined_merged(&mut self, subtree: Subtree) {
+        self.subtree = Some(subtree);
+    }
+
+    /// Leaves a merged group at its split: drops the merged root and takes back the ids of a
+    /// group of its own. The split rekey then brings the side's new group key.
+    pub fn split_out(&mut self) {
+        let Some(subtree) = self.subtree.take() else { return };
+        self.group_key = None;
+        self.rename(|id| subtree.own_id(id).unwrap_or(MERGED_ROOT_ID));
+        let kept: Vec<KeyRef> = self.ring.refs().filter(|r| r.id != MERGED_ROOT_ID).collect();
+        self.ring.retain_exactly(kept);
+    }
+
+    fn rename(&mut self, rename: impl Fn(KeyId) -> KeyId) {
+        let mut ring = KeyRing::new();
+        for r in self.ring.refs() {
+            if let Some(key) = self.ring.get(r) {
+                ring.insert(KeyRef { id: rename(r.id), ..r }, key);
+            }
+        }
+        self.ring = ring;
+        self.individual = rename(self.individual);
+        self.group_key = self.group_key.map(|g| KeyRef { id: rename(g.id), ..g });
+    }
+
     /// True if key `id` is on this member's path in a graph whose group key is `group_key`.
     fn needs(&self, id: KeyId, group_key: KeyRef) -> bool {
+        if let Some(subtree) = self.subtree {
+            return id == MERGED_ROOT_ID || subtree.own_id(id).is_some_and(|own| self.needs_unmerged(own, None));
+        }
+        self.needs_unmerged(id, Some(group_key))
+    }
+
+    /// [`Self::needs`] in a group of its own (`group_key` bounds a tree path; `None`: no bound).
+    fn needs_unmerged(&self, id: KeyId, group_key: Option<KeyRef>) -> bool {
         match self.position {
             Position::Tree { leaf, degree } => {
                 let (height, position) = tree_key_position(id);
-                let (top, _) = tree_key_position(group_key.id);
+                let top = group_key.map_or(u32::MAX, |g| tree_key_position(g.id).0);
                 height <= top && ancestor(leaf, degree, height) == position
             }
             Position::Flat { id: member_id, id_bits } => flat_member_needs(id, member_id, id_bits, self.individual),

@@ -1,0 +1,272 @@
+//! Merge and split of two tree groups (Caronni et al. 3.5), at the key graph level.
+//!
+//! Over random pairs of groups (stars and trees of any degree, both join policies), random
+//! histories before the merge, inside the merged group and at the split:
+//! 1. after the merge, every member of both groups derives the new group key from its side's
+//!    one-wrap rekey, and the coalition of everyone who left before derives nothing new;
+//! 2. inside the merged group, every batch reaches every member and no leaver;
+//! 3. after the split, each side derives its new group key, and the members of one side,
+//!    all together and with every wrap ever sent, cannot derive the other side's.
+
+use std::collections::BTreeMap;
+
+use keycast_core::graph::merge::{merge_trees, MergedTrees, Subtree, MERGED_ROOT_ID};
+use keycast_core::strategy::package_size;
+use keycast_core::{
+    new_graph, package, Batch, BatchSeed, FlatIds, GraphConfig, GraphError, JoinPolicy, KeyGraph, KeyRef, KeyRing, MemberId,
+    KeyId, MemberKeys, RekeyPlan, Scheme, Strategy as Packaging, Wrap,
+};
+use proptest::prelude::*;
+
+type Members = BTreeMap<MemberId, MemberKeys>;
+
+/// Everything an eavesdropper and the members who left know.
+#[derive(Default)]
+struct Audit {
+    history: Vec<Wrap>,
+    departed: KeyRing,
+}
+
+impl Audit {
+    fn overhear(&mut self, plan: &RekeyPlan) {
+        self.history.extend(plan.wraps.iter().cloned());
+    }
+
+    fn leave(&mut self, members: &mut Members, leavers: &[MemberId]) {
+        for m in leavers {
+            self.departed.extend(members.remove(m).expect("a member").keyring());
+        }
+    }
+
+    /// The departed members together derive none of `plan`'s new keys.
+    fn departed_learn_nothing(&mut self, plan: &RekeyPlan) {
+        absorb_what_opens(&mut self.departed, &self.history);
+        for r in plan.replaced.iter().chain(&plan.revised).chain([&plan.group_key]) {
+            assert!(!self.departed.holds(*r), "members who left derive new key {r}");
+        }
+    }
+}
+
+/// Opens every wrap `ring` can, skipping those that fail: the two groups of a merge named
+/// their keys alike before it, so a ring of one group meets wraps under the other's keys.
+fn absorb_what_opens(ring: &mut KeyRing, wraps: &[Wrap]) {
+    loop {
+        let before = ring.len();
+        for wrap in wraps {
+            let _ = ring.absorb(std::slice::from_ref(wrap));
+        }
+        if ring.len() == before {
+            return;
+        }
+    }
+}
+
+/// `ring` under the key names of `subtree` in a merged group.
+fn renamed(ring: &KeyRing, rename: impl Fn(KeyId) -> Option<KeyId>) -> KeyRing {
+    let mut out = KeyRing::new();
+    for r in ring.refs() {
+        if let Some(id) = rename(r.id) {
+            out.insert(KeyRef { id, ..r }, ring.get(r).expect("held"));
+        }
+    }
+    out
+}
+
+/// Each member applies the whole rekey and must end with `group_key`.
+fn deliver(members: &mut Members, plan: &RekeyPlan, group_key: (KeyRef, &keycast_core::Key)) {
+    assert_eq!(plan.group_key, group_key.0);
+    let messages = package(plan, Packaging::GroupOriented);
+    for (m, state) in members.iter_mut() {
+        state.apply(&messages).unwrap_or_else(|e| panic!("member {m:?}: {e}"));
+        assert!(state.group_key().is_some_and(|(r, k)| r == group_key.0 && k == *group_key.1), "member {m:?} lacks the group key");
+    }
+}
+
+/// A group of `config` grown by `joins` members from `first`, then left by every `leave_every`-th.
+fn group(config: GraphConfig, first: u64, joins: u64, leave_every: u64, seed: &mut BatchSeed, audit: &mut Audit) -> (Box<dyn KeyGraph>, Members) {
+    let mut graph = new_graph(config, seed).unwrap();
+    let mut members = Members::new();
+    *seed = seed.next();
+    let plan = graph.apply(&Batch { joins: (first..first + joins).map(MemberId).collect(), leaves: vec![] }, seed).unwrap();
+    members.extend(plan.welcomes.iter().map(|w| (w.member, MemberKeys::from_welcome(w))));
+    deliver(&mut members, &plan, graph.group_key());
+    audit.overhear(&plan);
+    let leaves: Vec<MemberId> = members.keys().copied().filter(|m| leave_every > 0 && m.0 % leave_every == 0).collect();
+    *seed = seed.next();
+    let plan = graph.apply(&Batch { joins: vec![], leaves: leaves.clone() }, seed).unwrap();
+    audit.leave(&mut members, &leaves);
+    audit.overhear(&plan);
+    deliver(&mut members, &plan, graph.group_key());
+    audit.departed_learn_nothing(&plan);
+    (graph, members)
+}
+
+/// One batch of the merged group; joiners learn their side from the graph (the welcome).
+fn merged_batch(graph: &mut MergedTrees, members: &mut Members, batch: &Batch, seed: &BatchSeed, audit: &mut Audit) {
+    let plan = graph.apply(batch, seed).unwrap();
+    audit.leave(members, &batch.leaves);
+    audit.overhear(&plan);
+    for welcome in &plan.welcomes {
+        let mut state = MemberKeys::from_welcome(welcome);
+        state.joined_merged(graph.subtree_of(welcome.member).expect("joined"));
+        members.insert(welcome.member, state);
+    }
+    deliver(members, &plan, graph.group_key());
+    for (m, state) in members.iter() {
+        let (_, expected) = graph.member_keys(*m).expect("a member");
+        for (r, key) in &expected {
+            assert!(state.key(*r).is_some_and(|k| k == *key), "member {m:?} cannot derive {r}");
+        }
+    }
+    audit.departed_learn_nothing(&plan);
+}
+
+fn tree_config() -> impl proptest::strategy::Strategy<Value = GraphConfig> {
+    let scheme = prop_oneof![Just(Scheme::Star), (2u32..=5).prop_map(|degree| Scheme::Tree { degree })];
+    let policy = prop_oneof![Just(JoinPolicy::NewVersion), Just(JoinPolicy::Revision)];
+    (scheme, policy).prop_map(|(scheme, join_policy)| GraphConfig { scheme, join_policy })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(left_config: GraphConfig, right_config: GraphConfig, sizes: (u64, u64), leave_every: u64, steps: &[(u64, u64)], seed: u64) {
+    let mut seed = BatchSeed::from_u64(seed);
+    let (mut left_audit, mut right_audit) = (Audit::default(), Audit::default());
+    let (left, mut left_members) = group(left_config, 0, sizes.0, leave_every, &mut seed, &mut left_audit);
+    let (right, mut right_members) = group(right_config, 1_000_000, sizes.1, leave_every + 1, &mut seed, &mut right_audit);
+    // From the merge on, everyone who left either group pools what it learnt, under merged names
+    // (the wraps sent before are spent: both rings absorbed them all).
+    let mut audit = Audit::default();
+    audit.departed.extend(&left_audit.departed);
+    audit.departed.extend(&renamed(&right_audit.departed, |id| Some(Subtree::Right.merged_id(id))));
+
+    seed = seed.next();
+    let merge = merge_trees(&*left, &*right, &seed).unwrap();
+    let mut graph = merge.graph;
+    for (rekey, side) in [(&merge.left_rekey, &left_members), (&merge.right_rekey, &right_members)] {
+        // One short message on each side's channel: the new root under the side's old root.
+        assert!(rekey.wraps.len() == usize::from(!side.is_empty()));
+    }
+    for (members, subtree, rekey) in [(&mut left_members, Subtree::Left, &merge.left_rekey), (&mut right_members, Subtree::Right, &merge.right_rekey)] {
+        members.values_mut().for_each(|state| state.merge_into(subtree));
+        audit.overhear(rekey);
+        deliver(members, rekey, graph.group_key());
+        audit.departed_learn_nothing(rekey);
+    }
+    let mut members: Members = left_members.into_iter().chain(right_members).collect();
+
+    let mut next = 2_000_000;
+    for &(joins, leave_every) in steps {
+        let leaves: Vec<MemberId> = members.keys().copied().filter(|m| leave_every > 0 && (m.0 + next) % leave_every == 0).collect();
+        let batch = Batch { joins: (next..next + joins).map(MemberId).collect(), leaves };
+        next += joins;
+        seed = seed.next();
+        merged_batch(&mut graph, &mut members, &batch, &seed, &mut audit);
+    }
+
+    // Why a clean split needs only a new root a side: all the members of one side together,
+    // with every wrap of the merged group, derive no key of the other subtree.
+    let sides: Vec<Subtree> = members.keys().map(|&m| graph.subtree_of(m).expect("a member")).collect();
+    for side in [Subtree::Left, Subtree::Right] {
+        let mut pooled = KeyRing::new();
+        members.values().zip(&sides).filter(|(_, s)| **s == side).for_each(|(state, _)| pooled.extend(state.keyring()));
+        pooled.absorb(&audit.history).expect("merged ids are unique");
+        assert!(pooled.refs().all(|r| r.id == MERGED_ROOT_ID || side.own_id(r.id).is_some()), "{side:?} derives a key of the other subtree");
+    }
+
+    seed = seed.next();
+    let split = graph.split(&seed).unwrap();
+    let mut halves = [Members::new(), Members::new()];
+    let mut pooled = [KeyRing::new(), KeyRing::new()];
+    for ((m, mut state), side) in members.into_iter().zip(sides) {
+        let i = usize::from(side == Subtree::Right);
+        pooled[i].extend(state.keyring());
+        state.split_out();
+        halves[i].insert(m, state);
+    }
+    let [mut left_members, mut right_members] = halves;
+    for (members, rekey, graph) in [(&mut left_members, &split.left_rekey, &split.left), (&mut right_members, &split.right_rekey, &split.right)] {
+        assert!(rekey.wraps.len() == usize::from(!members.is_empty()));
+        deliver(members, rekey, graph.group_key());
+        assert!(members.values().all(|s| s.refs().iter().all(|r| r.id != MERGED_ROOT_ID)));
+    }
+    // Each side's new key reaches neither the other side (everything its members ever held,
+    // pooled, under either side's names) nor anyone who left.
+    audit.overhear(&split.left_rekey);
+    audit.departed_learn_nothing(&split.left_rekey);
+    let split_wraps = [split.left_rekey.wraps.clone(), split.right_rekey.wraps.clone()].concat();
+    let own_names = |ring: &KeyRing| renamed(ring, |id| Subtree::Right.own_id(id));
+    // By value: after the split both sides may name their new keys alike.
+    let reads = |ring: &KeyRing, (r, key): (KeyRef, &keycast_core::Key)| ring.get(r).is_some_and(|k| k == *key);
+    for (ring, other) in [(&pooled[0], split.right.group_key()), (&pooled[1], split.left.group_key())] {
+        for mut ring in [ring.clone(), own_names(ring)] {
+            absorb_what_opens(&mut ring, &split_wraps);
+            assert!(!reads(&ring, other), "one side reads the other side's new key {}", other.0);
+        }
+    }
+    for mut departed in [audit.departed.clone(), own_names(&audit.departed)] {
+        absorb_what_opens(&mut departed, &split_wraps);
+        for side in [&split.left, &split.right] {
+            assert!(!reads(&departed, side.group_key()), "members who left read a side's new key");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn merged_groups_reach_every_member_of_both_and_no_one_else(
+        left in tree_config(),
+        right in tree_config(),
+        sizes in (0u64..40, 0u64..40),
+        leave_every in 2u64..6,
+        steps in prop::collection::vec((0u64..8, 0u64..9), 0..4),
+        seed: u64,
+    ) {
+        run(left, right, sizes, leave_every, &steps, seed);
+    }
+}
+
+#[test]
+fn flat_groups_and_shared_members_are_refused() {
+    let seed = BatchSeed::from_u64(7);
+    let tree = GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion };
+    let flat = GraphConfig { scheme: Scheme::Flat { id_bits: 8, ids: FlatIds::Sequential }, join_policy: JoinPolicy::NewVersion };
+    let (a, b) = (new_graph(tree, &seed).unwrap(), new_graph(flat, &seed).unwrap());
+    assert!(matches!(merge_trees(&*a, &*b, &seed), Err(GraphError::Config(_))));
+    let mut a = new_graph(tree, &seed).unwrap();
+    let mut b = new_graph(tree, &seed).unwrap();
+    let shared = Batch { joins: vec![MemberId(1), MemberId(2)], leaves: vec![] };
+    a.apply(&shared, &seed.next()).unwrap();
+    b.apply(&Batch { joins: vec![MemberId(2)], leaves: vec![] }, &seed.next()).unwrap();
+    assert_eq!(merge_trees(&*a, &*b, &seed).err(), Some(GraphError::AlreadyMember(MemberId(2))));
+}
+
+/// The figures of docs/merge.md: `cargo test -p keycast-core --test merge sizes -- --nocapture`.
+#[test]
+fn merge_and_split_cost_one_wrap_a_side_whatever_the_group_sizes() {
+    let config = GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion };
+    for members in [1u64, 1_000, 100_000] {
+        let mut seed = BatchSeed::from_u64(members);
+        let mut graphs = Vec::new();
+        for first in [0, members] {
+            let mut graph = new_graph(config, &seed).unwrap();
+            seed = seed.next();
+            graph.apply(&Batch { joins: (first..first + members).map(MemberId).collect(), leaves: vec![] }, &seed).unwrap();
+            graphs.push(graph);
+        }
+        let merge = merge_trees(&*graphs[0], &*graphs[1], &seed.next()).unwrap();
+        let sizes = |plan: &RekeyPlan| package_size(&package(plan, Packaging::GroupOriented));
+        let (left, right) = (sizes(&merge.left_rekey), sizes(&merge.right_rekey));
+        assert_eq!((left.wraps, right.wraps), (1, 1));
+        let mut graph = merge.graph;
+        let leave = graph.apply(&Batch { joins: vec![], leaves: (1..members).map(|_| MemberId(0)).take(1).collect() }, &seed.next().next()).unwrap();
+        let split = graph.split(&seed.next().next().next()).unwrap();
+        let (left_split, right_split) = (sizes(&split.left_rekey), sizes(&split.right_rekey));
+        assert_eq!((left_split.wraps, right_split.wraps), (1, 1));
+        println!(
+            "{members} members a side: merge {} + {} wraps ({} + {} bytes before packets); one leave in the merged group {} wraps; split {} + {} wraps ({} + {} bytes)",
+            left.wraps, right.wraps, left.bytes, right.bytes, leave.wraps.len(), left_split.wraps, right_split.wraps, left_split.bytes, right_split.bytes
+        );
+    }
+}
