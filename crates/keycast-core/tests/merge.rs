@@ -16,6 +16,7 @@ use keycast_core::{
     new_graph, package, Batch, BatchSeed, FlatIds, GraphConfig, GraphError, JoinPolicy, KeyGraph, KeyRef, KeyRing, MemberId,
     KeyId, MemberKeys, RekeyPlan, Scheme, Strategy as Packaging, Wrap,
 };
+use keycast_core::wire::{DecodeError, GroupId, MergeNotice, Message, Move, Reject, SignedMergeNotice, Signer};
 use proptest::prelude::*;
 
 type Members = BTreeMap<MemberId, MemberKeys>;
@@ -269,4 +270,40 @@ fn merge_and_split_cost_one_wrap_a_side_whatever_the_group_sizes() {
             left.wraps, right.wraps, left.bytes, right.bytes, leave.wraps.len(), left_split.wraps, right_split.wraps, left_split.bytes, right_split.bytes
         );
     }
+}
+
+fn notice(change: Move) -> MergeNotice {
+    MergeNotice {
+        group: GroupId(0x6b63),
+        after_seq: 7,
+        change,
+        next_group: GroupId(0x6b64),
+        next_signer: Signer::from_seed(&[2; 32]).verifying_key(),
+        controller: "127.0.0.1:7400".parse().unwrap(),
+        multicast: "[ff15::1]:7401".parse().unwrap(),
+    }
+}
+
+#[test]
+fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
+    let current = Signer::from_seed(&[1; 32]);
+    for change in [Move::Merge(Subtree::Left), Move::Merge(Subtree::Right), Move::Split] {
+        let bytes = notice(change).sign(&current).encode();
+        assert_eq!(bytes.len(), 2 + 8 + 8 + 1 + 8 + 32 + 7 + 19 + 64);
+        assert_eq!(SignedMergeNotice::verify(&bytes, &current.verifying_key()), Ok(notice(change)));
+        assert_eq!(Message::decode(&bytes).map(|m| m.encode()), Ok(bytes.clone()));
+        // Only the controller the members trust now may move them.
+        let next = Signer::from_seed(&[2; 32]).verifying_key();
+        assert_eq!(SignedMergeNotice::verify(&bytes, &next), Err(Reject::BadSignature));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(SignedMergeNotice::decode(&longer), Err(DecodeError::TrailingBytes(1))));
+        assert!(matches!(SignedMergeNotice::decode(&bytes[..bytes.len() - 1]), Err(DecodeError::Truncated { .. })));
+    }
+    let mut bytes = notice(Move::Split).sign(&current).encode();
+    bytes[18] = 3;
+    assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "move", value: 3 })));
+    let mut bytes = notice(Move::Split).sign(&current).encode();
+    bytes[2 + 8 + 8 + 1 + 8 + 32] = 5;
+    assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "controller address", value: 5 })));
 }
