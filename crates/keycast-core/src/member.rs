@@ -134,18 +134,34 @@ impl MemberKeys {
 
     /// True if key `id` is on this member's path in a graph whose group key is `group_key`.
     fn needs(&self, id: KeyId, group_key: KeyRef) -> bool {
-        if let Some(subtree) = self.subtree {
-            return id == MERGED_ROOT_ID || subtree.own_id(id).is_some_and(|own| self.needs_unmerged(own, None));
-        }
-        self.needs_unmerged(id, Some(group_key))
+        self.needs_below(id, group_key, None)
     }
 
-    /// [`Self::needs`] in a group of its own (`group_key` bounds a tree path; `None`: no bound).
-    fn needs_unmerged(&self, id: KeyId, group_key: Option<KeyRef>) -> bool {
+    /// [`Self::needs`] in a merged group whose subtree on this member's side has its root at
+    /// `subtree_top` (if known): keys above it are a root the subtree dropped.
+    fn needs_below(&self, id: KeyId, group_key: KeyRef, subtree_top: Option<u32>) -> bool {
+        if let Some(subtree) = self.subtree {
+            return id == MERGED_ROOT_ID || subtree.own_id(id).is_some_and(|own| self.needs_unmerged(own, subtree_top.unwrap_or(u32::MAX)));
+        }
+        self.needs_unmerged(id, tree_key_position(group_key.id).0)
+    }
+
+    /// The height of this side's subtree root in a merged group's rekey: the key the merged
+    /// root is wrapped under on this side.
+    fn subtree_top(&self, messages: &[RekeyMessage<'_>]) -> Option<u32> {
+        let subtree = self.subtree?;
+        let wraps = messages.iter().flat_map(|m| m.wraps.iter());
+        wraps.filter(|w| w.key.id == MERGED_ROOT_ID).find_map(|w| match w.under {
+            Wrapper::Key(r) => subtree.own_id(r.id).map(|own| tree_key_position(own).0),
+            Wrapper::KekAndTek { .. } => None,
+        })
+    }
+
+    /// [`Self::needs`] in a group of its own, or in this member's subtree: `top` bounds a tree path.
+    fn needs_unmerged(&self, id: KeyId, top: u32) -> bool {
         match self.position {
             Position::Tree { leaf, degree } => {
                 let (height, position) = tree_key_position(id);
-                let top = group_key.map_or(u32::MAX, |g| tree_key_position(g.id).0);
                 height <= top && ancestor(leaf, degree, height) == position
             }
             Position::Flat { id: member_id, id_bits } => flat_member_needs(id, member_id, id_bits, self.individual),
@@ -182,6 +198,8 @@ impl MemberKeys {
             return Err(MemberError::InconsistentMessages(group_key, m.group_key));
         }
         let wraps = messages.iter().flat_map(|m| m.wraps.iter().copied());
+        let subtree_top = self.subtree_top(messages);
+        let needs = |id: KeyId| self.needs_below(id, group_key, subtree_top);
         let mut ring = self.ring.clone();
         let unwraps = ring.absorb_where(wraps.clone(), |r| self.needs(r.id, group_key))?;
 
@@ -197,13 +215,13 @@ impl MemberKeys {
         // this member must end with: a wrap sealed under a new version it lacks means another
         // packet of the rekey (its lower tier) is still missing, even when the old versions
         // it holds already opened the group key.
-        for wanted in named.iter().filter(|r| self.needs(r.id, group_key)) {
+        for wanted in named.iter().filter(|r| needs(r.id)) {
             match newest.get(&wanted.id) {
                 Some(held) if (held.version, held.revision) >= (wanted.version, wanted.revision) => {}
                 _ => return Err(MemberError::MissingKey(*wanted)),
             }
         }
-        ring.retain_exactly(newest.into_values().filter(|r| self.needs(r.id, group_key)));
+        ring.retain_exactly(newest.into_values().filter(|r| needs(r.id)));
         if !ring.holds(group_key) {
             return Err(MemberError::MissingKey(group_key));
         }

@@ -118,6 +118,12 @@ fn merged_batch(graph: &mut MergedTrees, members: &mut Members, batch: &Batch, s
         for (r, key) in &expected {
             assert!(state.key(*r).is_some_and(|k| k == *key), "member {m:?} cannot derive {r}");
         }
+        // And it keeps no key off its path (a subtree's dropped root, say).
+        let mut expected: Vec<_> = expected.iter().map(|(r, _)| (r.id, r.version)).collect();
+        let mut held: Vec<_> = state.refs().into_iter().map(|r| (r.id, r.version)).collect();
+        expected.sort();
+        held.sort();
+        assert_eq!(held, expected, "member {m:?} path differs from the controller's");
     }
     audit.departed_learn_nothing(&plan);
 }
