@@ -16,7 +16,8 @@ use keycast_core::{
     new_graph, package, Batch, BatchSeed, FlatIds, GraphConfig, GraphError, JoinPolicy, KeyGraph, KeyRef, KeyRing, MemberId,
     KeyId, MemberKeys, RekeyPlan, Scheme, Strategy as Packaging, Wrap,
 };
-use keycast_core::wire::{DecodeError, GroupId, MergeNotice, Message, Move, Reject, SignedMergeNotice, Signer};
+use keycast_core::wire::rekey::RekeyContext;
+use keycast_core::wire::{encode_rekey, DecodeError, GroupId, MergeNotice, Message, Move, PacketConfig, Reject, SignedMergeNotice, Signer};
 use proptest::prelude::*;
 
 type Members = BTreeMap<MemberId, MemberKeys>;
@@ -264,6 +265,10 @@ fn merge_and_split_cost_one_wrap_a_side_whatever_the_group_sizes() {
         }
         let merge = merge_trees(&*graphs[0], &*graphs[1], &seed.next()).unwrap();
         let sizes = |plan: &RekeyPlan| package_size(&package(plan, Packaging::GroupOriented));
+        // On the wire: signed packets of the default configuration.
+        let signer = Signer::from_seed(&[1; 32]);
+        let context = RekeyContext { group: GroupId(1), epoch: 1, seq: 2, activation: 2 };
+        let wire = |plan: &RekeyPlan| encode_rekey(plan, context, PacketConfig::default(), &signer).unwrap().stats;
         let (left, right) = (sizes(&merge.left_rekey), sizes(&merge.right_rekey));
         assert_eq!((left.wraps, right.wraps), (1, 1));
         let mut graph = merge.graph;
@@ -271,9 +276,14 @@ fn merge_and_split_cost_one_wrap_a_side_whatever_the_group_sizes() {
         let split = graph.split(&seed.next().next().next()).unwrap();
         let (left_split, right_split) = (sizes(&split.left_rekey), sizes(&split.right_rekey));
         assert_eq!((left_split.wraps, right_split.wraps), (1, 1));
+        let (merge_wire, split_wire) = (wire(&merge.left_rekey), wire(&split.right_rekey));
+        assert_eq!((merge_wire.packets, split_wire.packets), (1, 1));
+        let notice_bytes = notice(Move::Merge(Subtree::Right)).sign(&signer).encode().len();
         println!(
-            "{members} members a side: merge {} + {} wraps ({} + {} bytes before packets); one leave in the merged group {} wraps; split {} + {} wraps ({} + {} bytes)",
-            left.wraps, right.wraps, left.bytes, right.bytes, leave.wraps.len(), left_split.wraps, right_split.wraps, left_split.bytes, right_split.bytes
+            "{members} members a side: merge {} + {} wraps ({} + {} bytes before packets, one {}-byte packet a side, plus a {notice_bytes}-byte notice on the right); \
+             one leave in the merged group {} wraps; split {} + {} wraps ({} + {} bytes, one {}-byte packet a side)",
+            left.wraps, right.wraps, left.bytes, right.bytes, merge_wire.bytes, leave.wraps.len(), left_split.wraps, right_split.wraps,
+            left_split.bytes, right_split.bytes, split_wire.bytes
         );
     }
 }
