@@ -22,6 +22,9 @@ use proptest::prelude::*;
 
 type Members = BTreeMap<MemberId, MemberKeys>;
 
+/// What the right group's member ids take in the merged group.
+const OFFSET: u64 = 1 << 32;
+
 /// Everything an eavesdropper and the members who left know.
 #[derive(Default)]
 struct Audit {
@@ -140,7 +143,9 @@ fn run(left_config: GraphConfig, right_config: GraphConfig, sizes: (u64, u64), l
     let mut seed = BatchSeed::from_u64(seed);
     let (mut left_audit, mut right_audit) = (Audit::default(), Audit::default());
     let (left, mut left_members) = group(left_config, 0, sizes.0, leave_every, &mut seed, &mut left_audit);
-    let (right, mut right_members) = group(right_config, 1_000_000, sizes.1, leave_every + 1, &mut seed, &mut right_audit);
+    // Both controllers number their members from 0: the right group's ids move up at the merge.
+    let (right, right_members) = group(right_config, 0, sizes.1, leave_every + 1, &mut seed, &mut right_audit);
+    let mut right_members: Members = right_members.into_iter().map(|(m, s)| (MemberId(m.0 + OFFSET), s)).collect();
     // From the merge on, everyone who left either group pools what it learnt, under merged names
     // (the wraps sent before are spent: both rings absorbed them all).
     let mut audit = Audit::default();
@@ -148,7 +153,7 @@ fn run(left_config: GraphConfig, right_config: GraphConfig, sizes: (u64, u64), l
     audit.departed.extend(&renamed(&right_audit.departed, |id| Some(Subtree::Right.merged_id(id))));
 
     seed = seed.next();
-    let merge = merge_trees(&*left, &*right, &seed).unwrap();
+    let merge = merge_trees(&*left, &*right, OFFSET, &seed).unwrap();
     let mut graph = merge.graph;
     for (rekey, side) in [(&merge.left_rekey, &left_members), (&merge.right_rekey, &right_members)] {
         // One short message on each side's channel: the new root under the side's old root.
@@ -162,7 +167,7 @@ fn run(left_config: GraphConfig, right_config: GraphConfig, sizes: (u64, u64), l
     }
     let mut members: Members = left_members.into_iter().chain(right_members).collect();
 
-    let mut next = 2_000_000;
+    let mut next = OFFSET + 1_000_000;
     for &(joins, leave_every) in steps {
         let leaves: Vec<MemberId> = members.keys().copied().filter(|m| leave_every > 0 && (m.0 + next) % leave_every == 0).collect();
         let batch = Batch { joins: (next..next + joins).map(MemberId).collect(), leaves };
@@ -191,7 +196,8 @@ fn run(left_config: GraphConfig, right_config: GraphConfig, sizes: (u64, u64), l
         state.split_out();
         halves[i].insert(m, state);
     }
-    let [mut left_members, mut right_members] = halves;
+    let [mut left_members, right_members] = halves;
+    let mut right_members: Members = right_members.into_iter().map(|(m, s)| (MemberId(m.0 - OFFSET), s)).collect();
     for (members, rekey, graph) in [(&mut left_members, &split.left_rekey, &split.left), (&mut right_members, &split.right_rekey, &split.right)] {
         assert!(rekey.wraps.len() == usize::from(!members.is_empty()));
         deliver(members, rekey, graph.group_key());
@@ -241,13 +247,15 @@ fn flat_groups_and_shared_members_are_refused() {
     let tree = GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion };
     let flat = GraphConfig { scheme: Scheme::Flat { id_bits: 8, ids: FlatIds::Sequential }, join_policy: JoinPolicy::NewVersion };
     let (a, b) = (new_graph(tree, &seed).unwrap(), new_graph(flat, &seed).unwrap());
-    assert!(matches!(merge_trees(&*a, &*b, &seed), Err(GraphError::Config(_))));
+    assert!(matches!(merge_trees(&*a, &*b, 100, &seed), Err(GraphError::Config(_))));
     let mut a = new_graph(tree, &seed).unwrap();
     let mut b = new_graph(tree, &seed).unwrap();
     let shared = Batch { joins: vec![MemberId(1), MemberId(2)], leaves: vec![] };
     a.apply(&shared, &seed.next()).unwrap();
     b.apply(&Batch { joins: vec![MemberId(2)], leaves: vec![] }, &seed.next()).unwrap();
-    assert_eq!(merge_trees(&*a, &*b, &seed).err(), Some(GraphError::AlreadyMember(MemberId(2))));
+    assert_eq!(merge_trees(&*a, &*b, 0, &seed).err(), Some(GraphError::AlreadyMember(MemberId(2))));
+    assert!(merge_trees(&*a, &*b, 100, &seed).is_ok());
+    assert!(matches!(merge_trees(&*a, &*b, u64::MAX, &seed), Err(GraphError::Config(_))));
 }
 
 /// The figures of docs/merge.md: `cargo test -p keycast-core --test merge sizes -- --nocapture`.
@@ -263,7 +271,7 @@ fn merge_and_split_cost_one_wrap_a_side_whatever_the_group_sizes() {
             graph.apply(&Batch { joins: (first..first + members).map(MemberId).collect(), leaves: vec![] }, &seed).unwrap();
             graphs.push(graph);
         }
-        let merge = merge_trees(&*graphs[0], &*graphs[1], &seed.next()).unwrap();
+        let merge = merge_trees(&*graphs[0], &*graphs[1], 0, &seed.next()).unwrap();
         let sizes = |plan: &RekeyPlan| package_size(&package(plan, Packaging::GroupOriented));
         // On the wire: signed packets of the default configuration.
         let signer = Signer::from_seed(&[1; 32]);
@@ -293,6 +301,7 @@ fn notice(change: Move) -> MergeNotice {
         group: GroupId(0x6b63),
         after_seq: 7,
         change,
+        member_offset: OFFSET,
         next_group: GroupId(0x6b64),
         next_signer: Signer::from_seed(&[2; 32]).verifying_key(),
         controller: "127.0.0.1:7400".parse().unwrap(),
@@ -305,7 +314,7 @@ fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
     let current = Signer::from_seed(&[1; 32]);
     for change in [Move::Merge(Subtree::Left), Move::Merge(Subtree::Right), Move::Split] {
         let bytes = notice(change).sign(&current).encode();
-        assert_eq!(bytes.len(), 2 + 8 + 8 + 1 + 8 + 32 + 7 + 19 + 64);
+        assert_eq!(bytes.len(), 2 + 8 + 8 + 1 + 8 + 8 + 32 + 7 + 19 + 64);
         assert_eq!(SignedMergeNotice::verify(&bytes, &current.verifying_key()), Ok(notice(change)));
         assert_eq!(Message::decode(&bytes).map(|m| m.encode()), Ok(bytes.clone()));
         // Only the controller the members trust now may move them.
@@ -320,6 +329,6 @@ fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
     bytes[18] = 3;
     assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "move", value: 3 })));
     let mut bytes = notice(Move::Split).sign(&current).encode();
-    bytes[2 + 8 + 8 + 1 + 8 + 32] = 5;
+    bytes[2 + 8 + 8 + 1 + 8 + 8 + 32] = 5;
     assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "controller address", value: 5 })));
 }

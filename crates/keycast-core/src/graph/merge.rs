@@ -74,6 +74,8 @@ impl Subtree {
 pub struct MergedTrees {
     left: Tree,
     right: Tree,
+    /// Added to the right group's member ids in the merged group, taken off again at the split.
+    right_member_offset: u64,
     root: Key,
     root_ref: KeyRef,
 }
@@ -123,16 +125,18 @@ fn root_under(side: &Tree, root_ref: KeyRef, root: &Key, salt: NonceSalt) -> Opt
     Some(Wrap::seal(key, Wrapper::Key(under), root_ref, root, &salt))
 }
 
-/// Merges `left` and `right` (tree or star groups, any degrees, disjoint members) under a new
-/// root drawn from `seed`. The graphs are read, not changed: the caller stops using them.
-pub fn merge_trees(left: &dyn KeyGraph, right: &dyn KeyGraph, seed: &BatchSeed) -> Result<Merge, GraphError> {
+/// Merges `left` and `right` (tree or star groups, any degrees) under a new root drawn from
+/// `seed`. The right group's member ids take `right_member_offset` more, and must then differ
+/// from the left group's. The graphs are read, not changed: the caller stops using them.
+pub fn merge_trees(left: &dyn KeyGraph, right: &dyn KeyGraph, right_member_offset: u64, seed: &BatchSeed) -> Result<Merge, GraphError> {
     let left = tree_of(left)?;
     let mut right = tree_of(right)?;
+    right.offset_members(right_member_offset.into()).ok_or(GraphError::Config("member ids overflow with this offset"))?;
     if let Some(both) = right.members().find(|&m| left.contains(m)) {
         return Err(GraphError::AlreadyMember(both));
     }
     right.set_id_prefix(RIGHT_SUBTREE_PREFIX);
-    let mut graph = MergedTrees { left, right, root: Key::empty(), root_ref: KeyRef::default() };
+    let mut graph = MergedTrees { left, right, right_member_offset, root: Key::empty(), root_ref: KeyRef::default() };
     let version = graph.next_root_version()?;
     graph.root = KeyGen::new(seed, ROOT_STREAM).next_key();
     graph.root_ref = KeyRef::new(MERGED_ROOT_ID, version, 0);
@@ -241,9 +245,11 @@ impl MergedTrees {
 
     /// Splits the group back into its two sides, each with a new group key (a new version of
     /// its old root, drawn from `seed`) wrapped once under its previous root. The right side's
-    /// ids lose their prefix again.
+    /// ids lose their prefix again, and its member ids the offset they took at the merge
+    /// (members who joined the merged group on the right must have ids above it).
     pub fn split(self, seed: &BatchSeed) -> Result<Split, GraphError> {
-        let MergedTrees { mut left, mut right, .. } = self;
+        let MergedTrees { mut left, mut right, right_member_offset, .. } = self;
+        right.offset_members(-i128::from(right_member_offset)).ok_or(GraphError::Config("a right member's id is below the merge's offset"))?;
         right.set_id_prefix(0);
         let (left_seed, right_seed) = (derived_seed(seed, LEFT_SEED_STREAM), derived_seed(seed, RIGHT_SEED_STREAM));
         let left_rekey = left.renew_root(&left_seed, nonce_salt(&left_seed))?;

@@ -536,6 +536,15 @@ impl Tree {
         self.leaf_of.keys().copied()
     }
 
+    /// Adds `offset` to every member id (`None` if one would overflow): two controllers number
+    /// their members alike, so the absorbed group's ids move past the other's.
+    pub(crate) fn offset_members(&mut self, offset: i128) -> Option<()> {
+        let moved = |m: MemberId| u64::try_from(i128::from(m.0) + offset).ok().map(MemberId);
+        let leaf_of = self.leaf_of.iter().map(|(&m, &leaf)| Some((moved(m)?, leaf))).collect::<Option<FxHashMap<_, _>>>()?;
+        self.leaf_of = leaf_of;
+        Some(())
+    }
+
     pub(crate) fn degree(&self) -> u32 {
         self.degree
     }

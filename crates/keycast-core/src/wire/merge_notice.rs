@@ -30,6 +30,9 @@ pub struct MergeNotice {
     /// The seq of the last rekey the members' current controller sent: the notice comes after it.
     pub after_seq: u64,
     pub change: Move,
+    /// What a right-side member's id becomes in the next group: its id plus this on a merge,
+    /// minus this on a split (two controllers number their members alike). 0 on the left side.
+    pub member_offset: u64,
     /// The group to follow from now on, its controller's signing key and addresses.
     pub next_group: GroupId,
     pub next_signer: VerifyingKey,
@@ -77,10 +80,11 @@ fn read_addr(r: &mut Reader<'_>, field: &'static str) -> Result<SocketAddr, Deco
 
 impl MergeNotice {
     fn body(&self) -> Vec<u8> {
-        let mut out = start(MessageType::MergeNotice, 2 + 8 + 8 + 1 + 8 + PUBLIC_KEY_LEN + 2 * 19 + SIGNATURE_LEN);
+        let mut out = start(MessageType::MergeNotice, 2 + 8 + 8 + 1 + 8 + 8 + PUBLIC_KEY_LEN + 2 * 19 + SIGNATURE_LEN);
         out.put_u64(self.group.0);
         out.put_u64(self.after_seq);
         out.put_u8(move_byte(self.change));
+        out.put_u64(self.member_offset);
         out.put_u64(self.next_group.0);
         out.extend_from_slice(&self.next_signer.0);
         put_addr(&mut out, self.controller);
@@ -111,13 +115,14 @@ impl SignedMergeNotice {
             2 => Move::Merge(Subtree::Right),
             value => return Err(DecodeError::BadValue { field: "move", value: value.into() }),
         };
+        let member_offset = r.u64("member offset")?;
         let next_group = r.group()?;
         let next_signer = VerifyingKey(r.array("next signer")?);
         let controller = read_addr(&mut r, "controller address")?;
         let multicast = read_addr(&mut r, "multicast address")?;
         let signature = r.array::<SIGNATURE_LEN>("signature")?;
         r.finish()?;
-        let notice = MergeNotice { group, after_seq, change, next_group, next_signer, controller, multicast };
+        let notice = MergeNotice { group, after_seq, change, member_offset, next_group, next_signer, controller, multicast };
         Ok(SignedMergeNotice { notice, signature })
     }
 
