@@ -256,6 +256,10 @@ fn flat_groups_and_shared_members_are_refused() {
     assert_eq!(merge_trees(&*a, &*b, 0, &seed).err(), Some(GraphError::AlreadyMember(MemberId(2))));
     assert!(merge_trees(&*a, &*b, 100, &seed).is_ok());
     assert!(matches!(merge_trees(&*a, &*b, u64::MAX, &seed), Err(GraphError::Config(_))));
+    // A right-side joiner numbered below the offset could not take its old numbering back.
+    let mut merged = merge_trees(&*a, &*b, 100, &seed).unwrap().graph;
+    merged.apply(&Batch { joins: vec![MemberId(50), MemberId(51)], leaves: vec![] }, &seed.next()).unwrap();
+    assert!(merged.can_split().is_err() && merged.split(&seed).is_err());
 }
 
 /// The figures of docs/merge.md: `cargo test -p keycast-core --test merge sizes -- --nocapture`.

@@ -22,6 +22,7 @@ use crate::key::{Key, KeyId, KeyRef};
 use crate::keygen::{nonce_salt, BatchSeed, KeyGen};
 use crate::wire::codec::Reader;
 use crate::wrap::{NonceSalt, Wrap, Wrapper};
+use zeroize::Zeroize;
 
 /// Height of a merged group's root: above any tree (2^27 leaves need at most 27 levels).
 const MERGED_ROOT_HEIGHT: u32 = 31;
@@ -113,7 +114,10 @@ fn tree_of(graph: &dyn KeyGraph) -> Result<Tree, GraphError> {
 
 /// An independent seed drawn from `seed`'s stream `stream`.
 fn derived_seed(seed: &BatchSeed, stream: u64) -> BatchSeed {
-    BatchSeed::from_bytes(*KeyGen::new(seed, stream).next_key().as_bytes())
+    let mut bytes = *KeyGen::new(seed, stream).next_key().as_bytes();
+    let derived = BatchSeed::from_bytes(bytes);
+    bytes.zeroize();
+    derived
 }
 
 /// The plan of a rekey that delivers `root` (named `root_ref`) in one wrap under `side`'s root.
@@ -153,6 +157,13 @@ pub fn merge_trees(left: &dyn KeyGraph, right: &dyn KeyGraph, right_member_offse
 }
 
 impl MergedTrees {
+    /// Fails unless a batch can take a version in each subtree and then the root: checked
+    /// before anything changes, so a failed batch or split leaves the group as it was.
+    fn check_version_room(&self) -> Result<(), GraphError> {
+        let highest = self.left.batch_count().max(self.right.batch_count()).max(self.root_ref.version);
+        highest.checked_add(2).map(|_| ()).ok_or(GraphError::VersionOverflow)
+    }
+
     /// The version of the next root: above every version either subtree has used, which the
     /// subtrees then skip, so a later split and merge never reuse a root ref.
     fn next_root_version(&mut self) -> Result<u32, GraphError> {
@@ -219,6 +230,7 @@ impl MergedTrees {
                 return Err(GraphError::Full(MAX_SUBTREE_LEAVES));
             }
         }
+        self.check_version_room()?;
         let salt = nonce_salt(seed);
         let mut plan = RekeyPlan { salt, ..RekeyPlan::default() };
         let streams = [LEFT_SEED_STREAM, RIGHT_SEED_STREAM];
@@ -247,7 +259,9 @@ impl MergedTrees {
     /// its old root, drawn from `seed`) wrapped once under its previous root. The right side's
     /// ids lose their prefix again, and its member ids the offset they took at the merge
     /// (members who joined the merged group on the right must have ids above it).
+    /// Call [`Self::can_split`] first to keep the group when a split would fail.
     pub fn split(self, seed: &BatchSeed) -> Result<Split, GraphError> {
+        self.can_split()?;
         let MergedTrees { mut left, mut right, right_member_offset, .. } = self;
         right.offset_members(-i128::from(right_member_offset)).ok_or(GraphError::Config("a right member's id is below the merge's offset"))?;
         right.set_id_prefix(0);
@@ -255,6 +269,15 @@ impl MergedTrees {
         let left_rekey = left.renew_root(&left_seed, nonce_salt(&left_seed))?;
         let right_rekey = right.renew_root(&right_seed, nonce_salt(&right_seed))?;
         Ok(Split { left: Box::new(left), right: Box::new(right), left_rekey, right_rekey })
+    }
+
+    /// Why [`Self::split`] would fail, if it would.
+    pub fn can_split(&self) -> Result<(), GraphError> {
+        self.check_version_room()?;
+        if self.right.members().any(|m| m.0 < self.right_member_offset) {
+            return Err(GraphError::Config("a right member's id is below the merge's offset"));
+        }
+        Ok(())
     }
 
     /// Degree of each side's tree ([`super::tree::STAR_DEGREE`] for a star).
