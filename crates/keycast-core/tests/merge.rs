@@ -16,8 +16,13 @@ use keycast_core::{
     new_graph, package, Batch, BatchSeed, FlatIds, GraphConfig, GraphError, JoinPolicy, KeyGraph, KeyRef, KeyRing, MemberId,
     KeyId, MemberKeys, RekeyPlan, Scheme, Strategy as Packaging, Wrap,
 };
+use std::net::SocketAddr;
+
+use keycast_core::protocol::merge::{merge_messages, split_messages, Channel, Destination};
 use keycast_core::wire::rekey::RekeyContext;
-use keycast_core::wire::{encode_rekey, DecodeError, GroupId, MergeNotice, Message, Move, PacketConfig, Reject, SignedMergeNotice, Signer};
+use keycast_core::wire::{
+    encode_rekey, DecodeError, GroupId, MergeNotice, Message, Move, PacketConfig, Reject, RekeyPacket, SignedMergeNotice, Signer, VerifyingKey,
+};
 use proptest::prelude::*;
 
 type Members = BTreeMap<MemberId, MemberKeys>;
@@ -335,4 +340,124 @@ fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
     let mut bytes = notice(Move::Split).sign(&current).encode();
     bytes[2 + 8 + 8 + 1 + 8 + 8 + 32] = 5;
     assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "controller address", value: 5 })));
+}
+
+/// A member as far as a merge goes: its keys, and the group and controller key it follows.
+struct Follower {
+    id: MemberId,
+    keys: MemberKeys,
+    group: GroupId,
+    signer: VerifyingKey,
+}
+
+impl Follower {
+    /// Takes a notice as a member session would: signed by the controller it follows, for its group.
+    fn notice(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let notice = SignedMergeNotice::verify(bytes, &self.signer).map_err(|e| e.to_string())?;
+        if notice.group != self.group {
+            return Err("another group's notice".into());
+        }
+        match notice.change {
+            Move::Merge(subtree) => {
+                self.keys.merge_into(subtree);
+                self.id = MemberId(self.id.0 + notice.member_offset);
+            }
+            Move::Split => {
+                self.keys.split_out();
+                self.id = MemberId(self.id.0 - notice.member_offset);
+            }
+        }
+        (self.group, self.signer) = (notice.next_group, notice.next_signer);
+        Ok(())
+    }
+
+    fn rekey(&mut self, packets: &[Vec<u8>]) -> Result<KeyRef, String> {
+        let packets: Vec<RekeyPacket> = packets.iter().map(|p| RekeyPacket::verify(p, &self.signer).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+        if packets.iter().any(|p| p.header.group != self.group) {
+            return Err("another group's rekey".into());
+        }
+        let messages: Vec<_> = packets.iter().map(|p| p.message()).collect();
+        Ok(self.keys.apply(&messages).map_err(|e| e.to_string())?.group_key)
+    }
+}
+
+fn followers(graph: &dyn KeyGraph, plan: &RekeyPlan, group: GroupId, signer: &Signer) -> Vec<Follower> {
+    plan.welcomes
+        .iter()
+        .map(|w| {
+            let mut keys = MemberKeys::from_welcome(w);
+            keys.apply(&package(plan, Packaging::GroupOriented)).unwrap();
+            assert_eq!(keys.group_key().unwrap().0, graph.group_key().0);
+            Follower { id: w.member, keys, group, signer: signer.verifying_key() }
+        })
+        .collect()
+}
+
+/// Merge and split over the wire, deterministically: signed packets and notices, members that
+/// trust only the controller they follow, and no rejoin.
+#[test]
+fn members_of_both_groups_follow_a_merge_and_a_split_over_the_wire_without_rejoining() {
+    let (left_signer, right_signer) = (Signer::from_seed(&[1; 32]), Signer::from_seed(&[2; 32]));
+    let (left_group, right_group) = (GroupId(1), GroupId(2));
+    let mut seed = BatchSeed::from_u64(99);
+    let tree = GraphConfig { scheme: Scheme::Tree { degree: 3 }, join_policy: JoinPolicy::NewVersion };
+    let star = GraphConfig { scheme: Scheme::Star, join_policy: JoinPolicy::Revision };
+    let mut left = new_graph(tree, &seed).unwrap();
+    let mut right = new_graph(star, &seed.next()).unwrap();
+    seed = seed.next().next();
+    // Both controllers number their members from 0.
+    let plan = left.apply(&Batch { joins: (0..9).map(MemberId).collect(), leaves: vec![] }, &seed).unwrap();
+    let mut left_members = followers(&*left, &plan, left_group, &left_signer);
+    let plan = right.apply(&Batch { joins: (0..6).map(MemberId).collect(), leaves: vec![] }, &seed.next()).unwrap();
+    let mut right_members = followers(&*right, &plan, right_group, &right_signer);
+
+    let channel = |group, last_seq, signer| Channel { group, epoch: 4, last_seq, signer, packets: PacketConfig::default() };
+    let destination = |group, signer: &Signer, port| Destination {
+        group,
+        signer: signer.verifying_key(),
+        controller: SocketAddr::from(([127, 0, 0, 1], port)),
+        multicast: SocketAddr::from(([239, 255, 0, 1], port + 1)),
+    };
+    let merge = merge_trees(&*left, &*right, OFFSET, &seed.next().next()).unwrap();
+    let (left_side, right_side) =
+        merge_messages(&merge, &channel(left_group, 1, &left_signer), &channel(right_group, 1, &right_signer), OFFSET, destination(left_group, &left_signer, 7400)).unwrap();
+    assert_eq!((left_side.rekey.len(), right_side.rekey.len()), (1, 1), "one short packet a side");
+    let notice = right_side.notice.as_ref().expect("a notice for the right side");
+    // The notice is the right controller's to give: the left side's members and a notice
+    // signed by anyone else are refused.
+    assert!(left_members[0].notice(notice).is_err());
+    let forged = MergeNotice { member_offset: 5, ..SignedMergeNotice::decode(notice).unwrap().notice }.sign(&left_signer).encode();
+    assert!(right_members[0].notice(&forged).is_err());
+    // Without the notice a right member neither trusts nor can use the merge rekey.
+    assert!(right_members[0].rekey(&right_side.rekey).is_err());
+
+    let merged_key = merge.graph.group_key().0;
+    for m in &mut left_members {
+        assert_eq!(m.rekey(&left_side.rekey), Ok(merged_key));
+    }
+    for m in &mut right_members {
+        m.notice(notice).unwrap();
+        assert_eq!(m.rekey(&right_side.rekey), Ok(merged_key));
+        assert!(merge.graph.subtree_of(m.id) == Some(Subtree::Right), "member {:?} has its merged id", m.id);
+    }
+    let all: Vec<_> = left_members.iter().chain(&right_members).map(|m| m.keys.group_key().unwrap()).collect();
+    assert!(all.iter().all(|k| *k == all[0]), "every member of both groups holds one group key");
+
+    let graph = merge.graph;
+    let split = graph.split(&seed.next().next().next()).unwrap();
+    let (left_side, right_side) =
+        split_messages(&split, &channel(left_group, 2, &left_signer), &channel(right_group, 1, &right_signer), OFFSET, destination(right_group, &right_signer, 7500)).unwrap();
+    let notice = right_side.notice.as_ref().expect("a notice for the right side");
+    for m in &mut left_members {
+        assert_eq!(m.rekey(&left_side.rekey), Ok(split.left.group_key().0));
+        // The right side's rekey now comes from a controller the left side does not follow.
+        assert!(m.rekey(&right_side.rekey).is_err());
+    }
+    for (i, m) in right_members.iter_mut().enumerate() {
+        m.notice(notice).unwrap();
+        assert_eq!(m.id, MemberId(i as u64), "member ids go back to the right controller's");
+        assert_eq!(m.rekey(&right_side.rekey), Ok(split.right.group_key().0));
+        assert!(m.rekey(&left_side.rekey).is_err());
+    }
+    assert!(split.left.group_key().1 != split.right.group_key().1);
 }

@@ -156,6 +156,15 @@ pub fn merge_trees(left: &dyn KeyGraph, right: &dyn KeyGraph, right_member_offse
     Ok(Merge { graph, left_rekey, right_rekey })
 }
 
+impl Merge {
+    /// Both sides' rekeys as the merged group's one rekey: the new root under each old root.
+    pub fn rekey(&self) -> RekeyPlan {
+        let mut plan = self.left_rekey.clone();
+        plan.wraps.extend(self.right_rekey.wraps.iter().cloned());
+        plan
+    }
+}
+
 impl MergedTrees {
     /// Fails unless a batch can take a version in each subtree and then the root: checked
     /// before anything changes, so a failed batch or split leaves the group as it was.
