@@ -288,16 +288,17 @@ fn merge_and_split_cost_one_wrap_a_side_whatever_the_group_sizes() {
         let wire = |plan: &RekeyPlan| encode_rekey(plan, context, PacketConfig::default(), &signer).unwrap().stats;
         let (left, right) = (sizes(&merge.left_rekey), sizes(&merge.right_rekey));
         assert_eq!((left.wraps, right.wraps), (1, 1));
+        let merge_wire = wire(&merge.rekey());
         let mut graph = merge.graph;
         let leave = graph.apply(&Batch { joins: vec![], leaves: (1..members).map(|_| MemberId(0)).take(1).collect() }, &seed.next().next()).unwrap();
         let split = graph.split(&seed.next().next().next()).unwrap();
         let (left_split, right_split) = (sizes(&split.left_rekey), sizes(&split.right_rekey));
         assert_eq!((left_split.wraps, right_split.wraps), (1, 1));
-        let (merge_wire, split_wire) = (wire(&merge.left_rekey), wire(&split.right_rekey));
+        let split_wire = wire(&split.right_rekey);
         assert_eq!((merge_wire.packets, split_wire.packets), (1, 1));
         let notice_bytes = notice(Move::Merge(Subtree::Right)).sign(&signer).encode().len();
         println!(
-            "{members} members a side: merge {} + {} wraps ({} + {} bytes before packets, one {}-byte packet a side, plus a {notice_bytes}-byte notice on the right); \
+            "{members} members a side: merge {} + {} wraps ({} + {} bytes before packets; one {}-byte packet with both, on each channel; a {notice_bytes}-byte notice on the right); \
              one leave in the merged group {} wraps; split {} + {} wraps ({} + {} bytes, one {}-byte packet a side)",
             left.wraps, right.wraps, left.bytes, right.bytes, merge_wire.bytes, leave.wraps.len(), left_split.wraps, right_split.wraps,
             left_split.bytes, right_split.bytes, split_wire.bytes
