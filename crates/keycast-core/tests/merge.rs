@@ -313,6 +313,8 @@ fn notice(change: Move) -> MergeNotice {
         change,
         member_offset: OFFSET,
         next_group: GroupId(0x6b64),
+        next_epoch: 12,
+        next_seq: 40,
         next_signer: Signer::from_seed(&[2; 32]).verifying_key(),
         controller: "127.0.0.1:7400".parse().unwrap(),
         multicast: "[ff15::1]:7401".parse().unwrap(),
@@ -324,7 +326,7 @@ fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
     let current = Signer::from_seed(&[1; 32]);
     for change in [Move::Merge(Subtree::Left), Move::Merge(Subtree::Right), Move::Split] {
         let bytes = notice(change).sign(&current).encode();
-        assert_eq!(bytes.len(), 2 + 8 + 8 + 1 + 8 + 8 + 32 + 7 + 19 + 64);
+        assert_eq!(bytes.len(), 2 + 8 + 8 + 1 + 8 + 8 + 16 + 32 + 7 + 19 + 64);
         assert_eq!(SignedMergeNotice::verify(&bytes, &current.verifying_key()), Ok(notice(change)));
         assert_eq!(Message::decode(&bytes).map(|m| m.encode()), Ok(bytes.clone()));
         // Only the controller the members trust now may move them.
@@ -339,7 +341,7 @@ fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
     bytes[18] = 3;
     assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "move", value: 3 })));
     let mut bytes = notice(Move::Split).sign(&current).encode();
-    bytes[2 + 8 + 8 + 1 + 8 + 8 + 32] = 5;
+    bytes[2 + 8 + 8 + 1 + 8 + 8 + 16 + 32] = 5;
     assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "controller address", value: 5 })));
 }
 

@@ -49,13 +49,16 @@ fn rekey_packets(plan: &RekeyPlan, channel: &Channel<'_>) -> Result<Vec<Vec<u8>>
     Ok(encode_rekey(plan, context, channel.packets, channel.signer)?.packets)
 }
 
-fn notice(channel: &Channel<'_>, change: Move, member_offset: u64, to: Destination) -> Vec<u8> {
+/// The notice on `channel` that moves its members to `to`, whose channel is `next`.
+fn notice(channel: &Channel<'_>, change: Move, member_offset: u64, to: Destination, next: &Channel<'_>) -> Vec<u8> {
     let notice = MergeNotice {
         group: channel.group,
         after_seq: channel.last_seq,
         change,
         member_offset,
         next_group: to.group,
+        next_epoch: next.epoch,
+        next_seq: next.last_seq,
         next_signer: to.signer,
         controller: to.controller,
         multicast: to.multicast,
@@ -78,7 +81,7 @@ pub fn merge_messages(
 ) -> Result<(SideMessages, SideMessages), PacketiseError> {
     let rekey = rekey_packets(&merge.rekey(), merged)?;
     let left_side = SideMessages { notice: None, rekey: rekey.clone() };
-    let right_side = SideMessages { notice: Some(notice(right, Move::Merge(Subtree::Right), right_member_offset, to)), rekey };
+    let right_side = SideMessages { notice: Some(notice(right, Move::Merge(Subtree::Right), right_member_offset, to, merged)), rekey };
     Ok((left_side, right_side))
 }
 
@@ -95,7 +98,7 @@ pub fn split_messages(
 ) -> Result<(SideMessages, SideMessages), PacketiseError> {
     let left_side = SideMessages { notice: None, rekey: rekey_packets(&split.left_rekey, merged)? };
     let right_side = SideMessages {
-        notice: Some(notice(merged, Move::Split, right_member_offset, to)),
+        notice: Some(notice(merged, Move::Split, right_member_offset, to, right)),
         rekey: rekey_packets(&split.right_rekey, right)?,
     };
     Ok((left_side, right_side))

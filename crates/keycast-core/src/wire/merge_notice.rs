@@ -33,8 +33,11 @@ pub struct MergeNotice {
     /// What a right-side member's id becomes in the next group: its id plus this on a merge,
     /// minus this on a split (two controllers number their members alike). 0 on the left side.
     pub member_offset: u64,
-    /// The group to follow from now on, its controller's signing key and addresses.
+    /// The group to follow from now on, its epoch in force and its last rekey (the next one
+    /// the members take is the merge's or split's), its controller's signing key and addresses.
     pub next_group: GroupId,
+    pub next_epoch: u64,
+    pub next_seq: u64,
     pub next_signer: VerifyingKey,
     pub controller: SocketAddr,
     pub multicast: SocketAddr,
@@ -80,12 +83,14 @@ fn read_addr(r: &mut Reader<'_>, field: &'static str) -> Result<SocketAddr, Deco
 
 impl MergeNotice {
     fn body(&self) -> Vec<u8> {
-        let mut out = start(MessageType::MergeNotice, 2 + 8 + 8 + 1 + 8 + 8 + PUBLIC_KEY_LEN + 2 * 19 + SIGNATURE_LEN);
+        let mut out = start(MessageType::MergeNotice, 2 + 8 + 8 + 1 + 8 + 8 + 16 + PUBLIC_KEY_LEN + 2 * 19 + SIGNATURE_LEN);
         out.put_u64(self.group.0);
         out.put_u64(self.after_seq);
         out.put_u8(move_byte(self.change));
         out.put_u64(self.member_offset);
         out.put_u64(self.next_group.0);
+        out.put_u64(self.next_epoch);
+        out.put_u64(self.next_seq);
         out.extend_from_slice(&self.next_signer.0);
         put_addr(&mut out, self.controller);
         put_addr(&mut out, self.multicast);
@@ -117,12 +122,13 @@ impl SignedMergeNotice {
         };
         let member_offset = r.u64("member offset")?;
         let next_group = r.group()?;
+        let (next_epoch, next_seq) = (r.u64("next epoch")?, r.u64("next seq")?);
         let next_signer = VerifyingKey(r.array("next signer")?);
         let controller = read_addr(&mut r, "controller address")?;
         let multicast = read_addr(&mut r, "multicast address")?;
         let signature = r.array::<SIGNATURE_LEN>("signature")?;
         r.finish()?;
-        let notice = MergeNotice { group, after_seq, change, member_offset, next_group, next_signer, controller, multicast };
+        let notice = MergeNotice { group, after_seq, change, member_offset, next_group, next_epoch, next_seq, next_signer, controller, multicast };
         Ok(SignedMergeNotice { notice, signature })
     }
 
