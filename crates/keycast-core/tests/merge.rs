@@ -19,6 +19,9 @@ use keycast_core::{
 use std::net::SocketAddr;
 
 use keycast_core::protocol::merge::{merge_messages, split_messages, Channel, Destination};
+use keycast_core::protocol::traffic::Fresh;
+use keycast_core::protocol::{MemberEvent, MemberSession};
+use keycast_core::wire::control::{JoinAccepted, ResyncAnswer};
 use keycast_core::wire::rekey::RekeyContext;
 use keycast_core::wire::{
     encode_rekey, DecodeError, GroupId, MergeNotice, Message, Move, PacketConfig, Reject, RekeyPacket, SignedMergeNotice, Signer, VerifyingKey,
@@ -463,4 +466,105 @@ fn members_of_both_groups_follow_a_merge_and_a_split_over_the_wire_without_rejoi
         assert!(m.rekey(&left_side.rekey).is_err());
     }
     assert!(split.left.group_key().1 != split.right.group_key().1);
+}
+
+/// Member sessions of `graph`, as admitted by its controller at rekey 1 of `epoch`.
+fn sessions(graph: &dyn KeyGraph, members: &[MemberId], group: GroupId, epoch: u64, signer: &Signer) -> Vec<MemberSession> {
+    members
+        .iter()
+        .map(|&member| {
+            let (position, keys) = graph.member_keys(member).expect("a member");
+            let (individual, individual_key) = keys[0].clone();
+            let accepted = JoinAccepted { group, member, position, individual, individual_key, signer: signer.verifying_key(), rekey_seq: 1, joiners_key: None };
+            let answer = ResyncAnswer {
+                group, member, position, epoch, rekey_seq: 1, active: graph.group_key().0, pending: None, keys, signer: signer.verifying_key(),
+            };
+            MemberSession::join(&accepted, answer, 1_000, 0).0
+        })
+        .collect()
+}
+
+/// Every session of `senders` seals one message; the sessions of `readers` open each or not.
+fn traffic_reaches(senders: &mut [MemberSession], readers: &mut [MemberSession], tag: u8) -> (usize, usize) {
+    let (mut opened, mut refused) = (0, 0);
+    for (i, sender) in senders.iter_mut().enumerate() {
+        let fresh = Fresh { message_key: [tag; 32], nonce: [i as u8; 12] };
+        let data = sender.seal(b"hello", fresh).expect("a key in force");
+        for reader in readers.iter_mut() {
+            match reader.open(&data) {
+                Ok(plain) => {
+                    assert_eq!(plain, b"hello");
+                    opened += 1;
+                }
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    (opened, refused)
+}
+
+/// Member sessions of both groups follow a merge and a split, and their data reaches exactly
+/// the members of their group of the moment.
+#[test]
+fn member_sessions_follow_the_notice_and_traffic_spans_both_groups_until_the_split() {
+    let (left_signer, right_signer) = (Signer::from_seed(&[1; 32]), Signer::from_seed(&[2; 32]));
+    let (left_group, right_group) = (GroupId(1), GroupId(2));
+    let seed = BatchSeed::from_u64(7);
+    let tree = GraphConfig { scheme: Scheme::Tree { degree: 2 }, join_policy: JoinPolicy::NewVersion };
+    let (mut left, mut right) = (new_graph(tree, &seed).unwrap(), new_graph(tree, &seed.next()).unwrap());
+    let ids: Vec<MemberId> = (0..5).map(MemberId).collect();
+    left.apply(&Batch { joins: ids.clone(), leaves: vec![] }, &seed.next().next()).unwrap();
+    right.apply(&Batch { joins: ids[..4].to_vec(), leaves: vec![] }, &seed.next().next().next()).unwrap();
+    let mut lefts = sessions(&*left, &ids, left_group, 4, &left_signer);
+    let mut rights = sessions(&*right, &ids[..4], right_group, 9, &right_signer);
+    assert_eq!(traffic_reaches(&mut lefts, &mut rights, 1), (0, 20), "two groups, two keys");
+
+    let channel = |group, epoch, last_seq, signer| Channel { group, epoch, last_seq, signer, packets: PacketConfig::default() };
+    let to = |group, signer: &Signer| Destination {
+        group,
+        signer: signer.verifying_key(),
+        controller: SocketAddr::from(([127, 0, 0, 1], 7400)),
+        multicast: SocketAddr::from(([239, 255, 0, 1], 7401)),
+    };
+    let merge = merge_trees(&*left, &*right, OFFSET, &seed.next().next().next().next()).unwrap();
+    let merged = channel(left_group, 4, 1, &left_signer);
+    let (left_side, right_side) = merge_messages(&merge, &merged, &channel(right_group, 9, 1, &right_signer), OFFSET, to(left_group, &left_signer)).unwrap();
+    let notice = right_side.notice.unwrap();
+    for s in &mut rights {
+        let events = s.receive(&notice, 10).unwrap();
+        assert!(matches!(events[..], [MemberEvent::Moved { group, member, .. }] if group == left_group && member.0 >= OFFSET));
+        // Taken once: a replayed notice is refused.
+        assert!(s.receive(&notice, 11).is_err());
+    }
+    for s in lefts.iter_mut().chain(&mut rights) {
+        let events: Vec<_> = left_side.rekey.iter().flat_map(|p| s.receive(p, 12).unwrap()).collect();
+        assert!(events.iter().any(|e| matches!(e, MemberEvent::KeyActivated { group_key, .. } if *group_key == merge.graph.group_key().0)), "{events:?}");
+    }
+    // One group now: every member reads every other's data, whichever group it came from.
+    assert_eq!(traffic_reaches(&mut lefts, &mut rights, 2), (20, 0));
+    assert_eq!(traffic_reaches(&mut rights, &mut lefts, 3), (20, 0));
+
+    let split = merge.graph.split(&seed.next().next().next().next().next()).unwrap();
+    let (left_side, right_side) =
+        split_messages(&split, &channel(left_group, 4, 2, &left_signer), &channel(right_group, 9, 1, &right_signer), OFFSET, to(right_group, &right_signer)).unwrap();
+    let notice = right_side.notice.unwrap();
+    for (i, s) in rights.iter_mut().enumerate() {
+        assert!(matches!(s.receive(&notice, 20).unwrap()[..], [MemberEvent::Moved { group, member, .. }] if group == right_group && member == ids[i]));
+        for p in &right_side.rekey {
+            s.receive(p, 21).unwrap();
+        }
+        assert_eq!(s.active_key().unwrap().0, split.right.group_key().0);
+    }
+    for s in &mut lefts {
+        for p in &left_side.rekey {
+            s.receive(p, 21).unwrap();
+        }
+        assert_eq!(s.active_key().unwrap().0, split.left.group_key().0);
+        // The right side's controller is no longer this member's to follow.
+        assert!(s.receive(&right_side.rekey[0], 22).is_err());
+    }
+    assert_eq!(traffic_reaches(&mut lefts, &mut rights, 4), (0, 20), "two groups again");
+    assert_eq!(traffic_reaches(&mut rights, &mut lefts, 5), (0, 20));
+    let (first, rest) = rights.split_at_mut(2);
+    assert_eq!(traffic_reaches(first, rest, 6), (4, 0), "each side reads itself");
 }
