@@ -234,7 +234,7 @@ fn run(left_config: GraphConfig, right_config: GraphConfig, sizes: (u64, u64), l
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     #[test]
     fn merged_groups_reach_every_member_of_both_and_no_one_else(
