@@ -34,4 +34,11 @@ write("reassemble_rekey", "reversed", b"".join(len(p).to_bytes(2, "big") + p for
 for selector in range(0x80, 0x88):
     write("import_snapshot", f"graph-{selector:02x}", bytes([selector, 40]))
     write("import_snapshot", f"edited-{selector:02x}", bytes([selector, 40, 0, 9, 1, 0, 30, 0x80]))
+# verify_merge_notice: a well-formed notice (right side, IPv4 then IPv6 addresses; the
+# signature does not verify) and a split.
+def merge_notice(move, multicast):
+    body = bytes([2, 19]) + (0x6B63).to_bytes(8, "big") + (7).to_bytes(8, "big") + bytes([move]) + (1 << 32).to_bytes(8, "big") + (0x6B64).to_bytes(8, "big") + (12).to_bytes(8, "big") + (40).to_bytes(8, "big")
+    return body + bytes(range(32)) + bytes([4, 127, 0, 0, 1]) + (7400).to_bytes(2, "big") + multicast + bytes(64)
+write("verify_merge_notice", "right", merge_notice(2, bytes([4, 239, 1, 2, 3]) + (7401).to_bytes(2, "big")))
+write("verify_merge_notice", "split-v6", merge_notice(0, bytes([6]) + bytes(15) + bytes([1]) + (7401).to_bytes(2, "big")))
 print("seed corpus written under", here / "corpus")

@@ -1,6 +1,7 @@
 //! The member's side of a key graph: the keys on its path, updated from rekey messages.
 
 use crate::graph::flat::flat_member_needs;
+use crate::graph::merge::{Subtree, MERGED_ROOT_ID};
 use crate::graph::tree::{ancestor, tree_key_position};
 use crate::graph::{Position, Welcome};
 use crate::key::{Key, KeyId, KeyRef};
@@ -37,6 +38,8 @@ pub struct MemberKeys {
     individual: KeyId,
     group_key: Option<KeyRef>,
     ring: KeyRing,
+    /// The side of a merged group this member sits on, if its group is merged.
+    subtree: Option<Subtree>,
 }
 
 impl MemberKeys {
@@ -44,7 +47,7 @@ impl MemberKeys {
     pub fn from_welcome(welcome: &Welcome) -> Self {
         let mut ring = KeyRing::new();
         ring.insert(welcome.individual, welcome.individual_key.clone());
-        MemberKeys { position: welcome.position, individual: welcome.individual.id, group_key: None, ring }
+        MemberKeys { position: welcome.position, individual: welcome.individual.id, group_key: None, ring, subtree: None }
     }
 
     /// A full state handed over the unicast channel (resync), as from `KeyGraph::member_keys`
@@ -55,7 +58,7 @@ impl MemberKeys {
         for (r, k) in keys {
             ring.insert(r, k);
         }
-        MemberKeys { position, individual, group_key: Some(group_key), ring }
+        MemberKeys { position, individual, group_key: Some(group_key), ring, subtree: None }
     }
 
     pub fn position(&self) -> Position {
@@ -90,12 +93,75 @@ impl MemberKeys {
         refs
     }
 
+    /// The side of a merged group this member sits on, if its group is merged.
+    pub fn subtree(&self) -> Option<Subtree> {
+        self.subtree
+    }
+
+    /// Enters a merged group on `subtree` (told by the merge notice): the keys held are renamed
+    /// to the merged group's ids, so the merge rekey and every later one can name them.
+    pub fn merge_into(&mut self, subtree: Subtree) {
+        self.rename(|id| subtree.merged_id(id));
+        self.subtree = Some(subtree);
+    }
+
+    /// Marks a joiner of a merged group (its welcome already names merged ids) as on `subtree`.
+    pub fn joined_merged(&mut self, subtree: Subtree) {
+        self.subtree = Some(subtree);
+    }
+
+    /// Leaves a merged group at its split: drops the merged root and takes back the ids of a
+    /// group of its own. The split rekey then brings the side's new group key.
+    pub fn split_out(&mut self) {
+        let Some(subtree) = self.subtree.take() else { return };
+        self.group_key = None;
+        self.rename(|id| subtree.own_id(id).unwrap_or(MERGED_ROOT_ID));
+        let kept: Vec<KeyRef> = self.ring.refs().filter(|r| r.id != MERGED_ROOT_ID).collect();
+        self.ring.retain_exactly(kept);
+    }
+
+    fn rename(&mut self, rename: impl Fn(KeyId) -> KeyId) {
+        let mut ring = KeyRing::new();
+        for r in self.ring.refs() {
+            if let Some(key) = self.ring.get(r) {
+                ring.insert(KeyRef { id: rename(r.id), ..r }, key);
+            }
+        }
+        self.ring = ring;
+        self.individual = rename(self.individual);
+        self.group_key = self.group_key.map(|g| KeyRef { id: rename(g.id), ..g });
+    }
+
     /// True if key `id` is on this member's path in a graph whose group key is `group_key`.
     fn needs(&self, id: KeyId, group_key: KeyRef) -> bool {
+        self.needs_below(id, group_key, None)
+    }
+
+    /// [`Self::needs`] in a merged group whose subtree on this member's side has its root at
+    /// `subtree_top` (if known): keys above it are a root the subtree dropped.
+    fn needs_below(&self, id: KeyId, group_key: KeyRef, subtree_top: Option<u32>) -> bool {
+        if let Some(subtree) = self.subtree {
+            return id == MERGED_ROOT_ID || subtree.own_id(id).is_some_and(|own| self.needs_unmerged(own, subtree_top.unwrap_or(u32::MAX)));
+        }
+        self.needs_unmerged(id, tree_key_position(group_key.id).0)
+    }
+
+    /// The height of this side's subtree root in a merged group's rekey: the key the merged
+    /// root is wrapped under on this side.
+    fn subtree_top(&self, messages: &[RekeyMessage<'_>]) -> Option<u32> {
+        let subtree = self.subtree?;
+        let wraps = messages.iter().flat_map(|m| m.wraps.iter());
+        wraps.filter(|w| w.key.id == MERGED_ROOT_ID).find_map(|w| match w.under {
+            Wrapper::Key(r) => subtree.own_id(r.id).map(|own| tree_key_position(own).0),
+            Wrapper::KekAndTek { .. } => None,
+        })
+    }
+
+    /// [`Self::needs`] in a group of its own, or in this member's subtree: `top` bounds a tree path.
+    fn needs_unmerged(&self, id: KeyId, top: u32) -> bool {
         match self.position {
             Position::Tree { leaf, degree } => {
                 let (height, position) = tree_key_position(id);
-                let (top, _) = tree_key_position(group_key.id);
                 height <= top && ancestor(leaf, degree, height) == position
             }
             Position::Flat { id: member_id, id_bits } => flat_member_needs(id, member_id, id_bits, self.individual),
@@ -132,6 +198,8 @@ impl MemberKeys {
             return Err(MemberError::InconsistentMessages(group_key, m.group_key));
         }
         let wraps = messages.iter().flat_map(|m| m.wraps.iter().copied());
+        let subtree_top = self.subtree_top(messages);
+        let needs = |id: KeyId| self.needs_below(id, group_key, subtree_top);
         let mut ring = self.ring.clone();
         let unwraps = ring.absorb_where(wraps.clone(), |r| self.needs(r.id, group_key))?;
 
@@ -147,13 +215,13 @@ impl MemberKeys {
         // this member must end with: a wrap sealed under a new version it lacks means another
         // packet of the rekey (its lower tier) is still missing, even when the old versions
         // it holds already opened the group key.
-        for wanted in named.iter().filter(|r| self.needs(r.id, group_key)) {
+        for wanted in named.iter().filter(|r| needs(r.id)) {
             match newest.get(&wanted.id) {
                 Some(held) if (held.version, held.revision) >= (wanted.version, wanted.revision) => {}
                 _ => return Err(MemberError::MissingKey(*wanted)),
             }
         }
-        ring.retain_exactly(newest.into_values().filter(|r| self.needs(r.id, group_key)));
+        ring.retain_exactly(newest.into_values().filter(|r| needs(r.id)));
         if !ring.holds(group_key) {
             return Err(MemberError::MissingKey(group_key));
         }

@@ -118,6 +118,11 @@ fn describe(message: &Message) -> Value {
             "group": r.refusal.group.0, "member": r.refusal.member.0, "counter": r.refusal.counter,
             "reason": format!("{:?}", r.refusal.reason), "signature": hex::encode(r.signature),
         }}),
+        Message::MergeNotice(n) => json!({"merge_notice": {
+            "group": n.notice.group.0, "after_seq": n.notice.after_seq, "move": format!("{:?}", n.notice.change),
+            "next_group": n.notice.next_group.0, "next_signer": hex::encode(n.notice.next_signer.0),
+            "controller": n.notice.controller.to_string(), "multicast": n.notice.multicast.to_string(), "signature": hex::encode(n.signature),
+        }}),
         Message::MembershipDelta(d) => json!({"membership_delta": {
             "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
             "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -136,6 +141,7 @@ fn verification(bytes: &[u8], signer: &VerifyingKey) -> String {
         Ok(Message::SignerChange(_)) => SignedSignerChange::verify(bytes, signer).map(|_| ()),
         Ok(Message::RekeyParity(_)) => ParityPacket::verify(bytes, signer).map(|_| ()),
         Ok(Message::DatagramRefusal(_)) => SignedDatagramRefusal::verify(bytes, signer).map(|_| ()),
+        Ok(Message::MergeNotice(_)) => keycast_core::wire::SignedMergeNotice::verify(bytes, signer).map(|_| ()),
         Ok(_) => return "unsigned".into(),
         Err(e) => Err(Reject::Decode(e)),
     };

@@ -5,6 +5,7 @@
 //! `Box<dyn KeyGraph>` built by [`new_graph`] and never needs to know which it has.
 
 pub(crate) mod flat;
+pub mod merge;
 pub(crate) mod tree;
 
 pub use flat::FlatIds;

@@ -44,7 +44,7 @@ const CHUNK: usize = 256;
 /// Slots per task when a large batch updates a level on every core.
 const SLOT_CHUNK: usize = 16 * 1024;
 
-pub fn tree_key_id(height: u32, position: u32) -> KeyId {
+pub const fn tree_key_id(height: u32, position: u32) -> KeyId {
     KeyId((height << POSITION_BITS) | position)
 }
 
@@ -189,6 +189,9 @@ pub struct Tree {
     leaf_of: FxHashMap<MemberId, u32>,
     free_leaves: BinaryHeap<Reverse<u32>>,
     batches: BatchCounter,
+    /// ORed into every key id: 0 for a group of its own, a subtree's prefix inside a merged
+    /// group ([`super::merge`]), so the two subtrees' ids never collide.
+    id_prefix: u32,
 }
 
 impl Tree {
@@ -213,6 +216,7 @@ impl Tree {
             leaf_of: FxHashMap::default(),
             free_leaves: BinaryHeap::new(),
             batches: BatchCounter::new(),
+            id_prefix: 0,
         }
     }
 
@@ -226,7 +230,7 @@ impl Tree {
 
     fn node_ref(&self, height: u32, position: u32) -> KeyRef {
         let node = &self.levels[height as usize].nodes[position as usize];
-        KeyRef::new(tree_key_id(height, position), node.version, node.revision)
+        KeyRef::new(KeyId(tree_key_id(height, position).0 | self.id_prefix), node.version, node.revision)
     }
 
     /// The leaves of `leavers`, in order, or an error naming one that is not a member. Large
@@ -468,6 +472,113 @@ impl KeyGraph for Tree {
     }
 
     fn apply(&mut self, batch: &Batch, seed: &BatchSeed) -> Result<RekeyPlan, GraphError> {
+        self.apply_salted(batch, seed, nonce_salt(seed))
+    }
+
+    fn group_key(&self) -> (KeyRef, &Key) {
+        let height = self.height();
+        (self.node_ref(height, 0), &self.levels[height as usize].nodes[0].key)
+    }
+
+    fn contains(&self, member: MemberId) -> bool {
+        self.leaf_of.contains_key(&member)
+    }
+
+    fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)> {
+        let &leaf = self.leaf_of.get(&member)?;
+        let keys = (0..=self.height())
+            .map(|height| {
+                let position = ancestor(leaf, self.degree, height);
+                (self.node_ref(height, position), self.levels[height as usize].nodes[position as usize].key.clone())
+            })
+            .collect();
+        Some((Position::Tree { leaf, degree: self.degree }, keys))
+    }
+
+    fn individual_key(&self, member: MemberId) -> Option<Key> {
+        let &leaf = self.leaf_of.get(&member)?;
+        Some(self.levels[0].nodes[leaf as usize].key.clone())
+    }
+
+    fn export(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::new());
+        Tree::export(self, &mut out);
+        out
+    }
+
+    fn max_members(&self) -> u64 {
+        MAX_LEAVES
+    }
+
+    fn stats(&self) -> GraphStats {
+        let stored_keys = self.levels.iter().flat_map(|level| &level.members).filter(|&&m| m > 0).count().max(1);
+        GraphStats { members: self.leaf_of.len(), stored_keys, height: self.height() }
+    }
+}
+
+/// What a merged group ([`super::merge`]) needs of its two subtrees.
+impl Tree {
+    /// Names every key of this tree with `prefix` ORed into its id from now on.
+    pub(crate) fn set_id_prefix(&mut self, prefix: u32) {
+        self.id_prefix = prefix;
+    }
+
+    /// Leaf slots in use or free: the width the subtree's ids must fit in.
+    pub(crate) fn leaf_slots(&self) -> u64 {
+        self.levels[0].len() as u64
+    }
+
+    pub(crate) fn member_count(&self) -> usize {
+        self.leaf_of.len()
+    }
+
+    pub(crate) fn members(&self) -> impl Iterator<Item = MemberId> + '_ {
+        self.leaf_of.keys().copied()
+    }
+
+    /// Adds `offset` to every member id (`None` if one would overflow): two controllers number
+    /// their members alike, so the absorbed group's ids move past the other's.
+    pub(crate) fn offset_members(&mut self, offset: i128) -> Option<()> {
+        let moved = |m: MemberId| u64::try_from(i128::from(m.0) + offset).ok().map(MemberId);
+        let leaf_of = self.leaf_of.iter().map(|(&m, &leaf)| Some((moved(m)?, leaf))).collect::<Option<FxHashMap<_, _>>>()?;
+        self.leaf_of = leaf_of;
+        Some(())
+    }
+
+    pub(crate) fn degree(&self) -> u32 {
+        self.degree
+    }
+
+    /// The version the last batch gave its keys.
+    pub(crate) fn batch_count(&self) -> u32 {
+        self.batches.0
+    }
+
+    /// Makes the next batch's version exceed `version` (a merged root took it).
+    pub(crate) fn advance_batches_to(&mut self, version: u32) {
+        self.batches.0 = self.batches.0.max(version);
+    }
+
+    /// A new version of the root, wrapped once under its previous version: the group key a
+    /// subtree takes when it leaves a merged group (nobody outside it ever held its root).
+    pub(crate) fn renew_root(&mut self, seed: &BatchSeed, salt: NonceSalt) -> Result<RekeyPlan, GraphError> {
+        let version = self.batches.next_version()?;
+        let height = self.height();
+        let old_ref = self.node_ref(height, 0);
+        let key = KeyGen::new(seed, 0).next_key();
+        let new_ref = KeyRef::new(old_ref.id, version, 0);
+        let root = &mut self.levels[height as usize].nodes[0];
+        let wrap = Wrap::seal(&root.key, Wrapper::Key(old_ref), new_ref, &key, &salt);
+        root.key = key;
+        root.version = version;
+        root.revision = 0;
+        let wraps = if self.leaf_of.is_empty() { Vec::new() } else { vec![wrap] };
+        Ok(RekeyPlan { group_key: new_ref, replaced: vec![new_ref], wraps, salt, ..RekeyPlan::default() })
+    }
+
+    /// [`KeyGraph::apply`] with the nonce salt given: a merged group seals both subtrees'
+    /// wraps under one salt, the one its rekey packets carry.
+    pub(crate) fn apply_salted(&mut self, batch: &Batch, seed: &BatchSeed, salt: NonceSalt) -> Result<RekeyPlan, GraphError> {
         validate_joins(batch, |m| self.leaf_of.contains_key(&m))?;
         let positions = self.leaves_of(&batch.leaves)?;
         let after = self.leaf_of.len() as u64 + batch.joins.len() as u64 - batch.leaves.len() as u64;
@@ -527,7 +638,7 @@ impl KeyGraph for Tree {
             touched.ranges[level].1 = touched.ranges[level].0 + kept;
         }
 
-        let mut plan = RekeyPlan { welcomes, departed: batch.leaves.clone(), salt: nonce_salt(seed), ..RekeyPlan::default() };
+        let mut plan = RekeyPlan { welcomes, departed: batch.leaves.clone(), salt, ..RekeyPlan::default() };
         let height = self.height();
         let mut live = TouchedLevels::with_capacity(touched.nodes.len() + 1, height as usize + 1);
         live.ranges.push((0, 0));
@@ -561,46 +672,6 @@ impl KeyGraph for Tree {
             plan.group_key = tree.node_ref(height, 0);
         });
         Ok(plan)
-    }
-
-    fn group_key(&self) -> (KeyRef, &Key) {
-        let height = self.height();
-        (self.node_ref(height, 0), &self.levels[height as usize].nodes[0].key)
-    }
-
-    fn contains(&self, member: MemberId) -> bool {
-        self.leaf_of.contains_key(&member)
-    }
-
-    fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)> {
-        let &leaf = self.leaf_of.get(&member)?;
-        let keys = (0..=self.height())
-            .map(|height| {
-                let position = ancestor(leaf, self.degree, height);
-                (self.node_ref(height, position), self.levels[height as usize].nodes[position as usize].key.clone())
-            })
-            .collect();
-        Some((Position::Tree { leaf, degree: self.degree }, keys))
-    }
-
-    fn individual_key(&self, member: MemberId) -> Option<Key> {
-        let &leaf = self.leaf_of.get(&member)?;
-        Some(self.levels[0].nodes[leaf as usize].key.clone())
-    }
-
-    fn export(&self) -> zeroize::Zeroizing<Vec<u8>> {
-        let mut out = zeroize::Zeroizing::new(Vec::new());
-        Tree::export(self, &mut out);
-        out
-    }
-
-    fn max_members(&self) -> u64 {
-        MAX_LEAVES
-    }
-
-    fn stats(&self) -> GraphStats {
-        let stored_keys = self.levels.iter().flat_map(|level| &level.members).filter(|&&m| m > 0).count().max(1);
-        GraphStats { members: self.leaf_of.len(), stored_keys, height: self.height() }
     }
 }
 
@@ -676,7 +747,7 @@ impl Tree {
             leaf_of.insert(member, leaf);
         }
         let free_leaves = super::read_ascending(r, "free leaves", MAX_LEAVES as usize, 4, |r| r.u32("free leaf"))?;
-        let tree = Tree { degree, star, policy, levels, leaf_of, free_leaves, batches };
+        let tree = Tree { degree, star, policy, levels, leaf_of, free_leaves, batches, id_prefix: 0 };
         tree.check_imported()?;
         Ok(tree)
     }

@@ -21,6 +21,7 @@ use crate::wire::{
     SignedSignerChange, VerifyingKey,
     LIVENESS_LEN,
 };
+use crate::wire::{Move, SignedMergeNotice};
 
 use super::traffic::{self, Fresh, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
 
@@ -66,6 +67,10 @@ pub enum MemberEvent {
     /// Lost packets of rekey `seq` were rebuilt from its FEC parity: the proactive parity of
     /// round 1, or (`after_nak`) a repair round this member asked for.
     Repaired { seq: u64, packets: usize, after_nak: bool },
+    /// A merge notice moved this member under another controller (a merge or a split, see
+    /// docs/merge.md), with its keys and no rejoin: the driver follows that controller's
+    /// addresses. `member` is this member's id there.
+    Moved { group: GroupId, member: MemberId, controller: std::net::SocketAddr, multicast: std::net::SocketAddr },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -605,8 +610,60 @@ impl MemberSession {
                 self.signer_changes = change.change;
                 Ok(vec![MemberEvent::SignerChanged { change: change.change }])
             }
+            MessageType::MergeNotice => self.follow_notice(bytes),
             other => Err(MemberInputError::Unexpected(other)),
         }
+    }
+
+    /// A merge notice from the controller this member follows, taken once it holds every
+    /// rekey before it: the keys take their names in the next group, the member its id there,
+    /// and the group, signer and replay guard become the next group's. The key in force stays
+    /// usable until the merge's or split's rekey (the next one of the new group) replaces it.
+    fn follow_notice(&mut self, bytes: &[u8]) -> Result<Vec<MemberEvent>, MemberInputError> {
+        let notice = SignedMergeNotice::verify(bytes, &self.signer)?;
+        if notice.group != self.group {
+            return Err(Reject::WrongGroup { expected: self.group, got: notice.group }.into());
+        }
+        let held = self.guard.rekey_seq();
+        if notice.after_seq < held {
+            return Err(Reject::Replay { kind: "merge notice", seq: notice.after_seq, last: held }.into());
+        }
+        if notice.after_seq > held {
+            let reason = format!("merge notice follows rekey {} but this member has {held}", notice.after_seq);
+            return Ok(self.lost(ResyncCause::Gap, reason));
+        }
+        let member = match notice.change {
+            Move::Merge(_) => self.member.0.checked_add(notice.member_offset),
+            Move::Split => self.member.0.checked_sub(notice.member_offset),
+        };
+        let member = member.ok_or(Reject::Decode(crate::wire::DecodeError::BadValue { field: "member offset", value: notice.member_offset }))?;
+        match notice.change {
+            Move::Merge(subtree) => self.keys.merge_into(subtree),
+            Move::Split => self.keys.split_out(),
+        }
+        self.member = MemberId(member);
+        self.group = notice.next_group;
+        self.signer = notice.next_signer;
+        self.signer_changes = 0;
+        self.guard = ReplayGuard::new(notice.next_group, notice.next_epoch, notice.next_seq);
+        self.epoch = notice.next_epoch;
+        // Keys by the old group's rekey seqs: only the one in force carries over.
+        let active = self.active.and_then(|r| self.group_keys.values().find(|(k, _, _)| *k == r).cloned());
+        self.group_keys.clear();
+        if let Some((r, key, _)) = active {
+            self.group_keys.insert(0, (r, key, 0));
+        }
+        self.roots = VerifiedRoots::default();
+        self.waiting.clear();
+        self.apply_failed = None;
+        self.behind = None;
+        self.repair = None;
+        self.nak_sent = None;
+        self.deltas_seen.clear();
+        self.announced_active = None;
+        self.announced_pending = None;
+        self.late_through = notice.next_seq;
+        Ok(vec![MemberEvent::Moved { group: self.group, member: self.member, controller: notice.controller, multicast: notice.multicast }])
     }
 
     /// The repair collector of rekey `seq` if it is the next one for this member (a newer

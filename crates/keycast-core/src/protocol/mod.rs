@@ -7,6 +7,7 @@ pub mod distributed_flat;
 pub mod failover;
 pub mod heartbeats;
 pub mod member;
+pub mod merge;
 pub mod reflector;
 pub mod relay;
 mod pending;

@@ -14,6 +14,7 @@ pub mod control;
 pub mod guard;
 pub mod heartbeat;
 pub mod liveness;
+pub mod merge_notice;
 pub mod parity;
 pub mod refusal;
 pub mod rekey;
@@ -24,6 +25,7 @@ pub use auth::{Signer, VerifiedRoots, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
+pub use merge_notice::{MergeNotice, Move, SignedMergeNotice};
 pub use liveness::{open_resync_answer, peek_resync_answer, seal_resync_answer, Liveness, LivenessKey, ResyncAnswerKey, LIVENESS_LEN, LIVENESS_TAG_LEN};
 pub use refusal::{DatagramRefusal, SignedDatagramRefusal, DATAGRAM_REFUSAL_LEN};
 pub use parity::{encode_parity, ParityHeader, ParityPacket, ParityRound, ParityShard};
@@ -64,6 +66,7 @@ pub enum MessageType {
     ResyncProbe = 16,
     SealedResync = 17,
     DatagramRefusal = 18,
+    MergeNotice = 19,
 }
 
 impl MessageType {
@@ -86,12 +89,13 @@ impl MessageType {
             Message::Liveness(..) => MessageType::Liveness,
             Message::SealedResync(_) => MessageType::SealedResync,
             Message::DatagramRefusal(_) => MessageType::DatagramRefusal,
+            Message::MergeNotice(_) => MessageType::MergeNotice,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync, DatagramRefusal]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync, DatagramRefusal, MergeNotice]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -184,6 +188,8 @@ pub enum Message {
     SealedResync(Vec<u8>),
     /// A controller's signed refusal of a resync request over UDP.
     DatagramRefusal(SignedDatagramRefusal),
+    /// A controller's signed notice that its members move to another controller.
+    MergeNotice(SignedMergeNotice),
 }
 
 impl Message {
@@ -215,6 +221,7 @@ impl Message {
                 Message::Liveness(liveness, tag)
             }
             MessageType::DatagramRefusal => Message::DatagramRefusal(SignedDatagramRefusal::decode(bytes)?),
+            MessageType::MergeNotice => Message::MergeNotice(SignedMergeNotice::decode(bytes)?),
         })
     }
 
@@ -240,6 +247,7 @@ impl Message {
                 out.extend_from_slice(&m.signature);
                 out
             }
+            Message::MergeNotice(m) => m.encode(),
         }
     }
 }
