@@ -198,11 +198,8 @@ impl PolicyConfig {
             }
             other => return Err(ConfigError::Invalid(format!("scheme {other:?} (degree {}, flat id bits {}) is not valid", self.degree, self.flat_id_bits))),
         };
-        let join_policy = match self.join_policy.as_str() {
-            "version" => JoinPolicy::NewVersion,
-            "revision" => JoinPolicy::Revision,
-            other => return Err(ConfigError::Invalid(format!("join policy {other:?}: expected version or revision"))),
-        };
+        let join_policy = JoinPolicy::from_name(&self.join_policy)
+            .ok_or_else(|| ConfigError::Invalid(format!("join policy {:?}: expected version or revision", self.join_policy)))?;
         if self.epoch_ms == 0 || self.heartbeat_ms == 0 {
             return Err(ConfigError::Invalid("epoch_ms and heartbeat_ms must be positive".into()));
         }

@@ -117,6 +117,21 @@ pub struct Traffic {
     pub private_failed: u64,
 }
 
+impl std::iter::Sum for Traffic {
+    /// What several participants sent, together.
+    fn sum<I: Iterator<Item = Traffic>>(all: I) -> Traffic {
+        all.fold(Traffic::default(), |a, b| Traffic {
+            announcements: a.announcements + b.announcements,
+            announcement_bytes: a.announcement_bytes + b.announcement_bytes,
+            presences: a.presences + b.presences,
+            presence_bytes: a.presence_bytes + b.presence_bytes,
+            private: a.private + b.private,
+            private_bytes: a.private_bytes + b.private_bytes,
+            private_failed: a.private_failed + b.private_failed,
+        })
+    }
+}
+
 /// A participant's state as its task last published it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {

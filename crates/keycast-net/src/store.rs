@@ -344,11 +344,7 @@ mod fixed_policy {
                 json!({"flat": {"id_bits": id_bits, "ids": if ids == FlatIds::Sequential { "sequential" } else { "member_id" }}})
             }
         };
-        let join_policy = match fixed.graph.join_policy {
-            JoinPolicy::NewVersion => "version",
-            JoinPolicy::Revision => "revision",
-        };
-        json!({"group": fixed.group.0, "scheme": scheme, "join_policy": join_policy, "epoch_ms": fixed.epoch_ms})
+        json!({"group": fixed.group.0, "scheme": scheme, "join_policy": fixed.graph.join_policy.name(), "epoch_ms": fixed.epoch_ms})
     }
 
     pub(super) fn decode(v: &Value) -> Option<FixedPolicy> {
@@ -366,11 +362,7 @@ mod fixed_policy {
             };
             Scheme::Flat { id_bits: u8::try_from(f["id_bits"].as_u64()?).ok()?, ids }
         };
-        let join_policy = match v["join_policy"].as_str()? {
-            "version" => JoinPolicy::NewVersion,
-            "revision" => JoinPolicy::Revision,
-            _ => return None,
-        };
+        let join_policy = JoinPolicy::from_name(v["join_policy"].as_str()?)?;
         Some(FixedPolicy { group: GroupId(v["group"].as_u64()?), graph: GraphConfig { scheme, join_policy }, epoch_ms: v["epoch_ms"].as_u64()? })
     }
 }

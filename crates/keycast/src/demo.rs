@@ -573,10 +573,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         members: demo.members.len(),
         epochs: args.epochs,
         epoch_ms: args.epoch_ms(),
-        join_policy: match args.join_policy.policy() {
-            keycast_core::JoinPolicy::NewVersion => "version",
-            keycast_core::JoinPolicy::Revision => "revision",
-        },
+        join_policy: args.join_policy.policy().name(),
         members_in_sync,
         members_expired,
         evicted_can_decrypt: opened > 0,

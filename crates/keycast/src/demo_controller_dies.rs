@@ -14,18 +14,14 @@ use keycast_core::protocol::member::FlatShares;
 use keycast_core::wire::GroupId;
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, Scheme};
 use keycast_net::client::MemberClient;
-use keycast_net::distributed::{setups_of, wait_agreed, DistributedParticipant, Recorder, Traffic};
+use keycast_net::distributed::{setups_of, DistributedParticipant, Recorder, Traffic};
 use keycast_net::local::{loopback_policy, LocalGroup};
 use serde::Serialize;
 
 use crate::demo::DemoArgs;
+use crate::demo_distributed::{agree, in_sync, AGREE_WITHIN, DEADLINE_MS, ID_BITS, PRESENCE_MS};
 
-const ID_BITS: u8 = 16;
-const PRESENCE_MS: u64 = 2_000;
-const DEADLINE_MS: u64 = 20_000;
 const EPOCH_MS: u64 = 200;
-/// How long the members may take to reach one key, and the participants to agree.
-const AGREE_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Serialize)]
 struct Summary {
@@ -184,7 +180,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         handed_over,
         stopped,
         members: run.live.len(),
-        members_in_sync: in_sync(&run.live),
+        members_in_sync: in_sync(run.live.values()),
         evicted_can_decrypt: removed_reads("evicted"),
         left_can_decrypt: removed_reads("left"),
         old_controller_reads_later_tek: audit::derives_later_tek(&controller_table, &group_teks, &recorded),
@@ -207,27 +203,12 @@ struct Run {
 
 impl Run {
     async fn agree(&self, after: &str) -> Result<(), String> {
-        let live: Vec<&DistributedParticipant> = self.live.values().collect();
-        match wait_agreed(&live, AGREE_WITHIN).await {
-            true => Ok(()),
-            false => {
-                let statuses: Vec<_> = live.iter().map(|p| p.status()).collect();
-                let rosters: std::collections::BTreeSet<usize> = statuses.iter().map(|s| s.roster.len()).collect();
-                let unsettled = statuses.iter().filter(|s| !s.settled).count();
-                Err(format!("the participants did not agree within {} s after {after}: roster sizes {rosters:?}, {unsettled} not settled", AGREE_WITHIN.as_secs()))
-            }
-        }
+        agree(self.live.values(), after).await
     }
 
     /// What every participant sent since the last step.
     fn step_cost(&mut self) -> Cost {
-        let mut total = Traffic::default();
-        for t in self.live.values().chain(self.removed.values()).map(DistributedParticipant::traffic) {
-            total.announcements += t.announcements;
-            total.announcement_bytes += t.announcement_bytes;
-            total.private += t.private;
-            total.private_bytes += t.private_bytes;
-        }
+        let total: Traffic = self.live.values().chain(self.removed.values()).map(DistributedParticipant::traffic).sum();
         let step = cost(self.before, total);
         self.before = total;
         step
@@ -249,8 +230,3 @@ async fn one_tek(clients: &[MemberClient]) -> Result<Vec<FlatShares>, String> {
     }
 }
 
-/// Live participants, settled, holding the TEK most of them hold.
-fn in_sync(live: &BTreeMap<usize, DistributedParticipant>) -> usize {
-    let teks: Vec<Option<(KeyRef, Key)>> = live.values().map(|p| p.tek().filter(|_| p.status().settled)).collect();
-    teks.iter().flatten().map(|t| teks.iter().filter(|o| o.as_ref() == Some(t)).count()).max().unwrap_or(0)
-}

@@ -21,11 +21,11 @@ use serde::Serialize;
 
 use crate::demo::DemoArgs;
 
-const ID_BITS: u8 = 16;
-const PRESENCE_MS: u64 = 2_000;
-const DEADLINE_MS: u64 = 20_000;
+pub(crate) const ID_BITS: u8 = 16;
+pub(crate) const PRESENCE_MS: u64 = 2_000;
+pub(crate) const DEADLINE_MS: u64 = 20_000;
 /// How long the group may take to agree after one operation.
-const AGREE_WITHIN: Duration = Duration::from_secs(30);
+pub(crate) const AGREE_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Serialize)]
 struct Summary {
@@ -120,25 +120,11 @@ struct Group {
 
 impl Group {
     fn total(&self) -> Traffic {
-        let mut total = Traffic::default();
-        for t in self.live.values().chain(&self.removed).map(DistributedParticipant::traffic) {
-            total.announcements += t.announcements;
-            total.announcement_bytes += t.announcement_bytes;
-            total.presences += t.presences;
-            total.presence_bytes += t.presence_bytes;
-            total.private += t.private;
-            total.private_bytes += t.private_bytes;
-            total.private_failed += t.private_failed;
-        }
-        total
+        self.live.values().chain(&self.removed).map(DistributedParticipant::traffic).sum()
     }
 
     async fn agree(&self, after: &str) -> Result<(), String> {
-        let live: Vec<&DistributedParticipant> = self.live.values().collect();
-        match wait_agreed(&live, AGREE_WITHIN).await {
-            true => Ok(()),
-            false => Err(format!("the participants did not agree within {} s after {after}: {}", AGREE_WITHIN.as_secs(), disagreement(&live))),
-        }
+        agree(self.live.values(), after).await
     }
 
     fn pick(&mut self) -> usize {
@@ -192,6 +178,16 @@ impl Group {
 }
 
 /// Who is not live or not settled, and how many TEK refs the live hold.
+/// Waits until the `live` participants agree (roster, TEK, KEKs, settled), or says how they
+/// disagree after `AGREE_WITHIN`.
+pub(crate) async fn agree<'a>(live: impl Iterator<Item = &'a DistributedParticipant>, after: &str) -> Result<(), String> {
+    let live: Vec<&DistributedParticipant> = live.collect();
+    match wait_agreed(&live, AGREE_WITHIN).await {
+        true => Ok(()),
+        false => Err(format!("the participants did not agree within {} s after {after}: {}", AGREE_WITHIN.as_secs(), disagreement(&live))),
+    }
+}
+
 fn disagreement(live: &[&DistributedParticipant]) -> String {
     let statuses: Vec<_> = live.iter().map(|p| (p.identity().to_string(), p.status())).collect();
     let not_live: Vec<&str> = statuses.iter().filter(|(_, s)| !s.live).map(|(w, _)| w.as_str()).collect();
@@ -280,7 +276,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         joins: group.joins.0,
         leaves,
         evictions,
-        members_in_sync: in_sync(&group),
+        members_in_sync: in_sync(group.live.values()),
         evicted_can_decrypt: group.removed.iter().any(|gone| derives_later_tek(gone, &group, &recorded)),
         removed_checked: group.removed.len(),
         announcements: total.announcements,
@@ -296,9 +292,9 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     })
 }
 
-/// Fraction of live participants, settled, holding the TEK most of them hold.
-fn in_sync(group: &Group) -> usize {
-    let teks: Vec<Option<(KeyRef, Key)>> = group.live.values().map(|p| p.tek().filter(|_| p.status().settled)).collect();
+/// Live participants, settled, holding the TEK most of them hold.
+pub(crate) fn in_sync<'a>(live: impl Iterator<Item = &'a DistributedParticipant>) -> usize {
+    let teks: Vec<Option<(KeyRef, Key)>> = live.map(|p| p.tek().filter(|_| p.status().settled)).collect();
     teks.iter().flatten().map(|t| teks.iter().filter(|o| o.as_ref() == Some(t)).count()).max().unwrap_or(0)
 }
 

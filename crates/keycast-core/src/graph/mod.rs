@@ -46,6 +46,21 @@ pub enum JoinPolicy {
     Revision,
 }
 
+impl JoinPolicy {
+    /// The policy's name in configuration files, logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            JoinPolicy::NewVersion => "version",
+            JoinPolicy::Revision => "revision",
+        }
+    }
+
+    /// The policy [`JoinPolicy::name`] names.
+    pub fn from_name(name: &str) -> Option<JoinPolicy> {
+        [JoinPolicy::NewVersion, JoinPolicy::Revision].into_iter().find(|p| p.name() == name)
+    }
+}
+
 /// Policy fixed for a group's life.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct GraphConfig {
