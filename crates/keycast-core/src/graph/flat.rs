@@ -405,6 +405,50 @@ pub fn flat_member_needs(id: KeyId, member_id: u64, id_bits: u8, individual: Key
     id.0 >= 1 && k < 2 * id_bits as u32 && bit(member_id, (k / 2) as u8) == (k % 2) as usize
 }
 
+/// A table handed over by a distributed flat group (Caronni et al., figure 6).
+impl Flat {
+    /// The table of `tek` and `keks` (per ID bit, the KEKs of bit values 0 and 1) with
+    /// `members`, each a flat ID (also its member ID) and its individual key; keys made by
+    /// later batches get versions above `version`. Checked as a snapshot's table is.
+    pub(crate) fn from_table(
+        id_bits: u8,
+        policy: JoinPolicy,
+        version: u32,
+        tek: &(KeyRef, Key),
+        keks: Vec<[(KeyRef, Key); 2]>,
+        members: Vec<(u64, Key)>,
+    ) -> Result<Flat, DecodeError> {
+        if !(1..=64).contains(&id_bits) || keks.len() != usize::from(id_bits) {
+            return Err(DecodeError::BadValue { field: "id bits", value: id_bits.into() });
+        }
+        let slot = |(key_ref, key): &(KeyRef, Key)| Slot { key: key.clone(), version: key_ref.version, revision: key_ref.revision };
+        let slots = u32::try_from(members.len()).map_err(|_| DecodeError::BadValue { field: "flat members", value: members.len() as u64 })?;
+        let mut table = Flat {
+            id_bits,
+            ids: FlatIds::FromMemberId,
+            policy,
+            tek: slot(tek),
+            keks: keks.iter().map(|[zero, one]| [slot(zero), slot(one)]).collect(),
+            members: HashMap::with_capacity(members.len()),
+            by_id: HashMap::with_capacity(members.len()),
+            free_ids: BinaryHeap::new(),
+            next_id: 0,
+            free_slots: BinaryHeap::new(),
+            slots,
+            batches: BatchCounter(version),
+        };
+        for (n, (id, key)) in members.into_iter().enumerate() {
+            let individual = Slot { key, version, revision: 0 };
+            if table.by_id.insert(id, MemberId(id)).is_some() {
+                return Err(DecodeError::BadValue { field: "flat member", value: id });
+            }
+            table.members.insert(MemberId(id), FlatMember { id, slot: n as u32, individual });
+        }
+        table.check_imported()?;
+        Ok(table)
+    }
+}
+
 /// The table's whole state, for the controller's snapshots.
 impl Flat {
     pub(crate) fn export(&self, out: &mut Vec<u8>) {

@@ -12,9 +12,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use zeroize::Zeroizing;
 
-use crate::graph::{import_graph, Batch, FlatIds, GraphConfig, JoinPolicy, KeyGraph, MemberId, RekeyPlan, Scheme};
+use crate::graph::flat::Flat;
+use crate::graph::{Batch, JoinPolicy, KeyGraph, MemberId, RekeyPlan};
 use crate::key::{Key, KeyRef};
 use crate::keygen::{BatchSeed, KeyGen};
 
@@ -135,9 +135,12 @@ impl TableCollector {
         let members: BTreeSet<u64> = self.handed.keys().chain(removed.keys()).copied().collect();
         let handed_versions = self.keks.iter().flatten().flatten().map(|(r, _)| r.version);
         let top_version = handed_versions.chain([tek.0.version.saturating_mul(2).saturating_add(1)]).max().unwrap_or(1);
-        let bytes = self.table_bytes(tek, top_version, join_policy, &members, &mut keys);
-        let config = GraphConfig { scheme: Scheme::Flat { id_bits: bits, ids: FlatIds::FromMemberId }, join_policy };
-        let mut graph = import_graph(config, &bytes).map_err(|e| HandbackRefused::Table(e.to_string()))?;
+        // A KEK slot nobody handed over (no live participant holds it) gets a fresh key.
+        let mut fresh = || (KeyRef::new(TEK_ID, top_version, 0), keys.next_key());
+        let keks = self.keks.iter().map(|pair| pair.clone().map(|slot| slot.unwrap_or_else(&mut fresh))).collect();
+        let members = members.iter().map(|&id| (id, keys.next_key())).collect();
+        let table = Flat::from_table(bits, join_policy, top_version, tek, keks, members).map_err(|e| HandbackRefused::Table(e.to_string()))?;
+        let mut graph: Box<dyn KeyGraph> = Box::new(table);
         let mut rekeys = Vec::with_capacity(removed.len());
         for (n, id) in removed.keys().enumerate() {
             let batch = Batch { joins: Vec::new(), leaves: vec![MemberId(*id)] };
@@ -147,44 +150,5 @@ impl TableCollector {
         let individual = |id: u64| graph.member_keys(MemberId(id)).and_then(|(_, keys)| keys.into_iter().next());
         let members = self.handed.iter().filter_map(|(id, who)| Some((who.clone(), (MemberId(*id), individual(*id)?)))).collect();
         Ok(Handback { graph, members, removed, rekeys })
-    }
-
-    /// The table in the flat graph's snapshot encoding (`Flat::export`): id bits, ID mode,
-    /// join policy, batch counter, TEK, KEK pairs, members (member ID, flat ID, individual
-    /// slot, individual key) in ascending order, no free IDs, next ID 0, no free slots, slots.
-    fn table_bytes(&self, tek: &(KeyRef, Key), top_version: u32, join_policy: JoinPolicy, members: &BTreeSet<u64>, keys: &mut KeyGen) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(64 + 40 * (1 + 2 * self.keks.len()) + 60 * members.len()));
-        let put_slot = |out: &mut Vec<u8>, key: &Key, key_ref: KeyRef| {
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(&key_ref.version.to_be_bytes());
-            out.extend_from_slice(&key_ref.revision.to_be_bytes());
-        };
-        let policy = match join_policy {
-            JoinPolicy::NewVersion => 0,
-            JoinPolicy::Revision => 1,
-        };
-        out.extend_from_slice(&[self.id_bits, 1, policy]);
-        out.extend_from_slice(&top_version.to_be_bytes());
-        put_slot(&mut out, &tek.1, tek.0);
-        for pair in &self.keks {
-            for slot in pair {
-                match slot {
-                    Some((key_ref, key)) => put_slot(&mut out, key, *key_ref),
-                    None => put_slot(&mut out, &keys.next_key(), KeyRef::new(TEK_ID, top_version, 0)),
-                }
-            }
-        }
-        out.extend_from_slice(&(members.len() as u32).to_be_bytes());
-        for (slot, id) in members.iter().enumerate() {
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(&(slot as u32).to_be_bytes());
-            put_slot(&mut out, &keys.next_key(), KeyRef::new(TEK_ID, top_version, 0));
-        }
-        out.extend_from_slice(&0u32.to_be_bytes());
-        out.extend_from_slice(&0u64.to_be_bytes());
-        out.extend_from_slice(&0u32.to_be_bytes());
-        out.extend_from_slice(&(members.len() as u32).to_be_bytes());
-        out
     }
 }
