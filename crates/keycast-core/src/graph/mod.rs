@@ -120,6 +120,21 @@ pub struct RekeyPlan {
     pub departed: Vec<MemberId>,
     /// Members removed with a coalition of leavers (flat scheme only): they must rejoin.
     pub excluded: Vec<MemberId>,
+    /// A tree's own account of how its wraps link up, so that placement need not rescan
+    /// them (tens of MB in a large batch). Valid only while `wraps` is exactly as the tree
+    /// produced it: placement checks the count, and in debug builds every link.
+    pub tree_runs: Option<TreeRuns>,
+}
+
+/// Runs of a tree's plan: the wraps of each new key, contiguous, and for each wrap the run
+/// delivering the key it is sealed under when that key is new in the same plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TreeRuns {
+    /// Run r is wraps `starts[r]..starts[r + 1]`; the last entry is the number of wraps.
+    pub(crate) starts: Vec<u32>,
+    /// For each wrap: the run delivering its wrapping key (`u32::MAX` if that key is not new),
+    /// and whether it is an entry (a key its receivers hold or derive).
+    pub(crate) below: Vec<(u32, bool)>,
 }
 
 impl RekeyPlan {

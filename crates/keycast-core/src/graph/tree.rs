@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use zeroize::Zeroize;
 
 use super::{
-    validate_joins, BatchCounter, PARALLEL_LOOKUPS, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
+    TreeRuns, validate_joins, BatchCounter, PARALLEL_LOOKUPS, Batch, GraphConfig, GraphError, GraphStats, JoinPolicy, KeyGraph, MemberId,
     Position, RekeyPlan, Scheme, Welcome,
 };
 use crate::key::{Key, KeyId, KeyRef, KEY_LEN};
@@ -137,6 +137,47 @@ impl TouchedLevels {
 
     fn level(&self, h: usize) -> &[Touch] {
         &self.nodes[self.ranges[h].0..self.ranges[h].1]
+    }
+}
+
+/// Builds a plan's [`TreeRuns`] level by level from the wrap jobs, beside the sealing.
+#[derive(Default)]
+struct RunsBuilder {
+    runs: TreeRuns,
+    /// The level below's runs as (position, run, revised), by position.
+    below: Vec<(u32, u32, bool)>,
+}
+
+impl RunsBuilder {
+    /// Records one level's jobs, sealed from wrap `first_wrap` on. Jobs are grouped by node
+    /// and their children ascend, so each lookup in the level below moves forward only.
+    fn level(&mut self, first_wrap: usize, plans: &[NodePlan], jobs: &[WrapJob]) {
+        let mut level = Vec::with_capacity(plans.len());
+        let mut next = 0;
+        self.runs.below.reserve(jobs.len());
+        for (j, &(node, under)) in jobs.iter().enumerate() {
+            if j == 0 || jobs[j - 1].0 != node {
+                let plan = &plans[node as usize];
+                level.push((plan.position, self.runs.starts.len() as u32, plan.new_ref.revision > 0));
+                self.runs.starts.push((first_wrap + j) as u32);
+            }
+            let mut link = (u32::MAX, true);
+            if under != OWN_PREVIOUS {
+                while next < self.below.len() && self.below[next].0 < under {
+                    next += 1;
+                }
+                if let Some(&(_, run, revised)) = self.below.get(next).filter(|b| b.0 == under) {
+                    link = (run, revised);
+                }
+            }
+            self.runs.below.push(link);
+        }
+        self.below = level;
+    }
+
+    fn finish(mut self, wraps: usize) -> TreeRuns {
+        self.runs.starts.push(wraps as u32);
+        self.runs
     }
 }
 
@@ -398,7 +439,7 @@ impl Tree {
         force: bool,
         seed: &BatchSeed,
         keys: &mut KeyGen,
-        (wraps, wraps_salt): (&mut Vec<Wrap>, NonceSalt),
+        (wraps, wraps_salt, runs): (&mut Vec<Wrap>, NonceSalt, &mut RunsBuilder),
         (plans, jobs): &mut (Vec<NodePlan>, Vec<WrapJob>),
     ) {
         let plan_nodes = |nodes: &[Touch], first: usize, keys: &mut KeyGen, plans: &mut Vec<NodePlan>, jobs: &mut Vec<WrapJob>| {
@@ -431,11 +472,13 @@ impl Tree {
         let plans = &*plans;
         let salt = &wraps_salt;
         let seal = |&(node, under): &WrapJob| self.seal(height, &plans[node as usize], under, salt);
+        let first_wrap = wraps.len();
         // Sealed straight into the plan's list: no per-chunk lists to copy.
         if jobs.len() < PARALLEL_THRESHOLD {
             wraps.extend(jobs.iter().map(seal));
+            runs.level(first_wrap, plans, jobs);
         } else {
-            wraps.par_extend(jobs.par_iter().map(seal));
+            rayon::join(|| wraps.par_extend(jobs.par_iter().map(seal)), || runs.level(first_wrap, plans, jobs));
         }
     }
 
@@ -663,13 +706,15 @@ impl Tree {
         plan.replaced.reserve(live.nodes.len());
         self.with_index_updated(&batch.leaves, &joined, |tree| {
             let mut scratch = (Vec::new(), Vec::new());
+            let mut runs = RunsBuilder::default();
             for level in 1..=height {
                 let force = force_root && level == height;
                 let (nodes, below) = (live.level(level as usize), touched.level(level as usize - 1));
-                tree.rekey_level(level, version, nodes, below, force, seed, &mut keys, (&mut plan.wraps, plan.salt), &mut scratch);
+                tree.rekey_level(level, version, nodes, below, force, seed, &mut keys, (&mut plan.wraps, plan.salt, &mut runs), &mut scratch);
                 tree.install(level, &mut scratch.0, &mut plan);
             }
             plan.group_key = tree.node_ref(height, 0);
+            plan.tree_runs = Some(runs.finish(plan.wraps.len()));
         });
         Ok(plan)
     }

@@ -15,13 +15,14 @@
 //! Tree plans (each new key sealed under by at most one wrap) are walked as a forest in one
 //! pass without sorting; other plans (flat tables) fall back to sorting their chains.
 
-use std::sync::atomic::AtomicU32;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::atomic::Ordering::Relaxed;
 
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::graph::RekeyPlan;
+use crate::graph::{RekeyPlan, TreeRuns};
 use crate::key::KeyRef;
 use crate::strategy::{entry_chains, PARALLEL_MIN};
 use crate::wrap::{Wrap, Wrapper};
@@ -268,6 +269,8 @@ fn place_sorted_chains(plan: &RekeyPlan, mode: Mode, capacity: usize) -> Layout 
 const NONE: u32 = u32::MAX;
 /// Wraps linked per task when a large plan is linked on every core.
 const PARALLEL_LINKS: usize = 16 * 1024;
+/// Runs followed down per task when a large forest's depths are counted on every core.
+const PARALLEL_RUNS: usize = 4 * 1024;
 
 /// Finds the run that delivers a key.
 enum RunIndex {
@@ -315,24 +318,50 @@ impl RunIndex {
     }
 }
 
+/// Where each run of wraps of one key begins. A large plan's wraps (tens of MB) are scanned
+/// in fixed chunks on every core.
+fn run_starts(wraps: &[Wrap]) -> Vec<u32> {
+    let starts_in = |range: core::ops::Range<usize>| -> Vec<u32> {
+        range.filter(|&i| i == 0 || wraps[i - 1].key != wraps[i].key).map(|i| i as u32).collect()
+    };
+    if wraps.len() < PARALLEL_LINKS {
+        return starts_in(0..wraps.len());
+    }
+    let chunks = wraps.len().div_ceil(PARALLEL_LINKS);
+    let parts: Vec<Vec<u32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| starts_in(c * PARALLEL_LINKS..((c + 1) * PARALLEL_LINKS).min(wraps.len())))
+        .collect();
+    parts.concat()
+}
+
+/// Runs that no wrap is sealed under (the group key's), in key order; None if some new key
+/// has two wraps sealed under it.
+fn tops(wraps: &[Wrap], starts: &[u32], below: &[(u32, bool)]) -> Option<Vec<u32>> {
+    let runs = starts.len() - 1;
+    let sealed_under: Vec<AtomicBool> = (0..runs).map(|_| AtomicBool::new(false)).collect();
+    let sealed_twice = |&(run, _): &(u32, bool)| run != NONE && sealed_under[run as usize].swap(true, Relaxed);
+    if below.par_iter().with_min_len(PARALLEL_LINKS).any(sealed_twice) {
+        return None;
+    }
+    let mut tops: Vec<u32> = (0..runs as u32).filter(|&r| !sealed_under[r as usize].load(Relaxed)).collect();
+    tops.sort_by_key(|&r| wraps[starts[r as usize] as usize].key.id);
+    Some(tops)
+}
+
 /// A tree plan as a forest: each wrap points down to the wraps that deliver the key it is
 /// sealed under. Visiting it depth-first from the group key gives subtree order directly.
-struct Forest {
+#[derive(Debug, PartialEq, Eq)]
+struct Forest<'a> {
     /// Wraps of one key are contiguous in a plan: run r is wraps `starts[r]..starts[r + 1]`.
-    starts: Vec<u32>,
+    starts: Cow<'a, [u32]>,
     /// For each wrap: the run delivering the key it is sealed under if that key is new, and
     /// whether it is an entry (sealed under a key its receivers hold or derive).
-    below: Vec<(u32, bool)>,
+    below: Cow<'a, [(u32, bool)]>,
     /// Bytes of each wrap's entry.
     lens: Vec<u8>,
     /// Runs that no wrap is sealed under (the group key's), in key order.
     tops: Vec<u32>,
-}
-
-/// [`Forest::below`] and [`Forest::lens`] of some wraps.
-struct Links {
-    below: Vec<(u32, bool)>,
-    lens: Vec<u8>,
 }
 
 /// What the walk is doing at a wrap.
@@ -344,20 +373,33 @@ enum Visit {
     Descend,
 }
 
-impl Forest {
+impl<'a> Forest<'a> {
     /// None unless every new key's wraps are contiguous and each new key has at most one
     /// wrap sealed under it.
-    fn of(plan: &RekeyPlan) -> Option<Forest> {
+    fn of(plan: &'a RekeyPlan) -> Option<Forest<'a>> {
+        match &plan.tree_runs {
+            Some(runs) if runs.below.len() == plan.wraps.len() => {
+                let forest = Forest::of_tree(plan, runs);
+                debug_assert!(forest.as_ref() == Forest::of_wraps(plan).as_ref(), "a tree's own runs match its wraps");
+                forest
+            }
+            _ => Forest::of_wraps(plan),
+        }
+    }
+
+    /// From the runs a tree recorded while sealing. Its wraps are all sealed under one key
+    /// each, so their entries are all one length.
+    fn of_tree(plan: &'a RekeyPlan, runs: &'a TreeRuns) -> Option<Forest<'a>> {
+        let lens = vec![plan.wraps.first().map_or(0, entry_len); plan.wraps.len()];
+        let tops = tops(&plan.wraps, &runs.starts, &runs.below)?;
+        Some(Forest { starts: Cow::Borrowed(&runs.starts), below: Cow::Borrowed(&runs.below), lens, tops })
+    }
+
+    fn of_wraps(plan: &RekeyPlan) -> Option<Forest<'a>> {
         let wraps = &plan.wraps;
-        // Each pass over a large plan's wraps reads tens of MB: they are spread over every core.
-        let run_start = |i: usize| (i == 0 || wraps[i - 1].key != wraps[i].key).then(|| (i as u32, wraps[i].key));
-        let (mut starts, keys): (Vec<u32>, Vec<KeyRef>) = if wraps.len() < PARALLEL_LINKS {
-            (0..wraps.len()).filter_map(run_start).unzip()
-        } else {
-            (0..wraps.len()).into_par_iter().with_min_len(PARALLEL_LINKS).filter_map(run_start).unzip()
-        };
+        let mut starts = run_starts(wraps);
+        let keys: Vec<KeyRef> = starts.iter().map(|&start| wraps[start as usize].key).collect();
         starts.push(wraps.len() as u32);
-        let runs = keys.len();
         let index = RunIndex::new(keys)?;
         let revised: FxHashSet<KeyRef> = plan.revised.iter().copied().collect();
         // For each wrap: the run delivering the key it is sealed under, if that key is new.
@@ -369,42 +411,41 @@ impl Forest {
             }),
             Wrapper::KekAndTek { .. } => None,
         };
-        let link_all = |chunk: &[Wrap]| -> Option<Links> {
+        // Written in place, chunk by chunk: no per-chunk lists to copy.
+        let link_chunk = |wraps: &[Wrap], below: &mut [(u32, bool)], lens: &mut [u8]| {
             let mut hint = 0;
-            let below = chunk.iter().map(|w| link(&mut hint, &w.under)).collect::<Option<_>>()?;
-            Some(Links { below, lens: chunk.iter().map(entry_len).collect() })
+            wraps.iter().zip(below).zip(lens).all(|((wrap, below), len)| {
+                *len = entry_len(wrap);
+                link(&mut hint, &wrap.under).map(|linked| *below = linked).is_some()
+            })
         };
-        let Links { below, lens } = if wraps.len() < PARALLEL_LINKS {
-            link_all(wraps)?
+        let (mut below, mut lens) = (vec![(NONE, false); wraps.len()], vec![0u8; wraps.len()]);
+        let linked = if wraps.len() < PARALLEL_LINKS {
+            link_chunk(wraps, &mut below, &mut lens)
         } else {
-            let parts: Vec<Option<Links>> = wraps.par_chunks(PARALLEL_LINKS).map(link_all).collect();
-            let mut all = Links { below: Vec::with_capacity(wraps.len()), lens: Vec::with_capacity(wraps.len()) };
-            for part in parts {
-                let part = part?;
-                all.below.extend(part.below);
-                all.lens.extend(part.lens);
-            }
-            all
+            let chunks = wraps.par_chunks(PARALLEL_LINKS).zip(below.par_chunks_mut(PARALLEL_LINKS)).zip(lens.par_chunks_mut(PARALLEL_LINKS));
+            chunks.all(|((wraps, below), lens)| link_chunk(wraps, below, lens))
         };
-        let mut sealed_under = vec![false; runs];
-        for &(run, _) in &below {
-            if run != NONE && std::mem::replace(&mut sealed_under[run as usize], true) {
-                return None;
-            }
+        if !linked {
+            return None;
         }
-        let mut tops: Vec<u32> = (0..runs as u32).filter(|&r| !sealed_under[r as usize]).collect();
-        tops.sort_by_key(|&r| wraps[starts[r as usize] as usize].key.id);
-        Some(Forest { starts, below, lens, tops })
+        let tops = tops(wraps, &starts, &below)?;
+        Some(Forest { starts: Cow::Owned(starts), below: Cow::Owned(below), lens, tops })
     }
 
     /// How many wraps sit at each depth (0: the wraps delivering the group key); its length
     /// is the longest chain.
     fn wraps_per_depth(&self) -> Vec<usize> {
         let (mut level, mut counts) = (self.tops.clone(), Vec::new());
+        let wraps = |&run: &u32| self.starts[run as usize]..self.starts[run as usize + 1];
+        let new_keys_below = |run: &u32| wraps(run).map(|i| self.below[i as usize].0).filter(|&run| run != NONE);
         while !level.is_empty() {
-            let wraps = || level.iter().flat_map(|&run| self.starts[run as usize]..self.starts[run as usize + 1]);
-            counts.push(wraps().count());
-            level = wraps().map(|i| self.below[i as usize].0).filter(|&run| run != NONE).collect();
+            counts.push(level.iter().map(|run| wraps(run).len()).sum());
+            level = if level.len() < PARALLEL_RUNS {
+                level.iter().flat_map(new_keys_below).collect()
+            } else {
+                level.par_iter().with_min_len(PARALLEL_RUNS).flat_map_iter(new_keys_below).collect()
+            };
         }
         counts
     }
@@ -535,3 +576,34 @@ impl Forest {
 
 /// Lower subtrees packed by one task (a few packets are left part-full at each task's end).
 const SUBTREES_PER_TASK: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{new_graph, Batch, GraphConfig, JoinPolicy, MemberId, Scheme};
+    use crate::keygen::BatchSeed;
+
+    /// The runs a tree records while sealing are exactly those read back from its wraps, over
+    /// batches of joins and leaves of every size, both join policies and several degrees.
+    #[test]
+    fn a_trees_recorded_runs_match_its_wraps() {
+        for (degree, join_policy) in [(2, JoinPolicy::NewVersion), (3, JoinPolicy::Revision), (4, JoinPolicy::NewVersion), (4, JoinPolicy::Revision)] {
+            let config = GraphConfig { scheme: Scheme::Tree { degree }, join_policy };
+            let mut graph = new_graph(config, &BatchSeed::from_u64(degree as u64)).expect("graph");
+            let (mut next, mut members, mut checked) = (0u64, Vec::new(), 0);
+            for round in 0..40u64 {
+                // Alternating growth and churn: leaves of every third member, a few joins.
+                let leaves: Vec<MemberId> = members.iter().copied().filter(|m: &MemberId| (m.0 + round) % 3 == 0).take(round as usize % 7 * 20).collect();
+                let joins: Vec<MemberId> = (0..(round % 5) * 30 + 1).map(|i| MemberId(next + i)).collect();
+                next += joins.len() as u64;
+                members.retain(|m| !leaves.contains(m));
+                members.extend(&joins);
+                let plan = graph.apply(&Batch { joins, leaves }, &BatchSeed::from_u64(1000 + round)).expect("batch");
+                let runs = plan.tree_runs.as_ref().expect("a tree records its runs");
+                assert_eq!(Forest::of_tree(&plan, runs), Forest::of_wraps(&plan), "degree {degree}, round {round}");
+                checked += plan.wraps.len();
+            }
+            assert!(checked > 1000, "the batches sealed wraps");
+        }
+    }
+}
