@@ -22,10 +22,6 @@ fn tree_id(height: u32, position: u32) -> KeyId {
     KeyId((height << 27) | position)
 }
 
-fn flat_kek(bit: u8, value: u8) -> KeyId {
-    KeyId(1 + 2 * u32::from(bit) + u32::from(value))
-}
-
 /// A controller and its members, with every wrap an eavesdropper recorded.
 struct Group {
     graph: Box<dyn KeyGraph>,
@@ -274,5 +270,170 @@ proptest! {
         let policy = if revision { JoinPolicy::Revision } else { JoinPolicy::NewVersion };
         let initial = initial.min((1usize << id_bits) - 1);
         flat_to_tree_case(id_bits, policy, initial, &before, &after, seed);
+    }
+}
+
+/// Footnote 1 of figure 6, "no security gain for old participants: colluding old participants
+/// still cannot be expelled, participants joining after the transition can". Old members 5
+/// (0101) and 10 (1010) of a 4-bit table hold between them both KEKs of every bit, so they
+/// derive every node key of the derived tree, including nodes of prefixes neither holds; a
+/// rekey replaces only the leavers' paths and wraps under the untouched siblings, so after
+/// both are removed they still read the group key, and after another leave too. Each alone
+/// reads nothing. Two members that joined after the switch, removed the same way, read
+/// nothing; and moving back to a fresh flat table (the large message) shuts the pair out.
+#[test]
+fn colluding_old_members_cannot_be_expelled_from_the_derived_tree_but_later_joiners_can() {
+    let mut group = Group::new(flat_config(4, JoinPolicy::NewVersion), 7);
+    group.join(12);
+    let (a, b) = (MemberId(5), MemberId(10));
+    assert_eq!(group.members[&a].position(), keycast_core::Position::Flat { id: 0b0101, id_bits: 4 });
+    assert_eq!(group.members[&b].position(), keycast_core::Position::Flat { id: 0b1010, id_bits: 4 });
+    let (mut ring_a, mut ring_b) = (group.members[&a].keyring().clone(), group.members[&b].keyring().clone());
+    let transition = switch_to_tree(&mut group);
+    ring_a.extend(group.members[&a].keyring());
+    ring_b.extend(group.members[&b].keyring());
+    let mut pair = ring_a.clone();
+    pair.extend(&ring_b);
+
+    // Alone, each derives exactly its own path; together, every node of the tree, such as
+    // (height 2, prefix 00), which no member of the pair sits under.
+    assert_eq!(transition.derivable_nodes(&ring_a).len(), 4);
+    let pooled = transition.derivable_nodes(&pair);
+    assert_eq!(pooled.len(), 8 + 4 + 2 + 1);
+    let (_, path_of_member_0) = group.graph.member_keys(MemberId(0)).unwrap();
+    let node = path_of_member_0.iter().find(|(r, _)| r.id == tree_id(2, 0b00)).unwrap();
+    assert!(pooled.iter().any(|(r, k)| r == &node.0 && k == &node.1), "the pair derives the controller's key of node (2, 00)");
+    assert!(!transition.derivable_nodes(&ring_a).iter().chain(&transition.derivable_nodes(&ring_b)).any(|(r, _)| r.id == tree_id(2, 0b00)));
+
+    // Both removed in one batch, then another old member: the pair reads both group keys.
+    let start = group.history.len();
+    let (both_out, _) = group.leave(&[a, b]);
+    let (next_out, _) = group.leave(&[MemberId(0)]);
+    coalition_reads(&mut pair, Some(&transition), &group.history[start..]);
+    assert!(pair.holds(both_out.group_key) && pair.holds(next_out.group_key), "footnote 1: colluding old members are not expelled");
+    for mut alone in [ring_a, ring_b] {
+        coalition_reads(&mut alone, Some(&transition), &group.history);
+        assert!(!alone.holds(both_out.group_key) && !alone.holds(next_out.group_key), "one old member alone is expelled");
+    }
+
+    // Two members that join after the switch, removed together, read nothing later.
+    let newcomers = group.join(2);
+    let mut joined = KeyRing::new();
+    newcomers.iter().for_each(|m| joined.extend(group.members[m].keyring()));
+    let start = group.history.len();
+    let (out, _) = group.leave(&newcomers);
+    let (after, _) = group.leave(&[MemberId(1)]);
+    coalition_reads(&mut joined, None, &group.history[start..]);
+    for r in made_by(&[out, after]) {
+        assert!(!joined.holds(r), "members that joined after the switch derive {r}");
+    }
+
+    // The large message back to a fresh flat table shuts the old pair out as well.
+    let start = group.history.len();
+    let table_version = switch_to_flat(&mut group, 4);
+    let (flat_leave, _) = group.leave(&[MemberId(2)]);
+    coalition_reads(&mut pair, Some(&transition), &group.history[start..]);
+    let flat_keys: Vec<KeyRef> = pair.refs().filter(|r| r.version >= table_version).collect();
+    assert!(flat_keys.is_empty() && !pair.holds(flat_leave.group_key), "the pair derives {flat_keys:?} of the fresh table");
+}
+
+/// Moves `group` from its tree to a fresh flat table of `id_bits` (sequential IDs) with the
+/// large message, which the eavesdropper records; every member opens its notice and must then
+/// hold exactly the controller's flat keys. Returns the table's key version.
+fn switch_to_flat(group: &mut Group, id_bits: u8) -> u32 {
+    group.seed = group.seed.next();
+    let moved = flat_from_tree(&*group.graph, id_bits, FlatIds::Sequential, &group.seed).expect("a flat table");
+    let members = group.members.len();
+    assert_eq!(moved.notices.len(), members);
+    assert_eq!(moved.wraps(), members * (1 + id_bits as usize), "N (I + 1) wraps");
+    for notice in &moved.notices {
+        let state = group.members.get_mut(&notice.member).expect("a member");
+        *state = member_flat_keys(notice, state).unwrap_or_else(|e| panic!("member {:?}: {e}", notice.member));
+        group.history.extend(notice.wraps.iter().cloned());
+    }
+    group.graph = moved.graph;
+    group.assert_members_hold_their_keys();
+    group.graph.group_key().0.version
+}
+
+/// A tree group after `before`, moved to a flat table with the large message, then `after`:
+/// every member holds exactly its flat shares; every member departed before the switch,
+/// together, derives no key of the table; each departed after it derives no later key.
+fn tree_to_flat_case(degree: u32, policy: JoinPolicy, initial: usize, before: &[Change], extra_bits: u8, after: &[Change], seed: u64) {
+    let mut group = Group::new(GraphConfig { scheme: Scheme::Tree { degree }, join_policy: policy }, seed);
+    group.join(initial);
+    let mut departed_before = KeyRing::new();
+    for change in before {
+        if let Some((_, removed)) = run_change(&mut group, change) {
+            removed.iter().for_each(|state| departed_before.extend(state.keyring()));
+        }
+    }
+    let needed = (usize::BITS - group.members.len().saturating_sub(1).leading_zeros()) as u8;
+    let version = switch_to_flat(&mut group, needed.max(1) + extra_bits);
+    let mut plans = Vec::new();
+    let mut departed = Vec::new();
+    for change in after {
+        if let Some((plan, removed)) = run_change(&mut group, change) {
+            departed.extend(removed.into_iter().map(|state| (plans.len(), state.keyring().clone())));
+            plans.push(plan);
+        }
+    }
+    departed_before.absorb(&group.history).expect("authentic wraps");
+    let table_keys: Vec<KeyRef> = departed_before.refs().filter(|r| r.version >= version).collect();
+    assert!(table_keys.is_empty(), "members departed from the tree derive {table_keys:?} of the table");
+    for (since, mut ring) in departed {
+        ring.absorb(&group.history).expect("authentic wraps");
+        for r in made_by(&plans[since..]) {
+            assert!(!ring.holds(r), "a member departed from the flat table derives {r}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn tree_to_flat_members_hold_exactly_their_shares_and_departed_ones_nothing(
+        degree in 2u32..=4,
+        revision in any::<bool>(),
+        initial in 1usize..40,
+        before in changes(),
+        extra_bits in 0u8..3,
+        after in changes(),
+        seed: u64,
+    ) {
+        let policy = if revision { JoinPolicy::Revision } else { JoinPolicy::NewVersion };
+        tree_to_flat_case(degree, policy, initial, &before, extra_bits, &after, seed);
+    }
+}
+
+/// The transitions' costs (print with `-- --nocapture`): flat to tree sends no message; a
+/// leave then costs a tree leave; tree to flat sends N (I + 1) wraps (73 bytes each, no
+/// packet header) and a leave then costs a flat leave, 2 I wraps.
+#[test]
+fn transition_message_counts() {
+    let wrap_bytes = |plan: &RekeyPlan| plan.wraps.iter().map(Wrap::encoded_len).sum::<usize>();
+    println!("| I | members | flat leave: wraps, bytes | flat to tree: messages | tree leave after: wraps, bytes | tree to flat: wraps, bytes |");
+    for (id_bits, members) in [(8u8, 16usize), (12, 32), (16, 64), (16, 8)] {
+        let mut group = Group::new(flat_config(id_bits, JoinPolicy::Revision), u64::from(id_bits) * 1000 + members as u64);
+        group.join(members + 1);
+        let (flat_leave, _) = group.leave(&[MemberId(members as u64 / 2)]);
+        assert_eq!(flat_leave.wraps.len(), 2 * id_bits as usize);
+        let messages_before = group.history.len();
+        switch_to_tree(&mut group);
+        assert_eq!(group.history.len(), messages_before, "flat to tree sends nothing");
+        let (tree_leave, _) = group.leave(&[MemberId(members as u64 / 3)]);
+        group.seed = group.seed.next();
+        let moved = flat_from_tree(&*group.graph, id_bits, FlatIds::Sequential, &group.seed).unwrap();
+        assert_eq!(moved.wraps(), (members - 1) * (id_bits as usize + 1));
+        println!(
+            "| {id_bits} | {members} | {}, {} | 0 | {}, {} | {}, {} |",
+            flat_leave.wraps.len(),
+            wrap_bytes(&flat_leave),
+            tree_leave.wraps.len(),
+            wrap_bytes(&tree_leave),
+            moved.wraps(),
+            moved.wrap_bytes()
+        );
     }
 }
