@@ -93,6 +93,9 @@ pub enum Refused {
     NotInGroup,
     #[error("no free ID for {0} after {MAX_ID_ATTEMPTS} attempts")]
     NoFreeId(Identity),
+    /// A handback to the appointed controller, refused by its collection.
+    #[error("handback refused: {0}")]
+    Handback(#[from] handback::HandbackRefused),
 }
 
 /// A key this participant holds.
