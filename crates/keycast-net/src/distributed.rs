@@ -208,9 +208,24 @@ impl DistributedParticipant {
     /// members that bound their sockets a little later hear it (a repeat is a replay to those
     /// that did); after the settle time it admits and excludes as any participant.
     pub async fn from_centralized(setup: DistributedSetup, id: u64, keys: Vec<(KeyRef, Key)>) -> Result<Self, DistributedError> {
+        Self::converted(setup, id, keys, None).await
+    }
+
+    /// [`Self::from_centralized`], with the handover ending once this participant lists
+    /// `members` participants (the group's size by its controller's last heartbeat,
+    /// `MemberClient::group_size`) or after `within_ms` (`Participant::end_handover_when`)
+    /// instead of after the settle time: it works however long the handovers take to come in.
+    pub async fn from_centralized_group(setup: DistributedSetup, id: u64, keys: Vec<(KeyRef, Key)>, members: usize, within_ms: u64) -> Result<Self, DistributedError> {
+        Self::converted(setup, id, keys, Some((members, within_ms))).await
+    }
+
+    async fn converted(setup: DistributedSetup, id: u64, keys: Vec<(KeyRef, Key)>, until_complete: Option<(usize, u64)>) -> Result<Self, DistributedError> {
         let (identity, signer) = own_identity(&setup)?;
         let now = now_ms();
-        let (participant, outputs) = Participant::from_centralized(setup.config, identity, signer, setup.directory.clone(), id, keys, now)?;
+        let (mut participant, mut outputs) = Participant::from_centralized(setup.config, identity, signer, setup.directory.clone(), id, keys, now)?;
+        if let Some((members, within_ms)) = until_complete {
+            outputs.extend(participant.end_handover_when(members, now.saturating_add(within_ms)));
+        }
         let settle_ms = setup.config.settle_ms;
         let handover = outputs.iter().find_map(|o| match o {
             Output::Multicast(bytes) => Some(bytes.clone()),

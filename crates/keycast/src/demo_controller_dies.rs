@@ -29,6 +29,8 @@ use crate::demo::DemoArgs;
 use crate::demo_distributed::{agree, in_sync, AGREE_WITHIN, DEADLINE_MS, ID_BITS, PRESENCE_MS};
 
 const EPOCH_MS: u64 = 200;
+/// Longest a handover waits for the whole group's handovers.
+const HANDOVER_WITHIN: Duration = Duration::from_secs(20);
 
 #[derive(Serialize)]
 struct Summary {
@@ -53,7 +55,8 @@ struct Summary {
     /// the TEK in force at the end: it cannot be expelled (figure 6's consequence).
     old_controller_reads_later_tek: bool,
     /// What the handover sent (signed announcements, each sent four times), and the three
-    /// operations after it.
+    /// operations after it. The handover ends once a participant lists the whole group (or
+    /// after `HANDOVER_WITHIN`): `handover_seconds` is how long that took.
     handover: Cost,
     join: Cost,
     eviction: Cost,
@@ -148,6 +151,7 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
         tokio::time::sleep(Duration::from_millis(EPOCH_MS)).await;
     }
     let shares = one_tek(&clients).await?;
+    let sizes: Vec<usize> = clients.iter().map(|c| c.group_size() as usize).collect();
     group.kill_server().await;
     drop(clients);
 
@@ -161,7 +165,14 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     // All at once: a member's handover window opens when it converts, and one that converts
     // after another's window closed is not listed by it.
     let handover_started = Instant::now();
-    let conversions: Vec<_> = shares.into_iter().enumerate().map(|(i, s)| tokio::spawn(DistributedParticipant::from_centralized(setups[i].clone(), s.id, s.keys))).collect();
+    // Each member's handover ends once it lists the whole group (by the controller's last
+    // heartbeat), or after the bound.
+    let within_ms = HANDOVER_WITHIN.as_millis() as u64;
+    let conversions: Vec<_> = shares
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| tokio::spawn(DistributedParticipant::from_centralized_group(setups[i].clone(), s.id, s.keys, sizes[i], within_ms)))
+        .collect();
     let mut live = BTreeMap::new();
     for (i, conversion) in conversions.into_iter().enumerate() {
         live.insert(i, conversion.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
@@ -172,9 +183,12 @@ async fn demo(args: &DemoArgs) -> Result<Summary, String> {
     let mut handed_over = 0;
     let steps = async {
         run.agree("the handover").await?;
-        costs[0] = run.step_cost();
         handed_over = run.live[&0].status().roster.len();
         let handover_seconds = handover_started.elapsed().as_secs_f64();
+        // Each handover goes out again at a quarter, half and three quarters of the settle
+        // time (for members that convert late): counted with the handover, not the next step.
+        tokio::time::sleep_until((handover_started + Duration::from_millis(args.settle_ms * 3 / 4 + 50)).into()).await;
+        costs[0] = run.step_cost();
         let introducer = run.live[&0].introducer();
         let newcomer = DistributedParticipant::join(setups[count].clone(), &introducer).await.map_err(|e| e.to_string())?;
         run.live.insert(count, newcomer);
