@@ -357,7 +357,8 @@ fn switch_to_flat(group: &mut Group, id_bits: u8) -> u32 {
 }
 
 /// A tree group after `before`, moved to a flat table with the large message, then `after`:
-/// every member holds exactly its flat shares; every member departed before the switch,
+/// every member holds exactly its flat shares; the tree's keys above the leaves derive nothing
+/// of the table (perfect forward secrecy: it is not made from them); every member departed before the switch,
 /// together, derives no key of the table; each departed after it derives no later key.
 fn tree_to_flat_case(degree: u32, policy: JoinPolicy, initial: usize, before: &[Change], extra_bits: u8, after: &[Change], seed: u64) {
     let mut group = Group::new(GraphConfig { scheme: Scheme::Tree { degree }, join_policy: policy }, seed);
@@ -368,8 +369,23 @@ fn tree_to_flat_case(degree: u32, policy: JoinPolicy, initial: usize, before: &[
             removed.iter().for_each(|state| departed_before.extend(state.keyring()));
         }
     }
+    // Every key of the tree above the leaves at the switch: nothing of the new table may
+    // follow from them (nothing is derived from a tree key; only individual keys open it).
+    let mut tree_keys = KeyRing::new();
+    for m in group.member_ids() {
+        group.graph.member_keys(m).unwrap().1.into_iter().skip(1).for_each(|(r, k)| tree_keys.insert(r, k));
+    }
     let needed = (usize::BITS - group.members.len().saturating_sub(1).leading_zeros()) as u8;
     let version = switch_to_flat(&mut group, needed.max(1) + extra_bits);
+    tree_keys.absorb(&group.history).expect("authentic wraps");
+    let derived: Vec<KeyRef> = tree_keys.refs().filter(|r| r.version >= version).collect();
+    assert!(derived.is_empty(), "the tree's keys above the leaves derive {derived:?} of the table");
+    let tree_values: Vec<Key> = tree_keys.refs().filter_map(|r| tree_keys.get(r)).collect();
+    for m in group.member_ids() {
+        for (r, key) in group.graph.member_keys(m).unwrap().1.into_iter().skip(1) {
+            assert!(!tree_values.contains(&key), "{r} of the table is a tree key");
+        }
+    }
     let mut plans = Vec::new();
     let mut departed = Vec::new();
     for change in after {
