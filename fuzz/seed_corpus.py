@@ -41,4 +41,11 @@ def merge_notice(move, multicast):
     return body + bytes(range(32)) + bytes([4, 127, 0, 0, 1]) + (7400).to_bytes(2, "big") + multicast + bytes(64)
 write("verify_merge_notice", "right", merge_notice(2, bytes([4, 239, 1, 2, 3]) + (7401).to_bytes(2, "big")))
 write("verify_merge_notice", "split-v6", merge_notice(0, bytes([6]) + bytes(15) + bytes([1]) + (7401).to_bytes(2, "big")))
+# decode_handback: participant 0b10 of 2 and of 16 ID bits hands over its TEK and KEKs.
+def handback(id_bits, pid):
+    key = lambda kid: kid.to_bytes(4, "big") + (3).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([kid % 256]) * 32
+    keks = b"".join(key(1 + 2 * i + ((pid >> i) & 1)) for i in range(id_bits))
+    return bytes([2, 0x3C]) + (1).to_bytes(8, "big") + pid.to_bytes(8, "big") + key(0) + bytes([id_bits]) + keks
+write("decode_handback", "two-bits", handback(2, 0b10))
+write("decode_handback", "sixteen-bits", handback(16, 0xBEEF))
 print("seed corpus written under", here / "corpus")

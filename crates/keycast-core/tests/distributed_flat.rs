@@ -597,6 +597,47 @@ fn a_centralized_flat_group_continues_as_distributed_flat_and_its_old_controller
     assert!(derives_tek_from(&net, &derived, after.version), "the old controller's table reads the TEK in force");
 }
 
+/// Figure 6's handover when the handovers come in after the settle time (a slow host, N²
+/// signed datagrams): ended by the settle time, each participant lists only itself; ended
+/// when the roster reaches the centralized group's size (within a bound), all list everyone.
+#[test]
+fn a_handover_that_ends_when_the_roster_is_complete_lists_every_member_however_late() {
+    use keycast_core::{new_graph, Batch, FlatIds, GraphConfig, JoinPolicy, MemberId, Position, Scheme};
+    let id_bits = 6;
+    let config = GraphConfig { scheme: Scheme::Flat { id_bits, ids: FlatIds::Sequential }, join_policy: JoinPolicy::Revision };
+    let mut graph = new_graph(config, &BatchSeed::from_u64(1)).unwrap();
+    graph.apply(&Batch { joins: (0..8).map(MemberId).collect(), leaves: vec![] }, &BatchSeed::from_u64(2)).unwrap();
+    for until_complete in [false, true] {
+        let mut net = Net::empty(id_bits, IDENTITIES, 3);
+        let mut outputs = Vec::new();
+        for m in 0..8 {
+            let (Position::Flat { id, .. }, keys) = graph.member_keys(MemberId(m)).unwrap() else { panic!("a flat position") };
+            let shares: Vec<(KeyRef, Key)> = keys.into_iter().filter(|(r, _)| r.id.0 <= 2 * id_bits as u32).collect();
+            let who = name(m as usize);
+            let (mut p, mut out) = Participant::from_centralized(net.config, who.clone(), Net::signer(&who), net.directory.clone(), id, shares, 0).unwrap();
+            if until_complete {
+                out.extend(p.end_handover_when(8, 100 * SETTLE_MS));
+            }
+            // The settle time passes before any handover is taken in.
+            out.extend(p.tick(&BatchSeed::from_u64(m), SETTLE_MS));
+            net.nodes.insert(who.clone(), p);
+            outputs.push((who, out));
+        }
+        net.now = SETTLE_MS;
+        for (who, out) in outputs {
+            net.dispatch(&who, out);
+        }
+        net.settle();
+        let rosters: Vec<usize> = net.nodes.values().map(|p| p.roster().len()).collect();
+        if until_complete {
+            assert_eq!(rosters, vec![8; 8]);
+            net.assert_agreement();
+        } else {
+            assert_eq!(rosters, vec![1; 8], "handovers after the settle time are refused");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 

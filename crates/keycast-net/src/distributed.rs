@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use keycast_core::key::{Key, KeyRef};
 use keycast_core::keygen::BatchSeed;
-use keycast_core::protocol::distributed_flat::{ChangeRef, Config, Directory, Event, Identity, Output, Participant, Presence, Refused};
+use keycast_core::graph::JoinPolicy;
+use keycast_core::protocol::distributed_flat::handback::{Handback, HandbackRefused, TableCollector};
+use keycast_core::protocol::distributed_flat::{ChangeRef, Config, Directory, Event, HandbackKeys, Identity, Output, Participant, Presence, Refused};
 use keycast_core::wire::auth::VerifyingKey;
 use keycast_core::wire::Signer;
 use rustls::pki_types::ServerName;
@@ -164,12 +166,20 @@ enum Command {
     Leave { reply: oneshot::Sender<Result<(), Refused>> },
     /// Announcements to multicast again at these times (Unix ms).
     Repeat(Vec<(u64, Vec<u8>)>),
+    /// Appointed to take the group back: collect the participants' handbacks, this one's first.
+    Collect { reply: oneshot::Sender<Result<(), Refused>> },
+    /// Build the controller's table from the handbacks collected.
+    FinishCollection { policy: JoinPolicy, reply: oneshot::Sender<Result<Handback, HandbackRefused>> },
+    /// This participant's handback (its ID and keys, if it holds all of them).
+    Handback { reply: oneshot::Sender<Option<HandbackKeys>> },
 }
 
 /// A running participant. Dropping it stops its tasks.
 pub struct DistributedParticipant {
     identity: Identity,
     listener: SocketAddr,
+    channel: Arc<Channel>,
+    setup: DistributedSetup,
     commands: mpsc::Sender<Command>,
     shared: Arc<Mutex<Shared>>,
     events: Option<mpsc::Receiver<Event>>,
@@ -198,9 +208,24 @@ impl DistributedParticipant {
     /// members that bound their sockets a little later hear it (a repeat is a replay to those
     /// that did); after the settle time it admits and excludes as any participant.
     pub async fn from_centralized(setup: DistributedSetup, id: u64, keys: Vec<(KeyRef, Key)>) -> Result<Self, DistributedError> {
+        Self::converted(setup, id, keys, None).await
+    }
+
+    /// [`Self::from_centralized`], with the handover ending once this participant lists
+    /// `members` participants (the group's size by its controller's last heartbeat,
+    /// `MemberClient::group_size`) or after `within_ms` (`Participant::end_handover_when`)
+    /// instead of after the settle time: it works however long the handovers take to come in.
+    pub async fn from_centralized_group(setup: DistributedSetup, id: u64, keys: Vec<(KeyRef, Key)>, members: usize, within_ms: u64) -> Result<Self, DistributedError> {
+        Self::converted(setup, id, keys, Some((members, within_ms))).await
+    }
+
+    async fn converted(setup: DistributedSetup, id: u64, keys: Vec<(KeyRef, Key)>, until_complete: Option<(usize, u64)>) -> Result<Self, DistributedError> {
         let (identity, signer) = own_identity(&setup)?;
         let now = now_ms();
-        let (participant, outputs) = Participant::from_centralized(setup.config, identity, signer, setup.directory.clone(), id, keys, now)?;
+        let (mut participant, mut outputs) = Participant::from_centralized(setup.config, identity, signer, setup.directory.clone(), id, keys, now)?;
+        if let Some((members, within_ms)) = until_complete {
+            outputs.extend(participant.end_handover_when(members, now.saturating_add(within_ms)));
+        }
         let settle_ms = setup.config.settle_ms;
         let handover = outputs.iter().find_map(|o| match o {
             Output::Multicast(bytes) => Some(bytes.clone()),
@@ -248,12 +273,13 @@ impl DistributedParticipant {
         let channel = Arc::new(Channel::new(&setup.credentials)?);
         let acceptor = TlsAcceptor::from(server_config(&setup.credentials)?);
         let actor = Actor {
+            collector: None,
             participant,
             sender,
             group_addr: SocketAddr::V4(setup.multicast.address),
             listener,
             shared: shared.clone(),
-            channel,
+            channel: channel.clone(),
             timers: BTreeSet::new(),
             early: Vec::new(),
             joined: false,
@@ -264,7 +290,7 @@ impl DistributedParticipant {
         };
         let serve = serve_listener(tcp, acceptor, commands.clone(), setup.directory.clone());
         let tasks = vec![tokio::spawn(actor.run(inbox, receiver)), tokio::spawn(serve)];
-        Ok(DistributedParticipant { identity, listener, commands, shared, events: Some(events), tasks })
+        Ok(DistributedParticipant { identity, listener, channel, setup, commands, shared, events: Some(events), tasks })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -323,6 +349,31 @@ impl DistributedParticipant {
         self.order(|reply| Command::Leave { reply }).await
     }
 
+    /// Appointed to take the group back to a controller (figure 6): from now on this
+    /// participant collects the handbacks of the live participants of its roster, at its TEK,
+    /// beginning with its own.
+    pub async fn collect_table(&self) -> Result<(), DistributedError> {
+        self.order(|reply| Command::Collect { reply }).await
+    }
+
+    /// The appointed controller's table from the handbacks collected so far
+    /// (`TableCollector::build`): live participants that did not hand back are removed.
+    pub async fn finish_collection(&self, policy: JoinPolicy) -> Result<Handback, DistributedError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::FinishCollection { policy, reply }).await.map_err(|_| DistributedError::Stopped)?;
+        Ok(answer.await.map_err(|_| DistributedError::Stopped)?.map_err(Refused::from)?)
+    }
+
+    /// Hands this participant's ID, TEK and KEKs to the appointed participant `to`, over the
+    /// mutually authenticated channel (retried until the deadline). True once `to` took them.
+    pub async fn hand_back(&self, to: &Identity) -> Result<bool, DistributedError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Handback { reply }).await.map_err(|_| DistributedError::Stopped)?;
+        let Some(handback) = answer.await.map_err(|_| DistributedError::Stopped)? else { return Err(Refused::Busy.into()) };
+        let bytes = handback.encode(self.setup.config.group);
+        Ok(self.channel.deliver(&self.shared, to.clone(), bytes, self.setup.deadline_ms).await)
+    }
+
     async fn order(&self, command: impl FnOnce(oneshot::Sender<Result<(), Refused>>) -> Command) -> Result<(), DistributedError> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(command(reply)).await.map_err(|_| DistributedError::Stopped)?;
@@ -355,6 +406,8 @@ fn status_of(participant: &Participant) -> Status {
 /// The task that owns the participant.
 struct Actor {
     participant: Participant,
+    /// The handbacks collected, once appointed to take the group back.
+    collector: Option<TableCollector>,
     sender: UdpSocket,
     group_addr: SocketAddr,
     listener: SocketAddr,
@@ -448,6 +501,9 @@ impl Actor {
                     let _ = reply.send(Err(refused));
                 }
             },
+            Command::Private { from, bytes, reply } if HandbackKeys::is_handback(&bytes) => {
+                let _ = reply.send(self.take_handback(&from, &bytes));
+            }
             Command::Private { from, bytes, reply } => {
                 let result = self.participant.receive_private(&from, &bytes, &seed, now_ms());
                 let _ = reply.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
@@ -468,7 +524,40 @@ impl Actor {
                 self.timers.extend(repeats.iter().map(|(at, _)| *at));
                 self.repeats.extend(repeats);
             }
+            Command::Collect { reply } => {
+                let _ = reply.send(self.start_collection());
+            }
+            Command::FinishCollection { policy, reply } => {
+                let result = self.collector.take().ok_or(HandbackRefused::Empty).and_then(|c| c.build(policy, &seed));
+                let _ = reply.send(result);
+            }
+            Command::Handback { reply } => {
+                let _ = reply.send(self.own_handback());
+            }
         }
+    }
+
+    fn own_handback(&self) -> Option<HandbackKeys> {
+        let live = self.participant.is_live() && self.participant.is_settled();
+        live.then(|| HandbackKeys::new(self.participant.id(), self.participant.held_keys())).flatten()
+    }
+
+    /// A collection for the live participants of this one's roster at its TEK, its own keys first.
+    fn start_collection(&mut self) -> Result<(), Refused> {
+        let (own, tek) = (self.own_handback().ok_or(Refused::Busy)?, self.participant.tek().ok_or(Refused::Busy)?.0);
+        let mut collector = TableCollector::new(self.setup.config.id_bits, self.participant.roster().clone(), tek);
+        let keys: Vec<(KeyRef, Key)> = std::iter::once(own.tek).chain(own.keks).collect();
+        collector.hand_over(self.participant.identity(), own.id, &keys)?;
+        self.collector = Some(collector);
+        Ok(())
+    }
+
+    /// A handback from `from` (the identity its certificate proved), if this participant collects.
+    fn take_handback(&mut self, from: &Identity, bytes: &[u8]) -> Result<(), Refused> {
+        let collector = self.collector.as_mut().ok_or(Refused::Invalid("not appointed to collect handbacks"))?;
+        let handback = HandbackKeys::decode(bytes, self.setup.config.group)?;
+        let keys: Vec<(KeyRef, Key)> = std::iter::once(handback.tek).chain(handback.keks).collect();
+        Ok(collector.hand_over(from, handback.id, &keys)?)
     }
 
     /// Once the grant is installed, the announcements heard while joining are applied.
@@ -514,7 +603,7 @@ impl Actor {
                 Output::Private { to, bytes } => {
                     tracing::debug!(identity = %self.participant.identity(), %to, kind = bytes[1], "private message");
                     let (channel, shared, deadline) = (self.channel.clone(), self.shared.clone(), self.setup.deadline_ms);
-                    tokio::spawn(async move { channel.deliver(&shared, to, bytes, deadline).await });
+                    tokio::spawn(async move { channel.deliver(&shared, to, bytes, deadline).await; });
                 }
                 Output::Timer { at_ms } => {
                     self.timers.insert(at_ms);
@@ -560,7 +649,7 @@ impl Channel {
 
     /// Delivers a private message to `to` before the deadline, waiting for its address if no
     /// presence of it came yet; counts it as sent or failed.
-    async fn deliver(&self, shared: &Mutex<Shared>, to: Identity, bytes: Zeroizing<Vec<u8>>, deadline_ms: u64) {
+    async fn deliver(&self, shared: &Mutex<Shared>, to: Identity, bytes: Zeroizing<Vec<u8>>, deadline_ms: u64) -> bool {
         let deadline = Instant::now() + Duration::from_millis(deadline_ms);
         let request = Zeroizing::new([&[PRIVATE_MESSAGE][..], &bytes].concat());
         let mut backoff = BACKOFF_MIN_MS;
@@ -572,7 +661,10 @@ impl Channel {
             };
             match answer.as_deref().map(|a| a.first()) {
                 Ok(Some(&ANSWER_OK)) => return count_private(shared, true, bytes.len()),
-                Ok(Some(&ANSWER_REFUSED)) => return count_private(shared, false, 0),
+                Ok(Some(&ANSWER_REFUSED)) => {
+                    tracing::debug!(%to, reason = %String::from_utf8_lossy(answer.as_deref().map_or(&[][..], |a| &a[1..])), "private message refused");
+                    return count_private(shared, false, 0);
+                }
                 other => tracing::debug!(%to, ?other, "private message not delivered yet"),
             }
             let pause = Duration::from_millis(jittered(backoff));
@@ -622,7 +714,8 @@ impl Channel {
     }
 }
 
-fn count_private(shared: &Mutex<Shared>, delivered: bool, len: usize) {
+/// Counts a private message as delivered or failed; returns `delivered`.
+fn count_private(shared: &Mutex<Shared>, delivered: bool, len: usize) -> bool {
     let traffic = &mut lock(shared).traffic;
     if delivered {
         traffic.private += 1;
@@ -630,6 +723,7 @@ fn count_private(shared: &Mutex<Shared>, delivered: bool, len: usize) {
     } else {
         traffic.private_failed += 1;
     }
+    delivered
 }
 
 /// Accepts TLS connections (at most `MAX_CONNECTIONS` at once) and serves each in a task.

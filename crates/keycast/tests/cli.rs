@@ -96,7 +96,7 @@ fn demo_of_distributed_flat_keeps_participants_in_sync_and_removed_ones_out() {
 /// controller all live participants share one TEK that neither removed one derives; the killed
 /// controller's table still does (it cannot be expelled).
 #[test]
-fn demo_controller_dies_members_continue_as_distributed_flat() {
+fn demo_controller_dies_members_continue_as_distributed_flat_and_hand_back_to_a_controller() {
     let summary = {
         let _alone = timing_lock();
         keycast(&["demo", "--controller-dies", "--members", "12", "--json"])
@@ -111,6 +111,16 @@ fn demo_controller_dies_members_continue_as_distributed_flat() {
     assert_eq!(summary["old_controller_reads_later_tek"], true, "{summary}");
     let versions = (summary["tek_version_at_handover"].as_u64().unwrap(), summary["tek_version_at_end"].as_u64().unwrap());
     assert_eq!(versions.1, versions.0 + 2, "two exclusions after the handover: {summary}");
+    // The way back: all 10 live participants but one hand back (the appointed one's own
+    // included), one private message each; the holdout is out; the members follow the new
+    // controller through a leave and a join.
+    assert_eq!(summary["handed_back"], 9, "{summary}");
+    assert_eq!(summary["handback"]["private_messages"], 8, "{summary}");
+    assert_eq!(summary["holdout_reads_controller_tek"], false, "{summary}");
+    assert_eq!(summary["recentralized_members"], 9, "{summary}");
+    assert_eq!(summary["recentralized_in_sync"], 9, "{summary}");
+    let back = (summary["recentralized_tek_versions"][0].as_u64().unwrap(), summary["recentralized_tek_versions"][1].as_u64().unwrap());
+    assert!(back.1 > back.0, "the new controller's leave makes a new TEK: {summary}");
 }
 
 /// 300 members, 20 epochs of churn, each member losing its own share of the multicast

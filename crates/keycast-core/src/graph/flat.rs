@@ -405,7 +405,8 @@ pub fn flat_member_needs(id: KeyId, member_id: u64, id_bits: u8, individual: Key
     id.0 >= 1 && k < 2 * id_bits as u32 && bit(member_id, (k / 2) as u8) == (k % 2) as usize
 }
 
-/// A table handed over by a distributed flat group (Caronni et al., figure 6).
+/// A table handed over by a distributed flat group, or made from a tree (Caronni et al.,
+/// figure 6).
 impl Flat {
     /// The table of `tek` and `keks` (per ID bit, the KEKs of bit values 0 and 1) with
     /// `members`, each a flat ID (also its member ID) and its individual key; keys made by
@@ -418,34 +419,87 @@ impl Flat {
         keks: Vec<[(KeyRef, Key); 2]>,
         members: Vec<(u64, Key)>,
     ) -> Result<Flat, DecodeError> {
+        let members = members.into_iter().map(|(id, key)| (MemberId(id), id, key)).collect();
+        Flat::from_parts(id_bits, FlatIds::FromMemberId, policy, version, tek, keks, members)
+    }
+
+    /// [`Flat::from_table`] with `members` as (member, flat ID, individual key) and IDs given
+    /// out by `ids` from now on (sequential IDs continue above the highest one given).
+    pub(crate) fn from_parts(
+        id_bits: u8,
+        ids: FlatIds,
+        policy: JoinPolicy,
+        version: u32,
+        tek: &(KeyRef, Key),
+        keks: Vec<[(KeyRef, Key); 2]>,
+        members: Vec<(MemberId, u64, Key)>,
+    ) -> Result<Flat, DecodeError> {
         if !(1..=64).contains(&id_bits) || keks.len() != usize::from(id_bits) {
             return Err(DecodeError::BadValue { field: "id bits", value: id_bits.into() });
         }
         let slot = |(key_ref, key): &(KeyRef, Key)| Slot { key: key.clone(), version: key_ref.version, revision: key_ref.revision };
         let slots = u32::try_from(members.len()).map_err(|_| DecodeError::BadValue { field: "flat members", value: members.len() as u64 })?;
+        let next_id = match ids {
+            FlatIds::Sequential => members.iter().map(|(_, id, _)| id.saturating_add(1)).max().unwrap_or(0),
+            FlatIds::FromMemberId => 0,
+        };
         let mut table = Flat {
             id_bits,
-            ids: FlatIds::FromMemberId,
+            ids,
             policy,
             tek: slot(tek),
             keks: keks.iter().map(|[zero, one]| [slot(zero), slot(one)]).collect(),
             members: HashMap::with_capacity(members.len()),
             by_id: HashMap::with_capacity(members.len()),
             free_ids: BinaryHeap::new(),
-            next_id: 0,
+            next_id,
             free_slots: BinaryHeap::new(),
             slots,
             batches: BatchCounter(version),
         };
-        for (n, (id, key)) in members.into_iter().enumerate() {
+        for (n, (member, id, key)) in members.into_iter().enumerate() {
             let individual = Slot { key, version, revision: 0 };
-            if table.by_id.insert(id, MemberId(id)).is_some() {
+            if table.by_id.insert(id, member).is_some() || table.members.insert(member, FlatMember { id, slot: n as u32, individual }).is_some() {
                 return Err(DecodeError::BadValue { field: "flat member", value: id });
             }
-            table.members.insert(MemberId(id), FlatMember { id, slot: n as u32, individual });
+        }
+        if ids == FlatIds::Sequential {
+            // Free IDs are listed one by one: a sparse sequential table would list too many.
+            if next_id - u64::from(slots) > MAX_SLOTS {
+                return Err(DecodeError::BadValue { field: "next flat id", value: next_id });
+            }
+            table.free_ids = (0..next_id).filter(|id| !table.by_id.contains_key(id)).map(Reverse).collect();
         }
         table.check_imported()?;
         Ok(table)
+    }
+}
+
+/// What the flat-to-tree transition ([`super::transition`]) reads of a table.
+impl Flat {
+    pub(crate) fn id_bits(&self) -> u8 {
+        self.id_bits
+    }
+
+    pub(crate) fn policy(&self) -> JoinPolicy {
+        self.policy
+    }
+
+    /// The version the last batch gave its keys.
+    pub(crate) fn batch_count(&self) -> u32 {
+        self.batches.0
+    }
+
+    /// KEK(bit, value) and its ref.
+    pub(crate) fn kek(&self, bit: u8, value: u8) -> (KeyRef, &Key) {
+        (self.kek_ref(bit, value as usize), &self.keks[bit as usize][value as usize].key)
+    }
+
+    /// Every member with its flat ID and individual key, in ID order.
+    pub(crate) fn members_by_id(&self) -> Vec<(MemberId, u64, Key)> {
+        let mut members: Vec<(MemberId, u64, Key)> = self.members.iter().map(|(&m, fm)| (m, fm.id, fm.individual.key.clone())).collect();
+        members.sort_unstable_by_key(|(_, id, _)| *id);
+        members
     }
 }
 

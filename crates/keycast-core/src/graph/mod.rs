@@ -6,6 +6,7 @@
 
 pub(crate) mod flat;
 pub mod merge;
+pub mod transition;
 pub(crate) mod tree;
 
 pub use flat::FlatIds;

@@ -559,6 +559,50 @@ impl KeyGraph for Tree {
     }
 }
 
+/// A tree built around keys that already exist (Caronni et al.'s flat-to-tree transition,
+/// [`super::transition`]).
+impl Tree {
+    /// A tree of `degree` and `height` whose leaves are `members` (member, leaf, individual
+    /// key) and whose every node above a member, the root included, holds `node_key(height,
+    /// position)`; every key gets version `version` and later batches versions above it. The
+    /// other leaves are free. None if the leaves do not fit or a leaf or member is given twice.
+    pub(crate) fn with_keys(
+        degree: u32,
+        policy: JoinPolicy,
+        height: u32,
+        version: u32,
+        members: Vec<(MemberId, u32, Key)>,
+        mut node_key: impl FnMut(u32, u32) -> Key,
+    ) -> Option<Tree> {
+        let slots = u64::from(degree).checked_pow(height).filter(|&s| (2..=MAX_TREE_DEGREE).contains(&degree) && height >= 1 && s <= MAX_LEAVES)?;
+        let mut levels: Vec<Level> = (0..=height)
+            .map(|h| {
+                let len = (slots / u64::from(degree).pow(h)) as usize;
+                Level { nodes: (0..len).map(|_| Node::empty()).collect(), members: vec![0; len] }
+            })
+            .collect();
+        let mut leaf_of = FxHashMap::default();
+        for (member, leaf, key) in members {
+            if u64::from(leaf) >= slots || levels[0].members[leaf as usize] != 0 || leaf_of.insert(member, leaf).is_some() {
+                return None;
+            }
+            for h in 0..=height {
+                levels[h as usize].members[ancestor(leaf, degree, h) as usize] += 1;
+            }
+            levels[0].nodes[leaf as usize] = Node { key, version, revision: 0 };
+        }
+        for h in 1..=height {
+            for p in 0..levels[h as usize].len() {
+                if levels[h as usize].members[p] > 0 || h == height {
+                    levels[h as usize].nodes[p] = Node { key: node_key(h, p as u32), version, revision: 0 };
+                }
+            }
+        }
+        let free_leaves = (0..slots as u32).filter(|&p| levels[0].members[p as usize] == 0).map(Reverse).collect();
+        Some(Tree { degree, star: false, policy, levels, leaf_of, free_leaves, batches: BatchCounter(version), id_prefix: 0 })
+    }
+}
+
 /// What a merged group ([`super::merge`]) needs of its two subtrees.
 impl Tree {
     /// Names every key of this tree with `prefix` ORed into its id from now on.

@@ -1221,3 +1221,31 @@ impl Request {
         }
     }
 }
+
+/// The first record of a group that a controller takes back from distributed flat participants
+/// (Caronni et al., figure 6; `distributed_flat::handback`): a snapshot whose table is `graph`
+/// and whose members are `members` (member, identity), made at `now_ms` with a signing key of
+/// `signing_seed`. [`Controller::restore`] starts from it; a member that joins gets its keys
+/// at once, as after a lost answer.
+pub fn handback_record(policy: &GroupPolicy, graph: &dyn KeyGraph, members: &[(MemberId, String)], now_ms: u64, signing_seed: [u8; 32]) -> Record {
+    let mut members: Vec<(MemberId, String, u64)> = members.iter().map(|(m, identity)| (*m, identity.clone(), 0)).collect();
+    members.sort_unstable();
+    let (group_ref, group_key) = graph.group_key();
+    Record::Snapshot(Box::new(Snapshot {
+        created_ms: now_ms,
+        signing_seed: Zeroizing::new(signing_seed),
+        signer_changes: 0,
+        fixed: policy.fixed(),
+        next_member: members.last().map_or(1, |(m, _, _)| m.0 + 1),
+        epoch: 0,
+        rekey_seq: 0,
+        members,
+        group_keys: vec![(0, group_ref, 0, group_key.clone())],
+        revoked: BTreeSet::new(),
+        acl_added: BTreeSet::new(),
+        acl_removed: BTreeSet::new(),
+        pending: Vec::new(),
+        last_rekey: Vec::new(),
+        graph: graph.export(),
+    }))
+}

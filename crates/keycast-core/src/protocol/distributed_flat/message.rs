@@ -31,6 +31,7 @@ const JOIN_GRANT: u8 = 0x38;
 const KEY_GRANT: u8 = 0x39;
 const TEK_GRANT: u8 = 0x3A;
 const PRESENCE: u8 = 0x3B;
+const HANDBACK: u8 = 0x3C;
 const PRESENCE_DOMAIN: &[u8] = b"keycast/v2 dflat presence";
 
 /// A participant's certificate name: 1 to 64 printable ASCII bytes, so it has one encoding.
@@ -401,6 +402,76 @@ impl Private {
     }
 }
 
+/// A participant's keys handed to the controller appointed to take the group back (Caronni
+/// et al., figure 6; [`super::handback::TableCollector`]): its ID, the TEK and the KEK of each
+/// ID bit, in the clear, so it travels only over the mutually authenticated channel to the
+/// appointed controller. Not a [`Private`]: a participant never accepts one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandbackKeys {
+    pub id: u64,
+    pub tek: (KeyRef, Key),
+    /// KEK(i, bit i of `id`) for every ID bit i, bit 0 first.
+    pub keks: Vec<(KeyRef, Key)>,
+}
+
+impl HandbackKeys {
+    /// A participant's handback from what it holds (`Participant::held_keys`: the TEK, then
+    /// one KEK per ID bit); None if those are not its TEK and its KEKs in bit order.
+    pub fn new(id: u64, held: Vec<(KeyRef, Key)>) -> Option<HandbackKeys> {
+        let mut held = held.into_iter();
+        let tek = held.next()?;
+        let handback = HandbackKeys { id, tek, keks: held.collect() };
+        handback.well_formed().then_some(handback)
+    }
+
+    /// The TEK's id is 0 and KEK i is KEK(i, bit i of the ID), for 1 to 64 bits the ID fits.
+    fn well_formed(&self) -> bool {
+        let bits = self.keks.len();
+        let fits = bits >= 64 || self.id >> bits == 0;
+        let own = |(i, (r, _)): (usize, &(KeyRef, Key))| r.id == super::plan::own_kek_id(self.id, i as u8);
+        (1..=64).contains(&bits) && fits && self.tek.0.id == crate::key::KeyId(0) && self.keks.iter().enumerate().all(own)
+    }
+
+    pub fn encode(&self, group: GroupId) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(19 + (1 + self.keks.len()) * (KeyRef::ENCODED_LEN + 32)));
+        out.extend_from_slice(&[WIRE_VERSION, HANDBACK]);
+        out.put_u64(group.0);
+        out.put_u64(self.id);
+        put_key(&mut out, &self.tek);
+        out.put_u8(self.keks.len() as u8);
+        self.keks.iter().for_each(|k| put_key(&mut out, k));
+        out
+    }
+
+    /// Strict decoding: the group, 1 to 64 KEKs, and exactly the TEK and the KEKs of the ID's bits.
+    pub fn decode(bytes: &[u8], group: GroupId) -> Result<HandbackKeys, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let kind = read_version_and_kind(&mut r)?;
+        if kind != HANDBACK {
+            return Err(DecodeError::UnknownType(kind));
+        }
+        let got = r.group()?;
+        if got != group {
+            return Err(DecodeError::BadValue { field: "group", value: got.0 });
+        }
+        let id = r.u64("participant id")?;
+        let tek = read_key(&mut r)?;
+        let count = r.count(1, 64, KeyRef::ENCODED_LEN + 32, "handed keks")?;
+        let keks = (0..count).map(|_| read_key(&mut r)).collect::<Result<_, _>>()?;
+        r.finish()?;
+        let handback = HandbackKeys { id, tek, keks };
+        if !handback.well_formed() {
+            return Err(DecodeError::BadValue { field: "handed keys", value: id });
+        }
+        Ok(handback)
+    }
+
+    /// True if `bytes` claim to be a handback (the version and kind bytes).
+    pub fn is_handback(bytes: &[u8]) -> bool {
+        bytes.get(1) == Some(&HANDBACK)
+    }
+}
+
 fn read_join_grant(r: &mut Reader<'_>) -> Result<JoinGrant, DecodeError> {
     let attempt = r.u8("attempt")?;
     let change = read_change(r)?;
@@ -600,6 +671,24 @@ mod tests {
         assert!(Private::decode(&bytes, GroupId(2)).is_err(), "another group's grant");
         assert!(Private::decode(&bytes[..bytes.len() - 1], GroupId(1)).is_err());
         assert!(Identity::new("with space").is_err());
+    }
+
+    #[test]
+    fn a_handback_decodes_strictly_and_only_with_its_own_keys() {
+        let key = |id: u32| (KeyRef::new(KeyId(id), 3, 1), Key::from_bytes([id as u8; 32]));
+        // ID 0b10 of 2 bits: KEK(0, 0) has id 1, KEK(1, 1) id 4.
+        let handback = HandbackKeys::new(0b10, vec![key(0), key(1), key(4)]).unwrap();
+        let bytes = handback.encode(GroupId(1));
+        assert_eq!(HandbackKeys::decode(&bytes, GroupId(1)).unwrap(), handback);
+        assert!(HandbackKeys::is_handback(&bytes));
+        assert!(HandbackKeys::decode(&bytes, GroupId(2)).is_err(), "another group's handback");
+        assert!(HandbackKeys::decode(&bytes[..bytes.len() - 1], GroupId(1)).is_err());
+        assert!(HandbackKeys::decode(&[&bytes[..], &[0]].concat(), GroupId(1)).is_err());
+        assert!(HandbackKeys::new(0b10, vec![key(0), key(2), key(4)]).is_none(), "KEK(0, 1) is not ID 0b10's");
+        assert!(HandbackKeys::new(0b110, vec![key(0), key(1), key(4)]).is_none(), "an ID wider than its bits");
+        let foreign = HandbackKeys { id: 0b10, tek: key(0), keks: vec![key(2), key(4)] }.encode(GroupId(1));
+        assert!(HandbackKeys::decode(&foreign, GroupId(1)).is_err(), "keys of another ID");
+        assert!(Private::decode(&bytes, GroupId(1)).is_err(), "a participant never takes a handback");
         assert!(Identity::new("").is_err());
     }
 }

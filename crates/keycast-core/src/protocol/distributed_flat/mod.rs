@@ -23,7 +23,7 @@ use crate::wire::auth::{Signer, VerifyingKey};
 use crate::wire::{DecodeError, GroupId};
 use crate::wrap::{derive_revision, flat_replacement_wrapping_key, Wrap, Wrapper};
 
-pub use message::{Announcement, Body, ChangeDigest, ChangeRef, Exclusion, Handover, Identity, JoinGrant, Joined, Presence, Private, Relay};
+pub use message::{Announcement, Body, ChangeDigest, ChangeRef, Exclusion, HandbackKeys, Handover, Identity, JoinGrant, Joined, Presence, Private, Relay};
 pub use plan::{participant_id, relay_plan, RelayPlan};
 
 use plan::{bit, contributor, kek_slot, own_kek_id, MAX_ID_ATTEMPTS};
@@ -93,6 +93,9 @@ pub enum Refused {
     NotInGroup,
     #[error("no free ID for {0} after {MAX_ID_ATTEMPTS} attempts")]
     NoFreeId(Identity),
+    /// A handback to the appointed controller, refused by its collection.
+    #[error("handback refused: {0}")]
+    Handback(#[from] handback::HandbackRefused),
 }
 
 /// A key this participant holds.
@@ -211,6 +214,8 @@ pub struct Participant {
     now_ms: u64,
     /// Set while the members of a centralized group hand over (until this time).
     handover_until: Option<u64>,
+    /// The roster size that ends the handover early (the centralized group's size), if known.
+    handover_members: Option<usize>,
     out: Vec<Output>,
 }
 
@@ -332,6 +337,7 @@ impl Participant {
             watching: BTreeMap::new(),
             now_ms: 0,
             handover_until: None,
+            handover_members: None,
             out: Vec::new(),
         }
     }
@@ -687,12 +693,34 @@ impl Participant {
             *tek = advance(tek, handover.tek).ok_or(Refused::Invalid("handed over TEK is not a revision of this one"))?;
         }
         self.state.roster.insert(handover.id, signer.clone());
+        self.finish_handover_if_complete();
         Ok(())
+    }
+
+    /// Ends the handover as soon as the roster lists `members` participants (the centralized
+    /// group's size, as its controller last told the members) and at the latest at `until_ms`,
+    /// instead of after the settle time: however slowly the handovers come in (N² signed
+    /// datagrams), every participant then lists every member that handed over by then.
+    pub fn end_handover_when(&mut self, members: usize, until_ms: u64) -> Vec<Output> {
+        if self.handover_until.is_some() {
+            self.handover_members = Some(members);
+            self.handover_until = Some(until_ms);
+            self.out.push(Output::Timer { at_ms: until_ms });
+            self.finish_handover_if_complete();
+        }
+        self.drain()
+    }
+
+    fn finish_handover_if_complete(&mut self) {
+        if self.handover_members.is_some_and(|members| self.state.roster.len() >= members) {
+            self.finish_handover();
+        }
     }
 
     /// The handover is over: own KEKs advance to the latest revision any holder named.
     fn finish_handover(&mut self) {
         self.handover_until = None;
+        self.handover_members = None;
         for j in 0..self.config.id_bits {
             let slot_ref = self.state.table[j as usize][bit(self.id, j) as usize].0;
             let held = self.state.keks[j as usize].take();
