@@ -112,8 +112,14 @@ fn page(figures: &[Figure], scale: Scale, seconds: f64) -> String {
         out.push_str(&format!("- **Paper:** {}\n- **keycast:** {}\n", f.paper, f.measured));
         out.push_str(&format!("- Data: [`{0}.csv`]({0}.csv), PNG: [`{0}.png`]({0}.png)\n\n", f.stem));
     }
+    out.push_str(MEASURED_OUTSIDE);
     out
 }
+
+/// The figures measured by tests and demos rather than simulated, kept by hand beside this page.
+const MEASURED_OUTSIDE: &str = "## Measured outside the simulator\n\nMessage counts and sizes of the transitions between \
+    Caronni et al.'s schemes (figure 6), of\ndistributed flat key management and of merging and splitting groups come \
+    from tests and demos,\nnot from `sim figures`: [transitions.md](transitions.md).\n";
 
 /// Mean of a non-empty slice.
 pub fn mean(values: &[f64]) -> f64 {
