@@ -294,8 +294,9 @@ fn run_history(id_bits: u8, seed: u64, steps: &[Step]) -> Net {
     net
 }
 
+/// Cases per property: 2,048 in the test profile; `KEYCAST_DFLAT_CASES` for a longer run.
 fn cases() -> u32 {
-    std::env::var("KEYCAST_DFLAT_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    std::env::var("KEYCAST_DFLAT_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2048)
 }
 
 proptest! {

@@ -255,8 +255,13 @@ fn flat_to_tree_case(id_bits: u8, policy: JoinPolicy, initial: usize, before: &[
     }
 }
 
+/// Cases per property: 1,024 in the test profile; `KEYCAST_TRANSITION_CASES` for a longer run.
+fn cases() -> u32 {
+    std::env::var("KEYCAST_TRANSITION_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1024)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn flat_to_tree_members_derive_exactly_the_controllers_tree_and_departed_ones_nothing_later(
@@ -406,7 +411,7 @@ fn tree_to_flat_case(degree: u32, policy: JoinPolicy, initial: usize, before: &[
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn tree_to_flat_members_hold_exactly_their_shares_and_departed_ones_nothing(
