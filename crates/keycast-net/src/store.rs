@@ -124,7 +124,7 @@ impl DatabaseKey {
 
 /// Records that hold secrets (seeds, keys): sealed when the store has a key.
 fn is_secret(record: &Record) -> bool {
-    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. })
+    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. } | Record::Merged(_) | Record::Split { .. })
 }
 
 fn failed<E: std::fmt::Display>(e: E) -> StoreError {
@@ -227,14 +227,21 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 /// First byte of a snapshot's value (JSON records start with `{`).
 const SNAPSHOT_TAG: u8 = 1;
+/// First byte of a merge record's value (it holds the absorbed group's graph, in binary).
+const MERGE_TAG: u8 = 2;
+
+fn tagged(tag: u8, body: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(1 + body.len()));
+    out.push(tag);
+    out.extend_from_slice(body);
+    out
+}
 
 fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
-    if let Record::Snapshot(snapshot) = record {
-        let body = snapshot.encode();
-        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(1 + body.len()));
-        out.push(SNAPSHOT_TAG);
-        out.extend_from_slice(&body);
-        return out;
+    match record {
+        Record::Snapshot(snapshot) => return tagged(SNAPSHOT_TAG, &snapshot.encode()),
+        Record::Merged(merge) => return tagged(MERGE_TAG, &merge.encode()),
+        _ => {}
     }
     let value = match record {
         Record::Genesis { created_ms, graph_seed, signing_seed, fixed } => {
@@ -258,7 +265,9 @@ fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
         Record::AclAdded(identity) => json!({"acl_added": identity}),
         Record::AclRemoved(identity) => json!({"acl_removed": identity}),
         Record::SeqFloor(n) => json!({"seq_floor": n}),
-        Record::Snapshot(_) => unreachable!("encoded above"),
+        Record::Snapshot(_) | Record::Merged(_) => unreachable!("encoded above"),
+        Record::Split { seq, epoch, seed } => json!({"split": {"seq": seq, "epoch": epoch, "seed": hex(seed)}}),
+        Record::HandedOff { to, seq } => json!({"handed_off": {"to": to.0, "seq": seq}}),
         Record::SigningKey { change, seed } => json!({"signing_key": {"change": change, "seed": hex(seed)}}),
     };
     zeroize::Zeroizing::new(serde_json::to_vec(&value).expect("JSON of plain values"))
@@ -268,8 +277,17 @@ fn decode(bytes: &[u8]) -> Option<Record> {
     if let Some(body) = bytes.strip_prefix(&[SNAPSHOT_TAG]) {
         return keycast_core::protocol::Snapshot::decode(body).ok().map(|s| Record::Snapshot(Box::new(s)));
     }
+    if let Some(body) = bytes.strip_prefix(&[MERGE_TAG]) {
+        return keycast_core::protocol::merge_state::MergeRecord::decode(body).ok().map(|m| Record::Merged(Box::new(m)));
+    }
     let v: Value = serde_json::from_slice(bytes).ok()?;
     let u = |v: &Value| v.as_u64();
+    if let Some(split) = v.get("split") {
+        return Some(Record::Split { seq: u(&split["seq"])?, epoch: u(&split["epoch"])?, seed: unhex(&split["seed"])? });
+    }
+    if let Some(h) = v.get("handed_off") {
+        return Some(Record::HandedOff { to: keycast_core::wire::GroupId(u(&h["to"])?), seq: u(&h["seq"])? });
+    }
     if let Some(g) = v.get("genesis") {
         return Some(Record::Genesis {
             created_ms: u(&g["created_ms"])?,
@@ -412,6 +430,8 @@ mod tests {
             Record::AclRemoved("member-9".into()),
             Record::SeqFloor(12),
             Record::SigningKey { change: 2, seed: [4; 32] },
+            Record::Split { seq: 13, epoch: 14, seed: [5; 32] },
+            Record::HandedOff { to: keycast_core::wire::GroupId(8), seq: 15 },
         ];
         {
             let (mut store, old) = Store::open(&dir).unwrap();

@@ -21,6 +21,7 @@ use crate::wire::{
     SignedSignerChange, VerifyingKey,
     LIVENESS_LEN,
 };
+use crate::graph::merge::Subtree;
 use crate::wire::{Move, SignedMergeNotice};
 
 use super::traffic::{self, Fresh, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
@@ -623,6 +624,10 @@ impl MemberSession {
         let notice = SignedMergeNotice::verify(bytes, &self.signer)?;
         if notice.group != self.group {
             return Err(Reject::WrongGroup { expected: self.group, got: notice.group }.into());
+        }
+        // A split's notice goes on the merged channel, which the left side hears too: it stays.
+        if notice.change == Move::Split && self.keys.subtree() != Some(Subtree::Right) {
+            return Ok(Vec::new());
         }
         let held = self.guard.rekey_seq();
         if notice.after_seq < held {
