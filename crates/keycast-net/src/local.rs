@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use keycast_core::protocol::merge_state::MergeTicket;
 use keycast_core::protocol::{GroupPolicy, DEFAULT_SNAPSHOT_EVERY};
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::GroupId;
@@ -34,7 +35,8 @@ pub enum LocalError {
 }
 
 pub struct LocalGroup {
-    pub authority: Authority,
+    /// Shared by groups that merge (`prepare_sharing`): members then reach either controller.
+    pub authority: Arc<Authority>,
     pub policy: GroupPolicy,
     pub acl: BTreeSet<String>,
     pub multicast: MulticastConfig,
@@ -91,8 +93,14 @@ impl LocalGroup {
 
     /// As `start`, without starting the controller: change `limits` and the rest first.
     pub fn prepare(policy: GroupPolicy, acl_size: usize, folder: PathBuf) -> Result<LocalGroup, LocalError> {
+        let authority = Authority::new("keycast local CA").map_err(|e| LocalError::Pki(e.to_string()))?;
+        LocalGroup::prepare_sharing(policy, acl_size, folder, Arc::new(authority))
+    }
+
+    /// As `prepare`, under another group's CA: its members and controller trust this group's,
+    /// as two groups that merge must (docs/merge.md).
+    pub fn prepare_sharing(policy: GroupPolicy, acl_size: usize, folder: PathBuf, authority: Arc<Authority>) -> Result<LocalGroup, LocalError> {
         let pki = |e: rcgen::Error| LocalError::Pki(e.to_string());
-        let authority = Authority::new("keycast local CA").map_err(pki)?;
         let credentials = authority.issue("keycast-controller", true).map_err(pki)?;
         let admin = authority.issue("admin", false).map_err(pki)?;
         let tls = server_config(&credentials).map_err(|e| LocalError::Pki(e.to_string()))?;
@@ -253,6 +261,29 @@ impl LocalGroup {
 }
 
 impl LocalGroup {
+    /// Merges the running group `right` into the running group `left` (Caronni et al. 3.5,
+    /// docs/merge.md): `left`'s controller runs the merged group, `right`'s members follow it
+    /// without rejoining. The two must share a CA (`prepare_sharing`).
+    pub async fn merge(left: &LocalGroup, right: &LocalGroup) -> Result<MergeTicket, String> {
+        let side = right.server().merge_side().await?;
+        match left.server().absorb(side).await {
+            Ok(ticket) => {
+                right.server().hand_off(ticket.clone()).await?;
+                Ok(ticket)
+            }
+            Err(e) => {
+                right.server().abort_merge().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Splits `right` off the merged group `left` runs: its members go back to its controller.
+    pub async fn split(left: &LocalGroup, right: &LocalGroup) -> Result<(), String> {
+        let handback = left.server().split().await?;
+        right.server().resume(handback).await
+    }
+
     /// One admin request over TLS with `credentials` (the group's `admin` ones, or others to
     /// check that they are refused).
     pub async fn admin_request(&self, credentials: &Credentials, request: &AdminRequest) -> Result<AdminResponse, String> {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use keycast_core::protocol::traffic::TrafficKeys;
 use keycast_core::protocol::heartbeats::{controller_alive, Heartbeats};
+use keycast_core::protocol::merge_state::{Handback, MergeSide, MergeTicket};
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, LivenessAnswer, Output, Refusal};
 use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
@@ -111,6 +112,20 @@ enum Command {
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
     /// A standby took over with this controller (`Controller::expect_rejoins`).
     ExpectRejoins(usize),
+    /// A step of a merge or split of two groups (docs/merge.md).
+    Merge(MergeStep),
+}
+
+/// The steps of a merge and a split, each answered with its result (errors as text).
+enum MergeStep {
+    /// This group's state for a merge into another; its batches wait until `HandOff` or `Abort`.
+    Side { reply: oneshot::Sender<Result<MergeSide, String>> },
+    /// The merge state taken by `Side` was not used: batches go on.
+    Abort,
+    Absorb { side: Box<MergeSide>, reply: oneshot::Sender<Result<MergeTicket, String>> },
+    HandOff { ticket: Box<MergeTicket>, reply: oneshot::Sender<Result<(), String>> },
+    Split { reply: oneshot::Sender<Result<Handback, String>> },
+    Resume { handback: Box<Handback>, reply: oneshot::Sender<Result<(), String>> },
 }
 
 /// A running controller. Dropping it stops every task at once (as a crash would).
@@ -206,6 +221,8 @@ impl Server {
             error_log: LogLimiter::default(),
             udp_requests,
             unicast: udp_socket.clone(),
+            addr,
+            merging: false,
         };
         // Stats and keys from the start: a relay restarted from its log reads them at once.
         driver.publish_stats();
@@ -294,6 +311,43 @@ impl Server {
             Some(AdminResponse::Members(rows)) => rows,
             _ => Vec::new(),
         }
+    }
+
+    /// This group's state for a merge into another group (`Controller::merge_side`); its
+    /// batches wait until [`Server::hand_off`] or [`Server::abort_merge`].
+    pub async fn merge_side(&self) -> Result<MergeSide, String> {
+        self.merge_step(|reply| MergeStep::Side { reply }).await
+    }
+
+    /// The state taken by [`Server::merge_side`] will not be used: batches go on.
+    pub async fn abort_merge(&self) {
+        let _ = self.commands.send(Command::Merge(MergeStep::Abort)).await;
+    }
+
+    /// Absorbs the group of `side` (`Controller::absorb`): what its controller sends next.
+    pub async fn absorb(&self, side: MergeSide) -> Result<MergeTicket, String> {
+        self.merge_step(|reply| MergeStep::Absorb { side: Box::new(side), reply }).await
+    }
+
+    /// Sends this group's members to the merged group (`Controller::hand_off`).
+    pub async fn hand_off(&self, ticket: MergeTicket) -> Result<(), String> {
+        self.merge_step(|reply| MergeStep::HandOff { ticket: Box::new(ticket), reply }).await
+    }
+
+    /// Splits the merged group (`Controller::split`): the absorbed group's state, for its controller.
+    pub async fn split(&self) -> Result<Handback, String> {
+        self.merge_step(|reply| MergeStep::Split { reply }).await
+    }
+
+    /// Takes this group back after a split (`Controller::resume`).
+    pub async fn resume(&self, handback: Handback) -> Result<(), String> {
+        self.merge_step(|reply| MergeStep::Resume { handback: Box::new(handback), reply }).await
+    }
+
+    async fn merge_step<T>(&self, step: impl FnOnce(oneshot::Sender<Result<T, String>>) -> MergeStep) -> Result<T, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Merge(step(reply))).await.map_err(|_| "the controller stopped".to_owned())?;
+        answer.await.map_err(|_| "the controller stopped".to_owned())?
     }
 
     async fn admin(&self, request: AdminRequest) -> Option<AdminResponse> {
@@ -406,6 +460,10 @@ struct ControllerTask {
     /// checked here (the controller owns the keys); resync answers go back on `unicast`.
     udp_requests: mpsc::Receiver<UdpRequest>,
     unicast: Arc<UdpSocket>,
+    /// The TLS address members reach this controller at (named in merge notices).
+    addr: SocketAddr,
+    /// This group's state was taken for a merge: no batch until it is handed off or the merge aborted.
+    merging: bool,
 }
 
 impl ControllerTask {
@@ -449,6 +507,9 @@ impl ControllerTask {
 
     async fn tick(&mut self) -> Result<(), StoreError> {
         self.forget_abandoned_joins();
+        if self.merging {
+            return Ok(());
+        }
         match self.controller.tick(now_ms(), entropy()) {
             Ok(outputs) => self.deliver(outputs).await,
             Err(error) => {
@@ -582,6 +643,55 @@ impl ControllerTask {
                 let _ = reply.send(response);
             }
             Command::ExpectRejoins(members) => self.controller.expect_rejoins(members),
+            Command::Merge(step) => self.merge_step(step).await?,
+        }
+        Ok(())
+    }
+
+    /// One step of a merge or split; the controller's refusals go back to the caller.
+    async fn merge_step(&mut self, step: MergeStep) -> Result<(), StoreError> {
+        let (now, here) = (now_ms(), (self.addr, SocketAddr::V4(self.group)));
+        let text = |e: ControllerError| e.to_string();
+        match step {
+            MergeStep::Side { reply } => {
+                let side = self.controller.merge_side(here.0, here.1).map_err(text);
+                self.merging = side.is_ok();
+                let _ = reply.send(side);
+            }
+            MergeStep::Abort => self.merging = false,
+            MergeStep::Absorb { side, reply } => match self.controller.absorb(*side, here, now, entropy()) {
+                Ok((outputs, ticket)) => {
+                    self.deliver(outputs).await?;
+                    tracing::info!(offset = ticket.offset, "absorbed another group: running the merged group");
+                    let _ = reply.send(Ok(ticket));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
+            MergeStep::HandOff { ticket, reply } => match self.controller.hand_off(&ticket) {
+                Ok(outputs) => {
+                    self.merging = false;
+                    self.deliver(outputs).await?;
+                    tracing::info!(to = ticket.merged.group.0, "handed this group off to the merged group");
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
+            MergeStep::Split { reply } => match self.controller.split(now, entropy()) {
+                Ok((outputs, handback)) => {
+                    self.deliver(outputs).await?;
+                    tracing::info!(group = handback.right.fixed.group.0, members = handback.members.len(), "split: the absorbed group handed back");
+                    let _ = reply.send(Ok(handback));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
+            MergeStep::Resume { handback, reply } => match self.controller.resume(*handback, now) {
+                Ok(outputs) => {
+                    self.deliver(outputs).await?;
+                    tracing::info!("resumed this group after a split");
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
         }
         Ok(())
     }
@@ -1318,6 +1428,8 @@ mod tests {
             error_log: LogLimiter::default(),
             udp_requests: mpsc::channel(1).1,
             unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            merging: false,
         };
         (task, config)
     }
