@@ -227,8 +227,8 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 /// First byte of a snapshot's value (JSON records start with `{`).
 const SNAPSHOT_TAG: u8 = 1;
-/// First byte of a merge record's value (it holds the absorbed group's graph, in binary).
-const MERGE_TAG: u8 = 2;
+/// First byte of a merge record's value (it holds the absorbed group's graph, in binary; 2 is `SEALED_TAG`).
+const MERGE_TAG: u8 = 3;
 
 fn tagged(tag: u8, body: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
     let mut out = zeroize::Zeroizing::new(Vec::with_capacity(1 + body.len()));
@@ -397,6 +397,32 @@ fn unhex(v: &Value) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
 
+    /// A merge record with a small absorbed group (its graph bytes are not imported here).
+    fn merge_record() -> keycast_core::protocol::merge_state::MergeRecord {
+        use keycast_core::protocol::merge_state::{MergeRecord, MergeSide, RightGroup};
+        let fixed = keycast_core::protocol::FixedPolicy {
+            group: keycast_core::wire::GroupId(8),
+            graph: keycast_core::GraphConfig { scheme: keycast_core::Scheme::Tree { degree: 3 }, join_policy: keycast_core::JoinPolicy::NewVersion },
+            epoch_ms: 100,
+        };
+        let right = RightGroup {
+            fixed,
+            signer: keycast_core::wire::VerifyingKey([7; 32]),
+            created_ms: 1,
+            rekey_seq: 4,
+            next_member: 3,
+            controller: "127.0.0.1:7000".parse().unwrap(),
+            multicast: "239.255.0.9:7001".parse().unwrap(),
+        };
+        let side = MergeSide {
+            right,
+            graph: zeroize::Zeroizing::new(vec![1, 2, 3]),
+            members: vec![(MemberId(1), "right-1".into()), (MemberId(2), "right-2".into())],
+            pending: vec![Request::Leave { member: MemberId(2) }],
+        };
+        MergeRecord { seq: 16, epoch: 17, offset: 9, seed: [6; 32], side }
+    }
+
     #[test]
     fn records_survive_a_reopen_in_order() {
         let dir = std::env::temp_dir().join(format!("keycast-store-{}", std::process::id()));
@@ -432,6 +458,7 @@ mod tests {
             Record::SigningKey { change: 2, seed: [4; 32] },
             Record::Split { seq: 13, epoch: 14, seed: [5; 32] },
             Record::HandedOff { to: keycast_core::wire::GroupId(8), seq: 15 },
+            Record::Merged(Box::new(merge_record())),
         ];
         {
             let (mut store, old) = Store::open(&dir).unwrap();

@@ -1,8 +1,8 @@
 //! Two running groups merge and split over real sockets on loopback (Caronni et al. 3.5,
 //! docs/merge.md): members of both groups follow the merge notice to the left controller and
-//! its multicast group without rejoining, their data reaches the other group's members, a
-//! member leaves while merged, and after the split each side follows its own controller again
-//! and reads nothing of the other's.
+//! its multicast group without rejoining, their data reaches the other group's members, the
+//! merged controller restarts from its log, a member leaves while merged, and after the split
+//! each side follows its own controller again and reads nothing of the other's.
 
 use std::time::Duration;
 
@@ -84,7 +84,11 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     // Over the merged multicast group: a right member's data reaches a left member.
     rights[0].0.send(b"from the right").await.unwrap();
     assert!(receives(&mut lefts[0].1, b"from the right").await, "a left member received a right member's multicast");
-    println!("merge: {} members, merged key {merged_key}, left stats {:?} rekey bytes", left.server().stats().members, left.server().stats().rekey_bytes);
+
+    // The merged group's controller restarts from its log (the merge record replayed).
+    left.kill_server().await;
+    left.start_server().await.unwrap();
+    assert_eq!(left.server().members().await.len(), 6, "the restarted controller runs the merged group");
 
     // A right member leaves while merged: its request goes to the merged group's controller.
     let (gone, _) = rights.remove(2);
@@ -95,7 +99,7 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
         until_one_key(&everyone, LEFT, Some(merged_key)).await
     };
     assert_ne!(after_leave, gone_key.0);
-    assert_eq!(left.server().stats().members, 5);
+    assert_eq!(left.server().members().await.len(), 5);
 
     LocalGroup::split(&left, &right).await.unwrap();
     let l: Vec<&MemberClient> = lefts.iter().map(|(m, _)| m).collect();
@@ -105,7 +109,7 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     // The two sides' keys may share a name (each group names its keys alone), never a value.
     assert!(l[0].getkey().unwrap().1 != r[0].getkey().unwrap().1);
     assert!(r.iter().all(|m| m.controller() == right.addr()), "right members follow their own controller again");
-    assert_eq!(right.server().stats().members, 2);
+    assert_eq!(right.server().members().await.len(), 2, "right-1 and right-2 are back");
     assert_eq!(readers_of(l[0], &r), 0, "the right side reads nothing of the left's new key");
     assert_eq!(readers_of(r[0], &l), 0, "the left side reads nothing of the right's new key");
     assert_eq!(readers_of(l[0], &l[1..]), 2);
