@@ -6,13 +6,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keycast_core::protocol::merge_state::MergeTicket;
 use keycast_core::protocol::{GroupPolicy, DEFAULT_SNAPSHOT_EVERY};
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 
-use crate::admin::{AdminRequest, AdminResponse};
+use crate::admin::{AdminRequest, AdminResponse, AdminTarget};
 use crate::client::{ClientError, ClientEvent, ControllerAddr, MemberClient, MemberSetup};
 use crate::config::{MulticastConfig, RequestPolicy, DEFAULT_TLS_REFRESH_EVERY};
 use crate::pki::{Authority, Credentials};
@@ -262,26 +261,21 @@ impl LocalGroup {
 
 impl LocalGroup {
     /// Merges the running group `right` into the running group `left` (Caronni et al. 3.5,
-    /// docs/merge.md): `left`'s controller runs the merged group, `right`'s members follow it
-    /// without rejoining. The two must share a CA (`prepare_sharing`).
-    pub async fn merge(left: &LocalGroup, right: &LocalGroup) -> Result<MergeTicket, String> {
-        let side = right.server().merge_side().await?;
-        match left.server().absorb(side).await {
-            Ok(ticket) => {
-                right.server().hand_off(ticket.clone()).await?;
-                Ok(ticket)
-            }
-            Err(e) => {
-                right.server().abort_merge().await;
-                Err(e)
-            }
-        }
+    /// docs/merge.md) as `keycast admin merge` does, with each group's admin credentials:
+    /// `left`'s controller runs the merged group, `right`'s members follow it without
+    /// rejoining. The two must share a CA (`prepare_sharing`).
+    pub async fn merge(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
+        crate::admin::merge(&left.admin_target()?, &right.admin_target()?).await
     }
 
-    /// Splits `right` off the merged group `left` runs: its members go back to its controller.
-    pub async fn split(left: &LocalGroup, right: &LocalGroup) -> Result<(), String> {
-        let handback = left.server().split().await?;
-        right.server().resume(handback).await
+    /// Splits `right` off the merged group `left` runs (`keycast admin split`).
+    pub async fn split(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
+        crate::admin::split(&left.admin_target()?, &right.admin_target()?).await
+    }
+
+    /// This group's controller as its administrator reaches it.
+    pub fn admin_target(&self) -> Result<AdminTarget, String> {
+        Ok(AdminTarget { server: self.listen, server_name: "localhost".into(), tls: client_config(&self.admin).map_err(|e| e.to_string())? })
     }
 
     /// One admin request over TLS with `credentials` (the group's `admin` ones, or others to

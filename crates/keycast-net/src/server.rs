@@ -116,7 +116,8 @@ enum Command {
     Merge(MergeStep),
 }
 
-/// The steps of a merge and a split, each answered with its result (errors as text).
+/// The steps of a merge and a split (`keycast admin merge|split`), each answered with its
+/// result (errors as text).
 enum MergeStep {
     /// This group's state for a merge into another; its batches wait until `HandOff` or `Abort`.
     Side { reply: oneshot::Sender<Result<MergeSide, String>> },
@@ -311,43 +312,6 @@ impl Server {
             Some(AdminResponse::Members(rows)) => rows,
             _ => Vec::new(),
         }
-    }
-
-    /// This group's state for a merge into another group (`Controller::merge_side`); its
-    /// batches wait until [`Server::hand_off`] or [`Server::abort_merge`].
-    pub async fn merge_side(&self) -> Result<MergeSide, String> {
-        self.merge_step(|reply| MergeStep::Side { reply }).await
-    }
-
-    /// The state taken by [`Server::merge_side`] will not be used: batches go on.
-    pub async fn abort_merge(&self) {
-        let _ = self.commands.send(Command::Merge(MergeStep::Abort)).await;
-    }
-
-    /// Absorbs the group of `side` (`Controller::absorb`): what its controller sends next.
-    pub async fn absorb(&self, side: MergeSide) -> Result<MergeTicket, String> {
-        self.merge_step(|reply| MergeStep::Absorb { side: Box::new(side), reply }).await
-    }
-
-    /// Sends this group's members to the merged group (`Controller::hand_off`).
-    pub async fn hand_off(&self, ticket: MergeTicket) -> Result<(), String> {
-        self.merge_step(|reply| MergeStep::HandOff { ticket: Box::new(ticket), reply }).await
-    }
-
-    /// Splits the merged group (`Controller::split`): the absorbed group's state, for its controller.
-    pub async fn split(&self) -> Result<Handback, String> {
-        self.merge_step(|reply| MergeStep::Split { reply }).await
-    }
-
-    /// Takes this group back after a split (`Controller::resume`).
-    pub async fn resume(&self, handback: Handback) -> Result<(), String> {
-        self.merge_step(|reply| MergeStep::Resume { handback: Box::new(handback), reply }).await
-    }
-
-    async fn merge_step<T>(&self, step: impl FnOnce(oneshot::Sender<Result<T, String>>) -> MergeStep) -> Result<T, String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::Merge(step(reply))).await.map_err(|_| "the controller stopped".to_owned())?;
-        answer.await.map_err(|_| "the controller stopped".to_owned())?
     }
 
     async fn admin(&self, request: AdminRequest) -> Option<AdminResponse> {
@@ -736,6 +700,9 @@ impl ControllerTask {
                 let outputs = controller.acl_add(&identity);
                 let changed = !outputs.is_empty();
                 (Ok(outputs), AdminResponse::AclChanged { identity, added: true, changed, evicted: None })
+            }
+            AdminRequest::MergeSide | AdminRequest::AbortMerge | AdminRequest::Absorb { .. } | AdminRequest::HandOff { .. } | AdminRequest::Split | AdminRequest::Resume { .. } => {
+                return Ok(AdminResponse::Error("merge steps are served with their state (serve_merge_step)".into()))
             }
             AdminRequest::RotateSigningKey => {
                 let outputs = controller.rotate_signing_key(entropy());
@@ -1205,12 +1172,87 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerpri
             return Err(format!("{identity}: {error}"));
         }
     };
+    if request.is_merge_step() {
+        return serve_merge_step(tls, context, identity, request).await;
+    }
     let (reply, answer) = oneshot::channel();
     let response = match ask(context, Command::Admin { request, reply }, answer).await {
         Ok(response) => response,
         Err(detail) => AdminResponse::Error(detail.into()),
     };
     write_frames(&mut tls, limits, &[Frame::new(admin::encode(&response))]).await.map_err(|e| format!("{identity}: {e}"))
+}
+
+/// A merge or split step ordered by an administrator: the state it carries is read (bounded
+/// in frames and time), the step runs in the controller, and the state it gives is written
+/// after the answer.
+async fn serve_merge_step(mut tls: Tls, context: &Listener, identity: &str, request: AdminRequest) -> Result<(), String> {
+    let limits = &context.limits;
+    let state = match tokio::time::timeout(limits.request_timeout, admin::read_state(&mut tls, request.state_frames())).await {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => return Err(format!("{identity}: merge state: {e}")),
+        Err(_) => return Err(format!("{identity}: merge state not sent in time")),
+    };
+    tracing::info!(%identity, ?request, "merge step ordered");
+    let (response, state) = match merge_step(context, request, &state).await {
+        Ok((detail, Some(state))) => {
+            tracing::info!(%detail, bytes = state.len(), "merge step done");
+            (AdminResponse::MergeState { frames: admin::state_frames(&state) }, state)
+        }
+        Ok((detail, None)) => (AdminResponse::MergeDone { detail }, Zeroizing::new(Vec::new())),
+        Err(error) => (AdminResponse::Error(error), Zeroizing::new(Vec::new())),
+    };
+    let write = async {
+        write_frame(&mut tls, &admin::encode(&response)).await?;
+        admin::write_state(&mut tls, &state).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut tls).await
+    };
+    match tokio::time::timeout(limits.request_timeout, write).await {
+        Ok(result) => result.map_err(|e| format!("{identity}: cannot send the answer: {e}")),
+        Err(_) => Err(format!("{identity}: the peer did not read its answer in time")),
+    }
+}
+
+/// Runs one merge step: what it did, and the state it gives (for the other controller).
+async fn merge_step(context: &Listener, request: AdminRequest, state: &[u8]) -> Result<(String, Option<Zeroizing<Vec<u8>>>), String> {
+    let bad = |what: &str, e: keycast_core::wire::DecodeError| format!("the {what} does not decode: {e}");
+    Ok(match request {
+        AdminRequest::MergeSide => {
+            let side = ask_merge(context, |reply| MergeStep::Side { reply }).await?;
+            (format!("state of group {} taken for a merge; its batches wait", side.right.fixed.group.0), Some(side.encode()))
+        }
+        AdminRequest::AbortMerge => {
+            context.commands.send(Command::Merge(MergeStep::Abort)).await.map_err(|_| "the controller has stopped".to_owned())?;
+            ("merge aborted; batches go on".into(), None)
+        }
+        AdminRequest::Absorb { .. } => {
+            let side = MergeSide::decode(state).map_err(|e| bad("merge side", e))?;
+            let ticket = ask_merge(context, |reply| MergeStep::Absorb { side: Box::new(side), reply }).await?;
+            ("absorbed; running the merged group".into(), Some(Zeroizing::new(ticket.encode())))
+        }
+        AdminRequest::HandOff { .. } => {
+            let ticket = MergeTicket::decode(state).map_err(|e| bad("merge ticket", e))?;
+            let to = ticket.merged.group.0;
+            ask_merge(context, |reply| MergeStep::HandOff { ticket: Box::new(ticket), reply }).await?;
+            (format!("handed off: the members follow group {to}"), None)
+        }
+        AdminRequest::Split => {
+            let handback = ask_merge(context, |reply| MergeStep::Split { reply }).await?;
+            ("split; the absorbed group's state goes back".into(), Some(handback.encode()))
+        }
+        AdminRequest::Resume { .. } => {
+            let handback = Handback::decode(state).map_err(|e| bad("handback", e))?;
+            let members = handback.members.len();
+            ask_merge(context, |reply| MergeStep::Resume { handback: Box::new(handback), reply }).await?;
+            (format!("split off: this group runs again with {members} members"), None)
+        }
+        other => return Err(format!("{other:?} is not a merge step")),
+    })
+}
+
+async fn ask_merge<T>(context: &Listener, step: impl FnOnce(oneshot::Sender<Result<T, String>>) -> MergeStep) -> Result<T, String> {
+    let (reply, answer) = oneshot::channel();
+    ask(context, Command::Merge(step(reply)), answer).await.map_err(str::to_owned)?
 }
 
 /// Sends `command` to the controller and waits, within the answer deadline, for its answer.

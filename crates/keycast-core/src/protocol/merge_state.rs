@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use zeroize::Zeroizing;
 
-use crate::graph::{KeyGraph, MemberId, RekeyPlan};
+use crate::graph::{import_graph, KeyGraph, MemberId, RekeyPlan};
 use crate::wire::codec::{Reader, Writer};
 use crate::wire::merge_notice::{put_addr, read_addr};
 use crate::wire::{DecodeError, VerifyingKey};
@@ -162,52 +162,195 @@ pub(crate) fn read_requests(r: &mut Reader<'_>) -> Result<Vec<Request>, DecodeEr
     Ok(pending)
 }
 
+/// Members and identities in ascending order of id.
+fn put_members(out: &mut Vec<u8>, members: &[(MemberId, String)]) {
+    out.put_u32(members.len() as u32);
+    for (member, identity) in members {
+        out.put_u64(member.0);
+        put_text(out, identity);
+    }
+}
+
+/// Strict: ascending ids (one encoding).
+fn read_members(r: &mut Reader<'_>) -> Result<Vec<(MemberId, String)>, DecodeError> {
+    let count = r.count(4, MAX_ITEMS, 10, "right members")?;
+    let mut members: Vec<(MemberId, String)> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let member = r.member()?;
+        if members.last().is_some_and(|(previous, _)| *previous >= member) {
+            return Err(DecodeError::BadValue { field: "right member", value: member.0 });
+        }
+        members.push((member, read_text(r, "right identity")?));
+    }
+    Ok(members)
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.put_u64(bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn read_bytes(r: &mut Reader<'_>, field: &'static str) -> Result<Zeroizing<Vec<u8>>, DecodeError> {
+    let len = r.u64(field)?;
+    Ok(Zeroizing::new(r.take(usize::try_from(len).unwrap_or(usize::MAX), field)?.to_vec()))
+}
+
+fn check_format(r: &mut Reader<'_>, field: &'static str) -> Result<(), DecodeError> {
+    match r.u8(field)? {
+        MERGE_RECORD_FORMAT => Ok(()),
+        format => Err(DecodeError::BadValue { field, value: format.into() }),
+    }
+}
+
+impl MergeSide {
+    fn capacity(&self) -> usize {
+        256 + self.graph.len() + self.members.iter().map(|(_, i)| 10 + i.len()).sum::<usize>() + 9 * self.pending.len()
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        put_right_group(out, &self.right);
+        put_members(out, &self.members);
+        put_requests(out, &self.pending);
+        put_bytes(out, &self.graph);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<MergeSide, DecodeError> {
+        let right = read_right_group(r)?;
+        let members = read_members(r)?;
+        let pending = read_requests(r)?;
+        let graph = read_bytes(r, "graph")?;
+        Ok(MergeSide { right, graph, members, pending })
+    }
+
+    /// For the trip from the absorbed controller to the absorbing one (`keycast admin merge`).
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        // Sized up front: a growing buffer would leave copies of keys in freed memory.
+        let mut out = Zeroizing::new(Vec::with_capacity(self.capacity()));
+        out.put_u8(MERGE_RECORD_FORMAT);
+        self.put(&mut out);
+        out
+    }
+
+    /// Strict, as any decoder (the graph is imported, and checked, by the absorbing controller).
+    pub fn decode(bytes: &[u8]) -> Result<MergeSide, DecodeError> {
+        let mut r = Reader::new(bytes);
+        check_format(&mut r, "merge side format")?;
+        let side = MergeSide::read(&mut r)?;
+        r.finish()?;
+        Ok(side)
+    }
+}
+
+/// Rekey packets a ticket may carry (a merge rekey is one packet).
+const MAX_TICKET_PACKETS: usize = 64;
+
+impl MergeTicket {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u8(MERGE_RECORD_FORMAT);
+        out.put_u64(self.merged.group.0);
+        out.extend_from_slice(&self.merged.signer.0);
+        put_addr(&mut out, self.merged.controller);
+        put_addr(&mut out, self.merged.multicast);
+        for value in [self.epoch, self.last_seq, self.offset, self.right_seq] {
+            out.put_u64(value);
+        }
+        out.put_u32(self.rekey.len() as u32);
+        for packet in &self.rekey {
+            out.put_u32(packet.len() as u32);
+            out.extend_from_slice(packet);
+        }
+        out
+    }
+
+    /// Strict; the packets are sent as they are (members verify them).
+    pub fn decode(bytes: &[u8]) -> Result<MergeTicket, DecodeError> {
+        let mut r = Reader::new(bytes);
+        check_format(&mut r, "merge ticket format")?;
+        let group = r.group()?;
+        let signer = VerifyingKey(r.array("merged signer")?);
+        let (controller, multicast) = (read_addr(&mut r, "merged controller")?, read_addr(&mut r, "merged multicast")?);
+        let merged = Destination { group, signer, controller, multicast };
+        let (epoch, last_seq, offset, right_seq) = (r.u64("epoch")?, r.u64("last seq")?, r.u64("member offset")?, r.u64("right seq")?);
+        let count = r.count(4, MAX_TICKET_PACKETS, 4, "merge rekey packets")?;
+        let mut rekey = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = r.count(4, crate::wire::MAX_MESSAGE_LEN, 1, "merge rekey packet")?;
+            rekey.push(r.take(len, "merge rekey packet")?.to_vec());
+        }
+        r.finish()?;
+        Ok(MergeTicket { merged, epoch, last_seq, offset, rekey, right_seq })
+    }
+}
+
+/// Wraps a handback's rekey may hold (a split rekey is one wrap).
+const MAX_HANDBACK_WRAPS: usize = 64;
+
+impl Handback {
+    /// For the trip from the merged controller to the absorbed one (`keycast admin split`).
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let graph = self.graph.export();
+        let rekey = &self.rekey;
+        let capacity = 256 + graph.len() + self.members.iter().map(|(_, i)| 10 + i.len()).sum::<usize>() + 12 * rekey.replaced.len() + 128 * rekey.wraps.len();
+        let mut out = Zeroizing::new(Vec::with_capacity(capacity));
+        out.put_u8(MERGE_RECORD_FORMAT);
+        put_right_group(&mut out, &self.right);
+        put_members(&mut out, &self.members);
+        out.put_u64(self.next_member);
+        put_bytes(&mut out, &graph);
+        out.put_ref(rekey.group_key);
+        out.extend_from_slice(&rekey.salt);
+        out.put_u32(rekey.replaced.len() as u32);
+        rekey.replaced.iter().for_each(|r| out.put_ref(*r));
+        out.put_u32(rekey.wraps.len() as u32);
+        rekey.wraps.iter().for_each(|w| out.put_wrap(w));
+        out
+    }
+
+    /// Strict; the graph is imported under the right group's configuration.
+    pub fn decode(bytes: &[u8]) -> Result<Handback, DecodeError> {
+        let mut r = Reader::new(bytes);
+        check_format(&mut r, "handback format")?;
+        let right = read_right_group(&mut r)?;
+        let members = read_members(&mut r)?;
+        let next_member = r.u64("next member")?;
+        let graph = import_graph(right.fixed.graph, &read_bytes(&mut r, "graph")?)?;
+        let group_key = r.key_ref("group key")?;
+        let salt = r.array("nonce salt")?;
+        let count = r.count(4, MAX_HANDBACK_WRAPS, 12, "replaced keys")?;
+        let replaced = (0..count).map(|_| r.key_ref("replaced key")).collect::<Result<Vec<_>, _>>()?;
+        let count = r.count(4, MAX_HANDBACK_WRAPS, 12, "wraps")?;
+        let wraps = (0..count).map(|_| r.wrap(&salt)).collect::<Result<Vec<_>, _>>()?;
+        r.finish()?;
+        if members.iter().any(|(m, _)| !graph.contains(*m)) || members.len() != graph.stats().members {
+            return Err(DecodeError::BadValue { field: "handback members", value: members.len() as u64 });
+        }
+        let rekey = RekeyPlan { group_key, replaced, wraps, salt, ..RekeyPlan::default() };
+        Ok(Handback { right, graph, rekey, members, next_member })
+    }
+}
+
 impl MergeRecord {
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
-        let side = &self.side;
         // Sized up front: a growing buffer would leave copies of keys in freed memory.
-        let capacity = 256 + side.graph.len() + side.members.iter().map(|(_, i)| 10 + i.len()).sum::<usize>() + 9 * side.pending.len();
-        let mut out = Zeroizing::new(Vec::with_capacity(capacity));
+        let mut out = Zeroizing::new(Vec::with_capacity(64 + self.side.capacity()));
         out.put_u8(MERGE_RECORD_FORMAT);
         out.put_u64(self.seq);
         out.put_u64(self.epoch);
         out.put_u64(self.offset);
         out.extend_from_slice(&self.seed);
-        put_right_group(&mut out, &side.right);
-        out.put_u32(side.members.len() as u32);
-        for (member, identity) in &side.members {
-            out.put_u64(member.0);
-            put_text(&mut out, identity);
-        }
-        put_requests(&mut out, &side.pending);
-        out.put_u64(side.graph.len() as u64);
-        out.extend_from_slice(&side.graph);
+        self.side.put(&mut out);
         out
     }
 
     /// Strict: members in ascending order (one encoding), nothing after the graph.
     pub fn decode(bytes: &[u8]) -> Result<MergeRecord, DecodeError> {
         let mut r = Reader::new(bytes);
-        let format = r.u8("merge record format")?;
-        if format != MERGE_RECORD_FORMAT {
-            return Err(DecodeError::BadValue { field: "merge record format", value: format.into() });
-        }
+        check_format(&mut r, "merge record format")?;
         let (seq, epoch, offset) = (r.u64("merge seq")?, r.u64("merge epoch")?, r.u64("member offset")?);
         let seed = r.array::<32>("merge seed")?;
-        let right = read_right_group(&mut r)?;
-        let count = r.count(4, MAX_ITEMS, 10, "right members")?;
-        let mut members: Vec<(MemberId, String)> = Vec::with_capacity(count);
-        for _ in 0..count {
-            let member = r.member()?;
-            if members.last().is_some_and(|(previous, _)| *previous >= member) {
-                return Err(DecodeError::BadValue { field: "right member", value: member.0 });
-            }
-            members.push((member, read_text(&mut r, "right identity")?));
-        }
-        let pending = read_requests(&mut r)?;
-        let len = r.u64("graph length")?;
-        let graph = Zeroizing::new(r.take(usize::try_from(len).unwrap_or(usize::MAX), "graph")?.to_vec());
+        let side = MergeSide::read(&mut r)?;
         r.finish()?;
-        Ok(MergeRecord { seq, epoch, offset, seed, side: MergeSide { right, graph, members, pending } })
+        Ok(MergeRecord { seq, epoch, offset, seed, side })
     }
 }
