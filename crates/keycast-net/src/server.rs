@@ -116,6 +116,9 @@ enum Command {
     Merge(MergeStep),
 }
 
+/// How long a group whose state was taken for a merge holds its batches for the hand-off.
+const MERGE_HOLD: Duration = Duration::from_secs(60);
+
 /// The steps of a merge and a split (`keycast admin merge|split`), each answered with its
 /// result (errors as text).
 enum MergeStep {
@@ -223,7 +226,7 @@ impl Server {
             udp_requests,
             unicast: udp_socket.clone(),
             addr,
-            merging: false,
+            merging: None,
         };
         // Stats and keys from the start: a relay restarted from its log reads them at once.
         driver.publish_stats();
@@ -426,8 +429,9 @@ struct ControllerTask {
     unicast: Arc<UdpSocket>,
     /// The TLS address members reach this controller at (named in merge notices).
     addr: SocketAddr,
-    /// This group's state was taken for a merge: no batch until it is handed off or the merge aborted.
-    merging: bool,
+    /// This group's state was taken for a merge: no batch until it is handed off, the merge
+    /// aborted, or this deadline passes (an administrator that went away holds nothing for long).
+    merging: Option<Instant>,
 }
 
 impl ControllerTask {
@@ -471,9 +475,10 @@ impl ControllerTask {
 
     async fn tick(&mut self) -> Result<(), StoreError> {
         self.forget_abandoned_joins();
-        if self.merging {
+        if self.merging.is_some_and(|until| Instant::now() < until) {
             return Ok(());
         }
+        self.merging = None;
         match self.controller.tick(now_ms(), entropy()) {
             Ok(outputs) => self.deliver(outputs).await,
             Err(error) => {
@@ -619,10 +624,10 @@ impl ControllerTask {
         match step {
             MergeStep::Side { reply } => {
                 let side = self.controller.merge_side(here.0, here.1).map_err(text);
-                self.merging = side.is_ok();
+                self.merging = side.is_ok().then(|| Instant::now() + MERGE_HOLD);
                 let _ = reply.send(side);
             }
-            MergeStep::Abort => self.merging = false,
+            MergeStep::Abort => self.merging = None,
             MergeStep::Absorb { side, reply } => match self.controller.absorb(*side, here, now, entropy()) {
                 Ok((outputs, ticket)) => {
                     self.deliver(outputs).await?;
@@ -633,7 +638,7 @@ impl ControllerTask {
             },
             MergeStep::HandOff { ticket, reply } => match self.controller.hand_off(&ticket) {
                 Ok(outputs) => {
-                    self.merging = false;
+                    self.merging = None;
                     self.deliver(outputs).await?;
                     tracing::info!(to = ticket.merged.group.0, "handed this group off to the merged group");
                     let _ = reply.send(Ok(()));
@@ -1471,7 +1476,7 @@ mod tests {
             udp_requests: mpsc::channel(1).1,
             unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            merging: false,
+            merging: None,
         };
         (task, config)
     }

@@ -93,6 +93,9 @@ impl Controller {
         if side.members.len() != right_graph.stats().members || side.members.iter().any(|(m, _)| !right_graph.contains(*m)) {
             return Err(refused("the absorbed group's members and graph disagree"));
         }
+        if side.pending.iter().any(|r| side.members.binary_search_by_key(&r.member(), |(m, _)| *m).is_err()) {
+            return Err(refused("a request of the absorbed group names no member of it"));
+        }
         if side.members.iter().any(|(_, identity)| self.by_identity.contains_key(identity)) {
             return Err(refused("an identity is a member of both groups"));
         }
@@ -231,7 +234,7 @@ impl Controller {
         self.graph = split.left;
         self.merged = None;
         self.install_rekey(seq, epoch, &split.left_rekey);
-        let next_member = members.iter().map(|(m, _)| m.0 + 1).fold(merged.right.next_member, u64::max);
+        let next_member = members.iter().map(|(m, _)| m.0.saturating_add(1)).fold(merged.right.next_member, u64::max);
         let handback = Handback { right: merged.right, graph: split.right, rekey: split.right_rekey, members, next_member };
         Ok((split.left_rekey, handback))
     }
