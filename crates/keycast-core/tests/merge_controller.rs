@@ -119,9 +119,15 @@ impl World {
     /// sent (a member moved by a notice hears the rest of that channel's datagrams: it moves
     /// its sockets afterwards), left channel first.
     fn deliver(&mut self) {
+        self.deliver_except(&[]);
+    }
+
+    /// As `deliver`, but the members named in `deaf` miss everything sent so far.
+    fn deliver_except(&mut self, deaf: &[&str]) {
         for group in [LEFT, RIGHT] {
             let sent = std::mem::take(&mut self.side(group).sent);
-            let listeners: Vec<String> = self.members.iter().filter(|(_, s)| s.group() == group).map(|(n, _)| n.clone()).collect();
+            let listeners: Vec<String> =
+                self.members.iter().filter(|(n, s)| s.group() == group && !deaf.contains(&n.as_str())).map(|(n, _)| n.clone()).collect();
             for name in listeners {
                 let session = self.members.get_mut(&name).unwrap();
                 for datagram in &sent {
@@ -143,6 +149,22 @@ impl World {
             self.deliver();
             for session in self.members.values_mut() {
                 session.tick(self.now);
+            }
+            self.resync_lagging();
+        }
+    }
+
+    /// Members that lost a rekey ask the controller they follow for their keys (over TLS).
+    fn resync_lagging(&mut self) {
+        let lagging: Vec<String> = self.members.iter().filter(|(_, s)| s.needs_resync()).map(|(n, _)| n.clone()).collect();
+        for name in lagging {
+            let (group, member, seq) = {
+                let s = &self.members[&name];
+                (s.group(), s.member(), s.rekey_seq())
+            };
+            let now = self.now;
+            if let Ok(answer) = self.side(group).controller.resync(&name, member, seq, now) {
+                self.members.get_mut(&name).unwrap().resynced(answer, now);
             }
         }
     }
@@ -238,9 +260,14 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     world.left.take(out);
     let out = world.right.controller.hand_off(&ticket).unwrap();
     world.right.take(out);
+    let merge_notice = world.right.sent[0].clone();
     let sizes: Vec<usize> = world.right.sent.iter().map(Vec::len).collect();
     println!("merge: {} datagrams on the left channel, {:?} bytes on the right channel (notice, then rekey)", world.left.sent.len(), sizes);
-    world.deliver();
+    // right-2 misses the notice and the rekey: the right controller's heartbeats repeat the
+    // notice, and the merged group's heartbeats then tell it to resync with the left controller.
+    world.deliver_except(&["right-2"]);
+    assert_eq!(world.members["right-2"].group(), RIGHT);
+    world.tick(200);
     let merged_key = world.left.controller.active_key(world.left.controller.epoch_at(world.now));
     assert!(world.keys().values().all(|k| *k == merged_key), "every member holds the merged key: {:?}", world.keys());
     assert!(world.members.values().all(|s| s.group() == LEFT), "the right members follow the merged group");
@@ -290,8 +317,17 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     assert!(matches!(&out[0], Output::Persist(Record::Snapshot(_))));
     world.right.take(out);
     println!("split: {split_sizes:?} bytes on the merged channel (notice, then the left rekey), {:?} on the right channel", world.right.sent.iter().map(Vec::len).collect::<Vec<_>>());
+    let right_rekey = std::mem::take(&mut world.right.sent);
     world.deliver();
-    // The right members' notice told them to follow the right group: hand them its rekey.
+    // Back on the right channel before the split's rekey, the right members refuse the merge
+    // notice again (a replay, or a late repeat with the right controller's old heartbeats).
+    for name in ["right-0", "right-1", "joiner-a", "joiner-b"] {
+        let session = world.members.get_mut(name).unwrap();
+        if session.group() == RIGHT {
+            assert!(session.receive(&merge_notice, world.now).is_err(), "{name} took a stale merge notice");
+        }
+    }
+    world.right.sent = right_rekey;
     world.deliver();
     let epoch = |side: &Side, now| side.controller.active_key(side.controller.epoch_at(now));
     let (left_key, right_key) = (epoch(&world.left, world.now), epoch(&world.right, world.now));

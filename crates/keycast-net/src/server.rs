@@ -640,6 +640,8 @@ impl ControllerTask {
                 Ok(outputs) => {
                     self.merging = None;
                     self.deliver(outputs).await?;
+                    // The heartbeats repeat the notice from now on (nothing else of theirs changed).
+                    lock(&self.heartbeats).update(self.controller.heartbeat_content());
                     tracing::info!(to = ticket.merged.group.0, "handed this group off to the merged group");
                     let _ = reply.send(Ok(()));
                 }

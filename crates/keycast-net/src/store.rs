@@ -267,7 +267,7 @@ fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
         Record::SeqFloor(n) => json!({"seq_floor": n}),
         Record::Snapshot(_) | Record::Merged(_) => unreachable!("encoded above"),
         Record::Split { seq, epoch, seed } => json!({"split": {"seq": seq, "epoch": epoch, "seed": hex(seed)}}),
-        Record::HandedOff { to, seq } => json!({"handed_off": {"to": to.0, "seq": seq}}),
+        Record::HandedOff { to, seq, notice } => json!({"handed_off": {"to": to.0, "seq": seq, "notice": hex::encode(notice)}}),
         Record::SigningKey { change, seed } => json!({"signing_key": {"change": change, "seed": hex(seed)}}),
     };
     zeroize::Zeroizing::new(serde_json::to_vec(&value).expect("JSON of plain values"))
@@ -286,7 +286,8 @@ fn decode(bytes: &[u8]) -> Option<Record> {
         return Some(Record::Split { seq: u(&split["seq"])?, epoch: u(&split["epoch"])?, seed: unhex(&split["seed"])? });
     }
     if let Some(h) = v.get("handed_off") {
-        return Some(Record::HandedOff { to: keycast_core::wire::GroupId(u(&h["to"])?), seq: u(&h["seq"])? });
+        let notice = hex::decode(h["notice"].as_str()?).ok()?;
+        return Some(Record::HandedOff { to: keycast_core::wire::GroupId(u(&h["to"])?), seq: u(&h["seq"])?, notice });
     }
     if let Some(g) = v.get("genesis") {
         return Some(Record::Genesis {
@@ -457,7 +458,7 @@ mod tests {
             Record::SeqFloor(12),
             Record::SigningKey { change: 2, seed: [4; 32] },
             Record::Split { seq: 13, epoch: 14, seed: [5; 32] },
-            Record::HandedOff { to: keycast_core::wire::GroupId(8), seq: 15 },
+            Record::HandedOff { to: keycast_core::wire::GroupId(8), seq: 15, notice: vec![2, 19, 1] },
             Record::Merged(Box::new(merge_record())),
         ];
         {

@@ -139,8 +139,9 @@ pub enum Record {
     /// The merged group split: the absorbed group's side was handed back, its keys drawn from `seed`.
     Split { seq: u64, epoch: u64, seed: [u8; 32] },
     /// This group was absorbed into group `to` after its rekey `seq`: the controller serves it no
-    /// more until the split hands it back (a snapshot then starts its log again).
-    HandedOff { to: GroupId, seq: u64 },
+    /// more until the split hands it back (a snapshot then starts its log again). Its heartbeats
+    /// repeat `notice` (signed, public) for members that missed it.
+    HandedOff { to: GroupId, seq: u64, notice: Vec<u8> },
 }
 
 /// Seeds are secrets: Debug names the record and its public fields only.
@@ -164,7 +165,7 @@ impl core::fmt::Debug for Record {
             Record::SigningKey { change, .. } => write!(f, "SigningKey {{ change: {change}, seed: <redacted> }}"),
             Record::Merged(merge) => write!(f, "{merge:?}"),
             Record::Split { seq, epoch, .. } => write!(f, "Split {{ seq: {seq}, epoch: {epoch}, seed: <redacted> }}"),
-            Record::HandedOff { to, seq } => write!(f, "HandedOff {{ to: {}, seq: {seq} }}", to.0),
+            Record::HandedOff { to, seq, .. } => write!(f, "HandedOff {{ to: {}, seq: {seq} }}", to.0),
         }
     }
 }
@@ -449,7 +450,10 @@ impl Controller {
                     let (plan, _) = c.apply_split(*seq, *epoch, seed)?;
                     last_batch = Some((plan, *seq, *epoch, *epoch));
                 }
-                Record::HandedOff { to, .. } => c.handed_off = Some(*to),
+                Record::HandedOff { to, notice, .. } => {
+                    c.handed_off = Some(*to);
+                    c.announcement = Some(Arc::new(notice.clone()));
+                }
             }
         }
         for record in c.members.values_mut() {
@@ -1018,10 +1022,12 @@ impl Controller {
     /// Advances time: expires silent members, closes the epoch when it is over, and sends a
     /// heartbeat when one is due.
     pub fn tick(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
-        if self.handed_off.is_some() {
-            return Ok(Vec::new());
-        }
         let mut out = Vec::new();
+        if self.handed_off.is_some() {
+            // Nothing to batch or expire: only the heartbeats, which repeat the merge notice.
+            out.extend(self.beat(now_ms));
+            return Ok(out);
+        }
         self.discount_pause(now_ms);
         if let Some(floor) = self.unpersisted_floor.take() {
             out.push(Output::Persist(Record::SeqFloor(floor)));
@@ -1034,13 +1040,19 @@ impl Controller {
         }
         out.extend(self.repair(now_ms));
         self.joiners.retire(self.active_entry(self.epoch_at(now_ms)).0);
-        if self.heartbeats.as_ref().is_some_and(|h| now_ms >= h.next_ms()) {
-            let content = self.heartbeat_content();
-            let heartbeats = self.heartbeats.as_mut().expect("checked above");
-            heartbeats.update(content);
-            out.extend(heartbeats.beat(now_ms).into_iter().map(Output::Multicast));
-        }
+        out.extend(self.beat(now_ms));
         Ok(out)
+    }
+
+    /// The heartbeats due at `now_ms`, unless a driver took them over.
+    fn beat(&mut self, now_ms: u64) -> Vec<Output> {
+        if self.heartbeats.as_ref().is_none_or(|h| now_ms < h.next_ms()) {
+            return Vec::new();
+        }
+        let content = self.heartbeat_content();
+        let heartbeats = self.heartbeats.as_mut().expect("checked above");
+        heartbeats.update(content);
+        heartbeats.beat(now_ms).into_iter().map(Output::Multicast).collect()
     }
 
     /// Leave requests for the members not heard from for the refresh timeout, among the slice

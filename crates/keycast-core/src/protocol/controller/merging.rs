@@ -133,7 +133,7 @@ impl Controller {
 
     /// Sends this group's members to the merged group of `ticket`: the notice, then the merge
     /// rekey, on this group's channel. From then on the controller serves nothing (joins are
-    /// refused, ticks send nothing) until [`Controller::resume`].
+    /// refused, ticks send only heartbeats, which repeat the notice) until [`Controller::resume`].
     pub fn hand_off(&mut self, ticket: &MergeTicket) -> Result<Vec<Output>, ControllerError> {
         if self.merged.is_some() || self.handed_off.is_some() {
             return Err(refused("a merged or absorbed group is handed off no further"));
@@ -154,7 +154,8 @@ impl Controller {
             controller: to.controller,
             multicast: to.multicast,
         };
-        let mut out = vec![Output::Persist(Record::HandedOff { to: to.group, seq: self.rekey_seq })];
+        let notice = notice.sign(&self.signer).encode();
+        let mut out = vec![Output::Persist(Record::HandedOff { to: to.group, seq: self.rekey_seq, notice: notice.clone() })];
         // Joins waiting for this group's batch will not get one.
         let waiting: Vec<String> = self.pending.iter().filter_map(|r| if let Request::Join { identity, .. } = r { Some(identity.clone()) } else { None }).collect();
         for identity in waiting {
@@ -162,7 +163,9 @@ impl Controller {
             out.extend(self.drop_queued_join(&identity, super::refuse(RefusalReason::UnknownGroup, detail)));
         }
         self.handed_off = Some(to.group);
-        out.push(Output::Multicast(notice.sign(&self.signer).encode()));
+        // A member that missed the notice hears it again with the heartbeats.
+        self.announcement = Some(std::sync::Arc::new(notice.clone()));
+        out.push(Output::Multicast(notice));
         out.extend(ticket.rekey.iter().cloned().map(Output::Multicast));
         Ok(out)
     }
@@ -267,6 +270,7 @@ impl Controller {
         self.group_keys.clear();
         self.install_rekey(seq, epoch, &handback.rekey);
         self.handed_off = None;
+        self.announcement = None;
         self.last_rekey = packets.clone();
         self.batches_since_snapshot = 0;
         let mut out = vec![Output::Persist(Record::Snapshot(Box::new(self.whole_state())))];
