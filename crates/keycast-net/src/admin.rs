@@ -206,11 +206,14 @@ pub async fn read_state<R: tokio::io::AsyncRead + Unpin>(stream: &mut R, frames:
     if frames > MAX_STATE_FRAMES {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{frames} frames of merge state: more than {MAX_STATE_FRAMES}")));
     }
-    let mut state = zeroize::Zeroizing::new(Vec::with_capacity(frames as usize * STATE_FRAME_LEN));
+    // Frame by frame, then one buffer of the exact size: nothing is allocated for frames that
+    // never come, and no growing buffer leaves copies of keys behind.
+    let mut parts = Vec::new();
     for _ in 0..frames {
-        let frame = zeroize::Zeroizing::new(read_frame(stream).await?);
-        state.extend_from_slice(&frame);
+        parts.push(zeroize::Zeroizing::new(read_frame(stream).await?));
     }
+    let mut state = zeroize::Zeroizing::new(Vec::with_capacity(parts.iter().map(|p| p.len()).sum()));
+    parts.iter().for_each(|part| state.extend_from_slice(part));
     Ok(state)
 }
 
