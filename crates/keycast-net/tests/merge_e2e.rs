@@ -120,3 +120,24 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     rights[0].0.send(b"right again").await.unwrap();
     assert!(receives(&mut rights[1].1, b"right again").await, "the right group's multicast works again");
 }
+
+/// A merge the absorbing controller refuses (one identity in both groups) leaves both groups
+/// as they were: the absorbed one is told to go on, and its next join is served at once (its
+/// batches would otherwise wait for the hand-off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_merge_leaves_both_groups_running() {
+    let (left_dir, right_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut left = LocalGroup::prepare(policy(LEFT), 2, left_dir.path().to_path_buf()).unwrap();
+    let mut right = LocalGroup::prepare_sharing(policy(RIGHT), 2, right_dir.path().to_path_buf(), left.authority.clone()).unwrap();
+    left.start_server().await.unwrap();
+    right.start_server().await.unwrap();
+    let (left_member, _l) = left.join("member-1").await.unwrap();
+    let (right_member, _r) = right.join("member-1").await.unwrap();
+    let error = LocalGroup::merge(&left, &right).await.unwrap_err();
+    assert!(error.contains("identity"), "{error}");
+    let (joiner, _j) = timeout(Duration::from_secs(5), right.join("member-2")).await.expect("the right group batches again").unwrap();
+    let r = [&right_member, &joiner];
+    until_one_key(&r, RIGHT, None).await;
+    until_one_key(&[&left_member], LEFT, None).await;
+    assert_eq!(readers_of(&left_member, &r), 0, "still two groups");
+}
