@@ -48,4 +48,25 @@ def handback(id_bits, pid):
     return bytes([2, 0x3C]) + (1).to_bytes(8, "big") + pid.to_bytes(8, "big") + key(0) + bytes([id_bits]) + keks
 write("decode_handback", "two-bits", handback(2, 0b10))
 write("decode_handback", "sixteen-bits", handback(16, 0xBEEF))
+# import_merge: the first byte selects. Below 0x40: raw bytes, seeded with a merge record (two
+# members, one pending leave, a short graph), the same as a merge side, and a ticket. 0x40 and
+# up: a real handback (then a right member count) or, from 0x80, a real merged group (degree
+# 2 + byte % 4, then left and right member counts), each unedited and edited.
+def u64(n):
+    return n.to_bytes(8, "big")
+right_group = u64(2) + bytes([1]) + (2).to_bytes(4, "big") + bytes([0]) + u64(100) + bytes(range(32)) + u64(5) + u64(3) + u64(4)
+right_group += bytes([4, 127, 0, 0, 1]) + (7000).to_bytes(2, "big") + bytes([4, 239, 255, 0, 9]) + (7001).to_bytes(2, "big")
+members = (2).to_bytes(4, "big") + u64(1) + (1).to_bytes(2, "big") + b"a" + u64(2) + (1).to_bytes(2, "big") + b"b"
+pending = (1).to_bytes(4, "big") + bytes([0]) + u64(2)
+side = right_group + members + pending + u64(3) + b"abc"
+write("import_merge", "record", bytes([0, 1]) + u64(4) + u64(9) + u64(7) + bytes(32) + side)
+write("import_merge", "side", bytes([0, 1]) + side)
+ticket = u64(1) + bytes(range(32)) + bytes([4, 127, 0, 0, 1]) + (7100).to_bytes(2, "big") + bytes([4, 239, 255, 0, 8]) + (7101).to_bytes(2, "big")
+ticket += u64(9) + u64(4) + u64(7) + u64(3) + (1).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"pkt"
+write("import_merge", "ticket", bytes([0, 1]) + ticket)
+write("import_merge", "handback", bytes([0x40, 7]))
+write("import_merge", "handback-edited", bytes([0x40, 7, 0, 90, 1, 0, 200, 0x80]))
+for selector in range(0x80, 0x84):
+    write("import_merge", f"merged-{selector:02x}", bytes([selector, 9, 5]))
+    write("import_merge", f"edited-{selector:02x}", bytes([selector, 9, 5, 0, 9, 1, 0, 60, 0x80]))
 print("seed corpus written under", here / "corpus")

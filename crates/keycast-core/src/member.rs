@@ -54,11 +54,14 @@ impl MemberKeys {
     /// (individual key first).
     pub fn from_snapshot(position: Position, keys: Vec<(KeyRef, Key)>, group_key: KeyRef) -> Self {
         let individual = keys.first().map(|(r, _)| r.id).unwrap_or(KeyId(0));
+        // A merged group's member holds its root: its side is the one its own keys are named for.
+        let merged = keys.iter().any(|(r, _)| r.id == MERGED_ROOT_ID);
+        let subtree = merged.then(|| if Subtree::Right.own_id(individual).is_some() { Subtree::Right } else { Subtree::Left });
         let mut ring = KeyRing::new();
         for (r, k) in keys {
             ring.insert(r, k);
         }
-        MemberKeys { position, individual, group_key: Some(group_key), ring, subtree: None }
+        MemberKeys { position, individual, group_key: Some(group_key), ring, subtree }
     }
 
     pub fn position(&self) -> Position {

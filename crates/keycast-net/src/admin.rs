@@ -32,6 +32,21 @@ pub enum AdminRequest {
     Stats,
     /// Replaces the controller's signing key; members follow the signed announcement.
     RotateSigningKey,
+    /// Merge, on the group to be absorbed: its state, in binary frames after the answer
+    /// (`MergeState`); its batches wait until `HandOff` or `AbortMerge` (docs/merge.md).
+    MergeSide,
+    /// Merge, on the group to be absorbed: the state taken by `MergeSide` will not be used.
+    AbortMerge,
+    /// Merge, on the absorbing group: absorb the group whose state follows in `frames` binary
+    /// frames; the ticket for the absorbed group follows the answer.
+    Absorb { frames: u32 },
+    /// Merge, on the absorbed group: send its members to the merged group with the ticket that
+    /// follows in `frames` binary frames.
+    HandOff { frames: u32 },
+    /// Split, on the merged group: the absorbed group's state follows the answer.
+    Split,
+    /// Split, on the absorbed group: take it back from the state that follows in `frames` frames.
+    Resume { frames: u32 },
 }
 
 impl AdminRequest {
@@ -126,6 +141,10 @@ pub enum AdminResponse {
     /// `change`: the rotation's number; `verifying_key`: the new public key, hex.
     SigningKeyRotated { change: u64, verifying_key: String },
     Stats(Stats),
+    /// A merge or split state follows in `frames` binary frames.
+    MergeState { frames: u32 },
+    /// A merge or split step was carried out.
+    MergeDone { detail: String },
     Error(String),
 }
 
@@ -146,6 +165,125 @@ pub fn decode<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<T, String> {
 
 pub fn is_admin_frame(frame: &[u8]) -> bool {
     frame.len() >= 2 && frame[1] == ADMIN_TYPE
+}
+
+impl AdminRequest {
+    /// Binary frames of merge state that follow this request.
+    pub fn state_frames(&self) -> u32 {
+        match self {
+            AdminRequest::Absorb { frames } | AdminRequest::HandOff { frames } | AdminRequest::Resume { frames } => *frames,
+            _ => 0,
+        }
+    }
+
+    /// True for the steps of a merge or split (served by the controller's merge steps).
+    pub fn is_merge_step(&self) -> bool {
+        matches!(self, AdminRequest::MergeSide | AdminRequest::AbortMerge | AdminRequest::Absorb { .. } | AdminRequest::HandOff { .. } | AdminRequest::Split | AdminRequest::Resume { .. })
+    }
+}
+
+/// Bytes of merge state per binary frame, and frames at most (256 MiB: the graph of a few
+/// million members).
+pub const STATE_FRAME_LEN: usize = 60_000;
+pub const MAX_STATE_FRAMES: u32 = 4096;
+
+/// Frames `state` takes.
+pub fn state_frames(state: &[u8]) -> u32 {
+    state.len().div_ceil(STATE_FRAME_LEN) as u32
+}
+
+/// Writes `state` as binary frames (as many as [`state_frames`] says).
+pub async fn write_state<W: tokio::io::AsyncWrite + Unpin>(stream: &mut W, state: &[u8]) -> std::io::Result<()> {
+    for chunk in state.chunks(STATE_FRAME_LEN) {
+        write_frame(stream, chunk).await?;
+    }
+    Ok(())
+}
+
+/// Reads `frames` binary frames of state, at most [`MAX_STATE_FRAMES`], into zeroized memory
+/// (it holds keys).
+pub async fn read_state<R: tokio::io::AsyncRead + Unpin>(stream: &mut R, frames: u32) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    if frames > MAX_STATE_FRAMES {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{frames} frames of merge state: more than {MAX_STATE_FRAMES}")));
+    }
+    // Frame by frame, then one buffer of the exact size: nothing is allocated for frames that
+    // never come, and no growing buffer leaves copies of keys behind.
+    let mut parts = Vec::new();
+    for _ in 0..frames {
+        parts.push(zeroize::Zeroizing::new(read_frame(stream).await?));
+    }
+    let mut state = zeroize::Zeroizing::new(Vec::with_capacity(parts.iter().map(|p| p.len()).sum()));
+    parts.iter().for_each(|part| state.extend_from_slice(part));
+    Ok(state)
+}
+
+/// A controller an administrator reaches.
+#[derive(Clone)]
+pub struct AdminTarget {
+    pub server: SocketAddr,
+    pub server_name: String,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// One admin request with merge state after it (if any), and the answer with the state after it.
+pub async fn exchange(target: &AdminTarget, request: &AdminRequest, state: Option<&[u8]>) -> Result<(AdminResponse, zeroize::Zeroizing<Vec<u8>>), String> {
+    let server = target.server;
+    let name = ServerName::try_from(target.server_name.clone()).map_err(|e| format!("server name {:?}: {e}", target.server_name))?;
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(server).await.map_err(|e| format!("cannot reach the controller at {server}: {e}"))?;
+        let mut stream = TlsConnector::from(target.tls.clone()).connect(name, tcp).await.map_err(|e| format!("TLS with {server}: {e}; {}", crate::request::tls_advice(&e)))?;
+        let sent = async {
+            write_frame(&mut stream, &encode(request)).await?;
+            write_state(&mut stream, state.unwrap_or_default()).await
+        };
+        sent.await.map_err(|e| format!("cannot send to {server}: {e}"))?;
+        let frame = read_frame(&mut stream).await.map_err(|e| format!("{server} closed without an answer: {e}"))?;
+        let response: AdminResponse = decode(&frame).map_err(|error| format!("{server}: {error}"))?;
+        let frames = if let AdminResponse::MergeState { frames } = response { frames } else { 0 };
+        let state = read_state(&mut stream, frames).await.map_err(|e| format!("{server}: merge state: {e}"))?;
+        Ok((response, state))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| format!("no answer from {server} within {} s", REQUEST_TIMEOUT.as_secs()))?
+}
+
+/// The state after a `MergeState` answer, or the answer's error.
+fn state_of(answer: (AdminResponse, zeroize::Zeroizing<Vec<u8>>), target: &AdminTarget) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    match answer {
+        (AdminResponse::MergeState { .. }, state) => Ok(state),
+        (AdminResponse::Error(e), _) => Err(format!("{}: {e}", target.server)),
+        (other, _) => Err(format!("{}: unexpected answer {other:?}", target.server)),
+    }
+}
+
+fn done(answer: (AdminResponse, zeroize::Zeroizing<Vec<u8>>), target: &AdminTarget) -> Result<String, String> {
+    match answer {
+        (AdminResponse::MergeDone { detail }, _) => Ok(detail),
+        (AdminResponse::Error(e), _) => Err(format!("{}: {e}", target.server)),
+        (other, _) => Err(format!("{}: unexpected answer {other:?}", target.server)),
+    }
+}
+
+/// Merges the group of `right` into the group of `left` (docs/merge.md): the right
+/// controller's state goes to the left one, whose ticket goes back to the right one, which
+/// then sends its members on. The state holds the right group's keys: it travels only over
+/// these two TLS connections and is zeroized after.
+pub async fn merge(left: &AdminTarget, right: &AdminTarget) -> Result<String, String> {
+    let side = state_of(exchange(right, &AdminRequest::MergeSide, None).await?, right)?;
+    let absorbed = exchange(left, &AdminRequest::Absorb { frames: state_frames(&side) }, Some(&side)).await.and_then(|a| state_of(a, left));
+    let ticket = match absorbed {
+        Ok(ticket) => ticket,
+        Err(e) => {
+            let _ = exchange(right, &AdminRequest::AbortMerge, None).await;
+            return Err(e);
+        }
+    };
+    done(exchange(right, &AdminRequest::HandOff { frames: state_frames(&ticket) }, Some(&ticket)).await?, right)
+}
+
+/// Splits the group of `right` off the merged group `left` runs.
+pub async fn split(left: &AdminTarget, right: &AdminTarget) -> Result<String, String> {
+    let handback = state_of(exchange(left, &AdminRequest::Split, None).await?, left)?;
+    done(exchange(right, &AdminRequest::Resume { frames: state_frames(&handback) }, Some(&handback)).await?, right)
 }
 
 /// Time allowed for a whole admin request: connect, handshake, request and answer.

@@ -196,8 +196,9 @@ pub struct ClientStats {
 struct Shared {
     /// Set once the controller refused this member, cleared by a rejoin.
     out: std::sync::atomic::AtomicBool,
-    /// The standby this member failed over to, if it did: its requests go there.
-    failed_over_to: Mutex<Option<ControllerAddr>>,
+    /// Where this member's requests and data go when no longer where it joined: the standby
+    /// it failed over to, or the group a merge or split moved it to.
+    route: Mutex<Option<Route>>,
     data: AtomicU64,
     unreadable: AtomicU64,
     rejected: AtomicU64,
@@ -209,6 +210,29 @@ struct Shared {
     repair_recovered: AtomicU64,
     naks: AtomicU64,
 }
+
+/// The group, controller and multicast group a member follows now.
+#[derive(Clone, Debug)]
+struct Route {
+    group: GroupId,
+    server: SocketAddr,
+    server_name: String,
+    multicast: MulticastConfig,
+}
+
+impl Route {
+    fn of(setup: &MemberSetup) -> Route {
+        Route { group: setup.group, server: setup.server, server_name: setup.server_name.clone(), multicast: setup.multicast.clone() }
+    }
+
+    fn apply(&self, setup: &mut MemberSetup) {
+        (setup.group, setup.server, setup.server_name, setup.multicast) = (self.group, self.server, self.server_name.clone(), self.multicast.clone());
+    }
+}
+
+/// How long a member that moved to another group (merge or split) still listens on the group
+/// it left, in heartbeat intervals: the merge's rekey follows the notice there.
+const MOVE_GRACE_HEARTBEATS: u64 = 4;
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
@@ -398,6 +422,7 @@ impl MemberClient {
             in_flight: InFlight::default(),
             unicast,
             refreshes: 0,
+            moved: None,
         };
         let task = tokio::spawn(follow.run(receiver));
         Ok((MemberClient { setup, session, shared, sender, task }, events))
@@ -442,9 +467,24 @@ impl MemberClient {
         self.with(|s| s.group_size())
     }
 
-    /// The controller this member follows now (its own, or the standby it failed over to).
+    /// The controller this member follows now (its own, the standby it failed over to, or the
+    /// one a merge or split moved it to).
     pub fn controller(&self) -> SocketAddr {
-        self.shared.failed_over_to.lock().expect("fail-over lock").as_ref().map_or(self.setup.server, |c| c.server)
+        self.current_setup().server
+    }
+
+    /// The group this member is in now (another after a merge or split moved it).
+    pub fn group(&self) -> GroupId {
+        self.current_setup().group
+    }
+
+    /// The setup with the route in force (after a fail-over or a move).
+    fn current_setup(&self) -> MemberSetup {
+        let mut setup = self.setup.clone();
+        if let Some(route) = self.shared.route.lock().expect("route lock").as_ref() {
+            route.apply(&mut setup);
+        }
+        setup
     }
 
     /// The controller's epoch as this member last heard it.
@@ -497,8 +537,8 @@ impl MemberClient {
     /// Seals and multicasts `plaintext` to the group.
     pub async fn send(&self, plaintext: &[u8]) -> Result<(), ClientError> {
         let message = self.seal(plaintext)?;
-        let to = self.setup.multicast.address;
-        self.sender.send_to(&message, to).await.map_err(|e| ClientError::multicast(&self.setup.multicast, e))?;
+        let multicast = self.current_setup().multicast;
+        self.sender.send_to(&message, multicast.address).await.map_err(|e| ClientError::multicast(&multicast, e))?;
         Ok(())
     }
 
@@ -511,11 +551,8 @@ impl MemberClient {
     /// As `leave`, for a client others hold too (a relay stepping down).
     pub async fn leave_shared(&self) -> Result<(), ClientError> {
         let member = self.member();
-        let message = Leave { group: self.setup.group, member }.encode();
-        let mut setup = self.setup.clone();
-        if let Some(standby) = self.shared.failed_over_to.lock().expect("fail-over lock").clone() {
-            (setup.server, setup.server_name) = (standby.server, standby.server_name);
-        }
+        let setup = self.current_setup();
+        let message = Leave { group: setup.group, member }.encode();
         let answer = request::request(&setup, RequestKind::Leave, &message, |frames| match Leave::decode(&frames[0]) {
             Ok(_) => Ok(()),
             Err(_) => Err(refusal_or(&frames[0], "a leave acknowledgement")),
@@ -573,6 +610,16 @@ struct Follow {
     /// Sends liveness datagrams to the controller.
     unicast: UdpSocket,
     refreshes: u64,
+    /// A merge or split notice moved this member: its sockets follow after the datagram.
+    moved: Option<(GroupId, SocketAddr, SocketAddr)>,
+}
+
+/// The next datagram on the socket of a group this member left, if it still listens there.
+async fn recv_left_behind(left_behind: &Option<(UdpSocket, Instant)>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match left_behind {
+        Some((socket, _)) => socket.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// When a member's first refresh is due: at a random point of its first period, so members
@@ -598,6 +645,10 @@ impl Follow {
         let period = Duration::from_millis(self.setup.refresh_ms.max(10));
         let mut refresh = tokio::time::interval_at(Instant::now() + refresh_phase(period), period);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut socket = socket;
+        // The group's socket this member left at a merge or split, and until when it listens there.
+        let mut left_behind: Option<(UdpSocket, Instant)> = None;
+        let mut left_buf = vec![0u8; MAX_MESSAGE_LEN];
         loop {
             let nak_due = if self.setup.naks { lock(&self.session).next_nak_ms() } else { None };
             let nak_in = nak_due.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
@@ -606,6 +657,12 @@ impl Follow {
                     match received {
                         Ok((len, _)) => self.multicast_datagram(&buf[..len], &mut loss),
                         Err(e) => tracing::debug!(error = %e, "multicast receive failed"),
+                    }
+                    true
+                }
+                received = recv_left_behind(&left_behind, &mut left_buf), if left_behind.is_some() => {
+                    if let Ok((len, _)) = received {
+                        self.multicast_datagram(&left_buf[..len], &mut loss);
                     }
                     true
                 }
@@ -642,6 +699,18 @@ impl Follow {
             if !go_on {
                 return;
             }
+            if let Some((group, controller, multicast)) = self.moved.take() {
+                match self.follow_move(group, controller, multicast) {
+                    Ok(next) => {
+                        let grace = Duration::from_millis(MOVE_GRACE_HEARTBEATS * self.setup.heartbeat_ms.max(10));
+                        left_behind = Some((std::mem::replace(&mut socket, next), Instant::now() + grace));
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not follow the move to group {}: staying on the old sockets", group.0),
+                }
+            }
+            if left_behind.as_ref().is_some_and(|(_, until)| Instant::now() >= *until) {
+                left_behind = None;
+            }
             self.start_resync_if_needed();
         }
     }
@@ -650,8 +719,31 @@ impl Follow {
         lock(&self.session).member()
     }
 
+    /// A notice moved this member to `group` (a merge or a split): requests go to its
+    /// controller from now on (the certificate name stays the one configured) and the
+    /// multicast socket is the group's. Returns the new multicast socket; nothing changes on error.
+    fn follow_move(&mut self, group: GroupId, controller: SocketAddr, multicast: SocketAddr) -> std::io::Result<UdpSocket> {
+        let SocketAddr::V4(address) = multicast else {
+            return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "IPv6 multicast groups are not supported"));
+        };
+        let config = MulticastConfig { address, ..self.setup.multicast.clone() };
+        let receiver = multicast::receiver(&config)?;
+        if controller.is_ipv4() != self.setup.server.is_ipv4() {
+            let any: SocketAddr = if controller.is_ipv4() { (std::net::Ipv4Addr::UNSPECIFIED, 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+            let socket = std::net::UdpSocket::bind(any)?;
+            socket.set_nonblocking(true)?;
+            self.unicast = UdpSocket::from_std(socket)?;
+        }
+        (self.setup.group, self.setup.server, self.setup.multicast) = (group, controller, config);
+        *self.events.shared.route.lock().expect("route lock") = Some(Route::of(&self.setup));
+        self.in_flight.udp_probes = 0;
+        self.in_flight.udp_probe_due = None;
+        tracing::info!(group = group.0, %controller, %multicast, member = self.member().0, "moved to another group without rejoining");
+        Ok(receiver)
+    }
+
     /// Handles one datagram: data is opened and queued, the rest goes to the session.
-    fn receive(&self, bytes: &[u8]) {
+    fn receive(&mut self, bytes: &[u8]) {
         let shared = &self.events.shared;
         // Dispatch on the type byte: each message is decoded once, by its own decoder.
         let decoded = message_type(bytes).and_then(|kind| match kind {
@@ -682,6 +774,7 @@ impl Follow {
                             match event {
                                 MemberEvent::Repaired { after_nak: false, .. } => bump(&shared.fec_recovered),
                                 MemberEvent::Repaired { after_nak: true, .. } => bump(&shared.repair_recovered),
+                                MemberEvent::Moved { group, controller, multicast, .. } => self.moved = Some((*group, *controller, *multicast)),
                                 _ => {}
                             }
                         }
@@ -953,7 +1046,7 @@ impl Follow {
         self.events.member(ClientEvent::FailedOver { server: standby.server, member: accepted.member });
         self.events.members(joined);
         (self.setup.server, self.setup.server_name) = (standby.server.to_owned(), standby.server_name.clone());
-        *self.events.shared.failed_over_to.lock().expect("fail-over lock") = Some(standby);
+        *self.events.shared.route.lock().expect("route lock") = Some(Route::of(&self.setup));
     }
 
     /// A resync answer, unless multicast already brought this member further meanwhile.

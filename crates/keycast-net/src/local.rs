@@ -11,7 +11,7 @@ use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::GroupId;
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 
-use crate::admin::{AdminRequest, AdminResponse};
+use crate::admin::{AdminRequest, AdminResponse, AdminTarget};
 use crate::client::{ClientError, ClientEvent, ControllerAddr, MemberClient, MemberSetup};
 use crate::config::{MulticastConfig, RequestPolicy, DEFAULT_TLS_REFRESH_EVERY};
 use crate::pki::{Authority, Credentials};
@@ -34,7 +34,8 @@ pub enum LocalError {
 }
 
 pub struct LocalGroup {
-    pub authority: Authority,
+    /// Shared by groups that merge (`prepare_sharing`): members then reach either controller.
+    pub authority: Arc<Authority>,
     pub policy: GroupPolicy,
     pub acl: BTreeSet<String>,
     pub multicast: MulticastConfig,
@@ -91,8 +92,14 @@ impl LocalGroup {
 
     /// As `start`, without starting the controller: change `limits` and the rest first.
     pub fn prepare(policy: GroupPolicy, acl_size: usize, folder: PathBuf) -> Result<LocalGroup, LocalError> {
+        let authority = Authority::new("keycast local CA").map_err(|e| LocalError::Pki(e.to_string()))?;
+        LocalGroup::prepare_sharing(policy, acl_size, folder, Arc::new(authority))
+    }
+
+    /// As `prepare`, under another group's CA: its members and controller trust this group's,
+    /// as two groups that merge must (docs/merge.md).
+    pub fn prepare_sharing(policy: GroupPolicy, acl_size: usize, folder: PathBuf, authority: Arc<Authority>) -> Result<LocalGroup, LocalError> {
         let pki = |e: rcgen::Error| LocalError::Pki(e.to_string());
-        let authority = Authority::new("keycast local CA").map_err(pki)?;
         let credentials = authority.issue("keycast-controller", true).map_err(pki)?;
         let admin = authority.issue("admin", false).map_err(pki)?;
         let tls = server_config(&credentials).map_err(|e| LocalError::Pki(e.to_string()))?;
@@ -253,6 +260,24 @@ impl LocalGroup {
 }
 
 impl LocalGroup {
+    /// Merges the running group `right` into the running group `left` (Caronni et al. 3.5,
+    /// docs/merge.md) as `keycast admin merge` does, with each group's admin credentials:
+    /// `left`'s controller runs the merged group, `right`'s members follow it without
+    /// rejoining. The two must share a CA (`prepare_sharing`).
+    pub async fn merge(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
+        crate::admin::merge(&left.admin_target()?, &right.admin_target()?).await
+    }
+
+    /// Splits `right` off the merged group `left` runs (`keycast admin split`).
+    pub async fn split(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
+        crate::admin::split(&left.admin_target()?, &right.admin_target()?).await
+    }
+
+    /// This group's controller as its administrator reaches it.
+    pub fn admin_target(&self) -> Result<AdminTarget, String> {
+        Ok(AdminTarget { server: self.listen, server_name: "localhost".into(), tls: client_config(&self.admin).map_err(|e| e.to_string())? })
+    }
+
     /// One admin request over TLS with `credentials` (the group's `admin` ones, or others to
     /// check that they are refused).
     pub async fn admin_request(&self, credentials: &Credentials, request: &AdminRequest) -> Result<AdminResponse, String> {

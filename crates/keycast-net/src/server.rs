@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use keycast_core::protocol::traffic::TrafficKeys;
 use keycast_core::protocol::heartbeats::{controller_alive, Heartbeats};
+use keycast_core::protocol::merge_state::{Handback, MergeSide, MergeTicket};
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, LivenessAnswer, Output, Refusal};
 use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
@@ -111,6 +112,24 @@ enum Command {
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
     /// A standby took over with this controller (`Controller::expect_rejoins`).
     ExpectRejoins(usize),
+    /// A step of a merge or split of two groups (docs/merge.md).
+    Merge(MergeStep),
+}
+
+/// How long a group whose state was taken for a merge holds its batches for the hand-off.
+const MERGE_HOLD: Duration = Duration::from_secs(60);
+
+/// The steps of a merge and a split (`keycast admin merge|split`), each answered with its
+/// result (errors as text).
+enum MergeStep {
+    /// This group's state for a merge into another; its batches wait until `HandOff` or `Abort`.
+    Side { reply: oneshot::Sender<Result<MergeSide, String>> },
+    /// The merge state taken by `Side` was not used: batches go on.
+    Abort,
+    Absorb { side: Box<MergeSide>, reply: oneshot::Sender<Result<MergeTicket, String>> },
+    HandOff { ticket: Box<MergeTicket>, reply: oneshot::Sender<Result<(), String>> },
+    Split { reply: oneshot::Sender<Result<Handback, String>> },
+    Resume { handback: Box<Handback>, reply: oneshot::Sender<Result<(), String>> },
 }
 
 /// A running controller. Dropping it stops every task at once (as a crash would).
@@ -206,6 +225,8 @@ impl Server {
             error_log: LogLimiter::default(),
             udp_requests,
             unicast: udp_socket.clone(),
+            addr,
+            merging: None,
         };
         // Stats and keys from the start: a relay restarted from its log reads them at once.
         driver.publish_stats();
@@ -406,6 +427,11 @@ struct ControllerTask {
     /// checked here (the controller owns the keys); resync answers go back on `unicast`.
     udp_requests: mpsc::Receiver<UdpRequest>,
     unicast: Arc<UdpSocket>,
+    /// The TLS address members reach this controller at (named in merge notices).
+    addr: SocketAddr,
+    /// This group's state was taken for a merge: no batch until it is handed off, the merge
+    /// aborted, or this deadline passes (an administrator that went away holds nothing for long).
+    merging: Option<Instant>,
 }
 
 impl ControllerTask {
@@ -449,6 +475,10 @@ impl ControllerTask {
 
     async fn tick(&mut self) -> Result<(), StoreError> {
         self.forget_abandoned_joins();
+        if self.merging.is_some_and(|until| Instant::now() < until) {
+            return Ok(());
+        }
+        self.merging = None;
         match self.controller.tick(now_ms(), entropy()) {
             Ok(outputs) => self.deliver(outputs).await,
             Err(error) => {
@@ -582,6 +612,57 @@ impl ControllerTask {
                 let _ = reply.send(response);
             }
             Command::ExpectRejoins(members) => self.controller.expect_rejoins(members),
+            Command::Merge(step) => self.merge_step(step).await?,
+        }
+        Ok(())
+    }
+
+    /// One step of a merge or split; the controller's refusals go back to the caller.
+    async fn merge_step(&mut self, step: MergeStep) -> Result<(), StoreError> {
+        let (now, here) = (now_ms(), (self.addr, SocketAddr::V4(self.group)));
+        let text = |e: ControllerError| e.to_string();
+        match step {
+            MergeStep::Side { reply } => {
+                let side = self.controller.merge_side(here.0, here.1).map_err(text);
+                self.merging = side.is_ok().then(|| Instant::now() + MERGE_HOLD);
+                let _ = reply.send(side);
+            }
+            MergeStep::Abort => self.merging = None,
+            MergeStep::Absorb { side, reply } => match self.controller.absorb(*side, here, now, entropy()) {
+                Ok((outputs, ticket)) => {
+                    self.deliver(outputs).await?;
+                    tracing::info!(offset = ticket.offset, "absorbed another group: running the merged group");
+                    let _ = reply.send(Ok(ticket));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
+            MergeStep::HandOff { ticket, reply } => match self.controller.hand_off(&ticket) {
+                Ok(outputs) => {
+                    self.merging = None;
+                    self.deliver(outputs).await?;
+                    // The heartbeats repeat the notice from now on (nothing else of theirs changed).
+                    lock(&self.heartbeats).update(self.controller.heartbeat_content());
+                    tracing::info!(to = ticket.merged.group.0, "handed this group off to the merged group");
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
+            MergeStep::Split { reply } => match self.controller.split(now, entropy()) {
+                Ok((outputs, handback)) => {
+                    self.deliver(outputs).await?;
+                    tracing::info!(group = handback.right.fixed.group.0, members = handback.members.len(), "split: the absorbed group handed back");
+                    let _ = reply.send(Ok(handback));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
+            MergeStep::Resume { handback, reply } => match self.controller.resume(*handback, now) {
+                Ok(outputs) => {
+                    self.deliver(outputs).await?;
+                    tracing::info!("resumed this group after a split");
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => drop(reply.send(Err(text(e)))),
+            },
         }
         Ok(())
     }
@@ -626,6 +707,9 @@ impl ControllerTask {
                 let outputs = controller.acl_add(&identity);
                 let changed = !outputs.is_empty();
                 (Ok(outputs), AdminResponse::AclChanged { identity, added: true, changed, evicted: None })
+            }
+            AdminRequest::MergeSide | AdminRequest::AbortMerge | AdminRequest::Absorb { .. } | AdminRequest::HandOff { .. } | AdminRequest::Split | AdminRequest::Resume { .. } => {
+                return Ok(AdminResponse::Error("merge steps are served with their state (serve_merge_step)".into()))
             }
             AdminRequest::RotateSigningKey => {
                 let outputs = controller.rotate_signing_key(entropy());
@@ -1095,12 +1179,87 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerpri
             return Err(format!("{identity}: {error}"));
         }
     };
+    if request.is_merge_step() {
+        return serve_merge_step(tls, context, identity, request).await;
+    }
     let (reply, answer) = oneshot::channel();
     let response = match ask(context, Command::Admin { request, reply }, answer).await {
         Ok(response) => response,
         Err(detail) => AdminResponse::Error(detail.into()),
     };
     write_frames(&mut tls, limits, &[Frame::new(admin::encode(&response))]).await.map_err(|e| format!("{identity}: {e}"))
+}
+
+/// A merge or split step ordered by an administrator: the state it carries is read (bounded
+/// in frames and time), the step runs in the controller, and the state it gives is written
+/// after the answer.
+async fn serve_merge_step(mut tls: Tls, context: &Listener, identity: &str, request: AdminRequest) -> Result<(), String> {
+    let limits = &context.limits;
+    let state = match tokio::time::timeout(limits.request_timeout, admin::read_state(&mut tls, request.state_frames())).await {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => return Err(format!("{identity}: merge state: {e}")),
+        Err(_) => return Err(format!("{identity}: merge state not sent in time")),
+    };
+    tracing::info!(%identity, ?request, "merge step ordered");
+    let (response, state) = match merge_step(context, request, &state).await {
+        Ok((detail, Some(state))) => {
+            tracing::info!(%detail, bytes = state.len(), "merge step done");
+            (AdminResponse::MergeState { frames: admin::state_frames(&state) }, state)
+        }
+        Ok((detail, None)) => (AdminResponse::MergeDone { detail }, Zeroizing::new(Vec::new())),
+        Err(error) => (AdminResponse::Error(error), Zeroizing::new(Vec::new())),
+    };
+    let write = async {
+        write_frame(&mut tls, &admin::encode(&response)).await?;
+        admin::write_state(&mut tls, &state).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut tls).await
+    };
+    match tokio::time::timeout(limits.request_timeout, write).await {
+        Ok(result) => result.map_err(|e| format!("{identity}: cannot send the answer: {e}")),
+        Err(_) => Err(format!("{identity}: the peer did not read its answer in time")),
+    }
+}
+
+/// Runs one merge step: what it did, and the state it gives (for the other controller).
+async fn merge_step(context: &Listener, request: AdminRequest, state: &[u8]) -> Result<(String, Option<Zeroizing<Vec<u8>>>), String> {
+    let bad = |what: &str, e: keycast_core::wire::DecodeError| format!("the {what} does not decode: {e}");
+    Ok(match request {
+        AdminRequest::MergeSide => {
+            let side = ask_merge(context, |reply| MergeStep::Side { reply }).await?;
+            (format!("state of group {} taken for a merge; its batches wait", side.right.fixed.group.0), Some(side.encode()))
+        }
+        AdminRequest::AbortMerge => {
+            context.commands.send(Command::Merge(MergeStep::Abort)).await.map_err(|_| "the controller has stopped".to_owned())?;
+            ("merge aborted; batches go on".into(), None)
+        }
+        AdminRequest::Absorb { .. } => {
+            let side = MergeSide::decode(state).map_err(|e| bad("merge side", e))?;
+            let ticket = ask_merge(context, |reply| MergeStep::Absorb { side: Box::new(side), reply }).await?;
+            ("absorbed; running the merged group".into(), Some(Zeroizing::new(ticket.encode())))
+        }
+        AdminRequest::HandOff { .. } => {
+            let ticket = MergeTicket::decode(state).map_err(|e| bad("merge ticket", e))?;
+            let to = ticket.merged.group.0;
+            ask_merge(context, |reply| MergeStep::HandOff { ticket: Box::new(ticket), reply }).await?;
+            (format!("handed off: the members follow group {to}"), None)
+        }
+        AdminRequest::Split => {
+            let handback = ask_merge(context, |reply| MergeStep::Split { reply }).await?;
+            ("split; the absorbed group's state goes back".into(), Some(handback.encode()))
+        }
+        AdminRequest::Resume { .. } => {
+            let handback = Handback::decode(state).map_err(|e| bad("handback", e))?;
+            let members = handback.members.len();
+            ask_merge(context, |reply| MergeStep::Resume { handback: Box::new(handback), reply }).await?;
+            (format!("split off: this group runs again with {members} members"), None)
+        }
+        other => return Err(format!("{other:?} is not a merge step")),
+    })
+}
+
+async fn ask_merge<T>(context: &Listener, step: impl FnOnce(oneshot::Sender<Result<T, String>>) -> MergeStep) -> Result<T, String> {
+    let (reply, answer) = oneshot::channel();
+    ask(context, Command::Merge(step(reply)), answer).await.map_err(str::to_owned)?
 }
 
 /// Sends `command` to the controller and waits, within the answer deadline, for its answer.
@@ -1318,6 +1477,8 @@ mod tests {
             error_log: LogLimiter::default(),
             udp_requests: mpsc::channel(1).1,
             unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            merging: None,
         };
         (task, config)
     }

@@ -124,7 +124,7 @@ impl DatabaseKey {
 
 /// Records that hold secrets (seeds, keys): sealed when the store has a key.
 fn is_secret(record: &Record) -> bool {
-    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. })
+    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. } | Record::Merged(_) | Record::Split { .. })
 }
 
 fn failed<E: std::fmt::Display>(e: E) -> StoreError {
@@ -227,14 +227,21 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 /// First byte of a snapshot's value (JSON records start with `{`).
 const SNAPSHOT_TAG: u8 = 1;
+/// First byte of a merge record's value (it holds the absorbed group's graph, in binary; 2 is `SEALED_TAG`).
+const MERGE_TAG: u8 = 3;
+
+fn tagged(tag: u8, body: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(1 + body.len()));
+    out.push(tag);
+    out.extend_from_slice(body);
+    out
+}
 
 fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
-    if let Record::Snapshot(snapshot) = record {
-        let body = snapshot.encode();
-        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(1 + body.len()));
-        out.push(SNAPSHOT_TAG);
-        out.extend_from_slice(&body);
-        return out;
+    match record {
+        Record::Snapshot(snapshot) => return tagged(SNAPSHOT_TAG, &snapshot.encode()),
+        Record::Merged(merge) => return tagged(MERGE_TAG, &merge.encode()),
+        _ => {}
     }
     let value = match record {
         Record::Genesis { created_ms, graph_seed, signing_seed, fixed } => {
@@ -258,7 +265,9 @@ fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
         Record::AclAdded(identity) => json!({"acl_added": identity}),
         Record::AclRemoved(identity) => json!({"acl_removed": identity}),
         Record::SeqFloor(n) => json!({"seq_floor": n}),
-        Record::Snapshot(_) => unreachable!("encoded above"),
+        Record::Snapshot(_) | Record::Merged(_) => unreachable!("encoded above"),
+        Record::Split { seq, epoch, seed } => json!({"split": {"seq": seq, "epoch": epoch, "seed": hex(seed)}}),
+        Record::HandedOff { to, seq, notice } => json!({"handed_off": {"to": to.0, "seq": seq, "notice": hex::encode(notice)}}),
         Record::SigningKey { change, seed } => json!({"signing_key": {"change": change, "seed": hex(seed)}}),
     };
     zeroize::Zeroizing::new(serde_json::to_vec(&value).expect("JSON of plain values"))
@@ -268,8 +277,18 @@ fn decode(bytes: &[u8]) -> Option<Record> {
     if let Some(body) = bytes.strip_prefix(&[SNAPSHOT_TAG]) {
         return keycast_core::protocol::Snapshot::decode(body).ok().map(|s| Record::Snapshot(Box::new(s)));
     }
+    if let Some(body) = bytes.strip_prefix(&[MERGE_TAG]) {
+        return keycast_core::protocol::merge_state::MergeRecord::decode(body).ok().map(|m| Record::Merged(Box::new(m)));
+    }
     let v: Value = serde_json::from_slice(bytes).ok()?;
     let u = |v: &Value| v.as_u64();
+    if let Some(split) = v.get("split") {
+        return Some(Record::Split { seq: u(&split["seq"])?, epoch: u(&split["epoch"])?, seed: unhex(&split["seed"])? });
+    }
+    if let Some(h) = v.get("handed_off") {
+        let notice = hex::decode(h["notice"].as_str()?).ok()?;
+        return Some(Record::HandedOff { to: keycast_core::wire::GroupId(u(&h["to"])?), seq: u(&h["seq"])?, notice });
+    }
     if let Some(g) = v.get("genesis") {
         return Some(Record::Genesis {
             created_ms: u(&g["created_ms"])?,
@@ -379,6 +398,32 @@ fn unhex(v: &Value) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
 
+    /// A merge record with a small absorbed group (its graph bytes are not imported here).
+    fn merge_record() -> keycast_core::protocol::merge_state::MergeRecord {
+        use keycast_core::protocol::merge_state::{MergeRecord, MergeSide, RightGroup};
+        let fixed = keycast_core::protocol::FixedPolicy {
+            group: keycast_core::wire::GroupId(8),
+            graph: keycast_core::GraphConfig { scheme: keycast_core::Scheme::Tree { degree: 3 }, join_policy: keycast_core::JoinPolicy::NewVersion },
+            epoch_ms: 100,
+        };
+        let right = RightGroup {
+            fixed,
+            signer: keycast_core::wire::VerifyingKey([7; 32]),
+            created_ms: 1,
+            rekey_seq: 4,
+            next_member: 3,
+            controller: "127.0.0.1:7000".parse().unwrap(),
+            multicast: "239.255.0.9:7001".parse().unwrap(),
+        };
+        let side = MergeSide {
+            right,
+            graph: zeroize::Zeroizing::new(vec![1, 2, 3]),
+            members: vec![(MemberId(1), "right-1".into()), (MemberId(2), "right-2".into())],
+            pending: vec![Request::Leave { member: MemberId(2) }],
+        };
+        MergeRecord { seq: 16, epoch: 17, offset: 9, seed: [6; 32], side }
+    }
+
     #[test]
     fn records_survive_a_reopen_in_order() {
         let dir = std::env::temp_dir().join(format!("keycast-store-{}", std::process::id()));
@@ -412,6 +457,9 @@ mod tests {
             Record::AclRemoved("member-9".into()),
             Record::SeqFloor(12),
             Record::SigningKey { change: 2, seed: [4; 32] },
+            Record::Split { seq: 13, epoch: 14, seed: [5; 32] },
+            Record::HandedOff { to: keycast_core::wire::GroupId(8), seq: 15, notice: vec![2, 19, 1] },
+            Record::Merged(Box::new(merge_record())),
         ];
         {
             let (mut store, old) = Store::open(&dir).unwrap();

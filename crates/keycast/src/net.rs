@@ -96,6 +96,20 @@ pub enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Merge another running group into this one (docs/merge.md): this controller runs the
+    /// merged group, the other group's members follow it without rejoining. Both controllers
+    /// must trust one CA; the other group's state (its keys) passes through this command.
+    Merge {
+        /// The admin config of the group to absorb.
+        #[arg(long)]
+        absorb: PathBuf,
+    },
+    /// Split the group merged into this one off again: its members go back to its controller.
+    Split {
+        /// The admin config of the group that was absorbed.
+        #[arg(long)]
+        right: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -119,7 +133,7 @@ impl AdminCommand {
             AdminCommand::Acl(AclCommand::List) => AdminRequest::AclList,
             AdminCommand::Stats { .. } => AdminRequest::Stats,
             AdminCommand::RotateSigningKey => AdminRequest::RotateSigningKey,
-            AdminCommand::Tree { .. } => AdminRequest::Stats,
+            AdminCommand::Tree { .. } | AdminCommand::Merge { .. } | AdminCommand::Split { .. } => AdminRequest::Stats,
         }
     }
 }
@@ -488,6 +502,16 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
         }
         return Ok(());
     }
+    if let AdminCommand::Merge { absorb: other } | AdminCommand::Split { right: other } = &args.command {
+        let here = admin::AdminTarget { server: config.server, server_name: config.server_name.clone(), tls };
+        let other = admin_target(other)?;
+        let done = match args.command {
+            AdminCommand::Merge { .. } => runtime()?.block_on(admin::merge(&here, &other))?,
+            _ => runtime()?.block_on(admin::split(&here, &other))?,
+        };
+        println!("{done}");
+        return Ok(());
+    }
     let request = args.command.request();
     let response = runtime()?.block_on(admin::request(config.server, &config.server_name, tls, &request))?;
     match response {
@@ -497,6 +521,14 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
         response => println!("{}", describe(response)?),
     }
     Ok(())
+}
+
+/// The controller an admin config names, with its credentials.
+fn admin_target(path: &std::path::Path) -> Result<admin::AdminTarget, String> {
+    let config = AdminConfig::load(path).map_err(|e| e.to_string())?;
+    let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
+    let tls = client_config(&credentials).map_err(|e| e.to_string())?;
+    Ok(admin::AdminTarget { server: config.server, server_name: config.server_name, tls })
 }
 
 /// The controller's answer for the operator; an error answer becomes the command's error.
@@ -533,6 +565,8 @@ fn describe(response: AdminResponse) -> Result<String, String> {
             format!("signing key replaced (rotation {change}); members follow the announcement. New verifying key: {verifying_key}")
         }
         AdminResponse::Stats(s) => crate::stats_text::describe(&s),
+        AdminResponse::MergeDone { detail } => detail,
+        AdminResponse::MergeState { frames } => format!("merge state of {frames} frames (not kept)"),
         AdminResponse::Error(e) => return Err(e),
     })
 }

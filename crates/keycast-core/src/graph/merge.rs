@@ -17,12 +17,13 @@
 //! leave of those members, batched before the split.
 
 use super::tree::{tree_key_id, Tree};
-use super::{validate_batch, Batch, GraphError, KeyGraph, MemberId, RekeyPlan, Scheme};
-use crate::key::{Key, KeyId, KeyRef};
+use super::{validate_batch, Batch, GraphConfig, GraphError, GraphStats, KeyGraph, MemberId, Position, RekeyPlan, Scheme};
+use crate::key::{Key, KeyId, KeyRef, KEY_LEN};
 use crate::keygen::{nonce_salt, BatchSeed, KeyGen};
-use crate::wire::codec::Reader;
+use crate::wire::codec::{Reader, Writer};
+use crate::wire::DecodeError;
 use crate::wrap::{NonceSalt, Wrap, Wrapper};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Height of a merged group's root: above any tree (2^27 leaves need at most 27 levels).
 const MERGED_ROOT_HEIGHT: u32 = 31;
@@ -182,14 +183,6 @@ impl MergedTrees {
         Ok(version)
     }
 
-    pub fn group_key(&self) -> (KeyRef, &Key) {
-        (self.root_ref, &self.root)
-    }
-
-    pub fn contains(&self, member: MemberId) -> bool {
-        self.left.contains(member) || self.right.contains(member)
-    }
-
     /// The side `member` sits on, if it is a member.
     pub fn subtree_of(&self, member: MemberId) -> Option<Subtree> {
         if self.left.contains(member) {
@@ -205,18 +198,15 @@ impl MergedTrees {
         self.left.member_count() + self.right.member_count()
     }
 
-    /// Everything `member` holds: its subtree path (merged ids) and the merged root.
-    pub fn member_keys(&self, member: MemberId) -> Option<(super::Position, Vec<(KeyRef, Key)>)> {
-        let side = if self.left.contains(member) { &self.left } else { &self.right };
-        let (position, mut keys) = side.member_keys(member)?;
-        keys.push((self.root_ref, self.root.clone()));
-        Some((position, keys))
+    /// What the right group's member ids took at the merge.
+    pub fn right_member_offset(&self) -> u64 {
+        self.right_member_offset
     }
 
     /// One batch of the merged group: leavers leave their side, joiners go to the smaller side,
     /// each side is rekeyed as a tree, and the root is replaced and wrapped under both sides'
     /// roots. Every wrap is sealed under the one nonce salt of `seed`.
-    pub fn apply(&mut self, batch: &Batch, seed: &BatchSeed) -> Result<RekeyPlan, GraphError> {
+    fn apply_merged(&mut self, batch: &Batch, seed: &BatchSeed) -> Result<RekeyPlan, GraphError> {
         validate_batch(batch, |m| self.contains(m))?;
         if batch.is_empty() {
             return Ok(RekeyPlan { group_key: self.root_ref, ..RekeyPlan::default() });
@@ -292,6 +282,91 @@ impl MergedTrees {
     /// Degree of each side's tree ([`super::tree::STAR_DEGREE`] for a star).
     pub fn degrees(&self) -> (u32, u32) {
         (self.left.degree(), self.right.degree())
+    }
+}
+
+impl KeyGraph for MergedTrees {
+    /// The left group's: the merged group is run by the left group's controller, under its policy.
+    fn config(&self) -> GraphConfig {
+        self.left.config()
+    }
+
+    fn apply(&mut self, batch: &Batch, seed: &BatchSeed) -> Result<RekeyPlan, GraphError> {
+        self.apply_merged(batch, seed)
+    }
+
+    fn group_key(&self) -> (KeyRef, &Key) {
+        (self.root_ref, &self.root)
+    }
+
+    fn contains(&self, member: MemberId) -> bool {
+        self.left.contains(member) || self.right.contains(member)
+    }
+
+    /// Everything `member` holds: its subtree path (merged ids) and the merged root.
+    fn member_keys(&self, member: MemberId) -> Option<(Position, Vec<(KeyRef, Key)>)> {
+        let side = if self.left.contains(member) { &self.left } else { &self.right };
+        let (position, mut keys) = side.member_keys(member)?;
+        keys.push((self.root_ref, self.root.clone()));
+        Some((position, keys))
+    }
+
+    fn individual_key(&self, member: MemberId) -> Option<Key> {
+        self.left.individual_key(member).or_else(|| self.right.individual_key(member))
+    }
+
+    fn stats(&self) -> GraphStats {
+        let (left, right) = (self.left.stats(), self.right.stats());
+        GraphStats { members: left.members + right.members, stored_keys: left.stored_keys + right.stored_keys + 1, height: left.height.max(right.height) + 1 }
+    }
+
+    fn max_members(&self) -> u64 {
+        2 * MAX_SUBTREE_LEAVES
+    }
+
+    /// The offset, the root, then each tree's own export (the right one without its prefix,
+    /// which [`MergedTrees::import`] sets again).
+    fn export(&self) -> Zeroizing<Vec<u8>> {
+        let (left, right) = (KeyGraph::export(&self.left), KeyGraph::export(&self.right));
+        let mut out = Zeroizing::new(Vec::with_capacity(8 + 12 + KEY_LEN + left.len() + right.len()));
+        out.put_u64(self.right_member_offset);
+        out.put_ref(self.root_ref);
+        out.extend_from_slice(self.root.as_bytes());
+        out.extend_from_slice(&left);
+        out.extend_from_slice(&right);
+        out
+    }
+}
+
+impl MergedTrees {
+    /// A merged group from [`KeyGraph::export`]; strict, as any decoder: the root must be a
+    /// merged root whose version neither tree's batches are below, both trees must fit their
+    /// slots, and no member may sit on both sides.
+    pub fn import(bytes: &[u8]) -> Result<MergedTrees, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let right_member_offset = r.u64("member offset")?;
+        let root_ref = r.key_ref("merged root")?;
+        let root = r.key("merged root")?;
+        let left = Tree::import(&mut r)?;
+        let mut right = Tree::import(&mut r)?;
+        r.finish()?;
+        let bad = |field, value: u64| Err(DecodeError::BadValue { field, value });
+        if root_ref.id != MERGED_ROOT_ID {
+            return bad("merged root id", root_ref.id.0.into());
+        }
+        if left.batch_count() < root_ref.version || right.batch_count() < root_ref.version {
+            return bad("merged root version", root_ref.version.into());
+        }
+        for tree in [&left, &right] {
+            if tree.leaf_slots() > MAX_SUBTREE_LEAVES {
+                return bad("subtree leaves", tree.leaf_slots());
+            }
+        }
+        if let Some(both) = right.members().find(|&m| left.contains(m)) {
+            return bad("member on both sides", both.0);
+        }
+        right.set_id_prefix(RIGHT_SUBTREE_PREFIX);
+        Ok(MergedTrees { left, right, right_member_offset, root, root_ref })
     }
 }
 

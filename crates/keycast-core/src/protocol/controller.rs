@@ -33,7 +33,11 @@ use crate::wrap::key_check;
 use crate::wire::DecodeError;
 use zeroize::Zeroizing;
 
+use super::merge_state::{MergeRecord, Merged};
 use super::snapshot::Snapshot;
+use crate::graph::merge::MergedTrees;
+
+mod merging;
 
 /// Policy fixed for a group's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +134,14 @@ pub enum Record {
     Snapshot(Box<Snapshot>),
     /// A new signing key (rotation number `change`): everything after is signed by it.
     SigningKey { change: u64, seed: [u8; 32] },
+    /// This controller absorbed another group (docs/merge.md): from here on it runs the merged group.
+    Merged(Box<MergeRecord>),
+    /// The merged group split: the absorbed group's side was handed back, its keys drawn from `seed`.
+    Split { seq: u64, epoch: u64, seed: [u8; 32] },
+    /// This group was absorbed into group `to` after its rekey `seq`: the controller serves it no
+    /// more until the split hands it back (a snapshot then starts its log again). Its heartbeats
+    /// repeat `notice` (signed, public) for members that missed it.
+    HandedOff { to: GroupId, seq: u64, notice: Vec<u8> },
 }
 
 /// Seeds are secrets: Debug names the record and its public fields only.
@@ -151,6 +163,9 @@ impl core::fmt::Debug for Record {
             Record::SeqFloor(n) => write!(f, "SeqFloor({n})"),
             Record::Snapshot(s) => write!(f, "{s:?}"),
             Record::SigningKey { change, .. } => write!(f, "SigningKey {{ change: {change}, seed: <redacted> }}"),
+            Record::Merged(merge) => write!(f, "{merge:?}"),
+            Record::Split { seq, epoch, .. } => write!(f, "Split {{ seq: {seq}, epoch: {epoch}, seed: <redacted> }}"),
+            Record::HandedOff { to, seq, .. } => write!(f, "HandedOff {{ to: {}, seq: {seq} }}", to.0),
         }
     }
 }
@@ -241,6 +256,8 @@ pub enum ControllerError {
     BadSnapshot(#[from] DecodeError),
     #[error("compact placement is for measurements: a live group's members find their packets only under user-oriented or tiered placement")]
     CompactPlacement,
+    #[error("merge or split refused: {0}")]
+    Merge(&'static str),
     #[error("the configuration changed {setting} from {logged} (recorded when the group was created) to {configured}; the same log under other settings would rebuild other keys: restore the setting, or create a new group with a new database")]
     PolicyChanged { setting: &'static str, logged: String, configured: String },
 }
@@ -328,6 +345,10 @@ pub struct Controller {
     rejoins_expected: Option<usize>,
     /// The joiners' keys of the batches whose joiners wait for their key (reflector on).
     joiners: JoinersKeys,
+    /// The group this controller absorbed, while merged (docs/merge.md).
+    merged: Option<Merged>,
+    /// The group this one was absorbed into, until the split hands it back: nothing is served.
+    handed_off: Option<GroupId>,
 }
 
 /// Signed refusals answer requests nobody can authenticate (the member's key is gone) and cost
@@ -415,6 +436,24 @@ impl Controller {
                 Record::AclRemoved(identity) => c.note_acl_change(identity, false),
                 Record::SeqFloor(floor) => c.rekey_seq = c.rekey_seq.max(*floor),
                 Record::SigningKey { change, seed } => c.install_signer(*change, seed),
+                Record::Merged(merge) => {
+                    if merge.seq != c.rekey_seq + 1 {
+                        return Err(ControllerError::BadLog("rekey sequence numbers are not consecutive"));
+                    }
+                    let plan = c.apply_merge(merge, *created_ms)?;
+                    last_batch = Some((plan, merge.seq, merge.epoch, merge.epoch));
+                }
+                Record::Split { seq, epoch, seed } => {
+                    if *seq != c.rekey_seq + 1 {
+                        return Err(ControllerError::BadLog("rekey sequence numbers are not consecutive"));
+                    }
+                    let (plan, _) = c.apply_split(*seq, *epoch, seed)?;
+                    last_batch = Some((plan, *seq, *epoch, *epoch));
+                }
+                Record::HandedOff { to, notice, .. } => {
+                    c.handed_off = Some(*to);
+                    c.announcement = Some(Arc::new(notice.clone()));
+                }
             }
         }
         for record in c.members.values_mut() {
@@ -485,11 +524,19 @@ impl Controller {
             refusals: RefusalBudget::default(),
             rejoins_expected: None,
             joiners: JoinersKeys::default(),
+            merged: None,
+            handed_off: None,
         }
     }
 
     fn from_snapshot(policy: GroupPolicy, acl: BTreeSet<String>, s: &Snapshot, now_ms: u64) -> Result<Controller, ControllerError> {
-        let graph = import_graph(policy.graph, &s.graph)?;
+        let graph: Box<dyn KeyGraph> = match s.merged {
+            None => import_graph(policy.graph, &s.graph)?,
+            Some(_) => Box::new(MergedTrees::import(&s.graph)?),
+        };
+        if graph.config() != policy.graph {
+            return Err(ControllerError::BadLog("the snapshot's graph is not of the configured scheme"));
+        }
         let group_keys = s.group_keys.iter().map(|(seq, r, activation, key)| (*seq, (*r, *activation, key.clone()))).collect();
         let mut c = Controller::blank(policy, acl, graph, &s.signing_seed, s.created_ms, group_keys, now_ms);
         for identity in &s.acl_added {
@@ -507,6 +554,7 @@ impl Controller {
         c.pending = Pending::from_requests(&s.pending);
         c.last_rekey = s.last_rekey.clone();
         c.signer_changes = s.signer_changes;
+        c.merged = s.merged;
         if c.group_keys.is_empty() || c.members.keys().any(|m| !c.graph.contains(*m)) {
             return Err(ControllerError::BadLog("the snapshot's members and keys disagree"));
         }
@@ -531,6 +579,7 @@ impl Controller {
             pending: self.pending.iter().filter(|r| !matches!(r, Request::Join { .. })).cloned().collect(),
             last_rekey: self.last_rekey.clone(),
             graph: self.graph.export(),
+            merged: self.merged,
         }
     }
 
@@ -702,6 +751,9 @@ impl Controller {
     pub fn join(&mut self, conn: ConnId, identity: &str, group: GroupId, now_ms: u64) -> Result<JoinStatus, Refusal> {
         if group != self.policy.group {
             return Err(refuse(RefusalReason::UnknownGroup, format!("no group {}", group.0)));
+        }
+        if let Some(to) = self.handed_off {
+            return Err(refuse(RefusalReason::UnknownGroup, format!("group {} is merged into group {} until it splits", group.0, to.0)));
         }
         if self.revoked.contains(identity) {
             return Err(revoked(identity));
@@ -971,6 +1023,11 @@ impl Controller {
     /// heartbeat when one is due.
     pub fn tick(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
         let mut out = Vec::new();
+        if self.handed_off.is_some() {
+            // Nothing to batch or expire: only the heartbeats, which repeat the merge notice.
+            out.extend(self.beat(now_ms));
+            return Ok(out);
+        }
         self.discount_pause(now_ms);
         if let Some(floor) = self.unpersisted_floor.take() {
             out.push(Output::Persist(Record::SeqFloor(floor)));
@@ -983,13 +1040,19 @@ impl Controller {
         }
         out.extend(self.repair(now_ms));
         self.joiners.retire(self.active_entry(self.epoch_at(now_ms)).0);
-        if self.heartbeats.as_ref().is_some_and(|h| now_ms >= h.next_ms()) {
-            let content = self.heartbeat_content();
-            let heartbeats = self.heartbeats.as_mut().expect("checked above");
-            heartbeats.update(content);
-            out.extend(heartbeats.beat(now_ms).into_iter().map(Output::Multicast));
-        }
+        out.extend(self.beat(now_ms));
         Ok(out)
+    }
+
+    /// The heartbeats due at `now_ms`, unless a driver took them over.
+    fn beat(&mut self, now_ms: u64) -> Vec<Output> {
+        if self.heartbeats.as_ref().is_none_or(|h| now_ms < h.next_ms()) {
+            return Vec::new();
+        }
+        let content = self.heartbeat_content();
+        let heartbeats = self.heartbeats.as_mut().expect("checked above");
+        heartbeats.update(content);
+        heartbeats.beat(now_ms).into_iter().map(Output::Multicast).collect()
     }
 
     /// Leave requests for the members not heard from for the refresh timeout, among the slice
@@ -1247,5 +1310,6 @@ pub fn handback_record(policy: &GroupPolicy, graph: &dyn KeyGraph, members: &[(M
         pending: Vec::new(),
         last_rekey: Vec::new(),
         graph: graph.export(),
+        merged: None,
     }))
 }

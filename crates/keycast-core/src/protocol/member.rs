@@ -21,6 +21,7 @@ use crate::wire::{
     SignedSignerChange, VerifyingKey,
     LIVENESS_LEN,
 };
+use crate::graph::merge::Subtree;
 use crate::wire::{Move, SignedMergeNotice};
 
 use super::traffic::{self, Fresh, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
@@ -144,6 +145,9 @@ pub struct MemberSession {
     unverifiable_heartbeats: u32,
     /// The joiners' key of this member's batch (reflector on), until its group key is in force.
     joiners_key: Option<(KeyRef, Key)>,
+    /// The rekey seq a merge or split notice left this member at: until a rekey of its new
+    /// group comes, no notice is taken (the old group's notice would name the same seq).
+    moved_at_seq: Option<u64>,
 }
 
 /// Why a member went out of sync (each resync counted once, by its first cause).
@@ -248,6 +252,7 @@ impl MemberSession {
             announced_pending: None,
             unverifiable_heartbeats: 0,
             joiners_key: accepted.joiners_key.as_deref().cloned(),
+            moved_at_seq: None,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -624,7 +629,16 @@ impl MemberSession {
         if notice.group != self.group {
             return Err(Reject::WrongGroup { expected: self.group, got: notice.group }.into());
         }
+        // A split's notice goes on the merged channel, which the left side hears too: it stays.
+        if notice.change == Move::Split && self.keys.subtree() != Some(Subtree::Right) {
+            return Ok(Vec::new());
+        }
         let held = self.guard.rekey_seq();
+        // A split leaves the right side at the seq its merge notice followed: a replay of that
+        // notice (or its repeats with the old heartbeats) must not merge it again.
+        if self.moved_at_seq == Some(held) {
+            return Err(Reject::Replay { kind: "merge notice", seq: notice.after_seq, last: held }.into());
+        }
         if notice.after_seq < held {
             return Err(Reject::Replay { kind: "merge notice", seq: notice.after_seq, last: held }.into());
         }
@@ -663,6 +677,7 @@ impl MemberSession {
         self.announced_active = None;
         self.announced_pending = None;
         self.late_through = notice.next_seq;
+        self.moved_at_seq = Some(notice.next_seq);
         Ok(vec![MemberEvent::Moved { group: self.group, member: self.member, controller: notice.controller, multicast: notice.multicast }])
     }
 

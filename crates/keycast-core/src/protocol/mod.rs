@@ -8,6 +8,7 @@ pub mod failover;
 pub mod heartbeats;
 pub mod member;
 pub mod merge;
+pub mod merge_state;
 pub mod reflector;
 pub mod relay;
 mod pending;

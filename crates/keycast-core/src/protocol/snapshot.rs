@@ -15,8 +15,12 @@ use crate::wire::codec::{Reader, Writer};
 use crate::wire::DecodeError;
 
 use super::controller::{FixedPolicy, Request};
+use super::merge_state::{put_requests, put_right_group, read_requests, read_right_group, Merged};
 
-const SNAPSHOT_FORMAT: u8 = 1;
+const SNAPSHOT_FORMAT: u8 = MERGE_FORMAT;
+/// Snapshots written before merges were built: read, never written.
+const BEFORE_MERGES_FORMAT: u8 = 1;
+const MERGE_FORMAT: u8 = 2;
 /// Longest identity (a certificate name) a snapshot holds.
 const MAX_IDENTITY: usize = 1024;
 const MAX_ITEMS: usize = 1 << 28;
@@ -42,6 +46,8 @@ pub struct Snapshot {
     pub(crate) pending: Vec<Request>,
     pub(crate) last_rekey: Vec<Vec<u8>>,
     pub(crate) graph: Zeroizing<Vec<u8>>,
+    /// The merge in force, if the group is merged (`graph` is then a merged group's).
+    pub(crate) merged: Option<Merged>,
 }
 
 impl core::fmt::Debug for Snapshot {
@@ -57,12 +63,12 @@ impl PartialEq for Snapshot {
 }
 impl Eq for Snapshot {}
 
-fn put_text(out: &mut Vec<u8>, text: &str) {
+pub(crate) fn put_text(out: &mut Vec<u8>, text: &str) {
     out.put_u16(text.len() as u16);
     out.extend_from_slice(text.as_bytes());
 }
 
-fn read_text(r: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeError> {
+pub(crate) fn read_text(r: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeError> {
     let len = r.count(2, MAX_IDENTITY, 1, field)?;
     core::str::from_utf8(r.take(len, field)?).map(str::to_owned).map_err(|_| DecodeError::BadText)
 }
@@ -77,7 +83,7 @@ fn read_texts(r: &mut Reader<'_>, field: &'static str) -> Result<BTreeSet<String
     (0..count).map(|_| read_text(r, field)).collect()
 }
 
-fn put_fixed(out: &mut Vec<u8>, fixed: &FixedPolicy) {
+pub(crate) fn put_fixed(out: &mut Vec<u8>, fixed: &FixedPolicy) {
     out.put_u64(fixed.group.0);
     match fixed.graph.scheme {
         Scheme::Star => out.put_u8(0),
@@ -95,7 +101,7 @@ fn put_fixed(out: &mut Vec<u8>, fixed: &FixedPolicy) {
     out.put_u64(fixed.epoch_ms);
 }
 
-fn read_fixed(r: &mut Reader<'_>) -> Result<FixedPolicy, DecodeError> {
+pub(crate) fn read_fixed(r: &mut Reader<'_>) -> Result<FixedPolicy, DecodeError> {
     let group = r.group()?;
     let scheme = match r.u8("scheme")? {
         0 => Scheme::Star,
@@ -123,6 +129,7 @@ impl Snapshot {
             + texts(&self.acl_added)
             + texts(&self.acl_removed)
             + 9 * self.pending.len()
+            + 256
             + self.last_rekey.iter().map(|p| 4 + p.len()).sum::<usize>();
         let mut out = Zeroizing::new(Vec::with_capacity(capacity));
         out.put_u8(SNAPSHOT_FORMAT);
@@ -149,16 +156,7 @@ impl Snapshot {
         put_texts(&mut out, &self.revoked);
         put_texts(&mut out, &self.acl_added);
         put_texts(&mut out, &self.acl_removed);
-        out.put_u32(self.pending.len() as u32);
-        for request in &self.pending {
-            let (kind, member) = match request {
-                Request::Leave { member } => (0, member),
-                Request::Evict { member } => (1, member),
-                Request::Join { .. } => unreachable!("joins wait on a connection and are not kept"),
-            };
-            out.put_u8(kind);
-            out.put_u64(member.0);
-        }
+        put_requests(&mut out, &self.pending);
         out.put_u32(self.last_rekey.len() as u32);
         for packet in &self.last_rekey {
             out.put_u32(packet.len() as u32);
@@ -166,13 +164,21 @@ impl Snapshot {
         }
         out.put_u64(self.graph.len() as u64);
         out.extend_from_slice(&self.graph);
+        match &self.merged {
+            None => out.put_u8(0),
+            Some(merged) => {
+                out.put_u8(1);
+                put_right_group(&mut out, &merged.right);
+                out.put_u64(merged.offset);
+            }
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
         let mut r = Reader::new(bytes);
         let format = r.u8("snapshot format")?;
-        if format != SNAPSHOT_FORMAT {
+        if format != SNAPSHOT_FORMAT && format != BEFORE_MERGES_FORMAT {
             return Err(DecodeError::BadValue { field: "snapshot format", value: format.into() });
         }
         let created_ms = r.u64("created at")?;
@@ -193,17 +199,7 @@ impl Snapshot {
         let revoked = read_texts(&mut r, "revoked identities")?;
         let acl_added = read_texts(&mut r, "identities added to the ACL")?;
         let acl_removed = read_texts(&mut r, "identities removed from the ACL")?;
-        let count = r.count(4, MAX_ITEMS, 9, "pending requests")?;
-        let mut pending = Vec::with_capacity(count);
-        for _ in 0..count {
-            let kind = r.u8("request kind")?;
-            let member = r.member()?;
-            pending.push(match kind {
-                0 => Request::Leave { member },
-                1 => Request::Evict { member },
-                value => return Err(DecodeError::BadValue { field: "request kind", value: value.into() }),
-            });
-        }
+        let pending = read_requests(&mut r)?;
         let count = r.count(4, MAX_ITEMS, 4, "last rekey")?;
         let mut last_rekey = Vec::with_capacity(count);
         for _ in 0..count {
@@ -212,6 +208,11 @@ impl Snapshot {
         }
         let len = r.u64("graph length")?;
         let graph = Zeroizing::new(r.take(usize::try_from(len).unwrap_or(usize::MAX), "graph")?.to_vec());
+        // Format 1 (before merges) ends here; format 2 says whether a merge is in force.
+        let merged = match format {
+            MERGE_FORMAT if r.flag("merged")? => Some(Merged { right: read_right_group(&mut r)?, offset: r.u64("member offset")? }),
+            _ => None,
+        };
         r.finish()?;
         Ok(Snapshot {
             created_ms,
@@ -229,6 +230,7 @@ impl Snapshot {
             pending,
             last_rekey,
             graph,
+            merged,
         })
     }
 }

@@ -58,7 +58,7 @@ fn move_byte(change: Move) -> u8 {
     }
 }
 
-fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+pub(crate) fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr.ip() {
         IpAddr::V4(ip) => {
             out.put_u8(4);
@@ -72,7 +72,7 @@ fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     out.put_u16(addr.port());
 }
 
-fn read_addr(r: &mut Reader<'_>, field: &'static str) -> Result<SocketAddr, DecodeError> {
+pub(crate) fn read_addr(r: &mut Reader<'_>, field: &'static str) -> Result<SocketAddr, DecodeError> {
     let ip = match r.u8(field)? {
         4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>(field)?)),
         6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>(field)?)),

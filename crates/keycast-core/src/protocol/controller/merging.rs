@@ -1,0 +1,281 @@
+//! A controller absorbing another group and splitting it off again (Caronni et al. 3.5,
+//! docs/merge.md). Both controllers belong to one operator, whose driver carries the state
+//! between them:
+//!
+//! 1. the absorbed (right) controller gives its state ([`Controller::merge_side`]);
+//! 2. the absorbing (left) controller merges it ([`Controller::absorb`]): it logs the merge,
+//!    multicasts the merge rekey on its own channel and returns a [`MergeTicket`];
+//! 3. the right controller sends, on its channel, its notice naming the merged group and then
+//!    the merge rekey ([`Controller::hand_off`]), and serves its group no more;
+//! 4. at the split the merged controller sends the right members a notice naming their own
+//!    controller, rekeys its side, and returns a [`Handback`] ([`Controller::split`]);
+//! 5. the right controller resumes from it ([`Controller::resume`]) and rekeys its side.
+//!
+//! Member ids: the right group's ids take the left controller's next id as offset, and the
+//! merged group issues ids above both groups' (joiners go to the smaller side, so a joiner on
+//! the right has an id above the offset and goes back with the right side at the split).
+
+use std::net::SocketAddr;
+
+use crate::graph::merge::{merge_trees, MergedTrees, Subtree};
+use crate::graph::{import_graph, MemberId, RekeyPlan};
+use crate::keygen::{BatchSeed, KeyGen};
+use crate::wire::control::RefusalReason;
+use crate::wire::{MergeNotice, Move};
+
+use super::super::heartbeats::epoch_at;
+use super::super::merge::Destination;
+use super::super::merge_state::{Handback, MergeRecord, MergeSide, MergeTicket, Merged, RightGroup};
+use super::super::pending::Pending;
+use super::{Controller, ControllerError, MemberRecord, Output, Record, Request};
+
+/// Key stream of a split's seed drawn from the entropy handed to [`Controller::split`] (the
+/// same entropy closes the batch of requests waiting before it).
+const SPLIT_STREAM: u64 = u64::MAX - 19;
+
+fn refused(why: &'static str) -> ControllerError {
+    ControllerError::Merge(why)
+}
+
+impl Controller {
+    /// This group's state for a merge into another, with the addresses its members come back
+    /// to at the split. The group must not change until [`Controller::hand_off`].
+    pub fn merge_side(&self, controller: SocketAddr, multicast: SocketAddr) -> Result<MergeSide, ControllerError> {
+        if self.merged.is_some() || self.handed_off.is_some() {
+            return Err(refused("a merged or absorbed group merges no further"));
+        }
+        let right = RightGroup {
+            fixed: self.policy.fixed(),
+            signer: self.signer.verifying_key(),
+            created_ms: self.created_ms,
+            rekey_seq: self.rekey_seq,
+            next_member: self.next_member,
+            controller,
+            multicast,
+        };
+        Ok(MergeSide {
+            right,
+            graph: self.graph.export(),
+            members: self.members.iter().map(|(m, r)| (*m, r.identity.clone())).collect(),
+            pending: self.pending.iter().filter(|r| !matches!(r, Request::Join { .. })).cloned().collect(),
+        })
+    }
+
+    /// Absorbs the group of `side`: one rekey, active at once, brings both groups' members the
+    /// new root. `here` is this controller's TLS and multicast addresses, for the right side's
+    /// notice. Returns the outputs (the record first) and what the right controller sends.
+    pub fn absorb(&mut self, side: MergeSide, here: (SocketAddr, SocketAddr), now_ms: u64, entropy: [u8; 32]) -> Result<(Vec<Output>, MergeTicket), ControllerError> {
+        if self.merged.is_some() || self.handed_off.is_some() {
+            return Err(refused("a merged or absorbed group absorbs no other"));
+        }
+        if side.right.fixed.group == self.policy.group {
+            return Err(refused("a group does not absorb itself"));
+        }
+        self.policy.packets.check()?;
+        let epoch = self.epoch_at(now_ms).max(self.epoch);
+        let (seq, offset, right_seq) = (self.rekey_seq + 1, self.next_member, side.right.rekey_seq);
+        let record = MergeRecord { seq, epoch, offset, seed: entropy, side };
+        let plan = self.apply_merge(&record, now_ms)?;
+        let (packets, bytes) = self.encode(&plan, seq, epoch, epoch)?;
+        self.last_rekey = packets.clone();
+        let merged = Destination { group: self.policy.group, signer: self.signer.verifying_key(), controller: here.0, multicast: here.1 };
+        let ticket = MergeTicket { merged, epoch, last_seq: seq - 1, offset, rekey: packets.clone(), right_seq };
+        let mut out = vec![Output::Persist(Record::Merged(Box::new(record)))];
+        out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes, parity: 0, parity_bytes: 0 });
+        out.extend(packets.into_iter().map(Output::Multicast));
+        Ok((out, ticket))
+    }
+
+    /// The merge of `record` applied to the state (also when the log is replayed).
+    pub(super) fn apply_merge(&mut self, record: &MergeRecord, now_ms: u64) -> Result<RekeyPlan, ControllerError> {
+        let MergeRecord { seq, epoch, offset, seed, side } = record;
+        let right_graph = import_graph(side.right.fixed.graph, &side.graph).map_err(|_| refused("the absorbed group's graph does not import"))?;
+        if side.members.len() != right_graph.stats().members || side.members.iter().any(|(m, _)| !right_graph.contains(*m)) {
+            return Err(refused("the absorbed group's members and graph disagree"));
+        }
+        if side.pending.iter().any(|r| side.members.binary_search_by_key(&r.member(), |(m, _)| *m).is_err()) {
+            return Err(refused("a request of the absorbed group names no member of it"));
+        }
+        if side.members.iter().any(|(_, identity)| self.by_identity.contains_key(identity)) {
+            return Err(refused("an identity is a member of both groups"));
+        }
+        let merge = merge_trees(&*self.graph, &*right_graph, *offset, &BatchSeed::from_bytes(*seed))?;
+        let plan = merge.rekey();
+        let moved = |m: MemberId| MemberId(m.0 + offset);
+        for (member, identity) in &side.members {
+            let record = MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: *seq, liveness_counter: 0, udp_resync_ms: 0 };
+            self.members.insert(moved(*member), record);
+            self.by_identity.insert(identity.clone(), moved(*member));
+        }
+        for request in &side.pending {
+            self.pending.push(match request {
+                Request::Leave { member } => Request::Leave { member: moved(*member) },
+                Request::Evict { member } => Request::Evict { member: moved(*member) },
+                Request::Join { .. } => return Err(refused("joins are not handed over")),
+            });
+        }
+        self.graph = Box::new(merge.graph);
+        self.next_member = self.next_member.max(offset.saturating_add(side.right.next_member));
+        self.merged = Some(Merged { right: side.right, offset: *offset });
+        self.install_rekey(*seq, *epoch, &plan);
+        Ok(plan)
+    }
+
+    /// A rekey active at once (a merge's or split's) as the newest group key.
+    fn install_rekey(&mut self, seq: u64, epoch: u64, plan: &RekeyPlan) {
+        self.rekey_seq = seq;
+        self.epoch = self.epoch.max(epoch);
+        self.group_keys.insert(seq, (plan.group_key, epoch, self.graph.group_key().1.clone()));
+        let active_seq = self.active_entry(epoch).0;
+        self.group_keys.retain(|s, _| *s >= active_seq);
+        self.joiners.retire(active_seq);
+    }
+
+    /// Sends this group's members to the merged group of `ticket`: the notice, then the merge
+    /// rekey, on this group's channel. From then on the controller serves nothing (joins are
+    /// refused, ticks send only heartbeats, which repeat the notice) until [`Controller::resume`].
+    pub fn hand_off(&mut self, ticket: &MergeTicket) -> Result<Vec<Output>, ControllerError> {
+        if self.merged.is_some() || self.handed_off.is_some() {
+            return Err(refused("a merged or absorbed group is handed off no further"));
+        }
+        if ticket.right_seq != self.rekey_seq {
+            return Err(refused("the group rekeyed after its state was taken for the merge"));
+        }
+        let to = ticket.merged;
+        let notice = MergeNotice {
+            group: self.policy.group,
+            after_seq: self.rekey_seq,
+            change: Move::Merge(Subtree::Right),
+            member_offset: ticket.offset,
+            next_group: to.group,
+            next_epoch: ticket.epoch,
+            next_seq: ticket.last_seq,
+            next_signer: to.signer,
+            controller: to.controller,
+            multicast: to.multicast,
+        };
+        let notice = notice.sign(&self.signer).encode();
+        let mut out = vec![Output::Persist(Record::HandedOff { to: to.group, seq: self.rekey_seq, notice: notice.clone() })];
+        // Joins waiting for this group's batch will not get one.
+        let waiting: Vec<String> = self.pending.iter().filter_map(|r| if let Request::Join { identity, .. } = r { Some(identity.clone()) } else { None }).collect();
+        for identity in waiting {
+            let detail = format!("group {} is merged into group {}", self.policy.group.0, to.group.0);
+            out.extend(self.drop_queued_join(&identity, super::refuse(RefusalReason::UnknownGroup, detail)));
+        }
+        self.handed_off = Some(to.group);
+        // A member that missed the notice hears it again with the heartbeats.
+        self.announcement = Some(std::sync::Arc::new(notice.clone()));
+        out.push(Output::Multicast(notice));
+        out.extend(ticket.rekey.iter().cloned().map(Output::Multicast));
+        Ok(out)
+    }
+
+    /// True while this controller runs a merged group.
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
+    }
+
+    /// The group this one was absorbed into, while it is.
+    pub fn handed_off_to(&self) -> Option<crate::wire::GroupId> {
+        self.handed_off
+    }
+
+    /// Splits the merged group: requests waiting are applied first (one batch), then the right
+    /// side's members get a notice naming their own controller again, and this side a new group
+    /// key. Returns the outputs (records first) and the right side's state for
+    /// [`Controller::resume`].
+    pub fn split(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<(Vec<Output>, Handback), ControllerError> {
+        let Some(merged) = self.merged else { return Err(refused("the group is not merged")) };
+        self.policy.packets.check()?;
+        let mut out = Vec::new();
+        if !self.pending.is_empty() {
+            out.extend(self.close_epoch(now_ms, entropy, true)?);
+        }
+        let mut seed = [0u8; 32];
+        seed.copy_from_slice(KeyGen::new(&BatchSeed::from_bytes(entropy), SPLIT_STREAM).next_key().as_bytes());
+        let epoch = self.epoch_at(now_ms).max(self.epoch);
+        let seq = self.rekey_seq + 1;
+        let (plan, handback) = self.apply_split(seq, epoch, &seed)?;
+        let right = merged.right;
+        let notice = MergeNotice {
+            group: self.policy.group,
+            after_seq: seq - 1,
+            change: Move::Split,
+            member_offset: merged.offset,
+            next_group: right.fixed.group,
+            next_epoch: epoch_at(right.created_ms, right.fixed.epoch_ms, now_ms),
+            next_seq: right.rekey_seq,
+            next_signer: right.signer,
+            controller: right.controller,
+            multicast: right.multicast,
+        };
+        let (packets, bytes) = self.encode(&plan, seq, epoch, epoch)?;
+        self.last_rekey = packets.clone();
+        out.push(Output::Persist(Record::Split { seq, epoch, seed }));
+        out.push(Output::Multicast(notice.sign(&self.signer).encode()));
+        out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes, parity: 0, parity_bytes: 0 });
+        out.extend(packets.into_iter().map(Output::Multicast));
+        Ok((out, handback))
+    }
+
+    /// The split applied to the state (also when the log is replayed): the left side stays,
+    /// the right side's graph and members are handed back.
+    pub(super) fn apply_split(&mut self, seq: u64, epoch: u64, seed: &[u8; 32]) -> Result<(RekeyPlan, Handback), ControllerError> {
+        let Some(merged) = self.merged else { return Err(ControllerError::BadLog("a split of a group that is not merged")) };
+        let graph = MergedTrees::import(&self.graph.export())?;
+        graph.can_split()?;
+        let right_ids: Vec<MemberId> = self.members.keys().copied().filter(|m| graph.subtree_of(*m) == Some(Subtree::Right)).collect();
+        let split = graph.split(&BatchSeed::from_bytes(*seed))?;
+        let mut members = Vec::with_capacity(right_ids.len());
+        for member in &right_ids {
+            if let Some(record) = self.members.remove(member) {
+                self.by_identity.remove(&record.identity);
+                members.push((MemberId(member.0 - merged.offset), record.identity));
+            }
+        }
+        self.pending.retain(|r| !right_ids.contains(&r.member()));
+        self.graph = split.left;
+        self.merged = None;
+        self.install_rekey(seq, epoch, &split.left_rekey);
+        let next_member = members.iter().map(|(m, _)| m.0.saturating_add(1)).fold(merged.right.next_member, u64::max);
+        let handback = Handback { right: merged.right, graph: split.right, rekey: split.right_rekey, members, next_member };
+        Ok((split.left_rekey, handback))
+    }
+
+    /// Takes this group back from the merged controller's `handback`: its members (those who
+    /// joined while merged included), a new group key sent at once under its previous root, and
+    /// a snapshot that starts its log again.
+    pub fn resume(&mut self, handback: Handback, now_ms: u64) -> Result<Vec<Output>, ControllerError> {
+        if self.handed_off.is_none() {
+            return Err(refused("the group was not handed off"));
+        }
+        if handback.right.fixed != self.policy.fixed() || handback.graph.config() != self.policy.graph {
+            return Err(refused("the handback is for another group"));
+        }
+        self.policy.packets.check()?;
+        let epoch = self.epoch_at(now_ms).max(self.epoch);
+        let seq = self.rekey_seq + 1;
+        let (packets, bytes) = self.encode(&handback.rekey, seq, epoch, epoch)?;
+        self.members.clear();
+        self.by_identity.clear();
+        for (member, identity) in handback.members {
+            let record = MemberRecord { identity: identity.clone(), last_seen_ms: now_ms, joined_seq: seq, liveness_counter: 0, udp_resync_ms: 0 };
+            self.members.insert(member, record);
+            self.by_identity.insert(identity, member);
+        }
+        self.next_member = self.next_member.max(handback.next_member);
+        self.pending = Pending::default();
+        self.waiting_joins.clear();
+        self.graph = handback.graph;
+        self.group_keys.clear();
+        self.install_rekey(seq, epoch, &handback.rekey);
+        self.handed_off = None;
+        self.announcement = None;
+        self.last_rekey = packets.clone();
+        self.batches_since_snapshot = 0;
+        let mut out = vec![Output::Persist(Record::Snapshot(Box::new(self.whole_state())))];
+        out.push(Output::Rekeyed { seq, epoch, wraps: handback.rekey.wraps.len(), packets: packets.len(), bytes, parity: 0, parity_bytes: 0 });
+        out.extend(packets.into_iter().map(Output::Multicast));
+        Ok(out)
+    }
+}
