@@ -14,6 +14,10 @@ use keycast_core::wire::{GroupId, VerifyingKey};
 use keycast_core::{new_graph, Batch, BatchSeed, GraphConfig, JoinPolicy, KeyGraph, MemberId, Scheme};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "shared/edits.rs"]
+mod edits;
+use edits::edited;
+
 const OFFSET: u64 = 1000;
 
 /// A merged group of a degree-`degree` tree of `left` members and a star of `right`.
@@ -46,18 +50,6 @@ fn handback(right: u64) -> Vec<u8> {
     Handback { right: right_group, graph: split.right, rekey: split.right_rekey, members, next_member: right }.encode().to_vec()
 }
 
-/// `bytes` with (offset u16, xor u8) edits applied (a 0 xor truncates).
-fn edited(mut bytes: Vec<u8>, edits: &[u8]) -> Vec<u8> {
-    for edit in edits.chunks_exact(3) {
-        let at = usize::from(u16::from_be_bytes([edit[0], edit[1]]));
-        match bytes.len() {
-            0 => break,
-            len if edit[2] == 0 => bytes.truncate(at % len),
-            len => bytes[at % len] ^= edit[2],
-        }
-    }
-    bytes
-}
 
 fn merged_import(bytes: &[u8]) {
     if let Ok(mut graph) = MergedTrees::import(bytes) {

@@ -8,6 +8,10 @@ use keycast_core::protocol::Snapshot;
 use keycast_core::{import_graph, new_graph, Batch, BatchSeed, FlatIds, GraphConfig, JoinPolicy, KeyGraph, MemberId, Scheme};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "shared/edits.rs"]
+mod edits;
+use edits::edited;
+
 fn config(selector: u8) -> GraphConfig {
     let scheme = match selector % 4 {
         0 => Scheme::Star,
@@ -43,16 +47,7 @@ fuzz_target!(|data: &[u8]| {
     } else {
         // Structured: a member count, then (offset u16, xor u8) edits of a real export.
         let Some((&count, edits)) = rest.split_first() else { return };
-        let mut bytes = exported(config, u64::from(count));
-        for edit in edits.chunks_exact(3) {
-            let at = usize::from(u16::from_be_bytes([edit[0], edit[1]]));
-            match bytes.len() {
-                0 => break,
-                len if edit[2] == 0 => bytes.truncate(at % len),
-                len => bytes[at % len] ^= edit[2],
-            }
-        }
-        bytes
+        edited(exported(config, u64::from(count)), edits)
     };
     if let Ok(mut graph) = import_graph(config, &bytes) {
         assert_eq!(&graph.export()[..], &bytes[..], "an imported graph exports other bytes");
