@@ -679,6 +679,12 @@ impl Controller {
         Ok(notice)
     }
 
+    /// The group key in force in `epoch`, with its ref (what members must hold).
+    pub fn key_in_force(&self, epoch: u64) -> (KeyRef, Key) {
+        let (_, (r, _, key)) = self.active_entry(epoch);
+        (*r, key.clone())
+    }
+
     /// The key graph's scheme now (the configured one until a switch).
     pub fn scheme(&self) -> GraphConfig {
         self.graph.config()
