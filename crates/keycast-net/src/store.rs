@@ -473,6 +473,8 @@ mod tests {
             Record::SeqFloor(12),
             Record::SigningKey { change: 2, seed: [4; 32] },
             Record::Split { seq: 13, epoch: 14, seed: [5; 32] },
+            Record::Switched { seq: 14, epoch: 15, to: keycast_core::protocol::SchemeTarget::Tree, seed: [0; 32] },
+            Record::Switched { seq: 15, epoch: 16, to: keycast_core::protocol::SchemeTarget::Flat { id_bits: 6 }, seed: [6; 32] },
             Record::HandedOff { to: keycast_core::wire::GroupId(8), seq: 15, notice: vec![2, 19, 1] },
             Record::Merged(Box::new(merge_record())),
         ];
