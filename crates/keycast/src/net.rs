@@ -127,8 +127,11 @@ pub enum AclCommand {
 
 #[derive(Subcommand)]
 pub enum TransitionCommand {
+    /// Flat to tree: a binary tree over the flat table's ID bits, derived (no key travels).
     Tree,
+    /// Tree to flat: a fresh flat table; each member takes its keys by resync.
     Flat {
+        /// The table's ID bits (at least log2 of the members).
         #[arg(long)]
         id_bits: u8,
     },
