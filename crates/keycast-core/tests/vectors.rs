@@ -123,6 +123,10 @@ fn describe(message: &Message) -> Value {
             "next_group": n.notice.next_group.0, "next_signer": hex::encode(n.notice.next_signer.0),
             "controller": n.notice.controller.to_string(), "multicast": n.notice.multicast.to_string(), "signature": hex::encode(n.signature),
         }}),
+        Message::SchemeSwitch(w) => json!({"scheme_switch": {
+            "group": w.switch.group.0, "seq": w.switch.seq, "epoch": w.switch.epoch,
+            "target": format!("{:?}", w.switch.target), "signature": hex::encode(w.signature),
+        }}),
         Message::MembershipDelta(d) => json!({"membership_delta": {
             "group": d.delta.group.0, "seq": d.delta.seq, "part": d.delta.part, "parts": d.delta.parts,
             "joined": d.delta.joined.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -142,6 +146,7 @@ fn verification(bytes: &[u8], signer: &VerifyingKey) -> String {
         Ok(Message::RekeyParity(_)) => ParityPacket::verify(bytes, signer).map(|_| ()),
         Ok(Message::DatagramRefusal(_)) => SignedDatagramRefusal::verify(bytes, signer).map(|_| ()),
         Ok(Message::MergeNotice(_)) => keycast_core::wire::SignedMergeNotice::verify(bytes, signer).map(|_| ()),
+        Ok(Message::SchemeSwitch(_)) => keycast_core::wire::SignedSchemeSwitch::verify(bytes, signer).map(|_| ()),
         Ok(_) => return "unsigned".into(),
         Err(e) => Err(Reject::Decode(e)),
     };

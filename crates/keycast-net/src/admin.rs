@@ -32,6 +32,9 @@ pub enum AdminRequest {
     Stats,
     /// Replaces the controller's signing key; members follow the signed announcement.
     RotateSigningKey,
+    /// Caronni et al.'s flat <-> tree switch (docs/distributed-flat.md): to a tree derived from
+    /// the flat table (`flat_id_bits` none), or to a fresh flat table of `flat_id_bits`.
+    Transition { flat_id_bits: Option<u8> },
     /// Merge, on the group to be absorbed: its state, in binary frames after the answer
     /// (`MergeState`); its batches wait until `HandOff` or `AbortMerge` (docs/merge.md).
     MergeSide,
@@ -140,6 +143,8 @@ pub enum AdminResponse {
     Acl { acl: Vec<String>, revoked: Vec<String> },
     /// `change`: the rotation's number; `verifying_key`: the new public key, hex.
     SigningKeyRotated { change: u64, verifying_key: String },
+    /// The key graph's scheme after a transition, and the switch's rekey seq.
+    Transitioned { scheme: String, seq: u64 },
     Stats(Stats),
     /// A merge or split state follows in `frames` binary frames.
     MergeState { frames: u32 },

@@ -716,6 +716,13 @@ impl ControllerTask {
                 let verifying_key = hex::encode(controller.verifying_key().0);
                 (Ok(outputs), AdminResponse::SigningKeyRotated { change: controller.signer_changes(), verifying_key })
             }
+            AdminRequest::Transition { flat_id_bits } => {
+                let outputs = match flat_id_bits {
+                    None => controller.switch_to_tree(now),
+                    Some(id_bits) => controller.switch_to_flat(id_bits, now, entropy()),
+                };
+                (outputs, AdminResponse::Transitioned { scheme: format!("{:?}", controller.scheme().scheme), seq: controller.rekey_seq() })
+            }
             AdminRequest::AclRemove { identity } => {
                 let changed = controller.acl().contains(&identity);
                 let evicted = controller.member_by_identity(&identity).map(|m| m.0);

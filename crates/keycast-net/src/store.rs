@@ -124,7 +124,7 @@ impl DatabaseKey {
 
 /// Records that hold secrets (seeds, keys): sealed when the store has a key.
 fn is_secret(record: &Record) -> bool {
-    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. } | Record::Merged(_) | Record::Split { .. })
+    matches!(record, Record::Genesis { .. } | Record::Batch { .. } | Record::Snapshot(_) | Record::SigningKey { .. } | Record::Merged(_) | Record::Split { .. } | Record::Switched { .. })
 }
 
 fn failed<E: std::fmt::Display>(e: E) -> StoreError {
@@ -269,6 +269,14 @@ fn encode(record: &Record) -> zeroize::Zeroizing<Vec<u8>> {
         Record::Split { seq, epoch, seed } => json!({"split": {"seq": seq, "epoch": epoch, "seed": hex(seed)}}),
         Record::HandedOff { to, seq, notice } => json!({"handed_off": {"to": to.0, "seq": seq, "notice": hex::encode(notice)}}),
         Record::SigningKey { change, seed } => json!({"signing_key": {"change": change, "seed": hex(seed)}}),
+        Record::Switched { seq, epoch, to, seed } => {
+            // id_bits 0 stands for the tree (a flat table has at least one ID bit).
+            let id_bits = match to {
+                keycast_core::protocol::SchemeTarget::Tree => 0,
+                keycast_core::protocol::SchemeTarget::Flat { id_bits } => *id_bits,
+            };
+            json!({"switched": {"seq": seq, "epoch": epoch, "flat_id_bits": id_bits, "seed": hex(seed)}})
+        }
     };
     zeroize::Zeroizing::new(serde_json::to_vec(&value).expect("JSON of plain values"))
 }
@@ -284,6 +292,13 @@ fn decode(bytes: &[u8]) -> Option<Record> {
     let u = |v: &Value| v.as_u64();
     if let Some(split) = v.get("split") {
         return Some(Record::Split { seq: u(&split["seq"])?, epoch: u(&split["epoch"])?, seed: unhex(&split["seed"])? });
+    }
+    if let Some(w) = v.get("switched") {
+        let to = match u8::try_from(u(&w["flat_id_bits"])?).ok()? {
+            0 => keycast_core::protocol::SchemeTarget::Tree,
+            id_bits => keycast_core::protocol::SchemeTarget::Flat { id_bits },
+        };
+        return Some(Record::Switched { seq: u(&w["seq"])?, epoch: u(&w["epoch"])?, to, seed: unhex(&w["seed"])? });
     }
     if let Some(h) = v.get("handed_off") {
         let notice = hex::decode(h["notice"].as_str()?).ok()?;
@@ -458,6 +473,8 @@ mod tests {
             Record::SeqFloor(12),
             Record::SigningKey { change: 2, seed: [4; 32] },
             Record::Split { seq: 13, epoch: 14, seed: [5; 32] },
+            Record::Switched { seq: 14, epoch: 15, to: keycast_core::protocol::SchemeTarget::Tree, seed: [0; 32] },
+            Record::Switched { seq: 15, epoch: 16, to: keycast_core::protocol::SchemeTarget::Flat { id_bits: 6 }, seed: [6; 32] },
             Record::HandedOff { to: keycast_core::wire::GroupId(8), seq: 15, notice: vec![2, 19, 1] },
             Record::Merged(Box::new(merge_record())),
         ];

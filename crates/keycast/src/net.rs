@@ -89,6 +89,12 @@ pub enum AdminCommand {
     /// Replace the controller's signing key (e.g. after a suspected leak of the database):
     /// members follow the announcement, signed by the old key, without rejoining.
     RotateSigningKey,
+    /// Caronni et al.'s flat <-> tree transition (docs/distributed-flat.md): `tree` derives a
+    /// binary tree from the flat table (no key travels; colluding old members stay in until the
+    /// group goes back to flat); `flat --id-bits I` makes a fresh flat table (perfect forward
+    /// secrecy kept; each member resyncs for its keys).
+    #[command(subcommand)]
+    Transition(TransitionCommand),
     /// The tree of relays: the top group and every subgroup listed under `[[relays]]` in the
     /// admin config, each with its size, placed under the parent its relay reports.
     Tree {
@@ -119,6 +125,18 @@ pub enum AclCommand {
     List,
 }
 
+#[derive(Subcommand)]
+pub enum TransitionCommand {
+    /// Flat to tree: a binary tree over the flat table's ID bits, derived (no key travels).
+    Tree,
+    /// Tree to flat: a fresh flat table; each member takes its keys by resync.
+    Flat {
+        /// The table's ID bits (at least log2 of the members).
+        #[arg(long)]
+        id_bits: u8,
+    },
+}
+
 impl AdminCommand {
     fn request(&self) -> AdminRequest {
         match self {
@@ -133,6 +151,8 @@ impl AdminCommand {
             AdminCommand::Acl(AclCommand::List) => AdminRequest::AclList,
             AdminCommand::Stats { .. } => AdminRequest::Stats,
             AdminCommand::RotateSigningKey => AdminRequest::RotateSigningKey,
+            AdminCommand::Transition(TransitionCommand::Tree) => AdminRequest::Transition { flat_id_bits: None },
+            AdminCommand::Transition(TransitionCommand::Flat { id_bits }) => AdminRequest::Transition { flat_id_bits: Some(*id_bits) },
             AdminCommand::Tree { .. } | AdminCommand::Merge { .. } | AdminCommand::Split { .. } => AdminRequest::Stats,
         }
     }
@@ -218,7 +238,7 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     DatabaseKey::create_file(&key_file).map_err(|e| format!("cannot create {}: {e}", key_file.display()))?;
     let addresses = addresses(args.port);
     let admin = format!(
-        "# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats|rotate-signing-key|tree`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n{}",
+        "# `keycast admin --config admin.toml list|evict ID-OR-IDENTITY|readmit IDENTITY|acl add|remove|list|stats|rotate-signing-key|transition tree|flat --id-bits I|tree`\n{addresses}\n[tls]\nca = \"ca.pem\"\ncert = \"admin.pem\"\nkey = \"admin.key\"\n{}",
         relays_toml(args)
     );
     write(&args.dir.join("admin.toml"), &admin, false)?;
@@ -564,6 +584,7 @@ fn describe(response: AdminResponse) -> Result<String, String> {
         AdminResponse::SigningKeyRotated { change, verifying_key } => {
             format!("signing key replaced (rotation {change}); members follow the announcement. New verifying key: {verifying_key}")
         }
+        AdminResponse::Transitioned { scheme, seq } => format!("the group's key graph is now {scheme} (rekey {seq}); members follow the signed notice"),
         AdminResponse::Stats(s) => crate::stats_text::describe(&s),
         AdminResponse::MergeDone { detail } => detail,
         AdminResponse::MergeState { frames } => format!("merge state of {frames} frames (not kept)"),

@@ -36,6 +36,9 @@ use zeroize::Zeroizing;
 use super::merge_state::{MergeRecord, Merged};
 use super::snapshot::Snapshot;
 use crate::graph::merge::MergedTrees;
+use crate::graph::transition::{flat_from_tree, tree_from_flat, TransitionError};
+use crate::graph::{FlatIds, Scheme};
+use crate::wire::{SchemeSwitch, SwitchTarget};
 
 mod merging;
 
@@ -142,6 +145,18 @@ pub enum Record {
     /// more until the split hands it back (a snapshot then starts its log again). Its heartbeats
     /// repeat `notice` (signed, public) for members that missed it.
     HandedOff { to: GroupId, seq: u64, notice: Vec<u8> },
+    /// The key graph moved between flat and tree as rekey `seq` (Caronni et al., figure 6); a
+    /// switch to a flat table draws its keys from `seed` (unused to a tree, which derives them).
+    Switched { seq: u64, epoch: u64, to: SchemeTarget, seed: [u8; 32] },
+}
+
+/// The scheme a switch moves the group's key graph to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemeTarget {
+    /// A binary tree derived from the flat table (no key travels).
+    Tree,
+    /// A fresh flat table of `id_bits` (each member's keys reach it by resync).
+    Flat { id_bits: u8 },
 }
 
 /// Seeds are secrets: Debug names the record and its public fields only.
@@ -166,6 +181,7 @@ impl core::fmt::Debug for Record {
             Record::Merged(merge) => write!(f, "{merge:?}"),
             Record::Split { seq, epoch, .. } => write!(f, "Split {{ seq: {seq}, epoch: {epoch}, seed: <redacted> }}"),
             Record::HandedOff { to, seq, .. } => write!(f, "HandedOff {{ to: {}, seq: {seq} }}", to.0),
+            Record::Switched { seq, epoch, to, .. } => write!(f, "Switched {{ seq: {seq}, epoch: {epoch}, to: {to:?}, seed: <redacted> }}"),
         }
     }
 }
@@ -258,6 +274,10 @@ pub enum ControllerError {
     CompactPlacement,
     #[error("merge or split refused: {0}")]
     Merge(&'static str),
+    #[error("scheme switch refused: {0}")]
+    Switch(&'static str),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
     #[error("the configuration changed {setting} from {logged} (recorded when the group was created) to {configured}; the same log under other settings would rebuild other keys: restore the setting, or create a new group with a new database")]
     PolicyChanged { setting: &'static str, logged: String, configured: String },
 }
@@ -450,6 +470,13 @@ impl Controller {
                     let (plan, _) = c.apply_split(*seq, *epoch, seed)?;
                     last_batch = Some((plan, *seq, *epoch, *epoch));
                 }
+                Record::Switched { seq, epoch, to, seed } => {
+                    if *seq != c.rekey_seq + 1 {
+                        return Err(ControllerError::BadLog("rekey sequence numbers are not consecutive"));
+                    }
+                    c.apply_switch(*seq, *epoch, *to, seed)?;
+                    last_batch = None;
+                }
                 Record::HandedOff { to, notice, .. } => {
                     c.handed_off = Some(*to);
                     c.announcement = Some(Arc::new(notice.clone()));
@@ -531,10 +558,10 @@ impl Controller {
 
     fn from_snapshot(policy: GroupPolicy, acl: BTreeSet<String>, s: &Snapshot, now_ms: u64) -> Result<Controller, ControllerError> {
         let graph: Box<dyn KeyGraph> = match s.merged {
-            None => import_graph(policy.graph, &s.graph)?,
+            None => import_graph(s.switched.unwrap_or(policy.graph), &s.graph)?,
             Some(_) => Box::new(MergedTrees::import(&s.graph)?),
         };
-        if graph.config() != policy.graph {
+        if graph.config() != s.switched.unwrap_or(policy.graph) {
             return Err(ControllerError::BadLog("the snapshot's graph is not of the configured scheme"));
         }
         let group_keys = s.group_keys.iter().map(|(seq, r, activation, key)| (*seq, (*r, *activation, key.clone()))).collect();
@@ -580,6 +607,7 @@ impl Controller {
             last_rekey: self.last_rekey.clone(),
             graph: self.graph.export(),
             merged: self.merged,
+            switched: Some(self.graph.config()).filter(|config| *config != self.policy.graph),
         }
     }
 
@@ -592,6 +620,74 @@ impl Controller {
         self.install_signer(change, &seed);
         self.announcement = Some(Arc::new(announcement.clone()));
         vec![Output::Persist(Record::SigningKey { change, seed }), Output::Multicast(announcement)]
+    }
+
+    /// Caronni et al.'s flat to tree switch (figure 6): the tree is derived from the flat table,
+    /// so the signed public notice (returned to multicast, repeated with the heartbeats) is all
+    /// members need. Footnote 1: old members' KEKs still cover tree nodes, so colluding old
+    /// members cannot be expelled; members joining later are expelled as in any tree.
+    pub fn switch_to_tree(&mut self, now_ms: u64) -> Result<Vec<Output>, ControllerError> {
+        self.switch_scheme(SchemeTarget::Tree, now_ms, [0; 32])
+    }
+
+    /// Caronni et al.'s tree to flat switch with perfect forward secrecy kept: a fresh table of
+    /// `id_bits` from `entropy`. The notice tells members to resync; each member's new TEK and
+    /// KEKs reach it in its resync answer, sealed to it alone (docs/distributed-flat.md).
+    pub fn switch_to_flat(&mut self, id_bits: u8, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
+        self.switch_scheme(SchemeTarget::Flat { id_bits }, now_ms, entropy)
+    }
+
+    fn switch_scheme(&mut self, to: SchemeTarget, now_ms: u64, seed: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
+        if self.merged.is_some() || self.handed_off.is_some() {
+            return Err(ControllerError::Switch("a merged or handed-off group keeps its merged tree until it splits"));
+        }
+        let epoch = self.epoch_at(now_ms).max(self.epoch);
+        let seq = self.rekey_seq + 1;
+        let notice = self.apply_switch(seq, epoch, to, &seed)?;
+        Ok(vec![Output::Persist(Record::Switched { seq, epoch, to, seed }), Output::Multicast(notice)])
+    }
+
+    /// Replaces the graph as switch `seq` and returns its signed notice (also the heartbeats'
+    /// announcement and the last rekey's retransmission). Its group key is in force at once.
+    fn apply_switch(&mut self, seq: u64, epoch: u64, to: SchemeTarget, seed: &[u8; 32]) -> Result<Vec<u8>, ControllerError> {
+        let target = match to {
+            SchemeTarget::Tree => {
+                let switched = tree_from_flat(&*self.graph)?;
+                self.graph = switched.graph;
+                SwitchTarget::Tree { id_bits: switched.switch.id_bits, version: switched.switch.version }
+            }
+            SchemeTarget::Flat { id_bits } => {
+                let ids = match self.policy.graph.scheme {
+                    Scheme::Flat { ids, .. } => ids,
+                    _ => FlatIds::Sequential,
+                };
+                // The notices' wraps are not sent: resync answers carry the same keys.
+                self.graph = flat_from_tree(&*self.graph, id_bits, ids, &BatchSeed::from_bytes(*seed))?.graph;
+                SwitchTarget::Flat { id_bits }
+            }
+        };
+        self.rekey_seq = seq;
+        self.epoch = self.epoch.max(epoch);
+        let (group_ref, group_key) = self.graph.group_key();
+        self.group_keys.insert(seq, (group_ref, epoch, group_key.clone()));
+        let active_seq = self.active_entry(epoch).0;
+        self.group_keys.retain(|s, _| *s >= active_seq);
+        self.joiners.retire(active_seq);
+        let notice = SchemeSwitch { group: self.policy.group, seq, epoch, target }.sign(&self.signer).encode();
+        self.announcement = Some(Arc::new(notice.clone()));
+        self.last_rekey = vec![notice.clone()];
+        Ok(notice)
+    }
+
+    /// The group key in force in `epoch`, with its ref (what members must hold).
+    pub fn key_in_force(&self, epoch: u64) -> (KeyRef, Key) {
+        let (_, (r, _, key)) = self.active_entry(epoch);
+        (*r, key.clone())
+    }
+
+    /// The key graph's scheme now (the configured one until a switch).
+    pub fn scheme(&self) -> GraphConfig {
+        self.graph.config()
     }
 
     fn install_signer(&mut self, change: u64, seed: &[u8; 32]) {
@@ -1311,5 +1407,6 @@ pub fn handback_record(policy: &GroupPolicy, graph: &dyn KeyGraph, members: &[(M
         last_rekey: Vec::new(),
         graph: graph.export(),
         merged: None,
+        switched: None,
     }))
 }

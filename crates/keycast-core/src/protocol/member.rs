@@ -22,7 +22,8 @@ use crate::wire::{
     LIVENESS_LEN,
 };
 use crate::graph::merge::Subtree;
-use crate::wire::{Move, SignedMergeNotice};
+use crate::wire::{Move, SchemeSwitch as SignedSchemeSwitchBody, SignedMergeNotice, SignedSchemeSwitch, SwitchTarget};
+use crate::graph::transition::{member_tree_keys, TreeSwitch};
 
 use super::traffic::{self, Fresh, ReplayWindow, TrafficError, TrafficKeys, WrapKey};
 
@@ -616,6 +617,7 @@ impl MemberSession {
                 Ok(vec![MemberEvent::SignerChanged { change: change.change }])
             }
             MessageType::MergeNotice => self.follow_notice(bytes),
+            MessageType::SchemeSwitch => self.follow_switch(bytes),
             other => Err(MemberInputError::Unexpected(other)),
         }
     }
@@ -679,6 +681,50 @@ impl MemberSession {
         self.late_through = notice.next_seq;
         self.moved_at_seq = Some(notice.next_seq);
         Ok(vec![MemberEvent::Moved { group: self.group, member: self.member, controller: notice.controller, multicast: notice.multicast }])
+    }
+
+    /// A scheme switch from this member's controller, taken once it holds every rekey before
+    /// it. To a tree: the member derives its path from its flat keys, no key travels. To a flat
+    /// table: its new keys reach it only in a resync answer (sealed to it), so it asks for one.
+    fn follow_switch(&mut self, bytes: &[u8]) -> Result<Vec<MemberEvent>, MemberInputError> {
+        let switch: SignedSchemeSwitchBody = SignedSchemeSwitch::verify(bytes, &self.signer)?;
+        if switch.group != self.group {
+            return Err(Reject::WrongGroup { expected: self.group, got: switch.group }.into());
+        }
+        let held = self.guard.rekey_seq();
+        if switch.seq <= held {
+            return Err(Reject::Replay { kind: "scheme switch", seq: switch.seq, last: held }.into());
+        }
+        if switch.seq > held + 1 {
+            return Ok(self.lost(ResyncCause::Gap, format!("scheme switch {} but this member has rekey {held}", switch.seq)));
+        }
+        let SwitchTarget::Tree { id_bits, version } = switch.target else {
+            return Ok(self.lost(ResyncCause::Gap, format!("the group switched to a flat table at rekey {}: its keys come by resync", switch.seq)));
+        };
+        let keys = match member_tree_keys(TreeSwitch { id_bits, version }, &self.keys) {
+            Ok(keys) => keys,
+            Err(e) => return Ok(self.lost(ResyncCause::Gap, format!("the tree's keys do not derive from this member's: {e}"))),
+        };
+        let (root, _) = keys.group_key().ok_or(Reject::Decode(crate::wire::DecodeError::BadValue { field: "tree root", value: 0 }))?;
+        // The leaf (the individual key) has the lowest id and must come first.
+        let mut refs = keys.refs();
+        refs.sort_unstable_by_key(|r| r.id.0);
+        let answer = ResyncAnswer {
+            group: self.group,
+            member: self.member,
+            position: keys.position(),
+            epoch: switch.epoch.max(self.epoch),
+            rekey_seq: switch.seq,
+            active: root,
+            pending: None,
+            keys: refs.into_iter().filter_map(|r| Some((r, keys.key(r)?))).collect(),
+            signer: self.signer,
+        };
+        let signer_changes = self.signer_changes;
+        let mut events = vec![MemberEvent::Rekeyed { seq: switch.seq, group_key: root, activation: switch.epoch }];
+        events.extend(self.install(answer));
+        self.signer_changes = signer_changes;
+        Ok(events)
     }
 
     /// The repair collector of rekey `seq` if it is the next one for this member (a newer

@@ -17,6 +17,6 @@ mod rounds;
 pub mod snapshot;
 pub mod traffic;
 
-pub use controller::{Controller, ControllerError, Departure, FixedPolicy, GroupPolicy, JoinStatus, LivenessAnswer, LivenessRefused, DATAGRAM_REFUSALS_PER_SECOND, UDP_RESYNC_INTERVAL_MS, Output, Record, Refusal, Request, DEFAULT_SNAPSHOT_EVERY};
+pub use controller::{Controller, ControllerError, Departure, FixedPolicy, GroupPolicy, JoinStatus, LivenessAnswer, LivenessRefused, DATAGRAM_REFUSALS_PER_SECOND, UDP_RESYNC_INTERVAL_MS, Output, Record, Refusal, Request, SchemeTarget, DEFAULT_SNAPSHOT_EVERY};
 pub use member::{MemberEvent, MemberInputError, MemberSession, ResyncCauses};
 pub use snapshot::Snapshot;

@@ -17,10 +17,12 @@ use crate::wire::DecodeError;
 use super::controller::{FixedPolicy, Request};
 use super::merge_state::{put_requests, put_right_group, read_requests, read_right_group, Merged};
 
-const SNAPSHOT_FORMAT: u8 = MERGE_FORMAT;
+const SNAPSHOT_FORMAT: u8 = SWITCH_FORMAT;
 /// Snapshots written before merges were built: read, never written.
 const BEFORE_MERGES_FORMAT: u8 = 1;
 const MERGE_FORMAT: u8 = 2;
+/// Format 3 adds the graph's scheme after a flat <-> tree switch.
+const SWITCH_FORMAT: u8 = 3;
 /// Longest identity (a certificate name) a snapshot holds.
 const MAX_IDENTITY: usize = 1024;
 const MAX_ITEMS: usize = 1 << 28;
@@ -48,6 +50,9 @@ pub struct Snapshot {
     pub(crate) graph: Zeroizing<Vec<u8>>,
     /// The merge in force, if the group is merged (`graph` is then a merged group's).
     pub(crate) merged: Option<Merged>,
+    /// The graph's scheme after a flat <-> tree switch (`graph` is then of it); none while the
+    /// graph is of the fixed scheme.
+    pub(crate) switched: Option<GraphConfig>,
 }
 
 impl core::fmt::Debug for Snapshot {
@@ -172,13 +177,20 @@ impl Snapshot {
                 out.put_u64(merged.offset);
             }
         }
+        match &self.switched {
+            None => out.put_u8(0),
+            Some(config) => {
+                out.put_u8(1);
+                put_fixed(&mut out, &FixedPolicy { graph: *config, ..self.fixed });
+            }
+        }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
         let mut r = Reader::new(bytes);
         let format = r.u8("snapshot format")?;
-        if format != SNAPSHOT_FORMAT && format != BEFORE_MERGES_FORMAT {
+        if ![SWITCH_FORMAT, MERGE_FORMAT, BEFORE_MERGES_FORMAT].contains(&format) {
             return Err(DecodeError::BadValue { field: "snapshot format", value: format.into() });
         }
         let created_ms = r.u64("created at")?;
@@ -210,7 +222,11 @@ impl Snapshot {
         let graph = Zeroizing::new(r.take(usize::try_from(len).unwrap_or(usize::MAX), "graph")?.to_vec());
         // Format 1 (before merges) ends here; format 2 says whether a merge is in force.
         let merged = match format {
-            MERGE_FORMAT if r.flag("merged")? => Some(Merged { right: read_right_group(&mut r)?, offset: r.u64("member offset")? }),
+            MERGE_FORMAT | SWITCH_FORMAT if r.flag("merged")? => Some(Merged { right: read_right_group(&mut r)?, offset: r.u64("member offset")? }),
+            _ => None,
+        };
+        let switched = match format {
+            SWITCH_FORMAT if r.flag("switched")? => Some(read_fixed(&mut r)?.graph),
             _ => None,
         };
         r.finish()?;
@@ -231,6 +247,7 @@ impl Snapshot {
             last_rekey,
             graph,
             merged,
+            switched,
         })
     }
 }

@@ -19,6 +19,7 @@ pub mod parity;
 pub mod refusal;
 pub mod rekey;
 pub mod roster;
+pub mod scheme_switch;
 pub mod signer;
 
 pub use auth::{Signer, VerifiedRoots, VerifyingKey};
@@ -30,6 +31,7 @@ pub use liveness::{open_resync_answer, peek_resync_answer, seal_resync_answer, L
 pub use refusal::{DatagramRefusal, SignedDatagramRefusal, DATAGRAM_REFUSAL_LEN};
 pub use parity::{encode_parity, ParityHeader, ParityPacket, ParityRound, ParityShard};
 pub use roster::{MembershipDelta, SignedDelta};
+pub use scheme_switch::{SchemeSwitch, SignedSchemeSwitch, SwitchTarget};
 pub use signer::{SignedSignerChange, SignerChange};
 pub use rekey::{encode_rekey, EncodedRekey, PacketConfig, Placement, RekeyHeader, RekeyPacket, RekeyWireStats};
 
@@ -67,6 +69,8 @@ pub enum MessageType {
     SealedResync = 17,
     DatagramRefusal = 18,
     MergeNotice = 19,
+    // 20 is taken elsewhere in the workspace.
+    SchemeSwitch = 21,
 }
 
 impl MessageType {
@@ -90,12 +94,13 @@ impl MessageType {
             Message::SealedResync(_) => MessageType::SealedResync,
             Message::DatagramRefusal(_) => MessageType::DatagramRefusal,
             Message::MergeNotice(_) => MessageType::MergeNotice,
+            Message::SchemeSwitch(_) => MessageType::SchemeSwitch,
         }
     }
 
     fn from_byte(byte: u8) -> Option<Self> {
         use MessageType::*;
-        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync, DatagramRefusal, MergeNotice]
+        [Rekey, Heartbeat, JoinRequest, JoinAnswer, Leave, Refresh, Nak, ResyncRequest, ResyncAnswer, Data, MembershipDelta, SignerChange, RekeyParity, Liveness, ResyncProbe, SealedResync, DatagramRefusal, MergeNotice, SchemeSwitch]
             .into_iter()
             .find(|t| *t as u8 == byte)
     }
@@ -190,6 +195,8 @@ pub enum Message {
     DatagramRefusal(SignedDatagramRefusal),
     /// A controller's signed notice that its members move to another controller.
     MergeNotice(SignedMergeNotice),
+    /// A controller's signed notice that the group's key graph moved between flat and tree.
+    SchemeSwitch(SignedSchemeSwitch),
 }
 
 impl Message {
@@ -222,6 +229,7 @@ impl Message {
             }
             MessageType::DatagramRefusal => Message::DatagramRefusal(SignedDatagramRefusal::decode(bytes)?),
             MessageType::MergeNotice => Message::MergeNotice(SignedMergeNotice::decode(bytes)?),
+            MessageType::SchemeSwitch => Message::SchemeSwitch(SignedSchemeSwitch::decode(bytes)?),
         })
     }
 
@@ -248,6 +256,7 @@ impl Message {
                 out
             }
             Message::MergeNotice(m) => m.encode(),
+            Message::SchemeSwitch(m) => m.encode(),
         }
     }
 }

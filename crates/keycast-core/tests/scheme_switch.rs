@@ -1,0 +1,264 @@
+//! Caronni et al.'s flat <-> tree transitions (section 3.5, figure 6) inside a running
+//! controller, over the sans-IO layer: a flat group switches to a tree (a signed public notice,
+//! members derive their paths), runs a leave and a join as a tree, switches back to a fresh
+//! flat table (members take their new keys by resync, sealed to each), and runs a leave. After
+//! each step every live member holds the controller's group key, departed members open nothing,
+//! and restarts from the whole log and from a snapshot rebuild the same keys.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use keycast_core::protocol::traffic::Fresh;
+use keycast_core::protocol::{Controller, GroupPolicy, JoinStatus, MemberSession, Output, Record, Snapshot};
+use keycast_core::wire::rekey::PacketConfig;
+use keycast_core::wire::{GroupId, JoinAnswer, Reject, SchemeSwitch, Signer, SwitchTarget};
+use keycast_core::protocol::MemberInputError;
+use keycast_core::{FlatIds, GraphConfig, JoinPolicy, KeyRef, Scheme};
+
+const T0: u64 = 1_000_000;
+const GROUP: GroupId = GroupId(7);
+const ID_BITS: u8 = 4;
+
+fn policy() -> GroupPolicy {
+    GroupPolicy {
+        group: GROUP,
+        graph: GraphConfig { scheme: Scheme::Flat { id_bits: ID_BITS, ids: FlatIds::Sequential }, join_policy: JoinPolicy::NewVersion },
+        epoch_ms: 100,
+        activation_delay: 1,
+        heartbeat_ms: 50,
+        refresh_timeout_ms: 600_000,
+        immediate_eviction: true,
+        membership_deltas: false,
+        reflector: false,
+        packets: PacketConfig::default(),
+    }
+}
+
+struct World {
+    acl: BTreeSet<String>,
+    controller: Controller,
+    /// Since the last snapshot, as the store keeps it.
+    log: Vec<Record>,
+    /// Every record but snapshots.
+    history: Vec<Record>,
+    sent: Vec<Vec<u8>>,
+    answers: BTreeMap<u64, JoinAnswer>,
+    members: BTreeMap<String, MemberSession>,
+    departed: BTreeMap<String, MemberSession>,
+    now: u64,
+    entropy: u64,
+    conn: u64,
+}
+
+impl World {
+    fn new(names: &[String]) -> World {
+        let acl: BTreeSet<String> = names.iter().cloned().collect();
+        let (mut controller, genesis) = Controller::create(policy(), acl.clone(), T0, [3; 32], [4; 32]).unwrap();
+        controller.set_snapshot_interval(1);
+        let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
+        World {
+            acl,
+            controller,
+            log: vec![genesis.clone()],
+            history: vec![genesis],
+            sent: Vec::new(),
+            answers: BTreeMap::new(),
+            members: BTreeMap::new(),
+            departed: BTreeMap::new(),
+            now: T0,
+            entropy: 0,
+            conn: 0,
+        }
+    }
+
+    fn entropy(&mut self) -> [u8; 32] {
+        self.entropy += 1;
+        let mut e = [0x5a; 32];
+        e[..8].copy_from_slice(&self.entropy.to_be_bytes());
+        e
+    }
+
+    fn take(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Persist(Record::Snapshot(s)) => self.log = vec![Record::Snapshot(s)],
+                Output::Persist(record) => {
+                    self.history.push(record.clone());
+                    self.log.push(record);
+                }
+                Output::Multicast(bytes) => self.sent.push(bytes),
+                Output::JoinAnswer { conn, answer, .. } => drop(self.answers.insert(conn, answer)),
+                Output::Departed { .. } | Output::Rekeyed { .. } | Output::Repaired { .. } => {}
+            }
+        }
+    }
+
+    fn deliver(&mut self) {
+        let sent = std::mem::take(&mut self.sent);
+        for session in self.members.values_mut() {
+            for datagram in &sent {
+                let _ = session.receive(datagram, self.now);
+            }
+        }
+    }
+
+    fn tick(&mut self, ms: u64) {
+        for _ in 0..ms / 10 {
+            self.now += 10;
+            let (now, entropy) = (self.now, self.entropy());
+            let out = self.controller.tick(now, entropy).unwrap();
+            self.take(out);
+            self.deliver();
+            for session in self.members.values_mut() {
+                session.tick(self.now);
+            }
+            self.resync_lagging();
+        }
+    }
+
+    /// Members that asked for a resync get their keys from the controller (over TLS).
+    fn resync_lagging(&mut self) {
+        let lagging: Vec<String> = self.members.iter().filter(|(_, s)| s.needs_resync()).map(|(n, _)| n.clone()).collect();
+        for name in lagging {
+            let (member, seq) = (self.members[&name].member(), self.members[&name].rekey_seq());
+            let answer = self.controller.resync(&name, member, seq, self.now).unwrap();
+            self.members.get_mut(&name).unwrap().resynced(answer, self.now);
+        }
+    }
+
+    fn join(&mut self, name: &str) {
+        self.conn += 1;
+        let conn = self.conn;
+        let status = self.controller.join(conn, name, GROUP, self.now).unwrap();
+        assert!(matches!(status, JoinStatus::Queued(_)));
+        self.tick(300);
+        let JoinAnswer::Accepted(accepted) = self.answers[&conn].clone() else { panic!("{name} accepted") };
+        let keys = self.controller.resync(name, accepted.member, 0, self.now).unwrap();
+        self.members.insert(name.to_owned(), MemberSession::join(&accepted, keys, 50, self.now).0);
+    }
+
+    fn leave(&mut self, name: &str) {
+        let session = self.members.remove(name).unwrap();
+        let out = self.controller.leave(name, session.member()).unwrap();
+        self.take(out);
+        self.departed.insert(name.to_owned(), session);
+        self.tick(300);
+    }
+
+    /// Every live member holds the controller's key in force (ref and value); the departed
+    /// open nothing the live members seal.
+    fn assert_keys_agree(&mut self, step: &str) {
+        let (group_ref, group_key) = self.controller.key_in_force(self.controller.epoch_at(self.now));
+        for (name, session) in &self.members {
+            let (r, key) = session.active_key().unwrap_or_else(|| panic!("{step}: {name} holds no key in force"));
+            assert_eq!(r, group_ref, "{step}: {name} holds another key in force");
+            assert!(key == group_key, "{step}: {name} holds another value under {r}");
+        }
+        for (i, (name, session)) in self.members.iter_mut().enumerate() {
+            let fresh = Fresh { message_key: [i as u8; 32], nonce: [7; 12] };
+            let data = session.seal(b"secret", fresh).unwrap();
+            let read = self.departed.values_mut().map(|d| d.open(&data)).filter(Result::is_ok).count();
+            assert_eq!(read, 0, "{step}: a departed member reads {name}'s message");
+        }
+    }
+
+    /// Restarts from the whole history and from the log since the snapshot give the same key
+    /// in force and scheme as the running controller.
+    fn assert_restarts_agree(&self, step: &str) {
+        let epoch = self.controller.epoch_at(self.now);
+        let expected = self.controller.key_in_force(epoch);
+        let through_store = |log: &[Record]| -> Vec<Record> {
+            log.iter()
+                .map(|r| match r {
+                    Record::Snapshot(s) => Record::Snapshot(Box::new(Snapshot::decode(&s.encode()).unwrap())),
+                    other => other.clone(),
+                })
+                .collect()
+        };
+        for (kind, log) in [("history", &self.history), ("snapshot", &self.log)] {
+            let restarted = Controller::restore(policy(), self.acl.clone(), &through_store(log), self.now).unwrap();
+            let got = restarted.key_in_force(epoch);
+            assert_eq!(got.0, expected.0, "{step}: restart from the {kind} has another key in force");
+            assert!(got.1 == expected.1, "{step}: restart from the {kind} has another value under {}", got.0);
+            assert_eq!(restarted.scheme(), self.controller.scheme(), "{step}: restart from the {kind} runs another scheme");
+        }
+    }
+
+    fn active_refs(&self) -> BTreeSet<KeyRef> {
+        self.members.values().filter_map(|s| s.active_key().map(|(r, _)| r)).collect()
+    }
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("member-{i}")).collect()
+}
+
+#[test]
+fn a_running_group_switches_flat_to_tree_and_back_with_members_following() {
+    let all = names(8);
+    let mut world = World::new(&all);
+    for name in &all[..6] {
+        world.join(name);
+    }
+    world.leave("member-5");
+    world.assert_keys_agree("flat, before the switch");
+
+    // Flat to tree: one public notice, no key in it.
+    let now = world.now;
+    let out = world.controller.switch_to_tree(now).unwrap();
+    assert!(matches!(&out[0], Output::Persist(Record::Switched { .. })), "the switch is logged before it is sent");
+    world.take(out);
+    assert!(matches!(world.controller.scheme().scheme, Scheme::Tree { degree: 2 }));
+    let notice = world.sent.last().unwrap().clone();
+    world.deliver();
+    assert!(world.members.values().all(|s| !s.needs_resync()), "flat to tree needs no resync");
+    world.assert_keys_agree("just after flat to tree");
+    world.assert_restarts_agree("flat to tree");
+    // A replayed notice is refused.
+    let replay = world.members.get_mut("member-0").unwrap().receive(&notice, now);
+    assert!(matches!(replay, Err(MemberInputError::Rejected(Reject::Replay { .. }))), "{replay:?}");
+
+    world.tick(300);
+    world.leave("member-1");
+    world.assert_keys_agree("tree, after a leave");
+    world.join("member-6");
+    world.assert_keys_agree("tree, after a join");
+    world.assert_restarts_agree("tree, after a leave and a join");
+
+    // Tree to flat: a fresh table; each member's keys come sealed to it by resync.
+    let before = world.active_refs();
+    let (now, entropy) = (world.now, world.entropy());
+    let out = world.controller.switch_to_flat(ID_BITS, now, entropy).unwrap();
+    world.take(out);
+    assert!(matches!(world.controller.scheme().scheme, Scheme::Flat { id_bits: ID_BITS, .. }));
+    world.deliver();
+    world.resync_lagging();
+    assert!(world.active_refs().is_disjoint(&before), "the flat table's group key is new");
+    world.assert_keys_agree("just after tree to flat");
+    world.assert_restarts_agree("tree to flat");
+
+    world.tick(300);
+    world.leave("member-2");
+    world.assert_keys_agree("flat again, after a leave");
+    world.assert_restarts_agree("flat again, after a leave");
+}
+
+#[test]
+fn members_refuse_a_switch_not_signed_by_their_controller_or_for_another_group() {
+    let all = names(3);
+    let mut world = World::new(&all);
+    for name in &all {
+        world.join(name);
+    }
+    let session = world.members.get_mut("member-0").unwrap();
+    let seq = session.rekey_seq() + 1;
+    let target = SwitchTarget::Tree { id_bits: ID_BITS, version: 99 };
+    let forged = SchemeSwitch { group: GROUP, seq, epoch: 0, target }.sign(&Signer::from_seed(&[9; 32])).encode();
+    assert!(matches!(session.receive(&forged, world.now), Err(MemberInputError::Rejected(Reject::BadSignature))));
+    // Another group's switch, under the right key, is not this group's.
+    let other = world.controller.switch_to_tree(world.now).unwrap();
+    let Some(Output::Multicast(ours)) = other.into_iter().nth(1) else { panic!("a notice") };
+    let mut theirs = ours.clone();
+    theirs[2..10].copy_from_slice(&8u64.to_be_bytes());
+    assert!(session.receive(&theirs, world.now).is_err(), "a notice whose group was changed does not verify");
+    assert!(session.receive(&ours, world.now).is_ok());
+}
