@@ -666,13 +666,7 @@ impl Controller {
                 SwitchTarget::Flat { id_bits }
             }
         };
-        self.rekey_seq = seq;
-        self.epoch = self.epoch.max(epoch);
-        let (group_ref, group_key) = self.graph.group_key();
-        self.group_keys.insert(seq, (group_ref, epoch, group_key.clone()));
-        let active_seq = self.active_entry(epoch).0;
-        self.group_keys.retain(|s, _| *s >= active_seq);
-        self.joiners.retire(active_seq);
+        self.install_group_key(seq, epoch, self.graph.group_key().0, epoch);
         let notice = SchemeSwitch { group: self.policy.group, seq, epoch, target }.sign(&self.signer).encode();
         self.announcement = Some(Arc::new(notice.clone()));
         self.last_rekey = vec![notice.clone()];
@@ -1314,14 +1308,20 @@ impl Controller {
             let joined: BTreeSet<MemberId> = joins.iter().map(|(m, _)| *m).collect();
             self.pending.retain(|r| !leaves.contains(&r.member()) && !joined.contains(&r.member()));
         }
+        self.install_group_key(seq, epoch, plan.group_key, activation);
+        Ok(plan)
+    }
+
+    /// Records rekey `seq`, made in `epoch`, as the newest group key (`group_ref`, the graph's
+    /// key, in force from `activation`); keys superseded by a newer active key are never used
+    /// again.
+    fn install_group_key(&mut self, seq: u64, epoch: u64, group_ref: KeyRef, activation: u64) {
         self.rekey_seq = seq;
         self.epoch = self.epoch.max(epoch);
-        self.group_keys.insert(seq, (plan.group_key, activation, self.graph.group_key().1.clone()));
-        // Keys superseded by a newer active key are never used again.
+        self.group_keys.insert(seq, (group_ref, activation, self.graph.group_key().1.clone()));
         let active_seq = self.active_entry(epoch).0;
         self.group_keys.retain(|s, _| *s >= active_seq);
         self.joiners.retire(active_seq);
-        Ok(plan)
     }
 
     /// The proactive parity packets of a rekey (round 1), signed (none while rho is 1).

@@ -117,18 +117,8 @@ impl Controller {
         self.graph = Box::new(merge.graph);
         self.next_member = self.next_member.max(offset.saturating_add(side.right.next_member));
         self.merged = Some(Merged { right: side.right, offset: *offset });
-        self.install_rekey(*seq, *epoch, &plan);
+        self.install_group_key(*seq, *epoch, plan.group_key, *epoch);
         Ok(plan)
-    }
-
-    /// A rekey active at once (a merge's or split's) as the newest group key.
-    fn install_rekey(&mut self, seq: u64, epoch: u64, plan: &RekeyPlan) {
-        self.rekey_seq = seq;
-        self.epoch = self.epoch.max(epoch);
-        self.group_keys.insert(seq, (plan.group_key, epoch, self.graph.group_key().1.clone()));
-        let active_seq = self.active_entry(epoch).0;
-        self.group_keys.retain(|s, _| *s >= active_seq);
-        self.joiners.retire(active_seq);
     }
 
     /// Sends this group's members to the merged group of `ticket`: the notice, then the merge
@@ -236,7 +226,7 @@ impl Controller {
         self.pending.retain(|r| !right_ids.contains(&r.member()));
         self.graph = split.left;
         self.merged = None;
-        self.install_rekey(seq, epoch, &split.left_rekey);
+        self.install_group_key(seq, epoch, split.left_rekey.group_key, epoch);
         let next_member = members.iter().map(|(m, _)| m.0.saturating_add(1)).fold(merged.right.next_member, u64::max);
         let handback = Handback { right: merged.right, graph: split.right, rekey: split.right_rekey, members, next_member };
         Ok((split.left_rekey, handback))
@@ -268,7 +258,7 @@ impl Controller {
         self.waiting_joins.clear();
         self.graph = handback.graph;
         self.group_keys.clear();
-        self.install_rekey(seq, epoch, &handback.rekey);
+        self.install_group_key(seq, epoch, handback.rekey.group_key, epoch);
         self.handed_off = None;
         self.announcement = None;
         self.last_rekey = packets.clone();
