@@ -48,6 +48,10 @@ def handback(id_bits, pid):
     return bytes([2, 0x3C]) + (1).to_bytes(8, "big") + pid.to_bytes(8, "big") + key(0) + bytes([id_bits]) + keks
 write("decode_handback", "two-bits", handback(2, 0b10))
 write("decode_handback", "sixteen-bits", handback(16, 0xBEEF))
+
+# decode_appointment: the controller at 127.0.0.1:7400 proving "localhost", rekeys to 239.255.0.1:7401.
+appointment = bytes([2, 0x3D]) + (1).to_bytes(8, "big") + bytes([127, 0, 0, 1]) + (7400).to_bytes(2, "big") + bytes([9]) + b"localhost" + bytes([239, 255, 0, 1]) + (7401).to_bytes(2, "big")
+write("decode_appointment", "loopback", appointment)
 # import_merge: the first byte selects. Below 0x40: raw bytes, seeded with a merge record (two
 # members, one pending leave, a short graph), the same as a merge side, and a ticket. 0x40 and
 # up: a real handback (then a right member count) or, from 0x80, a real merged group (degree

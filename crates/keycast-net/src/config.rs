@@ -264,6 +264,64 @@ pub struct MemberConfig {
     /// and `server_name`): the member joins them when its controller goes silent.
     #[serde(default)]
     pub standbys: Vec<crate::client::ControllerAddr>,
+    /// Caronni et al.'s figure 6 (docs/distributed-flat.md): with this section a member of a
+    /// flat group continues as a distributed flat participant when its controller is lost for
+    /// good, and joins a controller-less group through a participant.
+    #[serde(default)]
+    pub distributed: Option<DistributedConfig>,
+}
+
+/// How a member continues without a controller (`MemberConfig::distributed`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedConfig {
+    /// Where the participants multicast their announcements and presences (not the group's
+    /// rekey channel).
+    pub multicast: MulticastConfig,
+    /// The certificates of every identity that may be a participant (Ed25519, as `keycast
+    /// init` issues them): an announcement signed by anyone else is refused.
+    pub participants: Vec<PathBuf>,
+    /// The flat table's ID bits (the controller's `flat_id_bits`).
+    pub id_bits: u8,
+    /// How long the controller must stay silent before this member continues as a
+    /// participant: long enough that a paused or restarting controller is not mistaken for a
+    /// lost one (a member that converts does not go back to it).
+    #[serde(default = "after_silence_ms")]
+    pub after_silence_ms: u64,
+    /// How long a change settles before the next one (announcements of a change arrive
+    /// within it).
+    #[serde(default = "settle_ms")]
+    pub settle_ms: u64,
+    /// Pause between two presences (how participants and joiners find each other).
+    #[serde(default = "presence_ms")]
+    pub presence_ms: u64,
+    /// How long a private message, a join or a handback request is retried.
+    #[serde(default = "deadline_ms")]
+    pub deadline_ms: u64,
+    /// How long the handover waits for every member of the group to continue too, and how
+    /// long a participant appointed to take the group back waits for the handbacks.
+    #[serde(default = "handover_within_ms")]
+    pub handover_within_ms: u64,
+}
+
+fn after_silence_ms() -> u64 {
+    30_000
+}
+
+fn settle_ms() -> u64 {
+    1_000
+}
+
+fn presence_ms() -> u64 {
+    500
+}
+
+fn deadline_ms() -> u64 {
+    10_000
+}
+
+fn handover_within_ms() -> u64 {
+    20_000
 }
 
 /// How a member's requests to the controller (join, leave, refresh, resync) are bounded:
@@ -502,6 +560,12 @@ impl MemberConfig {
         }
         if c.refresh_ms == 0 || c.heartbeat_ms == 0 {
             return Err(invalid("refresh_ms and heartbeat_ms must be at least 1".into()));
+        }
+        if let Some(d) = c.distributed.as_mut() {
+            d.participants.iter_mut().filter(|p| p.is_relative()).for_each(|p| *p = base.join(&*p));
+            if !(1..=64).contains(&d.id_bits) || d.participants.is_empty() || d.settle_ms == 0 || d.presence_ms == 0 {
+                return Err(invalid("[distributed] needs id_bits from 1 to 64, at least one participant certificate, and settle_ms and presence_ms of at least 1".into()));
+            }
         }
         Ok(c)
     }

@@ -12,7 +12,7 @@
 //! the join grant on the same connection.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,13 +20,13 @@ use keycast_core::key::{Key, KeyRef};
 use keycast_core::keygen::BatchSeed;
 use keycast_core::graph::JoinPolicy;
 use keycast_core::protocol::distributed_flat::handback::{Handback, HandbackRefused, TableCollector};
-use keycast_core::protocol::distributed_flat::{ChangeRef, Config, Directory, Event, HandbackKeys, Identity, Output, Participant, Presence, Refused};
+use keycast_core::protocol::distributed_flat::{Appointment, ChangeRef, Config, Directory, Event, HandbackKeys, Identity, Output, Participant, Presence, Refused};
 use keycast_core::wire::auth::VerifyingKey;
 use keycast_core::wire::Signer;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use zeroize::Zeroizing;
@@ -40,6 +40,8 @@ use crate::{entropy, lock, multicast, now_ms};
 /// First byte of a request on the private channel.
 const JOIN_REQUEST: u8 = 1;
 const PRIVATE_MESSAGE: u8 = 2;
+/// The appointed participant asks for a handback (`Appointment`); the answer carries it.
+const APPOINT: u8 = 3;
 /// First byte of an answer.
 const ANSWER_OK: u8 = 0;
 const ANSWER_BUSY: u8 = 1;
@@ -172,6 +174,16 @@ enum Command {
     FinishCollection { policy: JoinPolicy, reply: oneshot::Sender<Result<Handback, HandbackRefused>> },
     /// This participant's handback (its ID and keys, if it holds all of them).
     Handback { reply: oneshot::Sender<Option<HandbackKeys>> },
+    /// `from` was appointed to take the group back and asks for this participant's handback.
+    Appointed { from: Identity, request: Zeroizing<Vec<u8>>, reply: oneshot::Sender<Result<Zeroizing<Vec<u8>>, Refused>> },
+}
+
+/// This participant handed its keys back to `collector`, appointed to take the group back to
+/// the controller `appointment` names: it takes no more orders and should join that controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandedBack {
+    pub collector: Identity,
+    pub appointment: Appointment,
 }
 
 /// A running participant. Dropping it stops its tasks.
@@ -183,6 +195,7 @@ pub struct DistributedParticipant {
     commands: mpsc::Sender<Command>,
     shared: Arc<Mutex<Shared>>,
     events: Option<mpsc::Receiver<Event>>,
+    handed_back: watch::Receiver<Option<HandedBack>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -272,7 +285,9 @@ impl DistributedParticipant {
         }));
         let channel = Arc::new(Channel::new(&setup.credentials)?);
         let acceptor = TlsAcceptor::from(server_config(&setup.credentials)?);
+        let (handed_back_out, handed_back) = watch::channel(None);
         let actor = Actor {
+            handed_back: handed_back_out,
             collector: None,
             participant,
             sender,
@@ -290,7 +305,7 @@ impl DistributedParticipant {
         };
         let serve = serve_listener(tcp, acceptor, commands.clone(), setup.directory.clone());
         let tasks = vec![tokio::spawn(actor.run(inbox, receiver)), tokio::spawn(serve)];
-        Ok(DistributedParticipant { identity, listener, channel, setup, commands, shared, events: Some(events), tasks })
+        Ok(DistributedParticipant { identity, listener, channel, setup, commands, shared, events: Some(events), handed_back, tasks })
     }
 
     pub fn identity(&self) -> &Identity {
@@ -374,6 +389,43 @@ impl DistributedParticipant {
         Ok(self.channel.deliver(&self.shared, to.clone(), bytes, self.setup.deadline_ms).await)
     }
 
+    /// Set once this participant handed its keys back to an appointed participant.
+    pub fn handed_back(&self) -> watch::Receiver<Option<HandedBack>> {
+        self.handed_back.clone()
+    }
+
+    /// Appointed to take the group back to the controller `appointment` names (figure 6):
+    /// collects this participant's keys and asks every other live participant of its roster
+    /// for its handback over the mutually authenticated channel, all at once, each retried
+    /// until `within` passes; then builds the controller's table (`finish_collection`).
+    /// Participants that did not hand back by then are removed from it.
+    pub async fn take_back(&self, appointment: &Appointment, within: Duration, policy: JoinPolicy) -> Result<Handback, DistributedError> {
+        self.collect_table().await?;
+        let deadline = Instant::now() + within;
+        let request = Zeroizing::new([&[APPOINT][..], &appointment.encode()].concat());
+        let mut asks = JoinSet::new();
+        for who in self.status().roster.into_values().filter(|who| *who != self.identity) {
+            let (channel, shared, request) = (self.channel.clone(), self.shared.clone(), request.clone());
+            asks.spawn(async move {
+                let answer = channel.ask_handback(&shared, &who, &request, deadline).await;
+                (who, answer)
+            });
+        }
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok((from, Ok(bytes))) => {
+                    let taken = self.order(|reply| Command::Private { from: from.clone(), bytes, reply }).await;
+                    if let Err(error) = taken {
+                        tracing::warn!(%from, %error, "handback refused");
+                    }
+                }
+                Ok((from, Err(reason))) => tracing::warn!(%from, %reason, "no handback"),
+                Err(error) => tracing::error!(%error, "a handback request failed"),
+            }
+        }
+        self.finish_collection(policy).await
+    }
+
     async fn order(&self, command: impl FnOnce(oneshot::Sender<Result<(), Refused>>) -> Command) -> Result<(), DistributedError> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(command(reply)).await.map_err(|_| DistributedError::Stopped)?;
@@ -406,6 +458,8 @@ fn status_of(participant: &Participant) -> Status {
 /// The task that owns the participant.
 struct Actor {
     participant: Participant,
+    /// Set once this participant handed its keys back.
+    handed_back: watch::Sender<Option<HandedBack>>,
     /// The handbacks collected, once appointed to take the group back.
     collector: Option<TableCollector>,
     sender: UdpSocket,
@@ -478,14 +532,16 @@ impl Actor {
         if known.is_some_and(|(at, addr)| addr == SocketAddr::V4(presence.listener) || at >= presence.at_ms) {
             return;
         }
-        let Some(key) = self.setup.directory.get(&presence.signer) else { return };
-        if presence.group == self.setup.config.group && Presence::verify(bytes, &signature, key) {
+        if verifies(&presence, bytes, &signature, &self.setup) {
             lock(&self.shared).addresses.insert(presence.signer, (presence.at_ms, SocketAddr::V4(presence.listener)));
         }
     }
 
     async fn on_command(&mut self, command: Command) {
         let seed = BatchSeed::from_bytes(entropy());
+        if self.handed_back.borrow().is_some() {
+            return self.after_handing_back(command);
+        }
         match command {
             Command::Join { from, reply } => match self.participant.admit(&from, &seed, now_ms()) {
                 Ok(outputs) => {
@@ -534,7 +590,40 @@ impl Actor {
             Command::Handback { reply } => {
                 let _ = reply.send(self.own_handback());
             }
+            Command::Appointed { from, request, reply } => {
+                let _ = reply.send(self.hand_back_to(from, &request));
+            }
         }
+    }
+
+    /// A participant that handed its keys back takes no order that changes the group; a
+    /// repeated request of its collector (whose answer was lost) gets the same handback.
+    fn after_handing_back(&mut self, command: Command) {
+        let refused = || Refused::Invalid("handed back: the group is going back to a controller");
+        match command {
+            Command::Appointed { from, request, reply } => {
+                let same = self.handed_back.borrow().as_ref().is_some_and(|h| h.collector == from);
+                let _ = reply.send(if same { self.hand_back_to(from, &request) } else { Err(refused()) });
+            }
+            Command::Join { reply, .. } => drop(reply.send(Err(refused()))),
+            Command::Private { reply, .. } | Command::Exclude { reply, .. } | Command::Leave { reply } | Command::Collect { reply } => drop(reply.send(Err(refused()))),
+            Command::FinishCollection { reply, .. } => drop(reply.send(Err(HandbackRefused::Empty))),
+            Command::Handback { reply } => drop(reply.send(None)),
+            Command::Repeat(_) => {}
+        }
+    }
+
+    /// `from`'s appointment: this participant's handback, if `from` is another live
+    /// participant and this one is settled at its keys.
+    fn hand_back_to(&mut self, from: Identity, request: &[u8]) -> Result<Zeroizing<Vec<u8>>, Refused> {
+        let appointment = Appointment::decode(request, self.setup.config.group)?;
+        if from == *self.participant.identity() || !self.participant.roster().values().any(|who| *who == from) {
+            return Err(Refused::NotLive(from));
+        }
+        let handback = self.own_handback().ok_or(Refused::Busy)?;
+        tracing::info!(collector = %from, controller = %appointment.controller, "handing the keys back");
+        self.handed_back.send_replace(Some(HandedBack { collector: from, appointment }));
+        Ok(handback.encode(self.setup.config.group))
     }
 
     fn own_handback(&self) -> Option<HandbackKeys> {
@@ -637,6 +726,33 @@ impl Actor {
     }
 }
 
+/// Whether `presence` (decoded from `bytes`) is of this group and signed by its signer's key
+/// in the directory.
+fn verifies(presence: &Presence, bytes: &[u8], signature: &keycast_core::wire::auth::Signature, setup: &DistributedSetup) -> bool {
+    let key = setup.directory.get(&presence.signer);
+    presence.group == setup.config.group && key.is_some_and(|key| Presence::verify(bytes, signature, key))
+}
+
+/// The participants of a running distributed flat group whose presence is heard within
+/// `within` on the group's multicast address (verified against the directory), newest
+/// address of each, `setup`'s own identity left out: introducers for a joiner. Empty if no
+/// group runs there.
+pub async fn find_introducers(setup: &DistributedSetup, within: Duration) -> Result<Vec<Introducer>, DistributedError> {
+    let receiver = multicast::receiver(&setup.multicast)?;
+    let own = directory_entry(&setup.credentials.cert_pem)?.0;
+    let mut heard: BTreeMap<Identity, (u64, SocketAddrV4)> = BTreeMap::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let until = Instant::now() + within;
+    while let Ok(Ok((len, _))) = timeout(until.saturating_duration_since(Instant::now()), receiver.recv_from(&mut buf)).await {
+        let Ok((presence, signature)) = Presence::decode(&buf[..len]) else { continue };
+        let newer = heard.get(&presence.signer).is_none_or(|(at, _)| *at < presence.at_ms);
+        if newer && presence.signer != own && verifies(&presence, &buf[..len], &signature, setup) {
+            heard.insert(presence.signer.clone(), (presence.at_ms, presence.listener));
+        }
+    }
+    Ok(heard.into_iter().map(|(identity, (_, addr))| Introducer { identity, addr: SocketAddr::V4(addr) }).collect())
+}
+
 /// The client side of the private channel: one TLS connection per request.
 struct Channel {
     connector: TlsConnector,
@@ -677,22 +793,37 @@ impl Channel {
         }
     }
 
+    /// Asks `to` for its handback (`request` is the appointment) until it answers or the
+    /// deadline passes, waiting for its address if no presence of it came yet.
+    async fn ask_handback(&self, shared: &Mutex<Shared>, to: &Identity, request: &[u8], deadline: Instant) -> Result<Zeroizing<Vec<u8>>, String> {
+        self.ask(to, || lock(shared).addresses.get(to).map(|(_, addr)| *addr), request, deadline).await.map_err(|e| format!("no handback: {e}"))
+    }
+
     /// Asks `introducer` to admit this participant until it answers or the deadline passes.
     async fn join(&self, introducer: &Introducer, deadline: Instant) -> Result<Zeroizing<Vec<u8>>, String> {
+        self.ask(&introducer.identity, || Some(introducer.addr), &[JOIN_REQUEST], deadline).await.map_err(|e| format!("no grant: {e}"))
+    }
+
+    /// Sends `request` to `to` (at `addr_of`'s address) until it answers OK or refuses, with
+    /// jittered backoff while it is busy or unreachable, until the deadline.
+    async fn ask(&self, to: &Identity, addr_of: impl Fn() -> Option<SocketAddr>, request: &[u8], deadline: Instant) -> Result<Zeroizing<Vec<u8>>, String> {
         let mut backoff = BACKOFF_MIN_MS;
         loop {
-            let error = match self.exchange(introducer.addr, &introducer.identity, &[JOIN_REQUEST]).await {
-                Ok(answer) => match answer.split_first() {
-                    Some((&ANSWER_OK, grant)) => return Ok(Zeroizing::new(grant.to_vec())),
-                    Some((&ANSWER_REFUSED, reason)) => return Err(format!("refused: {}", String::from_utf8_lossy(reason))),
-                    Some((&ANSWER_BUSY, _)) => "busy".to_string(),
-                    _ => "unknown answer".to_string(),
+            let error = match addr_of() {
+                Some(addr) => match self.exchange(addr, to, request).await {
+                    Ok(answer) => match answer.split_first() {
+                        Some((&ANSWER_OK, payload)) => return Ok(Zeroizing::new(payload.to_vec())),
+                        Some((&ANSWER_REFUSED, reason)) => return Err(format!("refused: {}", String::from_utf8_lossy(reason))),
+                        Some((&ANSWER_BUSY, _)) => "busy".to_string(),
+                        _ => "unknown answer".to_string(),
+                    },
+                    Err(error) => error,
                 },
-                Err(error) => error,
+                None => format!("no presence of {to} yet"),
             };
             let pause = Duration::from_millis(jittered(backoff));
             if Instant::now() + pause >= deadline {
-                return Err(format!("no grant before the deadline (last: {error})"));
+                return Err(format!("nothing before the deadline (last: {error})"));
             }
             sleep(pause).await;
             backoff = (backoff * 2).min(BACKOFF_MAX_MS);
@@ -758,6 +889,14 @@ async fn serve_connection(tcp: TcpStream, acceptor: TlsAcceptor, commands: mpsc:
             commands.send(Command::Join { from, reply }).await.map_err(|_| "stopped")?;
             match answer.await.map_err(|_| "stopped")? {
                 Ok(grant) => Zeroizing::new([&[ANSWER_OK][..], &grant].concat()),
+                Err(refused) => refusal(&refused),
+            }
+        }
+        Some((&APPOINT, bytes)) => {
+            let (reply, answer) = oneshot::channel();
+            commands.send(Command::Appointed { from, request: Zeroizing::new(bytes.to_vec()), reply }).await.map_err(|_| "stopped")?;
+            match answer.await.map_err(|_| "stopped")? {
+                Ok(handback) => Zeroizing::new([&[ANSWER_OK][..], &handback].concat()),
                 Err(refused) => refusal(&refused),
             }
         }

@@ -9,7 +9,9 @@ mod demo_relays;
 mod figures;
 mod measure;
 mod member_events;
+mod member_run;
 mod net;
+mod participant;
 mod sim;
 mod sim_delivery;
 mod stats_text;
@@ -46,7 +48,7 @@ enum Command {
     Relay(net::ConfigArg),
     /// Join a group as a member, print its events, optionally send a test stream.
     #[command(after_help = net::MEMBER_EXIT_STATUS)]
-    Member(net::MemberArgs),
+    Member(member_run::MemberArgs),
     /// Administer a running controller: list, evict, readmit, acl, stats.
     Admin(net::AdminArgs),
     /// Simulations that reproduce the papers' measurements.
@@ -70,7 +72,7 @@ fn main() -> std::process::ExitCode {
         Command::Init(args) => net::init(&args),
         Command::Server(args) => net::server(&args),
         Command::Relay(args) => net::relay(&args),
-        Command::Member(args) => match net::member(&args) {
+        Command::Member(args) => match member_run::member(&args) {
             Ok(net::MemberEnd::Evicted) => return std::process::ExitCode::from(EXIT_EVICTED),
             other => other.map(drop),
         },

@@ -1,12 +1,11 @@
 //! `keycast init`, `server`, `member` and `admin`: the networked system from config files.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use keycast_core::protocol::{MemberEvent, DEFAULT_SNAPSHOT_EVERY};
+use keycast_core::protocol::DEFAULT_SNAPSHOT_EVERY;
 use keycast_net::admin::{self, AdminRequest, AdminResponse};
-use keycast_net::client::{ClientEvent, MemberClient, MemberSetup};
+use keycast_net::client::MemberSetup;
 use keycast_net::config::{AdminConfig, MemberConfig, RelayConfig, ServerConfig};
 use keycast_net::pki::{Authority, Credentials, Fingerprint, RcgenError};
 use keycast_net::relay::{Relay, RelaySetup, Standby, StandbySetup};
@@ -14,7 +13,6 @@ use keycast_net::server::{Server, ServerError, ServerSetup};
 use keycast_net::store::{DatabaseKey, StoreError};
 use keycast_net::tls::{client_config, server_config};
 
-use crate::member_events::{EventLine, EventPrinter};
 
 #[derive(Args)]
 pub struct InitArgs {
@@ -34,30 +32,20 @@ pub struct InitArgs {
     /// and the subgroups.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=100))]
     relays: u16,
+    /// The top group's key graph: `tree`, or `flat` (Caronni et al.'s flat table: its members
+    /// continue as a distributed flat group if the controller is lost for good, see
+    /// docs/distributed-flat.md).
+    #[arg(long, default_value = "tree", value_parser = ["tree", "flat"])]
+    scheme: String,
+    /// ID bits of the flat table (with `--scheme flat`): room for 2^bits members.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..=27))]
+    flat_id_bits: u8,
 }
 
 #[derive(Args)]
 pub struct ConfigArg {
     #[arg(long)]
     config: PathBuf,
-}
-
-#[derive(Args)]
-pub struct MemberArgs {
-    #[arg(long)]
-    config: PathBuf,
-    /// Send this many test messages to the group, one per interval.
-    #[arg(long, default_value_t = 0)]
-    send: u32,
-    #[arg(long = "interval-ms", default_value_t = 1000)]
-    interval_ms: u64,
-    /// Leave the group and stop after this many seconds (default: run until Ctrl-C).
-    #[arg(long = "for-secs")]
-    for_secs: Option<u64>,
-    /// One JSON object per event and line (`"event": "joined"`, `"rekeyed"`, `"data"`, ...)
-    /// instead of plain words.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args)]
@@ -203,18 +191,25 @@ pub fn init(args: &InitArgs) -> Result<(), String> {
     // member-i belongs to the top group (level 0) or to relay r's subgroup (level r).
     let level_of = |i: u32| (i - 1) % u32::from(levels);
     for (i, name) in (1..).zip(&names) {
-        write_credentials(&args.dir, name, &ca.issue(name, false).map_err(pki)?)?;
+        // Ed25519, valid as a TLS client and server: the certificate a member of a flat group
+        // signs and listens with as a distributed participant.
+        write_credentials(&args.dir, name, &ca.issue_participant(name, &keycast_net::entropy()).map_err(pki)?)?;
         let level = level_of(i) as u16;
         let mut config = member_toml(name, args.group + u64::from(level), args.port + 2 * level, level, name);
         if level > 0 {
             config.push_str(&standbys_toml(standby_port(args, level)));
+        } else if args.scheme == "flat" {
+            let top: Vec<&String> = (1..).zip(&names).filter(|(i, _)| level_of(*i) == 0).map(|(_, n)| n).collect();
+            config.push_str(&distributed_toml(args, &top));
         }
         write(&args.dir.join(format!("{name}.toml")), &config, false)?;
     }
     let acl_of = |level: u16| -> Vec<String> { (1..).zip(&names).filter(|(i, _)| level_of(*i) == u32::from(level)).map(|(_, n)| n.clone()).collect() };
     let mut top_acl = acl_of(0);
     top_acl.extend((1..=args.relays).flat_map(|r| [format!("relay-{r}"), format!("relay-{r}-standby-1")]));
-    let server = server_toml(args.group, args.port, 0, &top_acl, &admin_fingerprint, "controller");
+    let server = server_toml(args.group, args.port, 0, &top_acl, &admin_fingerprint, "controller")
+        .replace("scheme = \"tree\"\n", &format!("scheme = \"{}\"\n", args.scheme))
+        .replace("flat_id_bits = 20\n", &format!("flat_id_bits = {}\n", args.flat_id_bits));
     write(&args.dir.join("server.toml"), &server, false)?;
     for r in 1..=args.relays {
         let name = format!("relay-{r}");
@@ -264,6 +259,17 @@ fn relays_toml(args: &InitArgs) -> String {
 /// The TLS port of relay `r`'s standby (after every group's two ports).
 fn standby_port(args: &InitArgs, r: u16) -> u16 {
     args.port + 2 * args.relays + 1 + r
+}
+
+/// The `[distributed]` section of a top-group member's config (a flat group): the
+/// participants are the top group's members.
+fn distributed_toml(args: &InitArgs, participants: &[&String]) -> String {
+    let files = participants.iter().map(|n| format!("\"{n}.pem\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "\n# Caronni et al.'s figure 6: when the controller stays silent after_silence_ms, this member continues\n# as a distributed flat participant with the keys it holds (admitting, evicting, leaving with no\n# controller); a member that starts while a distributed group runs joins through a participant.\n# Orders on standard input then: status, evict ID-OR-IDENTITY, leave, take-back SERVER-CONFIG (this\n# participant collects everyone's keys and starts a new controller from them; the others rejoin it).\n[distributed]\n# The participants' own channel (announcements and presences), not the group's.\nmulticast = {{ address = \"239.255.43.1:{}\", interface = \"127.0.0.1\", ttl = 1 }}\n# Certificates of the identities that may be participants.\nparticipants = [{files}]\nid_bits = {}\n# Long enough that a paused or restarting controller is not taken for lost.\nafter_silence_ms = 30000\nsettle_ms = 1000\npresence_ms = 500\ndeadline_ms = 10000\nhandover_within_ms = 20000\n",
+        args.port + 1,
+        args.flat_id_bits
+    )
 }
 
 /// The `[[standbys]]` of a subgroup member's config: where its relay's standby listens.
@@ -327,11 +333,11 @@ pub fn logging_or(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())
 }
 
-fn server_setup(config: &ServerConfig) -> Result<ServerSetup, String> {
+pub(crate) fn server_setup(config: &ServerConfig) -> Result<ServerSetup, String> {
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
     let policy = config.policy.group_policy(config.group).map_err(|e| e.to_string())?;
     Ok(ServerSetup {
@@ -350,7 +356,7 @@ fn server_setup(config: &ServerConfig) -> Result<ServerSetup, String> {
     })
 }
 
-fn member_setup(config: &MemberConfig) -> Result<MemberSetup, String> {
+pub(crate) fn member_setup(config: &MemberConfig) -> Result<MemberSetup, String> {
     let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
     Ok(MemberSetup::from_config(config, client_config(&credentials).map_err(|e| e.to_string())?))
 }
@@ -465,50 +471,6 @@ pub const MEMBER_EXIT_STATUS: &str = "Exit status: 0 when the member ends normal
 3 when the controller evicted or expired it (with `rejoin = true` in its config an expired member joins again instead; \
 an evicted identity stays out until an administrator re-admits it), \
 1 on failure (bad config, no controller within [requests] join_deadline_ms, or a leave it could not deliver).";
-
-pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
-    logging();
-    let config = MemberConfig::load(&args.config).map_err(|e| e.to_string())?;
-    let setup = member_setup(&config)?;
-    let rejoin = setup.rejoin;
-    runtime()?.block_on(async {
-        let (client, mut events) =
-            MemberClient::join(setup).await.map_err(|e| format!("cannot join group {} at {}: {e}", config.group, config.server))?;
-        let mut printer = EventPrinter::default();
-        let json = args.json;
-        let print = |line: EventLine| println!("{}", if json { line.json.to_string() } else { line.text });
-        let stop = tokio::time::sleep(Duration::from_secs(args.for_secs.unwrap_or(u64::MAX / 4)));
-        tokio::pin!(stop);
-        let mut ticker = tokio::time::interval(Duration::from_millis(args.interval_ms.max(10)));
-        let mut sent = 0;
-        loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Some(event) => {
-                        print(printer.line(&event, client.epoch()));
-                        if !rejoin && event == ClientEvent::Member(MemberEvent::Evicted) {
-                            return Ok(MemberEnd::Evicted);
-                        }
-                    }
-                    // The client stops only once evicted for good (its rejoin failed).
-                    None => return Ok(MemberEnd::Evicted),
-                },
-                _ = ticker.tick(), if sent < args.send && client.getkey().is_some() => {
-                    sent += 1;
-                    let text = format!("test message {sent} from member {}", client.member().0);
-                    if let Err(e) = client.send(text.as_bytes()).await {
-                        print(EventLine { text: format!("send failed: {e}"), json: serde_json::json!({"event": "send_failed", "reason": e.to_string()}) });
-                    }
-                }
-                _ = &mut stop => break,
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        }
-        client.leave().await.map_err(|e| format!("leave: {e}"))?;
-        print(EventLine { text: "left the group".into(), json: serde_json::json!({"event": "left"}) });
-        Ok(MemberEnd::Left)
-    })
-}
 
 pub fn admin(args: &AdminArgs) -> Result<(), String> {
     let config = AdminConfig::load(&args.config).map_err(|e| e.to_string())?;

@@ -795,3 +795,111 @@ fn bench_net_members_holds_every_refreshing_member_through_churn_and_a_restart()
     assert!(number(&report, "refresh_cpu_us") > 0.0 && number(&report, "restart_s") > 0.0, "{report}");
     assert!(count("heartbeats") > 0 && count("rekeys") > 0, "{report}");
 }
+
+/// One `keycast member` process of the figure 6 test: its orders (standard input) and its
+/// JSON lines.
+struct Participant {
+    process: KillOnDrop,
+    orders: std::process::ChildStdin,
+    lines: Lines,
+}
+
+impl Participant {
+    fn start(dir: &std::path::Path, name: &str) -> Participant {
+        let mut command = keycast_in(dir, &["member", "--config", &format!("{name}.toml"), "--for-secs", "120", "--json"]);
+        let mut process = KillOnDrop(command.stdin(std::process::Stdio::piped()).spawn().unwrap());
+        let orders = process.0.stdin.take().unwrap();
+        let lines = Lines::of(&mut process.0);
+        Participant { process, orders, lines }
+    }
+
+    fn order(&mut self, order: &str) {
+        use std::io::Write;
+        writeln!(self.orders, "{order}").unwrap();
+    }
+
+    /// The next status line (JSON), asking for it.
+    fn status(&mut self) -> serde_json::Value {
+        self.order("status");
+        assert!(self.lines.wait_for("\"event\":\"status\"", std::time::Duration::from_secs(10)), "no status: {:?}", self.lines.heard);
+        serde_json::from_str(self.lines.heard.last().unwrap()).unwrap()
+    }
+
+    fn wait(&mut self, what: &str, within_s: u64) {
+        assert!(self.lines.wait_for(what, std::time::Duration::from_secs(within_s)), "no {what}: {:?}", self.lines.heard);
+    }
+}
+
+/// The statuses of `all` once they agree on `key` in `stage` and are settled (asked again
+/// until they do, for up to 20 s).
+fn agreed(all: &mut [&mut Participant], stage: &str, key: &str) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let statuses: Vec<serde_json::Value> = all.iter_mut().map(|p| p.status()).collect();
+        let settled = statuses.iter().all(|s| s["stage"] == stage && s["settled"] != false && s[key].is_string() && s[key] == statuses[0][key]);
+        if settled || std::time::Instant::now() > deadline {
+            return statuses;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+/// Caronni et al.'s figure 6 with real processes: `init --scheme flat`, a controller and four
+/// `keycast member` processes. The controller is killed for good: the members continue as
+/// distributed flat participants by themselves, a fifth member started then joins through
+/// one of them, one participant evicts another (which exits 3) and one leaves, with no
+/// controller. Then one participant is ordered to `take-back` with a new controller's config:
+/// it collects the keys of the others (one was killed meanwhile and is left out), starts the
+/// controller, and the others join it as members again, at one group key.
+#[test]
+fn a_flat_group_continues_without_its_controller_and_is_taken_back_by_a_participant() {
+    let dir = tempfile::tempdir().unwrap();
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, new_port) = (free_port(), free_port());
+    let init = keycast_in(dir.path(), &["init", ".", "--members", "5", "--scheme", "flat", "--flat-id-bits", "8", "--port", &port.to_string()]).output().unwrap();
+    assert!(init.status.success());
+    for i in 1..=5 {
+        let path = dir.path().join(format!("member-{i}.toml"));
+        let config = std::fs::read_to_string(&path).unwrap();
+        assert!(config.contains("[distributed]") && config.contains("id_bits = 8"), "{config}");
+        let quick = config.replace("after_silence_ms = 30000", "after_silence_ms = 2000").replace("handover_within_ms = 20000", "handover_within_ms = 6000");
+        std::fs::write(&path, quick).unwrap();
+    }
+    let server = std::fs::read_to_string(dir.path().join("server.toml")).unwrap();
+    let new_server = server
+        .replace(&format!("listen = \"127.0.0.1:{port}\""), &format!("listen = \"127.0.0.1:{new_port}\""))
+        .replace("\"controller.redb\"", "\"taken-back.redb\"")
+        .replace(&format!("239.255.42.1:{}", port + 1), &format!("239.255.42.9:{}", new_port + 1));
+    std::fs::write(dir.path().join("taken-back.toml"), new_server).unwrap();
+    let _alone = timing_lock();
+    let controller = KillOnDrop(keycast_in(dir.path(), &["server", "--config", "server.toml"]).spawn().unwrap());
+    let mut members: Vec<Participant> = (1..=4).map(|i| Participant::start(dir.path(), &format!("member-{i}"))).collect();
+    members.iter_mut().for_each(|m| m.wait("\"key_activated\"", 60));
+    drop(controller);
+    members.iter_mut().for_each(|m| m.wait("\"event\":\"participant\"", 30));
+    let mut newcomer = Participant::start(dir.path(), "member-5");
+    newcomer.wait("\"event\":\"participant\"", 30);
+    let [first, second, third, fourth] = &mut members[..] else { unreachable!() };
+    let statuses = agreed(&mut [&mut *first, &mut *second, &mut *third, &mut *fourth, &mut newcomer], "participant", "tek");
+    assert!(statuses.iter().all(|s| s["tek"] == statuses[0]["tek"] && s["participants"] == 5), "the handover and the join: one TEK, five participants: {statuses:?} {:?}", first.lines.heard);
+    first.order("evict member-2");
+    first.wait("\"evicting\"", 20);
+    second.wait("\"departed\"", 20);
+    assert_eq!(second.process.0.wait().unwrap().code(), Some(3), "an evicted participant exits 3");
+    fourth.order("leave");
+    fourth.wait("\"event\":\"left\"", 20);
+    assert!(fourth.process.0.wait().unwrap().success());
+    let statuses = agreed(&mut [&mut *first, &mut *third, &mut newcomer], "participant", "tek");
+    assert!(statuses.iter().all(|s| s["tek"] == statuses[0]["tek"] && s["participants"] == 3), "one TEK, three participants: {statuses:?}");
+    // The third participant is killed: it will not hand its keys back.
+    let _ = third.process.0.kill();
+    first.order("take-back taken-back.toml");
+    first.wait("\"took_back\"", 30);
+    let took: serde_json::Value = serde_json::from_str(first.lines.heard.last().unwrap()).unwrap();
+    assert_eq!((took["handed_back"].as_u64(), took["removed"].as_u64()), (Some(2), Some(1)), "{took}");
+    newcomer.wait("\"handed_back\"", 10);
+    newcomer.wait("\"joined\"", 30);
+    first.wait("\"joined\"", 30);
+    let statuses = agreed(&mut [&mut *first, &mut newcomer], "member", "group_key");
+    assert!(statuses.iter().all(|s| s["stage"] == "member" && s["group_key"].is_string() && s["group_key"] == statuses[0]["group_key"]), "{statuses:?}");
+}

@@ -32,6 +32,7 @@ const KEY_GRANT: u8 = 0x39;
 const TEK_GRANT: u8 = 0x3A;
 const PRESENCE: u8 = 0x3B;
 const HANDBACK: u8 = 0x3C;
+const APPOINTMENT: u8 = 0x3D;
 const PRESENCE_DOMAIN: &[u8] = b"keycast/v2 dflat presence";
 
 /// A participant's certificate name: 1 to 64 printable ASCII bytes, so it has one encoding.
@@ -276,8 +277,7 @@ impl Presence {
         out.put_u64(self.group.0);
         put_identity(&mut out, &self.signer);
         out.put_u64(self.at_ms);
-        out.extend_from_slice(&self.listener.ip().octets());
-        out.put_u16(self.listener.port());
+        put_address(&mut out, self.listener);
         out
     }
 
@@ -300,11 +300,9 @@ impl Presence {
         let group = r.group()?;
         let signer = read_identity(&mut r)?;
         let at_ms = r.u64("presence time")?;
-        let ip: [u8; 4] = r.array("listener address")?;
-        let port = r.u16("listener port")?;
+        let listener = read_address(&mut r, "listener")?;
         let signature = r.array::<SIGNATURE_LEN>("signature")?;
         r.finish()?;
-        let listener = SocketAddrV4::new(ip.into(), port);
         Ok((Presence { group, signer, at_ms, listener }, signature))
     }
 
@@ -470,6 +468,59 @@ impl HandbackKeys {
     pub fn is_handback(bytes: &[u8]) -> bool {
         bytes.get(1) == Some(&HANDBACK)
     }
+}
+
+/// The request of the participant appointed to take the group back to a controller (figure
+/// 6): hand your keys back to me, then join the controller at `controller` (TLS, proving
+/// `server_name`), whose rekeys go to `multicast`. Sent only over the mutually authenticated
+/// channel, so the channel proves who appoints; the answer is the receiver's handback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appointment {
+    pub group: GroupId,
+    pub controller: SocketAddrV4,
+    /// The name the controller's certificate proves (printable ASCII, 1 to 64 bytes).
+    pub server_name: Identity,
+    pub multicast: SocketAddrV4,
+}
+
+impl Appointment {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + 8 + 6 + 1 + self.server_name.0.len() + 6);
+        out.extend_from_slice(&[WIRE_VERSION, APPOINTMENT]);
+        out.put_u64(self.group.0);
+        put_address(&mut out, self.controller);
+        put_identity(&mut out, &self.server_name);
+        put_address(&mut out, self.multicast);
+        out
+    }
+
+    /// Strict decoding: this group's, every field once, nothing after.
+    pub fn decode(bytes: &[u8], group: GroupId) -> Result<Appointment, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let kind = read_version_and_kind(&mut r)?;
+        if kind != APPOINTMENT {
+            return Err(DecodeError::UnknownType(kind));
+        }
+        let got = r.group()?;
+        if got != group {
+            return Err(DecodeError::BadValue { field: "group", value: got.0 });
+        }
+        let controller = read_address(&mut r, "controller")?;
+        let server_name = read_identity(&mut r)?;
+        let multicast = read_address(&mut r, "multicast")?;
+        r.finish()?;
+        Ok(Appointment { group, controller, server_name, multicast })
+    }
+}
+
+fn put_address(out: &mut Vec<u8>, addr: SocketAddrV4) {
+    out.extend_from_slice(&addr.ip().octets());
+    out.put_u16(addr.port());
+}
+
+fn read_address(r: &mut Reader<'_>, field: &'static str) -> Result<SocketAddrV4, DecodeError> {
+    let ip: [u8; 4] = r.array(field)?;
+    Ok(SocketAddrV4::new(ip.into(), r.u16(field)?))
 }
 
 fn read_join_grant(r: &mut Reader<'_>) -> Result<JoinGrant, DecodeError> {
@@ -671,6 +722,24 @@ mod tests {
         assert!(Private::decode(&bytes, GroupId(2)).is_err(), "another group's grant");
         assert!(Private::decode(&bytes[..bytes.len() - 1], GroupId(1)).is_err());
         assert!(Identity::new("with space").is_err());
+    }
+
+    #[test]
+    fn an_appointment_has_one_encoding_and_decodes_strictly() {
+        let appointment = Appointment {
+            group: GroupId(4),
+            controller: "127.0.0.1:7400".parse().unwrap(),
+            server_name: Identity::new("localhost").unwrap(),
+            multicast: "239.255.0.1:7401".parse().unwrap(),
+        };
+        let bytes = appointment.encode();
+        assert_eq!(Appointment::decode(&bytes, GroupId(4)).unwrap(), appointment);
+        assert!(Appointment::decode(&bytes, GroupId(5)).is_err(), "another group's appointment");
+        for len in 0..bytes.len() {
+            assert!(Appointment::decode(&bytes[..len], GroupId(4)).is_err(), "cut at {len}");
+        }
+        assert!(Appointment::decode(&[&bytes[..], &[0]].concat(), GroupId(4)).is_err());
+        assert!(!HandbackKeys::is_handback(&bytes) && Private::decode(&bytes, GroupId(4)).is_err());
     }
 
     #[test]

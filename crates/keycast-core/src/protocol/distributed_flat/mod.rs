@@ -23,7 +23,7 @@ use crate::wire::auth::{Signer, VerifyingKey};
 use crate::wire::{DecodeError, GroupId};
 use crate::wrap::{derive_revision, flat_replacement_wrapping_key, Wrap, Wrapper};
 
-pub use message::{Announcement, Body, ChangeDigest, ChangeRef, Exclusion, HandbackKeys, Handover, Identity, JoinGrant, Joined, Presence, Private, Relay};
+pub use message::{Announcement, Appointment, Body, ChangeDigest, ChangeRef, Exclusion, HandbackKeys, Handover, Identity, JoinGrant, Joined, Presence, Private, Relay};
 pub use plan::{participant_id, relay_plan, RelayPlan};
 
 use plan::{bit, contributor, kek_slot, own_kek_id, MAX_ID_ATTEMPTS};
