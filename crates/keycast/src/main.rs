@@ -12,6 +12,7 @@ mod member_events;
 mod member_run;
 mod net;
 mod participant;
+mod participant_data;
 mod sim;
 mod sim_delivery;
 mod stats_text;

@@ -25,6 +25,7 @@ use serde_json::json;
 use crate::member_events::EventLine;
 use crate::member_run::Run;
 use crate::net::{member_setup, server_setup, MemberEnd};
+use crate::participant_data::ParticipantData;
 
 /// How the participant stage ended.
 pub(crate) enum ParticipantEnd {
@@ -87,8 +88,23 @@ pub(crate) async fn stage(run: &mut Run, mut participant: DistributedParticipant
     });
     let mut events = participant.events().ok_or("the participant's events were taken")?;
     let mut handed_back = participant.handed_back();
+    let (receiver, mut data) = ParticipantData::open(&run.config, status.id)?;
+    let mut buf = vec![0u8; keycast_core::wire::MAX_MESSAGE_LEN];
+    let mut ticker = tokio::time::interval(Duration::from_millis(run.args.interval_ms.max(10)));
     loop {
         tokio::select! {
+            received = receiver.recv_from(&mut buf) => {
+                if let Some(line) = received.ok().and_then(|(len, _)| data.received(&buf[..len], &participant)) {
+                    run.print(line);
+                }
+            }
+            _ = ticker.tick(), if run.sent < run.args.send && participant.tek().is_some() => {
+                run.sent += 1;
+                let text = format!("test message {} from participant {}", run.sent, status.id);
+                if let Err(e) = data.send(&participant, text.as_bytes()).await {
+                    run.print(EventLine { text: format!("send failed: {e}"), json: json!({"event": "send_failed", "reason": e}) });
+                }
+            }
             Some(event) = events.recv() => {
                 run.print(event_line(&event));
                 match event {

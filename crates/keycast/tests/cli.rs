@@ -805,8 +805,9 @@ struct Participant {
 }
 
 impl Participant {
-    fn start(dir: &std::path::Path, name: &str) -> Participant {
-        let mut command = keycast_in(dir, &["member", "--config", &format!("{name}.toml"), "--for-secs", "120", "--json"]);
+    fn start(dir: &std::path::Path, name: &str, extra: &[&str]) -> Participant {
+        let config = format!("{name}.toml");
+        let mut command = keycast_in(dir, &[&["member", "--config", &config, "--for-secs", "120", "--json"], extra].concat());
         let mut process = KillOnDrop(command.stdin(std::process::Stdio::piped()).spawn().unwrap());
         let orders = process.0.stdin.take().unwrap();
         let lines = Lines::of(&mut process.0);
@@ -848,7 +849,7 @@ fn agreed(all: &mut [&mut Participant], stage: &str, key: &str) -> Vec<serde_jso
 /// `keycast member` processes. The controller is killed for good: the members continue as
 /// distributed flat participants by themselves, a fifth member started then joins through
 /// one of them, one participant evicts another (which exits 3) and one leaves, with no
-/// controller. Then one participant is ordered to `take-back` with a new controller's config:
+/// controller, while data keeps flowing under the participants' TEK. Then one participant is ordered to `take-back` with a new controller's config:
 /// it collects the keys of the others (one was killed meanwhile and is left out), starts the
 /// controller, and the others join it as members again, at one group key.
 #[test]
@@ -873,15 +874,20 @@ fn a_flat_group_continues_without_its_controller_and_is_taken_back_by_a_particip
     std::fs::write(dir.path().join("taken-back.toml"), new_server).unwrap();
     let _alone = timing_lock();
     let controller = KillOnDrop(keycast_in(dir.path(), &["server", "--config", "server.toml"]).spawn().unwrap());
-    let mut members: Vec<Participant> = (1..=4).map(|i| Participant::start(dir.path(), &format!("member-{i}"))).collect();
+    // member-3 sends a message every 250 ms, under the controller and after it.
+    let sends = |i: usize| if i == 3 { vec!["--send", "400", "--interval-ms", "250"] } else { vec![] };
+    let mut members: Vec<Participant> = (1..=4).map(|i| Participant::start(dir.path(), &format!("member-{i}"), &sends(i))).collect();
     members.iter_mut().for_each(|m| m.wait("\"key_activated\"", 60));
     drop(controller);
     members.iter_mut().for_each(|m| m.wait("\"event\":\"participant\"", 30));
-    let mut newcomer = Participant::start(dir.path(), "member-5");
+    let mut newcomer = Participant::start(dir.path(), "member-5", &[]);
     newcomer.wait("\"event\":\"participant\"", 30);
     let [first, second, third, fourth] = &mut members[..] else { unreachable!() };
     let statuses = agreed(&mut [&mut *first, &mut *second, &mut *third, &mut *fourth, &mut newcomer], "participant", "tek");
-    assert!(statuses.iter().all(|s| s["tek"] == statuses[0]["tek"] && s["participants"] == 5), "the handover and the join: one TEK, five participants: {statuses:?} {:?}", first.lines.heard);
+    assert!(statuses.iter().all(|s| s["tek"] == statuses[0]["tek"] && s["participants"] == 5), "the handover and the join: one TEK, five participants: {statuses:?}");
+    // Data keeps flowing with no controller, under the distributed group's TEK.
+    newcomer.wait("test message", 10);
+    first.wait("from participant", 10);
     first.order("evict member-2");
     first.wait("\"evicting\"", 20);
     second.wait("\"departed\"", 20);

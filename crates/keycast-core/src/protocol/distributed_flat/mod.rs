@@ -11,6 +11,7 @@ pub mod audit;
 pub mod handback;
 pub mod message;
 pub mod plan;
+pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,0 +1,60 @@
+//! Application data in the participant stage of `keycast member`: the group's data keeps
+//! flowing on its multicast channel with no controller, sealed and opened under the
+//! distributed group's TEK (`keycast_core::protocol::distributed_flat::traffic`).
+
+use std::net::SocketAddr;
+
+use keycast_core::protocol::distributed_flat::traffic::ParticipantTraffic;
+use keycast_core::protocol::traffic::Fresh;
+use keycast_core::wire::{message_type, Data, GroupId, MessageType};
+use keycast_net::config::MemberConfig;
+use keycast_net::distributed::DistributedParticipant;
+use serde_json::json;
+use tokio::net::UdpSocket;
+
+use crate::member_events::EventLine;
+
+/// The sending half and the sealing state; the receiving socket is the caller's (it is
+/// awaited beside everything else).
+pub(crate) struct ParticipantData {
+    traffic: ParticipantTraffic,
+    sender: UdpSocket,
+    group_addr: SocketAddr,
+}
+
+impl ParticipantData {
+    /// The group's data channel (the member config's multicast address) for participant `id`.
+    pub fn open(config: &MemberConfig, id: u64) -> Result<(UdpSocket, ParticipantData), String> {
+        let io = |e: std::io::Error| format!("the group's data channel {}: {e}", config.multicast.address);
+        let receiver = keycast_net::multicast::receiver(&config.multicast).map_err(io)?;
+        let sender = keycast_net::multicast::sender(&config.multicast).map_err(io)?;
+        let traffic = ParticipantTraffic::new(GroupId(config.group), id, keycast_net::now_ms());
+        Ok((receiver, ParticipantData { traffic, sender, group_addr: SocketAddr::V4(config.multicast.address) }))
+    }
+
+    /// Seals `plaintext` under the TEK in force and multicasts it.
+    pub async fn send(&mut self, participant: &DistributedParticipant, plaintext: &[u8]) -> Result<(), String> {
+        let tek = participant.tek().ok_or("no TEK in force")?;
+        let fresh = Fresh { message_key: keycast_net::entropy(), nonce: keycast_net::data_nonce() };
+        let data = self.traffic.seal(&tek, plaintext, fresh, keycast_net::now_ms()).map_err(|e| e.to_string())?;
+        self.sender.send_to(&data.encode(), self.group_addr).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The line for a datagram heard on the data channel: data opened, or why not; None for
+    /// anything that is not data.
+    pub fn received(&mut self, bytes: &[u8], participant: &DistributedParticipant) -> Option<EventLine> {
+        if message_type(bytes).ok()? != MessageType::Data {
+            return None;
+        }
+        let data = Data::decode(bytes).ok()?;
+        let held = participant.ever_held();
+        Some(match self.traffic.open(&data, |r| held.get(&r).cloned()) {
+            Ok(plain) => {
+                let text = String::from_utf8_lossy(&plain);
+                EventLine { text: format!("data: {text}"), json: json!({"event": "data", "text": text}) }
+            }
+            Err(why) => EventLine { text: format!("unreadable data: {why}"), json: json!({"event": "unreadable", "reason": why.to_string()}) },
+        })
+    }
+}
