@@ -20,6 +20,8 @@ pub(crate) struct ParticipantData {
     traffic: ParticipantTraffic,
     sender: UdpSocket,
     group_addr: SocketAddr,
+    /// Whether a controller's heartbeat was heard on the channel since this stage began.
+    heard_controller: bool,
 }
 
 impl ParticipantData {
@@ -29,7 +31,7 @@ impl ParticipantData {
         let receiver = keycast_net::multicast::receiver(&config.multicast).map_err(io)?;
         let sender = keycast_net::multicast::sender(&config.multicast).map_err(io)?;
         let traffic = ParticipantTraffic::new(GroupId(config.group), id, keycast_net::now_ms());
-        Ok((receiver, ParticipantData { traffic, sender, group_addr: SocketAddr::V4(config.multicast.address) }))
+        Ok((receiver, ParticipantData { traffic, sender, group_addr: SocketAddr::V4(config.multicast.address), heard_controller: false }))
     }
 
     /// Seals `plaintext` under the TEK in force and multicasts it.
@@ -41,11 +43,20 @@ impl ParticipantData {
         Ok(())
     }
 
-    /// The line for a datagram heard on the data channel: data opened, or why not; None for
-    /// anything that is not data.
+    /// The line for a datagram heard on the data channel: data opened, or why not; a warning
+    /// the first time a controller's heartbeat is heard (the old controller came back: the
+    /// participants do not follow it, and the operator should stop it); None for the rest.
     pub fn received(&mut self, bytes: &[u8], participant: &DistributedParticipant) -> Option<EventLine> {
-        if message_type(bytes).ok()? != MessageType::Data {
-            return None;
+        match message_type(bytes).ok()? {
+            MessageType::Data => {}
+            MessageType::Heartbeat if !self.heard_controller => {
+                self.heard_controller = true;
+                return Some(EventLine {
+                    text: "warning: a controller's heartbeat was heard on the group's channel; the participants go on without it: stop it, or take the group back with `take-back`".into(),
+                    json: json!({"event": "controller_heard"}),
+                });
+            }
+            _ => return None,
         }
         let data = Data::decode(bytes).ok()?;
         let held = participant.ever_held();
