@@ -377,7 +377,7 @@ fn merges_that_would_confuse_the_groups_are_refused() {
     assert!(!left.controller.is_merged());
     let flat = policy(GroupId(3), Scheme::Flat { id_bits: 8, ids: keycast_core::FlatIds::Sequential });
     let mut flat = Side::new(flat, &[], 21);
-    assert!(flat.controller.absorb(side, addresses(7200), T0 + 600, [4; 32]).is_err(), "a flat group absorbs nothing");
+    assert!(matches!(flat.controller.absorb(side, addresses(7200), T0 + 600, [4; 32]), Err(ControllerError::Merge(_))), "a flat group absorbs nothing");
     assert!(left.controller.split(T0 + 700, [5; 32]).is_err(), "not merged");
     // The right side changed after its state was taken: its hand-off is refused.
     let out = right.controller.leave("same", MemberId(1)).unwrap();
@@ -388,4 +388,145 @@ fn merges_that_would_confuse_the_groups_are_refused() {
     let out = right.controller.tick(T0 + 900, [7; 32]).unwrap();
     right.take(out);
     assert!(matches!(right.controller.hand_off(&ticket), Err(ControllerError::Merge(_))));
+}
+
+/// A world of two groups of three members each, configured with `left` and `right`.
+fn world_of(left: Scheme, right: Scheme) -> (World, Vec<String>, Vec<String>) {
+    let (lefts, rights) = (names("left", 3), names("right", 3));
+    let mut world = World {
+        left: Side::new(policy(LEFT, left), &lefts, 1),
+        right: Side::new(policy(RIGHT, right), &rights, 11),
+        members: BTreeMap::new(),
+        departed: BTreeMap::new(),
+        now: T0,
+        entropy: 100,
+        conn: 0,
+    };
+    for name in &lefts {
+        world.join(name, LEFT);
+    }
+    for name in &rights {
+        world.join(name, RIGHT);
+    }
+    world.tick(300);
+    (world, lefts, rights)
+}
+
+/// Every member holds the key in force of the controller it follows.
+fn assert_members_hold_their_keys(world: &World, step: &str) {
+    for (name, session) in &world.members {
+        let side = if session.group() == LEFT { &world.left } else { &world.right };
+        let key = side.controller.active_key(side.controller.epoch_at(world.now));
+        assert_eq!(session.active_key().map(|k| k.0), Some(key), "{step}: {name}");
+    }
+}
+
+const TREE_OF_SWITCH: Scheme = Scheme::Tree { degree: 2 };
+
+#[test]
+fn groups_that_switched_to_a_tree_merge_run_restart_and_split() {
+    // Left: configured flat, switched to a tree. Right: configured a degree-3 tree, switched to
+    // a flat table and back to a (binary) tree, so its tree is not its configured one either.
+    let flat = Scheme::Flat { id_bits: 3, ids: keycast_core::FlatIds::Sequential };
+    let (mut world, lefts, rights) = world_of(flat, Scheme::Tree { degree: 3 });
+    let out = world.left.controller.switch_to_tree(world.now).unwrap();
+    world.left.take(out);
+    let (now, entropy) = (world.now, world.entropy());
+    let out = world.right.controller.switch_to_flat(3, now, entropy).unwrap();
+    world.right.take(out);
+    world.tick(300);
+    assert_members_hold_their_keys(&world, "after the switches");
+    let refused = world.right.controller.merge_side(addresses(7000).0, addresses(7000).1);
+    assert!(matches!(refused, Err(ControllerError::Merge(_))), "a group running a flat table does not merge");
+    let out = world.right.controller.switch_to_tree(world.now).unwrap();
+    world.right.take(out);
+    world.tick(300);
+    assert_members_hold_their_keys(&world, "right back on a tree");
+    assert_eq!(world.left.controller.scheme().scheme, TREE_OF_SWITCH);
+    assert_eq!(world.right.controller.scheme().scheme, TREE_OF_SWITCH);
+
+    // The merge, as between two configured trees.
+    let side = world.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, ticket) = world.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
+    world.left.take(out);
+    let out = world.right.controller.hand_off(&ticket).unwrap();
+    world.right.take(out);
+    world.tick(200);
+    assert!(world.members.values().all(|s| s.group() == LEFT), "the right members follow the merged group");
+    assert_members_hold_their_keys(&world, "merged");
+    let (l, r): (Vec<&str>, Vec<&str>) = (lefts.iter().map(String::as_str).collect(), rights.iter().map(String::as_str).collect());
+    assert_eq!(reach(&mut world.members, &l, &r, 1), 9, "left to right");
+    assert_eq!(reach(&mut world.members, &r, &l, 2), 9, "right to left");
+    // A switch while merged (or handed off) stays refused: the merged tree is kept until the split.
+    assert!(matches!(world.left.controller.switch_to_flat(3, world.now, [1; 32]), Err(ControllerError::Switch(_))));
+    assert!(matches!(world.left.controller.switch_to_tree(world.now), Err(ControllerError::Switch(_))));
+    assert!(matches!(world.right.controller.switch_to_flat(3, world.now, [1; 32]), Err(ControllerError::Switch(_))));
+
+    // A leave on each side while merged; restarts from the log (a snapshot taken while merged)
+    // and from the whole history (both switches and the merge replayed) hold the same keys.
+    world.left.controller.set_snapshot_interval(1);
+    world.leave("left-2");
+    world.leave("right-2");
+    world.tick(300);
+    assert_members_hold_their_keys(&world, "after the leaves");
+    assert_eq!(departed_read(&mut world, 3), 0, "members who left read nothing");
+    assert!(matches!(world.left.log[0], Record::Snapshot(_)), "a snapshot was taken while merged");
+    let now = world.now;
+    for log in [world.left.log.clone(), world.left.history.clone()] {
+        let mut restarted = world.left.restarted(&log, now);
+        assert!(restarted.is_merged());
+        assert_eq!(restarted.scheme(), world.left.controller.scheme());
+        assert_eq!(restarted.traffic_keys(now).keys, world.left.controller.traffic_keys(now).keys);
+        for (name, session) in &world.members {
+            let theirs = world.left.controller.resync(name, session.member(), 0, now).unwrap();
+            let ours = restarted.resync(name, session.member(), 0, now).unwrap();
+            assert!(theirs.keys.len() == ours.keys.len() && theirs.keys.iter().zip(&ours.keys).all(|(a, b)| a.0 == b.0 && a.1 == b.1), "{name}'s keys after the restart");
+        }
+        world.left.controller = restarted;
+    }
+
+    // The split: the right side goes back to its controller with the tree it switched to.
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, handback) = world.left.controller.split(now, entropy).unwrap();
+    world.left.take(out);
+    let handback = keycast_core::protocol::merge_state::Handback::decode(&handback.encode()).expect("through the admin channel's encoding");
+    let out = world.right.controller.resume(handback, now).unwrap();
+    world.right.take(out);
+    world.tick(200);
+    assert_members_hold_their_keys(&world, "after the split");
+    let (left_now, right_now) = (["left-0", "left-1"], ["right-0", "right-1"]);
+    assert!(right_now.iter().all(|n| world.members[*n].group() == RIGHT && world.right.controller.member_by_identity(n) == Some(world.members[*n].member())));
+    assert_eq!(reach(&mut world.members, &left_now, &right_now, 4), 0, "two groups again");
+    assert_eq!(reach(&mut world.members, &right_now, &left_now, 5), 0);
+    assert_eq!(reach(&mut world.members, &right_now, &right_now, 6), 2, "the right side reads itself");
+    assert_eq!(world.right.controller.scheme().scheme, TREE_OF_SWITCH);
+    let restarted = world.right.restarted(&world.right.log, world.now);
+    assert_eq!(restarted.scheme(), world.right.controller.scheme());
+    assert_eq!(restarted.traffic_keys(world.now).keys, world.right.controller.traffic_keys(world.now).keys);
+}
+
+#[test]
+fn groups_running_a_flat_table_neither_absorb_nor_are_absorbed() {
+    // Left: configured a tree, switched to a flat table. Right: configured flat.
+    let flat = Scheme::Flat { id_bits: 3, ids: keycast_core::FlatIds::Sequential };
+    let (mut world, _, _) = world_of(Scheme::Tree { degree: 2 }, flat);
+    let (now, entropy) = (world.now, world.entropy());
+    let out = world.left.controller.switch_to_flat(3, now, entropy).unwrap();
+    world.left.take(out);
+    world.tick(300);
+    assert!(matches!(world.right.controller.merge_side(addresses(7000).0, addresses(7000).1), Err(ControllerError::Merge(_))), "a configured flat group");
+    let tree = Side::new(policy(GroupId(3), Scheme::Tree { degree: 2 }), &[], 21);
+    let side = tree.controller.merge_side(addresses(7200).0, addresses(7200).1).unwrap();
+    let refused = world.left.controller.absorb(side.clone(), addresses(7100), world.now, [4; 32]);
+    assert!(matches!(refused, Err(ControllerError::Merge(_))), "a tree group switched to a flat table: {refused:?}");
+    assert!(!world.left.controller.is_merged());
+    // A side whose graph is a flat table is refused too, whatever it claims to be.
+    let mut forged = side;
+    let config = GraphConfig { scheme: flat, join_policy: JoinPolicy::NewVersion };
+    forged.graph = keycast_core::new_graph(config, &keycast_core::BatchSeed::from_u64(1)).unwrap().export();
+    let mut other = Side::new(policy(GroupId(4), Scheme::Tree { degree: 2 }), &[], 31);
+    let refused = other.controller.absorb(forged, addresses(7300), world.now, [5; 32]);
+    assert!(matches!(refused, Err(ControllerError::Merge(_))), "a flat graph in a merge side: {refused:?}");
+    assert!(!other.controller.is_merged());
 }
