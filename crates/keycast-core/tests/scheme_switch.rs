@@ -262,3 +262,29 @@ fn members_refuse_a_switch_not_signed_by_their_controller_or_for_another_group()
     assert!(session.receive(&theirs, world.now).is_err(), "a notice whose group was changed does not verify");
     assert!(session.receive(&ours, world.now).is_ok());
 }
+
+#[test]
+fn a_member_that_missed_a_signer_change_and_a_switch_follows_both_from_the_heartbeats() {
+    let all = names(4);
+    let mut world = World::new(&all);
+    for name in &all {
+        world.join(name);
+    }
+    world.tick(100);
+    // member-3 hears nothing while the signing key changes and, two heartbeats later, the
+    // group switches to a tree (well within the signer change's 16 repeats).
+    let deaf = world.members.remove("member-3").unwrap();
+    let out = world.controller.rotate_signing_key([9; 32]);
+    world.take(out);
+    world.tick(100);
+    let out = world.controller.switch_to_tree(world.now).unwrap();
+    world.take(out);
+    world.deliver();
+    world.members.insert("member-3".into(), deaf);
+    // From here on it hears only heartbeats: both notices must come with them, in order.
+    world.tick(200);
+    let session = &world.members["member-3"];
+    assert_eq!(session.resync_causes(), Default::default(), "member-3 followed both from the heartbeats, without a resync");
+    assert!(world.now - session.last_heard_ms() <= 50, "member-3 verifies the heartbeats under the new signing key");
+    world.assert_keys_agree("after a signer change and a switch heard from the heartbeats only");
+}

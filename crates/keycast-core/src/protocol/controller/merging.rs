@@ -167,7 +167,7 @@ impl Controller {
         }
         self.handed_off = Some(to.group);
         // A member that missed the notice hears it again with the heartbeats.
-        self.announcement = Some(std::sync::Arc::new(notice.clone()));
+        self.announce(notice.clone());
         out.push(Output::Multicast(notice));
         out.extend(ticket.rekey.iter().cloned().map(Output::Multicast));
         Ok(out)
@@ -274,7 +274,7 @@ impl Controller {
         self.group_keys.clear();
         self.install_group_key(seq, epoch, handback.rekey.group_key, epoch);
         self.handed_off = None;
-        self.announcement = None;
+        self.announcements.clear();
         self.last_rekey = packets.clone();
         self.batches_since_snapshot = 0;
         let mut out = vec![Output::Persist(Record::Snapshot(Box::new(self.whole_state())))];
