@@ -11,6 +11,7 @@ use keycast_core::protocol::traffic::Fresh;
 use keycast_core::protocol::{Controller, GroupPolicy, JoinStatus, MemberSession, Output, Record, Snapshot};
 use keycast_core::wire::rekey::PacketConfig;
 use keycast_core::wire::{GroupId, JoinAnswer, Reject, SchemeSwitch, Signer, SwitchTarget};
+use keycast_core::protocol::member::{FLAT_RESYNCS_PER_INTERVAL, FLAT_RESYNC_WINDOW_INTERVALS};
 use keycast_core::protocol::MemberInputError;
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, KeyRef, Scheme};
 
@@ -34,6 +35,7 @@ fn policy() -> GroupPolicy {
 }
 
 struct World {
+    policy: GroupPolicy,
     acl: BTreeSet<String>,
     controller: Controller,
     /// Since the last snapshot, as the store keeps it.
@@ -51,11 +53,16 @@ struct World {
 
 impl World {
     fn new(names: &[String]) -> World {
+        World::with_policy(policy(), names)
+    }
+
+    fn with_policy(policy: GroupPolicy, names: &[String]) -> World {
         let acl: BTreeSet<String> = names.iter().cloned().collect();
-        let (mut controller, genesis) = Controller::create(policy(), acl.clone(), T0, [3; 32], [4; 32]).unwrap();
+        let (mut controller, genesis) = Controller::create(policy, acl.clone(), T0, [3; 32], [4; 32]).unwrap();
         controller.set_snapshot_interval(1);
         let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
         World {
+            policy,
             acl,
             controller,
             log: vec![genesis.clone()],
@@ -103,15 +110,20 @@ impl World {
 
     fn tick(&mut self, ms: u64) {
         for _ in 0..ms / 10 {
-            self.now += 10;
-            let (now, entropy) = (self.now, self.entropy());
-            let out = self.controller.tick(now, entropy).unwrap();
-            self.take(out);
-            self.deliver();
-            for session in self.members.values_mut() {
-                session.tick(self.now);
-            }
+            self.step();
             self.resync_lagging();
+        }
+    }
+
+    /// 10 ms: the controller's tick, its multicast delivered, the members' ticks.
+    fn step(&mut self) {
+        self.now += 10;
+        let (now, entropy) = (self.now, self.entropy());
+        let out = self.controller.tick(now, entropy).unwrap();
+        self.take(out);
+        self.deliver();
+        for session in self.members.values_mut() {
+            session.tick(self.now);
         }
     }
 
@@ -126,14 +138,24 @@ impl World {
     }
 
     fn join(&mut self, name: &str) {
-        self.conn += 1;
-        let conn = self.conn;
-        let status = self.controller.join(conn, name, GROUP, self.now).unwrap();
-        assert!(matches!(status, JoinStatus::Queued(_)));
+        self.join_all(&[name.to_owned()]);
+    }
+
+    /// `names` join in one batch.
+    fn join_all(&mut self, names: &[String]) {
+        let mut conns = Vec::with_capacity(names.len());
+        for name in names {
+            self.conn += 1;
+            let status = self.controller.join(self.conn, name, GROUP, self.now).unwrap();
+            assert!(matches!(status, JoinStatus::Queued(_)));
+            conns.push((name, self.conn));
+        }
         self.tick(300);
-        let JoinAnswer::Accepted(accepted) = self.answers[&conn].clone() else { panic!("{name} accepted") };
-        let keys = self.controller.resync(name, accepted.member, 0, self.now).unwrap();
-        self.members.insert(name.to_owned(), MemberSession::join(&accepted, keys, 50, self.now).0);
+        for (name, conn) in conns {
+            let JoinAnswer::Accepted(accepted) = self.answers[&conn].clone() else { panic!("{name} accepted") };
+            let keys = self.controller.resync(name, accepted.member, 0, self.now).unwrap();
+            self.members.insert(name.to_owned(), MemberSession::join(&accepted, keys, 50, self.now).0);
+        }
     }
 
     fn leave(&mut self, name: &str) {
@@ -175,7 +197,7 @@ impl World {
                 .collect()
         };
         for (kind, log) in [("history", &self.history), ("snapshot", &self.log)] {
-            let restarted = Controller::restore(policy(), self.acl.clone(), &through_store(log), self.now).unwrap();
+            let restarted = Controller::restore(self.policy, self.acl.clone(), &through_store(log), self.now).unwrap();
             let got = restarted.key_in_force(epoch);
             assert_eq!(got.0, expected.0, "{step}: restart from the {kind} has another key in force");
             assert!(got.1 == expected.1, "{step}: restart from the {kind} has another value under {}", got.0);
@@ -287,4 +309,54 @@ fn a_member_that_missed_a_signer_change_and_a_switch_follows_both_from_the_heart
     assert_eq!(session.resync_causes(), Default::default(), "member-3 followed both from the heartbeats, without a resync");
     assert!(world.now - session.last_heard_ms() <= 50, "member-3 verifies the heartbeats under the new signing key");
     world.assert_keys_agree("after a signer change and a switch heard from the heartbeats only");
+}
+
+#[test]
+fn after_a_switch_to_flat_a_thousand_members_spread_their_resyncs_over_the_window() {
+    const N: u64 = 1_000;
+    let tree = GroupPolicy { graph: GraphConfig { scheme: Scheme::Tree { degree: 4 }, join_policy: JoinPolicy::NewVersion }, ..policy() };
+    let all = names(N as usize);
+    let mut world = World::with_policy(tree, &all);
+    world.join_all(&all);
+    world.tick(100);
+    assert!(world.members.values().all(|s| s.group_size() == N), "the heartbeats told every member the group's size");
+    let (now, entropy) = (world.now, world.entropy());
+    let out = world.controller.switch_to_flat(10, now, entropy).unwrap();
+    world.take(out);
+    world.deliver();
+    let switched_at = world.now;
+    let heartbeat_ms = world.policy.heartbeat_ms;
+    let window = (N * heartbeat_ms / FLAT_RESYNCS_PER_INTERVAL).min(FLAT_RESYNC_WINDOW_INTERVALS * heartbeat_ms);
+    assert!(world.members.values().filter(|s| s.needs_resync()).count() < 10, "not everyone asks at once");
+
+    // Each member's first request, by the tick it was raised on; the first answer to every
+    // tenth member is lost on its way (it asks again).
+    let mut asked: BTreeMap<String, u64> = BTreeMap::new();
+    let mut lost: BTreeSet<String> = BTreeSet::new();
+    while world.now <= switched_at + window + 100 {
+        world.step();
+        let lagging: Vec<String> = world.members.iter().filter(|(_, s)| s.needs_resync()).map(|(n, _)| n.clone()).collect();
+        for name in lagging {
+            asked.entry(name.clone()).or_insert(world.now);
+            let session = &world.members[&name];
+            let answer = world.controller.resync(&name, session.member(), session.rekey_seq(), world.now).unwrap();
+            let index: usize = name.trim_start_matches("member-").parse().unwrap();
+            if index % 10 == 0 && lost.insert(name.clone()) {
+                continue;
+            }
+            world.members.get_mut(&name).unwrap().resynced(answer, world.now);
+        }
+    }
+    let mut per_tick: BTreeMap<u64, usize> = BTreeMap::new();
+    for at in asked.values() {
+        *per_tick.entry(at - switched_at).or_default() += 1;
+    }
+    println!("{N} members, window {window} ms: resync requests by ms after the switch {per_tick:?}");
+    assert_eq!(asked.len() as u64, N, "every member asked for its keys of the table");
+    assert!(per_tick.keys().all(|ms| *ms <= window + 10), "every request within the window (and the tick it ends in)");
+    assert!(per_tick.len() as u64 >= window / 10 - 1, "spread over the window's ticks, not bunched");
+    assert!(per_tick.values().all(|n| *n as u64 <= N / 10), "no tick takes more than a tenth of the group");
+    assert_eq!(lost.len(), 100);
+    assert!(world.members.values().all(|s| !s.needs_resync()), "members whose answer was lost asked again and got it");
+    world.assert_keys_agree("after the spread resyncs");
 }
