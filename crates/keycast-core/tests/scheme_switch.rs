@@ -327,7 +327,8 @@ fn after_a_switch_to_flat_a_thousand_members_spread_their_resyncs_over_the_windo
     let switched_at = world.now;
     let heartbeat_ms = world.policy.heartbeat_ms;
     let window = (N * heartbeat_ms / FLAT_RESYNCS_PER_INTERVAL).min(FLAT_RESYNC_WINDOW_INTERVALS * heartbeat_ms);
-    assert!(world.members.values().filter(|s| s.needs_resync()).count() < 10, "not everyone asks at once");
+    let at_once = world.members.values().filter(|s| s.needs_resync()).count();
+    assert!(at_once < 10, "not everyone asks at once: {at_once}");
 
     // Each member's first request, by the tick it was raised on; the first answer to every
     // tenth member is lost on its way (it asks again).
@@ -351,7 +352,7 @@ fn after_a_switch_to_flat_a_thousand_members_spread_their_resyncs_over_the_windo
     for at in asked.values() {
         *per_tick.entry(at - switched_at).or_default() += 1;
     }
-    println!("{N} members, window {window} ms: resync requests by ms after the switch {per_tick:?}");
+    println!("{N} members, window {window} ms: {at_once} ask at once, resync requests by ms after the switch {per_tick:?}");
     assert_eq!(asked.len() as u64, N, "every member asked for its keys of the table");
     assert!(per_tick.keys().all(|ms| *ms <= window + 10), "every request within the window (and the tick it ends in)");
     assert!(per_tick.len() as u64 >= window / 10 - 1, "spread over the window's ticks, not bunched");
