@@ -177,7 +177,86 @@ impl Heartbeats {
 
 #[cfg(test)]
 mod tests {
-    use super::controller_alive;
+    use std::sync::Arc;
+
+    use super::{controller_alive, HeartbeatContent, Heartbeats, ANNOUNCEMENT_REPEATS, MAX_ANNOUNCEMENTS};
+    use crate::key::{Key, KeyId, KeyRef};
+    use crate::wire::{GroupId, Signer};
+    use crate::wrap::key_check;
+
+    fn content(announcements: &[&[u8]]) -> HeartbeatContent {
+        let key_ref = KeyRef::new(KeyId(1), 1, 0);
+        HeartbeatContent {
+            group: GroupId(1),
+            created_ms: 0,
+            epoch_ms: 1_000,
+            heartbeat_ms: 100,
+            epoch: 1,
+            rekey_seq: 1,
+            group_size: 2,
+            keys: vec![(key_ref, 1, key_check(&Key::from_bytes([7; 32]), key_ref))],
+            signer: Arc::new(Signer::from_seed(&[1; 32])),
+            announcements: announcements.iter().map(|a| Arc::new(a.to_vec())).collect(),
+        }
+    }
+
+    /// The announcements a heartbeat at `now_ms` carries (everything before the heartbeat).
+    fn carried(heartbeats: &mut Heartbeats, now_ms: u64) -> Vec<Vec<u8>> {
+        let mut out = heartbeats.beat(now_ms);
+        out.pop().expect("the heartbeat itself");
+        out
+    }
+
+    #[test]
+    fn each_announcement_gets_its_own_repeats_oldest_first() {
+        let mut heartbeats = Heartbeats::new(content(&[b"signer change"]), 0);
+        assert_eq!(carried(&mut heartbeats, 0), vec![b"signer change".to_vec()]);
+        // A switch two heartbeats later: both go out, the older first, each for its own 16.
+        heartbeats.update(content(&[b"signer change"]));
+        carried(&mut heartbeats, 100);
+        heartbeats.update(content(&[b"signer change", b"switch"]));
+        let mut both = 0;
+        for beat in 2..2 + u64::from(ANNOUNCEMENT_REPEATS) {
+            let sent = carried(&mut heartbeats, beat * 100);
+            if sent.len() == 2 {
+                assert_eq!(sent, vec![b"signer change".to_vec(), b"switch".to_vec()]);
+                both += 1;
+            } else {
+                assert_eq!(sent, vec![b"switch".to_vec()]);
+            }
+        }
+        assert_eq!(both, ANNOUNCEMENT_REPEATS - 2, "the signer change keeps the repeats it had left");
+        assert!(carried(&mut heartbeats, 1_800).is_empty(), "the switch had its 16 repeats");
+    }
+
+    #[test]
+    fn the_controller_keeps_at_most_the_newest_announcements() {
+        use crate::graph::{GraphConfig, JoinPolicy, Scheme};
+        use crate::protocol::controller::{Controller, GroupPolicy, Output};
+        let policy = GroupPolicy {
+            group: GroupId(1),
+            graph: GraphConfig { scheme: Scheme::Tree { degree: 2 }, join_policy: JoinPolicy::NewVersion },
+            epoch_ms: 1_000,
+            activation_delay: 1,
+            heartbeat_ms: 100,
+            refresh_timeout_ms: 60_000,
+            immediate_eviction: false,
+            membership_deltas: false,
+            reflector: false,
+            packets: Default::default(),
+        };
+        let (mut controller, _) = Controller::create(policy, Default::default(), 0, [1; 32], [2; 32]).unwrap();
+        let mut changes = Vec::new();
+        for i in 0..MAX_ANNOUNCEMENTS as u8 + 2 {
+            match controller.rotate_signing_key([10 + i; 32]).pop() {
+                Some(Output::Multicast(announcement)) => changes.push(announcement),
+                other => panic!("a rotation ends with its announcement: {other:?}"),
+            }
+        }
+        let mut heartbeats = controller.hand_over_heartbeats().unwrap();
+        heartbeats.update(controller.heartbeat_content());
+        assert_eq!(carried(&mut heartbeats, 0), changes[2..], "the newest four, oldest first");
+    }
 
     #[test]
     fn heartbeats_speak_for_a_controller_only_while_it_steps() {
