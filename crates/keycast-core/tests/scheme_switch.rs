@@ -197,7 +197,7 @@ fn after_a_switch_to_flat_a_thousand_members_spread_their_resyncs_over_the_windo
     world.deliver();
     let switched_at = world.now;
     let heartbeat_ms = world.sides.policy.heartbeat_ms;
-    let window = (N * heartbeat_ms / FLAT_RESYNCS_PER_INTERVAL).min(FLAT_RESYNC_WINDOW_INTERVALS * heartbeat_ms);
+    let window = ((N - FLAT_RESYNCS_PER_INTERVAL) * heartbeat_ms / FLAT_RESYNCS_PER_INTERVAL).min(FLAT_RESYNC_WINDOW_INTERVALS * heartbeat_ms);
     let at_once = world.members.values().filter(|s| s.needs_resync()).count();
     assert!(at_once < 10, "not everyone asks at once: {at_once}");
 

@@ -217,8 +217,8 @@ fn spread(mut x: u64, window_ms: u64) -> u64 {
     x % (window_ms + 1)
 }
 
-/// Resyncs the controller is given per heartbeat interval after a switch to a flat table: the
-/// window the members' resyncs spread over grows with the group by this, ...
+/// Resyncs the controller is given at once, and then per heartbeat interval, after a switch to
+/// a flat table: the window the members' resyncs spread over grows with the group by this, ...
 pub const FLAT_RESYNCS_PER_INTERVAL: u64 = 256;
 /// ... up to this many heartbeat intervals (a member reads nothing under the new table's key
 /// until its resync, so the window stays short).
@@ -226,11 +226,13 @@ pub const FLAT_RESYNC_WINDOW_INTERVALS: u64 = 4;
 
 /// How long after a switch to a flat table (rekey `seq`) `member` waits before it asks for its
 /// keys of the table: a fixed mix of the member and the switch within a window of
-/// `group_size / FLAT_RESYNCS_PER_INTERVAL` heartbeat intervals, at most
-/// [`FLAT_RESYNC_WINDOW_INTERVALS`]. No randomness: the driver's resyncs are spread all the same
-/// (a group of up to 255 members, or a member that heard no heartbeat yet, resyncs at once).
+/// `(group_size - FLAT_RESYNCS_PER_INTERVAL) / FLAT_RESYNCS_PER_INTERVAL` heartbeat intervals,
+/// at most [`FLAT_RESYNC_WINDOW_INTERVALS`]. No randomness: the driver's resyncs are spread all
+/// the same (a group of up to 256 members, or a member that heard no heartbeat yet, resyncs at
+/// once).
 pub fn flat_resync_delay_ms(member: MemberId, seq: u64, group_size: u64, heartbeat_ms: u64) -> u64 {
-    let window_ms = group_size.saturating_mul(heartbeat_ms) / FLAT_RESYNCS_PER_INTERVAL;
+    let beyond = group_size.saturating_sub(FLAT_RESYNCS_PER_INTERVAL);
+    let window_ms = beyond.saturating_mul(heartbeat_ms) / FLAT_RESYNCS_PER_INTERVAL;
     let window_ms = window_ms.min(FLAT_RESYNC_WINDOW_INTERVALS.saturating_mul(heartbeat_ms));
     spread(member.0.rotate_left(17) ^ seq ^ 0x7e5e_ed00_f1a7_0000, window_ms)
 }
