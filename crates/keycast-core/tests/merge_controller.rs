@@ -5,243 +5,35 @@
 //! the multicast of the channel they follow: nobody rejoins, data crosses the two former
 //! groups exactly while they are merged, and members who left read nothing after.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use keycast_core::protocol::merge_state::MergeRecord;
-use keycast_core::protocol::traffic::Fresh;
-use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, MemberSession, Output, Record, Snapshot};
-use keycast_core::wire::rekey::PacketConfig;
-use keycast_core::wire::{GroupId, JoinAnswer};
-use keycast_core::{GraphConfig, JoinPolicy, KeyRef, MemberId, Scheme};
+use keycast_core::protocol::{ControllerError, Output, Record};
+use keycast_core::wire::GroupId;
+use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
 
-const T0: u64 = 1_000_000;
+mod common;
+
+use common::{departed_read, names, policy, reach, Pair, Side, T0};
+
 const LEFT: GroupId = GroupId(1);
 const RIGHT: GroupId = GroupId(2);
 
-fn policy(group: GroupId, scheme: Scheme) -> GroupPolicy {
-    GroupPolicy {
-        group,
-        graph: GraphConfig { scheme, join_policy: JoinPolicy::NewVersion },
-        epoch_ms: 100,
-        activation_delay: 1,
-        heartbeat_ms: 50,
-        refresh_timeout_ms: 600_000,
-        immediate_eviction: true,
-        membership_deltas: false,
-        reflector: false,
-        packets: PacketConfig::default(),
-    }
-}
+type World = common::World<Pair>;
 
 fn addresses(port: u16) -> (SocketAddr, SocketAddr) {
     (SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([239, 255, 0, 9], port + 1)))
 }
 
-/// One controller, its log and the multicast it sent since last asked.
-struct Side {
-    policy: GroupPolicy,
-    acl: BTreeSet<String>,
-    controller: Controller,
-    log: Vec<Record>,
-    /// Every record but snapshots: a restart that replays the whole history.
-    history: Vec<Record>,
-    sent: Vec<Vec<u8>>,
-    answers: BTreeMap<u64, JoinAnswer>,
-}
-
-impl Side {
-    fn new(policy: GroupPolicy, acl: &[String], seed: u8) -> Side {
-        let acl: BTreeSet<String> = acl.iter().cloned().collect();
-        let (controller, genesis) = Controller::create(policy, acl.clone(), T0, [seed; 32], [seed + 1; 32]).unwrap();
-        let Output::Persist(genesis) = genesis else { panic!("genesis is a record") };
-        Side { policy, acl, controller, log: vec![genesis.clone()], history: vec![genesis], sent: Vec::new(), answers: BTreeMap::new() }
-    }
-
-    fn take(&mut self, outputs: Vec<Output>) {
-        for output in outputs {
-            match output {
-                // A snapshot replaces the log before it, as the driver's store does.
-                Output::Persist(Record::Snapshot(s)) => self.log = vec![Record::Snapshot(s)],
-                Output::Persist(record) => {
-                    self.history.push(record.clone());
-                    self.log.push(record);
-                }
-                Output::Multicast(bytes) => self.sent.push(bytes),
-                Output::JoinAnswer { conn, answer, .. } => drop(self.answers.insert(conn, answer)),
-                Output::Departed { .. } | Output::Rekeyed { .. } | Output::Repaired { .. } => {}
-            }
-        }
-    }
-
-    fn restarted(&self, log: &[Record], now: u64) -> Controller {
-        // Through the store's encodings, as a restart reads them.
-        let log: Vec<Record> = log
-            .iter()
-            .map(|r| match r {
-                Record::Merged(m) => Record::Merged(Box::new(MergeRecord::decode(&m.encode()).unwrap())),
-                Record::Snapshot(s) => Record::Snapshot(Box::new(Snapshot::decode(&s.encode()).unwrap())),
-                other => other.clone(),
-            })
-            .collect();
-        Controller::restore(self.policy, self.acl.clone(), &log, now).unwrap()
-    }
-}
-
-/// Two controllers, the members of both, and the time.
-struct World {
-    left: Side,
-    right: Side,
-    members: BTreeMap<String, MemberSession>,
-    departed: BTreeMap<String, MemberSession>,
-    now: u64,
-    entropy: u64,
-    conn: u64,
-}
-
-impl World {
-    fn entropy(&mut self) -> [u8; 32] {
-        self.entropy += 1;
-        let mut e = [0xa5; 32];
-        e[..8].copy_from_slice(&self.entropy.to_be_bytes());
-        e
-    }
-
-    fn side(&mut self, group: GroupId) -> &mut Side {
-        if group == LEFT {
-            &mut self.left
-        } else {
-            &mut self.right
-        }
-    }
-
-    /// Delivers what each controller sent to the members following its group when it was
-    /// sent (a member moved by a notice hears the rest of that channel's datagrams: it moves
-    /// its sockets afterwards), left channel first.
-    fn deliver(&mut self) {
-        self.deliver_except(&[]);
-    }
-
-    /// As `deliver`, but the members named in `deaf` miss everything sent so far.
-    fn deliver_except(&mut self, deaf: &[&str]) {
-        for group in [LEFT, RIGHT] {
-            let sent = std::mem::take(&mut self.side(group).sent);
-            let listeners: Vec<String> =
-                self.members.iter().filter(|(n, s)| s.group() == group && !deaf.contains(&n.as_str())).map(|(n, _)| n.clone()).collect();
-            for name in listeners {
-                let session = self.members.get_mut(&name).unwrap();
-                for datagram in &sent {
-                    let _ = session.receive(datagram, self.now);
-                }
-            }
-        }
-    }
-
-    fn tick(&mut self, ms: u64) {
-        for _ in 0..ms / 10 {
-            self.now += 10;
-            for group in [LEFT, RIGHT] {
-                let (now, entropy) = (self.now, self.entropy());
-                let side = self.side(group);
-                let out = side.controller.tick(now, entropy).unwrap();
-                side.take(out);
-            }
-            self.deliver();
-            for session in self.members.values_mut() {
-                session.tick(self.now);
-            }
-            self.resync_lagging();
-        }
-    }
-
-    /// Members that lost a rekey ask the controller they follow for their keys (over TLS).
-    fn resync_lagging(&mut self) {
-        let lagging: Vec<String> = self.members.iter().filter(|(_, s)| s.needs_resync()).map(|(n, _)| n.clone()).collect();
-        for name in lagging {
-            let (group, member, seq) = {
-                let s = &self.members[&name];
-                (s.group(), s.member(), s.rekey_seq())
-            };
-            let now = self.now;
-            if let Ok(answer) = self.side(group).controller.resync(&name, member, seq, now) {
-                self.members.get_mut(&name).unwrap().resynced(answer, now);
-            }
-        }
-    }
-
-    /// `name` joins `group` (in its ACL) and becomes a session with the keys it is handed.
-    fn join(&mut self, name: &str, group: GroupId) {
-        self.conn += 1;
-        let (conn, now) = (self.conn, self.now);
-        let status = self.side(group).controller.join(conn, name, group, now).unwrap();
-        assert!(matches!(status, JoinStatus::Queued(_)));
-        self.tick(300);
-        let now = self.now;
-        let side = self.side(group);
-        let JoinAnswer::Accepted(accepted) = side.answers[&conn].clone() else { panic!("{name} accepted") };
-        let keys = side.controller.resync(name, accepted.member, 0, now).unwrap();
-        let session = MemberSession::join(&accepted, keys, 50, now).0;
-        self.members.insert(name.to_owned(), session);
-    }
-
-    fn leave(&mut self, name: &str) {
-        let session = self.members.remove(name).unwrap();
-        let side = self.side(session.group());
-        let out = side.controller.leave(name, session.member()).unwrap();
-        side.take(out);
-        self.departed.insert(name.to_owned(), session);
-    }
-
-    /// Active key of every member, by name.
-    fn keys(&self) -> BTreeMap<String, KeyRef> {
-        self.members.iter().map(|(n, s)| (n.clone(), s.active_key().expect("a key in force").0)).collect()
-    }
-}
-
-/// How many of `readers` open one message from each of `senders` (by name, in `sessions`).
-fn reach(sessions: &mut BTreeMap<String, MemberSession>, senders: &[&str], readers: &[&str], tag: u8) -> usize {
-    let mut opened = 0;
-    for (i, sender) in senders.iter().enumerate() {
-        let fresh = Fresh { message_key: [tag; 32], nonce: [i as u8; 12] };
-        let data = sessions.get_mut(*sender).unwrap().seal(b"hello", fresh).expect("a key in force");
-        for reader in readers.iter().filter(|r| *r != sender) {
-            if sessions.get_mut(*reader).is_some_and(|s| s.open(&data).is_ok()) {
-                opened += 1;
-            }
-        }
-    }
-    opened
-}
-
-/// Messages sealed by current members that the departed members open (every pair).
-fn departed_read(world: &mut World, tag: u8) -> usize {
-    let mut opened = 0;
-    let names: Vec<String> = world.members.keys().cloned().collect();
-    for (i, name) in names.iter().enumerate() {
-        let fresh = Fresh { message_key: [tag; 32], nonce: [i as u8; 12] };
-        let data = world.members.get_mut(name).unwrap().seal(b"secret", fresh).unwrap();
-        opened += world.departed.values_mut().map(|s| s.open(&data)).filter(Result::is_ok).count();
-    }
-    opened
-}
-
-fn names(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+/// Two groups' controllers at [`T0`], no member yet.
+fn two_groups(left: Side, right: Side) -> World {
+    World::new(Pair { left, right }, 0xa5, 100)
 }
 
 #[test]
 fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     let (lefts, rights) = (names("left", 4), names("right", 3));
     let left_acl: Vec<String> = lefts.iter().cloned().chain(["joiner-a".into(), "joiner-b".into()]).collect();
-    let mut world = World {
-        left: Side::new(policy(LEFT, Scheme::Tree { degree: 3 }), &left_acl, 1),
-        right: Side::new(policy(RIGHT, Scheme::Tree { degree: 2 }), &rights, 11),
-        members: BTreeMap::new(),
-        departed: BTreeMap::new(),
-        now: T0,
-        entropy: 100,
-        conn: 0,
-    };
+    let mut world = two_groups(Side::new(policy(LEFT, Scheme::Tree { degree: 3 }), &left_acl, 1), Side::new(policy(RIGHT, Scheme::Tree { degree: 2 }), &rights, 11));
     for name in &lefts {
         world.join(name, LEFT);
     }
@@ -253,71 +45,71 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     assert_eq!(reach(&mut world.members, &l, &r, 1), 0, "two groups, two keys");
 
     // The merge: the right controller's state into the left one, then the right's notice.
-    let side = world.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
     let (now, entropy) = (world.now, world.entropy());
-    let (out, ticket) = world.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
+    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
     assert!(matches!(&out[0], Output::Persist(Record::Merged(_))), "the merge is logged before it is sent");
-    world.left.take(out);
-    let out = world.right.controller.hand_off(&ticket).unwrap();
-    world.right.take(out);
-    let merge_notice = world.right.sent[0].clone();
-    let sizes: Vec<usize> = world.right.sent.iter().map(Vec::len).collect();
-    println!("merge: {} datagrams on the left channel, {:?} bytes on the right channel (notice, then rekey)", world.left.sent.len(), sizes);
+    world.sides.left.take(out);
+    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
+    world.sides.right.take(out);
+    let merge_notice = world.sides.right.sent[0].clone();
+    let sizes: Vec<usize> = world.sides.right.sent.iter().map(Vec::len).collect();
+    println!("merge: {} datagrams on the left channel, {:?} bytes on the right channel (notice, then rekey)", world.sides.left.sent.len(), sizes);
     // right-2 misses the notice and the rekey: the right controller's heartbeats repeat the
     // notice, and the merged group's heartbeats then tell it to resync with the left controller.
     world.deliver_except(&["right-2"]);
     assert_eq!(world.members["right-2"].group(), RIGHT);
     world.tick(200);
-    let merged_key = world.left.controller.active_key(world.left.controller.epoch_at(world.now));
+    let merged_key = world.sides.left.controller.active_key(world.sides.left.controller.epoch_at(world.now));
     assert!(world.keys().values().all(|k| *k == merged_key), "every member holds the merged key: {:?}", world.keys());
     assert!(world.members.values().all(|s| s.group() == LEFT), "the right members follow the merged group");
     assert!(rights.iter().all(|n| world.members[n].member().0 >= ticket.offset), "right ids moved past the left's");
     assert_eq!(reach(&mut world.members, &l, &r, 2), 12, "left to right");
     assert_eq!(reach(&mut world.members, &r, &l, 3), 12, "right to left");
     // The absorbed controller serves its group no more.
-    assert!(world.right.controller.join(99, "right-0", RIGHT, world.now).is_err());
+    assert!(world.sides.right.controller.join(99, "right-0", RIGHT, world.now).is_err());
 
     // Churn in the merged group: a leave on each side, two joiners (one lands on each side).
-    world.left.controller.set_snapshot_interval(2);
+    world.sides.left.controller.set_snapshot_interval(2);
     world.leave("left-3");
     world.leave("right-2");
     world.tick(300);
     world.join("joiner-a", LEFT);
     world.join("joiner-b", LEFT);
     world.tick(300);
-    let merged_key = world.left.controller.active_key(world.left.controller.epoch_at(world.now));
+    let merged_key = world.sides.left.controller.active_key(world.sides.left.controller.epoch_at(world.now));
     assert!(world.keys().values().all(|k| *k == merged_key), "{:?} vs {merged_key}", world.keys());
-    assert_eq!(world.left.controller.members().len(), 7);
+    assert_eq!(world.sides.left.controller.members().len(), 7);
     assert_eq!(departed_read(&mut world, 4), 0, "members who left read nothing");
-    assert!(matches!(world.left.log[0], Record::Snapshot(_)), "a snapshot was taken while merged");
+    assert!(matches!(world.sides.left.log[0], Record::Snapshot(_)), "a snapshot was taken while merged");
 
     // A restart from the log (a snapshot while merged, and the batches after it), or from the
     // whole history (the merge replayed from its record), holds the same keys.
     let now = world.now;
-    for log in [world.left.log.clone(), world.left.history.clone()] {
-        let mut restarted = world.left.restarted(&log, now);
+    for log in [world.sides.left.log.clone(), world.sides.left.history.clone()] {
+        let mut restarted = world.sides.left.restarted(&log, now);
         assert!(restarted.is_merged());
-        assert_eq!(restarted.traffic_keys(now).keys, world.left.controller.traffic_keys(now).keys);
+        assert_eq!(restarted.traffic_keys(now).keys, world.sides.left.controller.traffic_keys(now).keys);
         for (name, session) in &world.members {
-            let theirs = world.left.controller.resync(name, session.member(), 0, now).unwrap();
+            let theirs = world.sides.left.controller.resync(name, session.member(), 0, now).unwrap();
             let ours = restarted.resync(name, session.member(), 0, now).unwrap();
             assert_eq!(theirs.keys.len(), ours.keys.len());
             assert!(theirs.keys.iter().zip(&ours.keys).all(|(a, b)| a.0 == b.0 && a.1 == b.1), "{name}'s keys after the restart");
         }
-        world.left.controller = restarted;
+        world.sides.left.controller = restarted;
     }
 
     // The split: the right side goes back to its controller, each side takes a new key.
     let (now, entropy) = (world.now, world.entropy());
-    let (out, handback) = world.left.controller.split(now, entropy).unwrap();
-    world.left.take(out);
-    let split_sizes: Vec<usize> = world.left.sent.iter().map(Vec::len).collect();
+    let (out, handback) = world.sides.left.controller.split(now, entropy).unwrap();
+    world.sides.left.take(out);
+    let split_sizes: Vec<usize> = world.sides.left.sent.iter().map(Vec::len).collect();
     assert_eq!(handback.members.len(), 3, "right-0, right-1 and the joiner on the right");
-    let out = world.right.controller.resume(handback, now).unwrap();
+    let out = world.sides.right.controller.resume(handback, now).unwrap();
     assert!(matches!(&out[0], Output::Persist(Record::Snapshot(_))));
-    world.right.take(out);
-    println!("split: {split_sizes:?} bytes on the merged channel (notice, then the left rekey), {:?} on the right channel", world.right.sent.iter().map(Vec::len).collect::<Vec<_>>());
-    let right_rekey = std::mem::take(&mut world.right.sent);
+    world.sides.right.take(out);
+    println!("split: {split_sizes:?} bytes on the merged channel (notice, then the left rekey), {:?} on the right channel", world.sides.right.sent.iter().map(Vec::len).collect::<Vec<_>>());
+    let right_rekey = std::mem::take(&mut world.sides.right.sent);
     world.deliver();
     // Back on the right channel before the split's rekey, the right members refuse the merge
     // notice again (a replay, or a late repeat with the right controller's old heartbeats).
@@ -327,10 +119,10 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
             assert!(session.receive(&merge_notice, world.now).is_err(), "{name} took a stale merge notice");
         }
     }
-    world.right.sent = right_rekey;
+    world.sides.right.sent = right_rekey;
     world.deliver();
     let epoch = |side: &Side, now| side.controller.active_key(side.controller.epoch_at(now));
-    let (left_key, right_key) = (epoch(&world.left, world.now), epoch(&world.right, world.now));
+    let (left_key, right_key) = (epoch(&world.sides.left, world.now), epoch(&world.sides.right, world.now));
     let on = |world: &World, g| world.members.iter().filter(|(_, s)| s.group() == g).map(|(n, _)| n.clone()).collect::<Vec<_>>();
     let (now_left, now_right) = (on(&world, LEFT), on(&world, RIGHT));
     assert_eq!((now_left.len(), now_right.len()), (4, 3));
@@ -340,7 +132,7 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     for name in &now_right {
         let session = &world.members[name];
         assert_eq!(session.active_key().unwrap().0, right_key, "{name}");
-        assert_eq!(world.right.controller.member_by_identity(name), Some(session.member()), "{name} has its right id back");
+        assert_eq!(world.sides.right.controller.member_by_identity(name), Some(session.member()), "{name} has its right id back");
     }
     let (nl, nr): (Vec<&str>, Vec<&str>) = (now_left.iter().map(String::as_str).collect(), now_right.iter().map(String::as_str).collect());
     assert_eq!(reach(&mut world.members, &nl, &nr, 5), 0, "two groups again");
@@ -352,12 +144,12 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     // Both controllers go on: a leave on the right, a restart of the right from its snapshot.
     world.leave(&now_right[0]);
     world.tick(300);
-    let right_key = epoch(&world.right, world.now);
+    let right_key = epoch(&world.sides.right, world.now);
     assert!(now_right[1..].iter().all(|n| world.members[n].active_key().unwrap().0 == right_key));
     assert_eq!(departed_read(&mut world, 10), 0);
-    let restarted = world.right.restarted(&world.right.log, world.now);
-    assert_eq!(restarted.traffic_keys(world.now).keys, world.right.controller.traffic_keys(world.now).keys);
-    assert!(world.left.controller.split(world.now, [7; 32]).is_err(), "split once");
+    let restarted = world.sides.right.restarted(&world.sides.right.log, world.now);
+    assert_eq!(restarted.traffic_keys(world.now).keys, world.sides.right.controller.traffic_keys(world.now).keys);
+    assert!(world.sides.left.controller.split(world.now, [7; 32]).is_err(), "split once");
 }
 
 #[test]
@@ -377,7 +169,7 @@ fn merges_that_would_confuse_the_groups_are_refused() {
     assert!(!left.controller.is_merged());
     let flat = policy(GroupId(3), Scheme::Flat { id_bits: 8, ids: keycast_core::FlatIds::Sequential });
     let mut flat = Side::new(flat, &[], 21);
-    assert!(flat.controller.absorb(side, addresses(7200), T0 + 600, [4; 32]).is_err(), "a flat group absorbs nothing");
+    assert!(matches!(flat.controller.absorb(side, addresses(7200), T0 + 600, [4; 32]), Err(ControllerError::Merge(_))), "a flat group absorbs nothing");
     assert!(left.controller.split(T0 + 700, [5; 32]).is_err(), "not merged");
     // The right side changed after its state was taken: its hand-off is refused.
     let out = right.controller.leave("same", MemberId(1)).unwrap();
@@ -388,4 +180,137 @@ fn merges_that_would_confuse_the_groups_are_refused() {
     let out = right.controller.tick(T0 + 900, [7; 32]).unwrap();
     right.take(out);
     assert!(matches!(right.controller.hand_off(&ticket), Err(ControllerError::Merge(_))));
+}
+
+/// A world of two groups of three members each, configured with `left` and `right`.
+fn world_of(left: Scheme, right: Scheme) -> (World, Vec<String>, Vec<String>) {
+    let (lefts, rights) = (names("left", 3), names("right", 3));
+    let mut world = two_groups(Side::new(policy(LEFT, left), &lefts, 1), Side::new(policy(RIGHT, right), &rights, 11));
+    for name in &lefts {
+        world.join(name, LEFT);
+    }
+    for name in &rights {
+        world.join(name, RIGHT);
+    }
+    world.tick(300);
+    (world, lefts, rights)
+}
+
+/// Every member holds the key in force of the controller it follows.
+fn assert_members_hold_their_keys(world: &World, step: &str) {
+    for (name, session) in &world.members {
+        let side = if session.group() == LEFT { &world.sides.left } else { &world.sides.right };
+        let key = side.controller.active_key(side.controller.epoch_at(world.now));
+        assert_eq!(session.active_key().map(|k| k.0), Some(key), "{step}: {name}");
+    }
+}
+
+const TREE_OF_SWITCH: Scheme = Scheme::Tree { degree: 2 };
+
+#[test]
+fn groups_that_switched_to_a_tree_merge_run_restart_and_split() {
+    // Left: configured flat, switched to a tree. Right: configured a degree-3 tree, switched to
+    // a flat table and back to a (binary) tree, so its tree is not its configured one either.
+    let flat = Scheme::Flat { id_bits: 3, ids: keycast_core::FlatIds::Sequential };
+    let (mut world, lefts, rights) = world_of(flat, Scheme::Tree { degree: 3 });
+    let out = world.sides.left.controller.switch_to_tree(world.now).unwrap();
+    world.sides.left.take(out);
+    let (now, entropy) = (world.now, world.entropy());
+    let out = world.sides.right.controller.switch_to_flat(3, now, entropy).unwrap();
+    world.sides.right.take(out);
+    world.tick(300);
+    assert_members_hold_their_keys(&world, "after the switches");
+    let refused = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1);
+    assert!(matches!(refused, Err(ControllerError::Merge(_))), "a group running a flat table does not merge");
+    let out = world.sides.right.controller.switch_to_tree(world.now).unwrap();
+    world.sides.right.take(out);
+    world.tick(300);
+    assert_members_hold_their_keys(&world, "right back on a tree");
+    assert_eq!(world.sides.left.controller.scheme().scheme, TREE_OF_SWITCH);
+    assert_eq!(world.sides.right.controller.scheme().scheme, TREE_OF_SWITCH);
+
+    // The merge, as between two configured trees.
+    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
+    world.sides.left.take(out);
+    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
+    world.sides.right.take(out);
+    world.tick(200);
+    assert!(world.members.values().all(|s| s.group() == LEFT), "the right members follow the merged group");
+    assert_members_hold_their_keys(&world, "merged");
+    let (l, r): (Vec<&str>, Vec<&str>) = (lefts.iter().map(String::as_str).collect(), rights.iter().map(String::as_str).collect());
+    assert_eq!(reach(&mut world.members, &l, &r, 1), 9, "left to right");
+    assert_eq!(reach(&mut world.members, &r, &l, 2), 9, "right to left");
+    // A switch while merged (or handed off) stays refused: the merged tree is kept until the split.
+    assert!(matches!(world.sides.left.controller.switch_to_flat(3, world.now, [1; 32]), Err(ControllerError::Switch(_))));
+    assert!(matches!(world.sides.left.controller.switch_to_tree(world.now), Err(ControllerError::Switch(_))));
+    assert!(matches!(world.sides.right.controller.switch_to_flat(3, world.now, [1; 32]), Err(ControllerError::Switch(_))));
+
+    // A leave on each side while merged; restarts from the log (a snapshot taken while merged)
+    // and from the whole history (both switches and the merge replayed) hold the same keys.
+    world.sides.left.controller.set_snapshot_interval(1);
+    world.leave("left-2");
+    world.leave("right-2");
+    world.tick(300);
+    assert_members_hold_their_keys(&world, "after the leaves");
+    assert_eq!(departed_read(&mut world, 3), 0, "members who left read nothing");
+    assert!(matches!(world.sides.left.log[0], Record::Snapshot(_)), "a snapshot was taken while merged");
+    let now = world.now;
+    for log in [world.sides.left.log.clone(), world.sides.left.history.clone()] {
+        let mut restarted = world.sides.left.restarted(&log, now);
+        assert!(restarted.is_merged());
+        assert_eq!(restarted.scheme(), world.sides.left.controller.scheme());
+        assert_eq!(restarted.traffic_keys(now).keys, world.sides.left.controller.traffic_keys(now).keys);
+        for (name, session) in &world.members {
+            let theirs = world.sides.left.controller.resync(name, session.member(), 0, now).unwrap();
+            let ours = restarted.resync(name, session.member(), 0, now).unwrap();
+            assert!(theirs.keys.len() == ours.keys.len() && theirs.keys.iter().zip(&ours.keys).all(|(a, b)| a.0 == b.0 && a.1 == b.1), "{name}'s keys after the restart");
+        }
+        world.sides.left.controller = restarted;
+    }
+
+    // The split: the right side goes back to its controller with the tree it switched to.
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, handback) = world.sides.left.controller.split(now, entropy).unwrap();
+    world.sides.left.take(out);
+    let handback = keycast_core::protocol::merge_state::Handback::decode(&handback.encode()).expect("through the admin channel's encoding");
+    let out = world.sides.right.controller.resume(handback, now).unwrap();
+    world.sides.right.take(out);
+    world.tick(200);
+    assert_members_hold_their_keys(&world, "after the split");
+    let (left_now, right_now) = (["left-0", "left-1"], ["right-0", "right-1"]);
+    assert!(right_now.iter().all(|n| world.members[*n].group() == RIGHT && world.sides.right.controller.member_by_identity(n) == Some(world.members[*n].member())));
+    assert_eq!(reach(&mut world.members, &left_now, &right_now, 4), 0, "two groups again");
+    assert_eq!(reach(&mut world.members, &right_now, &left_now, 5), 0);
+    assert_eq!(reach(&mut world.members, &right_now, &right_now, 6), 2, "the right side reads itself");
+    assert_eq!(world.sides.right.controller.scheme().scheme, TREE_OF_SWITCH);
+    let restarted = world.sides.right.restarted(&world.sides.right.log, world.now);
+    assert_eq!(restarted.scheme(), world.sides.right.controller.scheme());
+    assert_eq!(restarted.traffic_keys(world.now).keys, world.sides.right.controller.traffic_keys(world.now).keys);
+}
+
+#[test]
+fn groups_running_a_flat_table_neither_absorb_nor_are_absorbed() {
+    // Left: configured a tree, switched to a flat table. Right: configured flat.
+    let flat = Scheme::Flat { id_bits: 3, ids: keycast_core::FlatIds::Sequential };
+    let (mut world, _, _) = world_of(Scheme::Tree { degree: 2 }, flat);
+    let (now, entropy) = (world.now, world.entropy());
+    let out = world.sides.left.controller.switch_to_flat(3, now, entropy).unwrap();
+    world.sides.left.take(out);
+    world.tick(300);
+    assert!(matches!(world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1), Err(ControllerError::Merge(_))), "a configured flat group");
+    let tree = Side::new(policy(GroupId(3), Scheme::Tree { degree: 2 }), &[], 21);
+    let side = tree.controller.merge_side(addresses(7200).0, addresses(7200).1).unwrap();
+    let refused = world.sides.left.controller.absorb(side.clone(), addresses(7100), world.now, [4; 32]);
+    assert!(matches!(refused, Err(ControllerError::Merge(_))), "a tree group switched to a flat table: {refused:?}");
+    assert!(!world.sides.left.controller.is_merged());
+    // A side whose graph is a flat table is refused too, whatever it claims to be.
+    let mut forged = side;
+    let config = GraphConfig { scheme: flat, join_policy: JoinPolicy::NewVersion };
+    forged.graph = keycast_core::new_graph(config, &keycast_core::BatchSeed::from_u64(1)).unwrap().export();
+    let mut other = Side::new(policy(GroupId(4), Scheme::Tree { degree: 2 }), &[], 31);
+    let refused = other.controller.absorb(forged, addresses(7300), world.now, [5; 32]);
+    assert!(matches!(refused, Err(ControllerError::Merge(_))), "a flat graph in a merge side: {refused:?}");
+    assert!(!other.controller.is_merged());
 }

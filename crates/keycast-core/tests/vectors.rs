@@ -299,6 +299,11 @@ fn generate() -> Value {
     ));
     let refusal = DatagramRefusal { group, member: MemberId(5), counter: 1_795_000_000_003, reason: RefusalReason::NotMember }.sign(&signer);
     vectors.push(message_vector("signed refusal over UDP of a resync request from member 5, which left", refusal, &public));
+    let to_tree = SchemeSwitch { group, seq: 4, epoch: 9, target: SwitchTarget::Tree { id_bits: 4, version: 5 } };
+    vectors.push(message_vector("scheme switch as rekey 4 to a binary tree over 4 flat ID bits, every tree key at version 5", to_tree.sign(&signer).encode(), &public));
+    let to_flat = SchemeSwitch { group, seq: 5, epoch: 9, target: SwitchTarget::Flat { id_bits: 3 } };
+    vectors.push(message_vector("scheme switch as rekey 5 to a fresh flat table of 3 ID bits (its keys come by resync)", to_flat.sign(&signer).encode(), &public));
+    vectors.push(message_vector("that switch to a flat table signed by another key", to_flat.sign(&other).encode(), &public));
     let leave = Leave { group, member: MemberId(9) }.encode();
     let stray_joiners_key = accepted(Some((KeyRef::new(KeyId(5), 4, 0), Key::from_bytes([0x4a; 32])))).encode();
     let malformed: Vec<(&str, Vec<u8>)> = vec![

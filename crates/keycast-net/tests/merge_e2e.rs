@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use keycast_core::protocol::GroupPolicy;
 use keycast_core::wire::GroupId;
-use keycast_core::KeyRef;
+use keycast_core::{FlatIds, KeyRef, Scheme};
+use keycast_net::admin::{AdminRequest, AdminResponse};
 use keycast_net::client::{ClientEvent, MemberClient};
 use keycast_net::local::{loopback_policy, Events, LocalGroup};
 use tokio::time::{sleep, timeout, Instant};
@@ -140,4 +141,62 @@ async fn a_refused_merge_leaves_both_groups_running() {
     until_one_key(&r, RIGHT, None).await;
     until_one_key(&[&left_member], LEFT, None).await;
     assert_eq!(readers_of(&left_member, &r), 0, "still two groups");
+}
+
+/// `keycast admin transition tree`.
+async fn switch_to_tree(group: &LocalGroup) {
+    let response = group.admin_request(&group.admin, &AdminRequest::Transition { flat_id_bits: None }).await.unwrap();
+    assert!(matches!(&response, AdminResponse::Transitioned { scheme, .. } if scheme.starts_with("Tree")), "{response:?}");
+}
+
+/// Groups configured flat merge once they switched to a tree (`keycast admin transition tree`),
+/// as trees, over the admin channel; while either still runs a flat table the merge is refused
+/// and both go on. After the split the right controller, back on the tree it switched to,
+/// restarts from its snapshot with its members' keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_switched_from_flat_to_a_tree_merge_and_split() {
+    let flat = |group| {
+        let mut policy = policy(group);
+        policy.graph.scheme = Scheme::Flat { id_bits: 4, ids: FlatIds::Sequential };
+        policy
+    };
+    let (left_dir, right_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut left = LocalGroup::prepare(flat(LEFT), 2, left_dir.path().to_path_buf()).unwrap();
+    let mut right = LocalGroup::prepare_sharing(flat(RIGHT), 0, right_dir.path().to_path_buf(), left.authority.clone()).unwrap();
+    right.acl = (1..=2).map(|i| format!("right-{i}")).collect();
+    left.start_server().await.unwrap();
+    right.start_server().await.unwrap();
+    let lefts = left.join_all((1..=2).map(|i| format!("member-{i}"))).await.unwrap();
+    let rights = right.join_all((1..=2).map(|i| format!("right-{i}"))).await.unwrap();
+    let l: Vec<&MemberClient> = lefts.iter().map(|(m, _)| m).collect();
+    let r: Vec<&MemberClient> = rights.iter().map(|(m, _)| m).collect();
+    let left_flat = until_one_key(&l, LEFT, None).await;
+    let right_flat = until_one_key(&r, RIGHT, None).await;
+
+    let error = LocalGroup::merge(&left, &right).await.unwrap_err();
+    assert!(error.contains("flat"), "the right group runs a flat table: {error}");
+    switch_to_tree(&right).await;
+    let right_tree = until_one_key(&r, RIGHT, Some(right_flat)).await;
+    let error = LocalGroup::merge(&left, &right).await.unwrap_err();
+    assert!(error.contains("flat"), "the left group runs a flat table: {error}");
+    switch_to_tree(&left).await;
+    until_one_key(&l, LEFT, Some(left_flat)).await;
+
+    LocalGroup::merge(&left, &right).await.unwrap();
+    let everyone: Vec<&MemberClient> = l.iter().chain(&r).copied().collect();
+    let merged = until_one_key(&everyone, LEFT, None).await;
+    assert_eq!(readers_of(l[0], &r), 2, "left to right");
+    assert_eq!(readers_of(r[1], &l), 2, "right to left");
+
+    LocalGroup::split(&left, &right).await.unwrap();
+    until_one_key(&l, LEFT, Some(merged)).await;
+    let right_key = until_one_key(&r, RIGHT, Some(merged)).await;
+    assert_ne!(right_key, right_tree);
+    assert_eq!(readers_of(l[0], &r), 0, "two groups again");
+    assert_eq!(readers_of(r[0], &l), 0);
+    assert_eq!(readers_of(r[0], &r[1..]), 1, "the right side reads itself");
+    right.kill_server().await;
+    right.start_server().await.unwrap();
+    assert_eq!(right.server().members().await.len(), 2, "the right controller restarted from its snapshot");
+    assert_eq!(until_one_key(&r, RIGHT, None).await, right_key, "the restart keeps the right side's key");
 }

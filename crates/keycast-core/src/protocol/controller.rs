@@ -23,7 +23,7 @@ use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, Placement, 
 use crate::wire::control::Nak;
 use crate::wire::{encode_parity, ParityRound, ParityShard};
 
-use super::heartbeats::{epoch_at, HeartbeatContent, Heartbeats};
+use super::heartbeats::{epoch_at, HeartbeatContent, Heartbeats, MAX_ANNOUNCEMENTS};
 use super::pending::Pending;
 use super::reflector::{JoinersKeys, ReflectionKeys};
 use super::rounds::Delivery;
@@ -322,9 +322,11 @@ pub struct Controller {
     signer: Arc<Signer>,
     /// Kept for snapshots (the key pair does not give its seed back).
     signing_seed: Zeroizing<[u8; 32]>,
-    /// Signing-key rotations so far, and the latest announcement (the heartbeats repeat it).
+    /// Signing-key rotations so far, and the latest announcements, oldest first (the
+    /// heartbeats repeat them), with how many were made in this run.
     signer_changes: u64,
-    announcement: Option<Arc<Vec<u8>>>,
+    announcements: Vec<Arc<Vec<u8>>>,
+    announced: u64,
     /// Run-time changes to the configured ACL, net.
     acl_added: BTreeSet<String>,
     acl_removed: BTreeSet<String>,
@@ -479,7 +481,7 @@ impl Controller {
                 }
                 Record::HandedOff { to, notice, .. } => {
                     c.handed_off = Some(*to);
-                    c.announcement = Some(Arc::new(notice.clone()));
+                    c.announce(notice.clone());
                 }
             }
         }
@@ -527,7 +529,8 @@ impl Controller {
             signer: Arc::new(Signer::from_seed(signing_seed)),
             signing_seed: Zeroizing::new(*signing_seed),
             signer_changes: 0,
-            announcement: None,
+            announcements: Vec::new(),
+            announced: 0,
             acl_added: BTreeSet::new(),
             acl_removed: BTreeSet::new(),
             batches_since_snapshot: 0,
@@ -618,7 +621,7 @@ impl Controller {
         let next = Signer::from_seed(&seed).verifying_key();
         let announcement = SignerChange { group: self.policy.group, change, next }.sign(&self.signer).encode();
         self.install_signer(change, &seed);
-        self.announcement = Some(Arc::new(announcement.clone()));
+        self.announce(announcement.clone());
         vec![Output::Persist(Record::SigningKey { change, seed }), Output::Multicast(announcement)]
     }
 
@@ -668,7 +671,7 @@ impl Controller {
         };
         self.install_group_key(seq, epoch, self.graph.group_key().0, epoch);
         let notice = SchemeSwitch { group: self.policy.group, seq, epoch, target }.sign(&self.signer).encode();
-        self.announcement = Some(Arc::new(notice.clone()));
+        self.announce(notice.clone());
         self.last_rekey = vec![notice.clone()];
         Ok(notice)
     }
@@ -682,6 +685,16 @@ impl Controller {
     /// The key graph's scheme now (the configured one until a switch).
     pub fn scheme(&self) -> GraphConfig {
         self.graph.config()
+    }
+
+    /// A public notice the heartbeats repeat, after those still repeating (the oldest beyond
+    /// [`MAX_ANNOUNCEMENTS`] is dropped).
+    fn announce(&mut self, notice: Vec<u8>) {
+        if self.announcements.len() == MAX_ANNOUNCEMENTS {
+            self.announcements.remove(0);
+        }
+        self.announcements.push(Arc::new(notice));
+        self.announced += 1;
     }
 
     fn install_signer(&mut self, change: u64, seed: &[u8; 32]) {
@@ -750,14 +763,14 @@ impl Controller {
             group_size: self.members.len() as u64,
             keys: self.group_keys.range(from..).map(|(_, (r, activation, key))| (*r, *activation, key_check(key, *r))).collect(),
             signer: self.signer.clone(),
-            announcement: self.announcement.clone(),
+            announcements: self.announcements.clone(),
         }
     }
 
     /// Changes whenever [`Controller::heartbeat_content`] would: a driver that sends the
     /// heartbeats itself asks for new content only then.
     pub fn heartbeat_generation(&self) -> [u64; 4] {
-        [self.epoch, self.rekey_seq, self.members.len() as u64, self.signer_changes]
+        [self.epoch, self.rekey_seq, self.members.len() as u64, self.signer_changes + self.announced]
     }
 
     /// Stops `tick` from sending heartbeats and returns them, to be sent on a timer of the

@@ -10,8 +10,12 @@ use crate::wire::heartbeat::{Heartbeat, PendingKey};
 use crate::wire::{GroupId, Signer};
 use crate::wrap::{KeyCheck, CHECK_LEN};
 
-/// Heartbeats that repeat a signing-key announcement.
-const SIGNER_ANNOUNCEMENTS: u32 = 16;
+/// Heartbeats that repeat each announcement (a signing-key change, a scheme switch, a merge
+/// notice).
+const ANNOUNCEMENT_REPEATS: u32 = 16;
+/// Announcements the heartbeats carry at most: the newest, oldest first (a member takes them
+/// in the order they were signed, each under the key the one before installed).
+pub const MAX_ANNOUNCEMENTS: usize = 4;
 
 /// Intervals without a step after which heartbeats sent apart from the controller stop: fewer
 /// than the three of a standby's alive alarm, so a frozen controller is replaced.
@@ -49,8 +53,10 @@ pub struct HeartbeatContent {
     /// activation epoch and key check (the keys themselves stay with the controller).
     pub(crate) keys: Vec<(KeyRef, u64, KeyCheck)>,
     pub(crate) signer: Arc<Signer>,
-    /// The latest signing-key announcement, signed by the key before.
-    pub(crate) announcement: Option<Arc<Vec<u8>>>,
+    /// The latest public notices (signing-key changes, scheme switches, a merge notice),
+    /// oldest first, at most [`MAX_ANNOUNCEMENTS`]: each signed by the key in force when it
+    /// was made.
+    pub(crate) announcements: Vec<Arc<Vec<u8>>>,
 }
 
 impl core::fmt::Debug for HeartbeatContent {
@@ -100,13 +106,14 @@ impl HeartbeatContent {
 }
 
 /// The heartbeats' own state: their sequence numbers, when the next is due and how many more
-/// times the latest signing-key announcement goes out with them.
+/// times each announcement goes out with them.
 #[derive(Clone, Debug)]
 pub struct Heartbeats {
     content: HeartbeatContent,
     seq: u64,
     next_ms: u64,
-    announcements_left: u32,
+    /// Repeats left of each of `content.announcements`, in the same order.
+    repeats_left: Vec<u32>,
     /// A change is on its way to the wire: no heartbeat until its content comes.
     held: bool,
 }
@@ -114,8 +121,8 @@ pub struct Heartbeats {
 impl Heartbeats {
     /// Heartbeats starting at `now_ms` (the first is due at once).
     pub fn new(content: HeartbeatContent, now_ms: u64) -> Self {
-        let announcements_left = if content.announcement.is_some() { SIGNER_ANNOUNCEMENTS } else { 0 };
-        Heartbeats { content, seq: 0, next_ms: now_ms, announcements_left, held: false }
+        let repeats_left = vec![ANNOUNCEMENT_REPEATS; content.announcements.len()];
+        Heartbeats { content, seq: 0, next_ms: now_ms, repeats_left, held: false }
     }
 
     /// Holds the heartbeats while a change's datagrams go out: one that named the state before
@@ -130,17 +137,11 @@ impl Heartbeats {
     }
 
     /// Takes the controller's changed state (and ends a hold); a new announcement goes out
-    /// with the next heartbeats.
+    /// with the next heartbeats, its full repeats, beside those still repeating.
     pub fn update(&mut self, content: HeartbeatContent) {
         self.held = false;
-        let same = match (&self.content.announcement, &content.announcement) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-            (None, None) => true,
-            _ => false,
-        };
-        if !same {
-            self.announcements_left = SIGNER_ANNOUNCEMENTS;
-        }
+        let known = |a: &Arc<Vec<u8>>| self.content.announcements.iter().position(|b| Arc::ptr_eq(a, b) || a == b);
+        self.repeats_left = content.announcements.iter().map(|a| known(a).map_or(ANNOUNCEMENT_REPEATS, |i| self.repeats_left[i])).collect();
         self.content = content;
     }
 
@@ -154,7 +155,7 @@ impl Heartbeats {
     }
 
     /// The datagrams to multicast at `now_ms` if a heartbeat is due and not held (none
-    /// otherwise): the announcement while it repeats, then the signed heartbeat.
+    /// otherwise): each announcement still repeating, oldest first, then the signed heartbeat.
     pub fn beat(&mut self, now_ms: u64) -> Vec<Vec<u8>> {
         if now_ms < self.next_ms || self.held {
             return Vec::new();
@@ -163,11 +164,11 @@ impl Heartbeats {
         // repeats a seq members have seen (a log could not promise that).
         self.seq = (self.seq + 1).max(now_ms);
         self.next_ms = now_ms + self.content.heartbeat_ms;
-        let mut out = Vec::with_capacity(2);
-        // A member that lost the announcement of a new signing key hears it again here.
-        if let Some(announcement) = self.content.announcement.as_ref().filter(|_| self.announcements_left > 0) {
+        let mut out = Vec::with_capacity(1 + self.repeats_left.len());
+        // A member that lost an announcement hears it again here, after those before it.
+        for (announcement, left) in self.content.announcements.iter().zip(&mut self.repeats_left).filter(|(_, left)| **left > 0) {
             out.push(announcement.to_vec());
-            self.announcements_left -= 1;
+            *left -= 1;
         }
         out.push(self.content.heartbeat(now_ms, self.seq).sign(&self.content.signer).encode());
         out
@@ -176,7 +177,86 @@ impl Heartbeats {
 
 #[cfg(test)]
 mod tests {
-    use super::controller_alive;
+    use std::sync::Arc;
+
+    use super::{controller_alive, HeartbeatContent, Heartbeats, ANNOUNCEMENT_REPEATS, MAX_ANNOUNCEMENTS};
+    use crate::key::{Key, KeyId, KeyRef};
+    use crate::wire::{GroupId, Signer};
+    use crate::wrap::key_check;
+
+    fn content(announcements: &[&[u8]]) -> HeartbeatContent {
+        let key_ref = KeyRef::new(KeyId(1), 1, 0);
+        HeartbeatContent {
+            group: GroupId(1),
+            created_ms: 0,
+            epoch_ms: 1_000,
+            heartbeat_ms: 100,
+            epoch: 1,
+            rekey_seq: 1,
+            group_size: 2,
+            keys: vec![(key_ref, 1, key_check(&Key::from_bytes([7; 32]), key_ref))],
+            signer: Arc::new(Signer::from_seed(&[1; 32])),
+            announcements: announcements.iter().map(|a| Arc::new(a.to_vec())).collect(),
+        }
+    }
+
+    /// The announcements a heartbeat at `now_ms` carries (everything before the heartbeat).
+    fn carried(heartbeats: &mut Heartbeats, now_ms: u64) -> Vec<Vec<u8>> {
+        let mut out = heartbeats.beat(now_ms);
+        out.pop().expect("the heartbeat itself");
+        out
+    }
+
+    #[test]
+    fn each_announcement_gets_its_own_repeats_oldest_first() {
+        let mut heartbeats = Heartbeats::new(content(&[b"signer change"]), 0);
+        assert_eq!(carried(&mut heartbeats, 0), vec![b"signer change".to_vec()]);
+        // A switch two heartbeats later: both go out, the older first, each for its own 16.
+        heartbeats.update(content(&[b"signer change"]));
+        carried(&mut heartbeats, 100);
+        heartbeats.update(content(&[b"signer change", b"switch"]));
+        let mut both = 0;
+        for beat in 2..2 + u64::from(ANNOUNCEMENT_REPEATS) {
+            let sent = carried(&mut heartbeats, beat * 100);
+            if sent.len() == 2 {
+                assert_eq!(sent, vec![b"signer change".to_vec(), b"switch".to_vec()]);
+                both += 1;
+            } else {
+                assert_eq!(sent, vec![b"switch".to_vec()]);
+            }
+        }
+        assert_eq!(both, ANNOUNCEMENT_REPEATS - 2, "the signer change keeps the repeats it had left");
+        assert!(carried(&mut heartbeats, 1_800).is_empty(), "the switch had its 16 repeats");
+    }
+
+    #[test]
+    fn the_controller_keeps_at_most_the_newest_announcements() {
+        use crate::graph::{GraphConfig, JoinPolicy, Scheme};
+        use crate::protocol::controller::{Controller, GroupPolicy, Output};
+        let policy = GroupPolicy {
+            group: GroupId(1),
+            graph: GraphConfig { scheme: Scheme::Tree { degree: 2 }, join_policy: JoinPolicy::NewVersion },
+            epoch_ms: 1_000,
+            activation_delay: 1,
+            heartbeat_ms: 100,
+            refresh_timeout_ms: 60_000,
+            immediate_eviction: false,
+            membership_deltas: false,
+            reflector: false,
+            packets: Default::default(),
+        };
+        let (mut controller, _) = Controller::create(policy, Default::default(), 0, [1; 32], [2; 32]).unwrap();
+        let mut changes = Vec::new();
+        for i in 0..MAX_ANNOUNCEMENTS as u8 + 2 {
+            match controller.rotate_signing_key([10 + i; 32]).pop() {
+                Some(Output::Multicast(announcement)) => changes.push(announcement),
+                other => panic!("a rotation ends with its announcement: {other:?}"),
+            }
+        }
+        let mut heartbeats = controller.hand_over_heartbeats().unwrap();
+        heartbeats.update(controller.heartbeat_content());
+        assert_eq!(carried(&mut heartbeats, 0), changes[2..], "the newest four, oldest first");
+    }
 
     #[test]
     fn heartbeats_speak_for_a_controller_only_while_it_steps() {

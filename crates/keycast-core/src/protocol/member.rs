@@ -149,6 +149,9 @@ pub struct MemberSession {
     /// The rekey seq a merge or split notice left this member at: until a rekey of its new
     /// group comes, no notice is taken (the old group's notice would name the same seq).
     moved_at_seq: Option<u64>,
+    /// A switch to a flat table (its rekey seq) and when this member asks for its keys of the
+    /// table: resyncs spread over a window, not all at once (see [`flat_resync_delay_ms`]).
+    flat_resync: Option<(u64, u64)>,
 }
 
 /// Why a member went out of sync (each resync counted once, by its first cause).
@@ -203,11 +206,35 @@ const NAKS_BEFORE_RESYNC: u32 = 2;
 /// fixed mix of the values, so the session needs no randomness and every member's NAKs still
 /// land at different times (SplitMix64's finalizer; not a secret, only a spread).
 fn nak_spread(member: MemberId, seq: u64, round: u32, window_ms: u64) -> u64 {
-    let mut x = member.0 ^ seq.rotate_left(32) ^ u64::from(round).rotate_left(48);
+    spread(member.0 ^ seq.rotate_left(32) ^ u64::from(round).rotate_left(48), window_ms)
+}
+
+/// `x` mixed (SplitMix64's finalizer) into `0..=window_ms`.
+fn spread(mut x: u64, window_ms: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^= x >> 31;
     x % (window_ms + 1)
+}
+
+/// Resyncs the controller is given at once, and then per heartbeat interval, after a switch to
+/// a flat table: the window the members' resyncs spread over grows with the group by this, ...
+pub const FLAT_RESYNCS_PER_INTERVAL: u64 = 256;
+/// ... up to this many heartbeat intervals (a member reads nothing under the new table's key
+/// until its resync, so the window stays short).
+pub const FLAT_RESYNC_WINDOW_INTERVALS: u64 = 4;
+
+/// How long after a switch to a flat table (rekey `seq`) `member` waits before it asks for its
+/// keys of the table: a fixed mix of the member and the switch within a window of
+/// `(group_size - FLAT_RESYNCS_PER_INTERVAL) / FLAT_RESYNCS_PER_INTERVAL` heartbeat intervals,
+/// at most [`FLAT_RESYNC_WINDOW_INTERVALS`]. No randomness: the driver's resyncs are spread all
+/// the same (a group of up to 256 members, or a member that heard no heartbeat yet, resyncs at
+/// once).
+pub fn flat_resync_delay_ms(member: MemberId, seq: u64, group_size: u64, heartbeat_ms: u64) -> u64 {
+    let beyond = group_size.saturating_sub(FLAT_RESYNCS_PER_INTERVAL);
+    let window_ms = beyond.saturating_mul(heartbeat_ms) / FLAT_RESYNCS_PER_INTERVAL;
+    let window_ms = window_ms.min(FLAT_RESYNC_WINDOW_INTERVALS.saturating_mul(heartbeat_ms));
+    spread(member.0.rotate_left(17) ^ seq ^ 0x7e5e_ed00_f1a7_0000, window_ms)
 }
 
 /// A member's first data seq is its join time in milliseconds shifted left by this, so a
@@ -254,6 +281,7 @@ impl MemberSession {
             unverifiable_heartbeats: 0,
             joiners_key: accepted.joiners_key.as_deref().cloned(),
             moved_at_seq: None,
+            flat_resync: None,
         };
         let mut events = vec![MemberEvent::Joined { member: accepted.member, rekey_seq: keys.rekey_seq }];
         events.extend(session.install(keys));
@@ -358,6 +386,10 @@ impl MemberSession {
     /// Notes that rekey `seq` was sent (a heartbeat named it): the next one starts the NAK and
     /// resync schedule.
     fn heard_of(&mut self, seq: u64, now_ms: u64) {
+        // A switch to a flat table has no packets to NAK: its resync has its own time.
+        if self.flat_resync.is_some_and(|(switch, _)| switch == seq) {
+            return;
+        }
         if seq == self.guard.rekey_seq() + 1 && self.behind.is_none_or(|b| b.seq != seq) {
             self.behind = Some(Behind { seq, quiet_from_ms: now_ms, naks: 0, last_nak_ms: 0, activation_ms: None });
         }
@@ -511,6 +543,7 @@ impl MemberSession {
         self.waiting.clear();
         self.out_of_sync = false;
         self.behind = None;
+        self.flat_resync = None;
         self.epoch = 0;
         self.advance_epoch(answer.epoch)
     }
@@ -617,7 +650,7 @@ impl MemberSession {
                 Ok(vec![MemberEvent::SignerChanged { change: change.change }])
             }
             MessageType::MergeNotice => self.follow_notice(bytes),
-            MessageType::SchemeSwitch => self.follow_switch(bytes),
+            MessageType::SchemeSwitch => self.follow_switch(bytes, now_ms),
             other => Err(MemberInputError::Unexpected(other)),
         }
     }
@@ -685,8 +718,9 @@ impl MemberSession {
 
     /// A scheme switch from this member's controller, taken once it holds every rekey before
     /// it. To a tree: the member derives its path from its flat keys, no key travels. To a flat
-    /// table: its new keys reach it only in a resync answer (sealed to it), so it asks for one.
-    fn follow_switch(&mut self, bytes: &[u8]) -> Result<Vec<MemberEvent>, MemberInputError> {
+    /// table: its new keys reach it only in a resync answer (sealed to it), so it asks for one,
+    /// after its share of the spread ([`flat_resync_delay_ms`]; `tick` raises it).
+    fn follow_switch(&mut self, bytes: &[u8], now_ms: u64) -> Result<Vec<MemberEvent>, MemberInputError> {
         let switch: SignedSchemeSwitchBody = SignedSchemeSwitch::verify(bytes, &self.signer)?;
         if switch.group != self.group {
             return Err(Reject::WrongGroup { expected: self.group, got: switch.group }.into());
@@ -699,6 +733,16 @@ impl MemberSession {
             return Ok(self.lost(ResyncCause::Gap, format!("scheme switch {} but this member has rekey {held}", switch.seq)));
         }
         let SwitchTarget::Tree { id_bits, version } = switch.target else {
+            if self.flat_resync.is_some_and(|(seq, _)| seq == switch.seq) {
+                // A repeat of the notice: the resync keeps its time.
+                return Ok(Vec::new());
+            }
+            let delay = flat_resync_delay_ms(self.member, switch.seq, self.group_size, self.heartbeat_ms);
+            if delay > 0 {
+                self.flat_resync = Some((switch.seq, now_ms + delay));
+                self.behind = None;
+                return Ok(Vec::new());
+            }
             return Ok(self.lost(ResyncCause::Gap, format!("the group switched to a flat table at rekey {}: its keys come by resync", switch.seq)));
         };
         let keys = match member_tree_keys(TreeSwitch { id_bits, version }, &self.keys) {
@@ -872,6 +916,10 @@ impl MemberSession {
     /// Advances time: reports a controller that went silent.
     pub fn tick(&mut self, now_ms: u64) -> Vec<MemberEvent> {
         let mut events = self.check_behind(now_ms);
+        if let Some((seq, _)) = self.flat_resync.filter(|(_, at)| now_ms >= *at) {
+            self.flat_resync = None;
+            events.extend(self.lost(ResyncCause::Gap, format!("the group switched to a flat table at rekey {seq}: its keys come by resync")));
+        }
         let silent = now_ms.saturating_sub(self.last_heartbeat_ms);
         if !self.controller_lost && silent > 3 * self.heartbeat_ms {
             self.controller_lost = true;

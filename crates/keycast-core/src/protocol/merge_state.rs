@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use zeroize::Zeroizing;
 
-use crate::graph::{import_graph, KeyGraph, MemberId, RekeyPlan};
+use crate::graph::{KeyGraph, MemberId, RekeyPlan};
 use crate::wire::codec::{Reader, Writer};
 use crate::wire::merge_notice::{put_addr, read_addr};
 use crate::wire::{DecodeError, VerifyingKey};
@@ -195,6 +195,16 @@ fn read_bytes(r: &mut Reader<'_>, field: &'static str) -> Result<Zeroizing<Vec<u
     Ok(Zeroizing::new(r.take(usize::try_from(len).unwrap_or(usize::MAX), field)?.to_vec()))
 }
 
+/// A tree or star graph from its export, whatever scheme its group was configured with: a
+/// group merges (and comes back at the split) as the tree it runs, which may be one it
+/// switched to from a flat table (docs/merge.md).
+pub(crate) fn import_tree(bytes: &[u8]) -> Result<Box<dyn KeyGraph>, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let tree = crate::graph::tree::Tree::import(&mut r)?;
+    r.finish()?;
+    Ok(Box::new(tree))
+}
+
 fn check_format(r: &mut Reader<'_>, field: &'static str) -> Result<(), DecodeError> {
     match r.u8(field)? {
         MERGE_RECORD_FORMAT => Ok(()),
@@ -307,14 +317,15 @@ impl Handback {
         out
     }
 
-    /// Strict; the graph is imported under the right group's configuration.
+    /// Strict; the graph is imported as a tree ([`super::Controller::resume`] checks it is the
+    /// tree the right group ran when it was absorbed).
     pub fn decode(bytes: &[u8]) -> Result<Handback, DecodeError> {
         let mut r = Reader::new(bytes);
         check_format(&mut r, "handback format")?;
         let right = read_right_group(&mut r)?;
         let members = read_members(&mut r)?;
         let next_member = r.u64("next member")?;
-        let graph = import_graph(right.fixed.graph, &read_bytes(&mut r, "graph")?)?;
+        let graph = import_tree(&read_bytes(&mut r, "graph")?)?;
         let group_key = r.key_ref("group key")?;
         let salt = r.array("nonce salt")?;
         let count = r.count(4, MAX_HANDBACK_WRAPS, 12, "replaced keys")?;

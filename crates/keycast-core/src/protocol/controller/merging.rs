@@ -18,14 +18,14 @@
 use std::net::SocketAddr;
 
 use crate::graph::merge::{merge_trees, MergedTrees, Subtree};
-use crate::graph::{import_graph, MemberId, RekeyPlan};
+use crate::graph::{MemberId, RekeyPlan, Scheme};
 use crate::keygen::{BatchSeed, KeyGen};
 use crate::wire::control::RefusalReason;
 use crate::wire::{MergeNotice, Move};
 
 use super::super::heartbeats::epoch_at;
 use super::super::merge::Destination;
-use super::super::merge_state::{Handback, MergeRecord, MergeSide, MergeTicket, Merged, RightGroup};
+use super::super::merge_state::{import_tree, Handback, MergeRecord, MergeSide, MergeTicket, Merged, RightGroup};
 use super::super::pending::Pending;
 use super::{Controller, ControllerError, MemberRecord, Output, Record, Request};
 
@@ -44,6 +44,7 @@ impl Controller {
         if self.merged.is_some() || self.handed_off.is_some() {
             return Err(refused("a merged or absorbed group merges no further"));
         }
+        self.runs_a_tree()?;
         let right = RightGroup {
             fixed: self.policy.fixed(),
             signer: self.signer.verifying_key(),
@@ -71,6 +72,7 @@ impl Controller {
         if side.right.fixed.group == self.policy.group {
             return Err(refused("a group does not absorb itself"));
         }
+        self.runs_a_tree()?;
         self.policy.packets.check()?;
         let epoch = self.epoch_at(now_ms).max(self.epoch);
         let (seq, offset, right_seq) = (self.rekey_seq + 1, self.next_member, side.right.rekey_seq);
@@ -86,10 +88,21 @@ impl Controller {
         Ok((out, ticket))
     }
 
+    /// Only trees merge: the graph in force, not the configured scheme, decides (a flat group
+    /// that switched to a tree merges, a tree group that switched to a flat table does not).
+    fn runs_a_tree(&self) -> Result<(), ControllerError> {
+        match self.graph.config().scheme {
+            Scheme::Flat { .. } => Err(refused("a flat group does not merge (a group that switched to a flat table neither, until it switches back to a tree)")),
+            Scheme::Tree { .. } | Scheme::Star => Ok(()),
+        }
+    }
+
     /// The merge of `record` applied to the state (also when the log is replayed).
     pub(super) fn apply_merge(&mut self, record: &MergeRecord, now_ms: u64) -> Result<RekeyPlan, ControllerError> {
         let MergeRecord { seq, epoch, offset, seed, side } = record;
-        let right_graph = import_graph(side.right.fixed.graph, &side.graph).map_err(|_| refused("the absorbed group's graph does not import"))?;
+        // The tree the absorbed group ran, which may be one it switched to from its configured
+        // flat table: the graph's export says which.
+        let right_graph = import_tree(&side.graph).map_err(|_| refused("the absorbed group's graph is not a tree (a flat group does not merge)"))?;
         if side.members.len() != right_graph.stats().members || side.members.iter().any(|(m, _)| !right_graph.contains(*m)) {
             return Err(refused("the absorbed group's members and graph disagree"));
         }
@@ -154,7 +167,7 @@ impl Controller {
         }
         self.handed_off = Some(to.group);
         // A member that missed the notice hears it again with the heartbeats.
-        self.announcement = Some(std::sync::Arc::new(notice.clone()));
+        self.announce(notice.clone());
         out.push(Output::Multicast(notice));
         out.extend(ticket.rekey.iter().cloned().map(Output::Multicast));
         Ok(out)
@@ -239,7 +252,8 @@ impl Controller {
         if self.handed_off.is_none() {
             return Err(refused("the group was not handed off"));
         }
-        if handback.right.fixed != self.policy.fixed() || handback.graph.config() != self.policy.graph {
+        // The tree it ran when absorbed (its configured scheme, or the tree it switched to).
+        if handback.right.fixed != self.policy.fixed() || handback.graph.config() != self.graph.config() {
             return Err(refused("the handback is for another group"));
         }
         self.policy.packets.check()?;
@@ -260,7 +274,7 @@ impl Controller {
         self.group_keys.clear();
         self.install_group_key(seq, epoch, handback.rekey.group_key, epoch);
         self.handed_off = None;
-        self.announcement = None;
+        self.announcements.clear();
         self.last_rekey = packets.clone();
         self.batches_since_snapshot = 0;
         let mut out = vec![Output::Persist(Record::Snapshot(Box::new(self.whole_state())))];
