@@ -89,7 +89,7 @@ pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
                 Stage::Participant(p) => match participant::stage(&mut run, p, &mut controller).await? {
                     ParticipantEnd::Done(end) => return Ok(end),
                     ParticipantEnd::Rejoin(setup) => {
-                        let (client, events) = MemberClient::join(setup).await.map_err(|e| format!("cannot join the new controller: {e}"))?;
+                        let (client, events) = MemberClient::join(*setup).await.map_err(|e| format!("cannot join the new controller: {e}"))?;
                         Stage::Member(client, events)
                     }
                 },

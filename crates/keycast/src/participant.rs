@@ -31,7 +31,7 @@ use crate::participant_data::ParticipantData;
 pub(crate) enum ParticipantEnd {
     Done(MemberEnd),
     /// Handed the keys back (or took the group back): join the controller as a member.
-    Rejoin(MemberSetup),
+    Rejoin(Box<MemberSetup>),
 }
 
 /// This member's participant setup from its config's `[distributed]` section.
@@ -119,7 +119,7 @@ pub(crate) async fn stage(run: &mut Run, mut participant: DistributedParticipant
                     text: format!("handed the keys back to {}, appointed to take the group back; joining the controller at {}", handed.collector, handed.appointment.controller),
                     json: json!({"event": "handed_back", "collector": handed.collector.as_str(), "controller": handed.appointment.controller.to_string()}),
                 });
-                return rejoin(run, &handed.appointment).map(ParticipantEnd::Rejoin);
+                return rejoin(run, &handed.appointment).map(|setup| ParticipantEnd::Rejoin(Box::new(setup)));
             }
             Some(order) = run.orders.recv() => {
                 let mut words = order.split_whitespace();
@@ -133,7 +133,7 @@ pub(crate) async fn stage(run: &mut Run, mut participant: DistributedParticipant
                     (Some("take-back"), Some(path), None) => match take_back(run, &participant, Path::new(path)).await {
                         Ok((server, appointment)) => {
                             *controller = Some(server);
-                            return rejoin(run, &appointment).map(ParticipantEnd::Rejoin);
+                            return rejoin(run, &appointment).map(|setup| ParticipantEnd::Rejoin(Box::new(setup)));
                         }
                         Err(error) => run.print(failed("take-back", &error)),
                     },
