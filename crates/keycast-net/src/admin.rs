@@ -35,20 +35,25 @@ pub enum AdminRequest {
     /// Caronni et al.'s flat <-> tree switch (docs/distributed-flat.md): to a tree derived from
     /// the flat table (`flat_id_bits` none), or to a fresh flat table of `flat_id_bits`.
     Transition { flat_id_bits: Option<u8> },
-    /// Merge, on the group to be absorbed: its state, in binary frames after the answer
-    /// (`MergeState`); its batches wait until `HandOff` or `AbortMerge` (docs/merge.md).
+    /// Merge, from an administrator to the absorbing controller: absorb the group whose
+    /// controller listens at `server` (proving `server_name`). The absorbing controller takes
+    /// the other's state itself, as its merge peer (docs/merge.md): no key passes through the
+    /// administrator.
+    AbsorbFrom { server: SocketAddr, server_name: String },
+    /// Split, from an administrator to the merged group's controller: hand the absorbed group
+    /// back to its controller at `server`, which resumes it.
+    SplitTo { server: SocketAddr, server_name: String },
+    /// Merge, from the absorbing controller (a merge peer, never an administrator) to the group
+    /// to be absorbed: its state, in binary frames after the answer (`MergeState`); its batches
+    /// wait until `HandOff` or `AbortMerge`.
     MergeSide,
-    /// Merge, on the group to be absorbed: the state taken by `MergeSide` will not be used.
+    /// Merge, from the absorbing controller: the state taken by `MergeSide` will not be used.
     AbortMerge,
-    /// Merge, on the absorbing group: absorb the group whose state follows in `frames` binary
-    /// frames; the ticket for the absorbed group follows the answer.
-    Absorb { frames: u32 },
-    /// Merge, on the absorbed group: send its members to the merged group with the ticket that
-    /// follows in `frames` binary frames.
+    /// Merge, from the absorbing controller: send this group's members to the merged group
+    /// with the ticket that follows in `frames` binary frames.
     HandOff { frames: u32 },
-    /// Split, on the merged group: the absorbed group's state follows the answer.
-    Split,
-    /// Split, on the absorbed group: take it back from the state that follows in `frames` frames.
+    /// Split, from the merged group's controller: take this group back from the state that
+    /// follows in `frames` frames.
     Resume { frames: u32 },
 }
 
@@ -176,14 +181,15 @@ impl AdminRequest {
     /// Binary frames of merge state that follow this request.
     pub fn state_frames(&self) -> u32 {
         match self {
-            AdminRequest::Absorb { frames } | AdminRequest::HandOff { frames } | AdminRequest::Resume { frames } => *frames,
+            AdminRequest::HandOff { frames } | AdminRequest::Resume { frames } => *frames,
             _ => 0,
         }
     }
 
-    /// True for the steps of a merge or split (served by the controller's merge steps).
-    pub fn is_merge_step(&self) -> bool {
-        matches!(self, AdminRequest::MergeSide | AdminRequest::AbortMerge | AdminRequest::Absorb { .. } | AdminRequest::HandOff { .. } | AdminRequest::Split | AdminRequest::Resume { .. })
+    /// True for the steps one controller asks of its merge peer (they carry or give a group's
+    /// keys): served only to the controllers in `merge_peers`, never to an administrator.
+    pub fn is_peer_step(&self) -> bool {
+        matches!(self, AdminRequest::MergeSide | AdminRequest::AbortMerge | AdminRequest::HandOff { .. } | AdminRequest::Resume { .. })
     }
 }
 
@@ -222,7 +228,8 @@ pub async fn read_state<R: tokio::io::AsyncRead + Unpin>(stream: &mut R, frames:
     Ok(state)
 }
 
-/// A controller an administrator reaches.
+/// A controller an administrator (or a merge peer) reaches, and the TLS client config with
+/// the certificate it presents.
 #[derive(Clone)]
 pub struct AdminTarget {
     pub server: SocketAddr,
@@ -232,6 +239,10 @@ pub struct AdminTarget {
 
 /// One admin request with merge state after it (if any), and the answer with the state after it.
 pub async fn exchange(target: &AdminTarget, request: &AdminRequest, state: Option<&[u8]>) -> Result<(AdminResponse, zeroize::Zeroizing<Vec<u8>>), String> {
+    exchange_within(target, request, state, REQUEST_TIMEOUT).await
+}
+
+async fn exchange_within(target: &AdminTarget, request: &AdminRequest, state: Option<&[u8]>, within: Duration) -> Result<(AdminResponse, zeroize::Zeroizing<Vec<u8>>), String> {
     let server = target.server;
     let name = ServerName::try_from(target.server_name.clone()).map_err(|e| format!("server name {:?}: {e}", target.server_name))?;
     let exchange = async {
@@ -248,7 +259,7 @@ pub async fn exchange(target: &AdminTarget, request: &AdminRequest, state: Optio
         let state = read_state(&mut stream, frames).await.map_err(|e| format!("{server}: merge state: {e}"))?;
         Ok((response, state))
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| format!("no answer from {server} within {} s", REQUEST_TIMEOUT.as_secs()))?
+    tokio::time::timeout(within, exchange).await.map_err(|_| format!("no answer from {server} within {} s", within.as_secs()))?
 }
 
 /// The state after a `MergeState` answer, or the answer's error.
@@ -268,14 +279,19 @@ fn done(answer: (AdminResponse, zeroize::Zeroizing<Vec<u8>>), target: &AdminTarg
     }
 }
 
-/// Merges the group of `right` into the group of `left` (docs/merge.md): the right
-/// controller's state goes to the left one, whose ticket goes back to the right one, which
-/// then sends its members on. The state holds the right group's keys: it travels only over
-/// these two TLS connections and is zeroized after.
-pub async fn merge(left: &AdminTarget, right: &AdminTarget) -> Result<String, String> {
+/// The absorbing controller's side of a merge (docs/merge.md), with the controller to absorb
+/// at `right` (reached with the absorbing controller's own certificate): the right group's
+/// state comes to `absorb`, whose ticket goes back to the right controller, which then sends
+/// its members on; if `absorb` refuses, the right controller is told to go on. The state holds
+/// the right group's keys: it travels only over these TLS connections between the two
+/// controllers and is zeroized after.
+pub async fn absorb_from<F, Fut>(right: &AdminTarget, absorb: F) -> Result<String, String>
+where
+    F: FnOnce(zeroize::Zeroizing<Vec<u8>>) -> Fut,
+    Fut: std::future::Future<Output = Result<zeroize::Zeroizing<Vec<u8>>, String>>,
+{
     let side = state_of(exchange(right, &AdminRequest::MergeSide, None).await?, right)?;
-    let absorbed = exchange(left, &AdminRequest::Absorb { frames: state_frames(&side) }, Some(&side)).await.and_then(|a| state_of(a, left));
-    let ticket = match absorbed {
+    let ticket = match absorb(side).await {
         Ok(ticket) => ticket,
         Err(e) => {
             let _ = exchange(right, &AdminRequest::AbortMerge, None).await;
@@ -285,11 +301,30 @@ pub async fn merge(left: &AdminTarget, right: &AdminTarget) -> Result<String, St
     done(exchange(right, &AdminRequest::HandOff { frames: state_frames(&ticket) }, Some(&ticket)).await?, right)
 }
 
-/// Splits the group of `right` off the merged group `left` runs.
-pub async fn split(left: &AdminTarget, right: &AdminTarget) -> Result<String, String> {
-    let handback = state_of(exchange(left, &AdminRequest::Split, None).await?, left)?;
+/// The merged group's controller's side of a split: `split` gives the absorbed group's state
+/// back, which its controller at `right` resumes from.
+pub async fn split_to(right: &AdminTarget, split: impl std::future::Future<Output = Result<zeroize::Zeroizing<Vec<u8>>, String>>) -> Result<String, String> {
+    let handback = split.await?;
     done(exchange(right, &AdminRequest::Resume { frames: state_frames(&handback) }, Some(&handback)).await?, right)
 }
+
+/// `keycast admin merge`: tells the controller `left` to absorb the group whose controller
+/// listens at `right` (server address and TLS name).
+pub async fn merge(left: &AdminTarget, right: (SocketAddr, String)) -> Result<String, String> {
+    let (server, server_name) = right;
+    done(exchange_within(left, &AdminRequest::AbsorbFrom { server, server_name }, None, MERGE_TIMEOUT).await?, left)
+}
+
+/// `keycast admin split`: tells the merged group's controller `left` to hand the group whose
+/// controller listens at `right` back to it.
+pub async fn split(left: &AdminTarget, right: (SocketAddr, String)) -> Result<String, String> {
+    let (server, server_name) = right;
+    done(exchange_within(left, &AdminRequest::SplitTo { server, server_name }, None, MERGE_TIMEOUT).await?, left)
+}
+
+/// Time allowed for a merge or split ordered by an administrator: the controller's own
+/// requests to its peer, each within [`REQUEST_TIMEOUT`].
+pub const MERGE_TIMEOUT: Duration = Duration::from_secs(4 * REQUEST_TIMEOUT.as_secs());
 
 /// Time allowed for a whole admin request: connect, handshake, request and answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -85,6 +85,11 @@ pub struct ServerConfig {
     pub acl: Vec<String>,
     /// SHA-256 fingerprints ("sha256:<hex>") of the certificates that may use `keycast admin`.
     pub admins: Vec<String>,
+    /// SHA-256 fingerprints of the controllers that may absorb this group or hand it back
+    /// (`keycast admin merge`/`split`, docs/merge.md): they are given this group's state, keys
+    /// included. None by default: the group cannot be merged into another.
+    #[serde(default)]
+    pub merge_peers: Vec<String>,
     /// Fall back to the subject's common name for certificates without a URI or DNS SAN.
     #[serde(default)]
     pub identity_from_common_name: bool,
@@ -521,6 +526,7 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(format!("{}: snapshot_interval must be at least 1 batch", path.display())));
         }
         c.admin_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        c.merge_peer_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         Ok(c)
     }
 
@@ -536,17 +542,28 @@ impl ServerConfig {
 
     /// `admins`, parsed; an entry that is not a fingerprint (an identity, say) is an error.
     pub fn admin_fingerprints(&self) -> Result<Vec<Fingerprint>, ConfigError> {
-        self.admins
-            .iter()
-            .map(|entry| {
-                Fingerprint::parse(entry).map_err(|e| {
-                    ConfigError::Invalid(format!(
-                        "admins: {e}. Admins are named by certificate fingerprint, e.g. `openssl x509 -in admin.pem -outform der | sha256sum` prefixed with \"sha256:\""
-                    ))
-                })
-            })
-            .collect()
+        fingerprints(&self.admins, "admins", "admin.pem")
     }
+
+    /// `merge_peers`, parsed like `admins`.
+    pub fn merge_peer_fingerprints(&self) -> Result<Vec<Fingerprint>, ConfigError> {
+        fingerprints(&self.merge_peers, "merge_peers", "controller.pem")
+    }
+}
+
+/// Certificate fingerprints of the config entry `field`; an entry that is not one is an error
+/// that says how to make one (from `example`).
+fn fingerprints(entries: &[String], field: &str, example: &str) -> Result<Vec<Fingerprint>, ConfigError> {
+    entries
+        .iter()
+        .map(|entry| {
+            Fingerprint::parse(entry).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "{field}: {e}. Certificates are named by fingerprint, e.g. `openssl x509 -in {example} -outform der | sha256sum` prefixed with \"sha256:\""
+                ))
+            })
+        })
+        .collect()
 }
 
 impl MemberConfig {

@@ -14,7 +14,7 @@ use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 use crate::admin::{AdminRequest, AdminResponse, AdminTarget};
 use crate::client::{ClientError, ClientEvent, ControllerAddr, MemberClient, MemberSetup};
 use crate::config::{MulticastConfig, RequestPolicy, DEFAULT_TLS_REFRESH_EVERY};
-use crate::pki::{Authority, Credentials};
+use crate::pki::{Authority, Credentials, Fingerprint};
 use crate::relay::{Relay, RelayError, RelaySetup, Standby, StandbySetup};
 use crate::server::{Limits, Server, ServerError, ServerSetup};
 use crate::store::DatabaseKey;
@@ -57,6 +57,11 @@ pub struct LocalGroup {
     /// Listen addresses reserved for this group's standby relays, by registration number;
     /// member setups list them.
     pub standbys: Vec<ControllerAddr>,
+    /// The controllers that may absorb this group or hand it back (`ServerSetup::merge_peers`):
+    /// none until a test lists one ([`LocalGroup::trust_merge_peer`]).
+    pub merge_peers: Vec<Fingerprint>,
+    /// This group's controller certificate.
+    controller: Credentials,
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
 }
@@ -122,6 +127,8 @@ impl LocalGroup {
             identity_from_common_name: false,
             admin,
             standbys: Vec::new(),
+            merge_peers: Vec::new(),
+            controller: credentials,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             tls,
         })
@@ -174,6 +181,8 @@ impl LocalGroup {
             policy: self.policy,
             acl: self.acl.clone(),
             admins: vec![self.admin.fingerprint().map_err(LocalError::Pki)?],
+            merge_peers: self.merge_peers.clone(),
+            peer_tls: client_config(&self.controller).map_err(|e| LocalError::Pki(e.to_string()))?,
             identity_from_common_name: self.identity_from_common_name,
             limits: self.limits,
             listen: self.listen,
@@ -265,12 +274,19 @@ impl LocalGroup {
     /// `left`'s controller runs the merged group, `right`'s members follow it without
     /// rejoining. The two must share a CA (`prepare_sharing`).
     pub async fn merge(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
-        crate::admin::merge(&left.admin_target()?, &right.admin_target()?).await
+        crate::admin::merge(&left.admin_target()?, (right.listen, "localhost".into())).await
+    }
+
+    /// Lets `peer`'s controller absorb this group or hand it back (from this controller's next
+    /// start): `merge_peers` gets its certificate's fingerprint.
+    pub fn trust_merge_peer(&mut self, peer: &LocalGroup) -> Result<(), String> {
+        self.merge_peers.push(peer.controller.fingerprint()?);
+        Ok(())
     }
 
     /// Splits `right` off the merged group `left` runs (`keycast admin split`).
     pub async fn split(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
-        crate::admin::split(&left.admin_target()?, &right.admin_target()?).await
+        crate::admin::split(&left.admin_target()?, (right.listen, "localhost".into())).await
     }
 
     /// This group's controller as its administrator reaches it.

@@ -86,7 +86,8 @@ impl Authority {
                 SanType::DnsName("localhost".try_into()?),
                 SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
             ];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            // A TLS client too: a controller reaches its merge peer with this certificate.
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         } else {
             params.subject_alt_names = vec![SanType::DnsName(common_name.try_into()?)];
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];

@@ -75,6 +75,12 @@ pub struct ServerSetup {
     /// Fingerprints of the certificates that may administer (never an identity: any member
     /// certificate can carry any name its CA agreed to).
     pub admins: Vec<Fingerprint>,
+    /// Fingerprints of the controllers that may absorb this group or hand it back (merge
+    /// peers, docs/merge.md): only they are given this group's state, never an administrator.
+    pub merge_peers: Vec<Fingerprint>,
+    /// This controller's certificate as a TLS client: how it reaches the controller it absorbs
+    /// or hands a group back to.
+    pub peer_tls: Arc<rustls::ClientConfig>,
     /// Take the identity from the subject's common name when a certificate has no URI or DNS
     /// subject alternative name.
     pub identity_from_common_name: bool,
@@ -240,6 +246,8 @@ impl Server {
             acceptor: TlsAcceptor::from(setup.tls.clone()),
             commands: commands.clone(),
             admins: setup.admins,
+            merge_peers: setup.merge_peers,
+            peer_tls: setup.peer_tls,
             identity_from_common_name: setup.identity_from_common_name,
             limits: setup.limits,
             shared: shared.clone(),
@@ -708,8 +716,8 @@ impl ControllerTask {
                 let changed = !outputs.is_empty();
                 (Ok(outputs), AdminResponse::AclChanged { identity, added: true, changed, evicted: None })
             }
-            AdminRequest::MergeSide | AdminRequest::AbortMerge | AdminRequest::Absorb { .. } | AdminRequest::HandOff { .. } | AdminRequest::Split | AdminRequest::Resume { .. } => {
-                return Ok(AdminResponse::Error("merge steps are served with their state (serve_merge_step)".into()))
+            AdminRequest::AbsorbFrom { .. } | AdminRequest::SplitTo { .. } | AdminRequest::MergeSide | AdminRequest::AbortMerge | AdminRequest::HandOff { .. } | AdminRequest::Resume { .. } => {
+                return Ok(AdminResponse::Error("merge steps are served on their connection (serve_merge_step, serve_merge_order)".into()))
             }
             AdminRequest::RotateSigningKey => {
                 let outputs = controller.rotate_signing_key(entropy());
@@ -997,6 +1005,8 @@ struct Listener {
     acceptor: TlsAcceptor,
     commands: mpsc::Sender<Command>,
     admins: Vec<Fingerprint>,
+    merge_peers: Vec<Fingerprint>,
+    peer_tls: Arc<rustls::ClientConfig>,
     identity_from_common_name: bool,
     limits: Limits,
     shared: Arc<Shared>,
@@ -1004,9 +1014,18 @@ struct Listener {
 
 impl Listener {
     fn is_admin(&self, fingerprint: &Fingerprint) -> bool {
-        // Every entry is compared, so the time does not tell which one matched.
-        self.admins.iter().fold(false, |found, admin| admin.matches(fingerprint) | found)
+        listed(&self.admins, fingerprint)
     }
+
+    fn is_merge_peer(&self, fingerprint: &Fingerprint) -> bool {
+        listed(&self.merge_peers, fingerprint)
+    }
+}
+
+/// Whether `fingerprint` is in `list`; every entry is compared, so the time does not tell
+/// which one matched.
+fn listed(list: &[Fingerprint], fingerprint: &Fingerprint) -> bool {
+    list.iter().fold(false, |found, entry| entry.matches(fingerprint) | found)
 }
 
 /// The socket for liveness datagrams, resync requests and NAKs, with a receive buffer of 4 MiB
@@ -1174,8 +1193,9 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerpri
         return Err(detail);
     };
     // Checked before the request is parsed: others never reach the JSON decoder.
-    if !context.is_admin(fingerprint) {
-        let detail = format!("{identity} (certificate {fingerprint}) is not an administrator: its fingerprint is not in the controller's `admins`");
+    let (is_admin, is_peer) = (context.is_admin(fingerprint), context.is_merge_peer(fingerprint));
+    if !is_admin && !is_peer {
+        let detail = format!("{identity} (certificate {fingerprint}) is not an administrator nor a merge peer: its fingerprint is in neither the controller's `admins` nor its `merge_peers`");
         refuse_admin(&mut tls, limits, detail.clone()).await;
         return Err(detail);
     }
@@ -1186,8 +1206,25 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerpri
             return Err(format!("{identity}: {error}"));
         }
     };
-    if request.is_merge_step() {
+    // A group's state (its keys) goes only to a merge peer; a peer may ask nothing else.
+    let refused = match (request.is_peer_step(), is_peer, is_admin) {
+        (true, false, _) => Some(format!("{identity} (certificate {fingerprint}) is not a merge peer: a group's state goes only to the controllers in `merge_peers`")),
+        (false, _, false) => Some(format!("{identity} (certificate {fingerprint}) is a merge peer, not an administrator: it may only take merge steps")),
+        _ => None,
+    };
+    if let Some(detail) = refused {
+        refuse_admin(&mut tls, limits, detail.clone()).await;
+        return Err(detail);
+    }
+    if request.is_peer_step() {
         return serve_merge_step(tls, context, identity, request).await;
+    }
+    if let AdminRequest::AbsorbFrom { .. } | AdminRequest::SplitTo { .. } = request {
+        let response = match merge_order(context, request).await {
+            Ok(detail) => AdminResponse::MergeDone { detail },
+            Err(error) => AdminResponse::Error(error),
+        };
+        return write_frames(&mut tls, limits, &[Frame::new(admin::encode(&response))]).await.map_err(|e| format!("{identity}: {e}"));
     }
     let (reply, answer) = oneshot::channel();
     let response = match ask(context, Command::Admin { request, reply }, answer).await {
@@ -1197,9 +1234,31 @@ async fn serve_admin(mut tls: Tls, context: &Listener, identity: &str, fingerpri
     write_frames(&mut tls, limits, &[Frame::new(admin::encode(&response))]).await.map_err(|e| format!("{identity}: {e}"))
 }
 
-/// A merge or split step ordered by an administrator: the state it carries is read (bounded
-/// in frames and time), the step runs in the controller, and the state it gives is written
-/// after the answer.
+/// An administrator's merge or split order: this controller asks the other one (as its merge
+/// peer, with its own certificate) for the steps on that side, and runs its own; the
+/// connection's task waits for them, never the controller's.
+async fn merge_order(context: &Listener, request: AdminRequest) -> Result<String, String> {
+    let (AdminRequest::AbsorbFrom { server, server_name } | AdminRequest::SplitTo { server, server_name }) = request.clone() else {
+        return Err(format!("{request:?} is not a merge order"));
+    };
+    let peer = admin::AdminTarget { server, server_name, tls: context.peer_tls.clone() };
+    tracing::info!(?request, "merge order");
+    match request {
+        AdminRequest::AbsorbFrom { .. } => {
+            let absorb = |side: Zeroizing<Vec<u8>>| async move {
+                let side = MergeSide::decode(&side).map_err(|e| format!("the merge side does not decode: {e}"))?;
+                let ticket = ask_merge(context, |reply| MergeStep::Absorb { side: Box::new(side), reply }).await?;
+                Ok(Zeroizing::new(ticket.encode()))
+            };
+            admin::absorb_from(&peer, absorb).await
+        }
+        _ => admin::split_to(&peer, async { Ok(ask_merge(context, |reply| MergeStep::Split { reply }).await?.encode()) }).await,
+    }
+}
+
+/// A merge or split step asked by a merge peer: the state it carries is read (bounded in
+/// frames and time), the step runs in the controller, and the state it gives is written after
+/// the answer.
 async fn serve_merge_step(mut tls: Tls, context: &Listener, identity: &str, request: AdminRequest) -> Result<(), String> {
     let limits = &context.limits;
     let state = match tokio::time::timeout(limits.request_timeout, admin::read_state(&mut tls, request.state_frames())).await {
@@ -1207,7 +1266,7 @@ async fn serve_merge_step(mut tls: Tls, context: &Listener, identity: &str, requ
         Ok(Err(e)) => return Err(format!("{identity}: merge state: {e}")),
         Err(_) => return Err(format!("{identity}: merge state not sent in time")),
     };
-    tracing::info!(%identity, ?request, "merge step ordered");
+    tracing::info!(%identity, ?request, "merge step asked by a merge peer");
     let (response, state) = match merge_step(context, request, &state).await {
         Ok((detail, Some(state))) => {
             tracing::info!(%detail, bytes = state.len(), "merge step done");
@@ -1239,20 +1298,11 @@ async fn merge_step(context: &Listener, request: AdminRequest, state: &[u8]) -> 
             context.commands.send(Command::Merge(MergeStep::Abort)).await.map_err(|_| "the controller has stopped".to_owned())?;
             ("merge aborted; batches go on".into(), None)
         }
-        AdminRequest::Absorb { .. } => {
-            let side = MergeSide::decode(state).map_err(|e| bad("merge side", e))?;
-            let ticket = ask_merge(context, |reply| MergeStep::Absorb { side: Box::new(side), reply }).await?;
-            ("absorbed; running the merged group".into(), Some(Zeroizing::new(ticket.encode())))
-        }
         AdminRequest::HandOff { .. } => {
             let ticket = MergeTicket::decode(state).map_err(|e| bad("merge ticket", e))?;
             let to = ticket.merged.group.0;
             ask_merge(context, |reply| MergeStep::HandOff { ticket: Box::new(ticket), reply }).await?;
             (format!("handed off: the members follow group {to}"), None)
-        }
-        AdminRequest::Split => {
-            let handback = ask_merge(context, |reply| MergeStep::Split { reply }).await?;
-            ("split; the absorbed group's state goes back".into(), Some(handback.encode()))
         }
         AdminRequest::Resume { .. } => {
             let handback = Handback::decode(state).map_err(|e| bad("handback", e))?;

@@ -60,6 +60,7 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     let mut left = LocalGroup::prepare(policy(LEFT), 4, left_dir.path().to_path_buf()).unwrap();
     let mut right = LocalGroup::prepare_sharing(policy(RIGHT), 0, right_dir.path().to_path_buf(), left.authority.clone()).unwrap();
     right.acl = (1..=3).map(|i| format!("right-{i}")).collect();
+    right.trust_merge_peer(&left).unwrap();
     left.start_server().await.unwrap();
     right.start_server().await.unwrap();
     let mut lefts = left.join_all((1..=3).map(|i| format!("member-{i}"))).await.unwrap();
@@ -130,6 +131,7 @@ async fn a_refused_merge_leaves_both_groups_running() {
     let (left_dir, right_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut left = LocalGroup::prepare(policy(LEFT), 2, left_dir.path().to_path_buf()).unwrap();
     let mut right = LocalGroup::prepare_sharing(policy(RIGHT), 2, right_dir.path().to_path_buf(), left.authority.clone()).unwrap();
+    right.trust_merge_peer(&left).unwrap();
     left.start_server().await.unwrap();
     right.start_server().await.unwrap();
     let (left_member, _l) = left.join("member-1").await.unwrap();
@@ -164,6 +166,7 @@ async fn groups_switched_from_flat_to_a_tree_merge_and_split() {
     let mut left = LocalGroup::prepare(flat(LEFT), 2, left_dir.path().to_path_buf()).unwrap();
     let mut right = LocalGroup::prepare_sharing(flat(RIGHT), 0, right_dir.path().to_path_buf(), left.authority.clone()).unwrap();
     right.acl = (1..=2).map(|i| format!("right-{i}")).collect();
+    right.trust_merge_peer(&left).unwrap();
     left.start_server().await.unwrap();
     right.start_server().await.unwrap();
     let lefts = left.join_all((1..=2).map(|i| format!("member-{i}"))).await.unwrap();
@@ -199,4 +202,34 @@ async fn groups_switched_from_flat_to_a_tree_merge_and_split() {
     right.start_server().await.unwrap();
     assert_eq!(right.server().members().await.len(), 2, "the right controller restarted from its snapshot");
     assert_eq!(until_one_key(&r, RIGHT, None).await, right_key, "the restart keeps the right side's key");
+}
+
+/// A group's state goes only to the controllers its `merge_peers` lists: an administrator that
+/// asks for it directly is refused (it would learn every key of the group), and so is a merge
+/// into a controller the group does not list, which leaves both groups running. Listed, the
+/// same controller merges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_keys_go_only_to_its_merge_peers() {
+    let (left_dir, right_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut left = LocalGroup::prepare(policy(LEFT), 1, left_dir.path().to_path_buf()).unwrap();
+    let mut right = LocalGroup::prepare_sharing(policy(RIGHT), 0, right_dir.path().to_path_buf(), left.authority.clone()).unwrap();
+    right.acl = ["right-1".to_owned()].into();
+    left.start_server().await.unwrap();
+    right.start_server().await.unwrap();
+    let (left_member, _l) = left.join("member-1").await.unwrap();
+    let (right_member, _r) = right.join("right-1").await.unwrap();
+    for step in [AdminRequest::MergeSide, AdminRequest::AbortMerge, AdminRequest::Resume { frames: 0 }, AdminRequest::HandOff { frames: 0 }] {
+        let answer = right.admin_request(&right.admin, &step).await;
+        assert!(matches!(&answer, Ok(AdminResponse::Error(e)) if e.contains("not a merge peer")), "{step:?} from an administrator: {answer:?}");
+    }
+    let error = LocalGroup::merge(&left, &right).await.unwrap_err();
+    assert!(error.contains("nor a merge peer"), "{error}");
+    until_one_key(&[&right_member], RIGHT, None).await;
+    assert_eq!(readers_of(&left_member, &[&right_member]), 0, "still two groups");
+    right.trust_merge_peer(&left).unwrap();
+    right.kill_server().await;
+    right.start_server().await.unwrap();
+    LocalGroup::merge(&left, &right).await.unwrap();
+    until_one_key(&[&left_member, &right_member], LEFT, None).await;
+    assert_eq!(readers_of(&left_member, &[&right_member]), 1, "merged");
 }

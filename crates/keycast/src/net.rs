@@ -92,7 +92,9 @@ pub enum AdminCommand {
     },
     /// Merge another running group into this one (docs/merge.md): this controller runs the
     /// merged group, the other group's members follow it without rejoining. Both controllers
-    /// must trust one CA; the other group's state (its keys) passes through this command.
+    /// must trust one CA, and the other controller must list this one's certificate in its
+    /// `merge_peers`: its state (its keys) goes controller to controller, never through this
+    /// command.
     Merge {
         /// The admin config of the group to absorb.
         #[arg(long)]
@@ -317,7 +319,7 @@ fn server_toml(group: u64, port: u16, level: u16, acl: &[String], admin_fingerpr
     let (database, database_key) =
         if level == 0 { ("controller.redb".to_owned(), "database.key".to_owned()) } else { (format!("{cert}.redb"), format!("{cert}.database.key")) };
     format!(
-        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Its secrets (key seeds) are sealed under\n# database_key: keep that file apart from the database and its backups (another volume, a\n# secrets manager); KEYCAST_DATABASE_KEY (64 hex digits) takes precedence over the file.\ndatabase = \"{database}\"\ndatabase_key = \"{database_key}\"\n# Batches between snapshots: the log before a snapshot, and every older seed, is dropped.\nsnapshot_interval = 64\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Prometheus text endpoint, and a status page at / (group, rekeys, members); off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# revision: joiners' keys advance one-way: no wrap for the others, and a member that hears\n# any packet of a joins-only rekey is up to date. version: they are replaced (Wong's join).\njoin_policy = \"revision\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\n# Joiners read the group's data from their acceptance: the controller re-wraps each data\n# message to a key of the epoch's joiners until theirs is in force (docs/hierarchy.md). Off:\n# it doubles the channel's data in every epoch with joins.\nreflector = false\nmtu = 1200\n# Proactive FEC: rekey packets in blocks of fec_block, each sent with\n# ceil(k * proactivity_pct / 100) - k signed Reed-Solomon parity packets, so a member that\n# lost a few rebuilds them without asking. proactivity_pct is where it starts (100: no\n# parity); it adapts toward target_naks NAKs per rekey (members that cannot rebuild NAK once\n# over UDP and get a repair round).\nfec_block = 10\nproactivity_pct = 100\ntarget_naks = 20\n# The most it may rise to (100 pins it: repairs answer NAKs alone, no proactive parity).\nmax_proactivity_pct = 400\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{cert}.pem\"\nkey = \"{cert}.key\"\n"
+        "# keycast controller: `keycast server --config server.toml`\ngroup = {group}\n# TLS 1.3 address for joins, leaves, refreshes, resyncs and admin.\nlisten = \"127.0.0.1:{port}\"\n# The controller's log (redb); it survives restarts. Its secrets (key seeds) are sealed under\n# database_key: keep that file apart from the database and its backups (another volume, a\n# secrets manager); KEYCAST_DATABASE_KEY (64 hex digits) takes precedence over the file.\ndatabase = \"{database}\"\ndatabase_key = \"{database_key}\"\n# Batches between snapshots: the log before a snapshot, and every older seed, is dropped.\nsnapshot_interval = 64\n# Identities that may join: a certificate's first URI, else DNS, subject alternative name.\nacl = [{acl}]\n# Use the subject's common name when a certificate has no URI or DNS SAN (off: a CN is\n# whatever the certificate's requester chose).\nidentity_from_common_name = false\n# Certificates that may administer, by SHA-256 fingerprint of the DER certificate (only\n# \"sha256:<hex>\" is accepted): `openssl x509 -in admin.pem -outform der | sha256sum`.\nadmins = [\"{admin_fingerprint}\"]\n# Controllers that may absorb this group into theirs or hand it back (`keycast admin merge` /\n# `split`), by fingerprint of their certificate (controller.pem of the other group). They are\n# given this group's state, keys included, controller to controller; an administrator never is.\nmerge_peers = []\n# Prometheus text endpoint, and a status page at / (group, rekeys, members); off unless set.\n# metrics = \"127.0.0.1:9464\"\n\n[policy]\n# Joins and leaves of one epoch become one rekey at the start of the next.\nepoch_ms = 1000\n# Epochs between a rekey and its key taking effect.\nactivation_delay = 1\nheartbeat_ms = 500\n# A member that does not refresh for this long is removed.\nrefresh_timeout_ms = 10000\n# tree (with degree), star or flat (with flat_id_bits).\nscheme = \"tree\"\ndegree = 4\nflat_id_bits = 20\n# revision: joiners' keys advance one-way: no wrap for the others, and a member that hears\n# any packet of a joins-only rekey is up to date. version: they are replaced (Wong's join).\njoin_policy = \"revision\"\n# Evictions rekey at once, and the new key is active at once.\nimmediate_eviction = true\n# Multicast who joined and left after each rekey (conferencing groups).\nmembership_deltas = false\n# Joiners read the group's data from their acceptance: the controller re-wraps each data\n# message to a key of the epoch's joiners until theirs is in force (docs/hierarchy.md). Off:\n# it doubles the channel's data in every epoch with joins.\nreflector = false\nmtu = 1200\n# Proactive FEC: rekey packets in blocks of fec_block, each sent with\n# ceil(k * proactivity_pct / 100) - k signed Reed-Solomon parity packets, so a member that\n# lost a few rebuilds them without asking. proactivity_pct is where it starts (100: no\n# parity); it adapts toward target_naks NAKs per rekey (members that cannot rebuild NAK once\n# over UDP and get a repair round).\nfec_block = 10\nproactivity_pct = 100\ntarget_naks = 20\n# The most it may rise to (100 pins it: repairs answer NAKs alone, no proactive parity).\nmax_proactivity_pct = 400\n\n[connections]\n# Deadlines: TLS handshake, reading a request (and writing its answer), and waiting for\n# the controller's answer (a join waits for its epoch's rekey; default max(3 epochs, 5 s)).\nhandshake_timeout_ms = 5000\nrequest_timeout_ms = 5000\n# answer_timeout_ms = 5000\n# Connections open at once: in total, from one IP address, per identity. Over a cap a\n# connection is closed at once (per identity: refused with a reason).\nmax_connections = 1024\nmax_per_address = 64\nmax_per_identity = 4\n\n{multicast}\n[tls]\nca = \"ca.pem\"\ncert = \"{cert}.pem\"\nkey = \"{cert}.key\"\n"
     )
 }
 
@@ -344,6 +346,8 @@ pub(crate) fn server_setup(config: &ServerConfig) -> Result<ServerSetup, String>
         policy,
         acl: config.acl.iter().cloned().collect(),
         admins: config.admin_fingerprints().map_err(|e| e.to_string())?,
+        merge_peers: config.merge_peer_fingerprints().map_err(|e| e.to_string())?,
+        peer_tls: client_config(&credentials).map_err(|e| e.to_string())?,
         identity_from_common_name: config.identity_from_common_name,
         limits: config.connections.limits(&policy).map_err(|e| e.to_string())?,
         listen: config.listen,
@@ -486,10 +490,10 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
     }
     if let AdminCommand::Merge { absorb: other } | AdminCommand::Split { right: other } = &args.command {
         let here = admin::AdminTarget { server: config.server, server_name: config.server_name.clone(), tls };
-        let other = admin_target(other)?;
+        let other = controller_of(other)?;
         let done = match args.command {
-            AdminCommand::Merge { .. } => runtime()?.block_on(admin::merge(&here, &other))?,
-            _ => runtime()?.block_on(admin::split(&here, &other))?,
+            AdminCommand::Merge { .. } => runtime()?.block_on(admin::merge(&here, other))?,
+            _ => runtime()?.block_on(admin::split(&here, other))?,
         };
         println!("{done}");
         return Ok(());
@@ -506,11 +510,10 @@ pub fn admin(args: &AdminArgs) -> Result<(), String> {
 }
 
 /// The controller an admin config names, with its credentials.
-fn admin_target(path: &std::path::Path) -> Result<admin::AdminTarget, String> {
+/// The controller an admin config names: its address and TLS name.
+fn controller_of(path: &std::path::Path) -> Result<(std::net::SocketAddr, String), String> {
     let config = AdminConfig::load(path).map_err(|e| e.to_string())?;
-    let credentials = Credentials::load(&config.tls).map_err(|e| e.to_string())?;
-    let tls = client_config(&credentials).map_err(|e| e.to_string())?;
-    Ok(admin::AdminTarget { server: config.server, server_name: config.server_name, tls })
+    Ok((config.server, config.server_name))
 }
 
 /// The controller's answer for the operator; an error answer becomes the command's error.
