@@ -184,6 +184,11 @@ async fn evict(participant: &DistributedParticipant, target: &str) -> EventLine 
 
 /// Asks to leave and waits (up to the deadline) for the exclusion that removes this participant.
 async fn leave(run: &Run, participant: &DistributedParticipant, events: &mut tokio::sync::mpsc::Receiver<Event>) -> Result<ParticipantEnd, String> {
+    if participant.status().roster.len() <= 1 {
+        // Nobody is left to exclude it: the group ends with it.
+        run.print(EventLine { text: "left: this was the last participant; the group ends".into(), json: json!({"event": "left", "last": true}) });
+        return Ok(ParticipantEnd::Done(MemberEnd::Left));
+    }
     participant.leave().await.map_err(|e| format!("leave: {e}"))?;
     let deadline = Duration::from_millis(run.distributed.as_ref().map_or(10_000, |d| d.deadline_ms));
     let removed = tokio::time::timeout(deadline, async {
