@@ -314,3 +314,33 @@ fn groups_running_a_flat_table_neither_absorb_nor_are_absorbed() {
     assert!(matches!(refused, Err(ControllerError::Merge(_))), "a flat graph in a merge side: {refused:?}");
     assert!(!other.controller.is_merged());
 }
+
+/// A right member away (every datagram lost) for longer than the merge notice's 16 repeats
+/// finds its group when it comes back: the absorbed controller's heartbeats carry the notice
+/// for as long as its group is merged, so the member follows it to the merged group and
+/// resyncs there, instead of following a controller that serves it no more.
+#[test]
+fn a_member_away_through_the_whole_merge_finds_the_merged_group_when_it_returns() {
+    let (lefts, rights) = (names("left", 2), names("right", 2));
+    let tree = Scheme::Tree { degree: 2 };
+    let mut world = two_groups(Side::new(policy(LEFT, tree), &lefts, 3), Side::new(policy(RIGHT, tree), &rights, 13));
+    world.join_all(&lefts, LEFT);
+    world.join_all(&rights, RIGHT);
+    world.tick(300);
+    let away = world.members.remove("right-1").unwrap();
+    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
+    world.sides.left.take(out);
+    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
+    world.sides.right.take(out);
+    // Twenty heartbeat intervals: every repeat of the notice goes by.
+    world.tick(20 * policy(RIGHT, tree).heartbeat_ms);
+    assert_eq!(world.members["right-0"].group(), LEFT, "the member that stayed followed at once");
+    world.members.insert("right-1".into(), away);
+    world.tick(500);
+    let merged_key = world.sides.left.controller.active_key(world.sides.left.controller.epoch_at(world.now));
+    assert_eq!(world.members["right-1"].group(), LEFT, "the member back from away follows the merged group");
+    assert!(world.keys().values().all(|k| *k == merged_key), "every member holds the merged key: {:?}", world.keys());
+    assert_eq!(reach(&mut world.members, &["right-1"], &["left-0", "left-1", "right-0"], 9), 3, "its data reaches the merged group");
+}

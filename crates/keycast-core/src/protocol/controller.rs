@@ -371,6 +371,9 @@ pub struct Controller {
     merged: Option<Merged>,
     /// The group this one was absorbed into, until the split hands it back: nothing is served.
     handed_off: Option<GroupId>,
+    /// The merge notice of that hand-off: every heartbeat carries it while handed off, so a
+    /// member away for longer than its repeats still finds its group (docs/merge.md).
+    hand_off_notice: Option<Arc<Vec<u8>>>,
 }
 
 /// Signed refusals answer requests nobody can authenticate (the member's key is gone) and cost
@@ -481,6 +484,7 @@ impl Controller {
                 }
                 Record::HandedOff { to, notice, .. } => {
                     c.handed_off = Some(*to);
+                    c.hand_off_notice = Some(Arc::new(notice.clone()));
                     c.announce(notice.clone());
                 }
             }
@@ -556,6 +560,7 @@ impl Controller {
             joiners: JoinersKeys::default(),
             merged: None,
             handed_off: None,
+            hand_off_notice: None,
         }
     }
 
@@ -764,6 +769,7 @@ impl Controller {
             keys: self.group_keys.range(from..).map(|(_, (r, activation, key))| (*r, *activation, key_check(key, *r))).collect(),
             signer: self.signer.clone(),
             announcements: self.announcements.clone(),
+            standing: self.hand_off_notice.clone(),
         }
     }
 

@@ -57,6 +57,10 @@ pub struct HeartbeatContent {
     /// oldest first, at most [`MAX_ANNOUNCEMENTS`]: each signed by the key in force when it
     /// was made.
     pub(crate) announcements: Vec<Arc<Vec<u8>>>,
+    /// A notice every heartbeat carries once its repeats are over, for as long as it stands:
+    /// the merge notice of a controller whose group was absorbed (a member that was away
+    /// longer than the repeats would otherwise follow a controller that serves it no more).
+    pub(crate) standing: Option<Arc<Vec<u8>>>,
 }
 
 impl core::fmt::Debug for HeartbeatContent {
@@ -170,6 +174,9 @@ impl Heartbeats {
             out.push(announcement.to_vec());
             *left -= 1;
         }
+        if let Some(standing) = self.content.standing.as_ref().filter(|s| !out.iter().any(|sent| sent == s.as_ref())) {
+            out.push(standing.to_vec());
+        }
         out.push(self.content.heartbeat(now_ms, self.seq).sign(&self.content.signer).encode());
         out
     }
@@ -197,6 +204,7 @@ mod tests {
             keys: vec![(key_ref, 1, key_check(&Key::from_bytes([7; 32]), key_ref))],
             signer: Arc::new(Signer::from_seed(&[1; 32])),
             announcements: announcements.iter().map(|a| Arc::new(a.to_vec())).collect(),
+            standing: None,
         }
     }
 
@@ -205,6 +213,20 @@ mod tests {
         let mut out = heartbeats.beat(now_ms);
         out.pop().expect("the heartbeat itself");
         out
+    }
+
+    #[test]
+    fn a_standing_notice_goes_with_every_heartbeat_once_and_for_as_long_as_it_stands() {
+        let mut standing = content(&[b"merge notice"]);
+        standing.standing = Some(Arc::new(b"merge notice".to_vec()));
+        let mut heartbeats = Heartbeats::new(standing.clone(), 0);
+        for beat in 0..u64::from(ANNOUNCEMENT_REPEATS) + 40 {
+            assert_eq!(carried(&mut heartbeats, beat * 100), vec![b"merge notice".to_vec()], "heartbeat {beat}: once, repeats or not");
+        }
+        let mut resumed = standing;
+        (resumed.announcements, resumed.standing) = (Vec::new(), None);
+        heartbeats.update(resumed);
+        assert!(carried(&mut heartbeats, 10_000).is_empty(), "the notice stands no more");
     }
 
     #[test]

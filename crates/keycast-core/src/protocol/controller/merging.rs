@@ -166,7 +166,9 @@ impl Controller {
             out.extend(self.drop_queued_join(&identity, super::refuse(RefusalReason::UnknownGroup, detail)));
         }
         self.handed_off = Some(to.group);
-        // A member that missed the notice hears it again with the heartbeats.
+        // A member that missed the notice hears it again with the heartbeats: 16 times with
+        // the other notices, then with every heartbeat until the split.
+        self.hand_off_notice = Some(std::sync::Arc::new(notice.clone()));
         self.announce(notice.clone());
         out.push(Output::Multicast(notice));
         out.extend(ticket.rekey.iter().cloned().map(Output::Multicast));
@@ -274,6 +276,7 @@ impl Controller {
         self.group_keys.clear();
         self.install_group_key(seq, epoch, handback.rekey.group_key, epoch);
         self.handed_off = None;
+        self.hand_off_notice = None;
         self.announcements.clear();
         self.last_rekey = packets.clone();
         self.batches_since_snapshot = 0;
