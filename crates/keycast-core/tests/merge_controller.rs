@@ -33,7 +33,10 @@ fn two_groups(left: Side, right: Side) -> World {
 fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     let (lefts, rights) = (names("left", 4), names("right", 3));
     let left_acl: Vec<String> = lefts.iter().cloned().chain(["joiner-a".into(), "joiner-b".into()]).collect();
-    let mut world = two_groups(Side::new(policy(LEFT, Scheme::Tree { degree: 3 }), &left_acl, 1), Side::new(policy(RIGHT, Scheme::Tree { degree: 2 }), &rights, 11));
+    // The joiners are in the right group's ACL too: the one placed on the right stays there
+    // after the split (one the right ACL does not list is removed, see below).
+    let right_acl: Vec<String> = rights.iter().cloned().chain(["joiner-a".into(), "joiner-b".into()]).collect();
+    let mut world = two_groups(Side::new(policy(LEFT, Scheme::Tree { degree: 3 }), &left_acl, 1), Side::new(policy(RIGHT, Scheme::Tree { degree: 2 }), &right_acl, 11));
     for name in &lefts {
         world.join(name, LEFT);
     }
@@ -105,7 +108,7 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     world.sides.left.take(out);
     let split_sizes: Vec<usize> = world.sides.left.sent.iter().map(Vec::len).collect();
     assert_eq!(handback.members.len(), 3, "right-0, right-1 and the joiner on the right");
-    let out = world.sides.right.controller.resume(handback, now).unwrap();
+    let out = world.sides.right.controller.resume(handback, now, [5; 32]).unwrap();
     assert!(matches!(&out[0], Output::Persist(Record::Snapshot(_))));
     world.sides.right.take(out);
     println!("split: {split_sizes:?} bytes on the merged channel (notice, then the left rekey), {:?} on the right channel", world.sides.right.sent.iter().map(Vec::len).collect::<Vec<_>>());
@@ -275,7 +278,7 @@ fn groups_that_switched_to_a_tree_merge_run_restart_and_split() {
     let (out, handback) = world.sides.left.controller.split(now, entropy).unwrap();
     world.sides.left.take(out);
     let handback = keycast_core::protocol::merge_state::Handback::decode(&handback.encode()).expect("through the admin channel's encoding");
-    let out = world.sides.right.controller.resume(handback, now).unwrap();
+    let out = world.sides.right.controller.resume(handback, now, [5; 32]).unwrap();
     world.sides.right.take(out);
     world.tick(200);
     assert_members_hold_their_keys(&world, "after the split");
@@ -343,4 +346,44 @@ fn a_member_away_through_the_whole_merge_finds_the_merged_group_when_it_returns(
     assert_eq!(world.members["right-1"].group(), LEFT, "the member back from away follows the merged group");
     assert!(world.keys().values().all(|k| *k == merged_key), "every member holds the merged key: {:?}", world.keys());
     assert_eq!(reach(&mut world.members, &["right-1"], &["left-0", "left-1", "right-0"], 9), 3, "its data reaches the merged group");
+}
+
+/// While merged the merged controller's ACL decides joins, and a joiner it places on the right
+/// goes back with the right group at the split. The right controller keeps only members its
+/// own ACL lists: one it does not list is removed at once when it resumes (one batch), holds no
+/// key of the right group after, and reads none of its data.
+#[test]
+fn at_the_split_the_right_controller_removes_joiners_its_acl_does_not_list() {
+    let (lefts, rights) = (names("left", 3), names("right", 1));
+    let left_acl: Vec<String> = lefts.iter().cloned().chain(["outsider".into()]).collect();
+    let tree = Scheme::Tree { degree: 2 };
+    let mut world = two_groups(Side::new(policy(LEFT, tree), &left_acl, 5), Side::new(policy(RIGHT, tree), &rights, 15));
+    world.join_all(&lefts, LEFT);
+    world.join_all(&rights, RIGHT);
+    world.tick(300);
+    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
+    world.sides.left.take(out);
+    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
+    world.sides.right.take(out);
+    world.tick(300);
+    // The right side is the smaller one: the joiner lands there.
+    world.join("outsider", LEFT);
+    world.tick(300);
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, handback) = world.sides.left.controller.split(now, entropy).unwrap();
+    world.sides.left.take(out);
+    assert!(handback.members.iter().any(|(_, identity)| identity == "outsider"), "the joiner was placed on the right");
+    let out = world.sides.right.controller.resume(handback, now, [6; 32]).unwrap();
+    world.sides.right.take(out);
+    world.tick(300);
+    assert_eq!(world.sides.right.controller.member_by_identity("outsider"), None, "removed at the resume");
+    assert_eq!(world.sides.right.controller.members().len(), 1);
+    let right_key = world.sides.right.controller.active_key(world.sides.right.controller.epoch_at(world.now));
+    assert_eq!(world.members["right-0"].active_key().unwrap().0, right_key);
+    assert_ne!(world.members["outsider"].active_key().map(|(r, _)| r), Some(right_key), "the outsider holds the right key");
+    assert_eq!(reach(&mut world.members, &["right-0"], &["outsider"], 11), 0, "the outsider reads the right group");
+    let restarted = world.sides.right.restarted(&world.sides.right.log, world.now);
+    assert_eq!(restarted.traffic_keys(world.now).keys, world.sides.right.controller.traffic_keys(world.now).keys, "the removal replays from the log");
 }

@@ -663,7 +663,7 @@ impl ControllerTask {
                 }
                 Err(e) => drop(reply.send(Err(text(e)))),
             },
-            MergeStep::Resume { handback, reply } => match self.controller.resume(*handback, now) {
+            MergeStep::Resume { handback, reply } => match self.controller.resume(*handback, now, entropy()) {
                 Ok(outputs) => {
                     self.deliver(outputs).await?;
                     tracing::info!("resumed this group after a split");

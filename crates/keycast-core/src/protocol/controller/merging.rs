@@ -249,8 +249,10 @@ impl Controller {
 
     /// Takes this group back from the merged controller's `handback`: its members (those who
     /// joined while merged included), a new group key sent at once under its previous root, and
-    /// a snapshot that starts its log again.
-    pub fn resume(&mut self, handback: Handback, now_ms: u64) -> Result<Vec<Output>, ControllerError> {
+    /// a snapshot that starts its log again. Members this group's ACL does not list, or whose
+    /// identity it revoked (the merged controller's ACL admitted them), are then removed at
+    /// once, in one batch.
+    pub fn resume(&mut self, handback: Handback, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
         if self.handed_off.is_none() {
             return Err(refused("the group was not handed off"));
         }
@@ -283,6 +285,20 @@ impl Controller {
         let mut out = vec![Output::Persist(Record::Snapshot(Box::new(self.whole_state())))];
         out.push(Output::Rekeyed { seq, epoch, wraps: handback.rekey.wraps.len(), packets: packets.len(), bytes, parity: 0, parity_bytes: 0 });
         out.extend(packets.into_iter().map(Output::Multicast));
+        out.extend(self.remove_outsiders(now_ms, entropy)?);
+        Ok(out)
+    }
+
+    /// Removes, in one batch, the members whose identity this controller's ACL does not list
+    /// or that it revoked.
+    fn remove_outsiders(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<Vec<Output>, ControllerError> {
+        let outsiders: Vec<MemberId> =
+            self.members.iter().filter(|(_, r)| !self.acl.contains(&r.identity) || self.revoked.contains(&r.identity)).map(|(m, _)| *m).collect();
+        if outsiders.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out: Vec<Output> = outsiders.into_iter().flat_map(|member| self.request(Request::Evict { member })).collect();
+        out.extend(self.close_epoch(now_ms, entropy, true)?);
         Ok(out)
     }
 }
