@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keycast_core::wire::rekey::{FecConfig, PacketConfig, Placement, DEFAULT_BLOCK_BITS};
-use keycast_core::wire::{GroupId, DEFAULT_MTU};
+use keycast_core::wire::{GroupId, TlsServerName, DEFAULT_MTU};
 use keycast_core::{protocol::GroupPolicy, GraphConfig, JoinPolicy, Scheme};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub group: u64,
     /// TLS address for joins, resyncs and administration.
     pub listen: SocketAddr,
+    /// The name in this controller's certificate that members use (merge and split notices
+    /// give it to the members that move here, docs/merge.md).
+    #[serde(default = "localhost")]
+    pub server_name: String,
     pub multicast: MulticastConfig,
     pub tls: TlsFiles,
     /// The controller's log (redb).
@@ -527,6 +531,7 @@ impl ServerConfig {
         }
         c.admin_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         c.merge_peer_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        c.tls_server_name().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         Ok(c)
     }
 
@@ -538,6 +543,11 @@ impl ServerConfig {
             return DatabaseKey::from_hex(&hex).map(Some).map_err(|e| ConfigError::Invalid(format!("{DATABASE_KEY_VARIABLE}: {e}")));
         }
         self.database_key.as_deref().map(DatabaseKey::load).transpose().map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// `server_name`, checked as merge notices carry it: 1 to 253 printable ASCII bytes.
+    pub fn tls_server_name(&self) -> Result<TlsServerName, ConfigError> {
+        TlsServerName::new(&self.server_name).map_err(|e| ConfigError::Invalid(format!("server_name {:?}: {e}", self.server_name)))
     }
 
     /// `admins`, parsed; an entry that is not a fingerprint (an identity, say) is an error.
