@@ -578,7 +578,7 @@ fn member_sessions_follow_the_notice_and_traffic_spans_both_groups_until_the_spl
     let notice = right_side.notice.unwrap();
     for s in &mut rights {
         let events = s.receive(&notice, 10).unwrap();
-        assert!(matches!(events[..], [MemberEvent::Moved { group, member, server_name, .. }] if group == left_group && member.0 >= OFFSET && server_name == to(left_group, &left_signer).contact.server_name));
+        assert!(matches!(&events[..], [MemberEvent::Moved { group, member, server_name, .. }] if *group == left_group && member.0 >= OFFSET && *server_name == to(left_group, &left_signer).contact.server_name));
         // Taken once: a replayed notice is refused.
         assert!(s.receive(&notice, 11).is_err());
     }
@@ -596,7 +596,7 @@ fn member_sessions_follow_the_notice_and_traffic_spans_both_groups_until_the_spl
     let notice = right_side.notice.unwrap();
     for (i, s) in rights.iter_mut().enumerate() {
         let events = s.receive(&notice, 20).unwrap();
-        assert!(matches!(events[..], [MemberEvent::Moved { group, member, server_name, .. }] if group == right_group && member == ids[i] && server_name == to(right_group, &right_signer).contact.server_name));
+        assert!(matches!(&events[..], [MemberEvent::Moved { group, member, server_name, .. }] if *group == right_group && *member == ids[i] && *server_name == to(right_group, &right_signer).contact.server_name));
         for p in &right_side.rekey {
             s.receive(p, 21).unwrap();
         }

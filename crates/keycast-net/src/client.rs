@@ -785,7 +785,7 @@ impl Follow {
                                 MemberEvent::Repaired { after_nak: false, .. } => bump(&shared.fec_recovered),
                                 MemberEvent::Repaired { after_nak: true, .. } => bump(&shared.repair_recovered),
                                 MemberEvent::Moved { group, controller, server_name, multicast, .. } => {
-                                    self.moved = Some((*group, Contact { controller: *controller, server_name: *server_name, multicast: *multicast }));
+                                    self.moved = Some((*group, Contact { controller: *controller, server_name: server_name.clone(), multicast: *multicast }));
                                 }
                                 _ => {}
                             }

@@ -633,7 +633,7 @@ impl ControllerTask {
 
     /// One step of a merge or split; the controller's refusals go back to the caller.
     async fn merge_step(&mut self, step: MergeStep) -> Result<(), StoreError> {
-        let here = Contact { controller: self.addr, server_name: self.server_name, multicast: SocketAddr::V4(self.group) };
+        let here = Contact { controller: self.addr, server_name: self.server_name.clone(), multicast: SocketAddr::V4(self.group) };
         let now = now_ms();
         let text = |e: ControllerError| e.to_string();
         match step {

@@ -16,7 +16,7 @@ use crate::wire::{GroupId, MergeNotice, Move, Signer, TlsServerName, VerifyingKe
 
 /// Where members reach a controller: its TLS address and the server name its certificate
 /// carries, and its multicast group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Contact {
     pub controller: SocketAddr,
     pub server_name: TlsServerName,
@@ -35,7 +35,7 @@ pub struct Channel<'a> {
 }
 
 /// The controller the moving side follows from now on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Destination {
     pub group: GroupId,
     pub signer: VerifyingKey,

@@ -25,7 +25,7 @@ const NAMED_FORMAT: u8 = 2;
 const MAX_ITEMS: usize = 1 << 28;
 
 /// The absorbed (right) group as the merged controller keeps it, to hand it back at the split.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RightGroup {
     /// Its group id, graph configuration and epoch length.
     pub fixed: FixedPolicy,
@@ -77,7 +77,7 @@ impl core::fmt::Debug for MergeRecord {
 }
 
 /// A merge in force, as the merged controller keeps it (and its snapshots hold).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Merged {
     pub right: RightGroup,
     pub offset: u64,

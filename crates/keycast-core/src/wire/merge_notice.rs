@@ -6,6 +6,7 @@
 //! so they switch without rejoining.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use super::auth::{Signature, Signer, PUBLIC_KEY_LEN, SIGNATURE_LEN};
 use super::codec::{Reader, Writer};
@@ -24,7 +25,7 @@ pub enum Move {
     Split,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MergeNotice {
     /// The group the members are in now.
     pub group: GroupId,
@@ -51,11 +52,8 @@ pub const MAX_SERVER_NAME_LEN: usize = 253;
 
 /// A controller's TLS server name (a DNS name or IP literal, as in its certificate): 1 to 253
 /// bytes of printable ASCII without spaces. Checked when made, so every one encodes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TlsServerName {
-    len: u8,
-    bytes: [u8; MAX_SERVER_NAME_LEN],
-}
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TlsServerName(Arc<str>);
 
 impl TlsServerName {
     pub fn new(name: &str) -> Result<Self, DecodeError> {
@@ -66,19 +64,16 @@ impl TlsServerName {
         if let Some(byte) = name.bytes().find(|b| !b.is_ascii_graphic()) {
             return Err(DecodeError::BadValue { field, value: byte.into() });
         }
-        let mut bytes = [0u8; MAX_SERVER_NAME_LEN];
-        bytes[..name.len()].copy_from_slice(name.as_bytes());
-        Ok(TlsServerName { len: name.len() as u8, bytes })
+        Ok(TlsServerName(name.into()))
     }
 
     /// The name of a controller on loopback, and of one whose configuration predates names.
     pub fn localhost() -> Self {
-        TlsServerName::new("localhost").expect("a valid name")
+        TlsServerName("localhost".into())
     }
 
     pub fn as_str(&self) -> &str {
-        // Printable ASCII only (checked in `new`).
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+        &self.0
     }
 }
 
@@ -103,7 +98,8 @@ impl std::str::FromStr for TlsServerName {
 
 /// One length byte, then the name.
 pub(crate) fn put_server_name(out: &mut Vec<u8>, name: &TlsServerName) {
-    out.put_u8(name.len);
+    // At most 253 bytes (checked in `TlsServerName::new`).
+    out.put_u8(name.as_str().len() as u8);
     out.extend_from_slice(name.as_str().as_bytes());
 }
 
@@ -117,7 +113,7 @@ pub(crate) fn read_server_name(r: &mut Reader<'_>, field: &'static str) -> Resul
     TlsServerName::new(name)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedMergeNotice {
     pub notice: MergeNotice,
     /// By the members' current controller.
@@ -157,7 +153,7 @@ pub(crate) fn read_addr(r: &mut Reader<'_>, field: &'static str) -> Result<Socke
 
 impl MergeNotice {
     fn body(&self) -> Vec<u8> {
-        let mut out = start(MessageType::MergeNotice, 2 + 8 + 8 + 1 + 8 + 8 + 16 + PUBLIC_KEY_LEN + 2 * 19 + 1 + usize::from(self.server_name.len) + SIGNATURE_LEN);
+        let mut out = start(MessageType::MergeNotice, 2 + 8 + 8 + 1 + 8 + 8 + 16 + PUBLIC_KEY_LEN + 2 * 19 + 1 + self.server_name.as_str().len() + SIGNATURE_LEN);
         out.put_u64(self.group.0);
         out.put_u64(self.after_seq);
         out.put_u8(move_byte(self.change));

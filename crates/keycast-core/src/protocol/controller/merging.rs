@@ -128,7 +128,7 @@ impl Controller {
         }
         self.graph = Box::new(merge.graph);
         self.next_member = self.next_member.max(offset.saturating_add(side.right.next_member));
-        self.merged = Some(Merged { right: side.right, offset: *offset });
+        self.merged = Some(Merged { right: side.right.clone(), offset: *offset });
         self.install_group_key(*seq, *epoch, plan.group_key, *epoch);
         Ok(plan)
     }
@@ -143,7 +143,7 @@ impl Controller {
         if ticket.right_seq != self.rekey_seq {
             return Err(refused("the group rekeyed after its state was taken for the merge"));
         }
-        let to = ticket.merged;
+        let to = &ticket.merged;
         let notice = MergeNotice {
             group: self.policy.group,
             after_seq: self.rekey_seq,
@@ -154,7 +154,7 @@ impl Controller {
             next_seq: ticket.last_seq,
             next_signer: to.signer,
             controller: to.contact.controller,
-            server_name: to.contact.server_name,
+            server_name: to.contact.server_name.clone(),
             multicast: to.contact.multicast,
         };
         let notice = notice.sign(&self.signer).encode();
@@ -190,7 +190,7 @@ impl Controller {
     /// key. Returns the outputs (records first) and the right side's state for
     /// [`Controller::resume`].
     pub fn split(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<(Vec<Output>, Handback), ControllerError> {
-        let Some(merged) = self.merged else { return Err(refused("the group is not merged")) };
+        let Some(merged) = self.merged.clone() else { return Err(refused("the group is not merged")) };
         self.policy.packets.check()?;
         let mut out = Vec::new();
         if !self.pending.is_empty() {
@@ -212,7 +212,7 @@ impl Controller {
             next_seq: right.rekey_seq,
             next_signer: right.signer,
             controller: right.contact.controller,
-            server_name: right.contact.server_name,
+            server_name: right.contact.server_name.clone(),
             multicast: right.contact.multicast,
         };
         let (packets, bytes) = self.encode(&plan, seq, epoch, epoch)?;
@@ -227,7 +227,7 @@ impl Controller {
     /// The split applied to the state (also when the log is replayed): the left side stays,
     /// the right side's graph and members are handed back.
     pub(super) fn apply_split(&mut self, seq: u64, epoch: u64, seed: &[u8; 32]) -> Result<(RekeyPlan, Handback), ControllerError> {
-        let Some(merged) = self.merged else { return Err(ControllerError::BadLog("a split of a group that is not merged")) };
+        let Some(merged) = self.merged.clone() else { return Err(ControllerError::BadLog("a split of a group that is not merged")) };
         let graph = MergedTrees::import(&self.graph.export())?;
         graph.can_split()?;
         let right_ids: Vec<MemberId> = self.members.keys().copied().filter(|m| graph.subtree_of(*m) == Some(Subtree::Right)).collect();
