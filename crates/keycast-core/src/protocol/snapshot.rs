@@ -302,9 +302,9 @@ mod tests {
                 without_name(&bytes, format)
             };
             let read = Snapshot::decode(&old).unwrap_or_else(|e| panic!("format {format}: {e}"));
-            let merged = read.merged.expect("the merge in force");
+            let merged = read.merged.as_ref().expect("the merge in force");
             assert_eq!(merged.right.contact.server_name, TlsServerName::localhost(), "format {format}");
-            assert_eq!(merged.right.contact.controller, snapshot.merged.unwrap().right.contact.controller);
+            assert_eq!(merged.right.contact.controller, snapshot.merged.as_ref().unwrap().right.contact.controller);
             assert_eq!(read.encode()[0], NAMED_FORMAT, "written again in today's format");
         }
     }
