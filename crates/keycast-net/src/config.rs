@@ -644,6 +644,26 @@ mod tests {
         assert!(load("[[standbys]]\nserver = \"127.0.0.1:7404\"\nname = \"x\"\n").is_err(), "a misspelt field was ignored");
     }
 
+    const SERVER: &str = "group = 1\nlisten = \"127.0.0.1:7400\"\ndatabase = \"c.redb\"\nacl = []\nadmins = []\n";
+    const SERVER_TABLES: &str = "[multicast]\naddress = \"239.255.42.1:7401\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+
+    fn load_server(extra: &str) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, format!("{SERVER}{extra}{SERVER_TABLES}")).unwrap();
+        ServerConfig::load(&path)
+    }
+
+    #[test]
+    fn the_controllers_server_name_defaults_to_localhost_and_must_fit_a_merge_notice() {
+        assert_eq!(load_server("").unwrap().tls_server_name().unwrap().as_str(), "localhost");
+        assert_eq!(load_server("server_name = \"keycast.example.org\"\n").unwrap().server_name, "keycast.example.org");
+        for bad in ["", "two words", &"a".repeat(254)] {
+            let error = load_server(&format!("server_name = \"{bad}\"\n")).unwrap_err().to_string();
+            assert!(error.contains("server.toml") && error.contains("server_name"), "{error}");
+        }
+    }
+
     #[test]
     fn member_requests_default_and_bad_values_are_refused_with_the_file_named() {
         let config = load("").unwrap();

@@ -58,7 +58,10 @@ pub struct TlsServerName(Arc<str>);
 impl TlsServerName {
     pub fn new(name: &str) -> Result<Self, DecodeError> {
         let field = "server name";
-        if name.is_empty() || name.len() > MAX_SERVER_NAME_LEN {
+        if name.is_empty() {
+            return Err(DecodeError::BadValue { field, value: 0 });
+        }
+        if name.len() > MAX_SERVER_NAME_LEN {
             return Err(DecodeError::TooLong { field, len: name.len(), max: MAX_SERVER_NAME_LEN });
         }
         if let Some(byte) = name.bytes().find(|b| !b.is_ascii_graphic()) {
