@@ -1,9 +1,8 @@
 //! Merge notice (type 19): a controller tells its members that their group moves under another
 //! controller (a merge, [`crate::graph::merge`]) or becomes a group of its own again (a split).
 //! It names the controller to follow (group, signing key, TLS address and server name,
-//! multicast address) and
-//! the members' side of the merged tree, and is signed by the key the members already trust,
-//! so they switch without rejoining.
+//! multicast address) and the members' side of the merged tree, and is signed by the key the
+//! members already trust, so they switch without rejoining.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
