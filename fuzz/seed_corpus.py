@@ -34,11 +34,13 @@ write("reassemble_rekey", "reversed", b"".join(len(p).to_bytes(2, "big") + p for
 for selector in range(0x80, 0x88):
     write("import_snapshot", f"graph-{selector:02x}", bytes([selector, 40]))
     write("import_snapshot", f"edited-{selector:02x}", bytes([selector, 40, 0, 9, 1, 0, 30, 0x80]))
-# verify_merge_notice: a well-formed notice (right side, IPv4 then IPv6 addresses; the
-# signature does not verify) and a split.
+# verify_merge_notice: a well-formed notice (right side, IPv4 then IPv6 addresses, server
+# name "localhost"; the signature does not verify) and a split.
+def name(text):
+    return bytes([len(text)]) + text
 def merge_notice(move, multicast):
     body = bytes([2, 19]) + (0x6B63).to_bytes(8, "big") + (7).to_bytes(8, "big") + bytes([move]) + (1 << 32).to_bytes(8, "big") + (0x6B64).to_bytes(8, "big") + (12).to_bytes(8, "big") + (40).to_bytes(8, "big")
-    return body + bytes(range(32)) + bytes([4, 127, 0, 0, 1]) + (7400).to_bytes(2, "big") + multicast + bytes(64)
+    return body + bytes(range(32)) + bytes([4, 127, 0, 0, 1]) + (7400).to_bytes(2, "big") + name(b"localhost") + multicast + bytes(64)
 write("verify_merge_notice", "right", merge_notice(2, bytes([4, 239, 1, 2, 3]) + (7401).to_bytes(2, "big")))
 write("verify_merge_notice", "split-v6", merge_notice(0, bytes([6]) + bytes(15) + bytes([1]) + (7401).to_bytes(2, "big")))
 # decode_handback: participant 0b10 of 2 and of 16 ID bits hands over its TEK and KEKs.
@@ -59,15 +61,21 @@ write("decode_appointment", "loopback", appointment)
 def u64(n):
     return n.to_bytes(8, "big")
 right_group = u64(2) + bytes([1]) + (2).to_bytes(4, "big") + bytes([0]) + u64(100) + bytes(range(32)) + u64(5) + u64(3) + u64(4)
-right_group += bytes([4, 127, 0, 0, 1]) + (7000).to_bytes(2, "big") + bytes([4, 239, 255, 0, 9]) + (7001).to_bytes(2, "big")
+right_address = bytes([4, 127, 0, 0, 1]) + (7000).to_bytes(2, "big")
+right_multicast = bytes([4, 239, 255, 0, 9]) + (7001).to_bytes(2, "big")
+old_right_group = right_group + right_address + right_multicast
+right_group += right_address + name(b"right.keycast.test") + right_multicast
 members = (2).to_bytes(4, "big") + u64(1) + (1).to_bytes(2, "big") + b"a" + u64(2) + (1).to_bytes(2, "big") + b"b"
 pending = (1).to_bytes(4, "big") + bytes([0]) + u64(2)
 side = right_group + members + pending + u64(3) + b"abc"
-write("import_merge", "record", bytes([0, 1]) + u64(4) + u64(9) + u64(7) + bytes(32) + side)
-write("import_merge", "side", bytes([0, 1]) + side)
-ticket = u64(1) + bytes(range(32)) + bytes([4, 127, 0, 0, 1]) + (7100).to_bytes(2, "big") + bytes([4, 239, 255, 0, 8]) + (7101).to_bytes(2, "big")
+old_side = old_right_group + members + pending + u64(3) + b"abc"
+# Format 2 (with server names); a merge record of format 1 (before them) still reads.
+write("import_merge", "record", bytes([0, 2]) + u64(4) + u64(9) + u64(7) + bytes(32) + side)
+write("import_merge", "record-format-1", bytes([0, 1]) + u64(4) + u64(9) + u64(7) + bytes(32) + old_side)
+write("import_merge", "side", bytes([0, 2]) + side)
+ticket = u64(1) + bytes(range(32)) + bytes([4, 127, 0, 0, 1]) + (7100).to_bytes(2, "big") + name(b"left.keycast.test") + bytes([4, 239, 255, 0, 8]) + (7101).to_bytes(2, "big")
 ticket += u64(9) + u64(4) + u64(7) + u64(3) + (1).to_bytes(4, "big") + (3).to_bytes(4, "big") + b"pkt"
-write("import_merge", "ticket", bytes([0, 1]) + ticket)
+write("import_merge", "ticket", bytes([0, 2]) + ticket)
 write("import_merge", "handback", bytes([0x40, 7]))
 write("import_merge", "handback-edited", bytes([0x40, 7, 0, 90, 1, 0, 200, 0x80]))
 for selector in range(0x80, 0x84):

@@ -18,13 +18,13 @@ use keycast_core::{
 };
 use std::net::SocketAddr;
 
-use keycast_core::protocol::merge::{merge_messages, split_messages, Channel, Destination};
+use keycast_core::protocol::merge::{merge_messages, split_messages, Channel, Contact, Destination};
 use keycast_core::protocol::traffic::Fresh;
 use keycast_core::protocol::{MemberEvent, MemberSession};
 use keycast_core::wire::control::{JoinAccepted, ResyncAnswer};
 use keycast_core::wire::rekey::RekeyContext;
 use keycast_core::wire::{
-    encode_rekey, DecodeError, GroupId, MergeNotice, Message, Move, PacketConfig, Reject, RekeyPacket, SignedMergeNotice, Signer, VerifyingKey,
+    encode_rekey, DecodeError, GroupId, MergeNotice, Message, Move, PacketConfig, Reject, RekeyPacket, SignedMergeNotice, Signer, TlsServerName, VerifyingKey,
 };
 use proptest::prelude::*;
 
@@ -320,16 +320,20 @@ fn notice(change: Move) -> MergeNotice {
         next_seq: 40,
         next_signer: Signer::from_seed(&[2; 32]).verifying_key(),
         controller: "127.0.0.1:7400".parse().unwrap(),
+        server_name: "localhost".parse().unwrap(),
         multicast: "[ff15::1]:7401".parse().unwrap(),
     }
 }
+
+/// Where the server name's length byte sits in an encoded notice (after the controller's IPv4 address).
+const SERVER_NAME_AT: usize = 2 + 8 + 8 + 1 + 8 + 8 + 16 + 32 + 7;
 
 #[test]
 fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
     let current = Signer::from_seed(&[1; 32]);
     for change in [Move::Merge(Subtree::Left), Move::Merge(Subtree::Right), Move::Split] {
         let bytes = notice(change).sign(&current).encode();
-        assert_eq!(bytes.len(), 2 + 8 + 8 + 1 + 8 + 8 + 16 + 32 + 7 + 19 + 64);
+        assert_eq!(bytes.len(), SERVER_NAME_AT + 1 + "localhost".len() + 19 + 64);
         assert_eq!(SignedMergeNotice::verify(&bytes, &current.verifying_key()), Ok(notice(change)));
         assert_eq!(Message::decode(&bytes).map(|m| m.encode()), Ok(bytes.clone()));
         // Only the controller the members trust now may move them.
@@ -346,6 +350,42 @@ fn merge_notices_verify_under_the_current_signer_only_and_decode_strictly() {
     let mut bytes = notice(Move::Split).sign(&current).encode();
     bytes[2 + 8 + 8 + 1 + 8 + 8 + 16 + 32] = 5;
     assert!(matches!(SignedMergeNotice::decode(&bytes), Err(DecodeError::BadValue { field: "controller address", value: 5 })));
+}
+
+#[test]
+fn merge_notices_with_a_bad_server_name_are_refused_by_decoding() {
+    let current = Signer::from_seed(&[1; 32]);
+    let good = notice(Move::Split).sign(&current).encode();
+    let at = SERVER_NAME_AT;
+    assert_eq!(good[at], 9, "the length of \"localhost\"");
+    // A space, a control byte, a byte above ASCII: each a typed error, signed or not.
+    for (offset, byte) in [(0, b' '), (4, 0x07), (8, 0xc3)] {
+        let mut bad = good.clone();
+        bad[at + 1 + offset] = byte;
+        assert!(matches!(SignedMergeNotice::decode(&bad), Err(DecodeError::BadValue { field: "server name", .. } | DecodeError::BadText)), "byte {byte:#x}");
+        assert!(SignedMergeNotice::verify(&bad, &current.verifying_key()).is_err());
+    }
+    // Empty, and longer than a DNS name.
+    let mut empty = good[..at].to_vec();
+    empty.push(0);
+    empty.extend_from_slice(&good[at + 1 + 9..]);
+    assert!(matches!(SignedMergeNotice::decode(&empty), Err(DecodeError::BadValue { field: "server name", value: 0 })));
+    let mut long = good[..at].to_vec();
+    long.push(254);
+    long.extend(std::iter::repeat_n(b'a', 254));
+    long.extend_from_slice(&good[at + 1 + 9..]);
+    assert!(matches!(SignedMergeNotice::decode(&long), Err(DecodeError::BadValue { field: "server name", value: 254 })));
+    // A length running past the message.
+    let mut short = good[..at].to_vec();
+    short.extend_from_slice(&[200, b'a', b'b']);
+    assert!(matches!(SignedMergeNotice::decode(&short), Err(DecodeError::Truncated { field: "server name", .. })));
+    // The longest name decodes and re-encodes; a longer one cannot be made.
+    let longest = "a".repeat(253);
+    let named = MergeNotice { server_name: longest.parse().unwrap(), ..notice(Move::Split) }.sign(&current).encode();
+    assert_eq!(SignedMergeNotice::decode(&named).map(|n| n.notice.server_name.as_str().to_owned()), Ok(longest.clone()));
+    assert!(TlsServerName::new(&format!("{longest}a")).is_err());
+    assert!(TlsServerName::new("").is_err() && TlsServerName::new("a b").is_err() && TlsServerName::new("é").is_err());
+    assert_eq!(TlsServerName::new("::1").map(|n| n.to_string()), Ok("::1".into()), "an IP literal");
 }
 
 /// A member as far as a merge goes: its keys, and the group and controller key it follows.
@@ -421,8 +461,11 @@ fn members_of_both_groups_follow_a_merge_and_a_split_over_the_wire_without_rejoi
     let destination = |group, signer: &Signer, port| Destination {
         group,
         signer: signer.verifying_key(),
-        controller: SocketAddr::from(([127, 0, 0, 1], port)),
-        multicast: SocketAddr::from(([239, 255, 0, 1], port + 1)),
+        contact: Contact {
+            controller: SocketAddr::from(([127, 0, 0, 1], port)),
+            server_name: "localhost".parse().unwrap(),
+            multicast: SocketAddr::from(([239, 255, 0, 1], port + 1)),
+        },
     };
     let merge = merge_trees(&*left, &*right, OFFSET, &seed.next().next()).unwrap();
     let (left_side, right_side) =
@@ -520,11 +563,14 @@ fn member_sessions_follow_the_notice_and_traffic_spans_both_groups_until_the_spl
     assert_eq!(traffic_reaches(&mut lefts, &mut rights, 1), (0, 20), "two groups, two keys");
 
     let channel = |group, epoch, last_seq, signer| Channel { group, epoch, last_seq, signer, packets: PacketConfig::default() };
-    let to = |group, signer: &Signer| Destination {
+    let to = |group: GroupId, signer: &Signer| Destination {
         group,
         signer: signer.verifying_key(),
-        controller: SocketAddr::from(([127, 0, 0, 1], 7400)),
-        multicast: SocketAddr::from(([239, 255, 0, 1], 7401)),
+        contact: Contact {
+            controller: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            server_name: format!("group-{}.keycast.test", group.0).parse().unwrap(),
+            multicast: SocketAddr::from(([239, 255, 0, 1], 7401)),
+        },
     };
     let merge = merge_trees(&*left, &*right, OFFSET, &seed.next().next().next().next()).unwrap();
     let merged = channel(left_group, 4, 1, &left_signer);
@@ -532,7 +578,7 @@ fn member_sessions_follow_the_notice_and_traffic_spans_both_groups_until_the_spl
     let notice = right_side.notice.unwrap();
     for s in &mut rights {
         let events = s.receive(&notice, 10).unwrap();
-        assert!(matches!(events[..], [MemberEvent::Moved { group, member, .. }] if group == left_group && member.0 >= OFFSET));
+        assert!(matches!(&events[..], [MemberEvent::Moved { group, member, server_name, .. }] if *group == left_group && member.0 >= OFFSET && *server_name == to(left_group, &left_signer).contact.server_name));
         // Taken once: a replayed notice is refused.
         assert!(s.receive(&notice, 11).is_err());
     }
@@ -549,7 +595,8 @@ fn member_sessions_follow_the_notice_and_traffic_spans_both_groups_until_the_spl
         split_messages(&split, &channel(left_group, 4, 2, &left_signer), &channel(right_group, 9, 1, &right_signer), OFFSET, to(right_group, &right_signer)).unwrap();
     let notice = right_side.notice.unwrap();
     for (i, s) in rights.iter_mut().enumerate() {
-        assert!(matches!(s.receive(&notice, 20).unwrap()[..], [MemberEvent::Moved { group, member, .. }] if group == right_group && member == ids[i]));
+        let events = s.receive(&notice, 20).unwrap();
+        assert!(matches!(&events[..], [MemberEvent::Moved { group, member, server_name, .. }] if *group == right_group && *member == ids[i] && *server_name == to(right_group, &right_signer).contact.server_name));
         for p in &right_side.rekey {
             s.receive(p, 21).unwrap();
         }

@@ -7,8 +7,9 @@
 
 use std::net::SocketAddr;
 
-use keycast_core::protocol::{ControllerError, Output, Record};
-use keycast_core::wire::GroupId;
+use keycast_core::protocol::merge::Contact;
+use keycast_core::protocol::{ControllerError, MemberEvent, Output, Record};
+use keycast_core::wire::{GroupId, MessageType};
 use keycast_core::{GraphConfig, JoinPolicy, MemberId, Scheme};
 
 mod common;
@@ -20,8 +21,20 @@ const RIGHT: GroupId = GroupId(2);
 
 type World = common::World<Pair>;
 
-fn addresses(port: u16) -> (SocketAddr, SocketAddr) {
-    (SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([239, 255, 0, 9], port + 1)))
+/// Where members reach a controller: TLS at `port`, multicast at the next port, and the
+/// server name of its certificate, each controller's own.
+fn addresses(port: u16) -> Contact {
+    Contact {
+        controller: SocketAddr::from(([127, 0, 0, 1], port)),
+        server_name: format!("controller-{port}.keycast.test").parse().unwrap(),
+        multicast: SocketAddr::from(([239, 255, 0, 9], port + 1)),
+    }
+}
+
+/// The events `member` reports for the merge or split notice among `sent`.
+fn moved_by_notice(world: &mut World, member: &str, sent: &[Vec<u8>]) -> Vec<MemberEvent> {
+    let notice = sent.iter().find(|d| d.get(1) == Some(&(MessageType::MergeNotice as u8))).expect("a notice was sent");
+    world.members.get_mut(member).unwrap().receive(notice, world.now).unwrap()
 }
 
 /// Two groups' controllers at [`T0`], no member yet.
@@ -48,7 +61,7 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     assert_eq!(reach(&mut world.members, &l, &r, 1), 0, "two groups, two keys");
 
     // The merge: the right controller's state into the left one, then the right's notice.
-    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
     let (now, entropy) = (world.now, world.entropy());
     let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
     assert!(matches!(&out[0], Output::Persist(Record::Merged(_))), "the merge is logged before it is sent");
@@ -57,6 +70,13 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     world.sides.right.take(out);
     let merge_notice = world.sides.right.sent[0].clone();
     let sizes: Vec<usize> = world.sides.right.sent.iter().map(Vec::len).collect();
+    // A right member is sent to the left controller under the name in that one's certificate.
+    let sent = world.sides.right.sent.clone();
+    let events = moved_by_notice(&mut world, "right-0", &sent);
+    assert!(
+        matches!(&events[..], [MemberEvent::Moved { group: LEFT, controller, server_name, .. }] if *controller == addresses(7100).controller && *server_name == addresses(7100).server_name),
+        "{events:?}"
+    );
     println!("merge: {} datagrams on the left channel, {:?} bytes on the right channel (notice, then rekey)", world.sides.left.sent.len(), sizes);
     // right-2 misses the notice and the rekey: the right controller's heartbeats repeat the
     // notice, and the merged group's heartbeats then tell it to resync with the left controller.
@@ -107,6 +127,13 @@ fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     let (out, handback) = world.sides.left.controller.split(now, entropy).unwrap();
     world.sides.left.take(out);
     let split_sizes: Vec<usize> = world.sides.left.sent.iter().map(Vec::len).collect();
+    // The split sends the right members back under the right controller's own name.
+    let sent = world.sides.left.sent.clone();
+    let events = moved_by_notice(&mut world, "right-0", &sent);
+    assert!(
+        matches!(&events[..], [MemberEvent::Moved { group: RIGHT, controller, server_name, .. }] if *controller == addresses(7000).controller && *server_name == addresses(7000).server_name),
+        "{events:?}"
+    );
     assert_eq!(handback.members.len(), 3, "right-0, right-1 and the joiner on the right");
     let out = world.sides.right.controller.resume(handback, now, [5; 32]).unwrap();
     assert!(matches!(&out[0], Output::Persist(Record::Snapshot(_))));
@@ -166,7 +193,7 @@ fn merges_that_would_confuse_the_groups_are_refused() {
         let out = side.controller.tick(T0 + 500, [3; 32]).unwrap();
         side.take(out);
     }
-    let side = right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let side = right.controller.merge_side(addresses(7000)).unwrap();
     let refused = left.controller.absorb(side.clone(), addresses(7100), T0 + 600, [4; 32]);
     assert!(matches!(refused, Err(ControllerError::Merge(_))), "one identity in both groups");
     assert!(!left.controller.is_merged());
@@ -177,7 +204,7 @@ fn merges_that_would_confuse_the_groups_are_refused() {
     // The right side changed after its state was taken: its hand-off is refused.
     let out = right.controller.leave("same", MemberId(1)).unwrap();
     right.take(out);
-    let side = right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let side = right.controller.merge_side(addresses(7000)).unwrap();
     let mut other = Side::new(policy(GroupId(4), Scheme::Tree { degree: 2 }), &[], 31);
     let (_, ticket) = other.controller.absorb(side, addresses(7300), T0 + 700, [6; 32]).unwrap();
     let out = right.controller.tick(T0 + 900, [7; 32]).unwrap();
@@ -223,7 +250,7 @@ fn groups_that_switched_to_a_tree_merge_run_restart_and_split() {
     world.sides.right.take(out);
     world.tick(300);
     assert_members_hold_their_keys(&world, "after the switches");
-    let refused = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1);
+    let refused = world.sides.right.controller.merge_side(addresses(7000));
     assert!(matches!(refused, Err(ControllerError::Merge(_))), "a group running a flat table does not merge");
     let out = world.sides.right.controller.switch_to_tree(world.now).unwrap();
     world.sides.right.take(out);
@@ -233,7 +260,7 @@ fn groups_that_switched_to_a_tree_merge_run_restart_and_split() {
     assert_eq!(world.sides.right.controller.scheme().scheme, TREE_OF_SWITCH);
 
     // The merge, as between two configured trees.
-    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
     let (now, entropy) = (world.now, world.entropy());
     let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
     world.sides.left.take(out);
@@ -302,9 +329,9 @@ fn groups_running_a_flat_table_neither_absorb_nor_are_absorbed() {
     let out = world.sides.left.controller.switch_to_flat(3, now, entropy).unwrap();
     world.sides.left.take(out);
     world.tick(300);
-    assert!(matches!(world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1), Err(ControllerError::Merge(_))), "a configured flat group");
+    assert!(matches!(world.sides.right.controller.merge_side(addresses(7000)), Err(ControllerError::Merge(_))), "a configured flat group");
     let tree = Side::new(policy(GroupId(3), Scheme::Tree { degree: 2 }), &[], 21);
-    let side = tree.controller.merge_side(addresses(7200).0, addresses(7200).1).unwrap();
+    let side = tree.controller.merge_side(addresses(7200)).unwrap();
     let refused = world.sides.left.controller.absorb(side.clone(), addresses(7100), world.now, [4; 32]);
     assert!(matches!(refused, Err(ControllerError::Merge(_))), "a tree group switched to a flat table: {refused:?}");
     assert!(!world.sides.left.controller.is_merged());
@@ -331,7 +358,7 @@ fn a_member_away_through_the_whole_merge_finds_the_merged_group_when_it_returns(
     world.join_all(&rights, RIGHT);
     world.tick(300);
     let away = world.members.remove("right-1").unwrap();
-    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
     let (now, entropy) = (world.now, world.entropy());
     let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
     world.sides.left.take(out);
@@ -361,7 +388,7 @@ fn at_the_split_the_right_controller_removes_joiners_its_acl_does_not_list() {
     world.join_all(&lefts, LEFT);
     world.join_all(&rights, RIGHT);
     world.tick(300);
-    let side = world.sides.right.controller.merge_side(addresses(7000).0, addresses(7000).1).unwrap();
+    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
     let (now, entropy) = (world.now, world.entropy());
     let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
     world.sides.left.take(out);

@@ -121,7 +121,8 @@ fn describe(message: &Message) -> Value {
         Message::MergeNotice(n) => json!({"merge_notice": {
             "group": n.notice.group.0, "after_seq": n.notice.after_seq, "move": format!("{:?}", n.notice.change),
             "next_group": n.notice.next_group.0, "next_signer": hex::encode(n.notice.next_signer.0),
-            "controller": n.notice.controller.to_string(), "multicast": n.notice.multicast.to_string(), "signature": hex::encode(n.signature),
+            "controller": n.notice.controller.to_string(), "server_name": n.notice.server_name.as_str(),
+            "multicast": n.notice.multicast.to_string(), "signature": hex::encode(n.signature),
         }}),
         Message::SchemeSwitch(w) => json!({"scheme_switch": {
             "group": w.switch.group.0, "seq": w.switch.seq, "epoch": w.switch.epoch,

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use keycast_core::protocol::traffic::{Fresh, TrafficError, TrafficKeys};
 use keycast_core::wire::control::JOINERS_KEY_ID;
+use keycast_core::protocol::merge::Contact;
 use keycast_core::protocol::{MemberEvent, MemberSession, ResyncCauses};
 use keycast_core::wire::{
     message_type, Data, GroupId, JoinAccepted, JoinAnswer, JoinRequest, Leave, MessageType, Refresh, RefusalReason, ResyncAnswer,
@@ -473,6 +474,12 @@ impl MemberClient {
         self.current_setup().server
     }
 
+    /// The TLS server name this member's requests use now (the one configured, or the one a
+    /// merge or split notice gave).
+    pub fn server_name(&self) -> String {
+        self.current_setup().server_name
+    }
+
     /// The group this member is in now (another after a merge or split moved it).
     pub fn group(&self) -> GroupId {
         self.current_setup().group
@@ -611,7 +618,7 @@ struct Follow {
     unicast: UdpSocket,
     refreshes: u64,
     /// A merge or split notice moved this member: its sockets follow after the datagram.
-    moved: Option<(GroupId, SocketAddr, SocketAddr)>,
+    moved: Option<(GroupId, Contact)>,
 }
 
 /// The next datagram on the socket of a group this member left, if it still listens there.
@@ -699,8 +706,8 @@ impl Follow {
             if !go_on {
                 return;
             }
-            if let Some((group, controller, multicast)) = self.moved.take() {
-                match self.follow_move(group, controller, multicast) {
+            if let Some((group, to)) = self.moved.take() {
+                match self.follow_move(group, to) {
                     Ok(next) => {
                         let grace = Duration::from_millis(MOVE_GRACE_HEARTBEATS * self.setup.heartbeat_ms.max(10));
                         left_behind = Some((std::mem::replace(&mut socket, next), Instant::now() + grace));
@@ -720,9 +727,11 @@ impl Follow {
     }
 
     /// A notice moved this member to `group` (a merge or a split): requests go to its
-    /// controller from now on (the certificate name stays the one configured) and the
-    /// multicast socket is the group's. Returns the new multicast socket; nothing changes on error.
-    fn follow_move(&mut self, group: GroupId, controller: SocketAddr, multicast: SocketAddr) -> std::io::Result<UdpSocket> {
+    /// controller from now on, under the server name the notice gives (the one in that
+    /// controller's certificate), and the multicast socket is the group's. Returns the new
+    /// multicast socket; nothing changes on error.
+    fn follow_move(&mut self, group: GroupId, to: Contact) -> std::io::Result<UdpSocket> {
+        let Contact { controller, server_name, multicast } = to;
         let SocketAddr::V4(address) = multicast else {
             return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "IPv6 multicast groups are not supported"));
         };
@@ -735,10 +744,11 @@ impl Follow {
             self.unicast = UdpSocket::from_std(socket)?;
         }
         (self.setup.group, self.setup.server, self.setup.multicast) = (group, controller, config);
+        self.setup.server_name = server_name.to_string();
         *self.events.shared.route.lock().expect("route lock") = Some(Route::of(&self.setup));
         self.in_flight.udp_probes = 0;
         self.in_flight.udp_probe_due = None;
-        tracing::info!(group = group.0, %controller, %multicast, member = self.member().0, "moved to another group without rejoining");
+        tracing::info!(group = group.0, %controller, %server_name, %multicast, member = self.member().0, "moved to another group without rejoining");
         Ok(receiver)
     }
 
@@ -774,7 +784,9 @@ impl Follow {
                             match event {
                                 MemberEvent::Repaired { after_nak: false, .. } => bump(&shared.fec_recovered),
                                 MemberEvent::Repaired { after_nak: true, .. } => bump(&shared.repair_recovered),
-                                MemberEvent::Moved { group, controller, multicast, .. } => self.moved = Some((*group, *controller, *multicast)),
+                                MemberEvent::Moved { group, controller, server_name, multicast, .. } => {
+                                    self.moved = Some((*group, Contact { controller: *controller, server_name: server_name.clone(), multicast: *multicast }));
+                                }
                                 _ => {}
                             }
                         }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keycast_core::wire::rekey::{FecConfig, PacketConfig, Placement, DEFAULT_BLOCK_BITS};
-use keycast_core::wire::{GroupId, DEFAULT_MTU};
+use keycast_core::wire::{GroupId, TlsServerName, DEFAULT_MTU};
 use keycast_core::{protocol::GroupPolicy, GraphConfig, JoinPolicy, Scheme};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub group: u64,
     /// TLS address for joins, resyncs and administration.
     pub listen: SocketAddr,
+    /// The name in this controller's certificate that members use (merge and split notices
+    /// give it to the members that move here, docs/merge.md).
+    #[serde(default = "localhost")]
+    pub server_name: String,
     pub multicast: MulticastConfig,
     pub tls: TlsFiles,
     /// The controller's log (redb).
@@ -527,6 +531,7 @@ impl ServerConfig {
         }
         c.admin_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         c.merge_peer_fingerprints().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        c.tls_server_name().map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
         Ok(c)
     }
 
@@ -538,6 +543,11 @@ impl ServerConfig {
             return DatabaseKey::from_hex(&hex).map(Some).map_err(|e| ConfigError::Invalid(format!("{DATABASE_KEY_VARIABLE}: {e}")));
         }
         self.database_key.as_deref().map(DatabaseKey::load).transpose().map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// `server_name`, checked as merge notices carry it: 1 to 253 printable ASCII bytes.
+    pub fn tls_server_name(&self) -> Result<TlsServerName, ConfigError> {
+        TlsServerName::new(&self.server_name).map_err(|e| ConfigError::Invalid(format!("server_name {:?}: {e}", self.server_name)))
     }
 
     /// `admins`, parsed; an entry that is not a fingerprint (an identity, say) is an error.
@@ -632,6 +642,26 @@ mod tests {
         let servers: Vec<_> = listed.standbys.iter().map(|s| (s.server.port(), s.server_name.as_str())).collect();
         assert_eq!(servers, [(7404, "localhost"), (7405, "standby-2")]);
         assert!(load("[[standbys]]\nserver = \"127.0.0.1:7404\"\nname = \"x\"\n").is_err(), "a misspelt field was ignored");
+    }
+
+    const SERVER: &str = "group = 1\nlisten = \"127.0.0.1:7400\"\ndatabase = \"c.redb\"\nacl = []\nadmins = []\n";
+    const SERVER_TABLES: &str = "[multicast]\naddress = \"239.255.42.1:7401\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n";
+
+    fn load_server(extra: &str) -> Result<ServerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, format!("{SERVER}{extra}{SERVER_TABLES}")).unwrap();
+        ServerConfig::load(&path)
+    }
+
+    #[test]
+    fn the_controllers_server_name_defaults_to_localhost_and_must_fit_a_merge_notice() {
+        assert_eq!(load_server("").unwrap().tls_server_name().unwrap().as_str(), "localhost");
+        assert_eq!(load_server("server_name = \"keycast.example.org\"\n").unwrap().server_name, "keycast.example.org");
+        for bad in ["", "two words", &"a".repeat(254)] {
+            let error = load_server(&format!("server_name = \"{bad}\"\n")).unwrap_err().to_string();
+            assert!(error.contains("server.toml") && error.contains("server_name"), "{error}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use keycast_core::protocol::{GroupPolicy, DEFAULT_SNAPSHOT_EVERY};
 use keycast_core::wire::rekey::PacketConfig;
-use keycast_core::wire::GroupId;
+use keycast_core::wire::{GroupId, TlsServerName};
 use keycast_core::{GraphConfig, JoinPolicy, Scheme};
 
 use crate::admin::{AdminRequest, AdminResponse, AdminTarget};
@@ -62,6 +62,9 @@ pub struct LocalGroup {
     pub merge_peers: Vec<Fingerprint>,
     /// This group's controller certificate.
     controller: Credentials,
+    /// The name in it, which members and administrators connect under ("localhost" unless
+    /// [`LocalGroup::name_controller`] gave another).
+    server_name: String,
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
 }
@@ -129,9 +132,20 @@ impl LocalGroup {
             standbys: Vec::new(),
             merge_peers: Vec::new(),
             controller: credentials,
+            server_name: "localhost".into(),
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             tls,
         })
+    }
+
+    /// Gives the controller, before its first start, a certificate valid for `server_name`
+    /// alone (not localhost), as a controller on another host has: this group's members and
+    /// administrator connect under that name. Its merge peers must list it after this.
+    pub fn name_controller(&mut self, server_name: &str) -> Result<(), LocalError> {
+        let credentials = self.authority.issue_controller_named("keycast-controller", server_name).map_err(|e| LocalError::Pki(e.to_string()))?;
+        self.tls = server_config(&credentials).map_err(|e| LocalError::Pki(e.to_string()))?;
+        (self.controller, self.server_name) = (credentials, server_name.into());
+        Ok(())
     }
 
     /// Starts (or restarts, from the same log and address) the controller.
@@ -186,6 +200,7 @@ impl LocalGroup {
             identity_from_common_name: self.identity_from_common_name,
             limits: self.limits,
             listen: self.listen,
+            server_name: TlsServerName::new(&self.server_name).map_err(|e| LocalError::Pki(e.to_string()))?,
             multicast: self.multicast.clone(),
             tls: self.tls.clone(),
             database: self.database.clone(),
@@ -229,7 +244,7 @@ impl LocalGroup {
         Ok(MemberSetup {
             group: self.policy.group,
             server: self.listen,
-            server_name: "localhost".into(),
+            server_name: self.server_name.clone(),
             multicast: self.multicast.clone(),
             tls: client_config(credentials).map_err(|e| LocalError::Pki(e.to_string()))?,
             refresh_ms: (self.policy.refresh_timeout_ms / 4).max(50),
@@ -274,7 +289,7 @@ impl LocalGroup {
     /// `left`'s controller runs the merged group, `right`'s members follow it without
     /// rejoining. The two must share a CA (`prepare_sharing`).
     pub async fn merge(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
-        crate::admin::merge(&left.admin_target()?, (right.listen, "localhost".into())).await
+        crate::admin::merge(&left.admin_target()?, (right.listen, right.server_name.clone())).await
     }
 
     /// Lets `peer`'s controller absorb this group or hand it back (from this controller's next
@@ -286,18 +301,18 @@ impl LocalGroup {
 
     /// Splits `right` off the merged group `left` runs (`keycast admin split`).
     pub async fn split(left: &LocalGroup, right: &LocalGroup) -> Result<String, String> {
-        crate::admin::split(&left.admin_target()?, (right.listen, "localhost".into())).await
+        crate::admin::split(&left.admin_target()?, (right.listen, right.server_name.clone())).await
     }
 
     /// This group's controller as its administrator reaches it.
     pub fn admin_target(&self) -> Result<AdminTarget, String> {
-        Ok(AdminTarget { server: self.listen, server_name: "localhost".into(), tls: client_config(&self.admin).map_err(|e| e.to_string())? })
+        Ok(AdminTarget { server: self.listen, server_name: self.server_name.clone(), tls: client_config(&self.admin).map_err(|e| e.to_string())? })
     }
 
     /// One admin request over TLS with `credentials` (the group's `admin` ones, or others to
     /// check that they are refused).
     pub async fn admin_request(&self, credentials: &Credentials, request: &AdminRequest) -> Result<AdminResponse, String> {
         let tls = client_config(credentials).map_err(|e| e.to_string())?;
-        crate::admin::request(self.listen, "localhost", tls, request).await
+        crate::admin::request(self.listen, &self.server_name, tls, request).await
     }
 }

@@ -76,6 +76,18 @@ impl Authority {
         Ok(Credentials { ca_pem: self.ca_pem(), cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
     }
 
+    /// A controller's certificate valid for `server_name` alone (a DNS name): members must
+    /// connect under that name, as to a controller on another host.
+    pub fn issue_controller_named(&self, common_name: &str, server_name: &str) -> Result<Credentials, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(common_name);
+        params.subject_alt_names = vec![SanType::DnsName(server_name.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Credentials { ca_pem: self.ca_pem(), cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+    }
+
     /// A certificate for `common_name`: the controller's (`server`: valid for localhost and
     /// 127.0.0.1) or a client's (member or administrator; the name is its identity).
     pub fn issue(&self, common_name: &str, server: bool) -> Result<Credentials, rcgen::Error> {

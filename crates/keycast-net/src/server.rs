@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use keycast_core::protocol::traffic::TrafficKeys;
 use keycast_core::protocol::heartbeats::{controller_alive, Heartbeats};
+use keycast_core::protocol::merge::Contact;
 use keycast_core::protocol::merge_state::{Handback, MergeSide, MergeTicket};
 use keycast_core::protocol::{Controller, ControllerError, GroupPolicy, JoinStatus, LivenessAnswer, Output, Refusal};
-use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, VerifyingKey, LIVENESS_LEN};
+use keycast_core::wire::{GroupId, JoinAnswer, Message, MessageType, RefusalReason, TlsServerName, VerifyingKey, LIVENESS_LEN};
 use keycast_core::MemberId;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -86,6 +87,8 @@ pub struct ServerSetup {
     pub identity_from_common_name: bool,
     pub limits: Limits,
     pub listen: SocketAddr,
+    /// The name in this controller's certificate, for the members a merge or split moves here.
+    pub server_name: TlsServerName,
     pub multicast: MulticastConfig,
     pub tls: Arc<rustls::ServerConfig>,
     pub database: PathBuf,
@@ -232,6 +235,7 @@ impl Server {
             udp_requests,
             unicast: udp_socket.clone(),
             addr,
+            server_name: setup.server_name,
             merging: None,
         };
         // Stats and keys from the start: a relay restarted from its log reads them at once.
@@ -435,8 +439,10 @@ struct ControllerTask {
     /// checked here (the controller owns the keys); resync answers go back on `unicast`.
     udp_requests: mpsc::Receiver<UdpRequest>,
     unicast: Arc<UdpSocket>,
-    /// The TLS address members reach this controller at (named in merge notices).
+    /// The TLS address members reach this controller at, and the name in its certificate
+    /// (both named in merge notices).
     addr: SocketAddr,
+    server_name: TlsServerName,
     /// This group's state was taken for a merge: no batch until it is handed off, the merge
     /// aborted, or this deadline passes (an administrator that went away holds nothing for long).
     merging: Option<Instant>,
@@ -627,11 +633,12 @@ impl ControllerTask {
 
     /// One step of a merge or split; the controller's refusals go back to the caller.
     async fn merge_step(&mut self, step: MergeStep) -> Result<(), StoreError> {
-        let (now, here) = (now_ms(), (self.addr, SocketAddr::V4(self.group)));
+        let here = Contact { controller: self.addr, server_name: self.server_name.clone(), multicast: SocketAddr::V4(self.group) };
+        let now = now_ms();
         let text = |e: ControllerError| e.to_string();
         match step {
             MergeStep::Side { reply } => {
-                let side = self.controller.merge_side(here.0, here.1).map_err(text);
+                let side = self.controller.merge_side(here).map_err(text);
                 self.merging = side.is_ok().then(|| Instant::now() + MERGE_HOLD);
                 let _ = reply.send(side);
             }
@@ -1535,6 +1542,7 @@ mod tests {
             udp_requests: mpsc::channel(1).1,
             unicast: Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            server_name: TlsServerName::localhost(),
             merging: None,
         };
         (task, config)

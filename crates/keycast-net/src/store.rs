@@ -427,8 +427,11 @@ mod tests {
             created_ms: 1,
             rekey_seq: 4,
             next_member: 3,
-            controller: "127.0.0.1:7000".parse().unwrap(),
-            multicast: "239.255.0.9:7001".parse().unwrap(),
+            contact: keycast_core::protocol::merge::Contact {
+                controller: "127.0.0.1:7000".parse().unwrap(),
+                server_name: "right.keycast.test".parse().unwrap(),
+                multicast: "239.255.0.9:7001".parse().unwrap(),
+            },
         };
         let side = MergeSide {
             right,

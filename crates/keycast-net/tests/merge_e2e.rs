@@ -16,6 +16,8 @@ use tokio::time::{sleep, timeout, Instant};
 
 const LEFT: GroupId = GroupId(61);
 const RIGHT: GroupId = GroupId(62);
+const LEFT_NAME: &str = "left.keycast.test";
+const RIGHT_NAME: &str = "right.keycast.test";
 
 fn policy(group: GroupId) -> GroupPolicy {
     loopback_policy(group)
@@ -60,6 +62,10 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     let mut left = LocalGroup::prepare(policy(LEFT), 4, left_dir.path().to_path_buf()).unwrap();
     let mut right = LocalGroup::prepare_sharing(policy(RIGHT), 0, right_dir.path().to_path_buf(), left.authority.clone()).unwrap();
     right.acl = (1..=3).map(|i| format!("right-{i}")).collect();
+    // Each controller's certificate carries its own name alone, as on two hosts: a member that
+    // kept its configured name after a move could not reach the other controller.
+    left.name_controller(LEFT_NAME).unwrap();
+    right.name_controller(RIGHT_NAME).unwrap();
     right.trust_merge_peer(&left).unwrap();
     left.start_server().await.unwrap();
     right.start_server().await.unwrap();
@@ -81,6 +87,7 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
         let (l, r) = everyone.split_at(3);
         // The right ids moved past the left controller's (it had issued 1..=3).
         assert!(r.iter().all(|m| m.controller() == left.addr() && m.member().0 > 3), "right members follow the left controller");
+        assert!(r.iter().all(|m| m.server_name() == LEFT_NAME), "under the name the notice gives");
         assert_eq!(readers_of(l[0], r), 3, "left to right");
         assert_eq!(readers_of(r[1], l), 3, "right to left");
         key
@@ -94,7 +101,8 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     left.start_server().await.unwrap();
     assert_eq!(left.server().members().await.len(), 6, "the restarted controller runs the merged group");
 
-    // A right member leaves while merged: its request goes to the merged group's controller.
+    // A right member leaves while merged: its request goes to the merged group's controller,
+    // under that one's server name.
     let (gone, _) = rights.remove(2);
     let gone_key = gone.getkey().unwrap();
     gone.leave().await.unwrap();
@@ -113,7 +121,7 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     until_one_key(&r, RIGHT, Some(after_leave)).await;
     // The two sides' keys may share a name (each group names its keys alone), never a value.
     assert!(l[0].getkey().unwrap().1 != r[0].getkey().unwrap().1);
-    assert!(r.iter().all(|m| m.controller() == right.addr()), "right members follow their own controller again");
+    assert!(r.iter().all(|m| m.controller() == right.addr() && m.server_name() == RIGHT_NAME), "right members follow their own controller again");
     assert_eq!(right.server().members().await.len(), 2, "right-1 and right-2 are back");
     assert_eq!(readers_of(l[0], &r), 0, "the right side reads nothing of the left's new key");
     assert_eq!(readers_of(r[0], &l), 0, "the left side reads nothing of the right's new key");
@@ -121,6 +129,12 @@ async fn two_live_groups_merge_share_traffic_lose_a_member_and_split() {
     assert_eq!(readers_of(r[0], &r[1..]), 1);
     rights[0].0.send(b"right again").await.unwrap();
     assert!(receives(&mut rights[1].1, b"right again").await, "the right group's multicast works again");
+    // And reach their controller over TLS again, under its name.
+    let before = rights[0].0.getkey().unwrap().0;
+    let (back, _) = rights.remove(1);
+    back.leave().await.unwrap();
+    until_one_key(&[&rights[0].0], RIGHT, Some(before)).await;
+    assert_eq!(right.server().members().await.len(), 1);
 }
 
 /// A merge the absorbing controller refuses (one identity in both groups) leaves both groups

@@ -100,9 +100,9 @@ impl EventPrinter {
                 format!("the controller replaced its signing key (rotation {change}); this member follows it"),
                 json!({"event": "signer_changed", "rotation": change}),
             ),
-            MemberEvent::Moved { group, member, controller, multicast } => (
-                format!("moved to group {} as member {} (a merge or split): controller {controller}, multicast {multicast}; keys kept", group.0, member.0),
-                json!({"event": "moved", "group": group.0, "member": member.0, "controller": controller.to_string(), "multicast": multicast.to_string()}),
+            MemberEvent::Moved { group, member, controller, server_name, multicast } => (
+                format!("moved to group {} as member {} (a merge or split): controller {controller} ({server_name}), multicast {multicast}; keys kept", group.0, member.0),
+                json!({"event": "moved", "group": group.0, "member": member.0, "controller": controller.to_string(), "server_name": server_name.as_str(), "multicast": multicast.to_string()}),
             ),
             MemberEvent::Repaired { seq, packets, after_nak } => {
                 let from = if *after_nak { "a repair round it asked for (NAK)" } else { "the parity sent with it" };

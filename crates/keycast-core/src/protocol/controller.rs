@@ -589,7 +589,7 @@ impl Controller {
         c.pending = Pending::from_requests(&s.pending);
         c.last_rekey = s.last_rekey.clone();
         c.signer_changes = s.signer_changes;
-        c.merged = s.merged;
+        c.merged = s.merged.clone();
         if c.group_keys.is_empty() || c.members.keys().any(|m| !c.graph.contains(*m)) {
             return Err(ControllerError::BadLog("the snapshot's members and keys disagree"));
         }
@@ -614,7 +614,7 @@ impl Controller {
             pending: self.pending.iter().filter(|r| !matches!(r, Request::Join { .. })).cloned().collect(),
             last_rekey: self.last_rekey.clone(),
             graph: self.graph.export(),
-            merged: self.merged,
+            merged: self.merged.clone(),
             switched: Some(self.graph.config()).filter(|config| *config != self.policy.graph),
         }
     }

@@ -71,8 +71,8 @@ pub enum MemberEvent {
     Repaired { seq: u64, packets: usize, after_nak: bool },
     /// A merge notice moved this member under another controller (a merge or a split, see
     /// docs/merge.md), with its keys and no rejoin: the driver follows that controller's
-    /// addresses. `member` is this member's id there.
-    Moved { group: GroupId, member: MemberId, controller: std::net::SocketAddr, multicast: std::net::SocketAddr },
+    /// addresses and speaks TLS to it under `server_name`. `member` is this member's id there.
+    Moved { group: GroupId, member: MemberId, controller: std::net::SocketAddr, server_name: crate::wire::TlsServerName, multicast: std::net::SocketAddr },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -713,7 +713,13 @@ impl MemberSession {
         self.announced_pending = None;
         self.late_through = notice.next_seq;
         self.moved_at_seq = Some(notice.next_seq);
-        Ok(vec![MemberEvent::Moved { group: self.group, member: self.member, controller: notice.controller, multicast: notice.multicast }])
+        Ok(vec![MemberEvent::Moved {
+            group: self.group,
+            member: self.member,
+            controller: notice.controller,
+            server_name: notice.server_name,
+            multicast: notice.multicast,
+        }])
     }
 
     /// A scheme switch from this member's controller, taken once it holds every rekey before

@@ -12,7 +12,16 @@ use std::net::SocketAddr;
 use crate::graph::merge::{Merge, Split, Subtree};
 use crate::graph::RekeyPlan;
 use crate::wire::rekey::{encode_rekey, PacketConfig, PacketiseError, RekeyContext};
-use crate::wire::{GroupId, MergeNotice, Move, Signer, VerifyingKey};
+use crate::wire::{GroupId, MergeNotice, Move, Signer, TlsServerName, VerifyingKey};
+
+/// Where members reach a controller: its TLS address and the server name its certificate
+/// carries, and its multicast group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Contact {
+    pub controller: SocketAddr,
+    pub server_name: TlsServerName,
+    pub multicast: SocketAddr,
+}
 
 /// One side's multicast channel as its controller runs it now.
 pub struct Channel<'a> {
@@ -26,12 +35,11 @@ pub struct Channel<'a> {
 }
 
 /// The controller the moving side follows from now on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Destination {
     pub group: GroupId,
     pub signer: VerifyingKey,
-    pub controller: SocketAddr,
-    pub multicast: SocketAddr,
+    pub contact: Contact,
 }
 
 /// What one side's members receive, in this order.
@@ -60,8 +68,9 @@ fn notice(channel: &Channel<'_>, change: Move, member_offset: u64, to: Destinati
         next_epoch: next.epoch,
         next_seq: next.last_seq,
         next_signer: to.signer,
-        controller: to.controller,
-        multicast: to.multicast,
+        controller: to.contact.controller,
+        server_name: to.contact.server_name,
+        multicast: to.contact.multicast,
     };
     notice.sign(channel.signer).encode()
 }

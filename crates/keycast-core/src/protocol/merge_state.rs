@@ -5,24 +5,27 @@
 //! Encoded like the snapshot (big-endian, counted, strict, one encoding); the absorbed
 //! group's graph holds key material, so its encoding lives in zeroized memory.
 
-use std::net::SocketAddr;
-
 use zeroize::Zeroizing;
 
 use crate::graph::{KeyGraph, MemberId, RekeyPlan};
 use crate::wire::codec::{Reader, Writer};
-use crate::wire::merge_notice::{put_addr, read_addr};
-use crate::wire::{DecodeError, VerifyingKey};
+use crate::wire::merge_notice::{put_addr, put_server_name, read_addr, read_server_name};
+use crate::wire::{DecodeError, TlsServerName, VerifyingKey};
 
 use super::controller::{FixedPolicy, Request};
-use super::merge::Destination;
+use super::merge::{Contact, Destination};
 use super::snapshot::{put_fixed, put_text, read_fixed, read_text};
 
-const MERGE_RECORD_FORMAT: u8 = 1;
+const MERGE_RECORD_FORMAT: u8 = NAMED_FORMAT;
+/// Before the controllers' TLS server names: merge records of it are read (the name is then
+/// "localhost"), never written; the states two controllers hand each other are of one format.
+const BEFORE_NAMES_FORMAT: u8 = 1;
+/// Format 2 adds the server name after each controller address.
+const NAMED_FORMAT: u8 = 2;
 const MAX_ITEMS: usize = 1 << 28;
 
 /// The absorbed (right) group as the merged controller keeps it, to hand it back at the split.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RightGroup {
     /// Its group id, graph configuration and epoch length.
     pub fixed: FixedPolicy,
@@ -33,8 +36,7 @@ pub struct RightGroup {
     /// The next member id it would have issued (ids of its own numbering).
     pub next_member: u64,
     /// Where its members go back to at the split.
-    pub controller: SocketAddr,
-    pub multicast: SocketAddr,
+    pub contact: Contact,
 }
 
 /// Everything the absorbing controller takes of the absorbed one ([`super::Controller::merge_side`]).
@@ -75,7 +77,7 @@ impl core::fmt::Debug for MergeRecord {
 }
 
 /// A merge in force, as the merged controller keeps it (and its snapshots hold).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Merged {
     pub right: RightGroup,
     pub offset: u64,
@@ -112,25 +114,38 @@ impl core::fmt::Debug for Handback {
     }
 }
 
+/// The TLS address, server name and multicast group.
+fn put_contact(out: &mut Vec<u8>, contact: &Contact) {
+    put_addr(out, contact.controller);
+    put_server_name(out, &contact.server_name);
+    put_addr(out, contact.multicast);
+}
+
+/// `named`: the record's format has the server name (older ones name "localhost").
+fn read_contact(r: &mut Reader<'_>, named: bool, field: &'static str) -> Result<Contact, DecodeError> {
+    let controller = read_addr(r, field)?;
+    let server_name = if named { read_server_name(r, field)? } else { TlsServerName::localhost() };
+    Ok(Contact { controller, server_name, multicast: read_addr(r, field)? })
+}
+
 pub(crate) fn put_right_group(out: &mut Vec<u8>, right: &RightGroup) {
     put_fixed(out, &right.fixed);
     out.extend_from_slice(&right.signer.0);
     out.put_u64(right.created_ms);
     out.put_u64(right.rekey_seq);
     out.put_u64(right.next_member);
-    put_addr(out, right.controller);
-    put_addr(out, right.multicast);
+    put_contact(out, &right.contact);
 }
 
-pub(crate) fn read_right_group(r: &mut Reader<'_>) -> Result<RightGroup, DecodeError> {
+/// `named` as in [`read_contact`].
+pub(crate) fn read_right_group(r: &mut Reader<'_>, named: bool) -> Result<RightGroup, DecodeError> {
     Ok(RightGroup {
         fixed: read_fixed(r)?,
         signer: VerifyingKey(r.array("right signer")?),
         created_ms: r.u64("right created at")?,
         rekey_seq: r.u64("right rekey seq")?,
         next_member: r.u64("right next member")?,
-        controller: read_addr(r, "right controller")?,
-        multicast: read_addr(r, "right multicast")?,
+        contact: read_contact(r, named, "right controller")?,
     })
 }
 
@@ -212,6 +227,17 @@ fn check_format(r: &mut Reader<'_>, field: &'static str) -> Result<(), DecodeErr
     }
 }
 
+/// A log record's format: whether it has server names (the current one) or not (the one
+/// before, still in logs written before names).
+fn record_format(r: &mut Reader<'_>) -> Result<bool, DecodeError> {
+    let field = "merge record format";
+    match r.u8(field)? {
+        NAMED_FORMAT => Ok(true),
+        BEFORE_NAMES_FORMAT => Ok(false),
+        format => Err(DecodeError::BadValue { field, value: format.into() }),
+    }
+}
+
 impl MergeSide {
     fn capacity(&self) -> usize {
         256 + self.graph.len() + self.members.iter().map(|(_, i)| 10 + i.len()).sum::<usize>() + 9 * self.pending.len()
@@ -224,8 +250,8 @@ impl MergeSide {
         put_bytes(out, &self.graph);
     }
 
-    fn read(r: &mut Reader<'_>) -> Result<MergeSide, DecodeError> {
-        let right = read_right_group(r)?;
+    fn read(r: &mut Reader<'_>, named: bool) -> Result<MergeSide, DecodeError> {
+        let right = read_right_group(r, named)?;
         let members = read_members(r)?;
         let pending = read_requests(r)?;
         let graph = read_bytes(r, "graph")?;
@@ -245,7 +271,7 @@ impl MergeSide {
     pub fn decode(bytes: &[u8]) -> Result<MergeSide, DecodeError> {
         let mut r = Reader::new(bytes);
         check_format(&mut r, "merge side format")?;
-        let side = MergeSide::read(&mut r)?;
+        let side = MergeSide::read(&mut r, true)?;
         r.finish()?;
         Ok(side)
     }
@@ -260,8 +286,7 @@ impl MergeTicket {
         out.put_u8(MERGE_RECORD_FORMAT);
         out.put_u64(self.merged.group.0);
         out.extend_from_slice(&self.merged.signer.0);
-        put_addr(&mut out, self.merged.controller);
-        put_addr(&mut out, self.merged.multicast);
+        put_contact(&mut out, &self.merged.contact);
         for value in [self.epoch, self.last_seq, self.offset, self.right_seq] {
             out.put_u64(value);
         }
@@ -279,8 +304,7 @@ impl MergeTicket {
         check_format(&mut r, "merge ticket format")?;
         let group = r.group()?;
         let signer = VerifyingKey(r.array("merged signer")?);
-        let (controller, multicast) = (read_addr(&mut r, "merged controller")?, read_addr(&mut r, "merged multicast")?);
-        let merged = Destination { group, signer, controller, multicast };
+        let merged = Destination { group, signer, contact: read_contact(&mut r, true, "merged controller")? };
         let (epoch, last_seq, offset, right_seq) = (r.u64("epoch")?, r.u64("last seq")?, r.u64("member offset")?, r.u64("right seq")?);
         let count = r.count(4, MAX_TICKET_PACKETS, 4, "merge rekey packets")?;
         let mut rekey = Vec::with_capacity(count);
@@ -322,7 +346,7 @@ impl Handback {
     pub fn decode(bytes: &[u8]) -> Result<Handback, DecodeError> {
         let mut r = Reader::new(bytes);
         check_format(&mut r, "handback format")?;
-        let right = read_right_group(&mut r)?;
+        let right = read_right_group(&mut r, true)?;
         let members = read_members(&mut r)?;
         let next_member = r.u64("next member")?;
         let graph = import_tree(&read_bytes(&mut r, "graph")?)?;
@@ -354,14 +378,78 @@ impl MergeRecord {
         out
     }
 
-    /// Strict: members in ascending order (one encoding), nothing after the graph.
+    /// Strict: members in ascending order (one encoding), nothing after the graph. A record of
+    /// the format before server names reads with "localhost" (and encodes in today's format).
     pub fn decode(bytes: &[u8]) -> Result<MergeRecord, DecodeError> {
         let mut r = Reader::new(bytes);
-        check_format(&mut r, "merge record format")?;
+        let named = record_format(&mut r)?;
         let (seq, epoch, offset) = (r.u64("merge seq")?, r.u64("merge epoch")?, r.u64("member offset")?);
         let seed = r.array::<32>("merge seed")?;
-        let side = MergeSide::read(&mut r)?;
+        let side = MergeSide::read(&mut r, named)?;
         r.finish()?;
         Ok(MergeRecord { seq, epoch, offset, seed, side })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::graph::{GraphConfig, JoinPolicy, Scheme};
+    use crate::wire::GroupId;
+
+    pub(crate) const NAME: &str = "right.keycast.test";
+
+    pub(crate) fn right_group() -> RightGroup {
+        let graph = GraphConfig { scheme: Scheme::Tree { degree: 3 }, join_policy: JoinPolicy::NewVersion };
+        RightGroup {
+            fixed: FixedPolicy { group: GroupId(8), graph, epoch_ms: 100 },
+            signer: VerifyingKey([7; 32]),
+            created_ms: 1,
+            rekey_seq: 4,
+            next_member: 3,
+            contact: Contact {
+                controller: "127.0.0.1:7000".parse().unwrap(),
+                server_name: NAME.parse().unwrap(),
+                multicast: "239.255.0.9:7001".parse().unwrap(),
+            },
+        }
+    }
+
+    /// `bytes` as the format before server names wrote them: format byte 1, no name.
+    pub(crate) fn without_name(bytes: &[u8], format_before: u8) -> Vec<u8> {
+        let name = [&[NAME.len() as u8][..], NAME.as_bytes()].concat();
+        let at = bytes.windows(name.len()).position(|w| w == name).expect("the name is encoded");
+        let mut old = [&bytes[..at], &bytes[at + name.len()..]].concat();
+        old[0] = format_before;
+        old
+    }
+
+    fn record() -> MergeRecord {
+        let side = MergeSide {
+            right: right_group(),
+            graph: Zeroizing::new(vec![1, 2, 3]),
+            members: vec![(MemberId(1), "right-1".into()), (MemberId(2), "right-2".into())],
+            pending: vec![Request::Leave { member: MemberId(2) }],
+        };
+        MergeRecord { seq: 16, epoch: 17, offset: 9, seed: [6; 32], side }
+    }
+
+    #[test]
+    fn merge_records_written_before_server_names_still_read_with_localhost() {
+        let record = record();
+        let bytes = record.encode();
+        assert_eq!(MergeRecord::decode(&bytes), Ok(record.clone()));
+        let old = without_name(&bytes, BEFORE_NAMES_FORMAT);
+        let read = MergeRecord::decode(&old).expect("a record of the format before names");
+        assert_eq!(read.side.right.contact.server_name, TlsServerName::localhost());
+        let mut expected = record.clone();
+        expected.side.right.contact.server_name = TlsServerName::localhost();
+        assert_eq!(read, expected, "everything else as written");
+        assert_eq!(read.encode()[0], NAMED_FORMAT, "written again in today's format");
+        // The states two controllers hand each other have one format: the current one.
+        assert!(MergeSide::decode(&without_name(&record.side.encode(), BEFORE_NAMES_FORMAT)).is_err());
+        let mut unknown = bytes.to_vec();
+        unknown[0] = 3;
+        assert!(matches!(MergeRecord::decode(&unknown), Err(DecodeError::BadValue { field: "merge record format", value: 3 })));
     }
 }

@@ -17,12 +17,14 @@ use crate::wire::DecodeError;
 use super::controller::{FixedPolicy, Request};
 use super::merge_state::{put_requests, put_right_group, read_requests, read_right_group, Merged};
 
-const SNAPSHOT_FORMAT: u8 = SWITCH_FORMAT;
+const SNAPSHOT_FORMAT: u8 = NAMED_FORMAT;
 /// Snapshots written before merges were built: read, never written.
 const BEFORE_MERGES_FORMAT: u8 = 1;
 const MERGE_FORMAT: u8 = 2;
 /// Format 3 adds the graph's scheme after a flat <-> tree switch.
 const SWITCH_FORMAT: u8 = 3;
+/// Format 4 adds the absorbed group's TLS server name to the merge in force (before, "localhost").
+const NAMED_FORMAT: u8 = 4;
 /// Longest identity (a certificate name) a snapshot holds.
 const MAX_IDENTITY: usize = 1024;
 const MAX_ITEMS: usize = 1 << 28;
@@ -190,7 +192,7 @@ impl Snapshot {
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, DecodeError> {
         let mut r = Reader::new(bytes);
         let format = r.u8("snapshot format")?;
-        if ![SWITCH_FORMAT, MERGE_FORMAT, BEFORE_MERGES_FORMAT].contains(&format) {
+        if ![NAMED_FORMAT, SWITCH_FORMAT, MERGE_FORMAT, BEFORE_MERGES_FORMAT].contains(&format) {
             return Err(DecodeError::BadValue { field: "snapshot format", value: format.into() });
         }
         let created_ms = r.u64("created at")?;
@@ -222,11 +224,13 @@ impl Snapshot {
         let graph = Zeroizing::new(r.take(usize::try_from(len).unwrap_or(usize::MAX), "graph")?.to_vec());
         // Format 1 (before merges) ends here; format 2 says whether a merge is in force.
         let merged = match format {
-            MERGE_FORMAT | SWITCH_FORMAT if r.flag("merged")? => Some(Merged { right: read_right_group(&mut r)?, offset: r.u64("member offset")? }),
+            MERGE_FORMAT | SWITCH_FORMAT | NAMED_FORMAT if r.flag("merged")? => {
+                Some(Merged { right: read_right_group(&mut r, format == NAMED_FORMAT)?, offset: r.u64("member offset")? })
+            }
             _ => None,
         };
         let switched = match format {
-            SWITCH_FORMAT if r.flag("switched")? => Some(read_fixed(&mut r)?.graph),
+            SWITCH_FORMAT | NAMED_FORMAT if r.flag("switched")? => Some(read_fixed(&mut r)?.graph),
             _ => None,
         };
         r.finish()?;
@@ -249,5 +253,59 @@ impl Snapshot {
             merged,
             switched,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::merge_state::tests::{right_group, without_name};
+    use crate::wire::TlsServerName;
+
+    /// A merged controller's snapshot, without keys or members (decoding does not import the graph).
+    fn merged_snapshot() -> Snapshot {
+        let right = right_group();
+        Snapshot {
+            created_ms: 1,
+            signing_seed: Zeroizing::new([3; 32]),
+            signer_changes: 0,
+            fixed: FixedPolicy { group: crate::wire::GroupId(7), ..right.fixed },
+            next_member: 5,
+            epoch: 6,
+            rekey_seq: 7,
+            members: Vec::new(),
+            group_keys: Vec::new(),
+            revoked: BTreeSet::new(),
+            acl_added: BTreeSet::new(),
+            acl_removed: BTreeSet::new(),
+            pending: Vec::new(),
+            last_rekey: Vec::new(),
+            graph: Zeroizing::new(vec![1, 2, 3]),
+            merged: Some(Merged { right, offset: 9 }),
+            switched: None,
+        }
+    }
+
+    #[test]
+    fn snapshots_written_before_server_names_still_read_with_localhost() {
+        let snapshot = merged_snapshot();
+        let bytes = snapshot.encode();
+        assert_eq!(bytes[0], NAMED_FORMAT);
+        let read = Snapshot::decode(&bytes).unwrap();
+        assert_eq!(read.merged, snapshot.merged);
+        for format in [SWITCH_FORMAT, MERGE_FORMAT] {
+            let old = if format == MERGE_FORMAT {
+                // Format 2 ends before the switch flag.
+                let named = without_name(&bytes, format);
+                named[..named.len() - 1].to_vec()
+            } else {
+                without_name(&bytes, format)
+            };
+            let read = Snapshot::decode(&old).unwrap_or_else(|e| panic!("format {format}: {e}"));
+            let merged = read.merged.as_ref().expect("the merge in force");
+            assert_eq!(merged.right.contact.server_name, TlsServerName::localhost(), "format {format}");
+            assert_eq!(merged.right.contact.controller, snapshot.merged.as_ref().unwrap().right.contact.controller);
+            assert_eq!(read.encode()[0], NAMED_FORMAT, "written again in today's format");
+        }
     }
 }

@@ -26,7 +26,7 @@ pub use auth::{Signer, VerifiedRoots, VerifyingKey};
 pub use control::{Data, JoinAccepted, JoinAnswer, JoinRequest, Leave, Nak, Refresh, RefusalReason, ResyncAnswer, ResyncRequest};
 pub use guard::{Reject, RekeyAssembly, ReplayGuard};
 pub use heartbeat::{Heartbeat, PendingKey, SignedHeartbeat};
-pub use merge_notice::{MergeNotice, Move, SignedMergeNotice};
+pub use merge_notice::{MergeNotice, Move, SignedMergeNotice, TlsServerName};
 pub use liveness::{open_resync_answer, peek_resync_answer, seal_resync_answer, Liveness, LivenessKey, ResyncAnswerKey, LIVENESS_LEN, LIVENESS_TAG_LEN};
 pub use refusal::{DatagramRefusal, SignedDatagramRefusal, DATAGRAM_REFUSAL_LEN};
 pub use parity::{encode_parity, ParityHeader, ParityPacket, ParityRound, ParityShard};

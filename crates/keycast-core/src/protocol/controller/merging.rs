@@ -15,8 +15,6 @@
 //! merged group issues ids above both groups' (joiners go to the smaller side, so a joiner on
 //! the right has an id above the offset and goes back with the right side at the split).
 
-use std::net::SocketAddr;
-
 use crate::graph::merge::{merge_trees, MergedTrees, Subtree};
 use crate::graph::{MemberId, RekeyPlan, Scheme};
 use crate::keygen::{BatchSeed, KeyGen};
@@ -24,7 +22,7 @@ use crate::wire::control::RefusalReason;
 use crate::wire::{MergeNotice, Move};
 
 use super::super::heartbeats::epoch_at;
-use super::super::merge::Destination;
+use super::super::merge::{Contact, Destination};
 use super::super::merge_state::{import_tree, Handback, MergeRecord, MergeSide, MergeTicket, Merged, RightGroup};
 use super::super::pending::Pending;
 use super::{Controller, ControllerError, MemberRecord, Output, Record, Request};
@@ -38,9 +36,10 @@ fn refused(why: &'static str) -> ControllerError {
 }
 
 impl Controller {
-    /// This group's state for a merge into another, with the addresses its members come back
-    /// to at the split. The group must not change until [`Controller::hand_off`].
-    pub fn merge_side(&self, controller: SocketAddr, multicast: SocketAddr) -> Result<MergeSide, ControllerError> {
+    /// This group's state for a merge into another, with where its members come back to at the
+    /// split (`here`: this controller's addresses and TLS server name). The group must not
+    /// change until [`Controller::hand_off`].
+    pub fn merge_side(&self, here: Contact) -> Result<MergeSide, ControllerError> {
         if self.merged.is_some() || self.handed_off.is_some() {
             return Err(refused("a merged or absorbed group merges no further"));
         }
@@ -51,8 +50,7 @@ impl Controller {
             created_ms: self.created_ms,
             rekey_seq: self.rekey_seq,
             next_member: self.next_member,
-            controller,
-            multicast,
+            contact: here,
         };
         Ok(MergeSide {
             right,
@@ -63,9 +61,10 @@ impl Controller {
     }
 
     /// Absorbs the group of `side`: one rekey, active at once, brings both groups' members the
-    /// new root. `here` is this controller's TLS and multicast addresses, for the right side's
-    /// notice. Returns the outputs (the record first) and what the right controller sends.
-    pub fn absorb(&mut self, side: MergeSide, here: (SocketAddr, SocketAddr), now_ms: u64, entropy: [u8; 32]) -> Result<(Vec<Output>, MergeTicket), ControllerError> {
+    /// new root. `here` is this controller's TLS address, server name and multicast group, for
+    /// the right side's notice. Returns the outputs (the record first) and what the right
+    /// controller sends.
+    pub fn absorb(&mut self, side: MergeSide, here: Contact, now_ms: u64, entropy: [u8; 32]) -> Result<(Vec<Output>, MergeTicket), ControllerError> {
         if self.merged.is_some() || self.handed_off.is_some() {
             return Err(refused("a merged or absorbed group absorbs no other"));
         }
@@ -80,7 +79,7 @@ impl Controller {
         let plan = self.apply_merge(&record, now_ms)?;
         let (packets, bytes) = self.encode(&plan, seq, epoch, epoch)?;
         self.last_rekey = packets.clone();
-        let merged = Destination { group: self.policy.group, signer: self.signer.verifying_key(), controller: here.0, multicast: here.1 };
+        let merged = Destination { group: self.policy.group, signer: self.signer.verifying_key(), contact: here };
         let ticket = MergeTicket { merged, epoch, last_seq: seq - 1, offset, rekey: packets.clone(), right_seq };
         let mut out = vec![Output::Persist(Record::Merged(Box::new(record)))];
         out.push(Output::Rekeyed { seq, epoch, wraps: plan.wraps.len(), packets: packets.len(), bytes, parity: 0, parity_bytes: 0 });
@@ -129,7 +128,7 @@ impl Controller {
         }
         self.graph = Box::new(merge.graph);
         self.next_member = self.next_member.max(offset.saturating_add(side.right.next_member));
-        self.merged = Some(Merged { right: side.right, offset: *offset });
+        self.merged = Some(Merged { right: side.right.clone(), offset: *offset });
         self.install_group_key(*seq, *epoch, plan.group_key, *epoch);
         Ok(plan)
     }
@@ -144,7 +143,7 @@ impl Controller {
         if ticket.right_seq != self.rekey_seq {
             return Err(refused("the group rekeyed after its state was taken for the merge"));
         }
-        let to = ticket.merged;
+        let to = &ticket.merged;
         let notice = MergeNotice {
             group: self.policy.group,
             after_seq: self.rekey_seq,
@@ -154,8 +153,9 @@ impl Controller {
             next_epoch: ticket.epoch,
             next_seq: ticket.last_seq,
             next_signer: to.signer,
-            controller: to.controller,
-            multicast: to.multicast,
+            controller: to.contact.controller,
+            server_name: to.contact.server_name.clone(),
+            multicast: to.contact.multicast,
         };
         let notice = notice.sign(&self.signer).encode();
         let mut out = vec![Output::Persist(Record::HandedOff { to: to.group, seq: self.rekey_seq, notice: notice.clone() })];
@@ -190,7 +190,7 @@ impl Controller {
     /// key. Returns the outputs (records first) and the right side's state for
     /// [`Controller::resume`].
     pub fn split(&mut self, now_ms: u64, entropy: [u8; 32]) -> Result<(Vec<Output>, Handback), ControllerError> {
-        let Some(merged) = self.merged else { return Err(refused("the group is not merged")) };
+        let Some(merged) = self.merged.clone() else { return Err(refused("the group is not merged")) };
         self.policy.packets.check()?;
         let mut out = Vec::new();
         if !self.pending.is_empty() {
@@ -211,8 +211,9 @@ impl Controller {
             next_epoch: epoch_at(right.created_ms, right.fixed.epoch_ms, now_ms),
             next_seq: right.rekey_seq,
             next_signer: right.signer,
-            controller: right.controller,
-            multicast: right.multicast,
+            controller: right.contact.controller,
+            server_name: right.contact.server_name.clone(),
+            multicast: right.contact.multicast,
         };
         let (packets, bytes) = self.encode(&plan, seq, epoch, epoch)?;
         self.last_rekey = packets.clone();
@@ -226,7 +227,7 @@ impl Controller {
     /// The split applied to the state (also when the log is replayed): the left side stays,
     /// the right side's graph and members are handed back.
     pub(super) fn apply_split(&mut self, seq: u64, epoch: u64, seed: &[u8; 32]) -> Result<(RekeyPlan, Handback), ControllerError> {
-        let Some(merged) = self.merged else { return Err(ControllerError::BadLog("a split of a group that is not merged")) };
+        let Some(merged) = self.merged.clone() else { return Err(ControllerError::BadLog("a split of a group that is not merged")) };
         let graph = MergedTrees::import(&self.graph.export())?;
         graph.can_split()?;
         let right_ids: Vec<MemberId> = self.members.keys().copied().filter(|m| graph.subtree_of(*m) == Some(Subtree::Right)).collect();
