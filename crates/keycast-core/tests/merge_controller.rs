@@ -42,6 +42,18 @@ fn two_groups(left: Side, right: Side) -> World {
     World::new(Pair { left, right }, 0xa5, 100)
 }
 
+/// The left controller absorbs the right one's group and the right one hands off (nothing
+/// delivered yet); the ticket.
+fn merge(world: &mut World) -> keycast_core::protocol::merge_state::MergeTicket {
+    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
+    let (now, entropy) = (world.now, world.entropy());
+    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
+    world.sides.left.take(out);
+    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
+    world.sides.right.take(out);
+    ticket
+}
+
 #[test]
 fn two_live_groups_merge_run_restart_and_split_without_rejoining() {
     let (lefts, rights) = (names("left", 4), names("right", 3));
@@ -260,12 +272,7 @@ fn groups_that_switched_to_a_tree_merge_run_restart_and_split() {
     assert_eq!(world.sides.right.controller.scheme().scheme, TREE_OF_SWITCH);
 
     // The merge, as between two configured trees.
-    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
-    let (now, entropy) = (world.now, world.entropy());
-    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
-    world.sides.left.take(out);
-    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
-    world.sides.right.take(out);
+    merge(&mut world);
     world.tick(200);
     assert!(world.members.values().all(|s| s.group() == LEFT), "the right members follow the merged group");
     assert_members_hold_their_keys(&world, "merged");
@@ -358,12 +365,7 @@ fn a_member_away_through_the_whole_merge_finds_the_merged_group_when_it_returns(
     world.join_all(&rights, RIGHT);
     world.tick(300);
     let away = world.members.remove("right-1").unwrap();
-    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
-    let (now, entropy) = (world.now, world.entropy());
-    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
-    world.sides.left.take(out);
-    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
-    world.sides.right.take(out);
+    merge(&mut world);
     // Twenty heartbeat intervals: every repeat of the notice goes by.
     world.tick(20 * policy(RIGHT, tree).heartbeat_ms);
     assert_eq!(world.members["right-0"].group(), LEFT, "the member that stayed followed at once");
@@ -388,12 +390,7 @@ fn at_the_split_the_right_controller_removes_joiners_its_acl_does_not_list() {
     world.join_all(&lefts, LEFT);
     world.join_all(&rights, RIGHT);
     world.tick(300);
-    let side = world.sides.right.controller.merge_side(addresses(7000)).unwrap();
-    let (now, entropy) = (world.now, world.entropy());
-    let (out, ticket) = world.sides.left.controller.absorb(side, addresses(7100), now, entropy).unwrap();
-    world.sides.left.take(out);
-    let out = world.sides.right.controller.hand_off(&ticket).unwrap();
-    world.sides.right.take(out);
+    merge(&mut world);
     world.tick(300);
     // The right side is the smaller one: the joiner lands there.
     world.join("outsider", LEFT);
