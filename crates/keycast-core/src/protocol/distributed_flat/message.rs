@@ -444,14 +444,7 @@ impl HandbackKeys {
     /// Strict decoding: the group, 1 to 64 KEKs, and exactly the TEK and the KEKs of the ID's bits.
     pub fn decode(bytes: &[u8], group: GroupId) -> Result<HandbackKeys, DecodeError> {
         let mut r = Reader::new(bytes);
-        let kind = read_version_and_kind(&mut r)?;
-        if kind != HANDBACK {
-            return Err(DecodeError::UnknownType(kind));
-        }
-        let got = r.group()?;
-        if got != group {
-            return Err(DecodeError::BadValue { field: "group", value: got.0 });
-        }
+        read_private_header(&mut r, HANDBACK, group)?;
         let id = r.u64("participant id")?;
         let tek = read_key(&mut r)?;
         let count = r.count(1, 64, KeyRef::ENCODED_LEN + 32, "handed keks")?;
@@ -497,20 +490,26 @@ impl Appointment {
     /// Strict decoding: this group's, every field once, nothing after.
     pub fn decode(bytes: &[u8], group: GroupId) -> Result<Appointment, DecodeError> {
         let mut r = Reader::new(bytes);
-        let kind = read_version_and_kind(&mut r)?;
-        if kind != APPOINTMENT {
-            return Err(DecodeError::UnknownType(kind));
-        }
-        let got = r.group()?;
-        if got != group {
-            return Err(DecodeError::BadValue { field: "group", value: got.0 });
-        }
+        read_private_header(&mut r, APPOINTMENT, group)?;
         let controller = read_address(&mut r, "controller")?;
         let server_name = read_identity(&mut r)?;
         let multicast = read_address(&mut r, "multicast")?;
         r.finish()?;
         Ok(Appointment { group, controller, server_name, multicast })
     }
+}
+
+/// The version, kind and group of a message to one participant: `kind` of `group` only.
+fn read_private_header(r: &mut Reader<'_>, kind: u8, group: GroupId) -> Result<(), DecodeError> {
+    let got_kind = read_version_and_kind(r)?;
+    if got_kind != kind {
+        return Err(DecodeError::UnknownType(got_kind));
+    }
+    let got = r.group()?;
+    if got != group {
+        return Err(DecodeError::BadValue { field: "group", value: got.0 });
+    }
+    Ok(())
 }
 
 fn put_address(out: &mut Vec<u8>, addr: SocketAddrV4) {
