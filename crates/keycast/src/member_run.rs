@@ -89,6 +89,8 @@ pub fn member(args: &MemberArgs) -> Result<MemberEnd, String> {
                 Stage::Participant(p) => match participant::stage(&mut run, p, &mut controller).await? {
                     ParticipantEnd::Done(end) => return Ok(end),
                     ParticipantEnd::Rejoin(setup) => {
+                        let wait = run.config.distributed.as_ref().map_or(0, |d| d.handover_within_ms + d.deadline_ms);
+                        participant::until_listening(setup.server, Duration::from_millis(wait)).await;
                         let (client, events) = MemberClient::join(*setup).await.map_err(|e| format!("cannot join the new controller: {e}"))?;
                         Stage::Member(client, events)
                     }

@@ -259,6 +259,23 @@ fn rejoin(run: &mut Run, appointment: &Appointment) -> Result<MemberSetup, Strin
     member_setup(&run.config)
 }
 
+/// Waits until the controller taking the group back accepts connections (it listens only once
+/// its collection ends, seconds later), probing every `PROBE_MS`, for at most `within`: the
+/// join then goes at once instead of after the join's long backoff. A probe connects and
+/// closes; nothing is sent.
+pub(crate) async fn until_listening(controller: SocketAddr, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        let probe = tokio::time::timeout(Duration::from_millis(PROBE_MS), tokio::net::TcpStream::connect(controller));
+        if let Ok(Ok(_)) = probe.await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(PROBE_MS)).await;
+    }
+}
+
+const PROBE_MS: u64 = 100;
+
 fn failed(order: &str, reason: &str) -> EventLine {
     EventLine { text: format!("{order} failed: {reason}"), json: json!({"event": "order_failed", "order": order, "reason": reason}) }
 }
