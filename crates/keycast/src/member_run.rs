@@ -137,6 +137,7 @@ async fn member_stage(run: &mut Run, client: MemberClient, mut events: mpsc::Rec
     let mut ticker = tokio::time::interval(Duration::from_millis(run.args.interval_ms.max(10)));
     let mut silence = tokio::time::interval(Duration::from_millis(250));
     let after_silence_ms = run.config.distributed.as_ref().map(|d| d.after_silence_ms);
+    let mut told_tree = false;
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -163,6 +164,9 @@ async fn member_stage(run: &mut Run, client: MemberClient, mut events: mpsc::Rec
                         let members = client.group_size() as usize;
                         run.print(participant::controller_lost_line(silent_ms, members));
                         return Ok(MemberStageEnd::ControllerLost(shares, members));
+                    }
+                    if !std::mem::replace(&mut told_tree, true) {
+                        tracing::warn!(silent_ms, "the controller is silent, and the group is not a flat table: it cannot go on without its controller; waiting for it");
                     }
                 }
             }

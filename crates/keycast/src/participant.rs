@@ -43,6 +43,13 @@ pub(crate) fn setup(config: &MemberConfig, d: &DistributedConfig) -> Result<Dist
         let (identity, key) = directory_entry(&pem).map_err(|e| format!("[distributed] participant certificate {}: {e}", path.display()))?;
         directory.insert(identity, key);
     }
+    // Checked now, not when the controller is lost and it is too late to fix the config.
+    let (own, _) = directory_entry(&credentials.cert_pem).map_err(|e| format!("this member's certificate: {e}"))?;
+    if !directory.contains_key(&own) {
+        return Err(format!("[distributed] participants does not list this member's own certificate ({own}): it could not continue as a participant"));
+    }
+    keycast_net::pki::participant_signing_seed(&credentials)
+        .map_err(|e| format!("this member's key cannot sign as a participant ({e}): a participant needs an Ed25519 certificate, as `keycast init --scheme flat` issues"))?;
     let config = Config { group: GroupId(config.group), id_bits: d.id_bits, settle_ms: d.settle_ms };
     Ok(DistributedSetup { config, credentials, directory, multicast: d.multicast.clone(), presence_ms: d.presence_ms, deadline_ms: d.deadline_ms })
 }

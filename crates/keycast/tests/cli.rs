@@ -405,6 +405,30 @@ fn operator_errors_name_what_is_wrong_and_what_to_do() {
     assert!(log.contains("serving") && !log.contains('\x1b'), "{log}");
 }
 
+/// A member whose `[distributed]` section could not work says so when it starts, not when its
+/// controller is lost: its own certificate missing from the participants, or a participant
+/// certificate that cannot sign announcements.
+#[test]
+fn a_member_with_an_unusable_distributed_section_says_why_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_keycast")).args(args).current_dir(dir.path()).output().unwrap();
+    assert!(run(&["init", ".", "--members", "2", "--scheme", "flat", "--port", &port.to_string()]).status.success());
+    let path = dir.path().join("member-1.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, config.replace("participants = [\"member-1.pem\", \"member-2.pem\"]", "participants = [\"member-2.pem\"]")).unwrap();
+    let out = run(&["member", "--config", "member-1.toml", "--for-secs", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not list this member's own certificate (member-1)"), "{stderr}");
+    // The controller's certificate (ECDSA) among the participants: no participant can sign with it.
+    std::fs::write(&path, config.replace("\"member-2.pem\"]", "\"member-2.pem\", \"controller.pem\"]")).unwrap();
+    let out = run(&["member", "--config", "member-1.toml", "--for-secs", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("[distributed] participant certificate") && stderr.contains("controller.pem"), "{stderr}");
+}
+
 /// The whole HTTP/1.0 answer to `GET path` on `addr`.
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
