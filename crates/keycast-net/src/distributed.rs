@@ -13,12 +13,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keycast_core::key::{Key, KeyRef};
 use keycast_core::keygen::BatchSeed;
-use keycast_core::graph::JoinPolicy;
+use keycast_core::graph::{JoinPolicy, MemberId};
+use keycast_core::protocol::controller::handback_record;
+use keycast_core::protocol::GroupPolicy;
 use keycast_core::protocol::distributed_flat::handback::{Handback, HandbackRefused, TableCollector};
 use keycast_core::protocol::distributed_flat::{Appointment, ChangeRef, Config, Directory, Event, HandbackKeys, Identity, Output, Participant, Presence, Refused};
 use keycast_core::wire::auth::VerifyingKey;
@@ -32,6 +35,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use zeroize::Zeroizing;
 
 use crate::config::MulticastConfig;
+use crate::store::{DatabaseKey, Store, StoreError};
 use crate::pki::{participant_public_key, participant_signing_seed, Credentials};
 use crate::request::jittered;
 use crate::tls::{client_config, peer_certificate, peer_identity, read_frame, server_config, write_frame, TlsSetupError};
@@ -337,6 +341,12 @@ impl DistributedParticipant {
     /// The TEK and KEKs held now (secret: for audits and tests).
     pub fn held_keys(&self) -> Vec<(KeyRef, Key)> {
         lock(&self.shared).held.clone()
+    }
+
+    /// The key `key_ref` if this participant ever held it (secret: for opening data), without
+    /// copying the others.
+    pub fn held_once(&self, key_ref: KeyRef) -> Option<Key> {
+        lock(&self.shared).ever_held.get(&key_ref).cloned()
     }
 
     /// Every key this participant ever held (secret: for audits and tests).
@@ -921,6 +931,18 @@ fn refusal(refused: &Refused) -> Zeroizing<Vec<u8>> {
         Refused::Busy => Zeroizing::new(vec![ANSWER_BUSY]),
         other => Zeroizing::new([&[ANSWER_REFUSED][..], other.to_string().as_bytes()].concat()),
     }
+}
+
+/// Starts the log at `database` of the controller that takes the group back (figure 6) from
+/// the table its appointed participant collected: one record (`handback_record`). Returns the
+/// members that handed back, by member id and identity: the controller knows them, so their
+/// joins are answered at once.
+pub fn start_log_from(handback: &Handback, policy: &GroupPolicy, database: &Path, key: Option<DatabaseKey>) -> Result<Vec<(MemberId, String)>, StoreError> {
+    let members: Vec<(MemberId, String)> = handback.members.iter().map(|(who, (m, _))| (*m, who.as_str().to_owned())).collect();
+    let record = handback_record(policy, &*handback.graph, &members, now_ms(), entropy());
+    let (mut store, _) = Store::open_sealed(database, key)?;
+    store.append(&[record])?;
+    Ok(members)
 }
 
 /// Setups of `count` participants `participant-0` .. of one group on loopback: a CA of

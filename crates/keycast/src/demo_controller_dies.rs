@@ -13,16 +13,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use keycast_core::key::{Key, KeyRef};
-use keycast_core::protocol::controller::handback_record;
 use keycast_core::protocol::distributed_flat::handback::Handback;
 use keycast_core::protocol::distributed_flat::{audit, Config};
 use keycast_core::protocol::member::FlatShares;
 use keycast_core::wire::GroupId;
 use keycast_core::{FlatIds, GraphConfig, JoinPolicy, KeyRing, Scheme};
 use keycast_net::client::MemberClient;
-use keycast_net::distributed::{setups_of, DistributedParticipant, Recorder, Traffic};
+use keycast_net::distributed::{setups_of, start_log_from, DistributedParticipant, Recorder, Traffic};
 use keycast_net::local::{loopback_policy, LocalGroup};
-use keycast_net::store::Store;
 use serde::Serialize;
 
 use crate::demo::DemoArgs;
@@ -297,14 +295,12 @@ async fn hand_back(group: &mut LocalGroup, run: &mut Run, dir: &std::path::Path,
     let cost = cost(run.before, sent);
     let handback = appointed.finish_collection(JoinPolicy::Revision).await.map_err(|e| e.to_string())?;
     let holdout_reads_controller_tek = reads_controller_tek(&holdout.ever_held(), &handback);
-    let members: Vec<(keycast_core::MemberId, String)> = handback.members.iter().map(|(who, (m, _))| (*m, who.as_str().to_owned())).collect();
     let start_tek = handback.graph.group_key().0;
     group.kill_server().await;
     group.policy.graph = GraphConfig { scheme: Scheme::Flat { id_bits: ID_BITS, ids: FlatIds::FromMemberId }, join_policy: JoinPolicy::Revision };
     group.database = dir.join("taken-back.redb");
+    let members = start_log_from(&handback, &group.policy, &group.database, group.database_key.clone()).map_err(|e| e.to_string())?;
     group.acl.extend(members.iter().map(|(_, who)| who.clone()));
-    let record = handback_record(&group.policy, &*handback.graph, &members, keycast_net::now_ms(), keycast_net::entropy());
-    Store::open_sealed(&group.database, group.database_key.clone()).and_then(|(mut store, _)| store.append(&[record])).map_err(|e| e.to_string())?;
     group.start_server().await.map_err(|e| e.to_string())?;
     run.live.clear();
     let mut clients = Vec::with_capacity(members.len());

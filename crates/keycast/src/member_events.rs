@@ -21,16 +21,19 @@ pub struct EventLine {
     pub json: Value,
 }
 
+/// Application data opened, for a member or a participant.
+pub fn data_line(bytes: &[u8]) -> EventLine {
+    let text = String::from_utf8_lossy(bytes);
+    EventLine { text: format!("data: {text}"), json: json!({"event": "data", "text": text}) }
+}
+
 impl EventPrinter {
     /// `epoch` is the controller's epoch as the member last heard it: a rekey whose key takes
     /// effect later is explained as delayed activation, one in force already (an eviction's) not.
     pub fn line(&mut self, event: &ClientEvent, epoch: u64) -> EventLine {
         match event {
             ClientEvent::Member(event) => self.member_event(event, epoch),
-            ClientEvent::Data(bytes) => {
-                let text = String::from_utf8_lossy(bytes);
-                EventLine { text: format!("data: {text}"), json: json!({"event": "data", "text": text}) }
-            }
+            ClientEvent::Data(bytes) => data_line(bytes),
             ClientEvent::Unreadable(why) => self.unreadable(why),
             ClientEvent::Rejoined { member } => EventLine {
                 text: format!("rejoined as member {} (the controller had expired this member; it joined again by itself)", member.0),

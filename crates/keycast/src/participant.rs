@@ -9,17 +9,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use keycast_core::protocol::controller::handback_record;
 use keycast_core::protocol::distributed_flat::{Appointment, Config, Directory, Event, Identity};
 use keycast_core::protocol::member::FlatShares;
 use keycast_core::wire::GroupId;
-use keycast_core::{FlatIds, MemberId, Scheme};
+use keycast_core::{FlatIds, Scheme};
 use keycast_net::client::MemberSetup;
 use keycast_net::config::{DistributedConfig, MemberConfig, ServerConfig};
-use keycast_net::distributed::{directory_entry, DistributedParticipant, DistributedSetup, Introducer};
+use keycast_net::distributed::{directory_entry, start_log_from, DistributedParticipant, DistributedSetup, Introducer};
 use keycast_net::pki::Credentials;
 use keycast_net::server::Server;
-use keycast_net::store::Store;
 use serde_json::json;
 
 use crate::member_events::EventLine;
@@ -237,12 +235,8 @@ async fn take_back(run: &Run, participant: &DistributedParticipant, path: &Path)
     let appointment = Appointment { group: GroupId(config.group), controller: listen, server_name, multicast: config.multicast.address };
     let within = Duration::from_millis(d.handover_within_ms);
     let handback = participant.take_back(&appointment, within, setup.policy.graph.join_policy).await.map_err(|e| e.to_string())?;
-    let members: Vec<(MemberId, String)> = handback.members.iter().map(|(who, (m, _))| (*m, who.as_str().to_owned())).collect();
+    let members = start_log_from(&handback, &setup.policy, &setup.database, setup.database_key.clone()).map_err(|e| e.to_string())?;
     setup.acl.extend(members.iter().map(|(_, who)| who.clone()));
-    let record = handback_record(&setup.policy, &*handback.graph, &members, keycast_net::now_ms(), keycast_net::entropy());
-    let (mut store, _) = Store::open_sealed(&setup.database, setup.database_key.clone()).map_err(|e| e.to_string())?;
-    store.append(&[record]).map_err(|e| e.to_string())?;
-    drop(store);
     let server = Server::start(setup).await.map_err(|e| format!("the controller did not start: {e}"))?;
     run.print(EventLine {
         text: format!(

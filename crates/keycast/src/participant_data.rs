@@ -12,7 +12,7 @@ use keycast_net::distributed::DistributedParticipant;
 use serde_json::json;
 use tokio::net::UdpSocket;
 
-use crate::member_events::EventLine;
+use crate::member_events::{data_line, EventLine};
 
 /// The sending half and the sealing state; the receiving socket is the caller's (it is
 /// awaited beside everything else).
@@ -59,12 +59,8 @@ impl ParticipantData {
             _ => return None,
         }
         let data = Data::decode(bytes).ok()?;
-        let held = participant.ever_held();
-        Some(match self.traffic.open(&data, |r| held.get(&r).cloned()) {
-            Ok(plain) => {
-                let text = String::from_utf8_lossy(&plain);
-                EventLine { text: format!("data: {text}"), json: json!({"event": "data", "text": text}) }
-            }
+        Some(match self.traffic.open(&data, |r| participant.held_once(r)) {
+            Ok(plain) => data_line(&plain),
             Err(why) => EventLine { text: format!("unreadable data: {why}"), json: json!({"event": "unreadable", "reason": why.to_string()}) },
         })
     }
